@@ -1,0 +1,115 @@
+"""Block-diagonal (packed) self-attention with one signature and two implementations.
+
+A packed batch is N sequences concatenated into T rows; ``cu_seqlens`` (int32, N + 1 entries,
+starting at 0) marks where each one starts. Attention must never cross a boundary.
+
+* :class:`VarlenAttention` — ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention-2 inside
+  PyTorch, torch ≥ 2.10), CUDA and fp16/bf16 only. Called with the seven positional arguments that
+  both the 2.10 and the 2.11+ signatures share; the kernel applies the default 1/√head_dim scale
+  itself, so callers hand it an unscaled q (``prescale_q = False``).
+* :class:`PaddedAttention` — the exact path for CPU and fp32: scatter the packed rows into a
+  zero-padded ``(N, H, L, D)`` block, run ``scaled_dot_product_attention`` with a key mask and
+  ``scale=1`` on a q the caller has already scaled (``prescale_q = True``, fair-esm's order), and
+  gather the rows back. Padding never reaches a real row: keys beyond a sequence are masked and
+  padded query rows are dropped.
+
+Both take q, k, v of shape ``(T, H, D)`` and return ``(T, H, D)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - depends on the installed torch
+    _varlen_attn = None
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each sequence of a packed batch lives, on the batch's device.
+
+    Built once per batch and shared by every layer.
+    """
+
+    cu_seqlens: torch.Tensor
+    """int32 (N + 1,), starts at 0, contiguous."""
+    max_len: int
+    """Longest sequence in tokens, a Python int (reading it from a device tensor would sync)."""
+    positions: torch.Tensor
+    """int64 (T,): position of each row within its own sequence (restarts at 0)."""
+    pad_index: torch.Tensor | None = None
+    """int64 (T,): row → flat index into an (N · max_len) padded block (exact path only)."""
+    key_mask: torch.Tensor | None = None
+    """bool (N, 1, 1, max_len): True where a key is a real token (exact path only)."""
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int] | torch.Tensor, device: torch.device | str,
+                     *, padded: bool) -> "PackedLayout":
+        """Build a layout from per-sequence token counts (a host list or CPU tensor)."""
+        lens = torch.as_tensor(lengths, dtype=torch.int64)
+        max_len = int(lens.max())
+        cu = torch.zeros(lens.numel() + 1, dtype=torch.int64)
+        torch.cumsum(lens, 0, out=cu[1:])
+        starts = torch.repeat_interleave(cu[:-1], lens)
+        positions = torch.arange(int(cu[-1]), dtype=torch.int64) - starts
+        pad_index = key_mask = None
+        if padded:
+            seq_of_row = torch.repeat_interleave(torch.arange(lens.numel()), lens)
+            pad_index = (seq_of_row * max_len + positions).to(device)
+            key_mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :].to(device)
+        return cls(cu.to(torch.int32).to(device), max_len, positions.to(device), pad_index, key_mask)
+
+
+class PaddedAttention:
+    """Exact attention for any device and dtype (see module docstring)."""
+
+    prescale_q = True
+    needs_padding = True
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 layout: PackedLayout) -> torch.Tensor:
+        total, heads, dim = q.shape
+        n, length = layout.num_sequences, layout.max_len
+
+        def to_padded(x: torch.Tensor) -> torch.Tensor:
+            block = x.new_zeros(n * length, heads, dim)
+            block[layout.pad_index] = x
+            return block.view(n, length, heads, dim).transpose(1, 2)  # (N, H, L, D)
+
+        out = F.scaled_dot_product_attention(
+            to_padded(q), to_padded(k), to_padded(v), attn_mask=layout.key_mask, scale=1.0
+        )  # (N, H, L, D)
+        return out.transpose(1, 2).reshape(n * length, heads, dim)[layout.pad_index]
+
+
+class VarlenAttention:
+    """FlashAttention-2 varlen kernel (CUDA, fp16/bf16)."""
+
+    prescale_q = False
+    needs_padding = False
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 layout: PackedLayout) -> torch.Tensor:
+        cu, m = layout.cu_seqlens, layout.max_len
+        return _varlen_attn(q, k, v, cu, cu, m, m)
+
+
+def select_attention(device: torch.device, dtype: torch.dtype) -> PaddedAttention | VarlenAttention:
+    """The fastest implementation that is exact enough for this device and dtype."""
+    if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and _varlen_attn is not None):
+        return VarlenAttention()
+    return PaddedAttention()
+
+
+def varlen_available() -> bool:
+    return _varlen_attn is not None

@@ -1,0 +1,204 @@
+"""Read ESM-2 weights (fair-esm ``.pt`` or a Hugging Face directory) and build :class:`Esm2`.
+
+Both readers return the config and a state dict in fair-esm's names (after fair-esm's own
+"upgrade" step, which strips ``encoder.sentence_encoder.`` / ``encoder.``); :func:`build_esm2`
+maps those onto the packed model, fusing q/k/v, and diffs expected against found keys.
+
+Nothing is unpickled beyond tensors and plain containers: fair-esm checkpoints hold their config
+as an ``argparse.Namespace``, which is the only class allowed besides what
+``torch.load(weights_only=True)`` allows by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from gpuengine.errors import ModelLoadError
+from gpuengine.models.esm2 import Esm2, Esm2Config
+
+log = logging.getLogger(__name__)
+
+_FAIR_ESM_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
+_UNUSED = re.compile(r"^(lm_head\.|contact_head\.)")
+
+
+def safe_torch_load(path: Path, extra_globals: list | tuple = ()) -> object:
+    """``torch.load`` with ``weights_only=True`` and a short allowlist; a refused global becomes a
+    ModelLoadError that names it."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace, *extra_globals]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        reason = str(exc).split("\n\n")[0].strip()
+        match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if match:
+            reason = (f"it contains the Python object {match.group(1)}, which gpuengine does not "
+                      "unpickle (only tensors and plain containers are loaded, never code)")
+        raise ModelLoadError(f"cannot read checkpoint {path}: {reason}") from None
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"PK\x03\x04"
+
+
+def read_fair_esm_checkpoint(path: Path) -> tuple[Esm2Config, dict[str, torch.Tensor]]:
+    """Config and fair-esm-named state dict from an official ``esm2_*.pt`` file (no
+    contact-regression file needed)."""
+    data = safe_torch_load(path)
+    if not isinstance(data, dict) or "model" not in data or "cfg" not in data:
+        raise ModelLoadError(f"{path} is not a fair-esm ESM-2 checkpoint (expected a dict with "
+                             f"'model' and 'cfg'; found {type(data).__name__}"
+                             f"{' with keys ' + str(sorted(data)) if isinstance(data, dict) else ''})")
+    model_cfg = data["cfg"]["model"] if isinstance(data["cfg"], dict) else None
+    get = (lambda k: getattr(model_cfg, k, None)) if not isinstance(model_cfg, dict) else model_cfg.get
+    try:
+        cfg = Esm2Config(num_layers=int(get("encoder_layers")),
+                         embed_dim=int(get("encoder_embed_dim")),
+                         attention_heads=int(get("encoder_attention_heads")))
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cfg['model'] lacks ESM-2 fields ({exc})") from None
+    if get("token_dropout") is False:
+        raise ModelLoadError(f"{path}: token_dropout is off; only ESM-2 checkpoints are supported")
+    state = {_FAIR_ESM_PREFIX.sub("", k): v for k, v in data["model"].items()}
+    return cfg, state
+
+
+_HF_TO_FAIR = [
+    (r"^embeddings\.word_embeddings\.", "embed_tokens."),
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.query\.", r"layers.\1.self_attn.q_proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.key\.", r"layers.\1.self_attn.k_proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.value\.", r"layers.\1.self_attn.v_proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.rotary_embeddings\.inv_freq$",
+     r"layers.\1.self_attn.rot_emb.inv_freq"),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.self_attn.out_proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.LayerNorm\.", r"layers.\1.self_attn_layer_norm."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.fc1."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.fc2."),
+    (r"^encoder\.layer\.(\d+)\.LayerNorm\.", r"layers.\1.final_layer_norm."),
+    (r"^encoder\.emb_layer_norm_after\.", "emb_layer_norm_after."),
+]
+_HF_IGNORED = re.compile(r"^(lm_head\.|contact_head\.|pooler\.|embeddings\.position_ids$)")
+
+
+def read_hf_esm(directory: Path) -> tuple[Esm2Config, dict[str, torch.Tensor]]:
+    """Config and fair-esm-named state dict from a Hugging Face ``EsmModel`` /
+    ``EsmForMaskedLM`` directory (``config.json`` + safetensors or ``pytorch_model.bin``)."""
+    config = json.loads((directory / "config.json").read_text())
+    problems = []
+    if config.get("model_type") not in (None, "esm"):
+        problems.append(f"model_type is {config.get('model_type')!r}, not 'esm'")
+    if config.get("position_embedding_type", "rotary") != "rotary":
+        problems.append("position embeddings are not rotary (an ESM-1 model?)")
+    if config.get("emb_layer_norm_before"):
+        problems.append("emb_layer_norm_before is set (an ESM-1b model?)")
+    if not config.get("token_dropout", True):
+        problems.append("token_dropout is off")
+    if problems:
+        raise ModelLoadError(f"{directory} is not an ESM-2 model: " + "; ".join(problems))
+    cfg = Esm2Config(num_layers=config["num_hidden_layers"], embed_dim=config["hidden_size"],
+                     attention_heads=config["num_attention_heads"],
+                     vocab_size=config.get("vocab_size", 33),
+                     layer_norm_eps=config.get("layer_norm_eps", 1e-5))
+    if config.get("intermediate_size", 4 * cfg.embed_dim) != 4 * cfg.embed_dim:
+        raise ModelLoadError(f"{directory}: intermediate_size is not 4 x hidden_size")
+    raw = read_hf_weights(directory)
+    state: dict[str, torch.Tensor] = {}
+    shared_inv_freq = None
+    for key, value in raw.items():
+        key = key.removeprefix("esm.")
+        if key == "rotary_embeddings.inv_freq":  # transformers >= 5 saves one shared buffer
+            shared_inv_freq = value
+            continue
+        for pattern, repl in _HF_TO_FAIR:
+            new, n = re.subn(pattern, repl, key)
+            if n:
+                state[new] = value
+                break
+        else:
+            state[key] = value  # unknown keys surface as "unexpected" in build_esm2
+    for i in range(cfg.num_layers):
+        name = f"layers.{i}.self_attn.rot_emb.inv_freq"
+        if name not in state and shared_inv_freq is not None:
+            state[name] = shared_inv_freq
+    return cfg, {k: v for k, v in state.items() if not _HF_IGNORED.match(k)}
+
+
+def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a HF directory: (sharded) safetensors preferred, else (sharded) ``.bin`` read
+    with ``weights_only=True``."""
+    from safetensors.torch import load_file
+
+    for index_name, loader in (("model.safetensors.index.json", load_file),
+                               ("pytorch_model.bin.index.json", safe_torch_load)):
+        index = directory / index_name
+        if index.exists():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            tensors: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                tensors.update(loader(directory / shard))
+            return tensors
+    if (directory / "model.safetensors").exists():
+        return load_file(directory / "model.safetensors")
+    if (directory / "pytorch_model.bin").exists():
+        return safe_torch_load(directory / "pytorch_model.bin")
+    raise ModelLoadError(f"{directory} has config.json but no model.safetensors or pytorch_model.bin")
+
+
+def build_esm2(cfg: Esm2Config, state: dict[str, torch.Tensor], dtype: torch.dtype) -> Esm2:
+    """The packed model with ``state`` loaded (fair-esm names), cast to ``dtype``; any missing or
+    unexpected key is an error that names it."""
+    state = {k: v for k, v in state.items() if not _UNUSED.match(k)}
+    expected = {"embed_tokens.weight", "emb_layer_norm_after.weight", "emb_layer_norm_after.bias"}
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        expected |= {p + s for s in (
+            "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight",
+            "self_attn.k_proj.bias", "self_attn.v_proj.weight", "self_attn.v_proj.bias",
+            "self_attn.out_proj.weight", "self_attn.out_proj.bias", "self_attn.rot_emb.inv_freq",
+            "self_attn_layer_norm.weight", "self_attn_layer_norm.bias", "fc1.weight", "fc1.bias",
+            "fc2.weight", "fc2.bias", "final_layer_norm.weight", "final_layer_norm.bias")}
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ModelLoadError("ESM-2 weights do not match the architecture: "
+                             + (f"missing {_short(missing)}; " if missing else "")
+                             + (f"unexpected {_short(unexpected)}" if unexpected else ""))
+    with torch.device("meta"):
+        model = Esm2(cfg)
+    ours: dict[str, torch.Tensor] = {
+        "embed_tokens.weight": state["embed_tokens.weight"],
+        "final_norm.weight": state["emb_layer_norm_after.weight"],
+        "final_norm.bias": state["emb_layer_norm_after.bias"],
+    }
+    for i in range(cfg.num_layers):
+        f, o = f"layers.{i}.", f"layers.{i}."
+        a = f + "self_attn."
+        ours[o + "qkv.weight"] = torch.cat([state[a + n + "_proj.weight"] for n in "qkv"])
+        ours[o + "qkv.bias"] = torch.cat([state[a + n + "_proj.bias"] for n in "qkv"])
+        for src, dst in (("self_attn.out_proj", "out_proj"), ("self_attn_layer_norm", "attn_norm"),
+                         ("fc1", "fc1"), ("fc2", "fc2"), ("final_layer_norm", "ffn_norm")):
+            ours[o + dst + ".weight"] = state[f + src + ".weight"]
+            ours[o + dst + ".bias"] = state[f + src + ".bias"]
+        ours[o + "inv_freq"] = state[a + "rot_emb.inv_freq"].to(torch.float32)
+    _check_shapes(model, ours)
+    model.load_state_dict({k: v if k.endswith("inv_freq") else v.to(dtype) for k, v in ours.items()},
+                          assign=True)
+    model.share_rope_tables_if_equal()
+    return model.eval().requires_grad_(False)
+
+
+def _check_shapes(model: Esm2, tensors: dict[str, torch.Tensor]) -> None:
+    for name, param in model.state_dict().items():
+        if tuple(tensors[name].shape) != tuple(param.shape):
+            raise ModelLoadError(f"weight {name} has shape {tuple(tensors[name].shape)}, the config "
+                                 f"implies {tuple(param.shape)}")
+
+
+def _short(keys: list[str], limit: int = 6) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
