@@ -48,9 +48,9 @@ def _is_zip(path: Path) -> bool:
         return handle.read(4) == b"PK\x03\x04"
 
 
-def read_fair_esm_checkpoint(path: Path) -> tuple[Esm2Config, dict[str, torch.Tensor]]:
-    """Config and fair-esm-named state dict from an official ``esm2_*.pt`` file (no
-    contact-regression file needed)."""
+def read_fair_esm_checkpoint(path: Path) -> tuple[Esm2Config, dict[str, torch.Tensor], bool]:
+    """Config, fair-esm-named state dict and whether the file is a gpuengine random-weight
+    checkpoint, from an official-format ``esm2_*.pt`` file (no contact-regression file needed)."""
     data = safe_torch_load(path)
     if not isinstance(data, dict) or "model" not in data or "cfg" not in data:
         raise ModelLoadError(f"{path} is not a fair-esm ESM-2 checkpoint (expected a dict with "
@@ -67,7 +67,7 @@ def read_fair_esm_checkpoint(path: Path) -> tuple[Esm2Config, dict[str, torch.Te
     if get("token_dropout") is False:
         raise ModelLoadError(f"{path}: token_dropout is off; only ESM-2 checkpoints are supported")
     state = {_FAIR_ESM_PREFIX.sub("", k): v for k, v in data["model"].items()}
-    return cfg, state
+    return cfg, state, "gpuengine_synthetic" in data
 
 
 _HF_TO_FAIR = [

@@ -1,0 +1,3 @@
+from gpuengine.cli import main
+
+main()

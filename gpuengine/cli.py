@@ -1,0 +1,267 @@
+"""The ``gpuengine`` command line. Each command parses, builds a config and makes one call.
+
+Heavy imports (torch, the models) happen inside the commands so that ``--help`` is instant.
+Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from gpuengine import __version__
+from gpuengine.errors import EXIT_ERROR, EXIT_INTERRUPTED, GpuEngineError, UsageError
+
+HELP = """Exact, packed protein language-model embeddings on every GPU, committed into LMDB.
+
+[bold]Examples[/bold]
+
+  gpuengine embed proteins.fasta.gz --model esm2_t33_650M_UR50D --out proteins.lmdb
+  gpuengine embed a.fa b.fa.gz -m esm2_t36_3B_UR50D.pt -o store.lmdb --layers 20,-1 --pool mean,bos
+  gpuengine lookup proteins.lmdb P12345 --json
+  gpuengine info proteins.lmdb
+  gpuengine export proteins.lmdb --format npz -o proteins.npz
+  gpuengine devices
+
+Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 130 interrupted.
+"""
+
+app = typer.Typer(help=HELP, rich_markup_mode="rich", no_args_is_help=True, add_completion=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gpuengine {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Optional[bool] = typer.Option(None, "--version", callback=_version,
+                                                  is_eager=True, help="Print the version and exit.")) -> None:
+    """Exact, packed protein language-model embeddings on every GPU, committed into LMDB."""
+
+
+def _fail(exc: GpuEngineError) -> typer.Exit:
+    from gpuengine.display import stderr
+
+    stderr.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(exc.exit_code)
+
+
+def _split(values: List[str]) -> list[str]:
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+@app.command(epilog="Example: gpuengine embed proteins.fasta.gz --model esm2_t33_650M_UR50D "
+                    "--out proteins.lmdb")
+def embed(
+    inputs: List[Path] = typer.Argument(..., help="FASTA files (plain or gzip).", show_default=False),
+    model: str = typer.Option(..., "--model", "-m", help="Checkpoint file (esm2_*.pt), Hugging "
+                              "Face directory, or published name such as esm2_t33_650M_UR50D."),
+    out: Path = typer.Option(..., "--out", "-o", help="LMDB store (directory); resumed if it exists."),
+    layers: str = typer.Option("-1", "--layers", help="Comma-separated layers; negative counts "
+                               "from the end (-1 = last, final-LayerNorm output). Use --layers=-1."),
+    pool: List[str] = typer.Option(["mean"], "--pool", help="mean, bos, per-token (repeat or "
+                                   "comma-separate for several)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16 "
+                                            "[default: fp32 on CPU, fp16 on GPU]"),
+    store_dtype: str = typer.Option("float32", "--store-dtype", help="float32 or float16."),
+    max_residues: int = typer.Option(1022, "--max-residues", help="Truncate longer proteins to "
+                                     "this many residues, as fair-esm's extract.py (0: never)."),
+    table: str = typer.Option("default", "--table", help="Named table in the store; a new name "
+                              "adds another model/layer/pooling to an existing store."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip invalid records "
+                                      "(counted) instead of stopping before the model loads."),
+    gpus: str = typer.Option("auto", "--gpus", help="auto, all, cpu, or ordinals like 0,1."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Upper bound on tokens "
+                                             "per batch [default: from device memory]."),
+    offline: bool = typer.Option(False, "--offline", help="Never download weights."),
+    json_summary: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings only."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging."),
+) -> None:
+    """Embed FASTA records into an LMDB store (resumable; identical sequences computed once)."""
+    from gpuengine.config import EmbedConfig
+    from gpuengine.display import RichProgress, print_summary, setup_logging
+
+    setup_logging(verbose, quiet)
+    try:
+        config = EmbedConfig(
+            inputs=tuple(inputs), model=model, out=out, layers=_parse_layers(layers),
+            pools=tuple(_split(pool)), precision=precision, store_dtype=store_dtype,
+            max_residues=max_residues or None, table=table, skip_invalid=skip_invalid,
+            devices=gpus, max_tokens=max_tokens, allow_download=not offline)
+        from gpuengine.engine import run_embed
+
+        with _stop_on_signals() as stop:
+            summary = run_embed(config, RichProgress(enabled=not quiet), stop)
+    except GpuEngineError as exc:
+        raise _fail(exc) from None
+    if not quiet:
+        print_summary(summary)
+    if json_summary:
+        typer.echo(json.dumps(summary.to_json(), indent=2))
+    raise typer.Exit(summary.exit_code)
+
+
+def _parse_layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _split([text]))
+    except ValueError:
+        raise UsageError(f"--layers {text!r}: expected comma-separated integers like 33 or -1") from None
+
+
+class _stop_on_signals:
+    """SIGINT/SIGTERM set a stop event (drain, commit, exit 130); a second one exits at once."""
+
+    def __enter__(self) -> threading.Event:
+        self.stop = threading.Event()
+        self.previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under a test runner)
+                pass
+        return self.stop
+
+    def _handle(self, signum, frame) -> None:
+        if self.stop.is_set():
+            import os
+
+            os._exit(EXIT_INTERRUPTED)
+        from gpuengine.display import stderr
+
+        stderr.print("[yellow]stopping[/yellow]: finishing batches in flight and committing "
+                     "(press Ctrl-C again to quit at once)")
+        self.stop.set()
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+@app.command(epilog="Example: gpuengine lookup proteins.lmdb P12345 Q67890 --json")
+def lookup(
+    store: Path = typer.Argument(..., help="An LMDB store written by gpuengine embed."),
+    ids: List[str] = typer.Argument(..., help="Record ids (the FASTA header up to the first space)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per id on stdout."),
+    table: Optional[str] = typer.Option(None, "--table", help="Table to read [default: the only one or 'default']."),
+    layer: Optional[int] = typer.Option(None, "--layer", help="Layer of the output to read."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Pooling of the output to read."),
+) -> None:
+    """Print stored embeddings of record ids (tab-separated values, or JSON lines)."""
+    from gpuengine.store.reader import EmbeddingStore
+
+    missing = []
+    try:
+        with EmbeddingStore(store, table=table, layer=layer, pool=pool) as emb:
+            for record_id in ids:
+                vector = emb.get(record_id)
+                if vector is None:
+                    missing.append(record_id)
+                    continue
+                if as_json:
+                    typer.echo(json.dumps({"id": record_id, "layer": emb.output.layer,
+                                           "pool": emb.output.pool, "shape": list(vector.shape),
+                                           "embedding": vector.astype(float).tolist()}))
+                else:
+                    rows = vector.reshape(-1, vector.shape[-1])
+                    for row in rows:
+                        typer.echo(record_id + "\t" + "\t".join(f"{x:.7g}" for x in row))
+    except (GpuEngineError, KeyError, ValueError) as exc:
+        raise _fail(exc if isinstance(exc, GpuEngineError) else UsageError(str(exc))) from None
+    if missing:
+        raise _fail(GpuEngineError(f"not in {store}: {', '.join(missing[:20])}"
+                                   + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")))
+
+
+@app.command(epilog="Example: gpuengine info proteins.lmdb --json")
+def info(store: Path = typer.Argument(..., help="An LMDB store."),
+         as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
+    """Describe a store: schema, tables (model, layers, pooling, dtype), counts, size."""
+    from gpuengine.store.reader import EmbeddingStore
+
+    try:
+        with EmbeddingStore(store) as emb:
+            data = emb.info()
+    except GpuEngineError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    typer.echo(_format_info(data))
+
+
+def _format_info(data: dict, indent: str = "") -> str:
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key}:")
+            lines.append(_format_info(value, indent + "  "))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            lines.append(f"{indent}{key}:")
+            for item in value:
+                lines.append(_format_info(item, indent + "  - "[: len(indent) + 2] + "  "))
+        else:
+            lines.append(f"{indent}{key}: {value}")
+    return "\n".join(lines)
+
+
+@app.command(epilog="Example: gpuengine export proteins.lmdb --format npz -o proteins.npz")
+def export(
+    store: Path = typer.Argument(..., help="An LMDB store."),
+    output: Path = typer.Option(..., "--output", "-o", help="File to write."),
+    fmt: str = typer.Option("npz", "--format", "-f", help="npz (ids + matrix) or tsv."),
+    table: Optional[str] = typer.Option(None, "--table"),
+    layer: Optional[int] = typer.Option(None, "--layer"),
+    pool: Optional[str] = typer.Option(None, "--pool"),
+) -> None:
+    """Export a table's embeddings to NumPy (.npz: ``ids`` and ``embeddings``) or TSV."""
+    from gpuengine.export import export_store
+
+    try:
+        count = export_store(store, output, fmt, table=table, layer=layer, pool=pool)
+    except GpuEngineError as exc:
+        raise _fail(exc) from None
+    from gpuengine.display import stderr
+
+    stderr.print(f"exported {count:,} embeddings to {output}")
+
+
+@app.command(epilog="Example: gpuengine devices --json")
+def devices(as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
+    """List the devices gpuengine can run on, with memory (NVML where available)."""
+    from dataclasses import asdict
+
+    import torch
+
+    from gpuengine.devices import describe, parse_devices
+
+    infos = [describe(torch.device("cpu"))] + [describe(d) for d in parse_devices("auto")
+                                               if d.type == "cuda"]
+    if as_json:
+        typer.echo(json.dumps([asdict(i) for i in infos], indent=2))
+        return
+    for i in infos:
+        memory = (f"{(i.free_bytes or 0) / 2**30:.1f} GiB free of {i.total_bytes / 2**30:.1f} GiB"
+                  if i.free_bytes is not None else
+                  f"{i.total_bytes / 2**30:.1f} GiB" if i.total_bytes else "memory unknown")
+        typer.echo(f"{i.device}\t{i.name}\t{memory}\t(memory from {i.memory_source})")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

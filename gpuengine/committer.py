@@ -1,0 +1,73 @@
+"""The single writer thread: the only code that writes the store during a run.
+
+Groups of :class:`~gpuengine.store.writer.CommitEntry` arrive on a queue in the order the engine
+produced them; each group is one LMDB transaction holding vectors, id mappings and the run's
+progress counters. Only after the transaction is durable are the counters the progress bar
+reads advanced, and the digests released from the ledger's *committing* set.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+from gpuengine.planner import Ledger
+from gpuengine.store.writer import CommitEntry, StoreWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CommitCounts:
+    transactions: int = 0
+    sequences: int = 0
+    """Entries committed with vectors (each distinct sequence once)."""
+    records: int = 0
+    """Record ids committed (aliases included)."""
+
+
+class Committer(threading.Thread):
+    def __init__(self, writer: StoreWriter, table: str, run_id: str, ledger: Ledger):
+        super().__init__(name="gpuengine-committer", daemon=True)
+        self.writer = writer
+        self.table = table
+        self.run_id = run_id
+        self.ledger = ledger
+        self.inbox: queue.Queue[list[CommitEntry] | None] = queue.Queue(maxsize=64)
+        self.counts = CommitCounts()
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+
+    def put(self, group: list[CommitEntry]) -> None:
+        if group:
+            self.inbox.put(group)
+
+    def finish(self) -> None:
+        """Commit everything queued, then stop (blocks until done)."""
+        self.inbox.put(None)
+        self.join()
+
+    def run(self) -> None:
+        while True:
+            group = self.inbox.get()
+            if group is None:
+                return
+            if self.error is not None:
+                continue  # drain without writing after a failure
+            try:
+                self.writer.commit(self.table, group, run_id=self.run_id)
+            except BaseException as exc:
+                log.error("commit failed: %s", exc)
+                self.error = exc
+                continue
+            with self._lock:
+                self.counts.transactions += 1
+                self.counts.sequences += sum(1 for e in group if e.vectors is not None)
+                self.counts.records += sum(len(e.record_ids) for e in group)
+            self.ledger.committed(e.seq_digest for e in group if e.vectors is not None)
+
+    def snapshot(self) -> CommitCounts:
+        with self._lock:
+            return CommitCounts(**vars(self.counts))

@@ -1,0 +1,100 @@
+"""Frozen configuration dataclasses, validated on construction.
+
+This module is the only reader of environment variables (:func:`environment`). CLI options map
+onto fields one to one; the engine receives only these objects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpuengine.errors import UsageError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+STORE_DTYPES = ("float16", "float32")
+POOLS = ("mean", "bos", "per-token")
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Settings read from the environment, once."""
+
+    offline: bool
+    """``GPUENGINE_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``): never try to download weights."""
+    cache_dir: Path
+    """``GPUENGINE_CACHE`` or ``$XDG_CACHE_HOME/gpuengine`` or ``~/.cache/gpuengine``: checksum cache."""
+
+
+def environment() -> Environment:
+    offline = os.environ.get("GPUENGINE_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    base = os.environ.get("GPUENGINE_CACHE")
+    if base:
+        cache = Path(base)
+    elif os.environ.get("XDG_CACHE_HOME"):
+        cache = Path(os.environ["XDG_CACHE_HOME"]) / "gpuengine"
+    else:
+        cache = Path.home() / ".cache" / "gpuengine"
+    return Environment(offline=offline, cache_dir=cache)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Everything one ``gpuengine embed`` run needs."""
+
+    inputs: tuple[Path, ...]
+    """FASTA files (plain or gzip)."""
+    model: str
+    """A checkpoint file, a model directory or a published model name."""
+    out: Path
+    """The LMDB store (a directory); created if absent, appended to (resumed) if present."""
+    layers: tuple[int, ...] = (-1,)
+    """Representation layers; negative indices count from the end (-1 = last layer)."""
+    pools: tuple[str, ...] = ("mean",)
+    """Pooling modes, any of ``mean``, ``bos``, ``per-token``."""
+    precision: str | None = None
+    """``fp32``, ``fp16`` or ``bf16``; None = fp32 on CPU, fp16 on GPU (ESM-2's training precision)."""
+    store_dtype: str = "float32"
+    """How vectors are stored: ``float32`` or ``float16``."""
+    max_residues: int | None = 1022
+    """Truncate longer proteins to this many residues, as fair-esm's extract.py (None: never)."""
+    table: str = "default"
+    """Named table inside the store; a new name is needed to add another model/layer/pooling."""
+    skip_invalid: bool = False
+    """Skip invalid records (counted) instead of stopping before the model loads."""
+    devices: str = "auto"
+    """``auto`` (every GPU, else CPU), ``cpu``, ``all``, or CUDA ordinals like ``0,1``."""
+    max_tokens: int | None = None
+    """Upper bound on tokens per batch; None = derived from device memory."""
+    commit_every: int = 2048
+    """Sequences per write transaction (a group of batches)."""
+    allow_download: bool = True
+    """Download a named model into the torch-hub cache when it is missing."""
+    threads: int | None = None
+    """CPU threads for a CPU run (None: torch's default)."""
+    env: Environment = field(default_factory=environment)
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise UsageError("no input FASTA files given")
+        if not self.layers:
+            raise UsageError("--layers needs at least one layer")
+        if not self.pools:
+            raise UsageError("--pool needs at least one mode")
+        for pool in self.pools:
+            if pool not in POOLS:
+                raise UsageError(f"--pool {pool!r} is not one of {', '.join(POOLS)}")
+        if len(set(self.pools)) != len(self.pools) or len(set(self.layers)) != len(self.layers):
+            raise UsageError("--layers and --pool must not repeat a value")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.store_dtype not in STORE_DTYPES:
+            raise UsageError(f"--store-dtype {self.store_dtype!r} is not one of "
+                             f"{', '.join(STORE_DTYPES)}")
+        if self.max_residues is not None and self.max_residues < 1:
+            raise UsageError(f"--max-residues must be at least 1 (got {self.max_residues})")
+        if self.max_tokens is not None and self.max_tokens < 8:
+            raise UsageError(f"--max-tokens must be at least 8 (got {self.max_tokens})")
+        if self.commit_every < 1:
+            raise UsageError("commit_every must be at least 1")

@@ -1,0 +1,115 @@
+"""Terminal output for the CLI: a rich progress display on stderr and the closing summary.
+
+Data (lookups, exports, ``--json`` summaries) goes to stdout; everything here goes to stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+from gpuengine.progress import ProgressSink, ProgressSnapshot
+
+stderr = Console(stderr=True)
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]", force=True,
+                        handlers=[RichHandler(console=stderr, show_path=False,
+                                              rich_tracebacks=verbose > 0)])
+
+
+class RichProgress(ProgressSink):
+    """Sequences committed (of the total), tokens/s overall and per device, ETA."""
+
+    def __init__(self, enabled: bool = True, log_every: float = 30.0):
+        self.enabled = enabled
+        self.live = enabled and stderr.is_terminal
+        """A live bar on a terminal; otherwise a log line every ``log_every`` seconds."""
+        self._log_every = log_every
+        self._last_log = 0.0
+        self._progress: Progress | None = None
+        self._main: TaskID | None = None
+        self._devices: dict[str, TaskID] = {}
+
+    def stage(self, message: str) -> None:
+        logging.getLogger("gpuengine").info(message)
+
+    def start(self, total_records: int, total_residues: int) -> None:
+        self._total = total_records
+        if not self.live:
+            return
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            console=stderr, transient=False, refresh_per_second=4)
+        self._progress.start()
+        self._main = self._progress.add_task("sequences committed", total=total_records, rate="")
+
+    def update(self, snapshot: ProgressSnapshot) -> None:
+        rate = snapshot.tokens_done / snapshot.elapsed if snapshot.elapsed else 0.0
+        if not self._progress:
+            if self.enabled and snapshot.elapsed - self._last_log >= self._log_every:
+                self._last_log = snapshot.elapsed
+                logging.getLogger("gpuengine").info(
+                    "%d/%d sequences committed, %.0f tok/s", snapshot.committed_records,
+                    snapshot.total_records, rate)
+            return
+        self._progress.update(self._main, completed=snapshot.committed_records,
+                              rate=f"{rate:,.0f} tok/s")
+        if len(snapshot.devices) > 1 or any(d.name != "cpu" for d in snapshot.devices):
+            for dev in snapshot.devices:
+                if dev.name not in self._devices:
+                    self._devices[dev.name] = self._progress.add_task(
+                        f"  {dev.name}", total=None, rate="")
+                self._progress.update(self._devices[dev.name], rate=(
+                    f"{dev.tokens_per_second:,.0f} tok/s  budget {dev.budget_tokens:,}  "
+                    f"busy {dev.busy_fraction:.0%}"))
+
+    def close(self) -> None:
+        if self._progress:
+            self._progress.stop()
+            self._progress = None
+
+
+def print_summary(summary) -> None:
+    """The closing summary table (stderr)."""
+    table = Table(title="gpuengine embed: summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("store", f"{summary.store} (table {summary.table})"),
+        ("model", summary.model + ("  [RANDOM WEIGHTS]" if summary.synthetic_weights else "")),
+        ("records read", summary.records_read),
+        ("valid distinct records", summary.valid_records),
+        ("repeated records (same id and sequence)", summary.duplicate_records),
+        ("invalid, skipped", summary.invalid_skipped),
+        ("already in the store", summary.already_stored),
+        ("deduplicated (sequence computed once)", summary.deduplicated),
+        ("sequences embedded", summary.embedded),
+        ("record ids committed", summary.committed_records),
+        ("truncated", summary.truncated),
+        ("failed", len(summary.failed)),
+        ("tokens", summary.tokens),
+        ("wall time", f"{summary.wall_seconds:.1f} s"),
+        ("tokens/s (wall)", f"{summary.tokens_per_second:,.0f}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, f"{value:,}" if isinstance(value, int) else str(value))
+    for dev in summary.devices:
+        table.add_row(f"  {dev['device']}", f"{dev['sequences']:,} seq, {dev['tokens']:,} tok, "
+                      f"{dev['tokens_per_second']:,.0f} tok/s busy, {dev['busy_fraction']:.0%} busy")
+    stderr.print(table)
+    for record_id, reason in summary.failed[:20]:
+        stderr.print(f"[red]failed[/red] {record_id}: {reason}")
+    if len(summary.failed) > 20:
+        stderr.print(f"... and {len(summary.failed) - 20} more failed sequences")
+    if summary.interrupted:
+        stderr.print("[yellow]interrupted[/yellow]: everything committed so far is safe; "
+                     "run the same command again to finish")

@@ -1,0 +1,391 @@
+"""Wires everything for one ``embed`` run and owns all its threads.
+
+    resolve model → read weights → open store table → validate input (before any replica)
+    → build one replica per device → plan (thread) → schedule → device workers (one thread per
+    device) → engine loop: collect → update scheduler → queue commit groups → committer (thread)
+
+The engine loop, in numbered steps:
+
+1. Take the next message: a batch outcome from a worker, aliases from the planner, a worker's
+   exit or the planner's end.
+2. ``ok``: tell the scheduler, move each finite item's ids from *pending* to *committing* and
+   add an entry with its vectors to the open group; non-finite items fail loudly.
+3. ``oom``: the scheduler splits and requeues; an item that cannot fit alone fails.
+4. Every ``commit_every`` sequences or half a second, hand the open group to the committer.
+5. Stop when the planner is done and the scheduler is drained (or on a stop request, once no
+   batch is in flight); flush the last group, wait for the committer, close the run record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from gpuengine import __version__
+from gpuengine.budget import activation_bytes_per_token
+from gpuengine.committer import Committer
+from gpuengine.config import EmbedConfig
+from gpuengine.devices import initial_budget, parse_devices
+from gpuengine.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, DeviceError,
+                              GpuEngineError, InternalError, UsageError)
+from gpuengine.fasta import ValidationReport, stream_valid, validate
+from gpuengine.models.registry import Family, Weights, family
+from gpuengine.models.sources import resolve, weights_checksum
+from gpuengine.planner import Ledger, Planner
+from gpuengine.progress import DeviceProgress, NullProgress, ProgressSink, ProgressSnapshot
+from gpuengine.records import FastaRecord, RecordProblem
+from gpuengine.runner import DTYPES, Runner
+from gpuengine.scheduler import Scheduler
+from gpuengine.store import codec
+from gpuengine.store.schema import ModelIdentity, OutputSpec, TableSpec
+from gpuengine.store.writer import CommitEntry, StoreWriter
+from gpuengine.worker import BatchOutcome, DeviceWorker, WorkerExit
+
+log = logging.getLogger(__name__)
+
+GROUP_SECONDS = 0.5
+
+
+@dataclass
+class RunSummary:
+    """What a run did; printed by the CLI, returned to library callers."""
+
+    store: str
+    table: str
+    model: str
+    synthetic_weights: bool
+    records_read: int = 0
+    valid_records: int = 0
+    invalid_skipped: int = 0
+    duplicate_records: int = 0
+    truncated: int = 0
+    already_stored: int = 0
+    deduplicated: int = 0
+    embedded: int = 0
+    committed_records: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    tokens: int = 0
+    residues: int = 0
+    wall_seconds: float = 0.0
+    devices: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.wall_seconds if self.wall_seconds else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_PARTIAL if self.failed else EXIT_OK
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["tokens_per_second"] = self.tokens_per_second
+        data["exit_code"] = self.exit_code
+        return data
+
+
+def resolve_outputs(layers: tuple[int, ...], pools: tuple[str, ...], num_layers: int) -> tuple[OutputSpec, ...]:
+    """Negative layers count from the end (-1 = the last layer); 0 is the embedding layer."""
+    resolved = []
+    for layer in layers:
+        index = layer + num_layers + 1 if layer < 0 else layer
+        if not 0 <= index <= num_layers:
+            raise UsageError(f"--layers {layer}: the model has layers 0..{num_layers} "
+                             f"(or -{num_layers + 1}..-1)")
+        resolved.append(index)
+    if len(set(resolved)) != len(resolved):
+        raise UsageError(f"--layers {layers} names the same layer twice")
+    return tuple(OutputSpec(layer, pool) for layer in resolved for pool in pools)
+
+
+def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
+              stop: threading.Event | None = None) -> RunSummary:
+    """Embed ``config.inputs`` into ``config.out``; see the module docstring."""
+    progress = progress or NullProgress()
+    stop = stop or threading.Event()
+    started = time.perf_counter()
+    progress.stage(f"resolving model {config.model}")
+    source = resolve(config.model, allow_download=config.allow_download and not config.env.offline)
+    fam = family(source.family)
+    progress.stage(f"reading weights {source.path}")
+    weights = fam.read(source)
+    if weights.synthetic:
+        log.warning("model %s has RANDOM weights (a gpuengine test checkpoint): the embeddings "
+                    "mean nothing", source.path)
+    spec = _table_spec(config, fam, weights, weights_checksum(source, config.env.cache_dir))
+    created = not Path(config.out).exists()
+    writer = StoreWriter(config.out)
+    try:
+        writer.open_table(spec)
+        progress.stage("validating input")
+        report = validate(list(config.inputs), alphabet=fam.alphabet,
+                          skip_invalid=config.skip_invalid,
+                          extra_check=_store_conflict_check(writer, spec))
+        summary = RunSummary(str(config.out), spec.name, source.name, weights.synthetic,
+                             records_read=report.records, valid_records=report.valid,
+                             invalid_skipped=report.problem_count,
+                             duplicate_records=report.duplicate_records)
+        _Run(config, fam, weights, spec, writer, report, summary, progress, stop).execute()
+    except BaseException:
+        writer.close()
+        if created:
+            _remove_if_empty(config.out, spec.name)
+        raise
+    writer.close()
+    summary.wall_seconds = time.perf_counter() - started
+    return summary
+
+
+def _table_spec(config: EmbedConfig, fam: Family, weights: Weights, sha256: str) -> TableSpec:
+    identity = ModelIdentity(family=fam.name, name=weights.source.name, sha256=sha256,
+                             num_layers=weights.num_layers, embed_dim=weights.embed_dim,
+                             attention_heads=weights.attention_heads,
+                             vocab_size=weights.vocab_size)
+    outputs = resolve_outputs(config.layers, config.pools, weights.num_layers)
+    return TableSpec(name=config.table, model=identity, outputs=outputs,
+                     store_dtype=config.store_dtype, dim=weights.embed_dim,
+                     max_residues=config.max_residues)
+
+
+def _store_conflict_check(writer: StoreWriter, spec: TableSpec):
+    """An id already in the table with another sequence is a problem of the record."""
+    limit = spec.max_residues
+
+    def check(record: FastaRecord) -> RecordProblem | None:
+        stored = writer.record_digests(spec.name, [record.id])[0]
+        if stored is None:
+            return None
+        seq = record.sequence[:limit] if limit else record.sequence
+        if stored == codec.sequence_digest(seq):
+            return None
+        return RecordProblem("store-conflict", record.path, record.line, record.id, record.index,
+                             detail=f"the store {writer.path} already maps this id to a different "
+                                    "sequence")
+    return check
+
+
+def _remove_if_empty(path: Path, table: str) -> None:
+    """Undo the creation of a store that a failed run left without a single record."""
+    from gpuengine.store.reader import EmbeddingStore
+
+    try:
+        with EmbeddingStore(path, table=table) as store:
+            empty = len(store) == 0
+    except Exception:
+        return
+    if empty:
+        for name in ("data.mdb", "lock.mdb"):
+            (Path(path) / name).unlink(missing_ok=True)
+        try:
+            Path(path).rmdir()
+        except OSError:
+            pass
+
+
+class _Run:
+    """One run's threads and state (see the module docstring for the loop)."""
+
+    def __init__(self, config: EmbedConfig, fam: Family, weights: Weights, spec: TableSpec,
+                 writer: StoreWriter, report: ValidationReport, summary: RunSummary,
+                 progress: ProgressSink, stop: threading.Event):
+        self.config, self.fam, self.weights, self.spec = config, fam, weights, spec
+        self.writer, self.report, self.summary = writer, report, summary
+        self.progress, self.stop = progress, stop
+        self.inbox: queue.Queue = queue.Queue()
+        self.halt = threading.Event()
+        """Workers stop pulling new batches once set (on a stop request, an error, or the end)."""
+        self.ledger = Ledger()
+        self.scheduler = Scheduler()
+        self.group: list[CommitEntry] = []
+        self.group_started = time.monotonic()
+
+    def execute(self) -> None:
+        workers = self._start_workers()
+        run_id = _run_id(self.config, self.spec)
+        self.writer.begin_run(run_id, {"command": "embed", "engine_version": __version__,
+                                       "inputs": [str(p) for p in self.config.inputs],
+                                       "precision": workers[0].runner.precision})
+        committer = Committer(self.writer, self.spec.name, run_id, self.ledger)
+        planner = self._planner()
+        committer.start()
+        planner_thread = threading.Thread(target=self._plan, args=(planner,), daemon=True,
+                                          name="gpuengine-planner")
+        self.progress.start(self.report.valid, self.report.residues)
+        planner_thread.start()
+        started = time.perf_counter()
+        try:
+            self._loop(workers, committer, planner)
+        finally:
+            self.halt.set()
+            self._flush(committer, force=True)
+            committer.finish()
+            self.progress.close()
+        self._finish(workers, committer, planner, run_id, time.perf_counter() - started)
+
+    def _start_workers(self) -> list[DeviceWorker]:
+        devices = parse_devices(self.config.devices)
+        precision = self.config.precision or ("fp32" if devices[0].type == "cpu"
+                                              else self.fam.gpu_precision)
+        if devices[0].type == "cpu" and self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        bpt = activation_bytes_per_token(self.weights.embed_dim, DTYPES[precision].itemsize,
+                                         len(self.spec.outputs))
+        workers = []
+        for index, device in enumerate(devices):
+            self.progress.stage(f"loading {self.weights.source.name} on {device} ({precision})")
+            model = self.fam.build(self.weights, DTYPES[precision])
+            runner = Runner(model, device, precision, self.spec.outputs, self.fam.pooling_rule)
+            budget = initial_budget(device, bpt, self.config.max_tokens)
+            workers.append(DeviceWorker(index, runner, budget, self.scheduler, self.inbox, self.halt))
+        for worker in workers:
+            worker.start()
+        return workers
+
+    def _planner(self) -> Planner:
+        name = self.spec.name
+        return Planner(
+            tokenizer=self.fam.tokenizer(self.weights.source), max_residues=self.spec.max_residues,
+            ledger=self.ledger,
+            record_digests=lambda ids: self.writer.record_digests(name, ids),
+            has_embeddings=lambda digests: self.writer.has_embeddings(name, digests),
+            submit=self.scheduler.submit,
+            alias=lambda pairs: self.inbox.put(("alias", pairs)),
+            stop=self.stop)
+
+    def _plan(self, planner: Planner) -> None:
+        error = None
+        try:
+            planner.run(stream_valid(list(self.config.inputs), self.report,
+                                     alphabet=self.fam.alphabet))
+        except BaseException as exc:
+            error = exc
+        finally:
+            self.scheduler.close()
+            self.inbox.put(("planned", error))
+
+    def _loop(self, workers: list[DeviceWorker], committer: Committer, planner: Planner) -> None:
+        alive = {w.index for w in workers}
+        planned = False
+        while True:
+            try:
+                message = self.inbox.get(timeout=GROUP_SECONDS)
+            except queue.Empty:
+                message = None
+            if isinstance(message, BatchOutcome):
+                self._on_outcome(message)
+            elif isinstance(message, WorkerExit):
+                alive.discard(message.device)
+                self._on_worker_exit(message, alive)
+            elif message is not None and message[0] == "alias":
+                self.group.extend(CommitEntry(d, (rid,), None) for d, rid in message[1])
+            elif message is not None and message[0] == "planned":
+                planned = True
+                if message[1] is not None:
+                    raise message[1]
+            if committer.error is not None:
+                raise committer.error
+            self._flush(committer)
+            self._report_progress(workers, committer)
+            if self.stop.is_set():
+                self.halt.set()
+                self.summary.interrupted = True
+                if not self.scheduler.in_flight() or not alive:
+                    return
+            elif planned and self.scheduler.finished and self.inbox.empty():
+                return
+
+    def _on_outcome(self, outcome: BatchOutcome) -> None:
+        batch = outcome.batch
+        if outcome.kind == "ok":
+            self.scheduler.complete(batch.batch_id)
+            result = outcome.result
+            for i, item in enumerate(batch.items):
+                if not result.finite[i]:
+                    self._fail(item.digest, "its embedding has non-finite values (overflow at "
+                               "this precision); rerun it with --precision fp32")
+                    continue
+                ids = self.ledger.to_committing(item.digest)
+                vectors = {o: result.vectors[o][i] for o in self.spec.outputs}
+                self.group.append(CommitEntry(item.digest, ids, vectors))
+        elif outcome.kind == "oom":
+            for item in self.scheduler.out_of_memory(batch.batch_id):
+                self._fail(item.digest, f"does not fit in device memory alone ({item.n_tokens} tokens)")
+        else:
+            self.scheduler.fail(batch.batch_id)
+            raise InternalError(f"device {outcome.device} failed on a batch: "
+                                f"{outcome.error.__class__.__name__}: {outcome.error}") from outcome.error
+
+    def _fail(self, digest: bytes, reason: str) -> None:
+        for record_id in self.ledger.drop(digest):
+            self.summary.failed.append((record_id, reason))
+            log.error("sequence %r failed: %s", record_id, reason)
+
+    def _on_worker_exit(self, message: WorkerExit, alive: set[int]) -> None:
+        if message.error is None:
+            return
+        requeued = self.scheduler.device_lost(message.device)
+        log.error("device %d stopped (%s: %s); %d sequences requeued on the other devices",
+                  message.device, message.error.__class__.__name__, message.error, requeued)
+        if not alive:
+            raise DeviceError(f"every device failed; last error: {message.error}") from message.error
+
+    def _flush(self, committer: Committer, force: bool = False) -> None:
+        due = len(self.group) >= self.config.commit_every or (
+            time.monotonic() - self.group_started >= GROUP_SECONDS)
+        if self.group and (force or due):
+            committer.put(self.group)
+            self.group = []
+        if force or due:
+            self.group_started = time.monotonic()
+
+    def _report_progress(self, workers: list[DeviceWorker], committer: Committer) -> None:
+        counts = committer.snapshot()
+        elapsed = max(1e-9, time.perf_counter() - workers[0].stats.started)
+        devices = tuple(DeviceProgress(w.stats.name, w.stats.tokens_per_second(),
+                                       w.budget.tokens(), min(1.0, w.stats.busy_seconds / elapsed))
+                        for w in workers)
+        self.progress.update(ProgressSnapshot(
+            committed_records=counts.records, total_records=self.report.valid,
+            tokens_done=sum(w.stats.tokens for w in workers),
+            elapsed=elapsed, devices=devices))
+
+    def _finish(self, workers: list[DeviceWorker], committer: Committer, planner: Planner,
+                run_id: str, seconds: float) -> None:
+        counts = committer.snapshot()
+        s = self.summary
+        s.truncated = planner.counts.truncated
+        s.already_stored = planner.counts.stored
+        s.deduplicated = planner.counts.aliased
+        s.embedded = counts.sequences
+        s.committed_records = counts.records
+        s.tokens = sum(w.stats.tokens for w in workers)
+        s.residues = planner.counts.residues_new
+        s.devices = [{"device": w.stats.name, "batches": w.stats.batches,
+                      "sequences": w.stats.sequences, "tokens": w.stats.tokens,
+                      "busy_fraction": min(1.0, w.stats.busy_seconds / seconds) if seconds else 0.0,
+                      "tokens_per_second": w.stats.tokens_per_second(),
+                      "oom_events": w.stats.oom_events} for w in workers]
+        status = "interrupted" if s.interrupted else "complete"
+        self.writer.finish_run(run_id, status, {"failed": len(s.failed), "embedded": s.embedded,
+                                                "committed_records": s.committed_records})
+
+
+def _run_id(config: EmbedConfig, spec: TableSpec) -> str:
+    parts = [spec.to_json()]
+    for path in config.inputs:
+        stat = os.stat(path)
+        parts.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(),
+                           digest_size=12).hexdigest()

@@ -1,0 +1,139 @@
+"""Where model weights come from: a checkpoint file, a Hugging Face directory, or a name.
+
+:func:`resolve` turns what the user typed into a :class:`ModelSource` without reading weights:
+
+1. an existing file → a fair-esm checkpoint (``esm2_*.pt``);
+2. an existing directory with ``config.json`` → a Hugging Face directory (family from its
+   ``model_type``);
+3. a published ESM-2 name (``esm2_t6_8M_UR50D`` … ``esm2_t48_15B_UR50D``) → the torch-hub cache
+   (``$TORCH_HOME/hub/checkpoints/<name>.pt``), downloaded there when online. Offline, the error
+   says exactly where to put the file.
+
+:func:`weights_checksum` gives the sha256 that identifies the weights in a store's meta record;
+it is cached per (path, size, mtime) so a 6 GB checkpoint is hashed once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpuengine.errors import ModelLoadError
+from gpuengine.synthetic import ESM2_SHAPES
+
+log = logging.getLogger(__name__)
+
+ESM_DOWNLOAD_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    family: str
+    """Registry key: ``esm2`` (``dnabert-s`` in later versions)."""
+    format: str
+    """``fair-esm`` (a .pt file) or ``hf`` (a directory)."""
+    path: Path
+    name: str
+    """Human name: the published name, or the file stem / directory name."""
+
+    def weight_files(self) -> list[Path]:
+        if self.format == "fair-esm":
+            return [self.path]
+        names = ("model.safetensors", "pytorch_model.bin")
+        files = [p for p in sorted(self.path.iterdir())
+                 if p.name in names or (p.suffix in (".safetensors", ".bin") and "-of-" in p.name)]
+        return files
+
+
+def hub_checkpoint_dir() -> Path:
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def resolve(spec: str, *, allow_download: bool) -> ModelSource:
+    """Find the weights ``spec`` names (see module docstring)."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return ModelSource("esm2", "fair-esm", path, path.stem)
+    if path.is_dir():
+        return _resolve_directory(path)
+    if spec in ESM2_SHAPES:
+        return ModelSource("esm2", "fair-esm", _hub_checkpoint(spec, allow_download), spec)
+    known = ", ".join(ESM2_SHAPES)
+    raise ModelLoadError(f"model {spec!r} is not a file, a model directory or a known name "
+                         f"(known names: {known})")
+
+
+def _resolve_directory(path: Path) -> ModelSource:
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(f"model directory {path} has no config.json (expected a Hugging "
+                             "Face model directory)")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {config_file}: {exc}") from None
+    if model_type == "esm":
+        return ModelSource("esm2", "hf", path, path.name)
+    raise ModelLoadError(f"{path}: model_type {model_type!r} is not supported "
+                         "(supported: 'esm' for ESM-2)")
+
+
+def _hub_checkpoint(name: str, allow_download: bool) -> Path:
+    target = hub_checkpoint_dir() / f"{name}.pt"
+    if target.exists():
+        return target
+    url = ESM_DOWNLOAD_URL.format(name=name)
+    hint = (f"download {url} on a machine with internet access and copy it to {target} "
+            f"(or pass the file itself: --model /path/to/{name}.pt)")
+    if not allow_download:
+        raise ModelLoadError(f"{name} is not in the torch-hub cache ({target}) and downloads are "
+                             f"off; {hint}")
+    import torch.hub
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s to %s", url, target)
+    try:
+        torch.hub.download_url_to_file(url, str(target), progress=True)
+    except Exception as exc:  # URLError, HTTPError, socket errors, ...
+        raise ModelLoadError(f"{name} is not in the torch-hub cache ({target}) and could not be "
+                             f"downloaded ({exc.__class__.__name__}: {exc}); {hint}") from None
+    return target
+
+
+def weights_checksum(source: ModelSource, cache_dir: Path) -> str:
+    """sha256 over the weight files (names and bytes), cached by (path, size, mtime_ns)."""
+    files = source.weight_files()
+    if not files:
+        raise ModelLoadError(f"{source.path}: no weight files found")
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    cache_key = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    cache_file = cache_dir / "checksums.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if cache_key in cache:
+        return cache[cache_key]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0")
+        with open(f, "rb") as handle:
+            while chunk := handle.read(16 << 20):
+                digest.update(chunk)
+    value = digest.hexdigest()
+    cache[cache_key] = value
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_file)
+    except OSError:
+        log.debug("could not write checksum cache %s", cache_file)
+    return value
+

@@ -1,0 +1,230 @@
+"""The central scheduler: which work items go to which device, and what to retry (torch-free).
+
+Policy, in order:
+
+1. Items arrive from the planner into an *intake* window. When the window is full, the input
+   ends, or a device finds nothing ready, the window is sorted by length and appended to the
+   *ready* queue (a sliding window: memory is bounded by the window, not the input).
+2. A device asks (pull-based) with its current token budget. Retried batches come first, as
+   they were split; otherwise ready items are taken from the front until the next one would
+   overflow the budget. One item larger than the budget still goes alone (it may fit; if it
+   does not, step 4 reports it).
+3. The decision is a frozen :class:`ScheduledBatch`; the batch stays *in flight* until the
+   device reports it done, out of memory, or lost.
+4. Out of memory: the batch is split in two halves that go to the front of the retry queue.
+   A single item that runs out of memory on its own ``max_solo_attempts`` times is given up
+   and returned to the caller to report; nothing is retried forever.
+5. A lost device's in-flight batches go back to the retry queue for the other devices; the
+   lost device gets no more work.
+
+Every item is in exactly one of intake, ready, retry, in flight, done or failed, so nothing is
+lost or duplicated whatever order the reports come in.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from gpuengine.packing import WorkItem, batch_cost
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    batch_id: int
+    device: int
+    items: tuple[WorkItem, ...]
+    attempt: int
+    """0 for a first try; > 0 for a batch split after an out-of-memory error."""
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(item.n_tokens for item in self.items)
+
+    @property
+    def max_len(self) -> int:
+        return max(item.n_tokens for item in self.items)
+
+
+@dataclass
+class _Retry:
+    items: tuple[WorkItem, ...]
+    attempt: int
+    solo_failures: int = 0
+
+
+@dataclass
+class SchedulerStats:
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    oom_splits: int = 0
+    requeued_after_loss: int = 0
+    per_device_batches: dict[int, int] = field(default_factory=dict)
+
+
+class Scheduler:
+    """Thread-safe; see the module docstring for the policy."""
+
+    def __init__(self, *, window: int = 50_000, max_solo_attempts: int = 2):
+        self._window = window
+        self._max_solo = max_solo_attempts
+        self._cv = threading.Condition()
+        self._intake: list[WorkItem] = []
+        self._ready: deque[WorkItem] = deque()
+        self._retry: deque[_Retry] = deque()
+        self._in_flight: dict[int, tuple[int, _Retry]] = {}
+        self._lost: set[int] = set()
+        self._closed = False
+        self._next_id = 0
+        self.stats = SchedulerStats()
+
+    # -- input side ---------------------------------------------------------------------
+    def submit(self, items: Iterable[WorkItem]) -> None:
+        with self._cv:
+            for item in items:
+                self._intake.append(item)
+                self.stats.submitted += 1
+            if len(self._intake) >= self._window:
+                self._flush_intake()
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        """No more input will come."""
+        with self._cv:
+            self._closed = True
+            self._flush_intake()
+            self._cv.notify_all()
+
+    def _flush_intake(self) -> None:
+        if self._intake:
+            self._intake.sort(key=lambda item: item.n_tokens)
+            self._ready.extend(self._intake)
+            self._intake = []
+
+    # -- device side ----------------------------------------------------------------------
+    def next_batch(self, device: int, budget: int, *, padded: bool = False,
+                   timeout: float | None = None) -> ScheduledBatch | None:
+        """Work for ``device`` within ``budget`` tokens; waits up to ``timeout`` seconds for
+        some (None: do not wait). Returns None when there is nothing (yet, or any more)."""
+        with self._cv:
+            if device in self._lost:
+                return None
+            if not self._has_work():
+                self._flush_intake()
+            if timeout and not self._has_work() and not self.finished_locked():
+                self._cv.wait_for(lambda: self._has_work() or self._closed_and_drained(), timeout)
+                if not self._has_work():
+                    self._flush_intake()
+            retry = self._take(budget, padded)
+            if retry is None:
+                return None
+            batch_id = self._next_id
+            self._next_id += 1
+            self._in_flight[batch_id] = (device, retry)
+            self.stats.per_device_batches[device] = self.stats.per_device_batches.get(device, 0) + 1
+            return ScheduledBatch(batch_id, device, retry.items, retry.attempt)
+
+    def _has_work(self) -> bool:
+        return bool(self._retry or self._ready)
+
+    def _take(self, budget: int, padded: bool) -> _Retry | None:
+        if self._retry:
+            return self._retry.popleft()
+        if not self._ready:
+            return None
+        taken: list[WorkItem] = [self._ready.popleft()]
+        total, longest = taken[0].n_tokens, taken[0].n_tokens
+        while self._ready:
+            nxt = self._ready[0]
+            cost = batch_cost(len(taken) + 1, total + nxt.n_tokens, max(longest, nxt.n_tokens), padded)
+            if cost > budget:
+                break
+            taken.append(self._ready.popleft())
+            total += nxt.n_tokens
+            longest = max(longest, nxt.n_tokens)
+        return _Retry(tuple(taken), attempt=0)
+
+    def complete(self, batch_id: int) -> ScheduledBatch:
+        """The batch's results were handed on; returns it."""
+        with self._cv:
+            device, retry = self._in_flight.pop(batch_id)
+            self.stats.completed += len(retry.items)
+            self._cv.notify_all()
+            return ScheduledBatch(batch_id, device, retry.items, retry.attempt)
+
+    def out_of_memory(self, batch_id: int) -> tuple[WorkItem, ...]:
+        """Split and requeue; returns items given up (a single item that failed alone too often)."""
+        with self._cv:
+            _, retry = self._in_flight.pop(batch_id)
+            items = retry.items
+            given_up: tuple[WorkItem, ...] = ()
+            if len(items) == 1:
+                if retry.solo_failures + 1 >= self._max_solo:
+                    given_up = items
+                    self.stats.failed += 1
+                else:
+                    self._retry.appendleft(_Retry(items, retry.attempt + 1, retry.solo_failures + 1))
+            else:
+                half = len(items) // 2
+                self.stats.oom_splits += 1
+                self._retry.appendleft(_Retry(items[half:], retry.attempt + 1))
+                self._retry.appendleft(_Retry(items[:half], retry.attempt + 1))
+            self._cv.notify_all()
+            return given_up
+
+    def fail(self, batch_id: int) -> tuple[WorkItem, ...]:
+        """Give up a batch's items (e.g. a non-OOM error on a single item); returns them."""
+        with self._cv:
+            _, retry = self._in_flight.pop(batch_id)
+            self.stats.failed += len(retry.items)
+            self._cv.notify_all()
+            return retry.items
+
+    def device_lost(self, device: int) -> int:
+        """Requeue every batch in flight on ``device``; returns how many items were requeued."""
+        with self._cv:
+            self._lost.add(device)
+            mine = [bid for bid, (dev, _) in self._in_flight.items() if dev == device]
+            count = 0
+            for bid in mine:
+                _, retry = self._in_flight.pop(bid)
+                self._retry.appendleft(retry)
+                count += len(retry.items)
+            self.stats.requeued_after_loss += count
+            self._cv.notify_all()
+            return count
+
+    # -- state -----------------------------------------------------------------------------
+    def _closed_and_drained(self) -> bool:
+        return self._closed and not self._intake and not self._ready and not self._retry
+
+    def finished_locked(self) -> bool:
+        return self._closed_and_drained() and not self._in_flight
+
+    @property
+    def finished(self) -> bool:
+        with self._cv:
+            return self.finished_locked()
+
+    def pending(self) -> int:
+        """Items not yet completed or failed (intake, ready, retry and in flight)."""
+        with self._cv:
+            flying = sum(len(r.items) for _, r in self._in_flight.values())
+            return len(self._intake) + len(self._ready) + sum(len(r.items) for r in self._retry) + flying
+
+    def in_flight(self, device: int | None = None) -> list[int]:
+        with self._cv:
+            return [bid for bid, (dev, _) in self._in_flight.items() if device is None or dev == device]
+
+    def wait_until(self, predicate, timeout: float) -> bool:
+        with self._cv:
+            return self._cv.wait_for(predicate, timeout)
+
+
+def split_evenly(items: Sequence[WorkItem], parts: int) -> list[tuple[WorkItem, ...]]:
+    """Helper for tests and simulations: ``items`` cut into ``parts`` contiguous runs."""
+    size = -(-len(items) // parts)
+    return [tuple(items[i:i + size]) for i in range(0, len(items), size)]

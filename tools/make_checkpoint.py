@@ -1,0 +1,49 @@
+#!/usr/bin/env python3
+"""Write random-weight model checkpoints in the official formats.
+
+    python tools/make_checkpoint.py esm2_t33_650M_UR50D --out weights/          # real shape, fair-esm .pt
+    python tools/make_checkpoint.py esm2 --layers 2 --dim 64 --heads 4 --out w/ --hf   # any small shape, + HF dir
+
+The files are marked as synthetic; gpuengine warns whenever it loads one. Random weights of the
+real shapes cost exactly the compute of the published ones, so they serve benchmarks too.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from gpuengine.synthetic import ESM2_SHAPES, write_fair_esm_checkpoint, write_hf_esm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shape", help="a published ESM-2 name (" + ", ".join(ESM2_SHAPES) + ") or 'esm2'")
+    parser.add_argument("--layers", type=int, help="number of layers (with shape 'esm2')")
+    parser.add_argument("--dim", type=int, help="embedding dimension (with shape 'esm2')")
+    parser.add_argument("--heads", type=int, help="attention heads (with shape 'esm2')")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--hf", action="store_true", help="also write a Hugging Face directory")
+    args = parser.parse_args()
+    if args.shape in ESM2_SHAPES:
+        layers, dim, heads = ESM2_SHAPES[args.shape]
+        name = args.shape
+    elif args.shape == "esm2" and args.layers and args.dim and args.heads:
+        layers, dim, heads = args.layers, args.dim, args.heads
+        name = f"esm2_t{layers}_d{dim}_random"
+    else:
+        parser.error("give a published ESM-2 name, or 'esm2' with --layers, --dim and --heads")
+    dtype = getattr(torch, args.dtype)
+    pt = write_fair_esm_checkpoint(args.out / f"{name}.pt", layers, dim, heads, seed=args.seed, dtype=dtype)
+    print(f"wrote {pt} (RANDOM weights: {layers} layers, d={dim}, {heads} heads)")
+    if args.hf:
+        hf = write_hf_esm(args.out / f"{name}_hf", layers, dim, heads, seed=args.seed, dtype=dtype)
+        print(f"wrote {hf}/ (Hugging Face format, same RANDOM weights)")
+
+
+if __name__ == "__main__":
+    main()
