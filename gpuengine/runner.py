@@ -39,7 +39,7 @@ class Runner:
     """Holds one replica; not thread-safe (one worker thread owns it)."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str,
-                 outputs: Sequence[OutputSpec], rule: PoolingRule):
+                 outputs: Sequence[OutputSpec], rule: PoolingRule, *, compile: bool = False):
         self.device = device
         self.precision = precision
         self.dtype = DTYPES[precision]
@@ -49,6 +49,10 @@ class Runner:
         self.rule = rule
         self.attention = select_attention(device, self.dtype)
         self.padded = self.attention.needs_padding
+        if compile and device.type == "cuda" and hasattr(self.model, "kernels"):
+            from gpuengine.models.esm2 import compiled_kernels
+
+            self.model.kernels = compiled_kernels()
 
     def release_cached_memory(self) -> None:
         """After an out-of-memory error (only then): give cached blocks back to the driver."""

@@ -39,14 +39,16 @@ SYNTHETIC_NOTE = "RANDOM WEIGHTS written by gpuengine (tools/make_checkpoint.py)
 
 
 def random_esm2_state(num_layers: int, embed_dim: int, heads: int, *, seed: int = 0,
-                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                      dtype: torch.dtype = torch.float32,
+                      device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """A full fair-esm ``ESM2`` state dict (fair-esm names, heads included) with random values
-    whose scale keeps activations O(1) through any depth."""
-    gen = torch.Generator().manual_seed(seed)
+    whose scale keeps activations O(1) through any depth. ``device="cuda"`` makes a 3B state in
+    seconds (benchmarks); files are always written from CPU tensors."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     d, vocab = embed_dim, 33
 
     def normal(*shape: int, std: float) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) * std
+        return (torch.randn(*shape, generator=gen, device=device) * std).to(dtype)
 
     def linear(prefix: str, fan_out: int, fan_in: int) -> dict[str, torch.Tensor]:
         return {prefix + ".weight": normal(fan_out, fan_in, std=1 / math.sqrt(fan_in)),
@@ -56,7 +58,8 @@ def random_esm2_state(num_layers: int, embed_dim: int, heads: int, *, seed: int 
         return {prefix + ".weight": 1 + normal(d, std=0.1), prefix + ".bias": normal(d, std=0.1)}
 
     head_dim = d // heads
-    inv_freq = (1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))).half().float()
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+                ).half().float()
     state = {"embed_tokens.weight": normal(vocab, d, std=1.0)}
     for i in range(num_layers):
         p = f"layers.{i}."
@@ -71,7 +74,7 @@ def random_esm2_state(num_layers: int, embed_dim: int, heads: int, *, seed: int 
     state.update(linear("lm_head.dense", d, d))
     state.update(norm("lm_head.layer_norm"))
     state["lm_head.weight"] = state["embed_tokens.weight"]
-    state["lm_head.bias"] = torch.zeros(vocab)
+    state["lm_head.bias"] = torch.zeros(vocab, device=device)
     return {k: v.to(dtype) for k, v in state.items()}
 
 
@@ -113,16 +116,9 @@ _FAIR_TO_HF = [
 ]
 
 
-def write_hf_esm(directory: str | Path, num_layers: int, embed_dim: int, heads: int, *,
-                 seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a Hugging Face ``EsmModel`` directory with the same weights as
-    :func:`write_fair_esm_checkpoint` for the same arguments."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = random_esm2_state(num_layers, embed_dim, heads, seed=seed, dtype=dtype)
-    tensors = {}
+def hf_esm_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """fair-esm names → Hugging Face ``EsmModel`` names (heads dropped)."""
+    out = {}
     for key, value in state.items():
         if key.startswith("lm_head"):
             continue
@@ -133,7 +129,20 @@ def write_hf_esm(directory: str | Path, num_layers: int, embed_dim: int, heads: 
                 break
         if new.startswith("layers."):
             new = "encoder.layer." + new.removeprefix("layers.")
-        tensors[new] = value.contiguous().clone()
+        out[new] = value
+    return out
+
+
+def write_hf_esm(directory: str | Path, num_layers: int, embed_dim: int, heads: int, *,
+                 seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a Hugging Face ``EsmModel`` directory with the same weights as
+    :func:`write_fair_esm_checkpoint` for the same arguments."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = random_esm2_state(num_layers, embed_dim, heads, seed=seed, dtype=dtype)
+    tensors = {k: v.contiguous().clone() for k, v in hf_esm_state(state).items()}
     save_file(tensors, directory / "model.safetensors")
     config = {
         "architectures": ["EsmModel"], "model_type": "esm", "vocab_size": 33,

@@ -49,12 +49,51 @@ class Esm2Config:
         return self.embed_dim // self.attention_heads
 
 
+def attention_inputs(x: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor,
+                     qkv_w: torch.Tensor, qkv_b: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     heads: int, q_scale: float, eps: float):
+    """Pre-LN, fused q/k/v projection, q scaling (1.0 when the kernel scales), RoPE."""
+    total = x.shape[0]
+    h = F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps)
+    qkv = F.linear(h, qkv_w, qkv_b).view(total, 3, heads, -1)  # (T, 3, H, D)
+    q, k, v = qkv.unbind(1)
+    if q_scale != 1.0:
+        q = q * q_scale
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v.contiguous()
+
+
+def attention_output_and_ffn(x: torch.Tensor, attn: torch.Tensor, out_w: torch.Tensor,
+                             out_b: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor,
+                             fc1_w: torch.Tensor, fc1_b: torch.Tensor, fc2_w: torch.Tensor,
+                             fc2_b: torch.Tensor, eps: float) -> torch.Tensor:
+    """Residual after out_proj, then the pre-LN FFN with erf GELU and its residual."""
+    x = x + F.linear(attn.reshape(x.shape[0], -1), out_w, out_b)
+    h = F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps)
+    return x + F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+
+
+class LayerKernels:
+    """The two per-layer functions; :func:`compiled_kernels` swaps in ``torch.compile``d ones
+    (one compilation shared by every layer, dynamic in the token count)."""
+
+    attention_inputs = staticmethod(attention_inputs)
+    attention_output_and_ffn = staticmethod(attention_output_and_ffn)
+
+
+def compiled_kernels() -> LayerKernels:
+    kernels = LayerKernels()
+    kernels.attention_inputs = torch.compile(attention_inputs, dynamic=True)
+    kernels.attention_output_and_ffn = torch.compile(attention_output_and_ffn, dynamic=True)
+    return kernels
+
+
 class Esm2Layer(nn.Module):
     def __init__(self, cfg: Esm2Config):
         super().__init__()
         d = cfg.embed_dim
         self.heads, self.head_dim = cfg.attention_heads, cfg.head_dim
         self.scaling = self.head_dim ** -0.5
+        self.eps = cfg.layer_norm_eps
         self.attn_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.qkv = nn.Linear(d, 3 * d)
         self.out_proj = nn.Linear(d, d)
@@ -64,16 +103,17 @@ class Esm2Layer(nn.Module):
         self.register_buffer("inv_freq", torch.zeros(self.head_dim // 2, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                layout: PackedLayout, attention: PaddedAttention | VarlenAttention) -> torch.Tensor:
-        total = x.shape[0]
-        qkv = self.qkv(self.attn_norm(x)).view(total, 3, self.heads, self.head_dim)  # (T, 3, H, D)
-        q, k, v = qkv.unbind(1)
-        if attention.prescale_q:
-            q = q * self.scaling
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        attn = attention(q, k, v.contiguous(), layout).reshape(total, -1)  # (T, d)
-        x = x + self.out_proj(attn)
-        return x + self.fc2(F.gelu(self.fc1(self.ffn_norm(x))))
+                layout: PackedLayout, attention: PaddedAttention | VarlenAttention,
+                kernels: LayerKernels) -> torch.Tensor:
+        q_scale = self.scaling if attention.prescale_q else 1.0
+        q, k, v = kernels.attention_inputs(x, self.attn_norm.weight, self.attn_norm.bias,
+                                           self.qkv.weight, self.qkv.bias, *rope, self.heads,
+                                           q_scale, self.eps)
+        attn = attention(q, k, v, layout)  # (T, H, D)
+        return kernels.attention_output_and_ffn(
+            x, attn, self.out_proj.weight, self.out_proj.bias, self.ffn_norm.weight,
+            self.ffn_norm.bias, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+            self.eps)
 
 
 class Esm2(nn.Module):
@@ -96,6 +136,8 @@ class Esm2(nn.Module):
     def embed_dim(self) -> int:
         return self.cfg.embed_dim
 
+    kernels = LayerKernels()
+
     def forward(self, token_ids: torch.Tensor, layout: PackedLayout, layers: Sequence[int],
                 attention: PaddedAttention | VarlenAttention) -> dict[int, torch.Tensor]:
         """Representations (T, d) of the requested non-negative ``layers`` (0 = embeddings)."""
@@ -107,7 +149,7 @@ class Esm2(nn.Module):
             key = id(layer.inv_freq) if not self._shared_rope else 0
             if key not in tables:
                 tables[key] = rotary_tables(layout.positions, layer.inv_freq)
-            x = layer(x, tables[key], layout, attention)
+            x = layer(x, tables[key], layout, attention, self.kernels)
             if index + 1 in wanted:
                 reps[index + 1] = self.final_norm(x) if index + 1 == self.num_layers else x
         return reps

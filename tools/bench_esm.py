@@ -1,0 +1,334 @@
+#!/usr/bin/env python3
+"""ESM-2 benchmark on a GPU: gpuengine against the peers a user would otherwise use, and the
+GEMM ceiling, all measured in one run on random weights of the real shapes.
+
+    python tools/bench_esm.py --models 3B,650M --workloads virnucpro150,virnucpro500,uniprot \\
+        --systems gemm,gpuengine,hf,fair-esm --out results.jsonl
+
+Systems
+  gemm          bf16 GEMM (16384 × d by d × 4d); its rate over FLOPs per residue is the ceiling
+  gpuengine     packed runner, the engine's own scheduler packing, fp16 (or --precision)
+  gpuengine-compiled   the same with torch.compile'd per-layer kernels
+  hf            transformers EsmModel, SDPA, bf16, length-sorted padded batches (best of budgets)
+  fair-esm      fair-esm ESM2 fp32, toks_per_batch 2048, as VirNucPro calls it (a capped sample)
+  e2e           `gpuengine embed` end to end: FASTA file → LMDB store (parse, validate, commit)
+  cosine        fp16 and bf16 mean embeddings against fp32 on the GPU (no timing)
+
+Tokens are residues (BOS/EOS not counted), as in docs/performance; the ceiling is in the same
+unit: GEMM FLOP/s ÷ FLOPs per residue, where a sequence of L residues costs
+(L + 2) · layers · (24·d² + 4·(L + 2)·d) FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpuengine.models.esm2_weights import build_esm2  # noqa: E402
+from gpuengine.packing import WorkItem  # noqa: E402
+from gpuengine.pooling import PoolingRule  # noqa: E402
+from gpuengine.runner import Runner  # noqa: E402
+from gpuengine.scheduler import Scheduler  # noqa: E402
+from gpuengine.store.codec import sequence_digest  # noqa: E402
+from gpuengine.store.schema import OutputSpec  # noqa: E402
+from gpuengine.synthetic import ESM2_SHAPES, random_esm2_state  # noqa: E402
+from gpuengine.tokenization import EsmTokenizer  # noqa: E402
+
+MODELS = {"3B": "esm2_t36_3B_UR50D", "650M": "esm2_t33_650M_UR50D", "150M": "esm2_t30_150M_UR50D",
+          "8M": "esm2_t6_8M_UR50D"}
+AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", dtype=np.uint8)
+
+
+def workload_lengths(name: str, residues: int, rng: np.random.Generator) -> np.ndarray:
+    """Protein lengths for a workload, about ``residues`` residues in total."""
+    if name == "virnucpro150":
+        sample = lambda n: rng.integers(48, 51, n)
+    elif name == "virnucpro500":
+        sample = lambda n: rng.integers(164, 167, n)
+    elif name == "uniprot":
+        sample = lambda n: np.clip(np.round(rng.lognormal(math.log(300), 0.57, n)), 30, 1022).astype(int)
+    else:
+        raise SystemExit(f"unknown workload {name}")
+    lengths = sample(max(16, residues // 50))
+    return lengths[: max(8, int(np.searchsorted(np.cumsum(lengths), residues)) + 1)]
+
+
+def proteins(lengths: np.ndarray, rng: np.random.Generator) -> list[str]:
+    return [AMINO[rng.integers(0, 20, n)].tobytes().decode() for n in lengths]
+
+
+def flops_per_sequence(residues: np.ndarray, layers: int, d: int) -> np.ndarray:
+    tokens = residues + 2
+    return tokens * layers * (24.0 * d * d + 4.0 * tokens * d)
+
+
+def timed(fn, sync=True) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if sync:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+# -- systems ------------------------------------------------------------------------------------
+
+def gemm_rate(d: int) -> float:
+    a = torch.randn(16384, d, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(d, 4 * d, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 20 * 2 * 16384 * d * 4 * d / (start.elapsed_time(end) / 1000)
+
+
+def run_gpuengine(model, seqs, budget, precision, compile_kernels=False, warm=2):
+    tok = EsmTokenizer()
+    items = [WorkItem(sequence_digest(s), tok.encode(s), len(s)) for s in seqs]
+    runner = Runner(model, torch.device("cuda"), precision, [OutputSpec(model.num_layers, "mean")],
+                    PoolingRule(1, 1), compile=compile_kernels)
+    sched = Scheduler()
+    sched.submit(items)
+    sched.close()
+    batches = []
+    while (b := sched.next_batch(0, budget)) is not None:
+        batches.append(b.items)
+    for b in batches[:warm]:
+        runner.embed(b)
+    timed_batches = batches[warm:] or batches
+    residues = sum(i.residues for b in timed_batches for i in b)
+    seconds = timed(lambda: [runner.embed(b) for b in timed_batches])
+    return residues, len([i for b in timed_batches for i in b]), seconds
+
+
+def hf_model(state, layers, d, heads, device="cuda", dtype=torch.bfloat16):
+    """transformers' EsmModel (SDPA) holding the same weights as ``state`` (fair-esm names)."""
+    from transformers import EsmConfig, EsmModel
+
+    from gpuengine.synthetic import hf_esm_state
+
+    cfg = EsmConfig(vocab_size=33, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+                    intermediate_size=4 * d, position_embedding_type="rotary", token_dropout=True,
+                    pad_token_id=1, mask_token_id=32, max_position_embeddings=1026,
+                    emb_layer_norm_before=False, layer_norm_eps=1e-5, attn_implementation="sdpa")
+    with torch.device("meta"):
+        model = EsmModel(cfg, add_pooling_layer=False)
+    model = model.to_empty(device=device)
+    for p in model.parameters():
+        p.data.zero_()
+    missing, _ = model.load_state_dict(hf_esm_state(state), strict=False)  # runs HF's inv_freq hook
+    missing = [m for m in missing if "contact_head" not in m and "position_ids" not in m]
+    if missing:
+        raise SystemExit(f"HF model missing {missing[:5]}")
+    model.embeddings.position_ids.copy_(torch.arange(model.embeddings.position_ids.shape[-1]))
+    return model.to(dtype).eval()
+
+
+def run_hf(model, seqs, budget, warm=2):
+    tok = EsmTokenizer()
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    batches, cur = [], []
+    for i in order:
+        n = len(seqs[i]) + 2
+        if cur and (len(cur) + 1) * max(n, max(len(seqs[j]) + 2 for j in cur)) > budget:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    batches.append(cur)
+    padded = []
+    for b in batches:
+        L = max(len(seqs[i]) for i in b) + 2
+        ids = torch.ones(len(b), L, dtype=torch.long)
+        for r, i in enumerate(b):
+            t = torch.from_numpy(tok.encode(seqs[i])).long()
+            ids[r, : t.numel()] = t
+        padded.append(ids)
+
+    def one(ids):
+        ids = ids.cuda(non_blocking=True)
+        mask = ids.ne(1)
+        with torch.inference_mode():
+            h = model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+            body = mask.clone()
+            body[:, 0] = False
+            body &= ids.ne(2)
+            pooled = (h.float() * body[..., None]).sum(1) / body.sum(1, keepdim=True)
+        return pooled.cpu()
+
+    for ids in padded[:warm]:
+        one(ids)
+    timed_b = list(zip(batches, padded))[warm:] or list(zip(batches, padded))
+    residues = sum(len(seqs[i]) for b, _ in timed_b for i in b)
+    seconds = timed(lambda: [one(ids) for _, ids in timed_b])
+    return residues, sum(len(b) for b, _ in timed_b), seconds
+
+
+def run_fair_esm(state_fp16, layers, d, heads, seqs, seconds_cap=25.0):
+    import esm
+
+    model = esm.ESM2(num_layers=layers, embed_dim=d, attention_heads=heads, alphabet="ESM-1b")
+    model.load_state_dict({k: v.float() for k, v in state_fp16.items()}, strict=False)
+    model = model.cuda().eval()
+    alphabet = model.alphabet
+    dataset = esm.FastaBatchedDataset([str(i) for i in range(len(seqs))], seqs)
+    batches = dataset.get_batch_indices(2048, extra_toks_per_seq=1)
+    converter = alphabet.get_batch_converter()
+    done_res = done_seq = 0
+    start = None
+    with torch.no_grad():
+        for bi, batch in enumerate(batches):
+            if bi == 1:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+            _, strs, toks = converter([(str(i), seqs[i]) for i in batch])
+            out = model(toks.cuda(non_blocking=True), repr_layers=[layers])["representations"][layers]
+            means = [out[r, 1:len(s) + 1].mean(0) for r, s in enumerate(strs)]
+            torch.stack(means).cpu()
+            if bi >= 1:
+                done_res += sum(len(s) for s in strs)
+                done_seq += len(strs)
+                if time.perf_counter() - start > seconds_cap:
+                    break
+    torch.cuda.synchronize()
+    return done_res, done_seq, time.perf_counter() - start
+
+
+def cosine_check(state, layers, d, heads, n=48):
+    from gpuengine.models.esm2 import Esm2Config
+
+    rng = np.random.default_rng(1)
+    seqs = proteins(workload_lengths("uniprot", 300 * n, rng)[:n], rng)
+    cfg = Esm2Config(layers, d, heads)
+    out = {}
+    for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        model = build_esm2(cfg, dict(state), dtype)
+        tok = EsmTokenizer()
+        items = [WorkItem(sequence_digest(s), tok.encode(s), len(s)) for s in seqs]
+        runner = Runner(model, torch.device("cuda"), precision, [OutputSpec(layers, "mean")], PoolingRule(1, 1))
+        vecs = []
+        for i in range(0, n, 8):
+            vecs += runner.embed(items[i:i + 8]).vectors[OutputSpec(layers, "mean")]
+        out[precision] = np.stack(vecs)
+        del model, runner
+        torch.cuda.empty_cache()
+    res = {}
+    for p in ("fp16", "bf16"):
+        a, b = out[p], out["fp32"]
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        res[p] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+                  "max_abs_diff": float(np.abs(a - b).max())}
+    return res
+
+
+# -- driver -----------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="3B")
+    ap.add_argument("--workloads", default="virnucpro150,uniprot")
+    ap.add_argument("--systems", default="gemm,gpuengine,hf,fair-esm")
+    ap.add_argument("--residues", type=int, default=600_000, help="residues per workload")
+    ap.add_argument("--budgets", default="16384,32768,65536", help="gpuengine token budgets to try")
+    ap.add_argument("--precision", default="fp16")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
+    args = ap.parse_args()
+    command = "python tools/bench_esm.py " + " ".join(sys.argv[1:])
+    gpu = torch.cuda.get_device_name(0)
+    systems = args.systems.split(",")
+    records = []
+
+    def emit(**rec):
+        base = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "commit": args.commit, "gpu": gpu, "n_gpus": 1, "command": command,
+                "torch": torch.__version__}
+        base.update(rec)
+        records.append(base)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(base) + "\n")
+        print(json.dumps(rec), flush=True)
+
+    for short in args.models.split(","):
+        name = MODELS[short]
+        layers, d, heads = ESM2_SHAPES[name]
+        t0 = time.perf_counter()
+        state = random_esm2_state(layers, d, heads, seed=0, dtype=torch.float16, device="cuda")
+        print(f"# {name}: random fp16 weights on GPU in {time.perf_counter() - t0:.1f}s", flush=True)
+        rate = gemm_rate(d) if "gemm" in systems else None
+        if "cosine" in systems:
+            emit(model=f"esm2-{short}", workload="uniprot48", system="cosine-vs-fp32",
+                 precision="fp16/bf16", tokens_per_s=None, sequences_per_s=None,
+                 **cosine_check(state, layers, d, heads))
+        from gpuengine.models.esm2 import Esm2Config
+
+        cfg = Esm2Config(layers, d, heads)
+        engine_model = build_esm2(cfg, dict(state), {"fp16": torch.float16, "bf16": torch.bfloat16}[args.precision])
+        hf = hf_model(state, layers, d, heads) if "hf" in systems else None
+        for wl in args.workloads.split(","):
+            rng = np.random.default_rng(42)
+            lengths = workload_lengths(wl, args.residues, rng)
+            seqs = proteins(lengths, rng)
+            mean_len = float(lengths.mean())
+            flops_res = float(flops_per_sequence(lengths, layers, d).sum() / lengths.sum())
+            ceiling = rate / flops_res if rate else None
+            common = dict(model=f"esm2-{short}", workload=wl, mean_residues=round(mean_len, 1))
+            if rate:
+                emit(**common, system="gemm-ceiling", precision="bf16", gemm_tflops=rate / 1e12,
+                     tokens_per_s=ceiling, sequences_per_s=ceiling / mean_len)
+
+            def report(system, precision, res, nseq, secs, **extra):
+                tps = res / secs
+                emit(**common, system=system, precision=precision, tokens_per_s=tps,
+                     sequences_per_s=nseq / secs, seconds=secs, sequences=nseq,
+                     pct_of_ceiling=100 * tps / ceiling if ceiling else None, **extra)
+
+            for system in ("gpuengine", "gpuengine-compiled"):
+                if system not in systems:
+                    continue
+                best = None
+                for budget in map(int, args.budgets.split(",")):
+                    r = run_gpuengine(engine_model, seqs, budget, args.precision,
+                                      compile_kernels=system.endswith("compiled"))
+                    print(f"#   {system} budget {budget}: {r[0] / r[2]:,.0f} res/s", flush=True)
+                    if best is None or r[0] / r[2] > best[0][0] / best[0][2]:
+                        best = (r, budget)
+                report(system, args.precision, *best[0], budget=best[1])
+            if hf is not None:
+                best = None
+                for budget in (16384, 65536):
+                    r = run_hf(hf, seqs, budget)
+                    print(f"#   hf budget {budget}: {r[0] / r[2]:,.0f} res/s", flush=True)
+                    if best is None or r[0] / r[2] > best[0][0] / best[0][2]:
+                        best = (r, budget)
+                report("hf-sdpa-bf16", "bf16", *best[0], budget=best[1])
+            if "fair-esm" in systems:
+                r = run_fair_esm(state, layers, d, heads, seqs[: 4000])
+                report("fair-esm-fp32", "fp32", *r, budget=2048)
+        del engine_model, hf, state
+        torch.cuda.empty_cache()
+    print("\n# summary")
+    for r in records:
+        if r.get("tokens_per_s"):
+            print(f"{r['model']:10s} {r['workload']:14s} {r['system']:22s} {r['tokens_per_s']:>12,.0f} tok/s"
+                  + (f"  {r['pct_of_ceiling']:5.1f}% of ceiling" if r.get("pct_of_ceiling") else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs on the device machine (through the device tool): installs the carried wheels, runs the
+# GPU tests, then the benchmark given in BENCH_ARGS. Results land in $OUT.
+#   carry: .whl      command: bash tools/device_check.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True CUDA_DEVICE_ORDER=PCI_BUS_ID
+export GPUENGINE_COMMIT=${GPUENGINE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'gpus', torch.cuda.device_count(), torch.cuda.get_device_name(0))"
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  python3 -m pytest -m gpu tests/ -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+if [ -n "${BENCH_ARGS:-}" ]; then
+  python3 tools/bench_esm.py $BENCH_ARGS --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/bench.log"
+fi
