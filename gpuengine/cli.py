@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from gpuengine import __version__
-from gpuengine.errors import EXIT_ERROR, EXIT_INTERRUPTED, GpuEngineError, UsageError
+from gpuengine.errors import EXIT_INTERRUPTED, GpuEngineError, UsageError
 
 HELP = """Exact, packed protein language-model embeddings on every GPU, committed into LMDB.
 

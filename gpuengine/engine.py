@@ -36,7 +36,7 @@ from gpuengine.committer import Committer
 from gpuengine.config import EmbedConfig
 from gpuengine.devices import initial_budget, parse_devices
 from gpuengine.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, DeviceError,
-                              GpuEngineError, InternalError, UsageError)
+                              InternalError, UsageError)
 from gpuengine.fasta import ValidationReport, stream_valid, validate
 from gpuengine.models.registry import Family, Weights, family
 from gpuengine.models.sources import resolve, weights_checksum

@@ -26,7 +26,6 @@ import datetime as dt
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
