@@ -71,6 +71,8 @@ class EmbedConfig:
     """Sequences per write transaction (a group of batches)."""
     allow_download: bool = True
     """Download a named model into the torch-hub cache when it is missing."""
+    compile: bool | None = None
+    """torch.compile the per-layer kernels (None: on for GPUs, off on the CPU)."""
     threads: int | None = None
     """CPU threads for a CPU run (None: torch's default)."""
     env: Environment = field(default_factory=environment)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -61,22 +62,39 @@ def parse_devices(spec: str) -> list[torch.device]:
     return [torch.device("cuda", i) for i in ordinals]
 
 
-def nvml_memory(device: torch.device) -> tuple[int, int, str] | None:
-    """(total, free, uuid) from NVML memory info v2, looked up by the device's UUID."""
-    try:
-        import pynvml
+class MemoryProbe:
+    """Free memory of one CUDA device: NVML (memory info v2, handle looked up by UUID) when it
+    answers, else the allocator's ``mem_get_info``. Initialised once, read from one thread."""
 
-        pynvml.nvmlInit()
-        uuid = "GPU-" + str(torch.cuda.get_device_properties(device).uuid)
-        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.source = "torch"
+        self.uuid: str | None = None
+        self._handle = None
+        self._pynvml = None
         try:
-            info = pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2)
-        except (pynvml.NVMLError, TypeError, AttributeError):
-            info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        return int(info.total), int(info.free), uuid
-    except Exception as exc:  # NVML missing, driver too old, MIG, not supported, ...
-        log.debug("NVML unavailable for %s: %s", device, exc)
-        return None
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.uuid = "GPU-" + str(torch.cuda.get_device_properties(device).uuid)
+            self._handle = pynvml.nvmlDeviceGetHandleByUUID(self.uuid)
+            self._pynvml = pynvml
+            self.total_and_free()
+            self.source = "nvml"
+        except Exception as exc:  # no driver library, MIG, not supported, old driver, ...
+            log.debug("NVML unavailable for %s (%s); using the allocator's numbers", device, exc)
+            self._handle = None
+
+    def total_and_free(self) -> tuple[int, int]:
+        if self._handle is not None:
+            nv = self._pynvml
+            try:
+                info = nv.nvmlDeviceGetMemoryInfo(self._handle, version=nv.nvmlMemory_v2)
+            except (nv.NVMLError, TypeError, AttributeError):
+                info = nv.nvmlDeviceGetMemoryInfo(self._handle)
+            return int(info.total), int(info.free)
+        free, total = torch.cuda.mem_get_info(self.device)
+        return int(total), int(free)
 
 
 def describe(device: torch.device) -> DeviceInfo:
@@ -84,12 +102,9 @@ def describe(device: torch.device) -> DeviceInfo:
         total = _host_memory()
         return DeviceInfo("cpu", f"CPU ({os.cpu_count()} cores)", total, None, "host")
     props = torch.cuda.get_device_properties(device)
-    nvml = nvml_memory(device)
-    if nvml:
-        total, free, uuid = nvml
-        return DeviceInfo(str(device), props.name, total, free, "nvml", uuid)
-    free, total = torch.cuda.mem_get_info(device)
-    return DeviceInfo(str(device), props.name, total, free, "torch")
+    probe = MemoryProbe(device)
+    total, free = probe.total_and_free()
+    return DeviceInfo(str(device), props.name, total, free, probe.source, probe.uuid)
 
 
 def _host_memory() -> int | None:
@@ -104,6 +119,65 @@ def initial_budget(device: torch.device, bytes_per_token: int, max_tokens: int |
     if device.type == "cpu":
         cap = max_tokens or DEFAULT_CPU_MAX_TOKENS
         return TokenBudget(cap, cap)
-    info = describe(device)
-    tokens = memory_budget(info.free_bytes or 0, bytes_per_token, GPU_MARGIN_BYTES)
+    _, free = MemoryProbe(device).total_and_free()
+    tokens = memory_budget(free, bytes_per_token, GPU_MARGIN_BYTES)
     return TokenBudget(tokens, max_tokens or DEFAULT_GPU_MAX_TOKENS)
+
+
+@dataclass
+class DeviceMemory:
+    """What the telemetry thread knows about one GPU's memory."""
+
+    device: torch.device
+    budget: TokenBudget
+    probe: MemoryProbe
+    baseline_bytes: int
+    """Allocated after the replica loaded: weights and fixed buffers."""
+    bytes_per_token: int
+    """Calibrated at start-up, raised when the allocator's peaks show more."""
+    free_bytes: int = 0
+    total_bytes: int = 0
+    largest_batch: int = 0
+
+    def refresh(self, margin: int = GPU_MARGIN_BYTES) -> None:
+        """Re-read free memory and the allocator's peak; set the budget's memory limit.
+
+        usable = free (NVML) + reserved by our allocator − baseline − margin: our own cached
+        blocks are usable by the next batch, memory another process takes is not."""
+        self.total_bytes, self.free_bytes = self.probe.total_and_free()
+        reserved = torch.cuda.memory_reserved(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - self.baseline_bytes
+        if self.largest_batch:
+            self.bytes_per_token = max(self.bytes_per_token, peak // self.largest_batch)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.largest_batch = 0
+        usable = self.free_bytes + reserved - self.baseline_bytes - margin
+        self.budget.set_memory_tokens(memory_budget(usable, self.bytes_per_token, 0))
+
+    def describe(self) -> dict:
+        return {"device": str(self.device), "memory_source": self.probe.source,
+                "free_bytes": self.free_bytes, "total_bytes": self.total_bytes,
+                "bytes_per_token": self.bytes_per_token, **self.budget.describe(),
+                "budget_tokens": self.budget.tokens()}
+
+
+class MemoryTelemetry(threading.Thread):
+    """Re-reads every GPU's memory every ``period`` seconds so budgets shrink before a batch
+    fails when another process takes memory (and grow back when it leaves)."""
+
+    def __init__(self, memories: list[DeviceMemory], period: float = 1.0):
+        super().__init__(name="gpuengine-telemetry", daemon=True)
+        self.memories = memories
+        self.period = period
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.period):
+            for memory in self.memories:
+                try:
+                    memory.refresh()
+                except Exception as exc:  # never let telemetry kill a run
+                    log.debug("telemetry for %s failed: %s", memory.device, exc)
+
+    def stop(self) -> None:
+        self.stop_event.set()

@@ -34,7 +34,9 @@ from gpuengine import __version__
 from gpuengine.budget import activation_bytes_per_token
 from gpuengine.committer import Committer
 from gpuengine.config import EmbedConfig
-from gpuengine.devices import initial_budget, parse_devices
+from gpuengine.budget import TokenBudget
+from gpuengine.devices import (DeviceMemory, MemoryProbe, MemoryTelemetry, initial_budget,
+                               parse_devices)
 from gpuengine.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, DeviceError,
                               InternalError, UsageError)
 from gpuengine.fasta import ValidationReport, stream_valid, validate
@@ -111,8 +113,11 @@ def resolve_outputs(layers: tuple[int, ...], pools: tuple[str, ...], num_layers:
 
 
 def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
-              stop: threading.Event | None = None) -> RunSummary:
-    """Embed ``config.inputs`` into ``config.out``; see the module docstring."""
+              stop: threading.Event | None = None, runner_factory=None) -> RunSummary:
+    """Embed ``config.inputs`` into ``config.out``; see the module docstring.
+
+    ``runner_factory(device, precision, outputs)`` replaces the model runner (tests simulate
+    devices with it; the benchmark measures the host pipeline with a no-op runner)."""
     progress = progress or NullProgress()
     stop = stop or threading.Event()
     started = time.perf_counter()
@@ -137,7 +142,8 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
                              records_read=report.records, valid_records=report.valid,
                              invalid_skipped=report.problem_count,
                              duplicate_records=report.duplicate_records)
-        _Run(config, fam, weights, spec, writer, report, summary, progress, stop).execute()
+        _Run(config, fam, weights, spec, writer, report, summary, progress, stop,
+             runner_factory).execute()
     except BaseException:
         writer.close()
         if created:
@@ -199,10 +205,12 @@ class _Run:
 
     def __init__(self, config: EmbedConfig, fam: Family, weights: Weights, spec: TableSpec,
                  writer: StoreWriter, report: ValidationReport, summary: RunSummary,
-                 progress: ProgressSink, stop: threading.Event):
+                 progress: ProgressSink, stop: threading.Event, runner_factory=None):
         self.config, self.fam, self.weights, self.spec = config, fam, weights, spec
         self.writer, self.report, self.summary = writer, report, summary
         self.progress, self.stop = progress, stop
+        self.runner_factory = runner_factory
+        self.telemetry: MemoryTelemetry | None = None
         self.inbox: queue.Queue = queue.Queue()
         self.halt = threading.Event()
         """Workers stop pulling new batches once set (on a stop request, an error, or the end)."""
@@ -229,6 +237,8 @@ class _Run:
             self._loop(workers, committer, planner)
         finally:
             self.halt.set()
+            if self.telemetry:
+                self.telemetry.stop()
             self._flush(committer, force=True)
             committer.finish()
             self.progress.close()
@@ -240,18 +250,57 @@ class _Run:
                                               else self.fam.gpu_precision)
         if devices[0].type == "cpu" and self.config.threads:
             torch.set_num_threads(self.config.threads)
-        bpt = activation_bytes_per_token(self.weights.embed_dim, DTYPES[precision].itemsize,
-                                         len(self.spec.outputs))
-        workers = []
+        estimate = activation_bytes_per_token(self.weights.embed_dim, DTYPES[precision].itemsize,
+                                              len(self.spec.outputs))
+        self.workers: list[DeviceWorker] = []
+        memories = []
         for index, device in enumerate(devices):
             self.progress.stage(f"loading {self.weights.source.name} on {device} ({precision})")
-            model = self.fam.build(self.weights, DTYPES[precision])
-            runner = Runner(model, device, precision, self.spec.outputs, self.fam.pooling_rule)
-            budget = initial_budget(device, bpt, self.config.max_tokens)
-            workers.append(DeviceWorker(index, runner, budget, self.scheduler, self.inbox, self.halt))
-        for worker in workers:
+            runner = self._make_runner(device, precision)
+            budget = initial_budget(device, estimate, self.config.max_tokens)
+            if device.type == "cuda":
+                memories.append(self._warm_up(runner, budget))
+            self.workers.append(DeviceWorker(index, runner, budget, self.scheduler, self.inbox,
+                                             self.halt))
+        self.telemetry = MemoryTelemetry(memories) if memories else None
+        if self.telemetry:
+            self.telemetry.start()
+        for worker in self.workers:
             worker.start()
-        return workers
+        return self.workers
+
+    def _make_runner(self, device: torch.device, precision: str) -> Runner:
+        if self.runner_factory is not None:
+            return self.runner_factory(device, precision, self.spec.outputs)
+        model = self.fam.build(self.weights, DTYPES[precision])
+        compile_kernels = self.config.compile if self.config.compile is not None else device.type == "cuda"
+        return Runner(model, device, precision, self.spec.outputs, self.fam.pooling_rule,
+                      compile=compile_kernels)
+
+    def _warm_up(self, runner: Runner, budget: TokenBudget) -> DeviceMemory:
+        """Run one batch at the full budget before any input is claimed (memory problems show
+        now, kernels compile now) and calibrate bytes per token from the allocator's peak."""
+        baseline = torch.cuda.memory_allocated(runner.device)
+        tokens = budget.tokens()
+        while True:
+            self.progress.stage(f"warming up {runner.device} at {tokens:,} tokens")
+            failed = False
+            try:
+                bytes_per_token = runner.calibrate(tokens)
+            except torch.cuda.OutOfMemoryError:
+                failed = True  # recover outside the except block (its frame pins tensors)
+            if not failed:
+                break
+            runner.release_cached_memory()
+            if tokens <= 1024:
+                raise DeviceError(f"{runner.device} cannot run even {tokens} tokens")
+            budget.after_oom(tokens)
+            tokens //= 2
+        memory = DeviceMemory(runner.device, budget, MemoryProbe(runner.device), baseline,
+                              bytes_per_token)
+        memory.refresh()
+        log.info("%s: %s", runner.device, memory.describe())
+        return memory
 
     def _planner(self) -> Planner:
         name = self.spec.name
@@ -309,8 +358,10 @@ class _Run:
     def _on_outcome(self, outcome: BatchOutcome) -> None:
         batch = outcome.batch
         if outcome.kind == "ok":
+            worker = self.workers[outcome.device]
+            result = worker.runner.finish(outcome.launched)
+            worker.batch_finished(result.seconds, batch)
             self.scheduler.complete(batch.batch_id)
-            result = outcome.result
             for i, item in enumerate(batch.items):
                 if not result.finite[i]:
                     self._fail(item.digest, "its embedding has non-finite values (overflow at "

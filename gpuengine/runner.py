@@ -1,9 +1,18 @@
-"""One model replica on one device: pack → forward → pool → host.
+"""One model replica on one device: stage → launch → finish.
 
-The runner knows nothing about scheduling or stores: it is given work items and returns
-pooled fp32 vectors on the host, plus a per-item finiteness flag (a non-finite vector is never
-stored). Its interface is the three calls a worker needs: :meth:`Runner.warm_up`,
-:meth:`Runner.embed` and :attr:`Runner.device`.
+The runner knows nothing about scheduling or stores. A batch goes through three calls, which
+the device worker spreads over two threads so that host work overlaps the GPU:
+
+1. :meth:`Runner.stage` (prefetch thread) packs the items' token ids into a pinned host buffer
+   (PyTorch's caching host allocator reuses the blocks) and copies ids and lengths to the
+   device on the *copy stream*, recording an event.
+2. :meth:`Runner.launch` (compute thread) makes the *compute stream* wait for that event, runs
+   the forward, pools in fp32, checks finiteness, and starts asynchronous copies of the pooled
+   vectors into pinned host memory, bracketed by timing events. It returns at once.
+3. :meth:`Runner.finish` (any thread) waits for that batch's event only — never a device-wide
+   sync — and copies the vectors out per item.
+
+On the CPU the same calls run synchronously. :meth:`Runner.embed` chains all three.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import numpy as np
 import torch
 
 from gpuengine.models.attention import PackedLayout, select_attention
-from gpuengine.packing import PackedBatch, WorkItem, pack
+from gpuengine.packing import WorkItem
 from gpuengine.pooling import PoolingIndex, PoolingRule, pool
 from gpuengine.store.schema import OutputSpec
 
@@ -33,10 +42,36 @@ class EmbeddedBatch:
     """bool (N,): every value of the item's outputs is finite."""
     n_tokens: int
     seconds: float
+    """Device busy time (CUDA events) or wall time on the CPU."""
+
+
+@dataclass
+class Staged:
+    """A batch's inputs on the device (or on their way there)."""
+
+    items: Sequence[WorkItem]
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    lengths_host: np.ndarray
+    total: int
+    max_len: int
+    ready: torch.cuda.Event | None
+
+
+@dataclass
+class Launched:
+    """A batch whose results are being copied to pinned host memory."""
+
+    staged: Staged
+    host: dict[OutputSpec, torch.Tensor]
+    finite: torch.Tensor
+    body_lengths: np.ndarray
+    done: torch.cuda.Event | None
+    start: torch.cuda.Event | float | None
 
 
 class Runner:
-    """Holds one replica; not thread-safe (one worker thread owns it)."""
+    """Holds one replica. ``stage`` and ``launch`` must each be called from one thread."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str,
                  outputs: Sequence[OutputSpec], rule: PoolingRule, *, compile: bool = False):
@@ -49,55 +84,115 @@ class Runner:
         self.rule = rule
         self.attention = select_attention(device, self.dtype)
         self.padded = self.attention.needs_padding
-        if compile and device.type == "cuda" and hasattr(self.model, "kernels"):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device)
+            self.compute_stream = torch.cuda.Stream(device)
+        if compile and self.cuda and hasattr(self.model, "kernels"):
             from gpuengine.models.esm2 import compiled_kernels
 
             self.model.kernels = compiled_kernels()
 
-    def release_cached_memory(self) -> None:
-        """After an out-of-memory error (only then): give cached blocks back to the driver."""
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    def warm_up(self, items: Sequence[WorkItem]) -> None:
-        """One forward at full size, so memory problems show before any input is claimed."""
-        self.embed(items)
+    # -- the three steps ------------------------------------------------------------------------
+    def stage(self, items: Sequence[WorkItem]) -> Staged:
+        lengths = np.fromiter((it.n_tokens for it in items), dtype=np.int64, count=len(items))
+        total = int(lengths.sum())
+        ids = torch.empty(total, dtype=torch.int32, pin_memory=self.cuda)
+        np.concatenate([it.token_ids for it in items], out=ids.numpy())
+        lens = torch.from_numpy(lengths)
+        if not self.cuda:
+            return Staged(items, ids, lens, lengths, total, int(lengths.max()), None)
+        with torch.cuda.stream(self.copy_stream):
+            ids_dev = ids.to(self.device, non_blocking=True)
+            lens_dev = lens.pin_memory().to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.copy_stream)
+        return Staged(items, ids_dev, lens_dev, lengths, total, int(lengths.max()), ready)
 
     @torch.inference_mode()
+    def launch(self, staged: Staged) -> Launched:
+        if not self.cuda:
+            start = time.perf_counter()
+            return self._compute(staged, start)
+        with torch.cuda.stream(self.compute_stream):
+            self.compute_stream.wait_event(staged.ready)
+            # inputs were allocated on the copy stream: keep them until this stream is done
+            staged.ids.record_stream(self.compute_stream)
+            staged.lengths.record_stream(self.compute_stream)
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(self.compute_stream)
+            return self._compute(staged, start)
+
+    def _compute(self, staged: Staged, start) -> Launched:
+        layout = PackedLayout.build(staged.lengths, staged.total, staged.max_len, padded=self.padded)
+        hidden = self.model(staged.ids, layout, self.layers, self.attention)
+        index = PoolingIndex.build(staged.lengths, layout.starts, staged.total, self.rule)
+        pooled = {o: pool(hidden[o.layer], index, o.pool) for o in self.outputs}
+        del hidden
+        finite = self._finite(pooled, index, len(staged.items))
+        body = staged.lengths_host - (self.rule.lead + self.rule.trail)
+        if not self.cuda:
+            return Launched(staged, pooled, finite, body, None, start)
+        host = {o: t.to("cpu", non_blocking=True) for o, t in pooled.items()}
+        finite_host = finite.to("cpu", non_blocking=True)
+        done = torch.cuda.Event(enable_timing=True)
+        done.record(self.compute_stream)
+        return Launched(staged, host, finite_host, body, done, start)
+
+    def finish(self, launched: Launched) -> EmbeddedBatch:
+        if launched.done is not None:
+            launched.done.synchronize()  # this batch only
+            seconds = launched.start.elapsed_time(launched.done) / 1000.0
+        else:
+            seconds = time.perf_counter() - launched.start
+        vectors = {}
+        for output, tensor in launched.host.items():
+            array = tensor.numpy()
+            if output.pool == "per-token":
+                vectors[output] = [a.copy() for a in np.split(array, np.cumsum(launched.body_lengths)[:-1])]
+            else:
+                vectors[output] = list(array.copy())
+        return EmbeddedBatch(vectors, launched.finite.numpy().copy(), launched.staged.total, seconds)
+
     def embed(self, items: Sequence[WorkItem]) -> EmbeddedBatch:
-        start = time.perf_counter()
-        batch = pack(items)
-        hidden = self._forward(batch)
-        index = PoolingIndex.build(batch.lengths, self.rule)
-        index_t = {name: torch.from_numpy(getattr(index, name)).to(self.device)
-                   for name in ("body_rows", "body_lengths", "first_rows")}
-        pooled = {o: pool(hidden[o.layer], index_t, o.pool) for o in self.outputs}
-        finite = self._finite(pooled, index)
-        host = {o: t.cpu().numpy() for o, t in pooled.items()}
-        vectors = {o: self._split(o, arr, index) for o, arr in host.items()}
-        return EmbeddedBatch(vectors, finite, batch.n_tokens, time.perf_counter() - start)
+        """All three steps, synchronously (tests, benchmarks, the CPU)."""
+        return self.finish(self.launch(self.stage(items)))
 
-    def _forward(self, batch: PackedBatch) -> dict[int, torch.Tensor]:
-        ids = torch.from_numpy(batch.token_ids).to(self.device, torch.int64)
-        layout = PackedLayout.from_lengths(torch.from_numpy(batch.lengths), self.device,
-                                           padded=self.padded)
-        return self.model(ids, layout, self.layers, self.attention)
-
-    def _finite(self, pooled: dict[OutputSpec, torch.Tensor], index: PoolingIndex) -> np.ndarray:
-        n = index.first_rows.size
+    # -- helpers --------------------------------------------------------------------------------
+    def _finite(self, pooled: dict[OutputSpec, torch.Tensor], index: PoolingIndex, n: int) -> torch.Tensor:
         ok = torch.ones(n, dtype=torch.bool, device=self.device)
         for output, tensor in pooled.items():
             row_ok = torch.isfinite(tensor).all(dim=1)
             if output.pool == "per-token":
-                seq = torch.repeat_interleave(torch.arange(n, device=self.device),
-                                              torch.from_numpy(index.body_lengths).to(self.device))
+                seq = torch.repeat_interleave(torch.arange(n, device=self.device), index.body_lengths,
+                                              output_size=tensor.shape[0])
                 bad = torch.zeros(n, dtype=torch.int32, device=self.device)
                 row_ok = bad.index_add_(0, seq, (~row_ok).to(torch.int32)) == 0
             ok &= row_ok
-        return ok.cpu().numpy()
+        return ok
 
-    @staticmethod
-    def _split(output: OutputSpec, array: np.ndarray, index: PoolingIndex) -> list[np.ndarray]:
-        if output.pool != "per-token":
-            return list(array)
-        return np.split(array, np.cumsum(index.body_lengths)[:-1])
+    def release_cached_memory(self) -> None:
+        """After an out-of-memory error (only then): give cached blocks back to the driver."""
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def synthetic_items(self, tokens: int, length: int = 256) -> list[WorkItem]:
+        """Random-residue items totalling about ``tokens`` tokens (warm-up, calibration)."""
+        rng = np.random.default_rng(0)
+        count = max(1, tokens // length)
+        ids = [np.concatenate(([0], rng.integers(4, 24, length - 2), [2])).astype(np.int32)
+               for _ in range(count)]
+        return [WorkItem(bytes(16), i, length - 2) for i in ids]
+
+    def calibrate(self, tokens: int) -> int:
+        """Run one batch of ``tokens`` tokens; returns peak activation bytes per token (GPU) or 0."""
+        if not self.cuda:
+            self.embed(self.synthetic_items(min(tokens, 512)))
+            return 0
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        items = self.synthetic_items(tokens)
+        self.embed(items)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        return max(1, peak // sum(i.n_tokens for i in items))

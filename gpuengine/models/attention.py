@@ -47,26 +47,31 @@ class PackedLayout:
     key_mask: torch.Tensor | None = None
     """bool (N, 1, 1, max_len): True where a key is a real token (exact path only)."""
 
+    starts: torch.Tensor | None = None
+    """int64 (N,): first row of each sequence."""
+
     @property
     def num_sequences(self) -> int:
         return self.cu_seqlens.numel() - 1
 
     @classmethod
-    def from_lengths(cls, lengths: list[int] | torch.Tensor, device: torch.device | str,
-                     *, padded: bool) -> "PackedLayout":
-        """Build a layout from per-sequence token counts (a host list or CPU tensor)."""
-        lens = torch.as_tensor(lengths, dtype=torch.int64)
-        max_len = int(lens.max())
-        cu = torch.zeros(lens.numel() + 1, dtype=torch.int64)
-        torch.cumsum(lens, 0, out=cu[1:])
-        starts = torch.repeat_interleave(cu[:-1], lens)
-        positions = torch.arange(int(cu[-1]), dtype=torch.int64) - starts
+    def build(cls, lengths: torch.Tensor, total: int, max_len: int, *, padded: bool) -> "PackedLayout":
+        """A layout from per-sequence token counts already on the batch's device (int64);
+        ``total`` and ``max_len`` come from the host, so nothing here waits for the device."""
+        device = lengths.device
+        n = lengths.numel()
+        cu = torch.zeros(n + 1, dtype=torch.int64, device=device)
+        torch.cumsum(lengths, 0, out=cu[1:])
+        starts = cu[:-1]
+        positions = torch.arange(total, device=device) - torch.repeat_interleave(
+            starts, lengths, output_size=total)
         pad_index = key_mask = None
         if padded:
-            seq_of_row = torch.repeat_interleave(torch.arange(lens.numel()), lens)
-            pad_index = (seq_of_row * max_len + positions).to(device)
-            key_mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :].to(device)
-        return cls(cu.to(torch.int32).to(device), max_len, positions.to(device), pad_index, key_mask)
+            seq_of_row = torch.repeat_interleave(torch.arange(n, device=device), lengths,
+                                                 output_size=total)
+            pad_index = seq_of_row * max_len + positions
+            key_mask = (torch.arange(max_len, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+        return cls(cu.to(torch.int32), max_len, positions, pad_index, key_mask, starts)
 
 
 class PaddedAttention:

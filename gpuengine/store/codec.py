@@ -1,0 +1,128 @@
+"""Byte encodings of the store: sequence digests, record-id keys and arrays.
+
+* ``sequence_digest(seq)`` is ``blake2b(seq.encode("utf-8"), digest_size=16)``.
+* A record id is its UTF-8 bytes when they fit an LMDB key (511 bytes); a longer id is
+  ``b"\\xff" + blake2b-16(utf8)``. ``0xFF`` never occurs in UTF-8, so the two forms cannot
+  collide. The value under an id key is the 16-byte sequence digest, followed by the full
+  UTF-8 id for long ids, so iterating the ids database recovers every id.
+* Arrays are raw little-endian IEEE floats in C order: ``(dim,)`` for pooled outputs,
+  ``(residues, dim)`` for per-token ones (the row count follows from the byte length).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from gpuengine.errors import StoreError
+from gpuengine.store.schema import STORE_DTYPES
+
+DIGEST_SIZE = 16
+MAX_KEY_SIZE = 511
+"""LMDB 0.9's maximum key size in bytes."""
+LONG_ID_PREFIX = b"\xff"
+
+_NUMPY_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
+
+
+def _blake2b16(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+def sequence_digest(seq: str) -> bytes:
+    """16-byte blake2b digest of the sequence's UTF-8 bytes (sequences are upper-case)."""
+    return _blake2b16(seq.encode("utf-8"))
+
+
+def _id_bytes(record_id: str) -> bytes:
+    if not isinstance(record_id, str) or not record_id:
+        raise ValueError(f"a record id must be a non-empty string, got {record_id!r}")
+    try:
+        return record_id.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"record id {record_id!r} cannot be encoded as UTF-8: {exc}") from exc
+
+
+def encode_id(record_id: str) -> bytes:
+    """Key of ``record_id`` in ``ids:<table>`` (see the module docstring)."""
+    raw = _id_bytes(record_id)
+    if len(raw) <= MAX_KEY_SIZE:
+        return raw
+    return LONG_ID_PREFIX + _blake2b16(raw)
+
+
+def encode_id_value(record_id: str, seq_digest: bytes) -> bytes:
+    """Value stored under :func:`encode_id`: the digest, plus the full id for long ids."""
+    if len(seq_digest) != DIGEST_SIZE:
+        raise ValueError(f"a sequence digest is {DIGEST_SIZE} bytes, got {len(seq_digest)}")
+    raw = _id_bytes(record_id)
+    if len(raw) <= MAX_KEY_SIZE:
+        return bytes(seq_digest)
+    return bytes(seq_digest) + raw
+
+
+def value_digest(value: bytes | memoryview) -> bytes:
+    """The sequence digest held by an ids-database value."""
+    if len(value) < DIGEST_SIZE:
+        raise StoreError(f"corrupt id record: {len(value)} bytes, expected at least {DIGEST_SIZE}")
+    return bytes(value[:DIGEST_SIZE])
+
+
+def decode_id(key: bytes | memoryview, value: bytes | memoryview) -> str:
+    """Recover the record id from an ids-database key and value."""
+    key = bytes(key)
+    if not key.startswith(LONG_ID_PREFIX):
+        return key.decode("utf-8")
+    raw = bytes(value[DIGEST_SIZE:])
+    if len(value) <= DIGEST_SIZE or _blake2b16(raw) != key[1:]:
+        raise StoreError(f"corrupt long-id record under key {key.hex()}")
+    return raw.decode("utf-8")
+
+
+def numpy_dtype(store_dtype: str) -> np.dtype:
+    """The little-endian numpy dtype of a store dtype name."""
+    try:
+        return _NUMPY_DTYPES[store_dtype]
+    except KeyError:
+        raise ValueError(
+            f"store dtype must be one of {', '.join(STORE_DTYPES)}; got {store_dtype!r}"
+        ) from None
+
+
+def encode_array(a: np.ndarray, store_dtype: str) -> bytes:
+    """Cast to the store dtype and return the little-endian C-order bytes (1-D or 2-D)."""
+    dtype = numpy_dtype(store_dtype)
+    arr = np.asarray(a)
+    if arr.ndim not in (1, 2):
+        raise ValueError(
+            f"an embedding is 1-D (dim,) or 2-D (residues, dim); got shape {arr.shape}"
+        )
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"an embedding must hold numbers, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=dtype).tobytes()
+
+
+def decode_array(
+    buf: bytes | memoryview, store_dtype: str, dim: int, *, per_token: bool = False
+) -> np.ndarray:
+    """Copy an array out of ``buf``: shape ``(dim,)``, or ``(rows, dim)`` when ``per_token``.
+
+    Raises StoreError when the byte length does not fit (not a whole number of rows, empty,
+    or more than one row for a pooled vector).
+    """
+    dtype = numpy_dtype(store_dtype)
+    nbytes = memoryview(buf).nbytes
+    row = dim * dtype.itemsize
+    if nbytes == 0 or nbytes % row:
+        raise StoreError(
+            f"corrupt embedding: {nbytes} bytes is not a whole number of rows of "
+            f"{dim} {store_dtype} values ({row} bytes)"
+        )
+    rows = nbytes // row
+    if not per_token and rows != 1:
+        raise StoreError(
+            f"corrupt embedding: {nbytes} bytes for a pooled vector of {dim} {store_dtype} values"
+        )
+    flat = np.frombuffer(buf, dtype=dtype).copy()
+    return flat.reshape(rows, dim) if per_token else flat

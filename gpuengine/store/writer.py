@@ -1,0 +1,384 @@
+"""Transactional writes into a store: tables, embeddings, id mappings and run records.
+
+One :class:`StoreWriter` per store and process; one thread (the engine's committer) calls
+its mutating methods. :meth:`StoreWriter.record_digests` and
+:meth:`StoreWriter.has_embeddings` may run on other threads at the same time.
+
+Every :meth:`StoreWriter.commit` is a single LMDB write transaction holding the vectors,
+the id mappings and the run counters of a group, so a group is either entirely in the
+store or not at all, and the run record never counts what is not there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from gpuengine import __version__
+from gpuengine.errors import InternalError, StoreError, StoreMismatchError
+from gpuengine.store import codec
+from gpuengine.store.environment import StoreEnv, open_store
+from gpuengine.store.schema import (
+    MAX_TABLES,
+    META_DB,
+    RUN_STATUSES,
+    RUNS_DB,
+    SCHEMA_VERSION,
+    STORE_KEY,
+    OutputSpec,
+    TableSpec,
+    emb_db_name,
+    ids_db_name,
+    parse_store_record,
+    parse_table_record,
+    table_key,
+)
+
+_RUN_ID = re.compile(r"[\x21-\x7e]{1,200}")
+_ENTRY_OVERHEAD = 64
+"""Rough per-record bytes of LMDB overhead, for the map-growth size hint."""
+
+
+def utc_now() -> str:
+    """Current UTC time as ISO 8601 with milliseconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _dump(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, default=str).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class CommitEntry:
+    """One sequence of a commit group and the record ids that name it."""
+
+    seq_digest: bytes
+    record_ids: tuple[str, ...]
+    """Ids to map to this sequence (at least one)."""
+    vectors: Mapping[OutputSpec, np.ndarray] | None
+    """One array per output of the table; None: alias only, the embeddings must be stored."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.seq_digest, bytes) or len(self.seq_digest) != codec.DIGEST_SIZE:
+            raise InternalError(f"CommitEntry.seq_digest must be 16 bytes, got {self.seq_digest!r}")
+        object.__setattr__(self, "record_ids", tuple(self.record_ids))
+        if not self.record_ids:
+            raise InternalError(f"CommitEntry for {self.seq_digest.hex()} names no record id")
+
+
+@dataclass(frozen=True)
+class _Table:
+    spec: TableSpec
+    ids_db: Any
+    emb_db: Any
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A CommitEntry encoded outside the transaction."""
+
+    digest: bytes
+    ids: tuple[tuple[bytes, bytes, str], ...]  # (key, value, record id)
+    arrays: tuple[tuple[bytes, bytes], ...]  # (embedding key, array bytes); empty for aliases
+    alias_keys: tuple[tuple[bytes, str], ...]  # (embedding key, output label) to check
+
+    @property
+    def nbytes(self) -> int:
+        data = sum(len(k) + len(v) for k, v, _ in self.ids)
+        data += sum(len(k) + len(v) for k, v in self.arrays)
+        return data + _ENTRY_OVERHEAD * (len(self.ids) + len(self.arrays))
+
+
+def _check_vector(spec: TableSpec, output: OutputSpec, array: np.ndarray, digest: bytes) -> None:
+    shape = np.shape(array)
+    if output.per_token:
+        ok = len(shape) == 2 and shape[0] >= 1 and shape[1] == spec.dim
+        wanted = f"(residues >= 1, {spec.dim})"
+    else:
+        ok = shape == (spec.dim,)
+        wanted = f"({spec.dim},)"
+    if not ok:
+        raise InternalError(
+            f"sequence {digest.hex()}: {output.label} array has shape {shape}, expected {wanted}"
+        )
+
+
+def _prepare(spec: TableSpec, entry: CommitEntry) -> _Prepared:
+    """Validate and encode one entry (pure: no store access)."""
+    digest = entry.seq_digest
+    try:
+        ids = tuple((codec.encode_id(rid), codec.encode_id_value(rid, digest), rid)
+                    for rid in entry.record_ids)
+    except ValueError as exc:
+        raise InternalError(f"bad record id in a commit: {exc}") from exc
+    keys = {o: spec.embedding_key(o, digest) for o in spec.outputs}
+    if entry.vectors is None:
+        aliases = tuple((keys[o], o.label) for o in spec.outputs)
+        return _Prepared(digest, ids, (), aliases)
+    if set(entry.vectors) != set(spec.outputs):
+        got = ", ".join(sorted(getattr(o, "label", repr(o)) for o in entry.vectors))
+        raise InternalError(
+            f"sequence {digest.hex()}: vectors for [{got}], table {spec.name!r} stores "
+            f"[{', '.join(o.label for o in spec.outputs)}]"
+        )
+    arrays = []
+    for output in spec.outputs:
+        array = entry.vectors[output]
+        _check_vector(spec, output, array, digest)
+        arrays.append((keys[output], codec.encode_array(array, spec.store_dtype)))
+    return _Prepared(digest, ids, tuple(arrays), ())
+
+
+class StoreWriter:
+    """Opens (creating if needed) a store for writing. Use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike[str], *, initial_map_size: int = 1 << 30,
+                 sync: bool = True, max_map_size: int = 1 << 44) -> None:
+        self._path = os.fspath(path)
+        self._env: StoreEnv = open_store(
+            self._path, writer=True, create=True, map_size=initial_map_size, sync=sync,
+            max_map_size=max_map_size,
+        )
+        self._tables: dict[str, _Table] = {}
+        try:
+            self._env.ensure_map_size(initial_map_size)
+            self._meta_db, self._runs_db = self._env.write(self._init_store)
+            self._env.remember(META_DB, self._meta_db)
+            self._env.remember(RUNS_DB, self._runs_db)
+        except BaseException:
+            self._env.close()
+            raise
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def map_size(self) -> int:
+        """Current LMDB map size in bytes."""
+        return self._env.map_size
+
+    @property
+    def map_growths(self) -> int:
+        """How many times a commit grew the map after ``MapFullError``."""
+        return self._env.growths
+
+    def close(self) -> None:
+        """Release the store (idempotent)."""
+        self._env.close()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _init_store(self, txn: lmdb.Transaction) -> tuple[Any, Any]:
+        """Create the meta record on a new store, or check the existing one."""
+        meta = self._env.db_in(txn, META_DB)
+        if meta is None:
+            with txn.cursor() as cursor:
+                if cursor.first():
+                    raise StoreError(
+                        f"{self._path} is an LMDB environment but not a gpuengine store "
+                        "(it has no meta database); refusing to write into it"
+                    )
+            meta = self._env.db_in(txn, META_DB, create=True)
+            record = {
+                "schema_version": SCHEMA_VERSION,
+                "engine_version": __version__,
+                "lmdb_lib_version": ".".join(map(str, self._env.env.lib_version())),
+                "created_at": utc_now(),
+                "tables": [],
+            }
+            txn.put(STORE_KEY, _dump(record), db=meta)
+        else:
+            parse_store_record(txn.get(STORE_KEY, db=meta), self._path)
+        runs = self._env.db_in(txn, RUNS_DB, create=True)
+        return meta, runs
+
+    # -- tables --------------------------------------------------------------------------
+
+    def open_table(self, spec: TableSpec) -> None:
+        """Create the table, or check that the stored one means the same (StoreMismatchError)."""
+        if not isinstance(spec, TableSpec):
+            raise InternalError(f"open_table needs a TableSpec, got {spec!r}")
+        table = self._env.write(lambda txn: self._open_table(txn, spec))
+        self._env.remember(ids_db_name(spec.name), table.ids_db)
+        self._env.remember(emb_db_name(spec.name), table.emb_db)
+        self._tables[spec.name] = table
+
+    def _open_table(self, txn: lmdb.Transaction, spec: TableSpec) -> _Table:
+        record = parse_store_record(txn.get(STORE_KEY, db=self._meta_db), self._path)
+        raw = txn.get(table_key(spec.name), db=self._meta_db)
+        if raw is not None:
+            stored = parse_table_record(raw, spec.name, self._path)
+            diffs = stored.differences(spec)
+            if diffs:
+                raise StoreMismatchError(
+                    f"store {self._path} table {spec.name!r} holds {stored.describe()}; "
+                    f"this run asks for {spec.describe()}; differences: {'; '.join(diffs)}; "
+                    "to keep both, add a new named table with --table NAME "
+                    "(or use another --out)"
+                )
+            spec = stored  # same meaning; keeps the stored order of outputs
+        else:
+            if len(record["tables"]) >= MAX_TABLES:
+                raise StoreError(f"store {self._path} already holds {MAX_TABLES} tables, the most "
+                                 "one store can hold; use another --out")
+            record["tables"] = [*record["tables"], spec.name]
+            txn.put(STORE_KEY, _dump(record), db=self._meta_db)
+            txn.put(table_key(spec.name), _dump(spec.to_json()), db=self._meta_db)
+        ids_db = self._env.db_in(txn, ids_db_name(spec.name), create=True)
+        emb_db = self._env.db_in(txn, emb_db_name(spec.name), create=True)
+        return _Table(spec, ids_db, emb_db)
+
+    def _table(self, name: str) -> _Table:
+        try:
+            return self._tables[name]
+        except KeyError:
+            raise InternalError(f"table {name!r} used before open_table()") from None
+
+    # -- queries (any thread) ------------------------------------------------------------
+
+    def record_digests(self, table: str, record_ids: Sequence[str]) -> list[bytes | None]:
+        """The stored sequence digest of each id, or None where the id is not in the table."""
+        t = self._table(table)
+        keys = [codec.encode_id(rid) for rid in record_ids]
+
+        def work(txn: lmdb.Transaction) -> list[bytes | None]:
+            values = (txn.get(key, db=t.ids_db) for key in keys)
+            return [None if v is None else codec.value_digest(v) for v in values]
+
+        return self._env.read(work)
+
+    def has_embeddings(self, table: str, seq_digests: Sequence[bytes]) -> list[bool]:
+        """Whether every output of the table is stored for each sequence digest."""
+        t = self._table(table)
+        keys = [[t.spec.embedding_key(o, d) for o in t.spec.outputs] for d in seq_digests]
+
+        def work(txn: lmdb.Transaction) -> list[bool]:
+            return [all(txn.get(k, db=t.emb_db) is not None for k in ks) for ks in keys]
+
+        return self._env.read(work)
+
+    # -- runs ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _run_key(run_id: str) -> bytes:
+        if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
+            raise ValueError(f"a run id is 1-200 printable ASCII characters without spaces, "
+                             f"got {run_id!r}")
+        return run_id.encode("ascii")
+
+    def begin_run(self, run_id: str, info: dict[str, Any]) -> dict[str, Any]:
+        """Create the run record, or reopen it (status back to running, counts kept)."""
+        key = self._run_key(run_id)
+        info_json = json.loads(_dump(info))
+
+        def work(txn: lmdb.Transaction) -> dict[str, Any]:
+            raw = txn.get(key, db=self._runs_db)
+            now = utc_now()
+            if raw is None:
+                record = {"run_id": run_id, "status": "running", "committed_sequences": 0,
+                          "committed_records": 0, "started_at": now, "resumes": 0}
+            else:
+                record = json.loads(bytes(raw))
+                record["status"] = "running"
+                record["resumes"] = int(record.get("resumes", 0)) + 1
+                record["resumed_at"] = now
+            record["updated_at"] = now
+            record["info"] = info_json
+            txn.put(key, _dump(record), db=self._runs_db)
+            return record
+
+        return self._env.write(work)
+
+    def finish_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
+        """Set the run's final status and summary."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"run status must be one of {', '.join(RUN_STATUSES)}; got {status!r}")
+        key = self._run_key(run_id)
+        summary_json = json.loads(_dump(summary))
+
+        def work(txn: lmdb.Transaction) -> None:
+            record = self._load_run(txn, key)
+            now = utc_now()
+            record.update(status=status, updated_at=now, finished_at=now, summary=summary_json)
+            txn.put(key, _dump(record), db=self._runs_db)
+
+        self._env.write(work)
+
+    def _load_run(self, txn: lmdb.Transaction, key: bytes) -> dict[str, Any]:
+        raw = txn.get(key, db=self._runs_db)
+        if raw is None:
+            raise InternalError(f"run {key.decode()!r} used before begin_run()")
+        return json.loads(bytes(raw))
+
+    def run_record(self, run_id: str) -> dict[str, Any] | None:
+        """The stored run record, or None."""
+        key = self._run_key(run_id)
+        raw = self._env.read(lambda txn: _copy(txn.get(key, db=self._runs_db)))
+        return None if raw is None else json.loads(raw)
+
+    # -- commits -------------------------------------------------------------------------
+
+    def commit(self, table: str, entries: Sequence[CommitEntry], *,
+               run_id: str | None = None) -> None:
+        """Write a group atomically: vectors, id mappings and the run's counters.
+
+        Raises StoreMismatchError (nothing written) when an id is already mapped to another
+        sequence, InternalError when an alias-only entry's embeddings are not stored.
+        """
+        t = self._table(table)
+        prepared = [_prepare(t.spec, e) for e in entries]
+        run_key = None if run_id is None else self._run_key(run_id)
+        sequences = sum(1 for p in prepared if p.arrays)
+        records = sum(len(p.ids) for p in prepared)
+
+        def work(txn: lmdb.Transaction) -> None:
+            for p in prepared:
+                self._put_entry(txn, t, p)
+            if run_key is not None:
+                record = self._load_run(txn, run_key)
+                record["committed_sequences"] = record["committed_sequences"] + sequences
+                record["committed_records"] = record["committed_records"] + records
+                record["updated_at"] = utc_now()
+                txn.put(run_key, _dump(record), db=self._runs_db)
+
+        self._env.write(work, size_hint=sum(p.nbytes for p in prepared) + 4096)
+
+    def _put_entry(self, txn: lmdb.Transaction, t: _Table, p: _Prepared) -> None:
+        for key, label in p.alias_keys:
+            if txn.get(key, db=t.emb_db) is None:
+                raise InternalError(
+                    f"alias-only commit for sequence {p.digest.hex()}, but its {label} "
+                    f"embedding is not in table {t.spec.name!r}"
+                )
+        for key, value in p.arrays:
+            txn.put(key, value, db=t.emb_db)
+        for key, value, rid in p.ids:
+            old = txn.get(key, db=t.ids_db)
+            if old is None:
+                txn.put(key, value, db=t.ids_db)
+            elif codec.value_digest(old) != p.digest:
+                raise StoreMismatchError(
+                    f"record id {rid!r} is already in store {self._path} table "
+                    f"{t.spec.name!r} for a different sequence (stored digest "
+                    f"{codec.value_digest(old).hex()}, this run {p.digest.hex()}); an id must "
+                    "name one sequence: rename the record, or use another --table or --out"
+                )
+
+
+def _copy(value: bytes | memoryview | None) -> bytes | None:
+    return None if value is None else bytes(value)
