@@ -97,8 +97,8 @@ def print_summary(summary) -> None:
         ("truncated", summary.truncated),
         ("failed", len(summary.failed)),
         ("tokens", summary.tokens),
-        ("wall time", f"{summary.wall_seconds:.1f} s"),
-        ("tokens/s (wall)", f"{summary.tokens_per_second:,.0f}"),
+        ("wall time", f"{summary.wall_seconds:.1f} s ({summary.embed_seconds:.1f} s embedding)"),
+        ("tokens/s (embedding)", f"{summary.tokens_per_second:,.0f}"),
     ]
     for name, value in rows:
         table.add_row(name, f"{value:,}" if isinstance(value, int) else str(value))

@@ -78,12 +78,16 @@ class RunSummary:
     tokens: int = 0
     residues: int = 0
     wall_seconds: float = 0.0
+    """Whole run: model resolution, reading, validation, loading, warm-up, embedding, commit."""
+    embed_seconds: float = 0.0
+    """From the first batch claimed to the last commit (the steady-state part)."""
     devices: list[dict] = field(default_factory=list)
     interrupted: bool = False
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.wall_seconds if self.wall_seconds else 0.0
+        """Tokens (BOS/EOS included) per second of embedding time."""
+        return self.tokens / self.embed_seconds if self.embed_seconds else 0.0
 
     @property
     def exit_code(self) -> int:
@@ -422,6 +426,7 @@ class _Run:
         s.embedded = counts.sequences
         s.committed_records = counts.records
         s.tokens = sum(w.stats.tokens for w in workers)
+        s.embed_seconds = seconds
         s.residues = planner.counts.residues_new
         s.devices = [{"device": w.stats.name, "batches": w.stats.batches,
                       "sequences": w.stats.sequences, "tokens": w.stats.tokens,

@@ -82,9 +82,17 @@ def write_fair_esm_checkpoint(path: str | Path, num_layers: int, embed_dim: int,
                               seed: int = 0, dtype: torch.dtype = torch.float32,
                               regression_file: bool = True) -> Path:
     """Write ``path`` (its stem should start with ``esm2`` for fair-esm's own loader)."""
+    state = random_esm2_state(num_layers, embed_dim, heads, seed=seed, dtype=dtype)
+    return write_fair_esm_checkpoint_from_state(path, state, num_layers, embed_dim, heads,
+                                                regression_file=regression_file)
+
+
+def write_fair_esm_checkpoint_from_state(path: str | Path, state: dict[str, torch.Tensor],
+                                         num_layers: int, embed_dim: int, heads: int, *,
+                                         regression_file: bool = True) -> Path:
+    """Write a fair-esm-named ``state`` (CPU tensors) in the official ``.pt`` layout."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = random_esm2_state(num_layers, embed_dim, heads, seed=seed, dtype=dtype)
     model = {}
     for key, value in state.items():
         prefix = "encoder." if key.startswith("lm_head") else "encoder.sentence_encoder."

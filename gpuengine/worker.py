@@ -137,8 +137,9 @@ class DeviceWorker:
                 while len(running) >= self.depth:
                     running.popleft().synchronize()  # one batch's event, not the device
                 outcome = self._launch(batch, staged)
-                if outcome.launched is not None and outcome.launched.done is not None:
-                    running.append(outcome.launched.done)
+                done = getattr(outcome.launched, "done", None)
+                if done is not None:
+                    running.append(done)
                 if outcome.kind == "oom":
                     self.stats.oom_events += 1
                     self.budget.after_oom(batch.n_tokens)

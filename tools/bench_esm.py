@@ -98,23 +98,146 @@ def gemm_rate(d: int) -> float:
     return 20 * 2 * 16384 * d * 4 * d / (start.elapsed_time(end) / 1000)
 
 
-def run_gpuengine(model, seqs, budget, precision, compile_kernels=False, warm=2):
+def make_runner(model, precision, compile_kernels=True):
+    return Runner(model, torch.device("cuda"), precision, [OutputSpec(model.num_layers, "mean")],
+                  PoolingRule(1, 1), compile=compile_kernels)
+
+
+def run_pipeline(runner, seqs, budget, warm_tokens=None):
+    """The engine's device pipeline without input parsing or the store: scheduler → prefetch
+    thread (pinned staging, copy stream) → compute thread (compute stream) → finish on the
+    host. Returns (residues, sequences, seconds) after a warm-up batch at full budget."""
+    import queue
+    import threading
+
+    from gpuengine.budget import TokenBudget
+    from gpuengine.worker import BatchOutcome, DeviceWorker, WorkerExit
+
+    runner.calibrate(warm_tokens or budget)
     tok = EsmTokenizer()
     items = [WorkItem(sequence_digest(s), tok.encode(s), len(s)) for s in seqs]
-    runner = Runner(model, torch.device("cuda"), precision, [OutputSpec(model.num_layers, "mean")],
-                    PoolingRule(1, 1), compile=compile_kernels)
     sched = Scheduler()
     sched.submit(items)
     sched.close()
-    batches = []
-    while (b := sched.next_batch(0, budget)) is not None:
-        batches.append(b.items)
-    for b in batches[:warm]:
-        runner.embed(b)
-    timed_batches = batches[warm:] or batches
-    residues = sum(i.residues for b in timed_batches for i in b)
-    seconds = timed(lambda: [runner.embed(b) for b in timed_batches])
-    return residues, len([i for b in timed_batches for i in b]), seconds
+    outbox, halt = queue.Queue(), threading.Event()
+    worker = DeviceWorker(0, runner, TokenBudget(budget, budget), sched, outbox, halt)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    worker.start()
+    residues = nseq = 0
+    while True:
+        msg = outbox.get()
+        if isinstance(msg, WorkerExit):
+            if msg.error:
+                raise msg.error
+            break
+        assert isinstance(msg, BatchOutcome) and msg.kind == "ok", msg
+        result = runner.finish(msg.launched)
+        worker.batch_finished(result.seconds, msg.batch)
+        sched.complete(msg.batch.batch_id)
+        residues += sum(i.residues for i in msg.batch.items)
+        nseq += len(msg.batch.items)
+    seconds = time.perf_counter() - start
+    return residues, nseq, seconds, worker.stats.busy_seconds / seconds
+
+
+def write_fasta(path, seqs):
+    with open(path, "w") as f:
+        for i, s in enumerate(seqs):
+            f.write(f">p{i}\n{s}\n")
+    return path
+
+
+def run_e2e(pt_path, fasta, budget, workdir, *, noop=False):
+    """`gpuengine embed` in-process: FASTA → validate → plan → devices → LMDB commit."""
+    import shutil
+
+    from gpuengine.config import EmbedConfig
+    from gpuengine.engine import run_embed
+
+    store = Path(workdir) / ("host.lmdb" if noop else "e2e.lmdb")
+    shutil.rmtree(store, ignore_errors=True)
+    cfg = EmbedConfig(inputs=(Path(fasta),), model=str(pt_path), out=store, max_tokens=budget,
+                      devices="cpu" if noop else "auto", precision=None if noop else "fp16")
+    summary = run_embed(cfg, runner_factory=NoopRunner.factory if noop else None)
+    shutil.rmtree(store, ignore_errors=True)
+    return summary
+
+
+class NoopRunner:
+    """Replaces the GPU step: returns zero vectors at once (measures the host pipeline)."""
+
+    cuda = False
+    padded = False
+    precision = "fp32"
+
+    def __init__(self, outputs, dim):
+        self.device, self.outputs, self.dim = torch.device("cpu"), outputs, dim
+
+    @classmethod
+    def factory(cls, device, precision, outputs):
+        return cls(outputs, NoopRunner.dim_hint)
+
+    def stage(self, items):
+        return items
+
+    def launch(self, items):
+        return items
+
+    def finish(self, items):
+        from gpuengine.runner import EmbeddedBatch
+
+        zeros = np.zeros(self.dim, np.float32)
+        return EmbeddedBatch({o: [zeros] * len(items) for o in self.outputs},
+                             np.ones(len(items), bool), sum(i.n_tokens for i in items), 0.0)
+
+    def release_cached_memory(self):
+        pass
+
+    def calibrate(self, tokens):
+        return 0
+
+
+def profile_batch(runner, seqs, budget, out_dir):
+    """Kernel time breakdown of two batches (torch.profiler), printed and saved."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tok = EsmTokenizer()
+    items = [WorkItem(sequence_digest(s), tok.encode(s), len(s)) for s in seqs]
+    sched = Scheduler()
+    sched.submit(items)
+    sched.close()
+    batches = [sched.next_batch(0, budget).items for _ in range(3)]
+    runner.embed(batches[0])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for b in batches[1:]:
+            runner.embed(b)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60)
+    print(table, flush=True)
+    (Path(out_dir) / "profile.txt").write_text(table)
+
+
+def gemm_skeleton(layers, d, tokens, seconds=3.0):
+    """The four GEMMs of every layer at the engine's shapes, fp16, sustained: the practical
+    ceiling of the linear layers (TFLOP/s)."""
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.float16)
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k ** 0.5
+          for n, k in ((3 * d, d), (d, d), (4 * d, d), (d, 4 * d))]
+    h4 = torch.randn(tokens, 4 * d, device="cuda", dtype=torch.float16)
+    flops = 2 * tokens * (3 * d * d + d * d + 4 * d * d + 4 * d * d)
+    torch.cuda.synchronize()
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        for _ in range(layers):
+            x @ ws[0].T
+            x @ ws[1].T
+            x @ ws[2].T
+            h4 @ ws[3].T
+        torch.cuda.synchronize()
+        n += layers
+    return n * flops / (time.perf_counter() - start)
 
 
 def hf_model(state, layers, d, heads, device="cuda", dtype=torch.bfloat16):
@@ -244,14 +367,20 @@ def main() -> None:
     ap.add_argument("--workloads", default="virnucpro150,uniprot")
     ap.add_argument("--systems", default="gemm,gpuengine,hf,fair-esm")
     ap.add_argument("--residues", type=int, default=600_000, help="residues per workload")
-    ap.add_argument("--budgets", default="16384,32768,65536", help="gpuengine token budgets to try")
+    ap.add_argument("--budget", type=int, default=65536, help="gpuengine token budget")
+    ap.add_argument("--sweep", default="", help="budgets to sweep on the first workload, e.g. 16384,32768,65536,131072")
     ap.add_argument("--precision", default="fp16")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--host-sequences", type=int, default=200_000)
+    ap.add_argument("--fair-esm-seconds", type=float, default=15.0)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
     args = ap.parse_args()
     command = "python tools/bench_esm.py " + " ".join(sys.argv[1:])
     gpu = torch.cuda.get_device_name(0)
     systems = args.systems.split(",")
+    args.workdir.mkdir(parents=True, exist_ok=True)
     records = []
 
     def emit(**rec):
@@ -267,20 +396,37 @@ def main() -> None:
     for short in args.models.split(","):
         name = MODELS[short]
         layers, d, heads = ESM2_SHAPES[name]
-        t0 = time.perf_counter()
         state = random_esm2_state(layers, d, heads, seed=0, dtype=torch.float16, device="cuda")
-        print(f"# {name}: random fp16 weights on GPU in {time.perf_counter() - t0:.1f}s", flush=True)
         rate = gemm_rate(d) if "gemm" in systems else None
+        if "gemm" in systems:
+            skel = gemm_skeleton(layers, d, args.budget)
+            emit(model=f"esm2-{short}", workload="-", system="gemm-layer-skeleton", precision="fp16",
+                 tokens_per_s=None, sequences_per_s=None, gemm_tflops=skel / 1e12, burst_gemm_tflops=rate / 1e12,
+                 note=f"the 4 linear layers x {layers} at T={args.budget}, sustained 3 s")
         if "cosine" in systems:
             emit(model=f"esm2-{short}", workload="uniprot48", system="cosine-vs-fp32",
                  precision="fp16/bf16", tokens_per_s=None, sequences_per_s=None,
                  **cosine_check(state, layers, d, heads))
+        pt_path = None
+        if {"e2e", "host"} & set(systems):
+            t0 = time.perf_counter()
+            pt_path = args.workdir / f"{name}.pt"
+            if not pt_path.exists():
+                from gpuengine.synthetic import write_fair_esm_checkpoint_from_state
+
+                write_fair_esm_checkpoint_from_state(pt_path, {k: v.cpu() for k, v in state.items()},
+                                                     layers, d, heads)
+            print(f"# wrote {pt_path} in {time.perf_counter() - t0:.1f}s", flush=True)
         from gpuengine.models.esm2 import Esm2Config
 
-        cfg = Esm2Config(layers, d, heads)
-        engine_model = build_esm2(cfg, dict(state), {"fp16": torch.float16, "bf16": torch.bfloat16}[args.precision])
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
+        runner = make_runner(build_esm2(Esm2Config(layers, d, heads), dict(state), dtype),
+                             args.precision, not args.no_compile)
+        t0 = time.perf_counter()
+        runner.calibrate(args.budget)
+        print(f"# warm-up (compile) {time.perf_counter() - t0:.1f}s", flush=True)
         hf = hf_model(state, layers, d, heads) if "hf" in systems else None
-        for wl in args.workloads.split(","):
+        for wi, wl in enumerate(args.workloads.split(",")):
             rng = np.random.default_rng(42)
             lengths = workload_lengths(wl, args.residues, rng)
             seqs = proteins(lengths, rng)
@@ -298,17 +444,24 @@ def main() -> None:
                      sequences_per_s=nseq / secs, seconds=secs, sequences=nseq,
                      pct_of_ceiling=100 * tps / ceiling if ceiling else None, **extra)
 
-            for system in ("gpuengine", "gpuengine-compiled"):
-                if system not in systems:
-                    continue
-                best = None
-                for budget in map(int, args.budgets.split(",")):
-                    r = run_gpuengine(engine_model, seqs, budget, args.precision,
-                                      compile_kernels=system.endswith("compiled"))
-                    print(f"#   {system} budget {budget}: {r[0] / r[2]:,.0f} res/s", flush=True)
-                    if best is None or r[0] / r[2] > best[0][0] / best[0][2]:
-                        best = (r, budget)
-                report(system, args.precision, *best[0], budget=best[1])
+            if "profile" in systems:
+                profile_batch(runner, seqs, args.budget, args.out.parent)
+            if "gpuengine" in systems:
+                budgets = [int(b) for b in args.sweep.split(",") if b] if wi == 0 and args.sweep else [args.budget]
+                for budget in budgets:
+                    r = run_pipeline(runner, seqs, budget)
+                    report("gpuengine", args.precision, *r[:3], budget=budget, busy_fraction=r[3],
+                           compiled=not args.no_compile)
+            if "e2e" in systems:
+                fasta = write_fasta(args.workdir / f"{wl}.fa", seqs)
+                summ = run_e2e(pt_path, fasta, args.budget, args.workdir)
+                emit(**common, system="gpuengine-e2e", precision=args.precision,
+                     tokens_per_s=summ.residues / summ.embed_seconds,
+                     sequences_per_s=summ.embedded / summ.wall_seconds, wall_s=summ.wall_seconds,
+                     embed_s=summ.embed_seconds, setup_s=summ.wall_seconds - summ.embed_seconds,
+                     sequences=summ.embedded,
+                     pct_of_ceiling=100 * summ.residues / summ.embed_seconds / ceiling if ceiling else None,
+                     busy_fraction=summ.devices[0]["busy_fraction"])
             if hf is not None:
                 best = None
                 for budget in (16384, 65536):
@@ -318,15 +471,26 @@ def main() -> None:
                         best = (r, budget)
                 report("hf-sdpa-bf16", "bf16", *best[0], budget=best[1])
             if "fair-esm" in systems:
-                r = run_fair_esm(state, layers, d, heads, seqs[: 4000])
+                r = run_fair_esm(state, layers, d, heads, seqs[:4000], args.fair_esm_seconds)
                 report("fair-esm-fp32", "fp32", *r, budget=2048)
-        del engine_model, hf, state
+            if "host" in systems and wi == 0:
+                NoopRunner.dim_hint = d
+                hrng = np.random.default_rng(7)
+                hseqs = proteins(workload_lengths(wl, int(args.host_sequences * mean_len), hrng), hrng)
+                fasta = write_fasta(args.workdir / f"host-{wl}.fa", hseqs)
+                summ = run_e2e(pt_path, fasta, args.budget, args.workdir, noop=True)
+                emit(**common, system="gpuengine-host", precision="none", tokens_per_s=summ.residues / summ.embed_seconds,
+                     sequences_per_s=summ.embedded / summ.embed_seconds, wall_s=summ.wall_seconds,
+                     embed_s=summ.embed_seconds, sequences=summ.embedded,
+                     note="GPU step replaced by a no-op; parse+validate+plan+schedule+commit")
+        del runner, hf, state
         torch.cuda.empty_cache()
     print("\n# summary")
     for r in records:
         if r.get("tokens_per_s"):
             print(f"{r['model']:10s} {r['workload']:14s} {r['system']:22s} {r['tokens_per_s']:>12,.0f} tok/s"
-                  + (f"  {r['pct_of_ceiling']:5.1f}% of ceiling" if r.get("pct_of_ceiling") else ""))
+                  + (f"  {r['pct_of_ceiling']:5.1f}% of ceiling" if r.get("pct_of_ceiling") else "")
+                  + (f"  budget {r['budget']}" if r.get("budget") else ""))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ describes the same layout for people who read a store without gpuengine.
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import re
@@ -301,16 +303,17 @@ class TableSpec:
         """
         if len(seq_digest) != 16:
             raise ValueError(f"a sequence digest is 16 bytes, got {len(seq_digest)}")
-        pool = output.pool.encode("ascii")
-        data = b"".join((
-            self.model.fingerprint(),
-            struct.pack("<I", output.layer),
-            struct.pack("<B", len(pool)),
-            pool,
-            struct.pack("<Q", self.max_residues or 0),
-            bytes(seq_digest),
-        ))
-        return _blake2b16(data)
+        prefix = _key_prefix(self.model, output.layer, output.pool, self.max_residues or 0)
+        return _blake2b16(prefix + bytes(seq_digest))
+
+
+@functools.lru_cache(maxsize=256)
+def _key_prefix(model: ModelIdentity, layer: int, pool: str, max_residues: int) -> bytes:
+    """Everything of an embedding key but the sequence digest (computed once per output)."""
+    pool_bytes = pool.encode("ascii")
+    return b"".join((model.fingerprint(), struct.pack("<I", layer),
+                     struct.pack("<B", len(pool_bytes)), pool_bytes,
+                     struct.pack("<Q", max_residues)))
 
 
 def parse_store_record(raw: bytes | None, path: str) -> dict[str, Any]:
