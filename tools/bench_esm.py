@@ -372,6 +372,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp16")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--host-sequences", type=int, default=200_000)
+    ap.add_argument("--slow-on", default="", help="run e2e and fair-esm only on these workloads (default: all)")
     ap.add_argument("--fair-esm-seconds", type=float, default=15.0)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
     ap.add_argument("--out", type=Path, required=True)
@@ -444,7 +445,7 @@ def main() -> None:
                      sequences_per_s=nseq / secs, seconds=secs, sequences=nseq,
                      pct_of_ceiling=100 * tps / ceiling if ceiling else None, **extra)
 
-            if "profile" in systems:
+            if "profile" in systems and wi != 1:
                 profile_batch(runner, seqs, args.budget, args.out.parent)
             if "gpuengine" in systems:
                 budgets = [int(b) for b in args.sweep.split(",") if b] if wi == 0 and args.sweep else [args.budget]
@@ -452,7 +453,8 @@ def main() -> None:
                     r = run_pipeline(runner, seqs, budget)
                     report("gpuengine", args.precision, *r[:3], budget=budget, busy_fraction=r[3],
                            compiled=not args.no_compile)
-            if "e2e" in systems:
+            slow_ok = not args.slow_on or wl in args.slow_on.split(",")
+            if "e2e" in systems and slow_ok:
                 fasta = write_fasta(args.workdir / f"{wl}.fa", seqs)
                 summ = run_e2e(pt_path, fasta, args.budget, args.workdir)
                 emit(**common, system="gpuengine-e2e", precision=args.precision,
@@ -470,7 +472,7 @@ def main() -> None:
                     if best is None or r[0] / r[2] > best[0][0] / best[0][2]:
                         best = (r, budget)
                 report("hf-sdpa-bf16", "bf16", *best[0], budget=best[1])
-            if "fair-esm" in systems:
+            if "fair-esm" in systems and slow_ok:
                 r = run_fair_esm(state, layers, d, heads, seqs[:4000], args.fair_esm_seconds)
                 report("fair-esm-fp32", "fp32", *r, budget=2048)
             if "host" in systems and wi == 0:
