@@ -49,10 +49,22 @@ def _main(version: Optional[bool] = typer.Option(None, "--version", callback=_ve
 
 
 def _fail(exc: GpuEngineError) -> typer.Exit:
+    from rich.text import Text
+
     from gpuengine.display import stderr
 
-    stderr.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+    # The message holds user data (paths, record ids, file contents): print it as plain text,
+    # never as console markup ("[/]" in an id would crash rich, "[bold]" would vanish).
+    stderr.print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False,
+                 soft_wrap=True)
     return typer.Exit(exc.exit_code)
+
+
+def _message(exc: Exception) -> str:
+    """An exception's text; a KeyError's str() is the repr of its message, so take the message."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc)
 
 
 def _split(values: List[str]) -> list[str]:
@@ -93,6 +105,7 @@ def embed(
 
     setup_logging(verbose, quiet)
     try:
+        _check_table(table)
         config = EmbedConfig(
             inputs=tuple(inputs), model=model, out=out, layers=_parse_layers(layers),
             pools=tuple(_split(pool)), precision=precision, store_dtype=store_dtype,
@@ -109,6 +122,16 @@ def embed(
     if json_summary:
         typer.echo(json.dumps(summary.to_json(), indent=2))
     raise typer.Exit(summary.exit_code)
+
+
+def _check_table(name: str) -> None:
+    """Refuse a bad --table before any work (the store's schema would raise a bare ValueError
+    only after the weights are read)."""
+    from gpuengine.store.schema import _TABLE_NAME
+
+    if not _TABLE_NAME.fullmatch(name):
+        raise UsageError(f"--table {name!r}: a table name is 1-64 characters of letters, digits, "
+                         "'_', '.' and '-'")
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
@@ -176,7 +199,7 @@ def lookup(
                     for row in rows:
                         typer.echo(record_id + "\t" + "\t".join(f"{x:.7g}" for x in row))
     except (GpuEngineError, KeyError, ValueError) as exc:
-        raise _fail(exc if isinstance(exc, GpuEngineError) else UsageError(str(exc))) from None
+        raise _fail(exc if isinstance(exc, GpuEngineError) else UsageError(_message(exc))) from None
     if missing:
         raise _fail(GpuEngineError(f"not in {store}: {', '.join(missing[:20])}"
                                    + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")))
@@ -200,15 +223,19 @@ def info(store: Path = typer.Argument(..., help="An LMDB store."),
 
 
 def _format_info(data: dict, indent: str = "") -> str:
+    """YAML-like text: nested dicts indented, a list of dicts as one "- " item per dict."""
     lines = []
     for key, value in data.items():
         if isinstance(value, dict):
             lines.append(f"{indent}{key}:")
-            lines.append(_format_info(value, indent + "  "))
-        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            if value:
+                lines.append(_format_info(value, indent + "  "))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             lines.append(f"{indent}{key}:")
             for item in value:
-                lines.append(_format_info(item, indent + "  - "[: len(indent) + 2] + "  "))
+                body = _format_info(item, indent + "    ").splitlines() or [indent + "    {}"]
+                body[0] = indent + "  - " + body[0][len(indent) + 4:]
+                lines.extend(body)
         else:
             lines.append(f"{indent}{key}: {value}")
     return "\n".join(lines)

@@ -137,7 +137,8 @@ class DeviceMemory:
     """Calibrated at start-up, raised when the allocator's peaks show more."""
     free_bytes: int = 0
     total_bytes: int = 0
-    largest_batch: int = 0
+    stats: object | None = None
+    """The device worker's stats (``largest_batch`` since the last refresh is read and reset)."""
 
     def refresh(self, margin: int = GPU_MARGIN_BYTES) -> None:
         """Re-read free memory and the allocator's peak; set the budget's memory limit.
@@ -147,10 +148,12 @@ class DeviceMemory:
         self.total_bytes, self.free_bytes = self.probe.total_and_free()
         reserved = torch.cuda.memory_reserved(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - self.baseline_bytes
-        if self.largest_batch:
-            self.bytes_per_token = max(self.bytes_per_token, peak // self.largest_batch)
+        largest = getattr(self.stats, "largest_batch", 0)
+        if largest:
+            # with up to `depth` batches in flight the peak is an upper bound: budgets only shrink
+            self.bytes_per_token = max(self.bytes_per_token, peak // largest)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.largest_batch = 0
+            self.stats.largest_batch = 0
         usable = self.free_bytes + reserved - self.baseline_bytes - margin
         self.budget.set_memory_tokens(memory_budget(usable, self.bytes_per_token, 0))
 

@@ -12,6 +12,7 @@ from rich.logging import RichHandler
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 
 from gpuengine.progress import ProgressSink, ProgressSnapshot
 
@@ -100,14 +101,15 @@ def print_summary(summary) -> None:
         ("wall time", f"{summary.wall_seconds:.1f} s ({summary.embed_seconds:.1f} s embedding)"),
         ("tokens/s (embedding)", f"{summary.tokens_per_second:,.0f}"),
     ]
-    for name, value in rows:
-        table.add_row(name, f"{value:,}" if isinstance(value, int) else str(value))
+    for name, value in rows:  # Text, not markup: paths and model names are user data
+        table.add_row(name, Text(f"{value:,}" if isinstance(value, int) else str(value)))
     for dev in summary.devices:
-        table.add_row(f"  {dev['device']}", f"{dev['sequences']:,} seq, {dev['tokens']:,} tok, "
-                      f"{dev['tokens_per_second']:,.0f} tok/s busy, {dev['busy_fraction']:.0%} busy")
+        table.add_row(f"  {dev['device']}", Text(
+            f"{dev['sequences']:,} seq, {dev['tokens']:,} tok, "
+            f"{dev['tokens_per_second']:,.0f} tok/s busy, {dev['busy_fraction']:.0%} busy"))
     stderr.print(table)
     for record_id, reason in summary.failed[:20]:
-        stderr.print(f"[red]failed[/red] {record_id}: {reason}")
+        stderr.print(Text.assemble(("failed", "red"), f" {record_id}: {reason}"), highlight=False)
     if len(summary.failed) > 20:
         stderr.print(f"... and {len(summary.failed) - 20} more failed sequences")
     if summary.interrupted:

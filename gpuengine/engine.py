@@ -262,10 +262,12 @@ class _Run:
             self.progress.stage(f"loading {self.weights.source.name} on {device} ({precision})")
             runner = self._make_runner(device, precision)
             budget = initial_budget(device, estimate, self.config.max_tokens)
+            worker = DeviceWorker(index, runner, budget, self.scheduler, self.inbox, self.halt)
             if device.type == "cuda":
-                memories.append(self._warm_up(runner, budget))
-            self.workers.append(DeviceWorker(index, runner, budget, self.scheduler, self.inbox,
-                                             self.halt))
+                memory = self._warm_up(runner, budget)
+                memory.stats = worker.stats
+                memories.append(memory)
+            self.workers.append(worker)
         self.telemetry = MemoryTelemetry(memories) if memories else None
         if self.telemetry:
             self.telemetry.start()
@@ -362,18 +364,19 @@ class _Run:
     def _on_outcome(self, outcome: BatchOutcome) -> None:
         batch = outcome.batch
         if outcome.kind == "ok":
-            worker = self.workers[outcome.device]
-            result = worker.runner.finish(outcome.launched)
-            worker.batch_finished(result.seconds, batch)
             self.scheduler.complete(batch.batch_id)
+            result = outcome.result
+            finite = [item for i, item in enumerate(batch.items) if result.finite[i]]
             for i, item in enumerate(batch.items):
                 if not result.finite[i]:
                     self._fail(item.digest, "its embedding has non-finite values (overflow at "
                                "this precision); rerun it with --precision fp32")
-                    continue
-                ids = self.ledger.to_committing(item.digest)
-                vectors = {o: result.vectors[o][i] for o in self.spec.outputs}
-                self.group.append(CommitEntry(item.digest, ids, vectors))
+            ids = self.ledger.to_committing_many([item.digest for item in finite])
+            rows = [i for i in range(len(batch.items)) if result.finite[i]]
+            outputs = self.spec.outputs
+            self.group.extend(
+                CommitEntry(item.digest, record_ids, {o: result.vectors[o][i] for o in outputs})
+                for item, record_ids, i in zip(finite, ids, rows))
         elif outcome.kind == "oom":
             for item in self.scheduler.out_of_memory(batch.batch_id):
                 self._fail(item.digest, f"does not fit in device memory alone ({item.n_tokens} tokens)")

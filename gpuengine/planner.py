@@ -67,6 +67,13 @@ class Ledger:
             self._committing.add(digest)
             return tuple(ids)
 
+    def to_committing_many(self, digests: list[bytes]) -> list[tuple[str, ...]]:
+        """:meth:`to_committing` for a whole batch under one lock."""
+        with self.lock:
+            out = [tuple(self._pending.pop(d)) for d in digests]
+            self._committing.update(digests)
+            return out
+
     def drop(self, digest: bytes) -> tuple[str, ...]:
         """Forget a pending digest (its sequence failed); returns the ids that waited on it."""
         with self.lock:

@@ -74,7 +74,8 @@ class Runner:
     """Holds one replica. ``stage`` and ``launch`` must each be called from one thread."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str,
-                 outputs: Sequence[OutputSpec], rule: PoolingRule, *, compile: bool = False):
+                 outputs: Sequence[OutputSpec], rule: PoolingRule, *, compile: bool = False,
+                 copy_stream: bool = True):
         self.device = device
         self.precision = precision
         self.dtype = DTYPES[precision]
@@ -86,8 +87,8 @@ class Runner:
         self.padded = self.attention.needs_padding
         self.cuda = device.type == "cuda"
         if self.cuda:
-            self.copy_stream = torch.cuda.Stream(device)
             self.compute_stream = torch.cuda.Stream(device)
+            self.copy_stream = torch.cuda.Stream(device) if copy_stream else self.compute_stream
         if compile and self.cuda and hasattr(self.model, "kernels"):
             from gpuengine.models.esm2 import compiled_kernels
 

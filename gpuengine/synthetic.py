@@ -164,3 +164,129 @@ def write_hf_esm(directory: str | Path, num_layers: int, embed_dim: int, heads: 
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
+
+
+# -- DNABERT-S ---------------------------------------------------------------------------------------
+
+DNABERT_S_SHAPE = (12, 768, 12, 3072, 4096)
+"""DNABERT-S (and DNABERT-2-117M): layers, hidden size, heads, intermediate size, vocabulary."""
+
+
+def random_dnabert_state(num_layers: int, embed_dim: int, intermediate: int, vocab: int, *,
+                         seed: int = 0, dtype: torch.dtype = torch.float32,
+                         device: str | torch.device = "cpu",
+                         masked_lm: bool = False) -> dict[str, torch.Tensor]:
+    """A DNABERT-S state dict in the authors' ``BertModel`` names (``pooler.dense`` included),
+    or with ``masked_lm`` a ``BertForMaskedLM`` one (``bert.`` prefix, ``cls.predictions.*``,
+    no pooler). Random values of O(1) activations; post-LN keeps any depth finite."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    d = embed_dim
+
+    def normal(*shape: int, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device) * std
+
+    def linear(prefix: str, fan_out: int, fan_in: int, bias: bool = True) -> dict[str, torch.Tensor]:
+        out = {prefix + ".weight": normal(fan_out, fan_in, std=1 / math.sqrt(fan_in))}
+        if bias:
+            out[prefix + ".bias"] = normal(fan_out, std=0.05)
+        return out
+
+    def norm(prefix: str) -> dict[str, torch.Tensor]:
+        return {prefix + ".weight": 1 + normal(d, std=0.1), prefix + ".bias": normal(d, std=0.1)}
+
+    state = {"embeddings.word_embeddings.weight": normal(vocab, d, std=1.0),
+             "embeddings.token_type_embeddings.weight": normal(2, d, std=0.5)}
+    state.update(norm("embeddings.LayerNorm"))
+    for i in range(num_layers):
+        p = f"encoder.layer.{i}."
+        state.update(linear(p + "attention.self.Wqkv", 3 * d, d))
+        state.update(linear(p + "attention.output.dense", d, d))
+        state.update(norm(p + "attention.output.LayerNorm"))
+        state.update(linear(p + "mlp.gated_layers", 2 * intermediate, d, bias=False))
+        state.update(linear(p + "mlp.wo", d, intermediate))
+        state.update(norm(p + "mlp.layernorm"))
+    if not masked_lm:
+        state.update(linear("pooler.dense", d, d))
+        return {k: v.to(dtype) for k, v in state.items()}
+    state = {"bert." + k: v for k, v in state.items()}
+    state.update(linear("cls.predictions.transform.dense", d, d))
+    state.update(norm("cls.predictions.transform.LayerNorm"))
+    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"].clone()
+    state["cls.predictions.decoder.bias"] = torch.zeros(vocab, device=device)
+    state["cls.predictions.bias"] = torch.zeros(vocab, device=device)
+    return {k: v.to(dtype) for k, v in state.items()}
+
+
+def write_dna_tokenizer(path: str | Path, vocab: int, *, seed: int = 0) -> Path:
+    """A DNABERT-style ``tokenizer.json``: a BPE trained here on random DNA (vocabulary ≤
+    ``vocab``) with the hub file's settings — [UNK]=0 [CLS]=1 [SEP]=2 [PAD]=3 [MASK]=4, A=5 C=6
+    G=7 T=8, no normaliser, ``Whitespace`` pre-tokenizer, ``fuse_unk`` off, no byte fallback,
+    ``TemplateProcessing`` "[CLS] $A [SEP]", and the embedded padding (Fixed 2000, pad id 3) and
+    truncation (2000) that a loader must switch off."""
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
+    if vocab < len(specials) + 4:
+        raise ValueError(f"vocab {vocab} cannot hold the 5 special tokens and A, C, G, T")
+    rng = np.random.default_rng(seed)
+    bases = np.frombuffer(b"ACGT", dtype=np.uint8)
+    corpus = [bases[rng.integers(0, 4, 1000)].tobytes().decode()
+              for _ in range(max(64, vocab // 8))]
+    tok = Tokenizer(models.BPE(unk_token="[UNK]", fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
+                                  initial_alphabet=list("ACGT"), limit_alphabet=4,
+                                  min_frequency=1, show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    tok.enable_padding(length=2000, pad_id=3, pad_token="[PAD]")
+    tok.enable_truncation(max_length=2000)
+    ids = [tok.token_to_id(t) for t in specials + list("ACGT")]
+    if ids != list(range(9)):
+        raise RuntimeError(f"trained tokenizer has ids {ids} for the specials and bases, not 0..8")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
+def write_dnabert_s(directory: str | Path, num_layers: int = 12, embed_dim: int = 768,
+                    heads: int = 12, intermediate: int = 3072, vocab: int = 4096, *,
+                    seed: int = 0, dtype: torch.dtype = torch.float32,
+                    with_bert_prefix: bool = False, tokenizer: bool = True) -> Path:
+    """A DNABERT-S directory as the hub publishes it: ``config.json`` (the hub's values with
+    these sizes, marked synthetic), ``model.safetensors`` (``BertModel`` names, or with
+    ``with_bert_prefix`` a ``BertForMaskedLM`` state dict) and a trained ``tokenizer.json``."""
+    from safetensors.torch import save_file
+
+    if embed_dim % heads:
+        raise ValueError(f"embed_dim {embed_dim} is not a multiple of heads {heads}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = random_dnabert_state(num_layers, embed_dim, intermediate, vocab, seed=seed,
+                                 dtype=dtype, masked_lm=with_bert_prefix)
+    save_file({k: v.contiguous() for k, v in state.items()}, directory / "model.safetensors")
+    config = {
+        "_name_or_path": "zhihan1996/DNABERT-2-117M", "alibi_starting_size": 512,
+        "architectures": ["BertForMaskedLM" if with_bert_prefix else "BertModel"],
+        "attention_probs_dropout_prob": 0.0,
+        "auto_map": {"AutoConfig": "configuration_bert.BertConfig",
+                     "AutoModel": "bert_layers.BertModel",
+                     "AutoModelForMaskedLM": "bert_layers.BertForMaskedLM",
+                     "AutoModelForSequenceClassification": "bert_layers.BertForSequenceClassification"},
+        "classifier_dropout": None, "gradient_checkpointing": False, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1, "hidden_size": embed_dim, "initializer_range": 0.02,
+        "intermediate_size": intermediate, "layer_norm_eps": 1e-12,
+        "max_position_embeddings": 512, "model_type": "bert", "num_attention_heads": heads,
+        "num_hidden_layers": num_layers, "pad_token_id": 0, "position_embedding_type": "absolute",
+        "torch_dtype": str(dtype).removeprefix("torch."), "transformers_version": "4.28.0",
+        "type_vocab_size": 2, "use_cache": True, "vocab_size": vocab,
+        "gpuengine_synthetic": SYNTHETIC_NOTE,
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if tokenizer:
+        write_dna_tokenizer(directory / "tokenizer.json", vocab, seed=seed)
+    return directory

@@ -1,18 +1,14 @@
-"""Per-device threads: a prefetch thread stages batches, a compute thread launches them.
+"""The per-device thread: pull a batch, stage and launch it, finish the one before.
 
-One :class:`DeviceWorker` owns one :class:`~gpuengine.runner.Runner` (one replica). It never
-decides what to run (the scheduler does) and never writes the store (the engine does).
+One :class:`DeviceWorker` owns one :class:`~gpuengine.runner.Runner` (one replica) and one
+thread. It never decides what to run (the scheduler does) and never writes the store (the
+engine does). The loop keeps ``depth`` batches in flight: it stages and launches batch k + 1
+(asynchronous on the GPU) before it waits for batch k's event and copies k's vectors out, so
+the host work of one batch (packing, pooling bookkeeping, the copy out) overlaps the GPU work
+of the next. Each wait is on one batch's event, never a device-wide sync.
 
-* The **prefetch thread** asks the scheduler for work whenever fewer than ``depth`` batches are
-  staged or running, with the device's current token budget, and stages each batch (pinned
-  host buffer, copy stream).
-* The **compute thread** launches staged batches on the compute stream and hands each one to
-  the engine as soon as it is launched; before launching a new batch it waits (on that batch's
-  event only) until at most ``depth`` are running, so the host never runs far ahead.
-
-Out of memory is handled *after* leaving the ``except`` block, so the failed frame's tensors are
-released before the cache is emptied and the scheduler splits the batch. On the CPU both steps
-run in the compute thread, synchronously.
+Out of memory is handled *after* leaving the ``except`` block, so the failed frame's tensors
+are released before the cache is emptied and the scheduler splits the batch.
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from gpuengine.budget import TokenBudget
-from gpuengine.runner import Launched, Runner, Staged
+from gpuengine.runner import EmbeddedBatch, Runner
 from gpuengine.scheduler import ScheduledBatch, Scheduler
 
 log = logging.getLogger(__name__)
@@ -40,6 +36,7 @@ class DeviceStats:
     busy_seconds: float = 0.0
     """Sum of per-batch device time from CUDA events (wall time on the CPU)."""
     oom_events: int = 0
+    largest_batch: int = 0
     started: float = field(default_factory=time.perf_counter)
 
     def tokens_per_second(self) -> float:
@@ -48,13 +45,13 @@ class DeviceStats:
 
 @dataclass(frozen=True)
 class BatchOutcome:
-    """What a worker reports for one batch; ``launched`` is finished by the engine."""
+    """What a worker reports for one batch."""
 
     kind: str
     """``ok``, ``oom`` or ``error``."""
     device: int
     batch: ScheduledBatch
-    launched: Launched | None = None
+    result: EmbeddedBatch | None = None
     error: BaseException | None = None
 
 
@@ -73,92 +70,69 @@ class DeviceWorker:
         self.scheduler = scheduler
         self.outbox = outbox
         self.halt = halt
-        self.depth = depth
+        self.depth = max(1, depth)
         self.stats = DeviceStats(str(runner.device))
-        self._staged: queue.Queue[tuple[ScheduledBatch, Staged] | None] = queue.Queue(maxsize=1)
-        self._prefetch_error: BaseException | None = None
-        self._threads = [threading.Thread(target=self._compute_loop, daemon=True,
-                                          name=f"gpuengine-compute-{index}")]
-        if runner.cuda:
-            self._threads.append(threading.Thread(target=self._prefetch_loop, daemon=True,
-                                                  name=f"gpuengine-prefetch-{index}"))
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"gpuengine-device-{index}")
 
     def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
+        self._thread.start()
 
-    def batch_finished(self, busy_seconds: float, batch: ScheduledBatch) -> None:
-        """Called by the engine once a batch's results are on the host."""
-        self.stats.batches += 1
-        self.stats.sequences += len(batch.items)
-        self.stats.tokens += batch.n_tokens
-        self.stats.busy_seconds += busy_seconds
-        self.budget.after_success(batch.n_tokens)
-
-    # -- threads ------------------------------------------------------------------------------
-    def _next_batch(self) -> ScheduledBatch | None:
-        """Wait for work; None when there is no more (or the run is halting)."""
+    def _next_batch(self, wait: bool) -> ScheduledBatch | None:
+        """Work within the current budget; None when there is none (now, or any more)."""
         while not self.halt.is_set():
             batch = self.scheduler.next_batch(self.index, self.budget.tokens(),
-                                              padded=self.runner.padded, timeout=0.2)
-            if batch is not None:
+                                              padded=self.runner.padded,
+                                              timeout=0.2 if wait else None)
+            if batch is not None or not wait or self.scheduler.finished:
                 return batch
-            if self.scheduler.finished:
-                return None
         return None
 
-    def _prefetch_loop(self) -> None:
-        try:
-            while (batch := self._next_batch()) is not None:
-                staged = self.runner.stage(batch.items)
-                self._staged.put((batch, staged))
-        except BaseException as exc:  # staging failed: the device is unusable
-            self._prefetch_error = exc
-        finally:
-            self._staged.put(None)
-
-    def _compute_loop(self) -> None:
+    def _run(self) -> None:
         error = None
-        running: deque = deque()
+        in_flight: deque = deque()
         try:
             while True:
-                if self.runner.cuda:
-                    job = self._staged.get()
-                    if job is None:
-                        if self._prefetch_error is not None:
-                            raise self._prefetch_error
-                        break
-                    batch, staged = job
-                else:
-                    batch = self._next_batch()
-                    if batch is None:
-                        break
-                    staged = None
-                while len(running) >= self.depth:
-                    running.popleft().synchronize()  # one batch's event, not the device
-                outcome = self._launch(batch, staged)
-                done = getattr(outcome.launched, "done", None)
-                if done is not None:
-                    running.append(done)
-                if outcome.kind == "oom":
-                    self.stats.oom_events += 1
-                    self.budget.after_oom(batch.n_tokens)
-                    self.runner.release_cached_memory()
-                self.outbox.put(outcome)
+                batch = self._next_batch(wait=not in_flight)
+                if batch is not None:
+                    launched = self._launch(batch)
+                    if launched is not None:
+                        in_flight.append((batch, launched))
+                if in_flight and (len(in_flight) >= self.depth or batch is None):
+                    self._finish(*in_flight.popleft())
+                elif batch is None and not in_flight:
+                    return
         except BaseException as exc:  # reported to the engine, which decides
             error = exc
-        self.outbox.put(WorkerExit(self.index, error))
+        finally:
+            self.outbox.put(WorkerExit(self.index, error))
 
-    def _launch(self, batch: ScheduledBatch, staged: Staged | None) -> BatchOutcome:
+    def _launch(self, batch: ScheduledBatch):
+        oom = False
         try:
-            if staged is None:
-                staged = self.runner.stage(batch.items)
-            launched = self.runner.launch(staged)
-        except Exception as exc:  # classified here; OOM recovery happens after the frame is gone
-            if _is_oom(exc):
-                return BatchOutcome("oom", self.index, batch)
-            return BatchOutcome("error", self.index, batch, error=exc)
-        return BatchOutcome("ok", self.index, batch, launched)
+            return self.runner.launch(self.runner.stage(batch.items))
+        except Exception as exc:
+            if not _is_oom(exc):
+                self.outbox.put(BatchOutcome("error", self.index, batch, error=exc))
+                return None
+            oom = True  # recover below, once this frame's tensors are released
+        if oom:
+            self.stats.oom_events += 1
+            self.budget.after_oom(batch.n_tokens)
+            self.runner.release_cached_memory()
+            self.outbox.put(BatchOutcome("oom", self.index, batch))
+        return None
+
+    def _finish(self, batch: ScheduledBatch, launched) -> None:
+        result = self.runner.finish(launched)
+        stats = self.stats
+        stats.batches += 1
+        stats.sequences += len(batch.items)
+        stats.tokens += result.n_tokens
+        stats.busy_seconds += result.seconds
+        stats.largest_batch = max(stats.largest_batch, result.n_tokens)
+        self.budget.after_success(result.n_tokens)
+        self.outbox.put(BatchOutcome("ok", self.index, batch, result))
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -98,29 +98,32 @@ def gemm_rate(d: int) -> float:
     return 20 * 2 * 16384 * d * 4 * d / (start.elapsed_time(end) / 1000)
 
 
-def make_runner(model, precision, compile_kernels=True):
+def make_runner(model, precision, compile_kernels=True, copy_stream=True):
     return Runner(model, torch.device("cuda"), precision, [OutputSpec(model.num_layers, "mean")],
-                  PoolingRule(1, 1), compile=compile_kernels)
+                  PoolingRule(1, 1), compile=compile_kernels, copy_stream=copy_stream)
 
 
-def run_pipeline(runner, seqs, budget, warm_tokens=None):
-    """The engine's device pipeline without input parsing or the store: scheduler → prefetch
-    thread (pinned staging, copy stream) → compute thread (compute stream) → finish on the
-    host. Returns (residues, sequences, seconds) after a warm-up batch at full budget."""
+def _items(seqs):
+    tok = EsmTokenizer()
+    return [WorkItem(sequence_digest(s), tok.encode(s), len(s)) for s in seqs]
+
+
+def run_pipeline(runner, seqs, budget, depth=2):
+    """The engine's device worker without input parsing or the store: scheduler → worker
+    thread (stage + launch batch k+1, then finish batch k) → results. Returns (residues,
+    sequences, seconds, busy fraction) after a warm-up batch at full budget."""
     import queue
     import threading
 
     from gpuengine.budget import TokenBudget
-    from gpuengine.worker import BatchOutcome, DeviceWorker, WorkerExit
+    from gpuengine.worker import DeviceWorker, WorkerExit
 
-    runner.calibrate(warm_tokens or budget)
-    tok = EsmTokenizer()
-    items = [WorkItem(sequence_digest(s), tok.encode(s), len(s)) for s in seqs]
+    runner.calibrate(budget)
     sched = Scheduler()
-    sched.submit(items)
+    sched.submit(_items(seqs))
     sched.close()
     outbox, halt = queue.Queue(), threading.Event()
-    worker = DeviceWorker(0, runner, TokenBudget(budget, budget), sched, outbox, halt)
+    worker = DeviceWorker(0, runner, TokenBudget(budget, budget), sched, outbox, halt, depth=depth)
     torch.cuda.synchronize()
     start = time.perf_counter()
     worker.start()
@@ -131,14 +134,28 @@ def run_pipeline(runner, seqs, budget, warm_tokens=None):
             if msg.error:
                 raise msg.error
             break
-        assert isinstance(msg, BatchOutcome) and msg.kind == "ok", msg
-        result = runner.finish(msg.launched)
-        worker.batch_finished(result.seconds, msg.batch)
+        assert msg.kind == "ok", msg
         sched.complete(msg.batch.batch_id)
         residues += sum(i.residues for i in msg.batch.items)
         nseq += len(msg.batch.items)
     seconds = time.perf_counter() - start
     return residues, nseq, seconds, worker.stats.busy_seconds / seconds
+
+
+def run_sync(runner, seqs, budget):
+    """Diagnostic: every batch staged, launched and finished in turn on the calling thread."""
+    runner.calibrate(budget)
+    sched = Scheduler()
+    sched.submit(_items(seqs))
+    sched.close()
+    batches = []
+    while (b := sched.next_batch(0, budget)) is not None:
+        batches.append(b.items)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    busy = sum(runner.embed(b).seconds for b in batches)
+    seconds = time.perf_counter() - start
+    return sum(i.residues for b in batches for i in b), sum(map(len, batches)), seconds, busy / seconds
 
 
 def write_fasta(path, seqs):
@@ -447,6 +464,18 @@ def main() -> None:
 
             if "profile" in systems and wi != 1:
                 profile_batch(runner, seqs, args.budget, args.out.parent)
+            if "variants" in systems and wi == 0:
+                cfg_v = Esm2Config(layers, d, heads)
+                for vname, kw, fn in (("sync-main-thread", {}, run_sync),
+                                      ("worker-depth1", {}, lambda r, q, b: run_pipeline(r, q, b, depth=1)),
+                                      ("worker-one-stream", {"copy_stream": False}, run_pipeline),
+                                      ("worker-eager", {"compile_kernels": False}, run_pipeline)):
+                    vr = make_runner(build_esm2(cfg_v, dict(state), dtype), args.precision, **kw)
+                    r = fn(vr, seqs, args.budget)
+                    report(f"gpuengine-variant:{vname}", args.precision, *r[:3], budget=args.budget,
+                           busy_fraction=r[3])
+                    del vr
+                    torch.cuda.empty_cache()
             if "gpuengine" in systems:
                 budgets = [int(b) for b in args.sweep.split(",") if b] if wi == 0 and args.sweep else [args.budget]
                 for budget in budgets:

@@ -3,6 +3,8 @@
 
     python tools/make_checkpoint.py esm2_t33_650M_UR50D --out weights/          # real shape, fair-esm .pt
     python tools/make_checkpoint.py esm2 --layers 2 --dim 64 --heads 4 --out w/ --hf   # any small shape, + HF dir
+    python tools/make_checkpoint.py dnabert-s --out weights/        # DNABERT-S directory, real shape
+    python tools/make_checkpoint.py dnabert-s --layers 2 --dim 64 --heads 4 --out w/   # small DNABERT-S
 
 The files are marked as synthetic; gpuengine warns whenever it loads one. Random weights of the
 real shapes cost exactly the compute of the published ones, so they serve benchmarks too.
@@ -15,20 +17,30 @@ from pathlib import Path
 
 import torch
 
-from gpuengine.synthetic import ESM2_SHAPES, write_fair_esm_checkpoint, write_hf_esm
+from gpuengine.synthetic import (
+    DNABERT_S_SHAPE,
+    ESM2_SHAPES,
+    write_dnabert_s,
+    write_fair_esm_checkpoint,
+    write_hf_esm,
+)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("shape", help="a published ESM-2 name (" + ", ".join(ESM2_SHAPES) + ") or 'esm2'")
-    parser.add_argument("--layers", type=int, help="number of layers (with shape 'esm2')")
-    parser.add_argument("--dim", type=int, help="embedding dimension (with shape 'esm2')")
-    parser.add_argument("--heads", type=int, help="attention heads (with shape 'esm2')")
+    parser.add_argument("shape", help="a published ESM-2 name (" + ", ".join(ESM2_SHAPES) + "), 'esm2' "
+                        "or 'dnabert-s' (a DNABERT-S directory; the real shape unless --layers/--dim/--heads)")
+    parser.add_argument("--layers", type=int, help="number of layers (with shape 'esm2' or 'dnabert-s')")
+    parser.add_argument("--dim", type=int, help="embedding dimension (with shape 'esm2' or 'dnabert-s')")
+    parser.add_argument("--heads", type=int, help="attention heads (with shape 'esm2' or 'dnabert-s')")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     parser.add_argument("--hf", action="store_true", help="also write a Hugging Face directory")
     args = parser.parse_args()
+    if args.shape == "dnabert-s":
+        write_dnabert(args)
+        return
     if args.shape in ESM2_SHAPES:
         layers, dim, heads = ESM2_SHAPES[args.shape]
         name = args.shape
@@ -43,6 +55,18 @@ def main() -> None:
     if args.hf:
         hf = write_hf_esm(args.out / f"{name}_hf", layers, dim, heads, seed=args.seed, dtype=dtype)
         print(f"wrote {hf}/ (Hugging Face format, same RANDOM weights)")
+
+
+def write_dnabert(args: argparse.Namespace) -> None:
+    layers, dim, heads, inner, vocab = DNABERT_S_SHAPE
+    layers, dim, heads = args.layers or layers, args.dim or dim, args.heads or heads
+    if args.dim:
+        inner = 4 * dim
+    name = "DNABERT-S_random" if (layers, dim, heads) == DNABERT_S_SHAPE[:3] else f"dnabert-s_t{layers}_d{dim}_random"
+    out = write_dnabert_s(args.out / name, layers, dim, heads, inner, vocab, seed=args.seed,
+                          dtype=getattr(torch, args.dtype))
+    print(f"wrote {out}/ (RANDOM weights, DNABERT-S layout: {layers} layers, d={dim}, {heads} heads, "
+          f"GLU {inner}, vocabulary {vocab}; trained BPE tokenizer.json)")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,31 @@ def _esm_alphabet() -> frozenset[str]:
     return ESM_RESIDUES
 
 
+def _read_dnabert_s(source: ModelSource) -> Weights:
+    from gpuengine.models.dnabert_s_weights import read_dnabert_s
+
+    cfg, state, synthetic = read_dnabert_s(source.path)
+    return Weights(source, cfg, state, synthetic)
+
+
+def _build_dnabert_s(weights: Weights, dtype: torch.dtype) -> torch.nn.Module:
+    from gpuengine.models.dnabert_s_weights import build_dnabert_s
+
+    return build_dnabert_s(weights.config, weights.state, dtype)
+
+
+def _dna_tokenizer(source: ModelSource) -> Any:
+    from gpuengine.dna_tokenizer import DnaTokenizer
+
+    return DnaTokenizer.from_directory(source.path)
+
+
+def _dna_alphabet() -> frozenset[str]:
+    from gpuengine.dna_tokenizer import DNA_ALPHABET
+
+    return DNA_ALPHABET
+
+
 FAMILIES: dict[str, Family] = {
     "esm2": Family(
         name="esm2",
@@ -99,6 +124,16 @@ FAMILIES: dict[str, Family] = {
         read=_read_esm2,
         build=_build_esm2,
         tokenizer=_esm_tokenizer,
+    ),
+    "dnabert-s": Family(
+        name="dnabert-s",
+        alphabet=_dna_alphabet(),  # A C G T, N and IUPAC codes (non-ACGT → one [UNK] each)
+        pooling_rule=PoolingRule(lead=0, trail=0),  # mean over all tokens, CLS and SEP included
+        default_max_residues=None,  # no truncation
+        gpu_precision="fp16",
+        read=_read_dnabert_s,
+        build=_build_dnabert_s,
+        tokenizer=_dna_tokenizer,
     ),
 }
 

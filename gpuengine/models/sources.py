@@ -4,10 +4,13 @@
 
 1. an existing file → a fair-esm checkpoint (``esm2_*.pt``);
 2. an existing directory with ``config.json`` → a Hugging Face directory (family from its
-   ``model_type``);
+   ``model_type``: ``esm`` → ESM-2; ``bert`` with ``tokenizer.json`` and fused ``Wqkv``
+   weights → DNABERT-S);
 3. a published ESM-2 name (``esm2_t6_8M_UR50D`` … ``esm2_t48_15B_UR50D``) → the torch-hub cache
    (``$TORCH_HOME/hub/checkpoints/<name>.pt``), downloaded there when online. Offline, the error
-   says exactly where to put the file.
+   says exactly where to put the file;
+4. ``zhihan1996/DNABERT-S`` → its snapshot in the local Hugging Face cache
+   (``$HF_HOME/hub/models--zhihan1996--DNABERT-S/snapshots/<rev>/``); never downloaded.
 
 :func:`weights_checksum` gives the sha256 that identifies the weights in a store's meta record;
 it is cached per (path, size, mtime) so a 6 GB checkpoint is hashed once.
@@ -19,7 +22,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gpuengine.errors import ModelLoadError
@@ -28,12 +31,14 @@ from gpuengine.synthetic import ESM2_SHAPES
 log = logging.getLogger(__name__)
 
 ESM_DOWNLOAD_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
+DNABERT_HUB_NAMES = ("zhihan1996/DNABERT-S",)
+"""Hub names resolved from the local Hugging Face cache only (never downloaded, no remote code)."""
 
 
 @dataclass(frozen=True)
 class ModelSource:
     family: str
-    """Registry key: ``esm2`` (``dnabert-s`` in later versions)."""
+    """Registry key: ``esm2`` or ``dnabert-s``."""
     format: str
     """``fair-esm`` (a .pt file) or ``hf`` (a directory)."""
     path: Path
@@ -64,7 +69,9 @@ def resolve(spec: str, *, allow_download: bool) -> ModelSource:
         return _resolve_directory(path)
     if spec in ESM2_SHAPES:
         return ModelSource("esm2", "fair-esm", _hub_checkpoint(spec, allow_download), spec)
-    known = ", ".join(ESM2_SHAPES)
+    if spec in DNABERT_HUB_NAMES:
+        return replace(_resolve_directory(_hf_cache_snapshot(spec)), name=spec)
+    known = ", ".join((*ESM2_SHAPES, *DNABERT_HUB_NAMES))
     raise ModelLoadError(f"model {spec!r} is not a file, a model directory or a known name "
                          f"(known names: {known})")
 
@@ -80,8 +87,43 @@ def _resolve_directory(path: Path) -> ModelSource:
         raise ModelLoadError(f"cannot read {config_file}: {exc}") from None
     if model_type == "esm":
         return ModelSource("esm2", "hf", path, path.name)
+    if model_type == "bert":
+        from gpuengine.models.dnabert_s_weights import is_dnabert_s_directory
+
+        if is_dnabert_s_directory(path):
+            return ModelSource("dnabert-s", "hf", path, path.name)
+        raise ModelLoadError(f"{path}: a 'bert' model, but not DNABERT-S (DNABERT-S needs "
+                             "tokenizer.json and fused attention.self.Wqkv weights)")
     raise ModelLoadError(f"{path}: model_type {model_type!r} is not supported "
-                         "(supported: 'esm' for ESM-2)")
+                         "(supported: 'esm' for ESM-2, 'bert' for DNABERT-S)")
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``), as
+    ``huggingface_hub`` resolves it."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _hf_cache_snapshot(name: str) -> Path:
+    """The cached snapshot of hub model ``name``: the one ``refs/main`` names, else the only
+    (or newest) one. Never downloads."""
+    repo = hf_hub_cache() / ("models--" + name.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    ref = repo / "refs" / "main"
+    if ref.is_file() and (snapshots / ref.read_text().strip() / "config.json").is_file():
+        return snapshots / ref.read_text().strip()
+    found = sorted((p for p in snapshots.glob("*") if (p / "config.json").is_file()),
+                   key=lambda p: p.stat().st_mtime) if snapshots.is_dir() else []
+    if found:
+        return found[-1]
+    raise ModelLoadError(
+        f"{name} is not in the local Hugging Face cache ({repo}); gpuengine does not download it. "
+        f"On a machine with internet access run `hf download {name}` (or "
+        f"`huggingface-cli download {name}`) and copy its cache folder to {repo}, or pass the "
+        "model directory itself (config.json, tokenizer.json and pytorch_model.bin or "
+        "model.safetensors): --model /path/to/DNABERT-S")
 
 
 def _hub_checkpoint(name: str, allow_download: bool) -> Path:
