@@ -85,8 +85,11 @@ def embed(
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16 "
                                             "[default: fp32 on CPU, fp16 on GPU]"),
     store_dtype: str = typer.Option("float32", "--store-dtype", help="float32 or float16."),
-    max_residues: int = typer.Option(1022, "--max-residues", help="Truncate longer proteins to "
-                                     "this many residues, as fair-esm's extract.py (0: never)."),
+    max_residues: Optional[int] = typer.Option(None, "--max-residues", help="Truncate longer "
+                                               "sequences to this many residues (0: never) "
+                                               "[default: 1022 for ESM-2, as fair-esm's "
+                                               "extract.py; none for DNA models]",
+                                               show_default=False),
     table: str = typer.Option("default", "--table", help="Named table in the store; a new name "
                               "adds another model/layer/pooling to an existing store."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip invalid records "
@@ -109,7 +112,7 @@ def embed(
         config = EmbedConfig(
             inputs=tuple(inputs), model=model, out=out, layers=_parse_layers(layers),
             pools=tuple(_split(pool)), precision=precision, store_dtype=store_dtype,
-            max_residues=max_residues or None, table=table, skip_invalid=skip_invalid,
+            max_residues=-1 if max_residues is None else (max_residues or None), table=table, skip_invalid=skip_invalid,
             devices=gpus, max_tokens=max_tokens, allow_download=not offline)
         from gpuengine.engine import run_embed
 
@@ -196,8 +199,8 @@ def lookup(
                                            "embedding": vector.astype(float).tolist()}))
                 else:
                     rows = vector.reshape(-1, vector.shape[-1])
-                    for row in rows:
-                        typer.echo(record_id + "\t" + "\t".join(f"{x:.7g}" for x in row))
+                    for row in rows:  # str of a numpy scalar: shortest text that reads back exactly
+                        typer.echo(record_id + "\t" + "\t".join(map(str, row)))
     except (GpuEngineError, KeyError, ValueError) as exc:
         raise _fail(exc if isinstance(exc, GpuEngineError) else UsageError(_message(exc))) from None
     if missing:

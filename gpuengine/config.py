@@ -7,6 +7,7 @@ onto fields one to one; the engine receives only these objects.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,9 @@ def environment() -> Environment:
     return Environment(offline=offline, cache_dir=cache)
 
 
+_TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 @dataclass(frozen=True)
 class EmbedConfig:
     """Everything one ``gpuengine embed`` run needs."""
@@ -57,8 +61,9 @@ class EmbedConfig:
     """``fp32``, ``fp16`` or ``bf16``; None = fp32 on CPU, fp16 on GPU (ESM-2's training precision)."""
     store_dtype: str = "float32"
     """How vectors are stored: ``float32`` or ``float16``."""
-    max_residues: int | None = 1022
-    """Truncate longer proteins to this many residues, as fair-esm's extract.py (None: never)."""
+    max_residues: int | None = -1
+    """Truncate longer sequences to this many residues: -1 = the model family's default (1022
+    for ESM-2, as fair-esm's extract.py; none for DNA models), None = never."""
     table: str = "default"
     """Named table inside the store; a new name is needed to add another model/layer/pooling."""
     skip_invalid: bool = False
@@ -94,9 +99,15 @@ class EmbedConfig:
         if self.store_dtype not in STORE_DTYPES:
             raise UsageError(f"--store-dtype {self.store_dtype!r} is not one of "
                              f"{', '.join(STORE_DTYPES)}")
-        if self.max_residues is not None and self.max_residues < 1:
-            raise UsageError(f"--max-residues must be at least 1 (got {self.max_residues})")
+        if self.max_residues is not None and self.max_residues < 1 and self.max_residues != -1:
+            raise UsageError(f"--max-residues must be at least 1, or 0 for never "
+                             f"(got {self.max_residues})")
+        if not _TABLE_NAME.fullmatch(self.table):
+            raise UsageError(f"--table {self.table!r}: use 1-64 letters, digits, '.', '_' or '-'")
         if self.max_tokens is not None and self.max_tokens < 8:
             raise UsageError(f"--max-tokens must be at least 8 (got {self.max_tokens})")
         if self.commit_every < 1:
             raise UsageError("commit_every must be at least 1")
+
+    def effective_max_residues(self, family_default: int | None) -> int | None:
+        return family_default if self.max_residues == -1 else self.max_residues

@@ -13,10 +13,11 @@ Characters (:data:`DNA_ALPHABET`, what validation accepts):
 * ``A C G T`` — the bases the vocabulary is built from.
 * ``N`` and the IUPAC ambiguity codes ``R Y S W K M B D H V`` — accepted. The vocabulary has no
   token for them and the BPE model has no normaliser, ``fuse_unk`` off and no byte fallback, so
-  each such character becomes one ``[UNK]`` (id 0), and BPE merges never span it ("ACGNT" →
-  ``[CLS] ACG… [UNK] T [SEP]``-like pieces with one ``[UNK]``). This is exactly what the
-  authors' tokenizer gives such input (pinned by ``tests/test_dnabert_s.py`` on the synthetic
-  tokenizer; for the hub file it is inferred from its settings, see the DNABERT-S reference).
+  each such character becomes one ``[UNK]`` (id 0) and BPE merges never span it: "ACGNT" is
+  ``[CLS]``, the pieces of "ACG", ``[UNK]``, the pieces of "T", ``[SEP]``; "NN" is two
+  ``[UNK]``. This is what the authors' tokenizer gives such input (pinned by
+  ``tests/test_dnabert_s.py`` on the synthetic tokenizer, which has the hub file's settings; on
+  the hub file itself it is not yet checked, see the DNABERT-S reference §9).
 * Anything else (``U``, gaps ``-``/``.``, ``*``, digits, whitespace) is rejected by validation:
   the raw tokenizer would turn ``U`` into ``[UNK]`` silently and would split words at
   punctuation, changing the merges around it.

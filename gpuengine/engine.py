@@ -38,7 +38,7 @@ from gpuengine.budget import TokenBudget
 from gpuengine.devices import (DeviceMemory, MemoryProbe, MemoryTelemetry, initial_budget,
                                parse_devices)
 from gpuengine.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, DeviceError,
-                              InternalError, UsageError)
+                              InternalError, StoreMismatchError, UsageError)
 from gpuengine.fasta import ValidationReport, stream_valid, validate
 from gpuengine.models.registry import Family, Weights, family
 from gpuengine.models.sources import resolve, weights_checksum
@@ -128,37 +128,43 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
     progress.stage(f"resolving model {config.model}")
     source = resolve(config.model, allow_download=config.allow_download and not config.env.offline)
     fam = family(source.family)
-    progress.stage(f"reading weights {source.path}")
-    weights = fam.read(source)
-    if weights.synthetic:
-        log.warning("model %s has RANDOM weights (a gpuengine test checkpoint): the embeddings "
-                    "mean nothing", source.path)
-    spec = _table_spec(config, fam, weights, weights_checksum(source, config.env.cache_dir))
+    max_residues = config.effective_max_residues(fam.default_max_residues)
     created = not Path(config.out).exists()
     writer = StoreWriter(config.out)
     try:
-        writer.open_table(spec)
         progress.stage("validating input")
         report = validate(list(config.inputs), alphabet=fam.alphabet,
                           skip_invalid=config.skip_invalid,
-                          extra_check=_store_conflict_check(writer, spec))
+                          extra_check=_store_conflict_check(writer, config.table, max_residues))
+        progress.stage(f"reading weights {source.path}")
+        weights = fam.read(source)
+        if weights.synthetic:
+            log.warning("model %s has RANDOM weights (a gpuengine test checkpoint): the "
+                        "embeddings mean nothing", source.path)
+        spec = _table_spec(config, fam, weights, weights_checksum(source, config.env.cache_dir),
+                           max_residues)
+        writer.open_table(spec)
         summary = RunSummary(str(config.out), spec.name, source.name, weights.synthetic,
                              records_read=report.records, valid_records=report.valid,
-                             invalid_skipped=report.problem_count,
+                             invalid_skipped=len(report.skip) - report.duplicate_records,
                              duplicate_records=report.duplicate_records)
         _Run(config, fam, weights, spec, writer, report, summary, progress, stop,
              runner_factory).execute()
     except BaseException:
-        writer.close()
-        if created:
-            _remove_if_empty(config.out, spec.name)
+        try:
+            empty = created and writer.is_empty()
+        finally:
+            writer.close()
+        if empty:
+            _remove_store(config.out)
         raise
     writer.close()
     summary.wall_seconds = time.perf_counter() - started
     return summary
 
 
-def _table_spec(config: EmbedConfig, fam: Family, weights: Weights, sha256: str) -> TableSpec:
+def _table_spec(config: EmbedConfig, fam: Family, weights: Weights, sha256: str,
+                max_residues: int | None) -> TableSpec:
     identity = ModelIdentity(family=fam.name, name=weights.source.name, sha256=sha256,
                              num_layers=weights.num_layers, embed_dim=weights.embed_dim,
                              attention_heads=weights.attention_heads,
@@ -166,18 +172,27 @@ def _table_spec(config: EmbedConfig, fam: Family, weights: Weights, sha256: str)
     outputs = resolve_outputs(config.layers, config.pools, weights.num_layers)
     return TableSpec(name=config.table, model=identity, outputs=outputs,
                      store_dtype=config.store_dtype, dim=weights.embed_dim,
-                     max_residues=config.max_residues)
+                     max_residues=max_residues)
 
 
-def _store_conflict_check(writer: StoreWriter, spec: TableSpec):
-    """An id already in the table with another sequence is a problem of the record."""
-    limit = spec.max_residues
+def _store_conflict_check(writer: StoreWriter, table: str, max_residues: int | None):
+    """An id already in the table with another sequence is a problem of the record (checked
+    before any weights are read; a table not in the store yet holds no id)."""
+    stored_spec = writer.stored_spec(table)
+    if stored_spec is None:
+        return None
+    if (stored_spec.max_residues or None) != (max_residues or None):
+        raise StoreMismatchError(
+            f"store {writer.path} table {table!r} holds sequences truncated to "
+            f"{stored_spec.max_residues or 'none'} residues (max_residues); this run asks for "
+            f"{max_residues or 'none'}; to keep both, add a new named table with --table NAME "
+            "(or use another --out)")
 
     def check(record: FastaRecord) -> RecordProblem | None:
-        stored = writer.record_digests(spec.name, [record.id])[0]
+        stored = writer.record_digests(table, [record.id])[0]
         if stored is None:
             return None
-        seq = record.sequence[:limit] if limit else record.sequence
+        seq = record.sequence[:max_residues] if max_residues else record.sequence
         if stored == codec.sequence_digest(seq):
             return None
         return RecordProblem("store-conflict", record.path, record.line, record.id, record.index,
@@ -186,22 +201,14 @@ def _store_conflict_check(writer: StoreWriter, spec: TableSpec):
     return check
 
 
-def _remove_if_empty(path: Path, table: str) -> None:
+def _remove_store(path: Path) -> None:
     """Undo the creation of a store that a failed run left without a single record."""
-    from gpuengine.store.reader import EmbeddingStore
-
+    for name in ("data.mdb", "lock.mdb"):
+        (Path(path) / name).unlink(missing_ok=True)
     try:
-        with EmbeddingStore(path, table=table) as store:
-            empty = len(store) == 0
-    except Exception:
-        return
-    if empty:
-        for name in ("data.mdb", "lock.mdb"):
-            (Path(path) / name).unlink(missing_ok=True)
-        try:
-            Path(path).rmdir()
-        except OSError:
-            pass
+        Path(path).rmdir()
+    except OSError:
+        pass
 
 
 class _Run:
@@ -394,10 +401,12 @@ class _Run:
         if message.error is None:
             return
         requeued = self.scheduler.device_lost(message.device)
-        log.error("device %d stopped (%s: %s); %d sequences requeued on the other devices",
-                  message.device, message.error.__class__.__name__, message.error, requeued)
+        name = self.workers[message.device].runner.device
+        log.error("device %d (%s) stopped (%s: %s); %d sequences requeued on the other devices",
+                  message.device, name, message.error.__class__.__name__, message.error, requeued)
         if not alive:
-            raise DeviceError(f"every device failed; last error: {message.error}") from message.error
+            raise DeviceError(f"device {message.device} ({name}) failed and no device is left: "
+                              f"{message.error.__class__.__name__}: {message.error}") from message.error
 
     def _flush(self, committer: Committer, force: bool = False) -> None:
         due = len(self.group) >= self.config.commit_every or (

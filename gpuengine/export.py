@@ -20,7 +20,8 @@ def export_store(store: str | os.PathLike, output: str | os.PathLike, fmt: str, 
 
     ``npz``: ``ids`` (str), ``embeddings`` ((N, d) for pooled outputs; for per-token outputs the
     rows of all records concatenated, with ``offsets`` (N + 1) marking each record's rows),
-    plus ``layer`` and ``pool``. ``tsv``: one line per vector row, the id then the values.
+    plus ``layer`` and ``pool``. ``tsv``: one line per vector row, the id then the values,
+    each written so that it reads back exactly as stored.
 
     The file is written under a temporary name next to ``output`` and renamed when complete,
     so a failed export never leaves a partial file behind. An unwritable ``output`` raises
@@ -67,5 +68,6 @@ def _write_npz(handle, ids: list[str], arrays: list[np.ndarray], out: OutputSpec
 def _write_tsv(handle, ids: list[str], arrays: list[np.ndarray], dim: int) -> None:
     for record_id, array in zip(ids, arrays):
         for row in array.reshape(-1, dim):
-            line = record_id + "\t" + "\t".join(f"{x:.7g}" for x in row) + "\n"
+            # str of a numpy scalar: the shortest text that reads back as the stored value
+            line = record_id + "\t" + "\t".join(map(str, row)) + "\n"
             handle.write(line.encode("utf-8"))

@@ -12,8 +12,10 @@ Policy, in order:
 3. The decision is a frozen :class:`ScheduledBatch`; the batch stays *in flight* until the
    device reports it done, out of memory, or lost.
 4. Out of memory: the batch is split in two halves that go to the front of the retry queue.
-   A single item that runs out of memory on its own ``max_solo_attempts`` times is given up
-   and returned to the caller to report; nothing is retried forever.
+   A retried batch larger than the asking device's budget is cut to the prefix that fits.
+   A single item that ran out of memory alone is offered first to devices that have not
+   failed it; it is given up (returned to the caller to report) only once it has failed
+   ``max_solo_attempts`` times and on every live device; nothing is retried forever.
 5. A lost device's in-flight batches go back to the retry queue for the other devices; the
    lost device gets no more work.
 
@@ -53,6 +55,8 @@ class _Retry:
     items: tuple[WorkItem, ...]
     attempt: int
     solo_failures: int = 0
+    failed_on: frozenset[int] = frozenset()
+    """Devices on which this (single) item ran out of memory alone."""
 
 
 @dataclass
@@ -114,11 +118,14 @@ class Scheduler:
                 return None
             if not self._has_work():
                 self._flush_intake()
-            if timeout and not self._has_work() and not self.finished_locked():
-                self._cv.wait_for(lambda: self._has_work() or self._closed_and_drained(), timeout)
-                if not self._has_work():
+            if timeout and not self._has_work_for(device) and not self.finished_locked():
+                self._cv.wait_for(lambda: self._has_work_for(device) or bool(self._intake)
+                                  or self.finished_locked() or device in self._lost, timeout)
+                if not self._has_work_for(device):
                     self._flush_intake()
-            retry = self._take(budget, padded)
+            if device in self._lost:
+                return None
+            retry = self._take(device, budget, padded)
             if retry is None:
                 return None
             batch_id = self._next_id
@@ -130,9 +137,31 @@ class Scheduler:
     def _has_work(self) -> bool:
         return bool(self._retry or self._ready)
 
-    def _take(self, budget: int, padded: bool) -> _Retry | None:
-        if self._retry:
-            return self._retry.popleft()
+    def _has_work_for(self, device: int) -> bool:
+        return bool(self._ready) or self._retry_for(device) is not None
+
+    def _live_devices(self) -> set[int]:
+        return set(self.stats.per_device_batches) - self._lost
+
+    def _retry_for(self, device: int) -> int | None:
+        """Index of the first retry ``device`` should take: one it has not failed, or one that
+        every live device has failed already."""
+        live = self._live_devices() | {device}
+        for index, retry in enumerate(self._retry):
+            if device not in retry.failed_on or live <= retry.failed_on:
+                return index
+        return None
+
+    def _take(self, device: int, budget: int, padded: bool) -> _Retry | None:
+        index = self._retry_for(device)
+        if index is not None:
+            retry = self._retry[index]
+            del self._retry[index]
+            fits = _prefix_within(retry.items, budget, padded)
+            if fits < len(retry.items):
+                self._retry.insert(index, _Retry(retry.items[fits:], retry.attempt))
+                retry = _Retry(retry.items[:fits], retry.attempt)
+            return retry
         if not self._ready:
             return None
         taken: list[WorkItem] = [self._ready.popleft()]
@@ -158,15 +187,18 @@ class Scheduler:
     def out_of_memory(self, batch_id: int) -> tuple[WorkItem, ...]:
         """Split and requeue; returns items given up (a single item that failed alone too often)."""
         with self._cv:
-            _, retry = self._in_flight.pop(batch_id)
+            device, retry = self._in_flight.pop(batch_id)
             items = retry.items
             given_up: tuple[WorkItem, ...] = ()
             if len(items) == 1:
-                if retry.solo_failures + 1 >= self._max_solo:
+                failed_on = retry.failed_on | {device}
+                tried_everywhere = self._live_devices() <= failed_on
+                if retry.solo_failures + 1 >= self._max_solo and tried_everywhere:
                     given_up = items
                     self.stats.failed += 1
                 else:
-                    self._retry.appendleft(_Retry(items, retry.attempt + 1, retry.solo_failures + 1))
+                    self._retry.appendleft(_Retry(items, retry.attempt + 1,
+                                                  retry.solo_failures + 1, failed_on))
             else:
                 half = len(items) // 2
                 self.stats.oom_splits += 1
@@ -219,12 +251,13 @@ class Scheduler:
         with self._cv:
             return [bid for bid, (dev, _) in self._in_flight.items() if device is None or dev == device]
 
-    def wait_until(self, predicate, timeout: float) -> bool:
-        with self._cv:
-            return self._cv.wait_for(predicate, timeout)
 
-
-def split_evenly(items: Sequence[WorkItem], parts: int) -> list[tuple[WorkItem, ...]]:
-    """Helper for tests and simulations: ``items`` cut into ``parts`` contiguous runs."""
-    size = -(-len(items) // parts)
-    return [tuple(items[i:i + size]) for i in range(0, len(items), size)]
+def _prefix_within(items: Sequence[WorkItem], budget: int, padded: bool) -> int:
+    """How many leading items fit in ``budget`` (at least one)."""
+    total = longest = 0
+    for count, item in enumerate(items, start=1):
+        total += item.n_tokens
+        longest = max(longest, item.n_tokens)
+        if count > 1 and batch_cost(count, total, longest, padded) > budget:
+            return count - 1
+    return len(items)

@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from gpuengine.budget import TokenBudget
+from gpuengine.packing import batch_cost
 from gpuengine.runner import EmbeddedBatch, Runner
 from gpuengine.scheduler import ScheduledBatch, Scheduler
 
@@ -118,7 +119,8 @@ class DeviceWorker:
             oom = True  # recover below, once this frame's tensors are released
         if oom:
             self.stats.oom_events += 1
-            self.budget.after_oom(batch.n_tokens)
+            self.budget.after_oom(batch_cost(len(batch.items), batch.n_tokens, batch.max_len,
+                                             self.runner.padded))
             self.runner.release_cached_memory()
             self.outbox.put(BatchOutcome("oom", self.index, batch))
         return None

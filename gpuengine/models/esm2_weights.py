@@ -29,17 +29,23 @@ _UNUSED = re.compile(r"^(lm_head\.|contact_head\.)")
 
 
 def safe_torch_load(path: Path, extra_globals: list | tuple = ()) -> object:
-    """``torch.load`` with ``weights_only=True`` and a short allowlist; a refused global becomes a
-    ModelLoadError that names it."""
+    """``torch.load`` with ``weights_only=True`` and a short allowlist; a refused global or a
+    file that is no checkpoint becomes a ModelLoadError that says so."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace, *extra_globals]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-        reason = str(exc).split("\n\n")[0].strip()
-        match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        text = str(exc)
+        match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         if match:
             reason = (f"it contains the Python object {match.group(1)}, which gpuengine does not "
                       "unpickle (only tensors and plain containers are loaded, never code)")
+        elif re.search(r"Unsupported operand|invalid load key|could not find|not a zip|"
+                       r"failed finding central directory|PytorchStreamReader", text) \
+                or isinstance(exc, EOFError):
+            reason = "it is not a PyTorch checkpoint file (or it is truncated)"
+        else:
+            reason = f"{exc.__class__.__name__}: {text.splitlines()[0][:200] if text else ''}"
         raise ModelLoadError(f"cannot read checkpoint {path}: {reason}") from None
 
 
@@ -102,6 +108,10 @@ def read_hf_esm(directory: Path) -> tuple[Esm2Config, dict[str, torch.Tensor]]:
         problems.append("token_dropout is off")
     if problems:
         raise ModelLoadError(f"{directory} is not an ESM-2 model: " + "; ".join(problems))
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads")
+               if not isinstance(config.get(k), int)]
+    if missing:
+        raise ModelLoadError(f"{directory}/config.json lacks {', '.join(missing)}")
     cfg = Esm2Config(num_layers=config["num_hidden_layers"], embed_dim=config["hidden_size"],
                      attention_heads=config["num_attention_heads"],
                      vocab_size=config.get("vocab_size", 33),

@@ -251,13 +251,36 @@ class StoreWriter:
 
     # -- queries (any thread) ------------------------------------------------------------
 
+    def is_empty(self) -> bool:
+        """True when no table holds a single record id (a store a failed run may remove)."""
+        def work(txn: lmdb.Transaction) -> bool:
+            record = parse_store_record(txn.get(STORE_KEY, db=self._meta_db), self._path)
+            for name in record["tables"]:
+                ids_db = self._env.db_in(txn, ids_db_name(name))
+                if ids_db is not None and txn.stat(ids_db)["entries"]:
+                    return False
+            return True
+
+        return self._env.read(work)
+
+    def stored_spec(self, name: str) -> TableSpec | None:
+        """The table's stored spec, or None if the store has no such table (nothing created)."""
+        raw = self._env.read(lambda txn: _copy(txn.get(table_key(name), db=self._meta_db)))
+        return None if raw is None else parse_table_record(raw, name, self._path)
+
     def record_digests(self, table: str, record_ids: Sequence[str]) -> list[bytes | None]:
-        """The stored sequence digest of each id, or None where the id is not in the table."""
-        t = self._table(table)
+        """The stored sequence digest of each id, or None where the id is not in the table.
+        Works before :meth:`open_table` too (a table not in the store holds no id)."""
+        if table in self._tables:
+            ids_db = self._tables[table].ids_db
+        elif self.stored_spec(table) is None:
+            return [None] * len(record_ids)
+        else:
+            ids_db = self._env.db(ids_db_name(table))
         keys = [codec.encode_id(rid) for rid in record_ids]
 
         def work(txn: lmdb.Transaction) -> list[bytes | None]:
-            values = (txn.get(key, db=t.ids_db) for key in keys)
+            values = (txn.get(key, db=ids_db) for key in keys)
             return [None if v is None else codec.value_digest(v) for v in values]
 
         return self._env.read(work)

@@ -1,0 +1,799 @@
+"""The ``gpuengine`` command line, end to end on the CPU with a tiny random-weight ESM-2.
+
+Every run goes through typer's CliRunner (in process, stdout and stderr captured apart) and the
+stored vectors are compared with fair-esm's own forward (max |diff| <= 1e-5 at fp32).
+
+Helpers here (``cli``, ``embed``, ``snapshot``, ...) are imported by test_engine.py and
+test_resume.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY, fair_esm_reference, random_proteins, write_fasta
+from gpuengine import EmbeddingStore, __version__
+from gpuengine.cli import app
+from gpuengine.synthetic import write_fair_esm_checkpoint
+
+TOL = 1e-5
+LAST = TINY[0]  # the tiny model's last layer
+DIM = TINY[1]
+
+# The standard input: ids with a description, a '|'-id, a non-ASCII id; lengths 5..300.
+IDS = ["P1", "sp|Q2|X_HUMAN", "Ä-unicode-id", "P4", "P5", "P6"]
+SEQS = random_proteins([5, 17, 40, 64, 120, 300], seed=7)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def cli(*args):
+    """Invoke the CLI in process. An exception the CLI did not turn into an exit code fails
+    the test with its traceback (CliRunner would otherwise report it as exit code 1)."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        tb = "".join(traceback.format_exception(*result.exc_info))
+        raise AssertionError(f"gpuengine {' '.join(map(str, args))} raised instead of exiting "
+                             f"with a code:\n{tb}\nstderr:\n{result.stderr}")
+    return result
+
+
+def embed(inputs, model, out, *extra, code: int = 0):
+    """``gpuengine embed ... --json``; returns the JSON summary (exit 0/3/130) or the result."""
+    inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+    result = cli("embed", *inputs, "--model", model, "--out", out, "--json", *extra)
+    assert result.exit_code == code, (f"exit {result.exit_code}, wanted {code}\n"
+                                      f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+    if code in (0, 3, 130):
+        return json.loads(result.stdout)
+    assert result.stdout == "", "an error run must not print data on stdout"
+    return result
+
+
+def fails(inputs, model, out, *extra, code: int = 1) -> str:
+    """Run embed expecting an error exit; returns stderr."""
+    return embed(inputs, model, out, *extra, code=code).stderr
+
+
+def max_diff(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max()) if a.size else 0.0
+
+
+def assert_close(ours, ref, what: str, tol: float = TOL) -> None:
+    diff = max_diff(ours, ref)
+    assert diff <= tol, f"{what}: max |diff| {diff:.3g} > {tol}"
+
+
+def standard_fasta(path: Path, ids=IDS, seqs=SEQS) -> Path:
+    return write_fasta(path, [(f"{rid} some description {i}", s)
+                              for i, (rid, s) in enumerate(zip(ids, seqs))])
+
+
+def snapshot(path: Path) -> dict:
+    """Everything a user can read from a store: tables with specs and counts, runs, vectors."""
+    with EmbeddingStore(path) as store:
+        tables = store.info()["tables"]
+        runs = store.runs()
+    vectors = {}
+    for name, table in tables.items():
+        for output in table["spec"]["outputs"]:
+            with EmbeddingStore(path, table=name, layer=output["layer"],
+                                pool=output["pool"]) as view:
+                vectors[(name, output["layer"], output["pool"])] = {
+                    rid: array.tobytes() for rid, array in view.items()}
+    return {"tables": tables, "runs": runs, "vectors": vectors}
+
+
+@pytest.fixture
+def no_model_build(monkeypatch):
+    """Records every model build (the packed ESM-2 replica), which input errors must precede."""
+    import gpuengine.models.esm2_weights as weights
+
+    calls = []
+    real = weights.build_esm2
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(weights, "build_esm2", spy)
+    return calls
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_pt):
+    """fair-esm's outputs of SEQS at every layer of the tiny model (truncation 1022)."""
+    return fair_esm_reference(tiny_pt, SEQS, list(range(LAST + 1)))
+
+
+@pytest.fixture(scope="module")
+def store(tiny_pt, tmp_path_factory):
+    """The standard input embedded once with default options (read-only for the tests)."""
+    base = tmp_path_factory.mktemp("cli-store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPUENGINE_CACHE", str(base / "cache"))
+        mp.setenv("GPUENGINE_OFFLINE", "1")
+        fasta = standard_fasta(base / "proteins.fa")
+        result = cli("embed", fasta, "-m", tiny_pt, "-o", base / "store.lmdb", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    return {"path": base / "store.lmdb", "fasta": fasta, "summary": summary,
+            "stderr": result.stderr}
+
+
+# ----------------------------------------------------------------------------- basics
+
+
+def test_version():
+    result = cli("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"gpuengine {__version__}"
+
+
+@pytest.mark.parametrize("command", ["embed", "lookup", "info", "export", "devices"])
+def test_help_of_each_command_has_an_example(command):
+    result = cli(command, "--help")
+    assert result.exit_code == 0, result.stderr
+    assert f"Example: gpuengine {command}" in result.stdout
+
+
+def test_top_level_help_lists_examples_and_exit_codes():
+    result = cli("--help")
+    assert result.exit_code == 0
+    assert "gpuengine embed proteins.fasta.gz" in result.stdout
+    assert "130" in result.stdout and "partial" in result.stdout
+
+
+def test_devices_lists_the_cpu():
+    result = cli("devices")
+    assert result.exit_code == 0, result.stderr
+    assert any(line.split("\t")[0] == "cpu" for line in result.stdout.splitlines())
+    result = cli("devices", "--json")
+    assert result.exit_code == 0, result.stderr
+    devices = json.loads(result.stdout)
+    cpu = [d for d in devices if d["device"] == "cpu"]
+    assert len(cpu) == 1 and "CPU" in cpu[0]["name"]
+
+
+# ----------------------------------------------------------------------------- embed → lookup
+
+
+def test_embed_summary_on_stdout_logs_on_stderr(store):
+    summary = store["summary"]
+    assert summary["exit_code"] == 0 and not summary["interrupted"]
+    assert summary["records_read"] == summary["valid_records"] == len(IDS)
+    assert summary["embedded"] == summary["committed_records"] == len(IDS)
+    assert summary["already_stored"] == summary["invalid_skipped"] == summary["truncated"] == 0
+    assert summary["failed"] == [] and summary["synthetic_weights"] is True
+    assert summary["model"] == "esm2_t2_tiny" and summary["table"] == "default"
+    assert summary["tokens"] == sum(len(s) + 2 for s in SEQS)
+    # progress, logs and the human summary went to stderr, not stdout (which parsed as JSON)
+    assert "resolving model" in store["stderr"]
+    assert "RANDOM" in store["stderr"] and "summary" in store["stderr"]
+
+
+def test_model_build_spy_sees_a_real_run(tiny_pt, tmp_path, no_model_build):
+    """The control for the ``no_model_build == []`` checks below: a good run builds one model."""
+    embed(standard_fasta(tmp_path / "p.fa", IDS[:1], SEQS[:1]), tiny_pt, tmp_path / "s.lmdb")
+    assert len(no_model_build) == 1
+
+
+def test_embed_without_json_prints_nothing_on_stdout(tiny_pt, tmp_path):
+    fasta = standard_fasta(tmp_path / "p.fa")
+    result = cli("embed", fasta, "-m", tiny_pt, "-o", tmp_path / "s.lmdb")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    assert "sequences embedded" in result.stderr
+    result = cli("embed", fasta, "-m", tiny_pt, "-o", tmp_path / "s.lmdb", "--quiet")
+    assert result.exit_code == 0 and result.stdout == ""
+
+
+def test_lookup_json_matches_fair_esm(store, reference):
+    result = cli("lookup", store["path"], *IDS, "--json")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(IDS)
+    for i, (rid, line) in enumerate(zip(IDS, lines)):
+        row = json.loads(line)
+        assert row["id"] == rid
+        assert row["layer"] == LAST and row["pool"] == "mean" and row["shape"] == [DIM]
+        assert_close(row["embedding"], reference[LAST]["mean"][i], f"lookup --json {rid}")
+
+
+def test_lookup_tsv_matches_fair_esm(store, reference):
+    result = cli("lookup", store["path"], *IDS)
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(IDS)
+    with EmbeddingStore(store["path"]) as emb:
+        for i, (rid, line) in enumerate(zip(IDS, lines)):
+            fields = line.split("\t")
+            assert fields[0] == rid and len(fields) == DIM + 1
+            values = np.array(fields[1:], dtype=np.float32)
+            assert_close(values, reference[LAST]["mean"][i], f"TSV {rid}")
+            np.testing.assert_array_equal(values, emb[rid])  # the text reads back exactly
+
+
+def test_lookup_layer_and_pool_options(store, reference):
+    result = cli("lookup", store["path"], "P4", "--layer", "-1", "--pool", "mean", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert_close(json.loads(result.stdout)["embedding"], reference[LAST]["mean"][3], "P4")
+    result = cli("lookup", store["path"], "P4", "--pool", "bos")  # not stored
+    assert result.exit_code == 2
+    assert "bos" in result.stderr and "layer2/mean" in result.stderr
+    assert result.stdout == ""
+
+
+def test_lookup_missing_id_exits_1_and_names_it(store):
+    result = cli("lookup", store["path"], "P1", "no-such-id", "--json")
+    assert result.exit_code == 1
+    assert "no-such-id" in result.stderr
+    assert [json.loads(line)["id"] for line in result.stdout.splitlines()] == ["P1"]
+
+
+def test_lookup_and_info_of_a_missing_store_exit_1(tmp_path):
+    for args in (["lookup", tmp_path / "none.lmdb", "P1"], ["info", tmp_path / "none.lmdb"]):
+        result = cli(*args)
+        assert result.exit_code == 1
+        assert os.path.realpath(tmp_path / "none.lmdb") in result.stderr
+    assert not (tmp_path / "none.lmdb").exists()
+
+
+def test_error_messages_are_not_wrapped_in_quotes(store):
+    """A KeyError turned into a usage error prints its text, not its repr."""
+    result = cli("lookup", store["path"], "P1", "--table", "nope")
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert line.startswith("error: store") and "tables: default" in line
+    assert not line.rstrip().endswith('"')
+
+
+def test_info_json(store, tiny_pt):
+    result = cli("info", store["path"], "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["schema_version"] >= 1 and data["engine_version"] == __version__
+    assert list(data["tables"]) == ["default"]
+    table = data["tables"]["default"]
+    assert table["records"] == len(IDS) and table["embeddings"] == len(set(SEQS))
+    spec = table["spec"]
+    assert spec["model"]["name"] == "esm2_t2_tiny" and spec["model"]["family"] == "esm2"
+    assert spec["model"]["num_layers"] == LAST and spec["dim"] == DIM
+    assert len(spec["model"]["sha256"]) == 64
+    assert spec["outputs"] == [{"layer": LAST, "pool": "mean"}]
+    assert spec["max_residues"] == 1022 and spec["store_dtype"] == "float32"
+    assert data["file_size"] > 0 and data["map_size"] >= data["file_size"]
+
+
+def info_outputs(text: str) -> list[list[str]]:
+    """The items listed under ``outputs:`` in ``gpuengine info``'s text, as lists of lines."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "outputs:")
+    base = len(lines[start]) - len(lines[start].lstrip())
+    items: list[list[str]] = []
+    for line in lines[start + 1:]:
+        if len(line) - len(line.lstrip()) <= base:
+            break
+        if line.strip().startswith("- "):
+            items.append([line.strip()[2:]])
+        else:
+            items[-1].append(line.strip())
+    return items
+
+
+def test_info_text(store):
+    result = cli("info", store["path"])
+    assert result.exit_code == 0, result.stderr
+    text = result.stdout
+    assert f"path: {os.path.realpath(store['path'])}" in text
+    assert "default:" in text and f"records: {len(IDS)}" in text and "esm2_t2_tiny" in text
+    # one list item per output, its fields under it (not one "- " per field)
+    assert info_outputs(text) == [[f"layer: {LAST}", "pool: mean"]]
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_npz(store, tmp_path):
+    out = tmp_path / "e.npz"
+    result = cli("export", store["path"], "--format", "npz", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "" and f"exported {len(IDS)} embeddings" in result.stderr
+    with np.load(out, allow_pickle=False) as data:
+        ids = data["ids"]
+        matrix = data["embeddings"]
+        assert ids.dtype.kind == "U"
+        assert int(data["layer"]) == LAST and str(data["pool"]) == "mean"
+    assert sorted(ids.tolist()) == sorted(IDS) and matrix.shape == (len(IDS), DIM)
+    assert matrix.dtype == np.float32
+    with EmbeddingStore(store["path"]) as emb:
+        np.testing.assert_array_equal(matrix, emb.get_many(ids.tolist()))
+
+
+def test_export_npz_writes_the_file_named(store, tmp_path):
+    """-o names the file written (numpy alone would append .npz to a name without it)."""
+    out = tmp_path / "vectors.bin"
+    result = cli("export", store["path"], "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert out.is_file() and not (tmp_path / "vectors.bin.npz").exists()
+    assert str(out) in result.stderr
+    with np.load(out, allow_pickle=False) as data:
+        assert data["embeddings"].shape == (len(IDS), DIM)
+
+
+def test_export_tsv(store, tmp_path):
+    out = tmp_path / "e.tsv"
+    result = cli("export", store["path"], "--format", "tsv", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    rows = [line.split("\t") for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(r[0] for r in rows) == sorted(IDS)
+    with EmbeddingStore(store["path"]) as emb:
+        for row in rows:
+            assert len(row) == DIM + 1
+            np.testing.assert_array_equal(np.array(row[1:], dtype=np.float32), emb[row[0]])
+
+
+@pytest.mark.parametrize("fmt", ["npz", "tsv"])
+def test_export_to_an_unwritable_path_exits_1(store, tmp_path, fmt):
+    for target in (tmp_path / "no-such-dir" / "e.out", tmp_path):
+        result = cli("export", store["path"], "-f", fmt, "-o", target)
+        assert result.exit_code == 1, result.stderr
+        assert f"cannot write {target}" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no partial file left behind
+
+
+def test_export_unknown_format_is_a_usage_error(store, tmp_path):
+    result = cli("export", store["path"], "--format", "csv", "-o", tmp_path / "x.csv")
+    assert result.exit_code == 2 and "npz, tsv" in result.stderr
+    assert not (tmp_path / "x.csv").exists()
+
+
+# ----------------------------------------------------------------------------- input rules
+
+# name: (files as {file name: text}, substrings the message must hold ({f} = path of a.fa,
+# {g} = path of b.fa), records skipped by --skip-invalid)
+BAD_RECORDS = {
+    "invalid-character": (
+        {"a.fa": ">ok\nACDE\n>bad1 text\nACDEF\nAC1E\n"},
+        ["{f}:5:3", "'bad1'", "invalid-character", "'1'"], {"bad1"}),
+    "empty-record": (
+        {"a.fa": ">e1 nothing here\n>ok\nACDE\n"},
+        ["{f}:1", "'e1'", "empty-sequence"], {"e1"}),
+    "empty-id": (
+        {"a.fa": ">ok\nACDE\n>\nACDEF\n"},
+        ["{f}:3", "<empty id>", "empty-id"], {""}),
+    "two-sequences-one-id": (
+        {"a.fa": ">d\nACDE\n>ok\nACDE\n>d\nACDEF\n"},
+        ["{f}:5", "'d'", "conflicting-duplicate", "first given at {f}:1"], {"d"}),
+    "two-sequences-one-id-two-files": (
+        {"a.fa": ">d\nACDE\n>ok\nACDE\n", "b.fa": ">x\nKKK\n>d\nACDEF\n"},
+        ["{g}:3", "'d'", "conflicting-duplicate", "first given at {f}:1"], {"d"}),
+}
+
+
+def write_inputs(tmp_path: Path, files: dict[str, str]) -> list[Path]:
+    paths = []
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        paths.append(tmp_path / name)
+    return paths
+
+
+def fill(parts, tmp_path):
+    return [p.format(f=tmp_path / "a.fa", g=tmp_path / "b.fa") for p in parts]
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_bad_record_stops_before_the_model_loads(tiny_pt, tmp_path, case, no_model_build):
+    files, parts, _ = BAD_RECORDS[case]
+    inputs = write_inputs(tmp_path, files)
+    err = fails(inputs, tiny_pt, tmp_path / "s.lmdb")
+    for part in fill(parts, tmp_path):
+        assert part in err, f"{part!r} not in the message:\n{err}"
+    assert "--skip-invalid" in err
+    assert no_model_build == [], "a model was built before the input was rejected"
+    assert not (tmp_path / "s.lmdb").exists(), "a failed first run left a store behind"
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_bad_record_leaves_an_existing_store_unchanged(tiny_pt, tmp_path, case, store):
+    out = tmp_path / "s.lmdb"
+    shutil.copytree(store["path"], out)
+    before = snapshot(out)
+    files, parts, _ = BAD_RECORDS[case]
+    err = fails(write_inputs(tmp_path, files), tiny_pt, out)
+    assert fill(parts, tmp_path)[0] in err
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_skip_invalid_skips_and_counts(tiny_pt, tmp_path, case, no_model_build):
+    files, _, skipped = BAD_RECORDS[case]
+    inputs = write_inputs(tmp_path, files)
+    summary = embed(inputs, tiny_pt, tmp_path / "s.lmdb", "--skip-invalid")
+    assert summary["invalid_skipped"] >= 1
+    with EmbeddingStore(tmp_path / "s.lmdb") as emb:
+        stored = set(emb)
+    assert stored and not stored & skipped
+    assert summary["committed_records"] == len(stored) == summary["valid_records"]
+    assert "ok" in stored
+
+
+def test_skip_invalid_counts_every_kind(tiny_pt, tmp_path, reference):
+    text = (">bad1\nAC1E\n"
+            ">empty\n"
+            ">\nACDE\n"
+            ">sp|Q2|X_HUMAN\n" + SEQS[1] + "\n"
+            ">bad2\nACDE\nAC DE#\n"
+            ">P1\n" + SEQS[0] + "\n")
+    fasta = tmp_path / "mixed.fa"
+    fasta.write_text(text)
+    summary = embed(fasta, tiny_pt, tmp_path / "s.lmdb", "--skip-invalid")
+    assert summary["records_read"] == 6
+    assert summary["invalid_skipped"] == 4
+    assert summary["valid_records"] == summary["embedded"] == 2
+    with EmbeddingStore(tmp_path / "s.lmdb") as emb:
+        assert sorted(emb) == ["P1", "sp|Q2|X_HUMAN"]
+        assert_close(emb["P1"], reference[LAST]["mean"][0], "P1")
+        assert_close(emb["sp|Q2|X_HUMAN"], reference[LAST]["mean"][1], "Q2")
+
+
+def test_skip_invalid_counts_every_skipped_record(tiny_pt, tmp_path):
+    fasta = tmp_path / "a.fa"
+    fasta.write_text(">d\nACDE\n>ok\nACDE\n>d\nACDEF\n")
+    summary = embed(fasta, tiny_pt, tmp_path / "s.lmdb", "--skip-invalid")
+    assert summary["records_read"] == 3 and summary["valid_records"] == 1
+    # every record read is valid, a harmless repeat, or skipped as invalid
+    assert (summary["valid_records"] + summary["duplicate_records"]
+            + summary["invalid_skipped"]) == summary["records_read"]
+
+
+# file-level problems: not skippable
+BAD_FILES = {
+    "not-fasta": (lambda p: p.write_text("id\tsequence\nP1\tACDE\n"), ["{f}:1", "not FASTA"]),
+    "empty-file": (lambda p: p.write_bytes(b""), ["{f}", "empty"]),
+    "blank-file": (lambda p: p.write_text("\n\n  \n"), ["{f}", "no FASTA records"]),
+    "truncated-gzip": (lambda p: p.write_bytes(
+        gzip.compress(("".join(f">r{i}\n{'ACDEFGHIKL' * 20}\n" for i in range(500))).encode(),
+                      compresslevel=1)[:400]), ["{f}", "truncated or corrupt gzip"]),
+    "missing-file": (lambda p: None, ["{f}", "cannot open", "No such file"]),
+    "bzip2": (lambda p: p.write_bytes(__import__("bz2").compress(b">a\nACDE\n")), ["{f}", "bzip2"]),
+    "not-utf8": (lambda p: p.write_bytes(b">a\nAC\xffDE\n"), ["{f}:2:3", "UTF-8"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+@pytest.mark.parametrize("skip", [False, True], ids=["stop", "skip-invalid"])
+def test_bad_file_exits_1_naming_it(tiny_pt, tmp_path, case, skip, no_model_build):
+    make, parts = BAD_FILES[case]
+    good = standard_fasta(tmp_path / "good.fa")
+    bad = tmp_path / "a.fa"
+    make(bad)
+    err = fails([good, bad], tiny_pt, tmp_path / "s.lmdb", *(["--skip-invalid"] if skip else []))
+    for part in fill(parts, tmp_path):
+        assert part in err, f"{part!r} not in the message:\n{err}"
+    assert no_model_build == []
+    assert not (tmp_path / "s.lmdb").exists()
+
+
+def test_bad_file_leaves_an_existing_store_unchanged(tiny_pt, tmp_path, store):
+    out = tmp_path / "s.lmdb"
+    shutil.copytree(store["path"], out)
+    before = snapshot(out)
+    bad = tmp_path / "a.fa"
+    BAD_FILES["truncated-gzip"][0](bad)
+    fails([standard_fasta(tmp_path / "more.fa", ["N1"], ["ACDE"]), bad], tiny_pt, out)
+    assert snapshot(out) == before
+
+
+def test_same_input_file_twice_is_refused(tiny_pt, tmp_path):
+    fasta = standard_fasta(tmp_path / "p.fa")
+    err = fails([fasta, fasta], tiny_pt, tmp_path / "s.lmdb")
+    assert "given twice" in err and str(fasta) in err
+
+
+def test_bad_input_does_not_add_a_table_to_an_existing_store(tiny_pt, tmp_path, store):
+    out = tmp_path / "s.lmdb"
+    shutil.copytree(store["path"], out)
+    before = snapshot(out)
+    bad = tmp_path / "a.fa"
+    bad.write_text(">x\nAC1E\n")
+    fails(bad, tiny_pt, out, "--table", "other")
+    assert snapshot(out) == before
+
+
+def test_bad_input_is_reported_before_the_weights_are_read(tiny_pt, tmp_path, monkeypatch):
+    import gpuengine.models.esm2_weights as weights
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the input was validated")
+
+    monkeypatch.setattr(weights, "read_fair_esm_checkpoint", refuse)
+    bad = tmp_path / "a.fa"
+    bad.write_text(">x\nAC1E\n")
+    err = fails(bad, tiny_pt, tmp_path / "s.lmdb")
+    assert "invalid-character" in err
+
+
+@pytest.mark.parametrize("rid", ["a[bold]b", "a[/]b", "x[red]y[/red]z"])
+def test_messages_show_ids_with_brackets_verbatim(tiny_pt, tmp_path, rid):
+    """Record ids, paths and file contents are data: never parsed as console markup."""
+    fasta = tmp_path / "a.fa"
+    fasta.write_text(f">{rid}\nAC1E\n")
+    err = fails(fasta, tiny_pt, tmp_path / "s.lmdb")
+    assert f"record {rid!r}" in err
+
+
+def test_summary_shows_paths_with_brackets_verbatim(tiny_pt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a short relative --out, so the summary table does not wrap it
+    Path("run[x]").mkdir()
+    fasta = standard_fasta(tmp_path / "p.fa", ["P1"], ["ACDE"])
+    result = cli("embed", fasta, "-m", tiny_pt, "-o", "run[x]/s.lmdb")
+    assert result.exit_code == 0, result.stderr
+    assert "run[x]" in result.stderr
+
+
+def test_store_conflict_stops_and_skip_invalid_keeps_the_stored_sequence(
+        tiny_pt, tmp_path, store, reference):
+    out = tmp_path / "s.lmdb"
+    shutil.copytree(store["path"], out)
+    before = snapshot(out)
+    fasta = write_fasta(tmp_path / "c.fa", [("new1", "ACDEFG"), ("P4", "KKKKLLLL")])
+    err = fails(fasta, tiny_pt, out)
+    assert f"{fasta}:3" in err and "'P4'" in err and "different sequence" in err
+    assert snapshot(out) == before
+    summary = embed(fasta, tiny_pt, out, "--skip-invalid")
+    assert summary["invalid_skipped"] == 1 and summary["embedded"] == 1
+    with EmbeddingStore(out) as emb:
+        assert len(emb) == len(IDS) + 1 and "new1" in emb
+        assert_close(emb["P4"], reference[LAST]["mean"][3], "P4 kept")
+
+
+def test_gzip_input_and_several_files(tiny_pt, tmp_path, reference):
+    half = len(IDS) // 2
+    plain = standard_fasta(tmp_path / "one.fa", IDS[:half], SEQS[:half])
+    packed = tmp_path / "two.fasta"  # gzip detected by content, not by name
+    text = standard_fasta(tmp_path / "two.txt", IDS[half:], SEQS[half:]).read_bytes()
+    packed.write_bytes(gzip.compress(text))
+    named = tmp_path / "three.fa.gz"
+    named.write_bytes(gzip.compress(b">Z1\n" + SEQS[0].encode() + b"*\n"))
+    summary = embed([plain, packed, named], tiny_pt, tmp_path / "s.lmdb")
+    assert summary["records_read"] == len(IDS) + 1
+    assert summary["embedded"] == len(IDS) and summary["deduplicated"] == 1
+    with EmbeddingStore(tmp_path / "s.lmdb") as emb:
+        assert len(emb) == len(IDS) + 1
+        got = emb.get_many(IDS)
+        assert_close(got, reference[LAST]["mean"], "gzip + plain inputs")
+        np.testing.assert_array_equal(emb["Z1"], emb["P1"])
+
+
+def test_same_id_same_sequence_twice_is_embedded_once(tiny_pt, tmp_path, reference):
+    a = write_fasta(tmp_path / "a.fa", [("P1", SEQS[0]), ("P4", SEQS[3]), ("P1", SEQS[0])])
+    b = write_fasta(tmp_path / "b.fa", [("P4 again", SEQS[3].lower())])
+    summary = embed([a, b], tiny_pt, tmp_path / "s.lmdb")
+    assert summary["records_read"] == 4 and summary["duplicate_records"] == 2
+    assert summary["valid_records"] == 2 and summary["embedded"] == 2
+    assert summary["committed_records"] == 2
+    assert summary["tokens"] == len(SEQS[0]) + len(SEQS[3]) + 4
+    with EmbeddingStore(tmp_path / "s.lmdb") as emb:
+        assert sorted(emb) == ["P1", "P4"]
+        assert_close(emb["P4"], reference[LAST]["mean"][3], "P4")
+
+
+# ----------------------------------------------------------------------------- usage errors
+
+
+@pytest.mark.parametrize("args,part", [
+    (["--pool", "max"], "--pool 'max'"),
+    (["--layers", "7"], "layers 0..2"),
+    (["--layers", "x"], "--layers 'x'"),
+    (["--layers", "1,-2"], "same layer twice"),
+    (["--precision", "fp64"], "--precision 'fp64'"),
+    (["--store-dtype", "int8"], "--store-dtype 'int8'"),
+    (["--max-tokens", "4"], "--max-tokens"),
+    (["--gpus", "zero"], "--gpus"),
+])
+def test_bad_option_is_a_usage_error(tiny_pt, tmp_path, args, part, no_model_build):
+    fasta = standard_fasta(tmp_path / "p.fa")
+    err = fails(fasta, tiny_pt, tmp_path / "s.lmdb", *args, code=2)
+    assert part in err
+    assert no_model_build == []
+    assert not (tmp_path / "s.lmdb").exists()
+
+
+def test_layers_minus_one_as_a_separate_argument(tiny_pt, tmp_path, reference):
+    fasta = standard_fasta(tmp_path / "p.fa", IDS[:2], SEQS[:2])
+    embed(fasta, tiny_pt, tmp_path / "s.lmdb", "--layers", "-1")
+    with EmbeddingStore(tmp_path / "s.lmdb") as emb:
+        assert emb.output.layer == LAST
+        assert_close(emb.get_many(IDS[:2]), reference[LAST]["mean"][:2], "--layers -1")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def test_hf_directory_gives_the_same_vectors_as_the_pt(tiny_pt, tiny_hf, tmp_path, store,
+                                                        reference):
+    fasta = standard_fasta(tmp_path / "p.fa")
+    summary = embed(fasta, tiny_hf, tmp_path / "hf.lmdb")
+    assert summary["embedded"] == len(IDS) and summary["model"] == tiny_hf.name
+    with EmbeddingStore(tmp_path / "hf.lmdb") as hf, EmbeddingStore(store["path"]) as pt:
+        ours = hf.get_many(IDS)
+        assert_close(ours, reference[LAST]["mean"], "HF directory vs fair-esm")
+        assert_close(ours, pt.get_many(IDS), "HF directory vs .pt", tol=1e-6)
+
+
+def test_unknown_model_name_lists_the_known_names(tmp_path, no_model_build):
+    fasta = standard_fasta(tmp_path / "p.fa")
+    err = fails(fasta, "esm2_t99_1T_UR50D", tmp_path / "s.lmdb")
+    assert "esm2_t99_1T_UR50D" in err and "known names" in err
+    assert "esm2_t6_8M_UR50D" in err and "esm2_t33_650M_UR50D" in err
+    assert not (tmp_path / "s.lmdb").exists()
+
+
+def test_model_directory_without_config_is_refused(tmp_path):
+    fasta = standard_fasta(tmp_path / "p.fa")
+    (tmp_path / "model").mkdir()
+    err = fails(fasta, tmp_path / "model", tmp_path / "s.lmdb")
+    assert "config.json" in err and str(tmp_path / "model") in err
+
+
+@pytest.mark.parametrize("how", ["env", "flag"])
+def test_published_name_offline_says_where_to_put_the_file(tmp_path, monkeypatch, how):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    extra = []
+    if how == "flag":  # --offline alone, without GPUENGINE_OFFLINE
+        monkeypatch.delenv("GPUENGINE_OFFLINE")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        extra = ["--offline"]
+    fasta = standard_fasta(tmp_path / "p.fa")
+    err = fails(fasta, "esm2_t6_8M_UR50D", tmp_path / "s.lmdb", *extra)
+    target = tmp_path / "torch" / "hub" / "checkpoints" / "esm2_t6_8M_UR50D.pt"
+    assert str(target) in err
+    assert "https://dl.fbaipublicfiles.com/fair-esm/models/esm2_t6_8M_UR50D.pt" in err
+    assert not target.exists() and not (tmp_path / "s.lmdb").exists()
+
+
+def test_published_name_found_in_the_hub_cache_offline(tiny_pt, tmp_path, monkeypatch, reference):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    target = tmp_path / "torch" / "hub" / "checkpoints" / "esm2_t6_8M_UR50D.pt"
+    target.parent.mkdir(parents=True)
+    shutil.copyfile(tiny_pt, target)  # tiny weights under the published name
+    fasta = standard_fasta(tmp_path / "p.fa", IDS[:3], SEQS[:3])
+    summary = embed(fasta, "esm2_t6_8M_UR50D", tmp_path / "s.lmdb")
+    assert summary["model"] == "esm2_t6_8M_UR50D"
+    with EmbeddingStore(tmp_path / "s.lmdb") as emb:
+        assert_close(emb.get_many(IDS[:3]), reference[LAST]["mean"][:3], "hub cache")
+
+
+# ----------------------------------------------------------------------------- store mismatch
+
+
+@pytest.fixture(scope="session")
+def other_pt(tmp_path_factory) -> Path:
+    """The tiny shape with other random weights (another sha256)."""
+    return write_fair_esm_checkpoint(tmp_path_factory.mktemp("w2") / "esm2_t2_other.pt", *TINY,
+                                     seed=4)
+
+
+def test_other_model_needs_another_table(tiny_pt, other_pt, tmp_path, store, reference):
+    out = tmp_path / "s.lmdb"
+    shutil.copytree(store["path"], out)
+    before = snapshot(out)
+    err = fails(store["fasta"], other_pt, out)
+    assert "sha256" in err and "--table" in err and "default" in err
+    assert snapshot(out) == before
+
+    summary = embed(store["fasta"], other_pt, out, "--table", "other")
+    assert summary["table"] == "other" and summary["embedded"] == len(IDS)
+    other_ref = fair_esm_reference(other_pt, SEQS, [LAST])[LAST]["mean"]
+    assert max_diff(other_ref, reference[LAST]["mean"]) > 1e-2  # the models do differ
+    with EmbeddingStore(out, table="other") as emb:
+        assert_close(emb.get_many(IDS), other_ref, "table other")
+    with EmbeddingStore(out) as emb:  # two tables: 'default' is the default
+        assert emb.tables == ("default", "other")
+        assert_close(emb.get_many(IDS), reference[LAST]["mean"], "table default")
+    result = cli("lookup", out, "P5", "--table", "other", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert_close(json.loads(result.stdout)["embedding"], other_ref[4], "lookup --table other")
+    result = cli("info", out, "--json")
+    assert set(json.loads(result.stdout)["tables"]) == {"default", "other"}
+
+
+def test_other_outputs_or_dtype_need_another_table(tiny_pt, tmp_path, store):
+    out = tmp_path / "s.lmdb"
+    shutil.copytree(store["path"], out)
+    before = snapshot(out)
+    for extra, part in ((["--pool", "bos"], "outputs differ"),
+                        (["--store-dtype", "float16"], "store dtype"),
+                        (["--layers", "1"], "outputs differ")):
+        err = fails(store["fasta"], tiny_pt, out, *extra)
+        assert part in err and "--table" in err, err
+    assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- odd arguments
+
+
+@pytest.mark.parametrize("name", ["bad name", "x" * 65, "", "a/b", "ü"])
+def test_bad_table_name_is_a_usage_error(tiny_pt, tmp_path, name, no_model_build):
+    fasta = standard_fasta(tmp_path / "p.fa")
+    err = fails(fasta, tiny_pt, tmp_path / "s.lmdb", "--table", name, code=2)
+    assert "--table" in err and "1-64 characters" in err
+    assert no_model_build == [] and not (tmp_path / "s.lmdb").exists()
+
+
+def test_out_that_is_not_a_store_is_refused_and_left_alone(tiny_pt, tmp_path):
+    fasta = standard_fasta(tmp_path / "p.fa")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("keep me")
+    err = fails(fasta, tiny_pt, plain)
+    assert str(plain) in err and "not a gpuengine store" in err
+    assert plain.read_text() == "keep me"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "x").write_text("keep me too")
+    err = fails(fasta, tiny_pt, folder)
+    assert str(folder) in err and "not a gpuengine store" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["x"]
+
+
+def test_repeated_pool_option_and_explicit_cpu(tiny_pt, tmp_path, reference):
+    fasta = standard_fasta(tmp_path / "p.fa", IDS[:3], SEQS[:3])
+    summary = embed(fasta, tiny_pt, tmp_path / "s.lmdb", "--pool", "mean", "--pool", "bos",
+                    "--gpus", "cpu", "--precision", "fp32")
+    assert [d["device"] for d in summary["devices"]] == ["cpu"]
+    for pool in ("mean", "bos"):
+        with EmbeddingStore(tmp_path / "s.lmdb", pool=pool) as emb:
+            assert_close(emb.get_many(IDS[:3]), reference[LAST][pool][:3], pool)
+
+
+def test_only_invalid_records_with_skip_invalid(tiny_pt, tmp_path):
+    fasta = tmp_path / "bad.fa"
+    fasta.write_text(">a\nAC1E\n>b\n")
+    summary = embed(fasta, tiny_pt, tmp_path / "s.lmdb", "--skip-invalid")
+    assert summary["records_read"] == 2 and summary["invalid_skipped"] == 2
+    assert summary["valid_records"] == summary["embedded"] == summary["committed_records"] == 0
+
+
+def test_long_and_odd_ids_round_trip(tiny_pt, tmp_path, reference):
+    long_id = "L" * 700 + "|end"  # longer than LMDB's 511-byte key limit
+    ids = [long_id, "日本語-id", "x:1;2=3"]
+    fasta = write_fasta(tmp_path / "p.fa", list(zip(ids, SEQS[:3])))
+    embed(fasta, tiny_pt, tmp_path / "s.lmdb")
+    with EmbeddingStore(tmp_path / "s.lmdb") as emb:
+        assert sorted(emb) == sorted(ids) and long_id in emb
+        assert_close(emb.get_many(ids), reference[LAST]["mean"][:3], "odd ids")
+    result = cli("lookup", tmp_path / "s.lmdb", long_id, "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["id"] == long_id
+    result = cli("export", tmp_path / "s.lmdb", "-o", tmp_path / "e.npz")
+    with np.load(tmp_path / "e.npz", allow_pickle=False) as data:
+        assert sorted(data["ids"].tolist()) == sorted(ids)
+
+
+def test_incomplete_hf_config_is_a_model_error(tmp_path):
+    fasta = standard_fasta(tmp_path / "p.fa")
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "esm"}')
+    err = fails(fasta, model, tmp_path / "s.lmdb")
+    assert "config.json" in err
+
+
+def test_model_file_that_is_not_a_checkpoint(tmp_path):
+    fasta = standard_fasta(tmp_path / "p.fa")
+    err = fails(fasta, fasta, tmp_path / "s.lmdb")
+    assert str(fasta) in err and "checkpoint" in err
+    assert "weights_only" not in err and "file an issue" not in err
