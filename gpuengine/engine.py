@@ -27,6 +27,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
@@ -39,12 +40,13 @@ from gpuengine.devices import (DeviceMemory, MemoryProbe, MemoryTelemetry, initi
                                parse_devices)
 from gpuengine.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, DeviceError,
                               InternalError, StoreMismatchError, UsageError)
-from gpuengine.fasta import ValidationReport, stream_valid, validate
+from gpuengine.fasta import stream_valid, validate
 from gpuengine.models.registry import Family, Weights, family
 from gpuengine.models.sources import resolve, weights_checksum
 from gpuengine.planner import Ledger, Planner
 from gpuengine.progress import DeviceProgress, NullProgress, ProgressSink, ProgressSnapshot
 from gpuengine.records import FastaRecord, RecordProblem
+from gpuengine.replicas import Replica, ReplicaPool
 from gpuengine.runner import DTYPES, Runner
 from gpuengine.scheduler import Scheduler
 from gpuengine.store import codec
@@ -102,6 +104,26 @@ class RunSummary:
         return data
 
 
+@dataclass(frozen=True)
+class RecordSource:
+    """Already-valid records to embed instead of FASTA files (workflows such as ``predict``
+    derive them); ``iterate`` must give the same records, in the same order, every call."""
+
+    iterate: Callable[[], Iterable[FastaRecord]]
+    count: int
+    residues: int
+    alphabet_checked: bool = True
+
+
+@dataclass(frozen=True)
+class _Input:
+    """What a run streams: a validated FASTA report, or a record source."""
+
+    stream: Callable[[], Iterable[FastaRecord]]
+    valid: int
+    residues: int
+
+
 def resolve_outputs(layers: tuple[int, ...], pools: tuple[str, ...], num_layers: int) -> tuple[OutputSpec, ...]:
     """Negative layers count from the end (-1 = the last layer); 0 is the embedding layer."""
     resolved = []
@@ -117,11 +139,14 @@ def resolve_outputs(layers: tuple[int, ...], pools: tuple[str, ...], num_layers:
 
 
 def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
-              stop: threading.Event | None = None, runner_factory=None) -> RunSummary:
-    """Embed ``config.inputs`` into ``config.out``; see the module docstring.
+              stop: threading.Event | None = None, runner_factory=None,
+              records: RecordSource | None = None,
+              replicas: ReplicaPool | None = None) -> RunSummary:
+    """Embed ``config.inputs`` (or ``records``) into ``config.out``; see the module docstring.
 
     ``runner_factory(device, precision, outputs)`` replaces the model runner (tests simulate
-    devices with it; the benchmark measures the host pipeline with a no-op runner)."""
+    devices with it; the benchmark measures the host pipeline with a no-op runner).
+    ``replicas`` keeps built replicas across runs (the daemon, ``predict``)."""
     progress = progress or NullProgress()
     stop = stop or threading.Event()
     started = time.perf_counter()
@@ -132,10 +157,20 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
     created = not Path(config.out).exists()
     writer = StoreWriter(config.out)
     try:
-        progress.stage("validating input")
-        report = validate(list(config.inputs), alphabet=fam.alphabet,
-                          skip_invalid=config.skip_invalid,
-                          extra_check=_store_conflict_check(writer, config.table, max_residues))
+        conflict_check = _store_conflict_check(writer, config.table, max_residues)
+        if records is None:
+            progress.stage("validating input")
+            report = validate(list(config.inputs), alphabet=fam.alphabet,
+                              skip_invalid=config.skip_invalid, extra_check=conflict_check)
+            source_input = _Input(lambda: stream_valid(list(config.inputs), report,
+                                                       alphabet=fam.alphabet),
+                                  report.valid, report.residues)
+            counts = dict(records_read=report.records, valid_records=report.valid,
+                          invalid_skipped=len(report.skip) - report.duplicate_records,
+                          duplicate_records=report.duplicate_records)
+        else:
+            source_input = _Input(records.iterate, records.count, records.residues)
+            counts = dict(records_read=records.count, valid_records=records.count)
         progress.stage(f"reading weights {source.path}")
         weights = fam.read(source)
         if weights.synthetic:
@@ -144,12 +179,9 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
         spec = _table_spec(config, fam, weights, weights_checksum(source, config.env.cache_dir),
                            max_residues)
         writer.open_table(spec)
-        summary = RunSummary(str(config.out), spec.name, source.name, weights.synthetic,
-                             records_read=report.records, valid_records=report.valid,
-                             invalid_skipped=len(report.skip) - report.duplicate_records,
-                             duplicate_records=report.duplicate_records)
-        _Run(config, fam, weights, spec, writer, report, summary, progress, stop,
-             runner_factory).execute()
+        summary = RunSummary(str(config.out), spec.name, source.name, weights.synthetic, **counts)
+        _Run(config, fam, weights, spec, writer, source_input, summary, progress, stop,
+             runner_factory, replicas).execute()
     except BaseException:
         try:
             empty = created and writer.is_empty()
@@ -215,12 +247,14 @@ class _Run:
     """One run's threads and state (see the module docstring for the loop)."""
 
     def __init__(self, config: EmbedConfig, fam: Family, weights: Weights, spec: TableSpec,
-                 writer: StoreWriter, report: ValidationReport, summary: RunSummary,
-                 progress: ProgressSink, stop: threading.Event, runner_factory=None):
+                 writer: StoreWriter, report: _Input, summary: RunSummary,
+                 progress: ProgressSink, stop: threading.Event, runner_factory=None,
+                 replicas: ReplicaPool | None = None):
         self.config, self.fam, self.weights, self.spec = config, fam, weights, spec
         self.writer, self.report, self.summary = writer, report, summary
         self.progress, self.stop = progress, stop
         self.runner_factory = runner_factory
+        self.replicas = replicas
         self.telemetry: MemoryTelemetry | None = None
         self.inbox: queue.Queue = queue.Queue()
         self.halt = threading.Event()
@@ -266,14 +300,12 @@ class _Run:
         self.workers: list[DeviceWorker] = []
         memories = []
         for index, device in enumerate(devices):
-            self.progress.stage(f"loading {self.weights.source.name} on {device} ({precision})")
-            runner = self._make_runner(device, precision)
-            budget = initial_budget(device, estimate, self.config.max_tokens)
-            worker = DeviceWorker(index, runner, budget, self.scheduler, self.inbox, self.halt)
-            if device.type == "cuda":
-                memory = self._warm_up(runner, budget)
-                memory.stats = worker.stats
-                memories.append(memory)
+            replica = self._replica(device, precision, estimate)
+            worker = DeviceWorker(index, replica.runner, replica.budget, self.scheduler,
+                                  self.inbox, self.halt)
+            if replica.memory is not None:
+                replica.memory.stats = worker.stats
+                memories.append(replica.memory)
             self.workers.append(worker)
         self.telemetry = MemoryTelemetry(memories) if memories else None
         if self.telemetry:
@@ -281,6 +313,22 @@ class _Run:
         for worker in self.workers:
             worker.start()
         return self.workers
+
+    def _replica(self, device: torch.device, precision: str, estimate: int) -> Replica:
+        """A warmed-up replica on ``device``: from the pool when one fits, else built now."""
+        key = (self.spec.model.sha256, self.spec.outputs, str(device), precision,
+               self.config.max_tokens, self.runner_factory)
+        replica = self.replicas.get(key) if self.replicas is not None else None
+        if replica is not None:
+            return replica
+        self.progress.stage(f"loading {self.weights.source.name} on {device} ({precision})")
+        runner = self._make_runner(device, precision)
+        budget = initial_budget(device, estimate, self.config.max_tokens)
+        memory = self._warm_up(runner, budget) if device.type == "cuda" else None
+        replica = Replica(runner, budget, memory)
+        if self.replicas is not None:
+            self.replicas.put(key, replica)
+        return replica
 
     def _make_runner(self, device: torch.device, precision: str) -> Runner:
         if self.runner_factory is not None:
@@ -329,8 +377,7 @@ class _Run:
     def _plan(self, planner: Planner) -> None:
         error = None
         try:
-            planner.run(stream_valid(list(self.config.inputs), self.report,
-                                     alphabet=self.fam.alphabet))
+            planner.run(self.report.stream())
         except BaseException as exc:
             error = exc
         finally:

@@ -83,7 +83,8 @@ class Runner:
         self.outputs = tuple(outputs)
         self.layers = sorted({o.layer for o in self.outputs})
         self.rule = rule
-        self.attention = select_attention(device, self.dtype)
+        # a model family with its own attention (DNABERT-S: ALiBi) chooses it; ESM-2 uses ours
+        self.attention = getattr(self.model, "select_attention", select_attention)(device, self.dtype)
         self.padded = self.attention.needs_padding
         self.cuda = device.type == "cuda"
         if self.cuda:

@@ -705,3 +705,25 @@ def test_gpu_fp32_matches_the_reference(gpu_dir):
     ours = gpu_embed(gpu_dir, "fp32", seqs)
     ref = np.stack(reference_embeddings(gpu_dir, seqs, [4], batched=False)[4]["mean"])
     assert np.abs(ours - ref).max() <= 1e-4, (ours[0, :5], ref[0, :5])
+
+
+def test_embed_command_with_a_dnabert_directory(dna_dir, tmp_path):
+    """`gpuengine embed` picks the family from the directory, keeps CLS/SEP in the mean, does
+    not truncate DNA, and stores what the independent reference computes."""
+    from typer.testing import CliRunner
+
+    from gpuengine import EmbeddingStore
+    from gpuengine.cli import app
+
+    seqs = random_dna([40, 3000, 260], seed=8)
+    fasta = tmp_path / "reads.fa"
+    fasta.write_text("".join(f">read{i} x\n{s.lower() if i == 2 else s}\n" for i, s in enumerate(seqs)))
+    result = CliRunner().invoke(app, ["embed", str(fasta), "--model", str(dna_dir),
+                                      "--out", str(tmp_path / "dna.lmdb"), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    ref = reference_embeddings(dna_dir, seqs, [2], batched=False)
+    with EmbeddingStore(tmp_path / "dna.lmdb") as store:
+        assert store.spec.model.family == "dnabert-s" and store.spec.max_residues is None
+        ours = store.get_many([f"read{i}" for i in range(3)])
+    assert_close(ours, np.stack(ref[2]["mean"]) if isinstance(ref[2]["mean"], list)
+                 else ref[2]["mean"], "embed command vs reference")
