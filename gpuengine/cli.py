@@ -27,6 +27,7 @@ HELP = """Exact, packed protein language-model embeddings on every GPU, committe
   gpuengine lookup proteins.lmdb P12345 --json
   gpuengine info proteins.lmdb
   gpuengine export proteins.lmdb --format npz -o proteins.npz
+  gpuengine predict reads.fasta --length 500 --classifier 500_model.pth
   gpuengine devices
 
 Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 130 interrupted.
@@ -171,6 +172,76 @@ class _stop_on_signals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+@app.command(epilog="Examples: gpuengine predict reads.fasta --length 500 --classifier "
+                    "500_model.pth;  gpuengine predict reads.fasta 500 500_model.pth")
+def predict(
+    args: List[str] = typer.Argument(..., help="reads.fasta [LENGTH CLASSIFIER] (the original "
+                                     "tool's positional form is accepted).", show_default=False),
+    length: Optional[int] = typer.Option(None, "--length", "-l", help="Expected chunk length: "
+                                         "300 or 500, matching the classifier."),
+    classifier: Optional[Path] = typer.Option(None, "--classifier", "-c", help="The MLP: the "
+                                              "published 300_model.pth/500_model.pth (read without "
+                                              "running code), a state dict or safetensors."),
+    esm_model: str = typer.Option("esm2_t36_3B_UR50D", "--esm-model"),
+    esm_layer: int = typer.Option(-1, "--esm-layer", help="ESM-2 layer (-1: last, 36 for 3B)."),
+    dnabert_model: str = typer.Option("zhihan1996/DNABERT-S", "--dnabert-model"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder "
+                                       "[default: <input base>_merged/]."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Embedding store "
+                                         "[default: <out>/embeddings.lmdb]."),
+    precision: Optional[str] = typer.Option(None, "--precision"),
+    gpus: str = typer.Option("auto", "--gpus"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
+    keep_intermediate: bool = typer.Option(False, "--keep-intermediate", help="Also write the "
+                                           "chunked reads and the identified nucleotide/protein "
+                                           "FASTA files."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid"),
+    offline: bool = typer.Option(False, "--offline", help="Never download weights."),
+    json_summary: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True),
+) -> None:
+    """VirNucPro viral-read prediction: per-frame scores, per-chunk and per-read calls."""
+    from dataclasses import asdict
+
+    from gpuengine.display import RichProgress, setup_logging
+
+    setup_logging(verbose, quiet)
+    try:
+        if len(args) == 3 and length is None and classifier is None:
+            args, length, classifier = args[:1], int(args[1]), Path(args[2])
+        if len(args) != 1 or length is None or classifier is None:
+            raise UsageError("give reads.fasta with --length and --classifier (or the original "
+                             "form: reads.fasta LENGTH CLASSIFIER)")
+        from gpuengine.workflows.virnucpro.pipeline import PredictConfig, run_predict
+
+        config = PredictConfig(reads=Path(args[0]), length=length, classifier=classifier,
+                               esm_model=esm_model, esm_layer=esm_layer,
+                               dnabert_model=dnabert_model, out=out, store=store,
+                               precision=precision, devices=gpus, max_tokens=max_tokens,
+                               keep_intermediate=keep_intermediate, skip_invalid=skip_invalid,
+                               allow_download=not offline)
+        with _stop_on_signals() as stop:
+            summary = run_predict(config, RichProgress(enabled=not quiet), stop)
+    except ValueError as exc:
+        raise _fail(UsageError(f"--length: {exc}")) from None
+    except GpuEngineError as exc:
+        raise _fail(exc) from None
+    from gpuengine.display import stderr
+
+    if not quiet:
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in summary.stage_seconds.items())
+        stderr.print(f"predict: {summary.reads:,} reads, {summary.chunks:,} chunks, "
+                     f"{summary.frames:,} frames, {summary.virus_chunks:,} chunks called virus; "
+                     f"{stages}; outputs in {summary.out_dir}", highlight=False)
+    if json_summary:
+        data = asdict(summary)
+        data["wall_seconds"] = summary.wall_seconds
+        typer.echo(json.dumps(data, indent=2, default=str))
+    interrupted = any(e.get("interrupted") for e in summary.embed.values())
+    raise typer.Exit(EXIT_INTERRUPTED if interrupted else 0)
 
 
 @app.command(epilog="Example: gpuengine lookup proteins.lmdb P12345 Q67890 --json")

@@ -1,0 +1,284 @@
+"""``gpuengine predict``: the VirNucPro prediction, streaming, resumable, joined by frame id.
+
+Stages (each timed in :class:`PredictSummary`):
+
+1. **validate** the reads FASTA (DNA letters incl. IUPAC; ids as Biopython reads them; one id
+   with two sequences is an error). Empty records, which crash the original, are skipped and
+   reported.
+2. **frames**: chunk to the expected length and translate in six frames
+   (:mod:`~gpuengine.workflows.virnucpro.frames`), streamed in blocks of reads and regenerated
+   when needed rather than written to split files (it costs about 2.5 s per million reads).
+3. **dnabert**: DNABERT-S mean (CLS/SEP included) of every kept frame's nucleotide slice, and
+4. **esm**: ESM-2 mean over residues of every kept frame's protein, both through the embedding
+   engine on every GPU, committed into one LMDB store (tables ``dnabert`` and ``esm``; keyed by
+   frame id, deduplicated by sequence) — so a rerun (after kill -9, or with another classifier)
+   recomputes nothing that is stored.
+5. **score**: features ``[DNABERT | ESM]`` joined **by frame id** (a missing side is an error that
+   names the frame, never a silent shift), the MLP, and the outputs: ``prediction_results.txt``,
+   ``prediction_results_highestscore.csv`` (tab-separated, per chunk), and the new per-read
+   summary ``prediction_results_reads.tsv``.
+
+Memory is bounded by the block of reads and the per-chunk consensus table, not by the input.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from gpuengine.config import EmbedConfig, environment
+from gpuengine.errors import InputError, ModelLoadError
+from gpuengine.fasta import ValidationReport, stream_valid, validate
+from gpuengine.progress import NullProgress, ProgressSink
+from gpuengine.records import FastaRecord
+from gpuengine.replicas import ReplicaPool
+from gpuengine.workflows.virnucpro.frames import Frames, chunk_sequence, frames_for_batch
+
+log = logging.getLogger(__name__)
+
+READ_BLOCK = 20_000
+SCORE_BLOCK = 32_768
+EXPECTED_LENGTHS = (300, 500)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    reads: Path
+    length: int
+    classifier: Path
+    esm_model: str = "esm2_t36_3B_UR50D"
+    esm_layer: int = -1
+    """-1: the last layer (36 for the 3B model, VirNucPro's feature)."""
+    dnabert_model: str = "zhihan1996/DNABERT-S"
+    out: Path | None = None
+    """Output folder; default ``<input base>_merged/`` next to the input."""
+    store: Path | None = None
+    """Embedding store; default ``<out>/embeddings.lmdb``."""
+    precision: str | None = None
+    devices: str = "auto"
+    max_tokens: int | None = None
+    keep_intermediate: bool = False
+    skip_invalid: bool = False
+    allow_download: bool = True
+
+    def __post_init__(self) -> None:
+        if self.length < 3:
+            raise InputError(f"--length {self.length}: chunks must be at least 3 bp")
+
+    @property
+    def out_dir(self) -> Path:
+        return self.out or self.reads.parent / f"{input_base(self.reads)}_merged"
+
+    @property
+    def store_path(self) -> Path:
+        return self.store or self.out_dir / "embeddings.lmdb"
+
+
+def input_base(path: Path) -> str:
+    """``reads.fasta.gz`` → ``reads`` (known FASTA/gzip suffixes only; the original's cut at the
+    first ``.fa`` anywhere in the path is not copied)."""
+    name = path.name
+    for suffix in (".gz", ".bgz", ".fasta", ".fas", ".fna", ".fa", ".ffn", ".fastq"):
+        name = name.removesuffix(suffix)
+    return name or path.name
+
+
+@dataclass
+class PredictSummary:
+    reads: int = 0
+    empty_reads: int = 0
+    chunks: int = 0
+    frames: int = 0
+    virus_chunks: int = 0
+    out_dir: str = ""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    embed: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def wall_seconds(self) -> float:
+        return sum(self.stage_seconds.values())
+
+
+class _Stages:
+    def __init__(self, summary: PredictSummary, progress: ProgressSink):
+        self.summary, self.progress = summary, progress
+
+    def __call__(self, name: str):
+        stages = self
+
+        class _Timer:
+            def __enter__(self):
+                stages.progress.stage(f"predict: {name}")
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                stages.summary.stage_seconds[name] = time.perf_counter() - self.start
+
+        return _Timer()
+
+
+def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
+                stop: threading.Event | None = None,
+                replicas: ReplicaPool | None = None) -> PredictSummary:
+    from gpuengine.dna_tokenizer import DNA_ALPHABET
+    from gpuengine.engine import RecordSource, run_embed
+    from gpuengine.workflows.virnucpro.classifier import load_classifier
+
+    progress = progress or NullProgress()
+    replicas = replicas if replicas is not None else ReplicaPool()
+    summary = PredictSummary(out_dir=str(config.out_dir))
+    stage = _Stages(summary, progress)
+    if config.length not in EXPECTED_LENGTHS:
+        log.warning("--length %d: VirNucPro's classifiers expect 300 or 500", config.length)
+    with stage("validate"):
+        report = _validate_reads(config, DNA_ALPHABET)
+    with stage("frames"):
+        counts = _count_frames(config, report)
+        summary.reads, summary.empty_reads = counts["reads"], counts["empty"]
+        summary.chunks, summary.frames = counts["chunks"], counts["frames"]
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    for name, model, layers, column in (("dnabert", config.dnabert_model, (-1,), "nucleotides"),
+                                        ("esm", config.esm_model, (config.esm_layer,), "proteins")):
+        source = RecordSource(lambda c=column: _frame_records(config, report, c),
+                              counts["frames"], counts[column])
+        embed_config = EmbedConfig(
+            inputs=(config.reads,), model=model, out=config.store_path, layers=layers,
+            pools=("mean",), precision=config.precision, table=name, devices=config.devices,
+            max_tokens=config.max_tokens, allow_download=config.allow_download,
+            max_residues=None, env=environment())
+        with stage(name):
+            result = run_embed(embed_config, progress, stop, records=source, replicas=replicas)
+        summary.embed[name] = result.to_json()
+        if result.interrupted:
+            return summary
+        if result.failed:
+            raise InputError(f"{len(result.failed)} frames could not be embedded by {model} "
+                             f"(first: {result.failed[0][0]}: {result.failed[0][1]}); no "
+                             "prediction is written with missing features")
+    with stage("score"):
+        summary.virus_chunks = _score(config, report, load_classifier, summary)
+    return summary
+
+
+def _validate_reads(config: PredictConfig, alphabet: frozenset[str]) -> ValidationReport:
+    """Empty records are skipped and reported (the original crashes on them); any other problem
+    stops the run unless ``skip_invalid``."""
+    report = validate([config.reads], alphabet=alphabet, skip_invalid=True)
+    empty = [p for p in report.problems if p.kind == "empty-sequence"]
+    others = [p for p in report.problems if p.kind != "empty-sequence"]
+    for problem in empty[:20]:
+        log.warning("skipping an empty record: %s", problem.describe())
+    if others and not config.skip_invalid:
+        listed = "\n".join(p.describe() for p in others[:20])
+        raise InputError(f"{len(others)} invalid reads in {config.reads}:\n{listed}\n"
+                         "Fix them, or rerun with --skip-invalid to skip them")
+    return report
+
+
+def _frame_blocks(config: PredictConfig, report: ValidationReport
+                  ) -> Iterator[tuple[list[str], list[str], Frames]]:
+    """(read ids, read sequences, their kept frames) per block of reads."""
+    ids: list[str] = []
+    seqs: list[str] = []
+    for record in stream_valid([config.reads], report, alphabet=None):
+        ids.append(record.id)
+        seqs.append(record.sequence)
+        if len(ids) >= READ_BLOCK:
+            yield ids, seqs, frames_for_batch(ids, seqs, config.length)
+            ids, seqs = [], []
+    if ids:
+        yield ids, seqs, frames_for_batch(ids, seqs, config.length)
+
+
+def _count_frames(config: PredictConfig, report: ValidationReport) -> dict[str, int]:
+    counts = {"reads": report.records, "empty": report.problem_count, "chunks": 0, "frames": 0,
+              "nucleotides": 0, "proteins": 0}
+    for _, _, frames in _frame_blocks(config, report):
+        counts["chunks"] += int(frames.chunks_per_read.sum())
+        counts["frames"] += len(frames)
+        counts["nucleotides"] += sum(map(len, frames.nucleotides))
+        counts["proteins"] += sum(map(len, frames.proteins))
+    return counts
+
+
+def _frame_records(config: PredictConfig, report: ValidationReport, column: str) -> Iterator[FastaRecord]:
+    path = str(config.reads)
+    index = 0
+    for _, _, frames in _frame_blocks(config, report):
+        for frame_id, sequence in zip(frames.frame_ids, getattr(frames, column)):
+            yield FastaRecord(frame_id, sequence, path, 0, index)
+            index += 1
+
+
+def _score(config: PredictConfig, report: ValidationReport, load_classifier,
+           summary: PredictSummary) -> int:
+    from gpuengine.store.reader import EmbeddingStore
+    from gpuengine.workflows.virnucpro.outputs import ConsensusCollector, PredictionWriter
+
+    out = config.out_dir
+    with EmbeddingStore(config.store_path, table="dnabert") as dna, \
+            EmbeddingStore(config.store_path, table="esm") as esm:
+        feature_size = dna.spec.dim + esm.spec.dim
+        classifier = load_classifier(config.classifier, feature_size=feature_size)
+        if classifier.expected_length and classifier.expected_length != config.length:
+            log.warning("classifier %s was trained on %d-bp chunks but --length is %d: the "
+                        "scores will be off (use the matching model)", config.classifier,
+                        classifier.expected_length, config.length)
+        collector = ConsensusCollector()
+        intermediates = _Intermediates(config) if config.keep_intermediate else None
+        with PredictionWriter(out / "prediction_results.txt") as writer:
+            for ids, seqs, frames in _frame_blocks(config, report):
+                collector.add_reads(ids, frames.chunks_per_read)
+                if intermediates:
+                    intermediates.write(ids, seqs, frames)
+                for start in range(0, len(frames), SCORE_BLOCK):
+                    frame_ids = frames.frame_ids[start:start + SCORE_BLOCK]
+                    features = np.concatenate([_features(dna, frame_ids, "DNABERT-S"),
+                                               _features(esm, frame_ids, "ESM-2")], axis=1)
+                    scores = classifier.score(features)
+                    writer.write(frame_ids, scores.scores, scores.virus)
+                    collector.add_frames(frame_ids, scores.scores)
+        if intermediates:
+            intermediates.close()
+    collector.write_consensus(out / "prediction_results_highestscore.csv")
+    collector.write_read_summary(out / "prediction_results_reads.tsv")
+    return sum(1 for _, virus in collector.chunk_calls() if virus)
+
+
+def _features(store, frame_ids: list[str], what: str) -> np.ndarray:
+    try:
+        return store.get_many(frame_ids).astype(np.float32, copy=False)
+    except KeyError as exc:
+        raise ModelLoadError(f"frame {exc.args[0]!r} has no {what} embedding in the store; "
+                             "features are joined by frame id and a missing side is an "
+                             "error (rerun predict to compute it)") from None
+
+
+class _Intermediates:
+    """``--keep-intermediate``: the chunked reads and the kept frames, one unwrapped line per
+    sequence (the original's ``<base>_identified_nucleotide.fa`` / ``_protein.faa``)."""
+
+    def __init__(self, config: PredictConfig):
+        base = config.out_dir / input_base(config.reads)
+        self.chunks = open(f"{base}_chunked{config.length}.fa", "w")
+        self.nucleotide = open(f"{base}_identified_nucleotide.fa", "w")
+        self.protein = open(f"{base}_identified_protein.faa", "w")
+        self.length = config.length
+
+    def write(self, ids: list[str], seqs: list[str], frames: Frames) -> None:
+        for read_id, seq in zip(ids, seqs):
+            for chunk_id, chunk in chunk_sequence(read_id, seq, self.length):
+                self.chunks.write(f">{chunk_id}\n{chunk}\n")
+        for fid, nuc, prot in zip(frames.frame_ids, frames.nucleotides, frames.proteins):
+            self.nucleotide.write(f">{fid}\n{nuc}\n")
+            self.protein.write(f">{fid}\n{prot}\n")
+
+    def close(self) -> None:
+        for handle in (self.chunks, self.nucleotide, self.protein):
+            handle.close()

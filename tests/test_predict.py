@@ -1,0 +1,131 @@
+"""`gpuengine predict` end to end on the CPU with tiny random ESM-2 and DNABERT-S checkpoints and
+a random MLP saved the original way (a whole pickled module), against a plain reference
+pipeline written here: the per-read reference translation, fair-esm's own forward, the plain
+padded DNABERT-S reading of test_dnabert_s, and the original MLP."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from conftest import fair_esm_reference
+from gpuengine.cli import app
+from gpuengine.synthetic import write_dnabert_s, write_fair_esm_checkpoint
+from gpuengine.workflows.virnucpro.frames import chunk_sequence, translate_frames_reference
+from test_dnabert_s import reference_embeddings
+from test_virnucpro_classifier import random_original, save_original_way
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict-models")
+    esm = write_fair_esm_checkpoint(root / "esm2_t2_predict.pt", 2, 64, 4, seed=21)
+    dna = write_dnabert_s(root / "dnabert", num_layers=2, embed_dim=48, heads=4,
+                          intermediate=96, seed=22)
+    mlp = random_original(input_dim=48 + 64, hidden=32, seed=3)
+    save_original_way(mlp, root / "500_model.pth")
+    return esm, dna, mlp, root / "500_model.pth"
+
+
+def reads_fasta(path, n=40, seed=5):
+    rng = random.Random(seed)
+    reads = []
+    for i in range(n):
+        length = rng.choice([150, 151, 174, 300, 501, 620, 1001, 2])
+        seq = "".join(rng.choice("ACGT") for _ in range(length))
+        if i % 7 == 3:  # ambiguous bases: codons dropped, frame kept
+            seq = seq[:40] + "NNRY" + seq[44:]
+        if i % 11 == 5:
+            seq = seq.lower()
+        reads.append((f"read{i}", seq))
+    path.write_text("".join(f">{rid} sample\n{seq}\n" for rid, seq in reads))
+    return reads
+
+
+def reference_predictions(reads, esm, dna, mlp, length=500):
+    frames = []
+    for rid, seq in reads:
+        for chunk_id, chunk in chunk_sequence(rid, seq, length):
+            frames.extend(translate_frames_reference(chunk_id, chunk))
+    ids = [f.frame_id for f in frames]
+    dna_mean = np.stack(reference_embeddings(dna, [f.nucleotide for f in frames], [2],
+                                             batched=False)[2]["mean"])
+    esm_mean = fair_esm_reference(esm, [f.protein for f in frames], [2])[2]["mean"]
+    features = torch.from_numpy(np.concatenate([dna_mean, esm_mean], axis=1)).float()
+    with torch.no_grad():
+        probs = F.softmax(mlp.eval()(features), dim=1).numpy()
+    return ids, probs
+
+
+def read_predictions(path):
+    lines = path.read_text().splitlines()
+    assert lines[0] == "Sequence_ID\tPrediction\tscore1\tscore2"
+    rows = [line.split("\t") for line in lines[1:]]
+    return ([r[0] for r in rows], [r[1] for r in rows],
+            np.array([[float(r[2]), float(r[3])] for r in rows]))
+
+
+def run(args):
+    result = CliRunner().invoke(app, ["predict", *args, "--gpus", "cpu", "--offline", "-q", "--json"])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_predict_matches_the_reference_pipeline(tmp_path, models):
+    esm, dna, mlp, mlp_path = models
+    reads = reads_fasta(tmp_path / "reads.fasta")
+    run([str(tmp_path / "reads.fasta"), "--length", "500", "--classifier", str(mlp_path),
+         "--esm-model", str(esm), "--dnabert-model", str(dna), "--keep-intermediate"])
+    out = tmp_path / "reads_merged"
+    ids, labels, scores = read_predictions(out / "prediction_results.txt")
+    ref_ids, ref_probs = reference_predictions(reads, esm, dna, mlp)
+    assert ids == ref_ids
+    assert np.abs(scores - ref_probs).max() <= TOL
+    assert labels == ["virus" if p[1] > p[0] else "others" for p in ref_probs]
+    consensus = (out / "prediction_results_highestscore.csv").read_text().splitlines()
+    assert consensus[0] == "Modified_ID\tIs_Virus"
+    chunks = {}
+    for fid, p in zip(ref_ids, ref_probs):
+        best = chunks.setdefault(fid[:-2], [0.0, 0.0])
+        best[0], best[1] = max(best[0], p[0]), max(best[1], p[1])
+    assert consensus[1:] == [f"{c}\t{chunks[c][1] >= chunks[c][0]}" for c in sorted(chunks)]
+    assert (out / "reads_identified_protein.faa").read_text().count(">") == len(ref_ids)
+    assert (out / "prediction_results_reads.tsv").exists()
+
+
+def test_rerun_with_another_classifier_recomputes_nothing(tmp_path, models):
+    esm, dna, mlp, mlp_path = models
+    reads_fasta(tmp_path / "reads.fasta", n=12)
+    base = [str(tmp_path / "reads.fasta"), "--length", "500", "--esm-model", str(esm),
+            "--dnabert-model", str(dna)]
+    import json
+
+    first = json.loads(run(base + ["--classifier", str(mlp_path)]).stdout)
+    other = random_original(input_dim=48 + 64, hidden=32, seed=9)
+    other_path = tmp_path / "other_500_model.pth"
+    save_original_way(other, other_path)
+    second = json.loads(run(base + ["--classifier", str(other_path)]).stdout)
+    assert first["embed"]["esm"]["embedded"] > 0
+    for name in ("dnabert", "esm"):
+        assert second["embed"][name]["embedded"] == 0
+        assert second["embed"][name]["already_stored"] == first["frames"]
+
+
+def test_positional_form_and_classifier_size_check(tmp_path, models):
+    esm, dna, _, _ = models
+    reads_fasta(tmp_path / "reads.fasta", n=5)
+    wrong = random_original(input_dim=3328, hidden=16, seed=1)
+    wrong_path = tmp_path / "500_model.pth"
+    save_original_way(wrong, wrong_path)
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "reads.fasta"), "500",
+                                      str(wrong_path), "--esm-model", str(esm), "--dnabert-model",
+                                      str(dna), "--gpus", "cpu", "-q"])
+    assert result.exit_code == 1
+    assert "3328" in result.output and "112" in result.output
