@@ -357,6 +357,76 @@ def devices(as_json: bool = typer.Option(False, "--json", help="Print JSON on st
         typer.echo(f"{i.device}\t{i.name}\t{memory}\t(memory from {i.memory_source})")
 
 
+@app.command(epilog="Example: gpuengine serve --watch /srv/embed --store /srv/embed/store.lmdb "
+                    "--model esm2_t33_650M_UR50D")
+def serve(
+    watch: Path = typer.Option(..., "--watch", "-w", help="Directory to watch; inbox/, "
+                               "processing/, done/ and failed/ are created under it."),
+    store: Path = typer.Option(..., "--store", "-o", help="LMDB store every file is embedded into."),
+    model: str = typer.Option(..., "--model", "-m", help="Checkpoint file (esm2_*.pt), Hugging "
+                              "Face directory, or published name such as esm2_t33_650M_UR50D."),
+    layers: str = typer.Option("-1", "--layers", help="Comma-separated layers; negative counts "
+                               "from the end (-1 = last). Use --layers=-1."),
+    pool: List[str] = typer.Option(["mean"], "--pool", help="mean, bos, per-token."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16 "
+                                            "[default: fp32 on CPU, fp16 on GPU]"),
+    store_dtype: str = typer.Option("float32", "--store-dtype", help="float32 or float16."),
+    max_residues: Optional[int] = typer.Option(None, "--max-residues", help="Truncate longer "
+                                               "sequences (0: never) [default: 1022 for ESM-2]",
+                                               show_default=False),
+    table: str = typer.Option("default", "--table", help="Named table in the store."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip invalid records "
+                                      "(listed in the job record) instead of failing the file."),
+    gpus: str = typer.Option("auto", "--gpus", help="auto, all, cpu, or ordinals like 0,1."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Upper bound on tokens "
+                                             "per batch [default: from device memory]."),
+    offline: bool = typer.Option(False, "--offline", help="Never download weights."),
+    poll_interval: float = typer.Option(2.0, "--poll-interval", help="Seconds between polls of "
+                                        "inbox/."),
+    settle: float = typer.Option(5.0, "--settle", help="A file without a marker that was not "
+                                 "renamed into inbox/ is taken once unchanged this many seconds "
+                                 "and complete (final newline or whole gzip)."),
+    max_attempts: int = typer.Option(3, "--max-attempts", help="Attempts per file before it "
+                                     "goes to failed/ (bad input fails at once)."),
+    retry_delay: float = typer.Option(10.0, "--retry-delay", help="Seconds before the first "
+                                      "retry after an error (doubles each time)."),
+    status_interval: float = typer.Option(5.0, "--status-interval", help="Seconds between "
+                                          "status.json heartbeats."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging."),
+) -> None:
+    """Watch DIR/inbox and embed every complete FASTA file into the store, models loaded once
+    (a daemon for systemd Type=notify; see docs/daemon.md). SIGTERM/Ctrl-C: drain, exit 0."""
+    from gpuengine.config import EmbedConfig
+    from gpuengine.daemon import ServeConfig, serve as run_daemon
+
+    try:
+        _check_table(table)
+        embed_config = EmbedConfig(
+            inputs=(watch / "inbox",), model=model, out=store, layers=_parse_layers(layers),
+            pools=tuple(_split(pool)), precision=precision, store_dtype=store_dtype,
+            max_residues=-1 if max_residues is None else (max_residues or None), table=table,
+            skip_invalid=skip_invalid, devices=gpus, max_tokens=max_tokens,
+            allow_download=not offline)
+        config = ServeConfig(watch=watch, embed=embed_config, poll_interval=poll_interval,
+                             settle=settle, max_attempts=max_attempts, retry_delay=retry_delay,
+                             status_interval=status_interval)
+    except GpuEngineError as exc:
+        raise _fail(exc) from None
+    raise typer.Exit(run_daemon(config, verbose=verbose, quiet=quiet))
+
+
+@app.command(epilog="Example: gpuengine status /srv/embed")
+def status(directory: Path = typer.Argument(..., help="The directory a gpuengine serve watches "
+                                            "(or its status.json)."),
+           as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
+    """Show a daemon's status.json; exit 1 when its heartbeat is stale (older than 3 status
+    intervals), the daemon stopped, or there is no status file."""
+    from gpuengine.daemon import status_command
+
+    raise typer.Exit(status_command(directory, as_json))
+
+
 def main() -> None:
     try:
         app()

@@ -49,19 +49,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
     ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
+    ap.add_argument("--tiny", action="store_true", help="smoke test on the CPU with tiny models")
     args = ap.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    esm_pt = work / "esm2_t36_3B_UR50D.pt"
+    esm_pt = work / ("esm2_t2_tiny.pt" if args.tiny else "esm2_t36_3B_UR50D.pt")
     if not esm_pt.exists():
-        layers, d, heads = ESM2_SHAPES["esm2_t36_3B_UR50D"]
-        state = random_esm2_state(layers, d, heads, dtype=torch.float16, device="cuda")
+        layers, d, heads = (2, 2560, 40) if args.tiny else ESM2_SHAPES["esm2_t36_3B_UR50D"]
+        state = random_esm2_state(layers, d, heads, dtype=torch.float16,
+                                  device="cpu" if args.tiny else "cuda")
         write_fair_esm_checkpoint_from_state(esm_pt, {k: v.cpu() for k, v in state.items()},
                                              layers, d, heads)
         del state
-    dna_dir = work / "DNABERT-S_random"
+    dna_dir = work / ("DNABERT-S_tiny" if args.tiny else "DNABERT-S_random")
     if not dna_dir.exists():
-        write_dnabert_s(dna_dir, seed=0)
+        write_dnabert_s(dna_dir, seed=0, **({"num_layers": 1} if args.tiny else {}))
     mlp_path = work / "500_model.pth"
     torch.manual_seed(0)
     torch.save(MLPClassifier(3328, 512, 2).eval(), mlp_path)  # the original way
@@ -73,13 +75,15 @@ def main() -> None:
             seq = bases[rng.choice(5, 150, p=[0.2495] * 4 + [0.002])].tobytes().decode()
             f.write(f">read{i}\n{seq}\n")
     config = PredictConfig(reads=fasta, length=500, classifier=mlp_path, esm_model=str(esm_pt),
-                           dnabert_model=str(dna_dir), out=work / "predict_out", devices="auto")
+                           dnabert_model=str(dna_dir), out=work / "predict_out",
+                           devices="cpu" if args.tiny else "auto")
     start = time.perf_counter()
     summary = run_predict(config)
     wall = time.perf_counter() - start
     rec = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "commit": args.commit, "gpu": torch.cuda.get_device_name(0),
-           "n_gpus": torch.cuda.device_count(), "model": "virnucpro",
+           "commit": args.commit,
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "n_gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0, "model": "virnucpro",
            "workload": f"reads150-{args.reads // 1000}k", "system": "gpuengine-predict",
            "precision": "fp16", "tokens_per_s": summary.embed["esm"]["tokens_per_second"],
            "sequences_per_s": args.reads / wall, "wall_s": wall,
