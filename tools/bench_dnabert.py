@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import drive_worker  # noqa: E402
 from gpuengine.dna_tokenizer import DnaTokenizer  # noqa: E402
 from gpuengine.models.dnabert_s import alibi_slopes  # noqa: E402
 from gpuengine.models.dnabert_s_weights import build_dnabert_s, read_dnabert_s  # noqa: E402
@@ -59,36 +61,6 @@ def gemm_rate() -> float:
         a @ b
     torch.cuda.synchronize()
     return 200 * 2 * 16384 * 768 * 3072 / (time.perf_counter() - start)
-
-
-def run_engine(runner, items, budget):
-    import queue
-    import threading
-
-    from gpuengine.budget import TokenBudget
-    from gpuengine.scheduler import Scheduler
-    from gpuengine.worker import DeviceWorker, WorkerExit
-
-    runner.calibrate(budget)
-    sched = Scheduler()
-    sched.submit(items)
-    sched.close()
-    outbox, halt = queue.Queue(), threading.Event()
-    worker = DeviceWorker(0, runner, TokenBudget(budget, budget), sched, outbox, halt)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    worker.start()
-    tokens = n = 0
-    while True:
-        msg = outbox.get()
-        if isinstance(msg, WorkerExit):
-            if msg.error:
-                raise msg.error
-            break
-        sched.complete(msg.batch.batch_id)
-        tokens += msg.batch.n_tokens
-        n += len(msg.batch.items)
-    return tokens, n, time.perf_counter() - start
 
 
 def padded_forward(sd, cfg, ids, mask, slopes):
@@ -197,7 +169,8 @@ def main() -> None:
         emit(**common, system="gemm-ceiling", precision="bf16", gemm_tflops=rate / 1e12,
              tokens_per_s=ceiling, sequences_per_s=ceiling / mean_len)
         items = [WorkItem(sequence_digest(s), t, len(s)) for s, t in zip(seqs, token_lists)]
-        t, n, secs = run_engine(runner, items, args.budget)
+        r = drive_worker(runner, items, args.budget)
+        t, n, secs = r["tokens"], r["sequences"], r["seconds"]
         emit(**common, system="gpuengine", precision="fp16", tokens_per_s=t / secs,
              sequences_per_s=n / secs, seconds=secs, pct_of_ceiling=100 * t / secs / ceiling,
              attention=type(runner.attention).__name__, budget=args.budget)

@@ -5,14 +5,18 @@ GEMM ceiling, all measured in one run on random weights of the real shapes.
     python tools/bench_esm.py --models 3B,650M --workloads virnucpro150,virnucpro500,uniprot \\
         --systems gemm,gpuengine,hf,fair-esm --out results.jsonl
 
-Systems
-  gemm          bf16 GEMM (16384 × d by d × 4d); its rate over FLOPs per residue is the ceiling
-  gpuengine     packed runner, the engine's own scheduler packing, fp16 (or --precision)
-  gpuengine-compiled   the same with torch.compile'd per-layer kernels
+Systems (--systems, comma-separated)
+  gemm          bf16 GEMM (16384 × d by d × 4d); its rate over FLOPs per residue is the ceiling;
+                also the engine's four linear layers at its shapes, sustained (gemm-layer-skeleton)
+  gpuengine     the engine's device worker (scheduler, stage/launch/finish, fp16, compiled
+                per-layer kernels) over pre-tokenized items; --sweep measures several budgets
+  e2e           `gpuengine embed` end to end: FASTA file → LMDB store (parse, validate, commit)
+  host          the same with the GPU step replaced by a no-op (host-pipeline capacity)
   hf            transformers EsmModel, SDPA, bf16, length-sorted padded batches (best of budgets)
   fair-esm      fair-esm ESM2 fp32, toks_per_batch 2048, as VirNucPro calls it (a capped sample)
-  e2e           `gpuengine embed` end to end: FASTA file → LMDB store (parse, validate, commit)
   cosine        fp16 and bf16 mean embeddings against fp32 on the GPU (no timing)
+  variants      diagnostic: synchronous loop vs worker depth 1 vs one stream vs eager
+  profile       torch.profiler kernel table of two batches (written next to --out)
 
 Tokens are residues (BOS/EOS not counted), as in docs/performance; the ceiling is in the same
 unit: GEMM FLOP/s ÷ FLOPs per residue, where a sequence of L residues costs
@@ -34,7 +38,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import drive_worker  # noqa: E402
 from gpuengine.models.esm2_weights import build_esm2  # noqa: E402
 from gpuengine.packing import WorkItem  # noqa: E402
 from gpuengine.pooling import PoolingRule  # noqa: E402
@@ -109,37 +115,9 @@ def _items(seqs):
 
 
 def run_pipeline(runner, seqs, budget, depth=2):
-    """The engine's device worker without input parsing or the store: scheduler → worker
-    thread (stage + launch batch k+1, then finish batch k) → results. Returns (residues,
-    sequences, seconds, busy fraction) after a warm-up batch at full budget."""
-    import queue
-    import threading
-
-    from gpuengine.budget import TokenBudget
-    from gpuengine.worker import DeviceWorker, WorkerExit
-
-    runner.calibrate(budget)
-    sched = Scheduler()
-    sched.submit(_items(seqs))
-    sched.close()
-    outbox, halt = queue.Queue(), threading.Event()
-    worker = DeviceWorker(0, runner, TokenBudget(budget, budget), sched, outbox, halt, depth=depth)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    worker.start()
-    residues = nseq = 0
-    while True:
-        msg = outbox.get()
-        if isinstance(msg, WorkerExit):
-            if msg.error:
-                raise msg.error
-            break
-        assert msg.kind == "ok", msg
-        sched.complete(msg.batch.batch_id)
-        residues += sum(i.residues for i in msg.batch.items)
-        nseq += len(msg.batch.items)
-    seconds = time.perf_counter() - start
-    return residues, nseq, seconds, worker.stats.busy_seconds / seconds
+    """(residues, sequences, seconds, busy fraction) through the engine's device worker."""
+    r = drive_worker(runner, _items(seqs), budget, depth)
+    return r["residues"], r["sequences"], r["seconds"], r["busy_fraction"]
 
 
 def run_sync(runner, seqs, budget):

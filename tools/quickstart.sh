@@ -4,14 +4,7 @@
 # (no internet, e.g. CI) it writes a RANDOM-weight checkpoint of the same shape and says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-# torch first, unless the venv has one: TORCH_SPEC picks the build (default: the CPU wheel
-# 2.13.0, small and what CI uses; on a GPU server use e.g. TORCH_SPEC=torch for the CUDA build).
-install_torch() {
-  "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q "${TORCH_SPEC:-torch==2.13.0}"
-}
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-install_torch
+. tools/_venv.sh
 "$VENV/bin/pip" install -q -e .
 MODEL=esm2_t6_8M_UR50D
 HUB=$("$VENV/bin/python" -c "import torch.hub, os; print(os.path.join(torch.hub.get_dir(), 'checkpoints'))")
