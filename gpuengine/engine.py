@@ -372,7 +372,7 @@ class _Run:
             has_embeddings=lambda digests: self.writer.has_embeddings(name, digests),
             submit=self.scheduler.submit,
             alias=lambda pairs: self.inbox.put(("alias", pairs)),
-            stop=self.stop)
+            stop=self.stop, fresh=self.writer.record_count(name) == 0)
 
     def _plan(self, planner: Planner) -> None:
         error = None

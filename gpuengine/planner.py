@@ -45,30 +45,31 @@ class Ledger:
         self._pending: dict[bytes, list[str]] = {}
         self._committing: set[bytes] = set()
 
-    def claim(self, digest: bytes, record_id: str, stored: bool) -> str:
-        """Attach ``record_id``; returns 'pending' (joined an in-flight sequence), 'committing'
-        (its group is on the way to the writer: commit as alias after it), 'stored' (alias of
-        a durable embedding) or 'new' (the caller must schedule it)."""
+    def claim_many(self, entries: list[tuple[bytes, str, bool]]) -> list[str]:
+        """Attach each (digest, record id, stored) under one lock; per entry returns 'pending'
+        (joined an in-flight sequence), 'committing' (its group is on the way to the writer:
+        commit as alias after it), 'stored' (alias of a durable embedding) or 'new' (the
+        caller must schedule it)."""
         with self.lock:
-            if digest in self._pending:
-                self._pending[digest].append(record_id)
-                return "pending"
-            if digest in self._committing:
-                return "committing"
-            if stored:
-                return "stored"
-            self._pending[digest] = [record_id]
-            return "new"
-
-    def to_committing(self, digest: bytes) -> tuple[str, ...]:
-        """The ids waiting on ``digest``; from now on it counts as committing."""
-        with self.lock:
-            ids = self._pending.pop(digest)
-            self._committing.add(digest)
-            return tuple(ids)
+            pending, committing = self._pending, self._committing
+            out = []
+            for digest, record_id, stored in entries:
+                waiting = pending.get(digest)
+                if waiting is not None:
+                    waiting.append(record_id)
+                    out.append("pending")
+                elif digest in committing:
+                    out.append("committing")
+                elif stored:
+                    out.append("stored")
+                else:
+                    pending[digest] = [record_id]
+                    out.append("new")
+            return out
 
     def to_committing_many(self, digests: list[bytes]) -> list[tuple[str, ...]]:
-        """:meth:`to_committing` for a whole batch under one lock."""
+        """The ids waiting on each digest; from now on those digests count as committing
+        (one lock for a whole batch)."""
         with self.lock:
             out = [tuple(self._pending.pop(d)) for d in digests]
             self._committing.update(digests)
@@ -102,6 +103,9 @@ class Planner:
     alias: Callable[[list[tuple[bytes, str]]], None]
     """(digest, id) pairs to commit as aliases, in order after any vectors already queued."""
     stop: threading.Event
+    fresh: bool = False
+    """The table held no record id when the run started: no id can be stored yet (ids are
+    unique in validated input), so the per-record id lookups are skipped."""
     counts: PlanCounts = field(default_factory=PlanCounts)
 
     def run(self, records: Iterable[FastaRecord]) -> None:
@@ -118,29 +122,33 @@ class Planner:
 
     def _plan_chunk(self, records: list[FastaRecord]) -> None:
         self.counts.records += len(records)
-        stored_digests = self.record_digests([r.id for r in records])
-        todo = [r for r, d in zip(records, stored_digests) if d is None]
+        if self.fresh:
+            todo = records
+        else:
+            stored_digests = self.record_digests([r.id for r in records])
+            todo = [r for r, d in zip(records, stored_digests) if d is None]
         self.counts.stored += len(records) - len(todo)
         if not todo:
             return
         embedded = [self._embedded_sequence(r) for r in todo]
         digests = [codec.sequence_digest(s) for s in embedded]
         present = self.has_embeddings(digests)
-        items: list[WorkItem] = []
+        new: list[tuple[bytes, str]] = []
         aliases: list[tuple[bytes, str]] = []
-        for record, seq, digest, stored in zip(todo, embedded, digests, present):
-            decision = self.ledger.claim(digest, record.id, stored)
+        decisions = self.ledger.claim_many([(d, r.id, p) for r, d, p in zip(todo, digests, present)])
+        for record, seq, digest, decision in zip(todo, embedded, digests, decisions):
             if decision == "new":
-                ids = self.tokenizer.encode(seq)
-                items.append(WorkItem(digest, ids, len(seq)))
-                self.counts.new += 1
-                self.counts.residues_new += len(seq)
-                self.counts.tokens_new += int(ids.size)
+                new.append((digest, seq))
             else:
                 self.counts.aliased += 1
                 if decision in ("committing", "stored"):
                     aliases.append((digest, record.id))
-        if items:
+        if new:
+            token_ids = self.tokenizer.encode_batch([seq for _, seq in new])
+            items = [WorkItem(digest, ids, len(seq)) for (digest, seq), ids in zip(new, token_ids)]
+            self.counts.new += len(items)
+            self.counts.residues_new += sum(len(seq) for _, seq in new)
+            self.counts.tokens_new += sum(int(ids.size) for ids in token_ids)
             self.submit(items)
         if aliases:
             self.alias(aliases)

@@ -263,6 +263,11 @@ class StoreWriter:
 
         return self._env.read(work)
 
+    def record_count(self, table: str) -> int:
+        """Record ids in an opened table."""
+        t = self._table(table)
+        return int(self._env.read(lambda txn: txn.stat(t.ids_db)["entries"]))
+
     def stored_spec(self, name: str) -> TableSpec | None:
         """The table's stored spec, or None if the store has no such table (nothing created)."""
         raw = self._env.read(lambda txn: _copy(txn.get(table_key(name), db=self._meta_db)))
@@ -370,8 +375,7 @@ class StoreWriter:
         records = sum(len(p.ids) for p in prepared)
 
         def work(txn: lmdb.Transaction) -> None:
-            for p in prepared:
-                self._put_entry(txn, t, p)
+            self._put_group(txn, t, prepared)
             if run_key is not None:
                 record = self._load_run(txn, run_key)
                 record["committed_sequences"] = record["committed_sequences"] + sequences
@@ -381,26 +385,36 @@ class StoreWriter:
 
         self._env.write(work, size_hint=sum(p.nbytes for p in prepared) + 4096)
 
-    def _put_entry(self, txn: lmdb.Transaction, t: _Table, p: _Prepared) -> None:
-        for key, label in p.alias_keys:
-            if txn.get(key, db=t.emb_db) is None:
-                raise InternalError(
-                    f"alias-only commit for sequence {p.digest.hex()}, but its {label} "
-                    f"embedding is not in table {t.spec.name!r}"
-                )
-        for key, value in p.arrays:
-            txn.put(key, value, db=t.emb_db)
-        for key, value, rid in p.ids:
-            old = txn.get(key, db=t.ids_db)
-            if old is None:
-                txn.put(key, value, db=t.ids_db)
-            elif codec.value_digest(old) != p.digest:
-                raise StoreMismatchError(
-                    f"record id {rid!r} is already in store {self._path} table "
-                    f"{t.spec.name!r} for a different sequence (stored digest "
-                    f"{codec.value_digest(old).hex()}, this run {p.digest.hex()}); an id must "
-                    "name one sequence: rename the record, or use another --table or --out"
-                )
+    def _put_group(self, txn: lmdb.Transaction, t: _Table, prepared: list[_Prepared]) -> None:
+        """Vectors first (one ``putmulti``), then alias checks, then id mappings (one
+        ``putmulti`` that never overwrites; ids that were already there are checked)."""
+        arrays = [item for p in prepared for item in p.arrays]
+        if arrays:
+            with txn.cursor(db=t.emb_db) as cursor:
+                cursor.putmulti(arrays)
+        for p in prepared:
+            for key, label in p.alias_keys:
+                if txn.get(key, db=t.emb_db) is None:
+                    raise InternalError(
+                        f"alias-only commit for sequence {p.digest.hex()}, but its {label} "
+                        f"embedding is not in table {t.spec.name!r}"
+                    )
+        ids = [(key, value) for p in prepared for key, value, _ in p.ids]
+        with txn.cursor(db=t.ids_db) as cursor:
+            consumed, added = cursor.putmulti(ids, overwrite=False)
+        if added == consumed:
+            return
+        for p in prepared:  # some ids were already stored: each must name the same sequence
+            for key, _, rid in p.ids:
+                old = txn.get(key, db=t.ids_db)
+                if codec.value_digest(old) != p.digest:
+                    raise StoreMismatchError(
+                        f"record id {rid!r} is already in store {self._path} table "
+                        f"{t.spec.name!r} for a different sequence (stored digest "
+                        f"{codec.value_digest(old).hex()}, this run {p.digest.hex()}); an id "
+                        "must name one sequence: rename the record, or use another --table "
+                        "or --out"
+                    )
 
 
 def _copy(value: bytes | memoryview | None) -> bytes | None:
