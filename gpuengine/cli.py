@@ -336,25 +336,39 @@ def export(
     stderr.print(f"exported {count:,} embeddings to {output}")
 
 
-@app.command(epilog="Example: gpuengine devices --json")
-def devices(as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
+@app.command(epilog="Examples: gpuengine devices;  gpuengine devices --model esm2_t36_3B_UR50D")
+def devices(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Also show the token budget "
+                                        "each GPU would start with for this model, and why."),
+    precision: str = typer.Option("fp16", "--precision", help="Precision for that estimate."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+) -> None:
     """List the devices gpuengine can run on, with memory (NVML where available)."""
     from dataclasses import asdict
 
     import torch
 
-    from gpuengine.devices import describe, parse_devices
+    from gpuengine.devices import budget_explanation, describe, parse_devices
 
     infos = [describe(torch.device("cpu"))] + [describe(d) for d in parse_devices("auto")
                                                if d.type == "cuda"]
+    reasons = {}
+    if model is not None:
+        try:
+            reasons = budget_explanation(model, precision, [i for i in infos if i.device != "cpu"])
+        except GpuEngineError as exc:
+            raise _fail(exc) from None
     if as_json:
-        typer.echo(json.dumps([asdict(i) for i in infos], indent=2))
+        typer.echo(json.dumps([{**asdict(i), **({"budget": reasons[i.device]} if i.device in reasons
+                                                 else {})} for i in infos], indent=2))
         return
     for i in infos:
         memory = (f"{(i.free_bytes or 0) / 2**30:.1f} GiB free of {i.total_bytes / 2**30:.1f} GiB"
                   if i.free_bytes is not None else
                   f"{i.total_bytes / 2**30:.1f} GiB" if i.total_bytes else "memory unknown")
         typer.echo(f"{i.device}\t{i.name}\t{memory}\t(memory from {i.memory_source})")
+        if i.device in reasons:
+            typer.echo(f"\tbudget {reasons[i.device]['tokens']:,} tokens: {reasons[i.device]['why']}")
 
 
 @app.command(epilog="Example: gpuengine serve --watch /srv/embed --store /srv/embed/store.lmdb "

@@ -184,3 +184,31 @@ class MemoryTelemetry(threading.Thread):
 
     def stop(self) -> None:
         self.stop_event.set()
+
+
+def budget_explanation(model: str, precision: str, infos: list[DeviceInfo]) -> dict[str, dict]:
+    """The starting token budget each GPU in ``infos`` would get for ``model``, and why (the
+    engine refines bytes per token at warm-up from the allocator's peak)."""
+    from gpuengine.budget import activation_bytes_per_token
+    from gpuengine.models.registry import family
+    from gpuengine.models.sources import resolve
+    from gpuengine.runner import DTYPES
+
+    if precision not in DTYPES:
+        raise UsageError(f"--precision {precision!r} is not one of {', '.join(DTYPES)}")
+    source = resolve(model, allow_download=False)
+    weights = family(source.family).read(source)
+    per_token = activation_bytes_per_token(weights.embed_dim, DTYPES[precision].itemsize, 1)
+    out = {}
+    for info in infos:
+        tokens = memory_budget(info.free_bytes or 0, per_token, GPU_MARGIN_BYTES)
+        capped = min(tokens, DEFAULT_GPU_MAX_TOKENS)
+        why = (f"{(info.free_bytes or 0) / 2**30:.1f} GiB free ({info.memory_source}) − "
+               f"{GPU_MARGIN_BYTES / 2**30:.0f} GiB margin over ~{per_token / 1024:.0f} KiB per "
+               f"token (d={weights.embed_dim}, {precision}, estimate) = {tokens:,} tokens")
+        if capped < tokens:
+            why += (f"; capped at {DEFAULT_GPU_MAX_TOKENS:,} (tokens/s stops rising above "
+                    "32-64k tokens per batch on an H200: docs/benchmarks.md)")
+        out[info.device] = {"tokens": capped, "why": why}
+    return out
+
