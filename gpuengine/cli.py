@@ -336,7 +336,7 @@ def export(
     stderr.print(f"exported {count:,} embeddings to {output}")
 
 
-@app.command(epilog="Examples: gpuengine devices;  gpuengine devices --model esm2_t36_3B_UR50D")
+@app.command(epilog="Example: gpuengine devices --model esm2_t36_3B_UR50D")
 def devices(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Also show the token budget "
                                         "each GPU would start with for this model, and why."),

@@ -39,7 +39,7 @@ from gpuengine.budget import TokenBudget
 from gpuengine.devices import (DeviceMemory, MemoryProbe, MemoryTelemetry, initial_budget,
                                parse_devices)
 from gpuengine.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, DeviceError,
-                              InternalError, StoreMismatchError, UsageError)
+                              StoreMismatchError, UsageError)
 from gpuengine.fasta import stream_valid, validate
 from gpuengine.models.registry import Family, Weights, family
 from gpuengine.models.sources import resolve, weights_checksum
@@ -171,6 +171,8 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
         else:
             source_input = _Input(records.iterate, records.count, records.residues)
             counts = dict(records_read=records.count, valid_records=records.count)
+        if stop.is_set():  # Ctrl-C while validating: nothing loaded, nothing to drain
+            raise KeyboardInterrupt
         progress.stage(f"reading weights {source.path}")
         weights = fam.read(source)
         if weights.synthetic:
@@ -436,8 +438,10 @@ class _Run:
                 self._fail(item.digest, f"does not fit in device memory alone ({item.n_tokens} tokens)")
         else:
             self.scheduler.fail(batch.batch_id)
-            raise InternalError(f"device {outcome.device} failed on a batch: "
-                                f"{outcome.error.__class__.__name__}: {outcome.error}") from outcome.error
+            name = self.workers[outcome.device].runner.device
+            raise DeviceError(f"device {outcome.device} ({name}) failed on a batch: "
+                              f"{outcome.error.__class__.__name__}: {outcome.error}; what was "
+                              "committed before is intact, rerun to resume") from outcome.error
 
     def _fail(self, digest: bytes, reason: str) -> None:
         for record_id in self.ledger.drop(digest):
