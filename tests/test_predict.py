@@ -129,3 +129,67 @@ def test_positional_form_and_classifier_size_check(tmp_path, models):
                                       str(dna), "--gpus", "cpu", "-q"])
     assert result.exit_code == 1
     assert "3328" in result.output and "112" in result.output
+
+
+@pytest.mark.slow
+def test_predict_killed_with_sigkill_resumes_to_the_same_outputs(tmp_path, models):
+    """A real `gpuengine predict` process killed with SIGKILL while embedding; the rerun
+    finishes from the store and writes exactly the outputs of an uninterrupted run."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    esm, dna, _, mlp_path = models
+    reads_fasta(tmp_path / "reads.fasta", n=1500, seed=11)
+    args = [str(tmp_path / "reads.fasta"), "--length", "500", "--classifier", str(mlp_path),
+            "--esm-model", str(esm), "--dnabert-model", str(dna), "--gpus", "cpu", "--offline",
+            "-q", "--max-tokens", "64"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPUENGINE_OFFLINE": "1"}
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, "-m", "gpuengine", "predict", *args, "--out", str(reference)],
+                   check=True, env=env, capture_output=True)
+    out = tmp_path / "killed"
+    child = subprocess.Popen([sys.executable, "-m", "gpuengine", "predict", *args, "--out", str(out)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and child.poll() is None:
+        if _committed(out / "embeddings.lmdb", "dnabert") > 0:  # the first groups are in
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, "the run ended before it could be killed"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    rerun = subprocess.run([sys.executable, "-m", "gpuengine", "predict", *args, "--out", str(out),
+                            "--json"], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    stored = sum(summary["embed"][n]["already_stored"] for n in ("dnabert", "esm"))
+    assert stored > 0
+    for name in ("prediction_results.txt", "prediction_results_highestscore.csv",
+                 "prediction_results_reads.tsv"):
+        ours = (out / name).read_text().splitlines()
+        ref = (reference / name).read_text().splitlines()
+        assert ours[0] == ref[0] and len(ours) == len(ref)
+        if name == "prediction_results.txt":  # scores equal within float rounding
+            a = np.array([[float(x) for x in r.split("\t")[2:]] for r in ours[1:]])
+            b = np.array([[float(x) for x in r.split("\t")[2:]] for r in ref[1:]])
+            assert [r.split("\t")[:2] for r in ours[1:]] == [r.split("\t")[:2] for r in ref[1:]]
+            assert np.abs(a - b).max() <= 1e-6
+        else:
+            assert ours == ref
+
+
+def _committed(store, table: str) -> int:
+    """Record ids in ``table``, read from another process's store (0 while it does not exist)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom gpuengine import EmbeddingStore\ntry:\n"
+            f"    s = EmbeddingStore({str(store)!r}, table={table!r}); print(len(s))\n"
+            "except Exception:\n    print(0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return int(result.stdout.strip() or 0)
+
