@@ -26,6 +26,8 @@ class Environment:
     """``GPUENGINE_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``): never try to download weights."""
     cache_dir: Path
     """``GPUENGINE_CACHE`` or ``$XDG_CACHE_HOME/gpuengine`` or ``~/.cache/gpuengine``: checksum cache."""
+    notify_socket: str = ""
+    """``NOTIFY_SOCKET``: systemd's notification socket (empty: not under systemd)."""
 
 
 def environment() -> Environment:
@@ -37,7 +39,8 @@ def environment() -> Environment:
         cache = Path(os.environ["XDG_CACHE_HOME"]) / "gpuengine"
     else:
         cache = Path.home() / ".cache" / "gpuengine"
-    return Environment(offline=offline, cache_dir=cache)
+    return Environment(offline=offline, cache_dir=cache,
+                       notify_socket=os.environ.get("NOTIFY_SOCKET", ""))
 
 
 _TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")

@@ -85,6 +85,8 @@ class RunSummary:
     """From the first batch claimed to the last commit (the steady-state part)."""
     devices: list[dict] = field(default_factory=list)
     interrupted: bool = False
+    run_id: str = ""
+    """Key of the run's progress record in the store's ``runs`` database."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -174,7 +176,8 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
         if stop.is_set():  # Ctrl-C while validating: nothing loaded, nothing to drain
             raise KeyboardInterrupt
         progress.stage(f"reading weights {source.path}")
-        weights = fam.read(source)
+        weights = (fam.read(source) if replicas is None else
+                   replicas.weights(_file_key(source.path), lambda: fam.read(source)))
         if weights.synthetic:
             log.warning("model %s has RANDOM weights (a gpuengine test checkpoint): the "
                         "embeddings mean nothing", source.path)
@@ -235,6 +238,11 @@ def _store_conflict_check(writer: StoreWriter, table: str, max_residues: int | N
     return check
 
 
+def _file_key(path: Path) -> tuple:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
 def _remove_store(path: Path) -> None:
     """Undo the creation of a store that a failed run left without a single record."""
     for name in ("data.mdb", "lock.mdb"):
@@ -269,6 +277,7 @@ class _Run:
     def execute(self) -> None:
         workers = self._start_workers()
         run_id = _run_id(self.config, self.spec)
+        self.summary.run_id = run_id
         self.writer.begin_run(run_id, {"command": "embed", "engine_version": __version__,
                                        "inputs": [str(p) for p in self.config.inputs],
                                        "precision": workers[0].runner.precision})

@@ -25,6 +25,14 @@ class ReplicaPool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._replicas: dict[Hashable, Replica] = {}
+        self._weights: dict[Hashable, Any] = {}
+
+    def weights(self, key: Hashable, read: Any) -> Any:
+        """The host-side weights for ``key`` (e.g. path, size, mtime), read once per process."""
+        with self._lock:
+            if key not in self._weights:
+                self._weights[key] = read()
+            return self._weights[key]
 
     def get(self, key: Hashable) -> Replica | None:
         with self._lock:
@@ -42,6 +50,7 @@ class ReplicaPool:
         """Drop every replica (their device memory is freed once nothing else holds them)."""
         with self._lock:
             self._replicas.clear()
+            self._weights.clear()
         try:
             import torch
 

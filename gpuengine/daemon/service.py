@@ -1,0 +1,550 @@
+"""The daemon itself: claim, embed, commit the job, move the file; signals and start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from gpuengine import __version__, systemd
+from gpuengine.config import EmbedConfig
+from gpuengine.errors import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, DeviceError,
+                              GpuEngineError, InputError, ModelLoadError, StoreMismatchError,
+                              UsageError)
+from gpuengine.progress import ProgressSink
+from gpuengine.daemon.constants import ATTEMPTS_FILE, ERROR_SUFFIX, FOLDERS, JOB_PREFIX, JOB_SUFFIX, LOCK_FILE, MAX_LISTED_FAILURES, WARMUP_PREFIX, WARMUP_RECORD
+from gpuengine.daemon.files import atomic_write_json, error_record, file_sha256, free_name, is_ignored, marker_name, utc_now
+from gpuengine.daemon.inbox import InboxWatcher
+from gpuengine.daemon.books import AttemptBook, JobBook
+from gpuengine.daemon.status import StatusBoard, _FileProgress
+
+log = logging.getLogger("gpuengine.daemon")
+
+# ----------------------------------------------------------------------------- the daemon
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``gpuengine serve`` needs. ``embed`` is the template of every run: its
+    ``inputs`` are replaced by the claimed file (build it with any placeholder input)."""
+
+    watch: Path
+    embed: EmbedConfig
+    poll_interval: float = 2.0
+    """Seconds between polls of the inbox."""
+    settle: float = 5.0
+    """The fallback: seconds a file must stay unchanged (and look complete) to be taken."""
+    max_attempts: int = 3
+    """Attempts per file before it goes to failed/ (input errors fail at once)."""
+    status_interval: float = 5.0
+    """Seconds between status.json heartbeats; ``gpuengine status`` calls 3x this stale."""
+    retry_delay: float = 10.0
+    """Seconds before the first retry of a file after an error; doubles each attempt, 10 min
+    at most."""
+
+    def __post_init__(self) -> None:
+        if self.poll_interval <= 0:
+            raise UsageError(f"--poll-interval must be positive (got {self.poll_interval})")
+        if self.settle < 0:
+            raise UsageError(f"--settle must not be negative (got {self.settle})")
+        if self.max_attempts < 1:
+            raise UsageError(f"--max-attempts must be at least 1 (got {self.max_attempts})")
+        if self.status_interval <= 0:
+            raise UsageError(f"--status-interval must be positive (got {self.status_interval})")
+        if self.retry_delay < 0:
+            raise UsageError(f"--retry-delay must not be negative (got {self.retry_delay})")
+
+
+class DaemonExit(Exception):
+    """Leave the daemon with ``code`` (after writing the final status)."""
+
+    def __init__(self, code: int, message: str = ""):
+        super().__init__(message)
+        self.code = code
+
+
+RunFunction = Callable[..., Any]
+"""``run(config, progress, stop, replicas=pool) -> RunSummary`` (engine.run_embed)."""
+
+
+class Daemon:
+    def __init__(self, config: ServeConfig, *, stop: threading.Event | None = None,
+                 run: RunFunction | None = None,
+                 notify: Callable[[str], Any] | None = None):
+        self.config = config
+        self.dir = Path(config.watch)
+        self.inbox, self.processing, self.done, self.failed = (self.dir / f for f in FOLDERS)
+        self.stop = stop or threading.Event()
+        self._run = run
+        if notify is None:
+            socket_path = config.embed.env.notify_socket
+            notify = lambda message: systemd.notify(message, socket_path)  # noqa: E731
+        self._notify = notify
+        self.pool = None
+        self.table_spec = None
+        self.identity: dict[str, Any] = {}
+        self.attempts = AttemptBook(self.dir / ATTEMPTS_FILE)
+        self.jobs = JobBook(config.embed.out)
+        self.board = StatusBoard(self.dir, config.status_interval, notify,
+                                 memories=lambda: self.pool.memories() if self.pool else [])
+        self.board.update(store=str(config.embed.out), model=config.embed.model)
+        self.watcher = InboxWatcher(self.inbox, config.settle)
+        self.retry_at: dict[str, float] = {}
+        self._lock_fd: int | None = None
+        self._busy: set[str] = set()
+
+    # -- whole life ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start, serve until stopped, return the exit code (0 after a clean stop)."""
+        code = EXIT_OK
+        try:
+            self.prepare()
+            self.board.start()
+            self.warm_up()
+            self.check_store()
+            self.board.update(state="ready", stage=None)
+            self.board.write()
+            self._notify("READY=1")
+            log.info("ready: watching %s/inbox, store %s", self.dir, self.config.embed.out)
+            self.recover()
+            self.loop()
+            log.info("stopped")
+        except DaemonExit as exc:
+            code = exc.code
+        except GpuEngineError as exc:
+            log.error("%s", exc)
+            self.board.update(last_error={"at": utc_now(), "file": None, "message": str(exc)})
+            code = exc.exit_code
+        except Exception as exc:
+            log.exception("the daemon failed")
+            self.board.update(last_error={"at": utc_now(), "file": None,
+                                          "message": f"{type(exc).__name__}: {exc}"})
+            code = EXIT_ERROR
+        finally:
+            if self._lock_fd is not None:  # never overwrite the status of another daemon
+                self.board.close(state="stopped", processing=None, exit_code=code)
+            self._unlock()
+        return code
+
+    def request_stop(self, reason: str) -> None:
+        """Called from the signal handler: stop claiming, drain the current run, exit 0."""
+        self.stop.set()
+        self._notify("STOPPING=1")
+        if self.board.state == "loading":
+            # nothing is claimed yet and a model load cannot be interrupted: leave now
+            log.warning("%s while loading the model: exiting", reason)
+            if self._lock_fd is not None:
+                self.board.close(state="stopped", exit_code=EXIT_OK)
+            os._exit(EXIT_OK)
+        log.warning("%s: finishing the batches in flight, committing, then exiting (send it "
+                    "again to quit at once)", reason)
+        self.board.update(state="draining")
+        threading.Thread(target=self._write_quietly, daemon=True).start()
+
+    def _write_quietly(self) -> None:
+        try:
+            self.board.write()
+        except Exception:
+            pass
+
+    # -- start-up ------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Lock the directory, create the folders (one filesystem), clean up leftovers."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        for folder in (self.inbox, self.processing, self.done, self.failed):
+            folder.mkdir(exist_ok=True)
+        devices = {os.stat(f).st_dev for f in (self.inbox, self.processing, self.done,
+                                                self.failed)}
+        if len(devices) > 1:
+            raise GpuEngineError(f"{self.dir}: inbox/, processing/, done/ and failed/ must be "
+                                 "on one filesystem (files move between them by rename)")
+        for leftover in self.dir.glob(WARMUP_PREFIX + "*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.dir.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+        self.attempts.keep_only({n for n in os.listdir(self.processing) if not is_ignored(n)})
+
+    def _lock(self) -> None:
+        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise GpuEngineError(f"another gpuengine serve (pid {holder}) is watching {self.dir}; "
+                                 "one daemon per directory") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _call_run(self, config: EmbedConfig, progress: ProgressSink):
+        if self._run is None:
+            from gpuengine.engine import run_embed
+
+            self._run = run_embed
+        return self._run(config, progress, self.stop, replicas=self.pool)
+
+    def warm_up(self) -> None:
+        """Load the model on every device: one tiny record into a throw-away store, with the
+        real options (so the replicas built are the ones every run reuses)."""
+        from gpuengine.replicas import ReplicaPool
+        from gpuengine.store.reader import EmbeddingStore
+
+        self.pool = ReplicaPool()
+        started = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=WARMUP_PREFIX, dir=self.dir))
+        try:
+            fasta = tmp / "warmup.fa"
+            fasta.write_text(WARMUP_RECORD)
+            config = dataclasses.replace(self.config.embed, inputs=(fasta,),
+                                         out=tmp / "store.lmdb", skip_invalid=False)
+            summary = self._call_run(config, _FileProgress(self.board, loading=True))
+            if summary.interrupted:
+                raise DaemonExit(EXIT_OK)
+            with EmbeddingStore(config.out, table=config.table) as store:
+                self.table_spec = store.spec
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        spec = self.table_spec
+        self.identity = {"table": spec.name, "model_fingerprint": spec.model.fingerprint().hex(),
+                         "outputs": sorted(o.label for o in spec.outputs),
+                         "store_dtype": spec.store_dtype, "max_residues": spec.max_residues,
+                         "skip_invalid": self.config.embed.skip_invalid,
+                         "precision": self.config.embed.precision}
+        self.board.update(model={"name": spec.model.name, "family": spec.model.family,
+                                 "sha256": spec.model.sha256, "table": spec.name,
+                                 "outputs": [o.label for o in spec.outputs]},
+                          devices=summary.devices)
+        log.info("model %s loaded on %s in %.1f s", spec.model.name,
+                 ", ".join(d["device"] for d in summary.devices) or "?",
+                 time.perf_counter() - started)
+
+    def check_store(self) -> None:
+        """Refuse to start on a store whose table means something else (rather than failing
+        every file)."""
+        from gpuengine.store.writer import StoreWriter
+
+        with StoreWriter(self.config.embed.out) as writer:
+            stored = writer.stored_spec(self.table_spec.name)
+        if stored is not None:
+            diffs = stored.differences(self.table_spec)
+            if diffs:
+                raise StoreMismatchError(
+                    f"store {self.config.embed.out} table {self.table_spec.name!r} holds "
+                    f"{stored.describe()}; the daemon's options ask for "
+                    f"{self.table_spec.describe()} ({'; '.join(diffs)}); use another --table "
+                    "or --store")
+
+    def recover(self) -> None:
+        """Finish every file a previous daemon left in ``processing/``."""
+        names = sorted(n for n in os.listdir(self.processing) if not is_ignored(n))
+        if names:
+            log.info("recovering %d file(s) left in processing/", len(names))
+        for name in names:
+            if self.stop.is_set():
+                return
+            (self.inbox / marker_name(name)).unlink(missing_ok=True)
+            self.process(name)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def loop(self) -> None:
+        while not self.stop.is_set():
+            now = time.monotonic()
+            due = sorted((t, n) for n, t in self.retry_at.items() if t <= now)
+            if due:
+                self.process(due[0][1])
+                continue
+            ready = self.watcher.poll()
+            self.board.update(queue=self.watcher.depth, waiting=self.watcher.waiting,
+                              retrying=sorted(self.retry_at))
+            worked = False
+            for name in ready:
+                if self.stop.is_set():
+                    break
+                if self.claim(name):
+                    self.process(name)
+                    worked = True
+                    break  # poll again: retries and fresher state first
+            if not worked:
+                self.stop.wait(self.config.poll_interval)
+
+    def claim(self, name: str) -> bool:
+        """``os.replace(inbox/x, processing/x)``; False if it is gone or the name is busy."""
+        if (self.processing / name).exists():
+            if name not in self._busy:
+                self._busy.add(name)
+                log.warning("inbox/%s waits: a file of that name is still in processing/", name)
+            return False
+        self._busy.discard(name)
+        self.watcher.forget(name)
+        try:
+            os.replace(self.inbox / name, self.processing / name)
+        except FileNotFoundError:
+            return False
+        (self.inbox / marker_name(name)).unlink(missing_ok=True)
+        self.watcher.depth = max(0, self.watcher.depth - 1)
+        self.board.update(queue=self.watcher.depth)
+        log.info("claimed %s", name)
+        return True
+
+    # -- one file ------------------------------------------------------------------------
+
+    def job_key(self, sha256: str) -> str:
+        text = json.dumps({"sha256": sha256, **self.identity}, sort_keys=True, default=str)
+        return JOB_PREFIX + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+    def process(self, name: str) -> None:
+        """Embed ``processing/name`` and move it to done/ or failed/ (or leave it there for a
+        retry or after a stop request)."""
+        self.retry_at.pop(name, None)
+        path = self.processing / name
+        started = time.perf_counter()
+        try:
+            sha256 = file_sha256(path, self.stop)
+        except FileNotFoundError:
+            self.attempts.clear(name)
+            return
+        except OSError as exc:  # unreadable (permissions, I/O error): a problem of the file
+            self._fail(name, InputError(f"{name}: cannot read it: {exc}"), kind="input",
+                       attempts=self.attempts.get(name).get("attempts", 0), sha256=None)
+            return
+        if sha256 is None:
+            return  # a stop request while hashing
+        key = self.job_key(sha256)
+        previous = self.jobs.get(key)
+        if previous is not None and previous.get("status") in ("complete", "partial"):
+            self._finish_reused(name, sha256, key, previous)
+            return
+        book = self.attempts.get(name)
+        if book.get("sha256") == sha256 and book.get("attempts", 0) >= self.config.max_attempts:
+            errors = book.get("errors", [])
+            last = errors[-1]["message"] if errors else "no error was recorded"
+            exc = GpuEngineError(f"gave up after {book['attempts']} attempts that did not "
+                                 f"finish (the daemon stopped or died during each); last "
+                                 f"error: {last}")
+            log.error("%s -> failed/: %s", name, exc)
+            self._fail(name, exc, kind="error", attempts=book["attempts"], sha256=sha256,
+                       errors=errors)
+            return
+        if self.stop.is_set():
+            return  # a stop request: leave it in processing/ for the next start
+        attempt = self.attempts.begin(name, sha256)
+        self.board.update(processing={"file": name, "attempt": attempt, "since": utc_now(),
+                                      "committed_records": 0, "total_records": None,
+                                      "stage": "starting"})
+        config = dataclasses.replace(self.config.embed, inputs=(path.resolve(),))
+        try:
+            summary = self._call_run(config, _FileProgress(self.board))
+        except InputError as exc:
+            self._fail(name, exc, kind="input", attempts=attempt, sha256=sha256)
+            return
+        except KeyboardInterrupt:  # the engine's answer to a stop request during validation
+            if not self.stop.is_set():
+                raise
+            self.attempts.undo(name)
+            log.info("%s: stopped on request before embedding; it stays in processing/", name)
+            return
+        except (DeviceError, ModelLoadError) as exc:
+            self.attempts.error(name, exc)
+            self._record_error(name, exc)
+            log.error("%s: %s; exiting so that the service manager restarts the daemon with "
+                      "fresh devices (the file stays in processing/, attempt %d of %d)",
+                      name, exc, attempt, self.config.max_attempts)
+            raise DaemonExit(EXIT_ERROR) from exc
+        except Exception as exc:
+            self._retry_or_fail(name, exc, attempt, sha256)
+            return
+        finally:
+            self.board.update(processing=None)
+        if summary.interrupted:
+            self.attempts.undo(name)
+            log.info("%s: stopped on request after %d records; it stays in processing/ and is "
+                     "finished at the next start", name, summary.committed_records)
+            return
+        try:
+            self._finish(name, sha256, key, summary, attempt, config,
+                         time.perf_counter() - started)
+        except Exception as exc:
+            self._retry_or_fail(name, exc, attempt, sha256)
+
+    def _record_error(self, name: str, exc: BaseException) -> None:
+        self.board.update(last_error={"at": utc_now(), "file": name,
+                                      "message": f"{type(exc).__name__}: {exc}"[:4000]})
+
+    def _retry_or_fail(self, name: str, exc: Exception, attempt: int, sha256: str) -> None:
+        self.attempts.error(name, exc)
+        self._record_error(name, exc)
+        if self.pool is not None:
+            self.pool.clear()  # a broken replica is rebuilt by the next run
+        if attempt >= self.config.max_attempts:
+            log.error("%s: %s: %s (attempt %d of %d): giving up", name, type(exc).__name__, exc,
+                      attempt, self.config.max_attempts)
+            self._fail(name, exc, kind="error", attempts=attempt, sha256=sha256,
+                       errors=self.attempts.get(name).get("errors"))
+            return
+        delay = min(600.0, self.config.retry_delay * 2 ** (attempt - 1))
+        log.error("%s: %s: %s (attempt %d of %d); retrying in %.0f s", name,
+                  type(exc).__name__, exc, attempt, self.config.max_attempts, delay,
+                  exc_info=log.isEnabledFor(logging.DEBUG))
+        self.retry_at[name] = time.monotonic() + delay
+
+    def _fail(self, name: str, exc: BaseException, *, kind: str, attempts: int,
+              sha256: str | None, errors: list | None = None) -> None:
+        target = free_name(self.failed, name)
+        record = error_record(name, exc, kind=kind, attempts=attempts, sha256=sha256,
+                              errors=errors)
+        record["moved_to"] = f"failed/{target}"
+        atomic_write_json(self.failed / (target + ERROR_SUFFIX), record)
+        os.replace(self.processing / name, self.failed / target)
+        self.attempts.clear(name)
+        self.board.add("files_failed")
+        self.board.update(last_file={"file": name, "result": "failed", "at": utc_now()})
+        self._record_error(name, exc)
+        if kind == "input":
+            log.error("%s -> failed/%s: %s", name, target, exc)
+
+    def _finish(self, name: str, sha256: str, key: str, summary: Any, attempt: int,
+                config: EmbedConfig, seconds: float) -> None:
+        status = "partial" if summary.failed else "complete"
+        seq_rate = summary.embedded / summary.embed_seconds if summary.embed_seconds else 0.0
+        counts = {k: getattr(summary, k) for k in (
+            "records_read", "valid_records", "invalid_skipped", "duplicate_records", "truncated",
+            "already_stored", "deduplicated", "embedded", "committed_records")}
+        record = {
+            "job": key, "file": name, "sha256": sha256, "size": os.path.getsize(
+                self.processing / name), "status": status, "exit_code": summary.exit_code,
+            "store": str(self.config.embed.out), "table": summary.table,
+            "model": {"name": self.table_spec.model.name if self.table_spec else summary.model,
+                      "sha256": self.table_spec.model.sha256 if self.table_spec else None,
+                      "synthetic_weights": summary.synthetic_weights},
+            "options": self.options(), "counts": counts,
+            "failed_count": len(summary.failed),
+            "failed": [{"id": rid, "reason": why}
+                       for rid, why in summary.failed[:MAX_LISTED_FAILURES]],
+            "seconds": round(seconds, 3), "embed_seconds": summary.embed_seconds,
+            "sequences_per_second": seq_rate, "tokens_per_second": summary.tokens_per_second,
+            "devices": summary.devices, "attempts": attempt, "finished_at": utc_now(),
+            "versions": versions(), "daemon_pid": os.getpid()}
+        self.jobs.put(key, record, status, summary.run_id or None)
+        target = free_name(self.done, name)
+        record["done_as"] = f"done/{target}"
+        atomic_write_json(self.done / (target + JOB_SUFFIX), record)
+        os.replace(self.processing / name, self.done / target)
+        self.attempts.clear(name)
+        self.board.add("files_done")
+        self.board.update(last_file={"file": name, "result": status, "at": utc_now()},
+                          last_run={"file": name, "seconds": round(seconds, 3), **counts,
+                                    "failed": len(summary.failed)},
+                          sequences_per_second=seq_rate, devices=summary.devices)
+        log.info("%s -> done/%s: %d records (%d embedded, %d already stored)%s in %.1f s", name,
+                 target, summary.committed_records + summary.already_stored, summary.embedded,
+                 summary.already_stored,
+                 f", {len(summary.failed)} sequences failed" if summary.failed else "", seconds)
+
+    def _finish_reused(self, name: str, sha256: str, key: str, previous: dict) -> None:
+        """The job is finished in the store: this file's own job (a restart after the job
+        record was committed), or an identical earlier file's (a duplicate)."""
+        first = previous.get("info", {})
+        target = free_name(self.done, name)
+        if first.get("file") == name and first.get("sha256") == sha256:
+            record = {**first, "done_as": f"done/{target}", "recovered_at": utc_now()}
+            how = "its job record was already in the store"
+        else:
+            record = {"job": key, "file": name, "sha256": sha256, "status": previous["status"],
+                      "reused": True, "note": "a job with identical content and options is "
+                      "already finished in the store: nothing was recomputed",
+                      "first_file": first.get("file"),
+                      "first_finished_at": first.get("finished_at"),
+                      "counts": first.get("counts"), "failed_count": first.get("failed_count"),
+                      "finished_at": utc_now(), "done_as": f"done/{target}",
+                      "versions": versions()}
+            how = f"identical to the finished job of {first.get('file')}; nothing to compute"
+        atomic_write_json(self.done / (target + JOB_SUFFIX), record)
+        os.replace(self.processing / name, self.done / target)
+        self.attempts.clear(name)
+        self.board.add("files_done")
+        self.board.update(last_file={"file": name, "result": "reused" if record.get("reused")
+                                     else record.get("status"), "at": utc_now()})
+        log.info("%s -> done/%s: %s", name, target, how)
+
+    def options(self) -> dict[str, Any]:
+        e = self.config.embed
+        return {"model": e.model, "table": e.table, "layers": list(e.layers),
+                "pools": list(e.pools), "precision": e.precision, "store_dtype": e.store_dtype,
+                "max_residues": e.max_residues, "skip_invalid": e.skip_invalid,
+                "gpus": e.devices, "max_tokens": e.max_tokens}
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    found = {"gpuengine": __version__, "python": platform.python_version()}
+    for module in ("torch", "lmdb", "numpy"):
+        mod = sys.modules.get(module)
+        if mod is not None:
+            found[module] = getattr(mod, "__version__", "?")
+    return found
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+class _Signals:
+    """SIGTERM/SIGINT: drain (``Daemon.request_stop``); a second one: ``os._exit(130)``."""
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.daemon.stop.is_set():
+            os._exit(EXIT_INTERRUPTED)
+        self.daemon.request_stop(signal.Signals(signum).name)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.daemon.stop.is_set():
+            return  # the process is ending: a second signal still exits at once (130)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """Plain lines on stderr (journald adds its own metadata; no wrapping, no colour)."""
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def serve(config: ServeConfig, *, verbose: int = 0, quiet: bool = False) -> int:
+    """``gpuengine serve``: run the daemon in this (main) thread; returns the exit code."""
+    setup_logging(verbose, quiet)
+    daemon = Daemon(config)
+    with _Signals(daemon):
+        return daemon.run()

@@ -1,0 +1,704 @@
+"""``gpuengine serve`` (the watch-directory daemon) and ``gpuengine status``.
+
+The pure parts (ignore rules, completeness and stability checks, markers, the attempt book,
+atomic status writes, sd_notify, error records) are tested in process. The daemon itself runs
+as a real process on the CPU with the tiny random-weight ESM-2 (``tiny_pt``), talking to the
+test through its status file, its folders and an AF_UNIX notify socket (as systemd would):
+
+* one daemon takes files dropped by rename, by marker and by a slow in-place writer, sends
+  bad files (invalid letter, truncated gzip) to failed/ with an error record and keeps going,
+  finishes a duplicate without recomputing, reports a fresh status and drains on SIGTERM;
+* SIGTERM, and separately SIGKILL, in the middle of a big file, then a restart: the file is
+  finished and every sequence is in the store exactly once.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import random_proteins
+from gpuengine.config import EmbedConfig
+from gpuengine.daemon import (AttemptBook, Daemon, DaemonExit, InboxWatcher, ServeConfig,
+                              StatusBoard, atomic_write_json, check_status, error_record,
+                              file_sha256, free_name, gzip_complete, is_ignored, looks_complete)
+from gpuengine.errors import DeviceError, GpuEngineError, InputError
+from gpuengine.config import environment
+from gpuengine.systemd import notify
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_ignore_rules():
+    for name in [".x.fa", ".hidden", "x.fa.part", "x.fa.tmp", "x.fa.fai", "x.fa.fxi",
+                 "x.fa.done", ".x.fa.done"]:
+        assert is_ignored(name), name
+    for name in ["x.fa", "x.fasta.gz", "reads", "x.part.fa", "done", "x.fa.gz"]:
+        assert not is_ignored(name), name
+
+
+def test_completeness_of_plain_and_gzip_files(tmp_path):
+    plain = tmp_path / "a.fa"
+    plain.write_text(">a\nMKV\n")
+    assert looks_complete(plain)
+    plain.write_text(">a\nMKV")
+    assert not looks_complete(plain)
+    plain.write_bytes(b"")
+    assert not looks_complete(plain)
+    data = gzip.compress(b">a\nMKV\n" * 5000)
+    whole = tmp_path / "a.fa.gz"
+    whole.write_bytes(data)
+    assert gzip_complete(whole) and looks_complete(whole)
+    whole.write_bytes(data + gzip.compress(b">b\nMK\n"))  # multi-member (as BGZF)
+    assert looks_complete(whole)
+    for cut in (len(data) - 1, len(data) - 8, len(data) // 2, 12):
+        whole.write_bytes(data[:cut])
+        assert not looks_complete(whole), cut
+    whole.write_bytes(data + b"\x00\x00")  # trailing garbage: fasta.py would reject it too
+    assert not looks_complete(whole)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_marker_makes_a_file_ready_at_once(tmp_path):
+    watcher = InboxWatcher(tmp_path, settle=100, clock=Clock())
+    (tmp_path / "x.fa").write_text(">a\nMK")  # incomplete, just written: not by itself
+    assert watcher.poll() == []
+    (tmp_path / "x.fa.done").touch()
+    assert watcher.poll() == ["x.fa"]
+    (tmp_path / "orphan.fa.done").touch()  # a marker without its file is nothing
+    assert watcher.poll() == ["x.fa"] and watcher.depth == 1
+
+
+def test_in_place_file_is_ready_only_when_stable_for_settle_and_complete(tmp_path):
+    clock = Clock()
+    watcher = InboxWatcher(tmp_path, settle=5, clock=clock)
+    path = tmp_path / "x.fa"
+    path.write_text(">a\nMKV\n")
+    assert watcher.poll() == []
+    clock.now += 4
+    assert watcher.poll() == []  # unchanged, but not for 5 s yet
+    with open(path, "a") as fh:  # the writer goes on: the clock starts again
+        fh.write(">b\nMK\n")
+    clock.now += 4
+    assert watcher.poll() == []
+    clock.now += 4
+    assert watcher.poll() == []  # 4 s since the change
+    clock.now += 1.5
+    assert watcher.poll() == ["x.fa"]
+    with open(path, "a") as fh:  # no final newline: stable but incomplete, it waits
+        fh.write(">c\nMK")
+    for _ in range(3):
+        clock.now += 10
+        assert watcher.poll() == []
+    assert watcher.waiting == ["x.fa"]
+
+
+def test_renamed_file_is_ready_after_two_polls(tmp_path):
+    inbox, staging = tmp_path / "inbox", tmp_path / "staging"
+    inbox.mkdir()
+    staging.mkdir()
+    watcher = InboxWatcher(inbox, settle=1000, clock=Clock())
+    (staging / "x.fa").write_text(">a\nMKV")  # no final newline: only the rename vouches
+    time.sleep(0.03)  # past the timestamp tick: the rename stamps a later ctime
+    os.replace(staging / "x.fa", inbox / "x.fa")
+    assert watcher.poll() == []
+    assert watcher.poll() == ["x.fa"]
+
+
+def test_file_moved_in_with_an_old_mtime_is_ready_after_two_polls(tmp_path):
+    """A file appearing between two polls, last written before the earlier one, was written
+    elsewhere (here the earlier poll is made to look 10 s later than the write)."""
+    watcher = InboxWatcher(tmp_path, settle=1000, clock=Clock(),
+                           wall_ns=lambda: time.time_ns() + 10**10)
+    assert watcher.poll() == []
+    (tmp_path / "x.fa").write_text(">a\nMKV")
+    assert watcher.poll() == []
+    assert watcher.poll() == ["x.fa"]
+    control = InboxWatcher(tmp_path, settle=1000, clock=Clock())  # real clocks: no evidence
+    assert control.poll() == []
+    (tmp_path / "y.fa").write_text(">a\nMKV\n")
+    assert control.poll() == [] and control.poll() == []
+
+
+def test_inbox_skips_ignored_names_directories_and_symlinks(tmp_path):
+    clock = Clock()
+    watcher = InboxWatcher(tmp_path, settle=1, clock=clock)
+    for name in [".x.fa", "x.fa.part", "x.fa.tmp", "x.fa.fai", "x.fa.fxi", "good.fa"]:
+        (tmp_path / name).write_text(">a\nMKV\n")
+    (tmp_path / "subdir").mkdir()
+    (tmp_path / "link.fa").symlink_to(tmp_path / "good.fa")
+    watcher.poll()
+    clock.now += 2
+    assert watcher.poll() == ["good.fa"] and watcher.depth == 1
+
+
+def test_atomic_write_json_replaces_whole_files_only(tmp_path):
+    path = tmp_path / "status.json"
+    atomic_write_json(path, {"a": 1})
+    atomic_write_json(path, {"a": 2, "text": "é"})
+    assert json.loads(path.read_text()) == {"a": 2, "text": "é"}
+
+    class Bad:
+        def __str__(self):
+            raise RuntimeError("cannot serialise")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_json(path, {"a": Bad()})
+    assert json.loads(path.read_text()) == {"a": 2, "text": "é"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]  # no temporary left
+
+
+def test_free_name_never_overwrites(tmp_path):
+    assert free_name(tmp_path, "x.fa.gz") == "x.fa.gz"
+    (tmp_path / "x.fa.gz").touch()
+    assert free_name(tmp_path, "x.fa.gz") == "x~2.fa.gz"
+    (tmp_path / "x~2.fa.gz").touch()
+    assert free_name(tmp_path, "x.fa.gz") == "x~3.fa.gz"
+
+
+def datagram_socket(address: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + address[1:] if address.startswith("@") else address)
+    sock.settimeout(5)
+    return sock
+
+
+def test_sd_notify_to_a_socket_file_and_to_the_abstract_namespace(tmp_path, monkeypatch):
+    path = str(tmp_path / "notify.sock")
+    with datagram_socket(path) as sock:
+        assert notify("READY=1\nSTATUS=ready", socket_path=path)
+        assert sock.recv(4096) == b"READY=1\nSTATUS=ready"
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert notify("STOPPING=1", environment().notify_socket)
+        assert sock.recv(4096) == b"STOPPING=1"
+    abstract = f"@gpuengine-test-{uuid.uuid4().hex}"
+    with datagram_socket(abstract) as sock:
+        monkeypatch.setenv("NOTIFY_SOCKET", abstract)
+        assert notify("WATCHDOG=1", environment().notify_socket)
+        assert sock.recv(4096) == b"WATCHDOG=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert notify("READY=1", environment().notify_socket) is False  # not under systemd: a no-op
+    assert notify("READY=1", socket_path=str(tmp_path / "nobody")) is False  # never raises
+
+
+def test_error_record_names_file_line_record_and_character(tmp_path):
+    from gpuengine.fasta import validate
+    from gpuengine.models.registry import family
+
+    bad = tmp_path / "bad.fa"
+    bad.write_text(">ok\nMKV\n>broken desc\nMKVL\nMK1L\n")
+    with pytest.raises(InputError) as caught:
+        validate([bad], alphabet=family("esm2").alphabet)
+    record = error_record("bad.fa", caught.value, kind="input", attempts=1, sha256="x")
+    assert record["record"] == "broken" and record["character"] == "1"
+    assert record["position"] == {"line": 5, "column": 3}
+    assert record["problems"][0]["file"] == "bad.fa" and record["attempts"] == 1
+    gz = error_record("t.fa.gz", InputError("t.fa.gz: truncated or corrupt gzip data after line "
+                                            "7 (EOF)"), kind="input", attempts=1, sha256=None)
+    assert gz["position"] == {"line": 7, "column": None} and "truncated" in gz["reason"]
+
+
+def test_attempt_book_persists_and_restarts_for_new_content(tmp_path):
+    path = tmp_path / "attempts.json"
+    book = AttemptBook(path)
+    assert book.begin("x.fa", "s1") == 1
+    assert book.begin("x.fa", "s1") == 2
+    book.undo("x.fa")  # a drained attempt is not counted
+    book.error("x.fa", RuntimeError("boom"))
+    again = AttemptBook(path)
+    assert again.get("x.fa")["attempts"] == 1
+    assert again.get("x.fa")["errors"][0]["message"] == "boom"
+    assert again.begin("x.fa", "s2") == 1  # another file under the same name
+    again.clear("x.fa")
+    assert AttemptBook(path).get("x.fa")["attempts"] == 0
+    path.write_text("{not json")
+    assert AttemptBook(path).files == {}
+
+
+def cli(*args):
+    from gpuengine.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_status_command_fresh_stale_stopped_and_missing(tmp_path):
+    board = StatusBoard(tmp_path, interval=2.0, notify=lambda message: None)
+    board.update(state="ready", queue=3)
+    board.write()
+    result = cli("status", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "ready" in result.stdout and "3 in inbox" in result.stdout
+    data = json.loads((tmp_path / "status.json").read_text())
+    assert check_status(data, now=data["heartbeat_unix"] + 5.9)[0]
+    healthy, verdict = check_status(data, now=data["heartbeat_unix"] + 6.1)  # > 3 x 2 s
+    assert not healthy and "stale heartbeat" in verdict
+    data["heartbeat_unix"] -= 60
+    data["pid"] = 2**22 + 7  # no such process
+    atomic_write_json(tmp_path / "status.json", data)
+    result = cli("status", tmp_path, "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["healthy"] is False
+    assert "stale heartbeat" in result.stderr and "gone" in result.stderr
+    board.close(state="stopped", exit_code=0)
+    result = cli("status", tmp_path / "status.json")
+    assert result.exit_code == 1 and "not running" in result.stderr
+    assert cli("status", tmp_path / "nothing").exit_code == 1
+
+
+# ----------------------------------------------------------------------------- failure rules
+
+
+class FakeRuns:
+    """Stands in for run_embed: raises, is interrupted, or succeeds (counting calls)."""
+
+    def __init__(self, *outcomes):
+        self.outcomes = list(outcomes)
+        self.calls = 0
+
+    def __call__(self, config, progress, stop, replicas=None):
+        from gpuengine.engine import RunSummary
+
+        self.calls += 1
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if outcome == "stop-while-validating":  # what run_embed does then
+            stop.set()
+            raise KeyboardInterrupt
+        failed = [("long1", "does not fit in device memory alone (9000 tokens)")]
+        return RunSummary(str(config.out), "default", "fake", True, records_read=2,
+                          valid_records=2, embedded=1, committed_records=1,
+                          interrupted=outcome == "interrupted",
+                          failed=failed if outcome == "partial" else [])
+
+
+def fake_daemon(tmp_path, runs, max_attempts=3) -> Daemon:
+    embed = EmbedConfig(inputs=(tmp_path / "w" / "inbox",), model="unused",
+                        out=tmp_path / "store.lmdb")
+    config = ServeConfig(watch=tmp_path / "w", embed=embed, max_attempts=max_attempts,
+                         retry_delay=0)
+    daemon = Daemon(config, run=runs, notify=lambda message: None)
+    daemon.prepare()
+    daemon.identity = {"test": True}
+    return daemon
+
+
+def drop_processing(daemon: Daemon, name: str, text: str = ">a\nMKV\n") -> None:
+    (daemon.processing / name).write_text(text)
+
+
+def test_other_errors_are_retried_then_failed_with_every_error(tmp_path):
+    runs = FakeRuns(RuntimeError("one"), RuntimeError("two"), RuntimeError("three"))
+    daemon = fake_daemon(tmp_path, runs)
+    try:
+        drop_processing(daemon, "x.fa")
+        for attempt in (1, 2):
+            daemon.process("x.fa")
+            assert "x.fa" in daemon.retry_at and (daemon.processing / "x.fa").exists()
+            assert daemon.attempts.get("x.fa")["attempts"] == attempt
+        daemon.process("x.fa")
+        assert (daemon.failed / "x.fa").exists() and not (daemon.processing / "x.fa").exists()
+        record = json.loads((daemon.failed / "x.fa.error.json").read_text())
+        assert record["kind"] == "error" and record["attempts"] == 3
+        assert [e["message"] for e in record["errors"]] == ["one", "two", "three"]
+        assert "RuntimeError: three" in record["traceback"]
+        assert daemon.attempts.get("x.fa")["attempts"] == 0
+    finally:
+        daemon._unlock()
+
+
+def test_drained_attempts_are_not_counted_and_device_errors_exit(tmp_path):
+    runs = FakeRuns("interrupted", "stop-while-validating", DeviceError("cuda:0 died"))
+    daemon = fake_daemon(tmp_path, runs)
+    try:
+        drop_processing(daemon, "x.fa")
+        daemon.process("x.fa")
+        assert (daemon.processing / "x.fa").exists()
+        assert daemon.attempts.get("x.fa")["attempts"] == 0
+        daemon.process("x.fa")  # a stop request during validation: KeyboardInterrupt
+        assert runs.calls == 2 and (daemon.processing / "x.fa").exists()
+        assert daemon.attempts.get("x.fa")["attempts"] == 0
+        daemon.process("x.fa")  # a stop request before the run: not even started
+        assert runs.calls == 2 and daemon.attempts.get("x.fa")["attempts"] == 0
+        daemon.stop.clear()
+        with pytest.raises(DaemonExit) as caught:
+            daemon.process("x.fa")
+        assert caught.value.code == 1 and (daemon.processing / "x.fa").exists()
+        assert daemon.attempts.get("x.fa")["attempts"] == 1  # counted across the restart
+    finally:
+        daemon._unlock()
+
+
+def test_a_file_that_killed_the_daemon_too_often_fails_without_a_run(tmp_path):
+    runs = FakeRuns()
+    daemon = fake_daemon(tmp_path, runs)
+    drop_processing(daemon, "x.fa")
+    sha = file_sha256(daemon.processing / "x.fa")
+    daemon._unlock()
+    atomic_write_json(tmp_path / "w" / "attempts.json", {"files": {"x.fa": {
+        "sha256": sha, "attempts": 3, "errors": []}}})
+    daemon = fake_daemon(tmp_path, runs)  # the restart after the third death
+    try:
+        daemon.process("x.fa")
+        assert runs.calls == 0
+        record = json.loads((daemon.failed / "x.fa.error.json").read_text())
+        assert "gave up after 3 attempts" in record["reason"]
+    finally:
+        daemon._unlock()
+
+
+def test_job_record_then_duplicate_and_recovery_without_a_run(tmp_path):
+    runs = FakeRuns("ok")
+    daemon = fake_daemon(tmp_path, runs)
+    try:
+        drop_processing(daemon, "a.fa")
+        daemon.process("a.fa")
+        job = json.loads((daemon.done / "a.fa.job.json").read_text())
+        assert job["status"] == "complete" and job["counts"]["embedded"] == 1
+        assert runs.calls == 1
+        drop_processing(daemon, "b.fa")  # same content, another name
+        daemon.process("b.fa")
+        reused = json.loads((daemon.done / "b.fa.job.json").read_text())
+        assert reused["reused"] is True and reused["first_file"] == "a.fa"
+        drop_processing(daemon, "a.fa")  # a crash after the job record, before the move
+        daemon.process("a.fa")
+        assert (daemon.done / "a~2.fa").exists()
+        assert json.loads((daemon.done / "a~2.fa.job.json").read_text())["job"] == job["job"]
+        assert runs.calls == 1
+    finally:
+        daemon._unlock()
+
+
+def test_sequences_that_fail_alone_leave_a_partial_job_in_done(tmp_path):
+    daemon = fake_daemon(tmp_path, FakeRuns("partial"))
+    try:
+        drop_processing(daemon, "x.fa", ">ok\nMKV\n>long1\nMKVL\n")
+        daemon.process("x.fa")
+        job = json.loads((daemon.done / "x.fa.job.json").read_text())
+        assert job["status"] == "partial" and job["exit_code"] == 3
+        assert job["failed"] == [{"id": "long1", "reason": "does not fit in device memory "
+                                                          "alone (9000 tokens)"}]
+        from gpuengine.store.writer import StoreWriter
+
+        with StoreWriter(tmp_path / "store.lmdb") as writer:
+            assert writer.run_record(job["job"])["status"] == "partial"
+    finally:
+        daemon._unlock()
+
+
+def test_one_daemon_per_directory(tmp_path):
+    first = fake_daemon(tmp_path, FakeRuns())
+    try:
+        with pytest.raises(GpuEngineError, match="another gpuengine serve"):
+            fake_daemon(tmp_path, FakeRuns())
+        second = Daemon(first.config, run=FakeRuns(), notify=lambda message: None)
+        status = tmp_path / "w" / "status.json"
+        atomic_write_json(status, {"state": "ready", "pid": os.getpid()})
+        assert second.run() == 1  # refused, and the first daemon's status is left alone
+        assert json.loads(status.read_text()) == {"state": "ready", "pid": os.getpid()}
+    finally:
+        first._unlock()
+
+
+# ----------------------------------------------------------------------------- real processes
+
+
+def child_env(tmp_path: Path, notify_address: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "GPUENGINE_OFFLINE": "1", "GPUENGINE_CACHE": str(tmp_path / "cache"),
+            "NOTIFY_SOCKET": notify_address}
+
+
+class Served:
+    """A ``gpuengine serve`` process and the notify socket it reports to."""
+
+    def __init__(self, tmp_path: Path, model: Path, *extra: str, log: str = "serve"):
+        self.dir = tmp_path / "watch"
+        self.store = tmp_path / "store.lmdb"
+        self.address = f"@gpuengine-test-{uuid.uuid4().hex}"
+        self.sock = datagram_socket(self.address)
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+        self.closed = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.stderr_path = tmp_path / f"{log}.err"
+        cmd = [sys.executable, "-m", "gpuengine", "serve", "--watch", str(self.dir),
+               "--store", str(self.store), "--model", str(model), "--poll-interval", "0.1",
+               "--settle", "1.0", "--status-interval", "0.3", "--retry-delay", "0", *extra]
+        with open(self.stderr_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                                         env=child_env(tmp_path, self.address))
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def _read(self) -> None:
+        """Drain the socket as systemd does (an unread queue would stall the sender)."""
+        while not self.closed.is_set():
+            try:
+                self.messages.append(self.sock.recv(4096).decode())
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    def wait_for_message(self, wanted: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(wanted in m for m in list(self.messages)):
+                return
+            if self.proc.poll() is not None:
+                time.sleep(0.3)  # let the reader take what is queued
+                if any(wanted in m for m in list(self.messages)):
+                    return
+                pytest.fail(f"the daemon exited ({self.proc.returncode}) before {wanted}:\n"
+                            f"{self.stderr()}")
+            time.sleep(0.05)
+        pytest.fail(f"no {wanted} within {timeout} s:\n{self.stderr()}")
+
+    def wait_for(self, predicate, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            if self.proc.poll() is not None:
+                pytest.fail(f"the daemon exited ({self.proc.returncode}) waiting for {what}:\n"
+                            f"{self.stderr()}")
+            time.sleep(0.05)
+        pytest.fail(f"timed out waiting for {what}:\n{self.stderr()}")
+
+    def drop(self, name: str, data: bytes) -> None:
+        """The documented way: write elsewhere on the filesystem, rename into inbox/."""
+        staging = self.dir / "staging"
+        staging.mkdir(exist_ok=True)
+        (staging / name).write_bytes(data)
+        time.sleep(0.02)
+        os.replace(staging / name, self.dir / "inbox" / name)
+
+    def in_done(self, name: str) -> bool:
+        """The file and its job record are in done/ (the record is written first)."""
+        done = self.dir / "done"
+        return (done / name).exists() and (done / f"{name}.job.json").exists()
+
+    def in_failed(self, name: str) -> bool:
+        failed = self.dir / "failed"
+        return (failed / name).exists() and (failed / f"{name}.error.json").exists()
+
+    def status(self) -> dict:
+        return json.loads((self.dir / "status.json").read_text())
+
+    def job(self, name: str) -> dict:
+        return json.loads((self.dir / "done" / f"{name}.job.json").read_text())
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.closed.set()
+        self.reader.join(timeout=5)
+        self.sock.close()
+
+
+def fasta_bytes(prefix: str, n: int, seed: int, lengths=None) -> tuple[bytes, list[str], list[str]]:
+    lengths = lengths or [8 + (i * 13) % 40 for i in range(n)]
+    seqs = random_proteins(lengths, seed=seed)
+    ids = [f"{prefix}{i:05d}" for i in range(n)]
+    text = "".join(f">{rid} some description\n{seq}\n" for rid, seq in zip(ids, seqs))
+    return text.encode(), ids, seqs
+
+
+def store_ids(store: Path) -> list[str]:
+    from gpuengine import EmbeddingStore
+
+    with EmbeddingStore(store) as emb:
+        return list(emb)
+
+
+def store_counts(store: Path) -> tuple[int, int, int]:
+    """(record ids, embeddings, run records) of the default table."""
+    from gpuengine import EmbeddingStore
+
+    with EmbeddingStore(store) as emb:
+        table = emb.info()["tables"]["default"]
+        return table["records"], table["embeddings"], len(emb.runs())
+
+
+@pytest.mark.slow
+def test_daemon_takes_complete_files_and_survives_bad_ones(tiny_pt, tmp_path):
+    served = Served(tmp_path, tiny_pt)
+    try:
+        served.wait_for_message("READY=1")
+        status = json.loads((served.dir / "status.json").read_text())
+        assert status["state"] == "ready" and status["pid"] == served.proc.pid
+        done, failed = served.dir / "done", served.dir / "failed"
+
+        # 1. renamed into inbox/
+        a, a_ids, _ = fasta_bytes("a", 40, seed=1)
+        served.drop("a.fa", a)
+        served.wait_for(lambda: served.in_done("a.fa"), "a.fa in done/")
+        job = served.job("a.fa")
+        assert job["status"] == "complete" and job["counts"]["committed_records"] == 40
+        assert job["sha256"] == file_sha256(done / "a.fa") and job["engine_run"]
+
+        # 2. written in place, then a marker
+        b, _, _ = fasta_bytes("b", 10, seed=2)
+        (served.dir / "inbox" / "b.fa").write_bytes(b)
+        (served.dir / "inbox" / "b.fa.done").touch()
+        served.wait_for(lambda: served.in_done("b.fa"), "b.fa in done/")
+        assert not (served.dir / "inbox" / "b.fa.done").exists()  # the marker is consumed
+
+        # 3. bad input: an invalid letter, a truncated gzip -> failed/, the daemon goes on
+        bad = b">ok1\nMKV\n>broken here\nMKVL\nMK1L\n"
+        served.drop("bad.fa", bad)
+        c, _, _ = fasta_bytes("c", 300, seed=3)
+        served.drop("trunc.fa.gz", gzip.compress(c)[:-40])
+        served.wait_for(lambda: served.in_failed("trunc.fa.gz") and served.in_failed("bad.fa"),
+                        "bad files in failed/")
+        error = json.loads((failed / "bad.fa.error.json").read_text())
+        assert error["file"] == "bad.fa" and error["record"] == "broken"
+        assert error["position"] == {"line": 5, "column": 3} and error["kind"] == "input"
+        assert error["attempts"] == 1 and (failed / "bad.fa").read_bytes() == bad
+        error = json.loads((failed / "trunc.fa.gz.error.json").read_text())
+        assert "truncated or corrupt gzip" in error["reason"] and error["position"]["line"]
+
+        # 4. a slow writer in place (no rename, no marker): pieces every 0.2 s for ~1.2 s,
+        #    each ending with a newline; taken only once it has stopped for --settle (1 s)
+        d, d_ids, _ = fasta_bytes("d", 60, seed=4)
+        lines = d.splitlines(keepends=True)
+        step = -(-len(lines) // 6)
+        pieces = [b"".join(lines[i:i + step]) for i in range(0, len(lines), step)]
+        slow = served.dir / "inbox" / "slow.fa"
+        with open(slow, "wb") as fh:
+            for piece in pieces:
+                fh.write(piece)
+                fh.flush()
+                time.sleep(0.2)
+        served.wait_for(lambda: served.in_done("slow.fa"), "slow.fa in done/")
+        job = served.job("slow.fa")
+        assert job["counts"]["records_read"] == 60 and (done / "slow.fa").read_bytes() == d
+
+        # 5. a duplicate under another name: done, nothing recomputed
+        before = store_counts(served.store)
+        served.drop("a-copy.fa", a)
+        served.wait_for(lambda: served.in_done("a-copy.fa"), "a-copy.fa in done/")
+        assert served.job("a-copy.fa")["reused"] is True
+        assert store_counts(served.store) == before  # no record, embedding or run added
+
+        # 6. still alive, and healthy by `gpuengine status`
+        assert served.proc.poll() is None
+        served.wait_for(lambda: served.status()["files_done"] == 4, "4 files done in status")
+        check = subprocess.run([sys.executable, "-m", "gpuengine", "status", str(served.dir)],
+                               capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert check.returncode == 0, check.stderr
+        assert "2 failed" in check.stdout and "4 done" in check.stdout
+        status = served.status()
+        assert status["files_done"] == 4 and status["files_failed"] == 2
+        assert status["last_error"]["file"] in ("bad.fa", "trunc.fa.gz")
+        assert set(store_ids(served.store)) == set(a_ids) | set(d_ids) | {
+            f"b{i:05d}" for i in range(10)}
+
+        # 7. SIGTERM when idle: exit 0, STOPPING=1, status "stopped"
+        assert served.stop() == 0
+        served.wait_for_message("STOPPING=1", timeout=5)
+        status = json.loads((served.dir / "status.json").read_text())
+        assert status["state"] == "stopped" and status["exit_code"] == 0
+        assert cli("status", served.dir).exit_code == 1
+    finally:
+        served.close()
+
+
+N_BIG = 2000
+
+
+@pytest.fixture(scope="module")
+def big_file():
+    lengths = [20 + (i * 37) % 131 for i in range(N_BIG)]
+    data, ids, seqs = fasta_bytes("big", N_BIG, seed=17, lengths=lengths)
+    return data, ids, seqs
+
+
+def stored_now(store: Path) -> int:
+    from gpuengine.errors import StoreError
+
+    if not (store / "data.mdb").exists():
+        return 0
+    try:
+        return len(store_ids(store))
+    except (StoreError, KeyError, ValueError):
+        return 0
+
+
+def interrupt_then_finish(tiny_pt, tmp_path, big_file, sig: int) -> dict:
+    data, ids, seqs = big_file
+    first = Served(tmp_path, tiny_pt, "--max-tokens", "256", log="first")
+    try:
+        first.wait_for_message("READY=1")
+        first.drop("big.fa", data)
+        first.wait_for(lambda: stored_now(first.store) > 0, "a first commit")
+        code = first.stop(sig)
+    finally:
+        first.close()
+    assert (first.dir / "processing" / "big.fa").exists(), first.stderr()
+    stored = stored_now(first.store)
+    assert 0 < stored < N_BIG, f"{stored} of {N_BIG} stored at the interruption"
+    attempts = json.loads((first.dir / "attempts.json").read_text())["files"]["big.fa"]
+    second = Served(tmp_path, tiny_pt, "--max-tokens", "256", log="second")
+    try:
+        second.wait_for(lambda: second.in_done("big.fa"), "big.fa finished after the restart",
+                        timeout=120)
+        assert second.stop() == 0
+    finally:
+        second.close()
+    job = second.job("big.fa")
+    assert job["status"] == "complete"
+    assert job["counts"]["already_stored"] == stored
+    assert job["counts"]["committed_records"] == N_BIG - stored
+    assert job["engine_run"]["committed_records"] == N_BIG  # every record committed once
+    assert job["engine_run"]["resumes"] == 1
+    assert sorted(store_ids(second.store)) == ids
+    records, embeddings, _ = store_counts(second.store)
+    assert records == N_BIG and embeddings == len(set(seqs))
+    return {"code": code, "attempts": attempts, "job": job}
+
+
+@pytest.mark.slow
+def test_sigterm_mid_file_drains_then_restart_finishes_it(tiny_pt, tmp_path, big_file):
+    result = interrupt_then_finish(tiny_pt, tmp_path, big_file, signal.SIGTERM)
+    assert result["code"] == 0
+    assert result["attempts"]["attempts"] == 0  # a drained attempt is not counted
+    assert result["job"]["attempts"] == 1
+
+
+@pytest.mark.slow
+def test_sigkill_mid_file_then_restart_finishes_it(tiny_pt, tmp_path, big_file):
+    result = interrupt_then_finish(tiny_pt, tmp_path, big_file, signal.SIGKILL)
+    assert result["code"] == -signal.SIGKILL
+    assert result["attempts"]["attempts"] == 1  # the killed attempt counts
+    assert result["job"]["attempts"] == 2
