@@ -395,6 +395,8 @@ def serve(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Upper bound on tokens "
                                              "per batch [default: from device memory]."),
     offline: bool = typer.Option(False, "--offline", help="Never download weights."),
+    poll: bool = typer.Option(False, "--poll", help="Poll only, never inotify (it is off by "
+                              "itself on NFS, SMB, Lustre, GPFS and other network filesystems)."),
     poll_interval: float = typer.Option(2.0, "--poll-interval", help="Seconds between polls of "
                                         "inbox/."),
     settle: float = typer.Option(5.0, "--settle", help="A file without a marker that was not "
@@ -423,6 +425,7 @@ def serve(
             skip_invalid=skip_invalid, devices=gpus, max_tokens=max_tokens,
             allow_download=not offline)
         config = ServeConfig(watch=watch, embed=embed_config, poll_interval=poll_interval,
+                             force_poll=poll,
                              settle=settle, max_attempts=max_attempts, retry_delay=retry_delay,
                              status_interval=status_interval)
     except GpuEngineError as exc:

@@ -702,3 +702,44 @@ def test_sigkill_mid_file_then_restart_finishes_it(tiny_pt, tmp_path, big_file):
     assert result["code"] == -signal.SIGKILL
     assert result["attempts"]["attempts"] == 1  # the killed attempt counts
     assert result["job"]["attempts"] == 2
+
+
+# -- filesystem events ---------------------------------------------------------------------------
+
+def test_network_filesystems_are_detected_from_mountinfo(tmp_path):
+    from gpuengine.daemon.events import filesystem_type, is_network_filesystem
+
+    info = ("22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
+            "40 22 0:50 / /data rw - nfs4 server:/export rw\n"
+            "41 40 0:51 / /data/local\\040disk rw - xfs /dev/sdb rw\n")
+    assert filesystem_type(Path("/data/runs/inbox"), info) == "nfs4"
+    assert filesystem_type(Path("/data/local disk/inbox"), info) == "xfs"
+    assert filesystem_type(Path("/home/x"), info) == "ext4"
+    assert is_network_filesystem("nfs4") and is_network_filesystem("fuse.sshfs")
+    assert not is_network_filesystem("ext4") and not is_network_filesystem(None)
+
+
+def test_inotify_wakes_the_loop_early_and_poll_mode_does_not(tmp_path):
+    import threading
+
+    from gpuengine.daemon.events import Waker
+
+    stop = threading.Event()
+    waker = Waker(tmp_path)
+    try:
+        if waker.fd is None:
+            pytest.skip(f"no inotify here: {waker.mode}")
+        timer = threading.Timer(0.1, lambda: (tmp_path / "x.fa.part").rename(tmp_path / "x.fa"))
+        (tmp_path / "x.fa.part").write_text(">a\nMK\n")
+        started = time.monotonic()
+        timer.start()
+        assert waker.wait(5.0, stop) is True
+        assert time.monotonic() - started < 2.0
+        timer.join()
+    finally:
+        waker.close()
+    polling = Waker(tmp_path, force_poll=True)
+    assert polling.fd is None and "poll" in polling.mode
+    started = time.monotonic()
+    assert polling.wait(0.3, stop) is False
+    assert time.monotonic() - started >= 0.29

@@ -26,6 +26,7 @@ from gpuengine.errors import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, DeviceError
 from gpuengine.progress import ProgressSink
 from gpuengine.daemon.constants import ATTEMPTS_FILE, ERROR_SUFFIX, FOLDERS, JOB_PREFIX, JOB_SUFFIX, LOCK_FILE, MAX_LISTED_FAILURES, WARMUP_PREFIX, WARMUP_RECORD
 from gpuengine.daemon.files import atomic_write_json, error_record, file_sha256, free_name, is_ignored, marker_name, utc_now
+from gpuengine.daemon.events import Waker
 from gpuengine.daemon.inbox import InboxWatcher
 from gpuengine.daemon.books import AttemptBook, JobBook
 from gpuengine.daemon.status import StatusBoard, _FileProgress
@@ -43,6 +44,8 @@ class ServeConfig:
     watch: Path
     embed: EmbedConfig
     poll_interval: float = 2.0
+    force_poll: bool = False
+    """Never use inotify (it is also off by itself on network filesystems)."""
     """Seconds between polls of the inbox."""
     settle: float = 5.0
     """The fallback: seconds a file must stay unchanged (and look complete) to be taken."""
@@ -101,6 +104,7 @@ class Daemon:
                                  memories=lambda: self.pool.memories() if self.pool else [])
         self.board.update(store=str(config.embed.out), model=config.embed.model)
         self.watcher = InboxWatcher(self.inbox, config.settle)
+        self.waker: Waker | None = None
         self.retry_at: dict[str, float] = {}
         self._lock_fd: int | None = None
         self._busy: set[str] = set()
@@ -112,6 +116,8 @@ class Daemon:
         code = EXIT_OK
         try:
             self.prepare()
+            self.waker = Waker(self.inbox, force_poll=self.config.force_poll)
+            self.board.update(watch=self.waker.mode)
             self.board.start()
             self.warm_up()
             self.check_store()
@@ -134,6 +140,8 @@ class Daemon:
                                           "message": f"{type(exc).__name__}: {exc}"})
             code = EXIT_ERROR
         finally:
+            if self.waker is not None:
+                self.waker.close()
             if self._lock_fd is not None:  # never overwrite the status of another daemon
                 self.board.close(state="stopped", processing=None, exit_code=code)
             self._unlock()
@@ -269,6 +277,8 @@ class Daemon:
     # -- the loop ------------------------------------------------------------------------
 
     def loop(self) -> None:
+        if self.waker is None:
+            self.waker = Waker(self.inbox, force_poll=self.config.force_poll)
         while not self.stop.is_set():
             now = time.monotonic()
             due = sorted((t, n) for n, t in self.retry_at.items() if t <= now)
@@ -287,7 +297,7 @@ class Daemon:
                     worked = True
                     break  # poll again: retries and fresher state first
             if not worked:
-                self.stop.wait(self.config.poll_interval)
+                self.waker.wait(self.config.poll_interval, self.stop)
 
     def claim(self, name: str) -> bool:
         """``os.replace(inbox/x, processing/x)``; False if it is gone or the name is busy."""
