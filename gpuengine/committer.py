@@ -35,14 +35,15 @@ class Committer(threading.Thread):
         self.table = table
         self.run_id = run_id
         self.ledger = ledger
-        self.inbox: queue.Queue[list[CommitEntry] | None] = queue.Queue(maxsize=64)
+        self.inbox: queue.Queue[tuple[list[CommitEntry], dict | None] | None] = queue.Queue(maxsize=64)
         self.counts = CommitCounts()
         self.error: BaseException | None = None
         self._lock = threading.Lock()
 
-    def put(self, group: list[CommitEntry]) -> None:
-        if group:
-            self.inbox.put(group)
+    def put(self, group: list[CommitEntry], extra_runs: dict[str, dict] | None = None) -> None:
+        """Queue a group (and run records to write in the same transaction)."""
+        if group or extra_runs:
+            self.inbox.put((group, extra_runs))
 
     def finish(self) -> None:
         """Commit everything queued, then stop (blocks until done)."""
@@ -51,13 +52,14 @@ class Committer(threading.Thread):
 
     def run(self) -> None:
         while True:
-            group = self.inbox.get()
-            if group is None:
+            item = self.inbox.get()
+            if item is None:
                 return
             if self.error is not None:
                 continue  # drain without writing after a failure
+            group, extra_runs = item
             try:
-                self.writer.commit(self.table, group, run_id=self.run_id)
+                self.writer.commit(self.table, group, run_id=self.run_id, extra_runs=extra_runs)
             except BaseException as exc:
                 log.error("commit failed: %s", exc)
                 self.error = exc

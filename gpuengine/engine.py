@@ -87,6 +87,9 @@ class RunSummary:
     interrupted: bool = False
     run_id: str = ""
     """Key of the run's progress record in the store's ``runs`` database."""
+    run_started: dict = field(default_factory=dict)
+    """That record as this invocation found it (counts of earlier, interrupted attempts;
+    ``resumes``)."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -143,12 +146,15 @@ def resolve_outputs(layers: tuple[int, ...], pools: tuple[str, ...], num_layers:
 def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
               stop: threading.Event | None = None, runner_factory=None,
               records: RecordSource | None = None,
-              replicas: ReplicaPool | None = None) -> RunSummary:
+              replicas: ReplicaPool | None = None,
+              final_records: Callable[[RunSummary], dict[str, dict]] | None = None) -> RunSummary:
     """Embed ``config.inputs`` (or ``records``) into ``config.out``; see the module docstring.
 
     ``runner_factory(device, precision, outputs)`` replaces the model runner (tests simulate
     devices with it; the benchmark measures the host pipeline with a no-op runner).
-    ``replicas`` keeps built replicas across runs (the daemon, ``predict``)."""
+    ``replicas`` keeps built replicas across runs (the daemon, ``predict``).
+    ``final_records(summary)`` returns run records (e.g. a daemon's job record) committed in
+    the same transaction as the run's last embeddings, when the run completes."""
     progress = progress or NullProgress()
     stop = stop or threading.Event()
     started = time.perf_counter()
@@ -174,7 +180,14 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
             source_input = _Input(records.iterate, records.count, records.residues)
             counts = dict(records_read=records.count, valid_records=records.count)
         if stop.is_set():  # Ctrl-C while validating: nothing loaded, nothing to drain
-            raise KeyboardInterrupt
+            summary = RunSummary(str(config.out), config.table, source.name, False,
+                                 interrupted=True, **counts)
+            summary.wall_seconds = time.perf_counter() - started
+            empty = created and writer.is_empty()
+            writer.close()
+            if empty:
+                _remove_store(config.out)
+            return summary
         progress.stage(f"reading weights {source.path}")
         weights = (fam.read(source) if replicas is None else
                    replicas.weights(_file_key(source.path), lambda: fam.read(source)))
@@ -186,7 +199,7 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
         writer.open_table(spec)
         summary = RunSummary(str(config.out), spec.name, source.name, weights.synthetic, **counts)
         _Run(config, fam, weights, spec, writer, source_input, summary, progress, stop,
-             runner_factory, replicas).execute()
+             runner_factory, replicas, final_records).execute()
     except BaseException:
         try:
             empty = created and writer.is_empty()
@@ -259,12 +272,13 @@ class _Run:
     def __init__(self, config: EmbedConfig, fam: Family, weights: Weights, spec: TableSpec,
                  writer: StoreWriter, report: _Input, summary: RunSummary,
                  progress: ProgressSink, stop: threading.Event, runner_factory=None,
-                 replicas: ReplicaPool | None = None):
+                 replicas: ReplicaPool | None = None, final_records=None):
         self.config, self.fam, self.weights, self.spec = config, fam, weights, spec
         self.writer, self.report, self.summary = writer, report, summary
         self.progress, self.stop = progress, stop
         self.runner_factory = runner_factory
         self.replicas = replicas
+        self.final_records = final_records
         self.telemetry: MemoryTelemetry | None = None
         self.inbox: queue.Queue = queue.Queue()
         self.halt = threading.Event()
@@ -278,7 +292,7 @@ class _Run:
         workers = self._start_workers()
         run_id = _run_id(self.config, self.spec)
         self.summary.run_id = run_id
-        self.writer.begin_run(run_id, {"command": "embed", "engine_version": __version__,
+        self.summary.run_started = self.writer.begin_run(run_id, {"command": "embed", "engine_version": __version__,
                                        "inputs": [str(p) for p in self.config.inputs],
                                        "precision": workers[0].runner.precision})
         committer = Committer(self.writer, self.spec.name, run_id, self.ledger)
@@ -289,16 +303,34 @@ class _Run:
         self.progress.start(self.report.valid, self.report.residues)
         planner_thread.start()
         started = time.perf_counter()
+        completed = False
         try:
             self._loop(workers, committer, planner)
+            completed = not self.summary.interrupted
         finally:
             self.halt.set()
             if self.telemetry:
                 self.telemetry.stop()
-            self._flush(committer, force=True)
+            extra = None
+            if completed and self.final_records is not None:
+                # the caller's records (a job record) go into the same transaction as the
+                # run's last embeddings, with the summary those embeddings complete
+                extra_counts = (sum(1 for e in self.group if e.vectors is not None),
+                                sum(len(e.record_ids) for e in self.group))
+                self._summarize(workers, committer, planner, time.perf_counter() - started,
+                                extra_counts)
+                extra = self.final_records(self.summary)
+            committer.put(self.group, extra_runs=extra)
+            self.group = []
             committer.finish()
             self.progress.close()
-        self._finish(workers, committer, planner, run_id, time.perf_counter() - started)
+        if committer.error is not None:
+            raise committer.error
+        self._summarize(workers, committer, planner, time.perf_counter() - started)
+        status = "interrupted" if self.summary.interrupted else "complete"
+        self.writer.finish_run(run_id, status, {"failed": len(self.summary.failed),
+                                                "embedded": self.summary.embedded,
+                                                "committed_records": self.summary.committed_records})
 
     def _start_workers(self) -> list[DeviceWorker]:
         devices = parse_devices(self.config.devices)
@@ -488,9 +520,13 @@ class _Run:
             tokens_done=sum(w.stats.tokens for w in workers),
             elapsed=elapsed, devices=devices))
 
-    def _finish(self, workers: list[DeviceWorker], committer: Committer, planner: Planner,
-                run_id: str, seconds: float) -> None:
+    def _summarize(self, workers: list[DeviceWorker], committer: Committer, planner: Planner,
+                   seconds: float, pending: tuple[int, int] = (0, 0)) -> None:
+        """Fill the summary from what is committed (plus ``pending``: sequences and records
+        of a group about to be committed)."""
         counts = committer.snapshot()
+        counts.sequences += pending[0]
+        counts.records += pending[1]
         s = self.summary
         s.truncated = planner.counts.truncated
         s.already_stored = planner.counts.stored
@@ -505,9 +541,6 @@ class _Run:
                       "busy_fraction": min(1.0, w.stats.busy_seconds / seconds) if seconds else 0.0,
                       "tokens_per_second": w.stats.tokens_per_second(),
                       "oom_events": w.stats.oom_events} for w in workers]
-        status = "interrupted" if s.interrupted else "complete"
-        self.writer.finish_run(run_id, status, {"failed": len(s.failed), "embedded": s.embedded,
-                                                "committed_records": s.committed_records})
 
 
 def _run_id(config: EmbedConfig, spec: TableSpec) -> str:

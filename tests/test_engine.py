@@ -396,3 +396,34 @@ def test_embed_config_refuses_a_bad_table_name(tmp_path):
 
     with pytest.raises(UsageError, match="table"):
         EmbedConfig(inputs=(tmp_path / "p.fa",), model="m.pt", out=tmp_path / "s", table="a b")
+
+
+def test_final_records_commit_with_the_last_embeddings(tiny_pt, tmp_path):
+    """A caller's run records (the daemon's job record) are written in the transaction of the
+    run's last group, with the summary that group completes; an interrupted run writes none."""
+    import threading
+
+    from gpuengine.config import EmbedConfig
+    from gpuengine.engine import run_embed
+    from gpuengine.store.writer import StoreWriter
+
+    fasta = write_fasta(tmp_path / "in.fa", list(zip(IDS, SEQS)))
+    seen = []
+
+    def job(summary):
+        seen.append((summary.committed_records, summary.embedded))
+        return {"job-1": {"run_id": "job-1", "status": "complete",
+                          "counts": {"committed_records": summary.committed_records}}}
+
+    config = EmbedConfig(inputs=(fasta,), model=str(tiny_pt), out=tmp_path / "s.lmdb",
+                         devices="cpu")
+    summary = run_embed(config, final_records=job)
+    assert seen == [(summary.committed_records, summary.embedded)] and summary.committed_records
+    with StoreWriter(tmp_path / "s.lmdb") as writer:
+        assert writer.run_record("job-1")["counts"]["committed_records"] == summary.committed_records
+    stop = threading.Event()
+    stop.set()
+    interrupted = run_embed(EmbedConfig(inputs=(fasta,), model=str(tiny_pt),
+                                        out=tmp_path / "t.lmdb", devices="cpu"),
+                            stop=stop, final_records=job)
+    assert len(seen) == 1 and (interrupted.interrupted or interrupted.committed_records == 0)

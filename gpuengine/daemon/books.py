@@ -90,17 +90,18 @@ class JobBook:
         with StoreWriter(self.store) as writer:
             return writer.run_record(key)
 
-    def put(self, key: str, record: dict[str, Any], status: str,
-            engine_run_id: str | None) -> dict[str, Any] | None:
-        """Store the job record; returns the engine's run record of ``engine_run_id``."""
+    @staticmethod
+    def run_record(key: str, record: dict[str, Any]) -> dict[str, Any]:
+        """The job as a run record of the store's ``runs`` database."""
+        now = utc_now()
+        return {"run_id": key, "status": record["status"], "started_at": now,
+                "updated_at": now, "finished_at": now, "info": record,
+                "summary": record["counts"]}
+
+    def put(self, key: str, record: dict[str, Any]) -> None:
+        """Store the job record on its own (when the run did not commit it)."""
         from gpuengine.store.writer import StoreWriter
 
         with StoreWriter(self.store) as writer:
-            engine_run = writer.run_record(engine_run_id) if engine_run_id else None
-            if engine_run is not None:
-                record["engine_run"] = {k: engine_run.get(k) for k in (
-                    "run_id", "status", "committed_sequences", "committed_records", "resumes",
-                    "started_at")}
             writer.begin_run(key, record)
-            writer.finish_run(key, status, record["counts"])
-        return engine_run
+            writer.finish_run(key, record["status"], record["counts"])

@@ -205,12 +205,15 @@ class Daemon:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _call_run(self, config: EmbedConfig, progress: ProgressSink):
+    def _call_run(self, config: EmbedConfig, progress: ProgressSink, final_records=None):
         if self._run is None:
             from gpuengine.engine import run_embed
 
             self._run = run_embed
-        return self._run(config, progress, self.stop, replicas=self.pool)
+        if final_records is None:
+            return self._run(config, progress, self.stop, replicas=self.pool)
+        return self._run(config, progress, self.stop, replicas=self.pool,
+                         final_records=final_records)
 
     def warm_up(self) -> None:
         """Load the model on every device: one tiny record into a throw-away store, with the
@@ -364,8 +367,15 @@ class Daemon:
                                       "committed_records": 0, "total_records": None,
                                       "stage": "starting"})
         config = dataclasses.replace(self.config.embed, inputs=(path.resolve(),))
+
+        def job_records(summary: Any) -> dict[str, dict]:
+            """The job record, committed by the engine with the file's last embeddings."""
+            record = self._job_record(name, sha256, key, summary, attempt,
+                                      time.perf_counter() - started)
+            return {key: self.jobs.run_record(key, record)}
+
         try:
-            summary = self._call_run(config, _FileProgress(self.board))
+            summary = self._call_run(config, _FileProgress(self.board), job_records)
         except InputError as exc:
             self._fail(name, exc, kind="input", attempts=attempt, sha256=sha256)
             return
@@ -434,14 +444,14 @@ class Daemon:
         if kind == "input":
             log.error("%s -> failed/%s: %s", name, target, exc)
 
-    def _finish(self, name: str, sha256: str, key: str, summary: Any, attempt: int,
-                config: EmbedConfig, seconds: float) -> None:
+    def _job_record(self, name: str, sha256: str, key: str, summary: Any, attempt: int,
+                    seconds: float) -> dict[str, Any]:
         status = "partial" if summary.failed else "complete"
         seq_rate = summary.embedded / summary.embed_seconds if summary.embed_seconds else 0.0
         counts = {k: getattr(summary, k) for k in (
             "records_read", "valid_records", "invalid_skipped", "duplicate_records", "truncated",
             "already_stored", "deduplicated", "embedded", "committed_records")}
-        record = {
+        return {
             "job": key, "file": name, "sha256": sha256, "size": os.path.getsize(
                 self.processing / name), "status": status, "exit_code": summary.exit_code,
             "store": str(self.config.embed.out), "table": summary.table,
@@ -455,8 +465,19 @@ class Daemon:
             "seconds": round(seconds, 3), "embed_seconds": summary.embed_seconds,
             "sequences_per_second": seq_rate, "tokens_per_second": summary.tokens_per_second,
             "devices": summary.devices, "attempts": attempt, "finished_at": utc_now(),
-            "versions": versions(), "daemon_pid": os.getpid()}
-        self.jobs.put(key, record, status, summary.run_id or None)
+            "versions": versions(), "daemon_pid": os.getpid(),
+            "engine_run": _engine_run(summary)}
+
+    def _finish(self, name: str, sha256: str, key: str, summary: Any, attempt: int,
+                config: EmbedConfig, seconds: float) -> None:
+        stored = self.jobs.get(key)
+        if stored is None:  # a run function that does not commit it with the embeddings
+            record = self._job_record(name, sha256, key, summary, attempt, seconds)
+            self.jobs.put(key, record)
+        else:
+            record = stored["info"]
+        status, counts = record["status"], record["counts"]
+        seq_rate = record["sequences_per_second"]
         target = free_name(self.done, name)
         record["done_as"] = f"done/{target}"
         atomic_write_json(self.done / (target + JOB_SUFFIX), record)
@@ -504,6 +525,16 @@ class Daemon:
                 "pools": list(e.pools), "precision": e.precision, "store_dtype": e.store_dtype,
                 "max_residues": e.max_residues, "skip_invalid": e.skip_invalid,
                 "gpus": e.devices, "max_tokens": e.max_tokens}
+
+
+def _engine_run(summary: Any) -> dict[str, Any]:
+    """The engine's run record for this file once this run's last group is committed: counts
+    over every attempt (an interrupted one included) and how often it was resumed."""
+    start = getattr(summary, "run_started", None) or {}
+    return {"run_id": summary.run_id or None, "resumes": start.get("resumes", 0),
+            "started_at": start.get("started_at"),
+            "committed_records": start.get("committed_records", 0) + summary.committed_records,
+            "committed_sequences": start.get("committed_sequences", 0) + summary.embedded}
 
 
 def versions() -> dict[str, str]:

@@ -362,8 +362,10 @@ class StoreWriter:
     # -- commits -------------------------------------------------------------------------
 
     def commit(self, table: str, entries: Sequence[CommitEntry], *,
-               run_id: str | None = None) -> None:
-        """Write a group atomically: vectors, id mappings and the run's counters.
+               run_id: str | None = None,
+               extra_runs: Mapping[str, dict[str, Any]] | None = None) -> None:
+        """Write a group atomically: vectors, id mappings, the run's counters, and any
+        ``extra_runs`` records (whole run records by id, e.g. a daemon's job record).
 
         Raises StoreMismatchError (nothing written) when an id is already mapped to another
         sequence, InternalError when an alias-only entry's embeddings are not stored.
@@ -382,6 +384,8 @@ class StoreWriter:
                 record["committed_records"] = record["committed_records"] + records
                 record["updated_at"] = utc_now()
                 txn.put(run_key, _dump(record), db=self._runs_db)
+            for other_id, other in (extra_runs or {}).items():
+                txn.put(self._run_key(other_id), _dump(other), db=self._runs_db)
 
         self._env.write(work, size_hint=sum(p.nbytes for p in prepared) + 4096)
 
