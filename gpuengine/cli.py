@@ -377,8 +377,17 @@ def serve(
     watch: Path = typer.Option(..., "--watch", "-w", help="Directory to watch; inbox/, "
                                "processing/, done/ and failed/ are created under it."),
     store: Path = typer.Option(..., "--store", "-o", help="LMDB store every file is embedded into."),
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint file (esm2_*.pt), Hugging "
-                              "Face directory, or published name such as esm2_t33_650M_UR50D."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="(--job embed) Checkpoint "
+                                        "file, Hugging Face directory, or published name such as "
+                                        "esm2_t33_650M_UR50D."),
+    job: str = typer.Option("embed", "--job", help="embed (FASTA → store) or predict (reads → "
+                            "VirNucPro outputs in DIR/predictions/<file>/, embeddings in the store)."),
+    length: Optional[int] = typer.Option(None, "--length", help="(--job predict) 300 or 500."),
+    classifier: Optional[Path] = typer.Option(None, "--classifier", help="(--job predict) the MLP."),
+    esm_model: str = typer.Option("esm2_t36_3B_UR50D", "--esm-model", help="(--job predict)"),
+    esm_layer: int = typer.Option(-1, "--esm-layer", help="(--job predict)"),
+    dnabert_model: str = typer.Option("zhihan1996/DNABERT-S", "--dnabert-model",
+                                      help="(--job predict)"),
     layers: str = typer.Option("-1", "--layers", help="Comma-separated layers; negative counts "
                                "from the end (-1 = last). Use --layers=-1."),
     pool: List[str] = typer.Option(["mean"], "--pool", help="mean, bos, per-token."),
@@ -418,6 +427,22 @@ def serve(
 
     try:
         _check_table(table)
+        predict_template = None
+        if job == "predict":
+            if length is None or classifier is None:
+                raise UsageError("--job predict needs --length and --classifier")
+            from gpuengine.workflows.virnucpro.pipeline import PredictConfig
+
+            predict_template = PredictConfig(
+                reads=watch / "inbox", length=length, classifier=classifier, esm_model=esm_model,
+                esm_layer=esm_layer, dnabert_model=dnabert_model, store=store,
+                precision=precision, devices=gpus, max_tokens=max_tokens,
+                skip_invalid=skip_invalid, allow_download=not offline)
+            model = model or esm_model
+        elif job != "embed":
+            raise UsageError(f"--job {job!r}: choose embed or predict")
+        elif model is None:
+            raise UsageError("--job embed needs --model")
         embed_config = EmbedConfig(
             inputs=(watch / "inbox",), model=model, out=store, layers=_parse_layers(layers),
             pools=tuple(_split(pool)), precision=precision, store_dtype=store_dtype,
@@ -427,7 +452,7 @@ def serve(
         config = ServeConfig(watch=watch, embed=embed_config, poll_interval=poll_interval,
                              force_poll=poll,
                              settle=settle, max_attempts=max_attempts, retry_delay=retry_delay,
-                             status_interval=status_interval)
+                             status_interval=status_interval, predict=predict_template)
     except GpuEngineError as exc:
         raise _fail(exc) from None
     raise typer.Exit(run_daemon(config, verbose=verbose, quiet=quiet))

@@ -743,3 +743,51 @@ def test_inotify_wakes_the_loop_early_and_poll_mode_does_not(tmp_path):
     started = time.monotonic()
     assert polling.wait(0.3, stop) is False
     assert time.monotonic() - started >= 0.29
+
+
+# -- --job predict ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_predict_job_writes_outputs_per_file_and_reuses_embeddings(tmp_path):
+    """`serve --job predict`: each reads file gets VirNucPro outputs in predictions/<file>-<sha>/
+    equal to a plain `gpuengine predict` of it; a second file repeating the reads computes
+    nothing (the embeddings are in the daemon's store)."""
+    import numpy as np
+    from test_predict import read_predictions, reads_fasta
+    from test_virnucpro_classifier import random_original, save_original_way
+
+    from gpuengine.synthetic import write_dnabert_s, write_fair_esm_checkpoint
+
+    esm = write_fair_esm_checkpoint(tmp_path / "esm2_t2_serve.pt", 2, 64, 4, seed=21)
+    dna = write_dnabert_s(tmp_path / "dnabert", num_layers=2, embed_dim=48, heads=4,
+                          intermediate=96, seed=22)
+    mlp_path = tmp_path / "500_model.pth"
+    save_original_way(random_original(input_dim=48 + 64, hidden=32, seed=3), mlp_path)
+    reads_fasta(tmp_path / "reads.fa", n=30, seed=5)
+    data = (tmp_path / "reads.fa").read_bytes()
+    options = ["--job", "predict", "--length", "500", "--classifier", str(mlp_path),
+               "--esm-model", str(esm), "--dnabert-model", str(dna), "--gpus", "cpu"]
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, "-m", "gpuengine", "predict", str(tmp_path / "reads.fa"),
+                    *options[2:], "--out", str(reference), "-q", "--offline"], check=True,
+                   cwd=ROOT, env=child_env(tmp_path, ""), capture_output=True)
+    served = Served(tmp_path, esm, *options)
+    try:
+        served.wait_for_message("READY=1")
+        served.drop("run1.fa", data)
+        served.wait_for(lambda: served.in_done("run1.fa"), "run1.fa predicted", timeout=90)
+        served.drop("run2.fa", data)
+        served.wait_for(lambda: served.in_done("run2.fa"), "run2.fa predicted", timeout=90)
+        assert served.stop() == 0
+    finally:
+        served.close()
+    first, second = served.job("run1.fa"), served.job("run2.fa")
+    assert first["kind"] == "predict" and first["counts"]["embedded"] > 0
+    out = served.dir / first["outputs"]
+    ids, labels, scores = read_predictions(out / "prediction_results.txt")
+    ref_ids, ref_labels, ref_scores = read_predictions(reference / "prediction_results.txt")
+    assert ids == ref_ids and labels == ref_labels and np.abs(scores - ref_scores).max() <= 1e-6
+    assert (out / "prediction_results_highestscore.csv").read_text() == \
+        (reference / "prediction_results_highestscore.csv").read_text()
+    # identical content: the finished job is reused, nothing is computed again
+    assert second.get("reused") or second["counts"]["embedded"] == 0

@@ -26,6 +26,7 @@ from gpuengine.errors import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, DeviceError
 from gpuengine.progress import ProgressSink
 from gpuengine.daemon.constants import ATTEMPTS_FILE, ERROR_SUFFIX, FOLDERS, JOB_PREFIX, JOB_SUFFIX, LOCK_FILE, MAX_LISTED_FAILURES, WARMUP_PREFIX, WARMUP_RECORD
 from gpuengine.daemon.files import atomic_write_json, error_record, file_sha256, free_name, is_ignored, marker_name, utc_now
+from gpuengine.daemon import predict_job
 from gpuengine.daemon.events import Waker
 from gpuengine.daemon.inbox import InboxWatcher
 from gpuengine.daemon.books import AttemptBook, JobBook
@@ -56,6 +57,9 @@ class ServeConfig:
     retry_delay: float = 10.0
     """Seconds before the first retry of a file after an error; doubles each attempt, 10 min
     at most."""
+    predict: Any = None
+    """``--job predict``: a :class:`~gpuengine.workflows.virnucpro.pipeline.PredictConfig`
+    template (its reads, out and store are set per file); None: ``--job embed``."""
 
     def __post_init__(self) -> None:
         if self.poll_interval <= 0:
@@ -119,8 +123,11 @@ class Daemon:
             self.waker = Waker(self.inbox, force_poll=self.config.force_poll)
             self.board.update(watch=self.waker.mode)
             self.board.start()
-            self.warm_up()
-            self.check_store()
+            if self.config.predict is None:
+                self.warm_up()
+                self.check_store()
+            else:
+                self.warm_up_predict()
             self.board.update(state="ready", stage=None)
             self.board.write()
             self._notify("READY=1")
@@ -250,6 +257,21 @@ class Daemon:
                  ", ".join(d["device"] for d in summary.devices) or "?",
                  time.perf_counter() - started)
 
+    def warm_up_predict(self) -> None:
+        """``--job predict``: load DNABERT-S and ESM-2 on every device before any claim."""
+        from gpuengine.replicas import ReplicaPool
+
+        self.pool = ReplicaPool()
+        started = time.perf_counter()
+        summary = predict_job.warm_up(self.config.predict, self.dir,
+                                      _FileProgress(self.board, loading=True), self.stop, self.pool)
+        if any(e.get("interrupted") for e in summary.embed.values()):
+            raise DaemonExit(EXIT_OK)
+        self.identity = predict_job.identity(self.config.predict)
+        self.board.update(model={"job": "predict", "esm": self.config.predict.esm_model,
+                                 "dnabert": self.config.predict.dnabert_model})
+        log.info("predict models loaded in %.1f s", time.perf_counter() - started)
+
     def check_store(self) -> None:
         """Refuse to start on a store whose table means something else (rather than failing
         every file)."""
@@ -375,7 +397,12 @@ class Daemon:
             return {key: self.jobs.run_record(key, record)}
 
         try:
-            summary = self._call_run(config, _FileProgress(self.board), job_records)
+            if self.config.predict is not None:
+                summary = predict_job.run_file(self.config.predict, self.config.embed.out,
+                                               self.dir, path, sha256, _FileProgress(self.board),
+                                               self.stop, self.pool)
+            else:
+                summary = self._call_run(config, _FileProgress(self.board), job_records)
         except InputError as exc:
             self._fail(name, exc, kind="input", attempts=attempt, sha256=sha256)
             return
@@ -399,12 +426,16 @@ class Daemon:
             self.board.update(processing=None)
         if summary.interrupted:
             self.attempts.undo(name)
-            log.info("%s: stopped on request after %d records; it stays in processing/ and is "
-                     "finished at the next start", name, summary.committed_records)
+            log.info("%s: stopped on request; it stays in processing/ and is finished at the "
+                     "next start (nothing committed is computed again)", name)
             return
         try:
-            self._finish(name, sha256, key, summary, attempt, config,
-                         time.perf_counter() - started)
+            if self.config.predict is not None:
+                self._finish_predict(name, sha256, key, summary, attempt, path,
+                                     time.perf_counter() - started)
+            else:
+                self._finish(name, sha256, key, summary, attempt, config,
+                             time.perf_counter() - started)
         except Exception as exc:
             self._retry_or_fail(name, exc, attempt, sha256)
 
@@ -492,6 +523,28 @@ class Daemon:
                  target, summary.committed_records + summary.already_stored, summary.embedded,
                  summary.already_stored,
                  f", {len(summary.failed)} sequences failed" if summary.failed else "", seconds)
+
+    def _finish_predict(self, name: str, sha256: str, key: str, summary: Any, attempt: int,
+                        path: Path, seconds: float) -> None:
+        """Outputs are written; now the job record, then the move to done/."""
+        record = predict_job.job_record(name, sha256, key, summary, attempt, seconds, self.dir,
+                                        path, {"options": self.identity, "versions": versions(),
+                                               "finished_at": utc_now(),
+                                               "daemon_pid": os.getpid()})
+        self.jobs.put(key, record)
+        target = free_name(self.done, name)
+        record["done_as"] = f"done/{target}"
+        atomic_write_json(self.done / (target + JOB_SUFFIX), record)
+        os.replace(self.processing / name, self.done / target)
+        self.attempts.clear(name)
+        self.board.add("files_done")
+        self.board.update(last_file={"file": name, "result": "complete", "at": utc_now()},
+                          last_run={"file": name, "seconds": round(seconds, 3),
+                                    **record["counts"]},
+                          sequences_per_second=record["sequences_per_second"])
+        log.info("%s -> done/%s: %d reads, %d frames, %d chunks called virus; outputs in %s",
+                 name, target, summary.reads, summary.frames, summary.virus_chunks,
+                 record["outputs"])
 
     def _finish_reused(self, name: str, sha256: str, key: str, previous: dict) -> None:
         """The job is finished in the store: this file's own job (a restart after the job

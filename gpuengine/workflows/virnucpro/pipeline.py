@@ -104,6 +104,10 @@ class PredictSummary:
     def wall_seconds(self) -> float:
         return sum(self.stage_seconds.values())
 
+    @property
+    def interrupted(self) -> bool:
+        return any(e.get("interrupted") for e in self.embed.values())
+
 
 class _Stages:
     def __init__(self, summary: PredictSummary, progress: ProgressSink):
