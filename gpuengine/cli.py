@@ -18,7 +18,7 @@ import typer
 from gpuengine import __version__
 from gpuengine.errors import EXIT_INTERRUPTED, GpuEngineError, UsageError
 
-HELP = """Exact, packed protein language-model embeddings on every GPU, committed into LMDB.
+HELP = """Exact, packed protein (ESM-2) and DNA (DNABERT-S) embeddings on every GPU, into LMDB.
 
 [bold]Examples[/bold]
 
@@ -28,7 +28,9 @@ HELP = """Exact, packed protein language-model embeddings on every GPU, committe
   gpuengine info proteins.lmdb
   gpuengine export proteins.lmdb --format npz -o proteins.npz
   gpuengine predict reads.fasta --length 500 --classifier 500_model.pth
-  gpuengine devices
+  gpuengine serve --watch /srv/embed --store /srv/embed/store.lmdb --model esm2_t33_650M_UR50D
+  gpuengine status /srv/embed
+  gpuengine devices --model esm2_t36_3B_UR50D
 
 Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 130 interrupted.
 """
@@ -46,7 +48,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(version: Optional[bool] = typer.Option(None, "--version", callback=_version,
                                                   is_eager=True, help="Print the version and exit.")) -> None:
-    """Exact, packed protein language-model embeddings on every GPU, committed into LMDB."""
+    """Exact, packed protein (ESM-2) and DNA (DNABERT-S) embeddings on every GPU, into LMDB."""
 
 
 def _fail(exc: GpuEngineError) -> typer.Exit:
