@@ -62,6 +62,14 @@ def encode_id_value(record_id: str, seq_digest: bytes) -> bytes:
     return bytes(seq_digest) + raw
 
 
+def encode_id_pair(record_id: str, seq_digest: bytes) -> tuple[bytes, bytes]:
+    """``(encode_id(record_id), encode_id_value(record_id, seq_digest))``, encoding once."""
+    raw = _id_bytes(record_id)
+    if len(raw) <= MAX_KEY_SIZE:
+        return raw, seq_digest
+    return LONG_ID_PREFIX + _blake2b16(raw), bytes(seq_digest) + raw
+
+
 def value_digest(value: bytes | memoryview) -> bytes:
     """The sequence digest held by an ids-database value."""
     if len(value) < DIGEST_SIZE:

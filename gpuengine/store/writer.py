@@ -89,16 +89,14 @@ class _Prepared:
     ids: tuple[tuple[bytes, bytes, str], ...]  # (key, value, record id)
     arrays: tuple[tuple[bytes, bytes], ...]  # (embedding key, array bytes); empty for aliases
     alias_keys: tuple[tuple[bytes, str], ...]  # (embedding key, output label) to check
-
-    @property
-    def nbytes(self) -> int:
-        data = sum(len(k) + len(v) for k, v, _ in self.ids)
-        data += sum(len(k) + len(v) for k, v in self.arrays)
-        return data + _ENTRY_OVERHEAD * (len(self.ids) + len(self.arrays))
+    nbytes: int = 0
+    """Bytes the entry adds to the map (a size hint for growing it)."""
 
 
 def _check_vector(spec: TableSpec, output: OutputSpec, array: np.ndarray, digest: bytes) -> None:
-    shape = np.shape(array)
+    shape = getattr(array, "shape", None)
+    if shape is None:
+        shape = np.shape(array)
     if output.per_token:
         ok = len(shape) == 2 and shape[0] >= 1 and shape[1] == spec.dim
         wanted = f"(residues >= 1, {spec.dim})"
@@ -112,18 +110,18 @@ def _check_vector(spec: TableSpec, output: OutputSpec, array: np.ndarray, digest
 
 
 def _prepare(spec: TableSpec, entry: CommitEntry) -> _Prepared:
-    """Validate and encode one entry (pure: no store access)."""
+    """Validate and encode one entry (pure: no store access; runs once per committed
+    sequence, so it avoids work it does not need)."""
     digest = entry.seq_digest
     try:
-        ids = tuple((codec.encode_id(rid), codec.encode_id_value(rid, digest), rid)
-                    for rid in entry.record_ids)
+        ids = tuple((*codec.encode_id_pair(rid, digest), rid) for rid in entry.record_ids)
     except ValueError as exc:
         raise InternalError(f"bad record id in a commit: {exc}") from exc
-    keys = {o: spec.embedding_key(o, digest) for o in spec.outputs}
+    nbytes = sum(len(key) + len(value) + _ENTRY_OVERHEAD for key, value, _ in ids)
     if entry.vectors is None:
-        aliases = tuple((keys[o], o.label) for o in spec.outputs)
-        return _Prepared(digest, ids, (), aliases)
-    if set(entry.vectors) != set(spec.outputs):
+        aliases = tuple((spec.embedding_key(o, digest), o.label) for o in spec.outputs)
+        return _Prepared(digest, ids, (), aliases, nbytes)
+    if len(entry.vectors) != len(spec.outputs) or any(o not in entry.vectors for o in spec.outputs):
         got = ", ".join(sorted(getattr(o, "label", repr(o)) for o in entry.vectors))
         raise InternalError(
             f"sequence {digest.hex()}: vectors for [{got}], table {spec.name!r} stores "
@@ -133,8 +131,10 @@ def _prepare(spec: TableSpec, entry: CommitEntry) -> _Prepared:
     for output in spec.outputs:
         array = entry.vectors[output]
         _check_vector(spec, output, array, digest)
-        arrays.append((keys[output], codec.encode_array(array, spec.store_dtype)))
-    return _Prepared(digest, ids, tuple(arrays), ())
+        data = codec.encode_array(array, spec.store_dtype)
+        arrays.append((spec.embedding_key(output, digest), data))
+        nbytes += len(data) + 16 + _ENTRY_OVERHEAD
+    return _Prepared(digest, ids, tuple(arrays), (), nbytes)
 
 
 class StoreWriter:
