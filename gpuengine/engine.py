@@ -500,13 +500,14 @@ class _Run:
             raise DeviceError(f"device {message.device} ({name}) failed and no device is left: "
                               f"{message.error.__class__.__name__}: {message.error}") from message.error
 
-    def _flush(self, committer: Committer, force: bool = False) -> None:
+    def _flush(self, committer: Committer) -> None:
+        """Hand the open group to the committer once it is large or old enough."""
         due = len(self.group) >= self.config.commit_every or (
             time.monotonic() - self.group_started >= GROUP_SECONDS)
-        if self.group and (force or due):
-            committer.put(self.group)
-            self.group = []
-        if force or due:
+        if due:
+            if self.group:
+                committer.put(self.group)
+                self.group = []
             self.group_started = time.monotonic()
 
     def _report_progress(self, workers: list[DeviceWorker], committer: Committer) -> None:
