@@ -82,3 +82,21 @@ def fair_esm_reference(path: Path, sequences: list[str], layers: list[int], trun
         out[layer]["mean"] = np.stack(out[layer]["mean"])
         out[layer]["bos"] = np.stack(out[layer]["bos"])
     return out
+
+
+def embed_in_batches(runner, items, outputs, budget: int) -> dict:
+    """Pack items into batches of at most ``budget`` tokens (several sequences per forward,
+    like the engine) and collect each output's vectors in item order."""
+    results = {o: [] for o in outputs}
+    batch: list = []
+    for item in list(items) + [None]:
+        if item is not None and sum(i.n_tokens for i in batch) + item.n_tokens <= budget:
+            batch.append(item)
+            continue
+        if batch:
+            out = runner.embed(batch)
+            assert out.finite.all()
+            for o in outputs:
+                results[o].extend(out.vectors[o])
+        batch = [item] if item is not None else []
+    return results

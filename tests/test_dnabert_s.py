@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from conftest import embed_in_batches
 import torch.nn.functional as F
 
 from gpuengine.packing import WorkItem
@@ -173,19 +175,7 @@ def embed_with_runner(model, directory, sequences, outputs, budget=2048, attenti
     runner = Runner(model, torch.device(device), precision, outputs, PoolingRule(0, 0))
     if attention is not None:
         runner.attention, runner.padded = attention, attention.needs_padding
-    results = {o: [] for o in outputs}
-    batch: list[WorkItem] = []
-    for item in items + [None]:  # several sequences per forward, like the engine
-        if item is not None and sum(i.n_tokens for i in batch) + item.n_tokens <= budget:
-            batch.append(item)
-            continue
-        if batch:
-            out = runner.embed(batch)
-            assert out.finite.all()
-            for o in outputs:
-                results[o].extend(out.vectors[o])
-        batch = [item] if item is not None else []
-    return results
+    return embed_in_batches(runner, items, outputs, budget)
 
 
 def assert_close(ours, ref, what, tol=TOL):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fair_esm_reference, random_proteins
+from conftest import embed_in_batches, fair_esm_reference, random_proteins
 from gpuengine.models.esm2_weights import build_esm2, read_fair_esm_checkpoint, read_hf_esm
 from gpuengine.packing import WorkItem
 from gpuengine.pooling import PoolingRule
@@ -34,19 +34,7 @@ def embed_with_runner(model, sequences, outputs, budget=4096):
     tok = EsmTokenizer()
     items = [WorkItem(sequence_digest(s), tok.encode(s, 1022), min(len(s), 1022)) for s in sequences]
     runner = Runner(model, torch.device("cpu"), "fp32", outputs, PoolingRule(1, 1))
-    results = {o: [] for o in outputs}
-    batch: list[WorkItem] = []
-    for item in items + [None]:  # pack several sequences per forward, like the engine
-        if item is not None and sum(i.n_tokens for i in batch) + item.n_tokens <= budget:
-            batch.append(item)
-            continue
-        if batch:
-            out = runner.embed(batch)
-            assert out.finite.all()
-            for o in outputs:
-                results[o].extend(out.vectors[o])
-        batch = [item] if item is not None else []
-    return results
+    return embed_in_batches(runner, items, outputs, budget)
 
 
 @pytest.mark.parametrize("shape", [(2, 64, 4), (3, 48, 2), (1, 32, 2)],
