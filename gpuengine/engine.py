@@ -117,16 +117,6 @@ class RecordSource:
     iterate: Callable[[], Iterable[FastaRecord]]
     count: int
     residues: int
-    alphabet_checked: bool = True
-
-
-@dataclass(frozen=True)
-class _Input:
-    """What a run streams: a validated FASTA report, or a record source."""
-
-    stream: Callable[[], Iterable[FastaRecord]]
-    valid: int
-    residues: int
 
 
 def resolve_outputs(layers: tuple[int, ...], pools: tuple[str, ...], num_layers: int) -> tuple[OutputSpec, ...]:
@@ -170,14 +160,13 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
             progress.stage("validating input")
             report = validate(list(config.inputs), alphabet=fam.alphabet,
                               skip_invalid=config.skip_invalid, extra_check=conflict_check)
-            source_input = _Input(lambda: stream_valid(list(config.inputs), report,
-                                                       alphabet=fam.alphabet),
-                                  report.valid, report.residues)
+            records = RecordSource(lambda: stream_valid(list(config.inputs), report,
+                                                        alphabet=fam.alphabet),
+                                   report.valid, report.residues)
             counts = dict(records_read=report.records, valid_records=report.valid,
                           invalid_skipped=len(report.skip) - report.duplicate_records,
                           duplicate_records=report.duplicate_records)
         else:
-            source_input = _Input(records.iterate, records.count, records.residues)
             counts = dict(records_read=records.count, valid_records=records.count)
         if stop.is_set():  # Ctrl-C while validating: nothing loaded, nothing to drain
             summary = RunSummary(str(config.out), config.table, source.name, False,
@@ -198,7 +187,7 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
                            max_residues)
         writer.open_table(spec)
         summary = RunSummary(str(config.out), spec.name, source.name, weights.synthetic, **counts)
-        _Run(config, fam, weights, spec, writer, source_input, summary, progress, stop,
+        _Run(config, fam, weights, spec, writer, records, summary, progress, stop,
              runner_factory, replicas, final_records).execute()
     except BaseException:
         try:
@@ -270,11 +259,11 @@ class _Run:
     """One run's threads and state (see the module docstring for the loop)."""
 
     def __init__(self, config: EmbedConfig, fam: Family, weights: Weights, spec: TableSpec,
-                 writer: StoreWriter, report: _Input, summary: RunSummary,
+                 writer: StoreWriter, records: RecordSource, summary: RunSummary,
                  progress: ProgressSink, stop: threading.Event, runner_factory=None,
                  replicas: ReplicaPool | None = None, final_records=None):
         self.config, self.fam, self.weights, self.spec = config, fam, weights, spec
-        self.writer, self.report, self.summary = writer, report, summary
+        self.writer, self.records, self.summary = writer, records, summary
         self.progress, self.stop = progress, stop
         self.runner_factory = runner_factory
         self.replicas = replicas
@@ -300,7 +289,7 @@ class _Run:
         committer.start()
         planner_thread = threading.Thread(target=self._plan, args=(planner,), daemon=True,
                                           name="gpuengine-planner")
-        self.progress.start(self.report.valid, self.report.residues)
+        self.progress.start(self.records.count, self.records.residues)
         planner_thread.start()
         started = time.perf_counter()
         completed = False
@@ -420,7 +409,7 @@ class _Run:
     def _plan(self, planner: Planner) -> None:
         error = None
         try:
-            planner.run(self.report.stream())
+            planner.run(self.records.iterate())
         except BaseException as exc:
             error = exc
         finally:
@@ -517,7 +506,7 @@ class _Run:
                                        w.budget.tokens(), min(1.0, w.stats.busy_seconds / elapsed))
                         for w in workers)
         self.progress.update(ProgressSnapshot(
-            committed_records=counts.records, total_records=self.report.valid,
+            committed_records=counts.records, total_records=self.records.count,
             tokens_done=sum(w.stats.tokens for w in workers),
             elapsed=elapsed, devices=devices))
 

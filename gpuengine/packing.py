@@ -1,10 +1,8 @@
 """Work items and packed batches (torch-free).
 
 A :class:`WorkItem` is one distinct sequence to embed: its token ids (specials included) and the
-digest that identifies it in the store. A :class:`PackedBatch` is what a device runs: the items'
-ids concatenated with no padding, their token lengths and the longest length. Packing is a pure
-function of the items so that the scheduler (which decides *which* items) and the device
-worker (which packs them into its own pinned buffers) stay apart.
+digest that identifies it in the store. The scheduler decides *which* items form a batch; the
+device's runner concatenates their ids, with no padding, into its own pinned buffer.
 
 Token accounting: a batch's cost is its real token count, BOS/EOS included (packed attention
 does no work on padding). Devices on the exact padded path count ``N × max_len`` instead; see
@@ -15,7 +13,6 @@ tokens, or 3 × 102 = 306 padded tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -32,31 +29,6 @@ class WorkItem:
     @property
     def n_tokens(self) -> int:
         return int(self.token_ids.size)
-
-
-@dataclass(frozen=True)
-class PackedBatch:
-    token_ids: np.ndarray
-    """int32 (T,): every item's ids, concatenated."""
-    lengths: np.ndarray
-    """int64 (N,): tokens per item."""
-    max_len: int
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.token_ids.size)
-
-
-def pack(items: Sequence[WorkItem], out: np.ndarray | None = None) -> PackedBatch:
-    """Concatenate the items' ids (into ``out``'s prefix when a reusable buffer is given)."""
-    lengths = np.fromiter((it.n_tokens for it in items), dtype=np.int64, count=len(items))
-    total = int(lengths.sum())
-    if out is None or out.size < total:
-        ids = np.concatenate([it.token_ids for it in items]).astype(np.int32, copy=False)
-    else:
-        np.concatenate([it.token_ids for it in items], out=out[:total])
-        ids = out[:total]
-    return PackedBatch(ids, lengths, int(lengths.max()))
 
 
 def batch_cost(n_items: int, total_tokens: int, max_len: int, padded: bool) -> int:

@@ -84,9 +84,6 @@ class Ledger:
         with self.lock:
             self._committing.difference_update(digests)
 
-    def pending_ids(self, digest: bytes) -> int:
-        with self.lock:
-            return len(self._pending.get(digest, ()))
 
 
 @dataclass
