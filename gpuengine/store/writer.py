@@ -148,6 +148,8 @@ class StoreWriter:
             max_map_size=max_map_size,
         )
         self._tables: dict[str, _Table] = {}
+        self._peeked_ids: dict[str, Any] = {}
+        """ids-database handles of existing tables read before open_table (tables stay)."""
         try:
             self._env.ensure_map_size(initial_map_size)
             self._meta_db, self._runs_db = self._env.write(self._init_store)
@@ -278,10 +280,12 @@ class StoreWriter:
         Works before :meth:`open_table` too (a table not in the store holds no id)."""
         if table in self._tables:
             ids_db = self._tables[table].ids_db
+        elif table in self._peeked_ids:
+            ids_db = self._peeked_ids[table]
         elif self.stored_spec(table) is None:
             return [None] * len(record_ids)
         else:
-            ids_db = self._env.db(ids_db_name(table))
+            ids_db = self._peeked_ids[table] = self._env.db(ids_db_name(table))
         keys = [codec.encode_id(rid) for rid in record_ids]
 
         def work(txn: lmdb.Transaction) -> list[bytes | None]:
