@@ -75,7 +75,7 @@ class Runner:
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str,
                  outputs: Sequence[OutputSpec], rule: PoolingRule, *, compile: bool = False,
-                 copy_stream: bool = True):
+                 copy_stream: bool = True, kernels: str | None = None):
         self.device = device
         self.precision = precision
         self.dtype = DTYPES[precision]
@@ -90,10 +90,11 @@ class Runner:
         if self.cuda:
             self.compute_stream = torch.cuda.Stream(device)
             self.copy_stream = torch.cuda.Stream(device) if copy_stream else self.compute_stream
-        if compile and self.cuda and hasattr(self.model, "kernels"):
-            from gpuengine.models.esm2 import compiled_kernels
-
-            self.model.kernels = compiled_kernels()
+        # per-layer kernels: the model's fastest kind on a GPU when compiling (or ``kernels``)
+        self.kernels = "eager"
+        if compile and self.cuda and hasattr(self.model, "set_kernels"):
+            self.kernels = kernels or self.model.fastest_kernels(device, self.attention)
+            self.model.set_kernels(self.kernels)
 
     # -- the three steps ------------------------------------------------------------------------
     def stage(self, items: Sequence[WorkItem]) -> Staged:

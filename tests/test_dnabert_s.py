@@ -167,12 +167,14 @@ def load_ours(directory: Path, dtype=torch.float32):
 
 
 def embed_with_runner(model, directory, sequences, outputs, budget=2048, attention=None,
-                      device="cpu", precision="fp32"):
+                      device="cpu", precision="fp32", compile=False):
     from gpuengine.dna_tokenizer import DnaTokenizer
 
     tok = DnaTokenizer.from_directory(directory)
     items = [WorkItem(sequence_digest(s), tok.encode(s), len(s)) for s in sequences]
-    runner = Runner(model, torch.device(device), precision, outputs, PoolingRule(0, 0))
+    runner = Runner(model, torch.device(device), precision, outputs, PoolingRule(0, 0),
+                    compile=compile)
+    assert runner.kernels == ("compiled" if compile and device == "cuda" else "eager")
     if attention is not None:
         runner.attention, runner.padded = attention, attention.needs_padding
     return embed_in_batches(runner, items, outputs, budget)
@@ -223,6 +225,26 @@ def test_batch_composition_does_not_change_results(dna_dir):
     packed = np.stack(embed_with_runner(model, dna_dir, seqs, out, budget=8192)[out[0]])
     alone = np.stack([embed_with_runner(model, dna_dir, [s], out)[out[0]][0] for s in seqs])
     assert_close(packed, alone, "packed vs alone")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_model_with_flex_attention_matches_the_reference(dna_dir):
+    """The whole model on the flex path (uncompiled on the CPU): q, k and v are projected into
+    a buffer already padded to the flex row bucket, zero beyond the real rows."""
+    from gpuengine.models.dnabert_s import FlexAlibiAttention, flex_available, flex_bucket
+
+    if not flex_available():
+        pytest.skip("torch without FlexAttention")
+    sequences = random_dna([40, 600, 9, 300, 151], seed=8)
+    outputs = [OutputSpec(2, pool) for pool in POOLS]
+    tokens = sum(len(raw_tokenizer(dna_dir).encode(s).ids) for s in sequences)
+    assert flex_bucket(tokens) > tokens  # the padded-buffer branch runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = embed_with_runner(load_ours(dna_dir), dna_dir, sequences, outputs, budget=8192,
+                                 attention=FlexAlibiAttention(compiled=False))
+    ref = reference_embeddings(dna_dir, sequences, [2], batched=False)
+    compare(ours, ref, outputs, "flex model vs reference")
 
 
 def test_explicit_alibi_attention_equals_substituted_one(dna_dir):
@@ -653,7 +675,7 @@ def gpu_dir(tmp_path_factory):
     return write_dnabert_s(tmp_path_factory.mktemp("w") / "dnabert_gpu", **GPU_SHAPE, seed=5)
 
 
-def gpu_embed(directory, precision, seqs, kind="padded", layer=4):
+def gpu_embed(directory, precision, seqs, kind="padded", layer=4, compile=False):
     from gpuengine.models.dnabert_s import select_alibi_attention
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -661,7 +683,7 @@ def gpu_embed(directory, precision, seqs, kind="padded", layer=4):
     out = [OutputSpec(layer, "mean")]
     vectors = embed_with_runner(load_ours(directory, dtype), directory, seqs, out, budget=16384,
                                 attention=select_alibi_attention(device, dtype, kind),
-                                device="cuda", precision=precision)
+                                device="cuda", precision=precision, compile=compile)
     return np.stack(vectors[out[0]])
 
 
@@ -685,6 +707,16 @@ def test_gpu_flex_matches_padded_in_fp16(gpu_dir):
     seqs = random_dna(GPU_LENGTHS, seed=21)
     a = gpu_embed(gpu_dir, "fp16", seqs, "flex")
     b = gpu_embed(gpu_dir, "fp16", seqs, "padded")
+    assert cosines(a, b).min() >= 0.99999, cosines(a, b)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["padded", "flex"])
+def test_gpu_compiled_layer_kernels_match_eager(gpu_dir, kind):
+    seqs = random_dna(GPU_LENGTHS, seed=23)
+    a = gpu_embed(gpu_dir, "fp16", seqs, kind, compile=True)
+    b = gpu_embed(gpu_dir, "fp16", seqs, kind)
     assert cosines(a, b).min() >= 0.99999, cosines(a, b)
 
 

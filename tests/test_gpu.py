@@ -31,11 +31,13 @@ def gpu_pt(tmp_path_factory):
     return write_fair_esm_checkpoint(tmp_path_factory.mktemp("w") / "esm2_t4_gpu.pt", 4, 128, 4, seed=5)
 
 
-def embed(path, precision, seqs, attention=None, layer=4):
+def embed(path, precision, seqs, attention=None, layer=4, kernels=None):
     cfg, state, _ = read_fair_esm_checkpoint(path)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     runner = Runner(build_esm2(cfg, state, dtype), torch.device("cuda"), precision,
-                    [OutputSpec(layer, "mean")], PoolingRule(1, 1))
+                    [OutputSpec(layer, "mean")], PoolingRule(1, 1), compile=kernels is not None,
+                    kernels=kernels)
+    assert runner.kernels == (kernels or "eager")
     if attention is not None:
         runner.attention, runner.padded = attention, attention.needs_padding
     tok = EsmTokenizer()
@@ -74,6 +76,19 @@ def test_varlen_kernel_matches_padded_attention_in_fp16(gpu_pt):
     a = embed(gpu_pt, "fp16", seqs, attention=VarlenAttention())
     b = embed(gpu_pt, "fp16", seqs, attention=PaddedAttention())
     assert cosines(a, b).min() >= 0.99999
+
+
+@pytest.mark.skipif(not varlen_available(), reason="torch.nn.attention.varlen needs torch >= 2.10")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("kernels", ["compiled", "fused-rope"])
+def test_fast_layer_kernels_match_the_eager_layer(gpu_pt, kernels, precision):
+    """torch.compile'd layers and the in-place Triton RoPE give the eager layer's embeddings
+    (same varlen attention; only fp32 rounding inside fused kernels may differ)."""
+    seqs = random_proteins(LENGTHS + [2, 3, 64, 65, 129], seed=6)
+    fast = embed(gpu_pt, precision, seqs, kernels=kernels)
+    eager = embed(gpu_pt, precision, seqs)
+    assert cosines(fast, eager).min() >= 0.99999
+    assert np.abs(fast - eager).max() <= (2e-3 if precision == "fp16" else 2e-2)
 
 
 def _store_vectors(path):

@@ -3,7 +3,10 @@
 
     python tools/bench_dnabert.py --out results.jsonl
 
-Systems: ``gpuengine`` (packed, FlexAttention with ALiBi, fp16, the engine's device worker),
+Systems: ``gpuengine`` (packed, FlexAttention with ALiBi, compiled layer kernels, fp16, the
+engine's device worker; a second pass over the same reads, after ``gpuengine-cold``, the
+first, which pays for compiling FlexAttention for row buckets not seen yet), variants
+(``gpuengine-variant:*``: eager layer kernels; FlexAttention compiled with dynamic shapes),
 ``padded-sdpa-bf16`` (length-sorted padded batches of 256, SDPA with an ALiBi + key-mask bias,
 bf16: what a user would otherwise write), ``gemm-ceiling`` (bf16 GEMM 16384×768 by 768×3072;
 its rate over FLOPs per token), and ``cosine-vs-fp32`` (fp16/bf16 means against fp32).
@@ -115,6 +118,27 @@ def run_padded(sd, cfg, token_lists, batch=256):
     return sum(len(t) for t in token_lists), len(token_lists), time.perf_counter() - start
 
 
+def profile_batches(runner, items, budget, out_dir):
+    """Kernel time breakdown of two full batches (torch.profiler), printed and saved."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gpuengine.scheduler import Scheduler
+
+    sched = Scheduler()
+    sched.submit(items)
+    sched.close()
+    batches = [sched.next_batch(0, budget).items for _ in range(3)]
+    runner.embed(batches[0])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for b in batches[1:]:
+            runner.embed(b)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+    print(table, flush=True)
+    (Path(out_dir) / "profile-dnabert.txt").write_text(table)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -122,6 +146,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=65536)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
     ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
+    ap.add_argument("--variants", action="store_true", help="also time the variants")
+    ap.add_argument("--profile", action="store_true", help="kernel table of two dna150 batches")
     args = ap.parse_args()
     command = "python tools/bench_dnabert.py " + " ".join(sys.argv[1:])
     gpu = torch.cuda.get_device_name(0)
@@ -146,9 +172,16 @@ def main() -> None:
     sample = reads(150, 48, rng) + reads(500, 16, rng)
     items = [WorkItem(sequence_digest(s), tok.encode(s), len(s)) for s in sample]
     vecs = {}
-    for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+    def make_runner(precision, compile=True, attention=None):
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         runner = Runner(build_dnabert_s(cfg, dict(state), dtype), torch.device("cuda"), precision,
-                        [OutputSpec(cfg.num_layers, "mean")], PoolingRule(0, 0))
+                        [OutputSpec(cfg.num_layers, "mean")], PoolingRule(0, 0), compile=compile)
+        if attention is not None:
+            runner.attention = attention
+        return runner
+
+    for precision in ("fp32", "fp16", "bf16"):
+        runner = make_runner(precision)
         vecs[precision] = np.stack(runner.embed(items).vectors[OutputSpec(cfg.num_layers, "mean")])
     cos = {}
     for p in ("fp16", "bf16"):
@@ -157,8 +190,14 @@ def main() -> None:
         cos[p] = {"min_cosine": float(c.min()), "mean_cosine": float(c.mean())}
     emit(workload="dna150+dna500", system="cosine-vs-fp32", precision="fp16/bf16",
          tokens_per_s=None, sequences_per_s=None, **cos)
-    runner = Runner(build_dnabert_s(cfg, dict(state), torch.float16), torch.device("cuda"), "fp16",
-                    [OutputSpec(cfg.num_layers, "mean")], PoolingRule(0, 0))
+    runner = make_runner("fp16")
+    variants = {}
+    if args.variants:
+        from gpuengine.models.dnabert_s import FlexAlibiAttention
+
+        variants = {"eager-kernels": lambda: make_runner("fp16", compile=False),
+                    "flex-dynamic": lambda: make_runner(
+                        "fp16", attention=FlexAlibiAttention(compiled=True, dynamic=True))}
     sd16 = {k: v.to("cuda", torch.bfloat16) for k, v in state.items()}
     for wl, length in (("dna150", 150), ("dna500", 500)):
         seqs = reads(length, args.reads if length == 150 else args.reads // 3, rng)
@@ -169,11 +208,24 @@ def main() -> None:
         emit(**common, system="gemm-ceiling", precision="bf16", gemm_tflops=rate / 1e12,
              tokens_per_s=ceiling, sequences_per_s=ceiling / mean_len)
         items = [WorkItem(sequence_digest(s), t, len(s)) for s, t in zip(seqs, token_lists)]
-        r = drive_worker(runner, items, args.budget)
-        t, n, secs = r["tokens"], r["sequences"], r["seconds"]
-        emit(**common, system="gpuengine", precision="fp16", tokens_per_s=t / secs,
-             sequences_per_s=n / secs, seconds=secs, pct_of_ceiling=100 * t / secs / ceiling,
-             attention=type(runner.attention).__name__, budget=args.budget)
+        if args.profile and wl == "dna150":
+            profile_batches(runner, items, args.budget, args.out.parent)
+
+        def timed_worker(system, r_):
+            r = drive_worker(r_, items, args.budget)
+            t, n, secs = r["tokens"], r["sequences"], r["seconds"]
+            emit(**common, system=system, precision="fp16", tokens_per_s=t / secs,
+                 sequences_per_s=n / secs, seconds=secs, pct_of_ceiling=100 * t / secs / ceiling,
+                 attention=type(r_.attention).__name__, kernels=r_.kernels, budget=args.budget,
+                 busy_fraction=r["busy_fraction"])
+
+        timed_worker("gpuengine-cold", runner)
+        timed_worker("gpuengine", runner)
+        for name, build in variants.items():
+            vr = build()
+            timed_worker(f"gpuengine-variant:{name}-cold", vr)
+            timed_worker(f"gpuengine-variant:{name}", vr)
+            del vr
         t, n, secs = run_padded(sd16, cfg, token_lists)
         emit(**common, system="padded-sdpa-bf16", precision="bf16", tokens_per_s=t / secs,
              sequences_per_s=n / secs, seconds=secs, pct_of_ceiling=100 * t / secs / ceiling,

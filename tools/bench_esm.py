@@ -104,9 +104,10 @@ def gemm_rate(d: int) -> float:
     return 20 * 2 * 16384 * d * 4 * d / (start.elapsed_time(end) / 1000)
 
 
-def make_runner(model, precision, compile_kernels=True, copy_stream=True):
+def make_runner(model, precision, compile_kernels=True, copy_stream=True, kernels=None):
     return Runner(model, torch.device("cuda"), precision, [OutputSpec(model.num_layers, "mean")],
-                  PoolingRule(1, 1), compile=compile_kernels, copy_stream=copy_stream)
+                  PoolingRule(1, 1), compile=compile_kernels, copy_stream=copy_stream,
+                  kernels=kernels)
 
 
 def _items(seqs):
@@ -193,7 +194,7 @@ class NoopRunner:
         return 0
 
 
-def profile_batch(runner, seqs, budget, out_dir):
+def profile_batch(runner, seqs, budget, out_dir, name="profile"):
     """Kernel time breakdown of two batches (torch.profiler), printed and saved."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -211,7 +212,7 @@ def profile_batch(runner, seqs, budget, out_dir):
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60)
     print(table, flush=True)
-    (Path(out_dir) / "profile.txt").write_text(table)
+    (Path(out_dir) / f"{name}.txt").write_text(table)
 
 
 def gemm_skeleton(layers, d, tokens, seconds=3.0):
@@ -366,6 +367,7 @@ def main() -> None:
     ap.add_argument("--sweep", default="", help="budgets to sweep on the first workload, e.g. 16384,32768,65536,131072")
     ap.add_argument("--precision", default="fp16")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--variants", default="", help="with system 'variants': which ones (default all)")
     ap.add_argument("--host-sequences", type=int, default=200_000)
     ap.add_argument("--slow-on", default="", help="run e2e and fair-esm only on these workloads (default: all)")
     ap.add_argument("--fair-esm-seconds", type=float, default=15.0)
@@ -441,13 +443,17 @@ def main() -> None:
                      pct_of_ceiling=100 * tps / ceiling if ceiling else None, **extra)
 
             if "profile" in systems and wi != 1:
-                profile_batch(runner, seqs, args.budget, args.out.parent)
+                profile_batch(runner, seqs, args.budget, args.out.parent,
+                              f"profile-{short}-{wl}-{runner.kernels}")
             if "variants" in systems and wi == 0:
                 cfg_v = Esm2Config(layers, d, heads)
                 for vname, kw, fn in (("sync-main-thread", {}, run_sync),
                                       ("worker-depth1", {}, lambda r, q, b: run_pipeline(r, q, b, depth=1)),
                                       ("worker-one-stream", {"copy_stream": False}, run_pipeline),
-                                      ("worker-eager", {"compile_kernels": False}, run_pipeline)):
+                                      ("worker-eager", {"compile_kernels": False}, run_pipeline),
+                                      ("kernels-compiled", {"kernels": "compiled"}, run_pipeline)):
+                    if args.variants and vname not in args.variants.split(","):
+                        continue
                     vr = make_runner(build_esm2(cfg_v, dict(state), dtype), args.precision, **kw)
                     r = fn(vr, seqs, args.budget)
                     report(f"gpuengine-variant:{vname}", args.precision, *r[:3], budget=args.budget,
@@ -459,7 +465,7 @@ def main() -> None:
                 for budget in budgets:
                     r = run_pipeline(runner, seqs, budget)
                     report("gpuengine", args.precision, *r[:3], budget=budget, busy_fraction=r[3],
-                           compiled=not args.no_compile)
+                           compiled=not args.no_compile, kernels=runner.kernels)
             slow_ok = not args.slow_on or wl in args.slow_on.split(",")
             if "e2e" in systems and slow_ok:
                 fasta = write_fasta(args.workdir / f"{wl}.fa", seqs)

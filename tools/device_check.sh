@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the device machine (through the device tool): installs the carried wheels, runs the
-# GPU tests, then the benchmark given in BENCH_ARGS. Results land in $OUT.
-#   carry: .whl      command: bash tools/device_check.sh
+# GPU tests (SKIP_TESTS=1 skips them), then the benchmarks whose arguments are given:
+# DNABERT_ARGS (tools/bench_dnabert.py), BENCH_ARGS (tools/bench_esm.py), PREDICT_ARGS
+# (tools/bench_predict.py). Results land in $OUT/results.jsonl, logs next to it.
+#   carry: .whl      command: GPUENGINE_COMMIT=<hash> BENCH_ARGS="..." bash tools/device_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -14,6 +16,12 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,nohe
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -m pytest -m gpu tests/ -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 fi
+if [ -n "${DNABERT_ARGS:-}" ]; then
+  python3 tools/bench_dnabert.py $DNABERT_ARGS --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/bench_dnabert.log"
+fi
 if [ -n "${BENCH_ARGS:-}" ]; then
   python3 tools/bench_esm.py $BENCH_ARGS --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/bench.log"
+fi
+if [ -n "${PREDICT_ARGS:-}" ]; then
+  python3 tools/bench_predict.py $PREDICT_ARGS --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/bench_predict.log"
 fi

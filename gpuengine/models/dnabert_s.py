@@ -262,7 +262,7 @@ class FlexAlibiAttention:
             return score - slopes[h] * torch.abs(q_idx - kv_idx)
 
         block_mask = document_block_mask(layout.cu_seqlens, total, padded, same_sequence)
-        return _BoundFlex(self._flex, alibi, block_mask, padded)
+        return _BoundFlex(self._flex, alibi, block_mask, padded, total)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  layout: PackedLayout) -> torch.Tensor:
@@ -275,14 +275,22 @@ class _BoundFlex:
     score_mod: object
     block_mask: object
     padded: int
+    total: int
     prescale_q = False
+
+    @property
+    def rows(self) -> int:
+        """Rows q, k and v may already have (zero beyond ``total``): no padded copies then."""
+        return self.padded
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  layout: PackedLayout | None = None) -> torch.Tensor:
-        total = q.shape[0]
+        total = self.total
 
-        def to_flex(x: torch.Tensor) -> torch.Tensor:  # (T, H, D) → (1, H, T_pad, D)
-            return F.pad(x, (0, 0, 0, 0, 0, self.padded - total)).transpose(0, 1).unsqueeze(0)
+        def to_flex(x: torch.Tensor) -> torch.Tensor:  # (T or T_pad, H, D) → (1, H, T_pad, D)
+            if x.shape[0] != self.padded:
+                x = F.pad(x, (0, 0, 0, 0, 0, self.padded - x.shape[0]))
+            return x.transpose(0, 1).unsqueeze(0)
 
         out = self.flex(to_flex(q), to_flex(k), to_flex(v), score_mod=self.score_mod,
                         block_mask=self.block_mask)  # (1, H, T_pad, D)
@@ -312,11 +320,51 @@ def select_alibi_attention(device: torch.device, dtype: torch.dtype, kind: str =
 
 
 # -- the model ---------------------------------------------------------------------------------------
+def attention_output(x: torch.Tensor, attn: torch.Tensor, out_w: torch.Tensor, out_b: torch.Tensor,
+                     norm_w: torch.Tensor, norm_b: torch.Tensor, eps: float) -> torch.Tensor:
+    """Post-LN after the attention's output projection and its residual."""
+    attn = attn.reshape(x.shape[0], -1)
+    return F.layer_norm(F.linear(attn, out_w, out_b) + x, (x.shape[-1],), norm_w, norm_b, eps)
+
+
+def gated_mlp(x: torch.Tensor, gated_w: torch.Tensor, wo_w: torch.Tensor, wo_b: torch.Tensor,
+              norm_w: torch.Tensor, norm_b: torch.Tensor, inner: int, eps: float) -> torch.Tensor:
+    """GLU (exact GELU on the first half, no bias on ``gated_layers``), residual, post-LN."""
+    gated, linear = F.linear(x, gated_w).split(inner, dim=-1)  # (T, I) each
+    return F.layer_norm(F.linear(F.gelu(gated) * linear, wo_w, wo_b) + x, (x.shape[-1],),
+                        norm_w, norm_b, eps)
+
+
+class LayerKernels:
+    """The per-layer functions around attention (``eager``); ``compiled`` is their
+    ``torch.compile``d form (residual, LayerNorm, GELU and gate fused; dynamic in the token
+    count, one compilation shared by every layer)."""
+
+    kind = "eager"
+    attention_output = staticmethod(attention_output)
+    gated_mlp = staticmethod(gated_mlp)
+
+
+KERNEL_KINDS = ("eager", "compiled")
+
+
+def layer_kernels(kind: str) -> LayerKernels:
+    kernels = LayerKernels()
+    if kind == "compiled":
+        kernels.kind = kind
+        kernels.attention_output = torch.compile(attention_output, dynamic=True)
+        kernels.gated_mlp = torch.compile(gated_mlp, dynamic=True)
+    elif kind != "eager":
+        raise ValueError(f"unknown kernel kind {kind!r}; choose one of {', '.join(KERNEL_KINDS)}")
+    return kernels
+
+
 class DnabertSLayer(nn.Module):
     def __init__(self, cfg: DnabertSConfig):
         super().__init__()
         d, inner = cfg.embed_dim, cfg.intermediate_size
         self.heads, self.head_dim, self.inner = cfg.attention_heads, cfg.head_dim, inner
+        self.eps = cfg.layer_norm_eps
         self.wqkv = nn.Linear(d, 3 * d)
         self.attn_out = nn.Linear(d, d)
         self.attn_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
@@ -324,16 +372,31 @@ class DnabertSLayer(nn.Module):
         self.wo = nn.Linear(inner, d)
         self.mlp_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, layout: PackedLayout, attention) -> torch.Tensor:
+    def qkv(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """The fused projection (T, 3d); with ``rows`` > T it is written into the first T rows
+        of a (rows, 3d) buffer whose remaining rows are zero (an attention kernel that works on
+        padded rows then reads q, k and v in place, without a padded copy of each)."""
         total = x.shape[0]
-        qkv = self.wqkv(x).view(total, 3, self.heads, self.head_dim)  # (T, 3, H, D)
-        q, k, v = qkv.unbind(1)  # each (T, H, D); head h = columns h·D … h·D + D − 1 of its block
+        if rows == total:
+            return self.wqkv(x)
+        out = x.new_empty(rows, self.wqkv.out_features)
+        out[total:].zero_()
+        torch.addmm(self.wqkv.bias, x, self.wqkv.weight.t(), out=out[:total])
+        return out
+
+    def forward(self, x: torch.Tensor, layout: PackedLayout, attention,
+                kernels: LayerKernels = LayerKernels()) -> torch.Tensor:
+        total = x.shape[0]
+        rows = getattr(attention, "rows", total)
+        qkv = self.qkv(x, rows).view(rows, 3, self.heads, self.head_dim)  # (rows, 3, H, D)
+        q, k, v = qkv.unbind(1)  # each (rows, H, D); head h = columns h·D … h·D + D − 1 of its block
         if attention.prescale_q:
             q = q * self.head_dim ** -0.5
-        attn = attention(q, k, v, layout).reshape(total, -1)  # (T, d)
-        x = self.attn_norm(self.attn_out(attn) + x)  # post-LN
-        gated, linear = self.gated(x).split(self.inner, dim=-1)  # (T, I) each
-        return self.mlp_norm(self.wo(F.gelu(gated) * linear) + x)
+        attn = attention(q, k, v, layout)  # (T, H, D)
+        x = kernels.attention_output(x, attn, self.attn_out.weight, self.attn_out.bias,
+                                     self.attn_norm.weight, self.attn_norm.bias, self.eps)
+        return kernels.gated_mlp(x, self.gated.weight, self.wo.weight, self.wo.bias,
+                                 self.mlp_norm.weight, self.mlp_norm.bias, self.inner, self.eps)
 
 
 class DnabertS(nn.Module):
@@ -352,6 +415,13 @@ class DnabertS(nn.Module):
         self.emb_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(DnabertSLayer(cfg) for _ in range(cfg.num_layers))
         self._attention: dict[tuple[str, torch.dtype], object] = {}
+        self.kernels = LayerKernels()
+
+    def set_kernels(self, kind: str) -> None:
+        self.kernels = layer_kernels(kind)
+
+    def fastest_kernels(self, device: torch.device, attention) -> str:
+        return "compiled"
 
     @property
     def num_layers(self) -> int:
@@ -386,7 +456,7 @@ class DnabertS(nn.Module):
         attention = self._alibi_attention(attention, token_ids.device, dtype)
         bound = attention.bind(layout, self.cfg.attention_heads, dtype)  # per-batch bias / mask
         for index, layer in enumerate(self.layers[: max(wanted)]):
-            x = layer(x, layout, bound)
+            x = layer(x, layout, bound, self.kernels)
             if index + 1 in wanted:
                 reps[index + 1] = x
         return reps

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpuengine.models.attention import PackedLayout, PaddedAttention, VarlenAttention
-from gpuengine.models.rotary import apply_rotary, rotary_tables
+from gpuengine.models.rotary import (apply_rotary, rotary_half_tables, rotary_tables,
+                                      triton_rotary_available)
 
 TOKEN_DROPOUT_SCALE = 1 - 0.15 * 0.8
 """fair-esm's ``(1 - mask_ratio_train) / (1 - 0)`` for inputs without ``<mask>``: 0.88."""
@@ -72,19 +73,68 @@ def attention_output_and_ffn(x: torch.Tensor, attn: torch.Tensor, out_w: torch.T
     return x + F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
 
 
-class LayerKernels:
-    """The two per-layer functions; :func:`compiled_kernels` swaps in ``torch.compile``d ones
-    (one compilation shared by every layer, dynamic in the token count)."""
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
+
+class LayerKernels:
+    """The per-layer functions (``eager``). :func:`layer_kernels` gives the other kinds:
+
+    * ``compiled`` — ``torch.compile``d versions (one compilation shared by every layer, dynamic
+      in the token count): LayerNorm, q/k/v split, RoPE and the residual/GELU steps fused.
+    * ``fused-rope`` (CUDA with Triton, kernels that scale q themselves) — compiled LayerNorm and
+      FFN, and RoPE applied in place to the q and k columns of the qkv projection by
+      :mod:`.rotary_triton`; q, k and v reach the attention as strided views, never copied.
+    """
+
+    kind = "eager"
+    rope_tables = staticmethod(rotary_tables)
     attention_inputs = staticmethod(attention_inputs)
     attention_output_and_ffn = staticmethod(attention_output_and_ffn)
 
 
-def compiled_kernels() -> LayerKernels:
-    kernels = LayerKernels()
-    kernels.attention_inputs = torch.compile(attention_inputs, dynamic=True)
-    kernels.attention_output_and_ffn = torch.compile(attention_output_and_ffn, dynamic=True)
-    return kernels
+class FusedRopeKernels(LayerKernels):
+    kind = "fused-rope"
+    rope_tables = staticmethod(rotary_half_tables)
+
+    def __init__(self):
+        from gpuengine.models.rotary_triton import rotate_qk_inplace
+
+        self._rotate = rotate_qk_inplace
+        self._layer_norm = torch.compile(layer_norm, dynamic=True)
+        self.attention_output_and_ffn = torch.compile(attention_output_and_ffn, dynamic=True)
+
+    def attention_inputs(self, x, norm_w, norm_b, qkv_w, qkv_b, cos, sin, heads, q_scale, eps):
+        if q_scale != 1.0:
+            raise ValueError("fused-rope kernels serve attention kernels that scale q themselves")
+        qkv = F.linear(self._layer_norm(x, norm_w, norm_b, eps), qkv_w, qkv_b)  # (T, 3d)
+        self._rotate(qkv, cos, sin, heads)
+        return qkv.view(x.shape[0], 3, heads, -1).unbind(1)  # strided (T, H, D) views
+
+
+KERNEL_KINDS = ("eager", "compiled", "fused-rope")
+
+
+def layer_kernels(kind: str) -> LayerKernels:
+    """Per-layer kernels of ``kind`` (see :class:`LayerKernels`)."""
+    if kind == "eager":
+        return LayerKernels()
+    if kind == "compiled":
+        kernels = LayerKernels()
+        kernels.kind = "compiled"
+        kernels.attention_inputs = torch.compile(attention_inputs, dynamic=True)
+        kernels.attention_output_and_ffn = torch.compile(attention_output_and_ffn, dynamic=True)
+        return kernels
+    if kind == "fused-rope":
+        return FusedRopeKernels()
+    raise ValueError(f"unknown kernel kind {kind!r}; choose one of {', '.join(KERNEL_KINDS)}")
+
+
+def fastest_kernels(device: torch.device, attention) -> str:
+    """The kind the runner uses when compiling: fused RoPE where it can run, else compiled."""
+    if not attention.prescale_q and triton_rotary_available(device):
+        return "fused-rope"
+    return "compiled"
 
 
 class Esm2Layer(nn.Module):
@@ -138,6 +188,12 @@ class Esm2(nn.Module):
 
     kernels = LayerKernels()
 
+    def set_kernels(self, kind: str) -> None:
+        self.kernels = layer_kernels(kind)
+
+    def fastest_kernels(self, device: torch.device, attention) -> str:
+        return fastest_kernels(device, attention)
+
     def forward(self, token_ids: torch.Tensor, layout: PackedLayout, layers: Sequence[int],
                 attention: PaddedAttention | VarlenAttention) -> dict[int, torch.Tensor]:
         """Representations (T, d) of the requested non-negative ``layers`` (0 = embeddings)."""
@@ -148,7 +204,7 @@ class Esm2(nn.Module):
         for index, layer in enumerate(self.layers[: max(wanted)]):
             key = id(layer.inv_freq) if not self._shared_rope else 0
             if key not in tables:
-                tables[key] = rotary_tables(layout.positions, layer.inv_freq)
+                tables[key] = self.kernels.rope_tables(layout.positions, layer.inv_freq)
             x = layer(x, tables[key], layout, attention, self.kernels)
             if index + 1 in wanted:
                 reps[index + 1] = self.final_norm(x) if index + 1 == self.num_layers else x

@@ -25,3 +25,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     first, second = xf.chunk(2, dim=-1)
     rotated = torch.cat((-second, first), dim=-1)
     return ((xf * cos) + (rotated * sin)).to(x.dtype)
+
+
+def rotary_half_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (T, head_dim / 2), fp32: the distinct half of :func:`rotary_tables`
+    (its two halves are equal), for the in-place kernel of :mod:`.rotary_triton`."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
+    return freqs.cos(), freqs.sin()
+
+
+def triton_rotary_available(device: torch.device) -> bool:
+    """The in-place Triton RoPE kernel can run on ``device`` (CUDA with Triton installed)."""
+    if torch.device(device).type != "cuda":
+        return False
+    try:
+        import gpuengine.models.rotary_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
