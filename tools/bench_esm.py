@@ -405,6 +405,10 @@ def main() -> None:
             emit(model=f"esm2-{short}", workload="uniprot48", system="cosine-vs-fp32",
                  precision="fp16/bf16", tokens_per_s=None, sequences_per_s=None,
                  **cosine_check(state, layers, d, heads))
+            if set(systems) == {"cosine"}:
+                del state
+                torch.cuda.empty_cache()
+                continue
         pt_path = None
         if {"e2e", "host"} & set(systems):
             t0 = time.perf_counter()
