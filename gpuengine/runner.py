@@ -117,7 +117,8 @@ class Runner:
         if not self.cuda:
             start = time.perf_counter()
             return self._compute(staged, start)
-        with torch.cuda.stream(self.compute_stream):
+        # the device too, not only its stream: Triton kernels launch on the current device
+        with torch.cuda.device(self.device), torch.cuda.stream(self.compute_stream):
             self.compute_stream.wait_event(staged.ready)
             # inputs were allocated on the copy stream: keep them until this stream is done
             staged.ids.record_stream(self.compute_stream)

@@ -71,9 +71,11 @@ def main() -> None:
     bases = np.frombuffer(b"ACGTN", dtype=np.uint8)
     fasta = work / f"reads150_{args.reads}.fa"
     with open(fasta, "w") as f:
-        for i in range(args.reads):
-            seq = bases[rng.choice(5, 150, p=[0.2495] * 4 + [0.002])].tobytes().decode()
-            f.write(f">read{i}\n{seq}\n")
+        for start in range(0, args.reads, 100_000):
+            n = min(100_000, args.reads - start)
+            block = bases[rng.choice(5, (n, 150), p=[0.2495] * 4 + [0.002])]
+            f.write("".join(f">read{start + i}\n{row.tobytes().decode()}\n"
+                            for i, row in enumerate(block)))
     config = PredictConfig(reads=fasta, length=500, classifier=mlp_path, esm_model=str(esm_pt),
                            dnabert_model=str(dna_dir), out=work / "predict_out",
                            devices="cpu" if args.tiny else "auto")
@@ -84,7 +86,8 @@ def main() -> None:
            "commit": args.commit,
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "n_gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0, "model": "virnucpro",
-           "workload": f"reads150-{args.reads // 1000}k", "system": "gpuengine-predict",
+           "workload": "reads150-" + (f"{args.reads // 10**6}M" if args.reads % 10**6 == 0
+                                      else f"{args.reads // 1000}k"), "system": "gpuengine-predict",
            "precision": "fp16", "tokens_per_s": summary.embed["esm"]["tokens_per_second"],
            "sequences_per_s": args.reads / wall, "wall_s": wall,
            "stage_seconds": summary.stage_seconds, "frames": summary.frames,

@@ -170,14 +170,12 @@ class _BoundPadded:
 
 # -- attention: FlexAttention -----------------------------------------------------------------------
 def flex_bucket(total: int) -> int:
-    """Rows the packed batch is padded to: a multiple of 128 whose block count has at most 3
-    significant bits (4 buckets per octave, ≤ 25 % over ``total``), so a compiled kernel sees few
-    distinct lengths. Padding rows cost memory only: their query blocks get no key blocks."""
+    """Rows the packed batch is padded to: 128 × the next power of two blocks, so a compiled
+    kernel sees at most one length per octave (10 up to 65,536 rows; each new one compiles for
+    a few seconds). Padding rows cost memory only (q, k and v are projected into the padded
+    buffer, zero beyond the real rows): their query blocks get no key blocks."""
     blocks = max(1, -(-total // FLEX_BLOCK))
-    if blocks > 8:
-        shift = blocks.bit_length() - 3
-        blocks = -(-blocks >> shift) << shift
-    return blocks * FLEX_BLOCK
+    return (1 << (blocks - 1).bit_length()) * FLEX_BLOCK
 
 
 def document_block_mask(cu_seqlens: torch.Tensor, total: int, padded: int, mask_mod):
@@ -338,17 +336,51 @@ def gated_mlp(x: torch.Tensor, gated_w: torch.Tensor, wo_w: torch.Tensor, wo_b: 
 class LayerKernels:
     """The per-layer functions around attention (``eager``); ``compiled`` is their
     ``torch.compile``d form (residual, LayerNorm, GELU and gate fused; dynamic in the token
-    count, one compilation shared by every layer)."""
+    count, one compilation shared by every layer); ``triton`` (:class:`TritonKernels`, CUDA)
+    uses hand-written kernels instead."""
 
     kind = "eager"
     attention_output = staticmethod(attention_output)
     gated_mlp = staticmethod(gated_mlp)
 
 
-KERNEL_KINDS = ("eager", "compiled")
+class TritonKernels(LayerKernels):
+    """Triton residual + LayerNorm and GLU gate kernels (:mod:`.pointwise_triton`) between
+    the GEMMs: no ``torch.compile`` wrapper per call (its host overhead, ~0.3–0.6 ms a call,
+    was comparable to DNABERT-S's GPU time per layer)."""
+
+    kind = "triton"
+
+    def __init__(self):
+        from gpuengine.models import pointwise_triton as pt
+
+        self._residual_layer_norm = pt.residual_layer_norm
+        self._gelu_mul = pt.gelu_mul
+
+    def attention_output(self, x, attn, out_w, out_b, norm_w, norm_b, eps):
+        y = F.linear(attn.reshape(x.shape[0], -1), out_w, out_b)
+        return self._residual_layer_norm(x, y, norm_w, norm_b, eps)
+
+    def gated_mlp(self, x, gated_w, wo_w, wo_b, norm_w, norm_b, inner, eps):
+        hidden = self._gelu_mul(F.linear(x, gated_w), inner)
+        return self._residual_layer_norm(x, F.linear(hidden, wo_w, wo_b), norm_w, norm_b, eps)
+
+
+KERNEL_KINDS = ("eager", "compiled", "triton")
+EAGER = LayerKernels()
+
+
+def triton_available() -> bool:
+    try:
+        import gpuengine.models.pointwise_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def layer_kernels(kind: str) -> LayerKernels:
+    if kind == "triton":
+        return TritonKernels()
     kernels = LayerKernels()
     if kind == "compiled":
         kernels.kind = kind
@@ -385,7 +417,8 @@ class DnabertSLayer(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, layout: PackedLayout, attention,
-                kernels: LayerKernels = LayerKernels()) -> torch.Tensor:
+                kernels: LayerKernels | None = None) -> torch.Tensor:
+        kernels = kernels or EAGER
         total = x.shape[0]
         rows = getattr(attention, "rows", total)
         qkv = self.qkv(x, rows).view(rows, 3, self.heads, self.head_dim)  # (rows, 3, H, D)
@@ -421,7 +454,7 @@ class DnabertS(nn.Module):
         self.kernels = layer_kernels(kind)
 
     def fastest_kernels(self, device: torch.device, attention) -> str:
-        return "compiled"
+        return "triton" if torch.device(device).type == "cuda" and triton_available() else "compiled"
 
     @property
     def num_layers(self) -> int:

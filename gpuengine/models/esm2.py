@@ -17,16 +17,20 @@ representation are not run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gpuengine.models.attention import PackedLayout, PaddedAttention, VarlenAttention
-from gpuengine.models.rotary import (apply_rotary, rotary_half_tables, rotary_tables,
-                                      triton_rotary_available)
+from gpuengine.models.rotary import (
+    apply_rotary,
+    rotary_half_tables,
+    rotary_tables,
+    triton_rotary_available,
+)
 
 TOKEN_DROPOUT_SCALE = 1 - 0.15 * 0.8
 """fair-esm's ``(1 - mask_ratio_train) / (1 - 0)`` for inputs without ``<mask>``: 0.88."""
@@ -85,6 +89,8 @@ class LayerKernels:
     * ``fused-rope`` (CUDA with Triton, kernels that scale q themselves) — compiled LayerNorm and
       FFN, and RoPE applied in place to the q and k columns of the qkv projection by
       :mod:`.rotary_triton`; q, k and v reach the attention as strided views, never copied.
+    * ``triton`` — ``fused-rope`` with Triton LayerNorm / residual / GELU kernels
+      (:class:`TritonKernels`).
     """
 
     kind = "eager"
@@ -112,7 +118,30 @@ class FusedRopeKernels(LayerKernels):
         return qkv.view(x.shape[0], 3, heads, -1).unbind(1)  # strided (T, H, D) views
 
 
-KERNEL_KINDS = ("eager", "compiled", "fused-rope")
+class TritonKernels(FusedRopeKernels):
+    """``fused-rope`` plus Triton LayerNorm, residual + LayerNorm and in-place GELU
+    (:mod:`.pointwise_triton`); the FFN's residual is added by the fc2 GEMM itself
+    (``beta = 1`` into the residual, which already holds fc2's bias)."""
+
+    kind = "triton"
+
+    def __init__(self):
+        from gpuengine.models import pointwise_triton as pt
+        from gpuengine.models.rotary_triton import rotate_qk_inplace
+
+        self._rotate = rotate_qk_inplace
+        self._layer_norm = pt.layer_norm
+        self._add_layer_norm = pt.add_layer_norm
+        self._gelu_ = pt.gelu_
+
+    def attention_output_and_ffn(self, x, attn, out_w, out_b, norm_w, norm_b, fc1_w, fc1_b,
+                                 fc2_w, fc2_b, eps):
+        y = F.linear(attn.reshape(x.shape[0], -1), out_w, out_b)
+        residual, h = self._add_layer_norm(x, y, norm_w, norm_b, eps, residual_bias=fc2_b)
+        return residual.addmm_(self._gelu_(F.linear(h, fc1_w, fc1_b)), fc2_w.t())
+
+
+KERNEL_KINDS = ("eager", "compiled", "fused-rope", "triton")
 
 
 def layer_kernels(kind: str) -> LayerKernels:
@@ -127,13 +156,16 @@ def layer_kernels(kind: str) -> LayerKernels:
         return kernels
     if kind == "fused-rope":
         return FusedRopeKernels()
+    if kind == "triton":
+        return TritonKernels()
     raise ValueError(f"unknown kernel kind {kind!r}; choose one of {', '.join(KERNEL_KINDS)}")
 
 
 def fastest_kernels(device: torch.device, attention) -> str:
-    """The kind the runner uses when compiling: fused RoPE where it can run, else compiled."""
+    """The kind the runner uses when compiling: the Triton kernels where they can run, else
+    compiled."""
     if not attention.prescale_q and triton_rotary_available(device):
-        return "fused-rope"
+        return "triton"
     return "compiled"
 
 
