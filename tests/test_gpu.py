@@ -82,14 +82,14 @@ def test_varlen_kernel_matches_padded_attention_in_fp16(gpu_pt):
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("kernels", ["compiled", "fused-rope", "triton"])
 def test_fast_layer_kernels_match_the_eager_layer(gpu_pt, kernels, precision):
-    """torch.compile'd layers and the in-place Triton RoPE are as close to fp32 as the eager
-    half-precision layer (compiled kernels round once where eager rounds every step, so the
-    two half-precision results differ by rounding; a wrong rotation would be far off)."""
+    """torch.compile'd and Triton layers meet the fp32 bar (cosine ≥ 0.9999) and stay within
+    twice the eager half-precision layer's distance from fp32 (they round at other points, so
+    the distances differ by rounding noise; a wrong rotation or residual would be far off)."""
     seqs = random_proteins(LENGTHS + [2, 3, 64, 65, 129], seed=6)
     reference = embed(gpu_pt, "fp32", seqs)
     fast = cosines(embed(gpu_pt, precision, seqs, kernels=kernels), reference).min()
     eager = cosines(embed(gpu_pt, precision, seqs), reference).min()
-    assert fast >= 0.9999 and fast >= eager - 1e-5, (fast, eager)
+    assert fast >= 0.9999 and 1 - fast <= 2 * (1 - eager), (fast, eager)
 
 
 def _store_vectors(path):

@@ -339,7 +339,10 @@ def cosine_check(state, layers, d, heads, n=48):
         model = build_esm2(cfg, dict(state), dtype)
         tok = EsmTokenizer()
         items = [WorkItem(sequence_digest(s), tok.encode(s), len(s)) for s in seqs]
-        runner = Runner(model, torch.device("cuda"), precision, [OutputSpec(layers, "mean")], PoolingRule(1, 1))
+        # fp32: the eager layers (fair-esm's numbers); half precision: the engine's default kernels
+        runner = Runner(model, torch.device("cuda"), precision, [OutputSpec(layers, "mean")],
+                        PoolingRule(1, 1), compile=precision != "fp32")
+        out[f"{precision}_kernels"] = runner.kernels
         vecs = []
         for i in range(0, n, 8):
             vecs += runner.embed(items[i:i + 8]).vectors[OutputSpec(layers, "mean")]
@@ -351,7 +354,7 @@ def cosine_check(state, layers, d, heads, n=48):
         a, b = out[p], out["fp32"]
         cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         res[p] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-                  "max_abs_diff": float(np.abs(a - b).max())}
+                  "max_abs_diff": float(np.abs(a - b).max()), "kernels": out[f"{p}_kernels"]}
     return res
 
 
