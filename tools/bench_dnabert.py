@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
     ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
     ap.add_argument("--variants", action="store_true", help="also time the variants")
+    ap.add_argument("--sweep", default="", help="more token budgets to time, e.g. 131072,262144")
     ap.add_argument("--profile", action="store_true", help="kernel table of two dna150 batches")
     args = ap.parse_args()
     command = "python tools/bench_dnabert.py " + " ".join(sys.argv[1:])
@@ -230,16 +231,19 @@ def main() -> None:
         if args.profile and wl == "dna150":
             profile_batches(runner, items, args.budget, args.out.parent)
 
-        def timed_worker(system, r_):
-            r = drive_worker(r_, items, args.budget)
+        def timed_worker(system, r_, budget=args.budget):
+            r = drive_worker(r_, items, budget)
             t, n, secs = r["tokens"], r["sequences"], r["seconds"]
             emit(**common, system=system, precision="fp16", tokens_per_s=t / secs,
                  sequences_per_s=n / secs, seconds=secs, pct_of_ceiling=100 * t / secs / ceiling,
-                 attention=type(r_.attention).__name__, kernels=r_.kernels, budget=args.budget,
+                 attention=type(r_.attention).__name__, kernels=r_.kernels, budget=budget,
                  busy_fraction=r["busy_fraction"])
 
         timed_worker("gpuengine-cold", runner)
         timed_worker("gpuengine", runner)
+        for budget in (int(b) for b in args.sweep.split(",") if b):
+            timed_worker("gpuengine-cold", runner, budget)
+            timed_worker("gpuengine", runner, budget)
         for name, build in variants.items():
             vr = build()
             timed_worker(f"gpuengine-variant:{name}-cold", vr)

@@ -38,10 +38,12 @@ SYSTEMS = OrderedDict([
     ("gpuengine-e2e", ("gpuengine embed, FASTA → LMDB (tok/s over the embed phase)", "#6baed6")),
     ("hf-sdpa-bf16", ("HF EsmModel, SDPA, bf16, padded", "#ff7f0e")),
     ("fair-esm-fp32", ("fair-esm fp32, 2048 tokens/batch (VirNucPro)", "#2ca02c")),
+    ("padded-sdpa-bf16", ("DNABERT-S read plainly: padded, SDPA + ALiBi bias, bf16", "#9467bd")),
 ])
-WORKLOADS = ["virnucpro150", "virnucpro500", "uniprot"]
+WORKLOADS = ["virnucpro150", "virnucpro500", "uniprot", "dna150", "dna500"]
 WORKLOAD_LABEL = {"virnucpro150": "150-bp reads (48–50 aa)", "virnucpro500": "500-bp chunks (164–166 aa)",
-                  "uniprot": "UniProt-like (log-normal lengths)"}
+                  "uniprot": "UniProt-like (log-normal lengths)", "dna150": "150-bp reads",
+                  "dna500": "500-bp chunks"}
 GOAL_MODELS = {"esm2-3B"}  # the 75 % goal is stated for ESM-2 3B only
 RUN_LABEL = {"04ebd69": "run 1 (synchronous runner)", "249a66f": "run 2 (two-thread pipeline)",
              "938da87": "run 3 (single-thread worker)"}
@@ -115,12 +117,13 @@ def plot_throughput(recs, out: Path):
 
     best = latest_by_key([r for r in recs if r.get("n_gpus", 1) == 1])
     newest = runs(recs)[-1]
-    models = [m for m in model_order(recs) if any(k_[0] == m and k_[2] in SYSTEMS for k_ in best)]
-    systems = list(SYSTEMS)
+    models = [m for m in model_order(recs)
+              if any(k_[0] == m and k_[1] in WORKLOADS and k_[2] in SYSTEMS for k_ in best)]
     fig, axes = plt.subplots(len(models), 1, figsize=(13, 5.4 * len(models)), squeeze=False)
     width = 0.16
     older = set()
     for ax, model in zip(axes[:, 0], models):
+        systems = [s for s in SYSTEMS if any((model, w, s, 1) in best for w in WORKLOADS)]
         wls = [w for w in WORKLOADS if any((model, w, s, 1) in best for s in systems)]
         ymax = max(best[(model, w, s, 1)]["tokens_per_s"] for w in wls for s in systems if (model, w, s, 1) in best)
         for wi, wl in enumerate(wls):
@@ -150,7 +153,7 @@ def plot_throughput(recs, out: Path):
         ax.set_xticklabels([f"{w}\n{WORKLOAD_LABEL.get(w, '')}" + (f", mean {means[w]:.0f} aa" if means[w] else "")
                             for w in wls], fontsize=9.5)
         ax.set_ylim(0, ymax * 1.17)
-        ax.set_ylabel("residue tokens / s")
+        ax.set_ylabel("model tokens / s (CLS, SEP included)" if model == "dnabert-s" else "residue tokens / s")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y / 1000:,.0f} k"))
         ax.set_title(f"{short_model(model)}", fontsize=12, loc="left", fontweight="bold")
         ax.grid(axis="y", alpha=0.3)
@@ -162,7 +165,7 @@ def plot_throughput(recs, out: Path):
     note = f"latest record per (model, workload, system); bars without a commit are from {newest}"
     if older:
         note += "; older runs named on their bars"
-    fig.suptitle(f"ESM-2 embedding throughput on one {recs[-1]['gpu']} (random weights, real shapes)\n{note}",
+    fig.suptitle(f"Embedding throughput on one {recs[-1]['gpu']} (random weights, real shapes)\n{note}",
                  fontsize=11.5, y=0.995)
     fig.tight_layout(rect=(0, 0, 1, 0.925))
     fig.savefig(out, dpi=110)
@@ -214,7 +217,7 @@ def plot_by_gpu_count(recs, out: Path, workload: str):
         ax.set_xticklabels([str(x) for x in xs])
         ax.set_xlim(0.42, 10)
         ax.set_xlabel("GPUs (H200, one host)")
-        ax.set_ylabel("residue tokens / s")
+        ax.set_ylabel("model tokens / s (CLS, SEP included)" if model == "dnabert-s" else "residue tokens / s")
         fmt = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y / 1e6:g} M" if y >= 1e6 else f"{y / 1000:g} k")
         ax.yaxis.set_major_formatter(fmt)
         ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))
@@ -246,9 +249,10 @@ def table(header, rows):
 
 def markdown(recs, profile: Path | None) -> str:
     order = runs(recs)
-    newest = order[-1]
+    # the latest run that timed ESM-2 (DNABERT-S and predict runs have their own sections)
+    newest = latest([r for r in recs if r["model"].startswith("esm2")], system="gpuengine")["commit"]
     out = []
-    models = model_order(recs)
+    models = [m for m in model_order(recs) if m.startswith("esm2")]  # ESM-2 sections
 
     def one(commit, model, wl, system, **kw):
         return latest(recs, commit=commit, model=model, workload=wl, system=system, n_gpus=1, **kw)
@@ -336,12 +340,49 @@ def markdown(recs, profile: Path | None) -> str:
     rows = []
     for r in recs:
         if r["system"] == "cosine-vs-fp32":
-            for p in ("fp16", "bf16"):
-                d = r[p]
-                rows.append([f"`{r['commit']}`", short_model(r["model"]), r["workload"], p, f"{d['min_cosine']:.7f}",
-                             f"{d['mean_cosine']:.7f}", f"{d['max_abs_diff']:.2e}"])
+            for p in ("fp16", "bf16", "padded_reference_fp16", "padded_reference_bf16"):
+                d = r.get(p)
+                if d is None:
+                    continue
+                what = (f"plain padded forward, {p.rsplit('_', 1)[1]}" if p.startswith("padded")
+                        else p + (f" (`{d['kernels']}` kernels)" if d.get("kernels") else ""))
+                rows.append([f"`{r['commit']}`", short_model(r["model"]), r["workload"], what,
+                             f"{d['min_cosine']:.7f}", f"{d['mean_cosine']:.7f}",
+                             f"{d['max_abs_diff']:.2e}" if "max_abs_diff" in d else "—"])
     out.append("### Reduced precision against fp32 (mean embeddings, last layer)\n\n" + table(
         ["run", "model", "sequences", "precision", "min cosine", "mean cosine", "max abs diff"], rows))
+
+    # DNABERT-S
+    rows = []
+    dna = [r for r in recs if r["model"] == "dnabert-s" and r.get("tokens_per_s")]
+    for c_ in order:
+        for wl in ("dna150", "dna500"):
+            c = one(c_, "dnabert-s", wl, "gemm-ceiling")
+            if c is None:
+                continue
+            for r in (x for x in dna if x["commit"] == c_ and x["workload"] == wl and x["system"] != "gemm-ceiling"):
+                rows.append([f"`{c_}`", wl, f"{r.get('mean_tokens', 0):.1f}", f"`{r['system']}`",
+                             r.get("kernels") or "—", fmt_int(r["tokens_per_s"]), fmt_int(r["sequences_per_s"]),
+                             f"{r['pct_of_ceiling']:.1f} %", f"{r['busy_fraction']:.3f}" if r.get("busy_fraction") else "—",
+                             fmt_int(r["budget"]) if r.get("budget") else "—"])
+    if rows:
+        out.append("### DNABERT-S (model tokens, CLS/SEP included)\n\n" + table(
+            ["run", "workload", "mean tokens", "system", "kernels", "tok/s", "seq/s", "of ceiling", "busy",
+             "budget"], rows))
+
+    # predict
+    rows = []
+    for r in recs:
+        if r["system"] == "gpuengine-predict":
+            st = r.get("stage_seconds", {})
+            rows.append([f"`{r['commit']}`", r["workload"], r["gpu"] + f" × {r['n_gpus']}", fmt_int(r["reads"]),
+                         fmt_int(r["frames"]), f"**{r['wall_s']:.0f}**"]
+                        + [f"{st.get(k_, 0):.1f}" for k_ in ("validate", "frames", "dnabert", "esm", "score")]
+                        + [fmt_int(r["tokens_per_s"])])
+    if rows:
+        out.append("### `gpuengine predict` (cold: includes loading, hashing and warming the models)\n\n"
+                   + table(["run", "workload", "GPU", "reads", "frames", "wall s", "validate s", "frames s",
+                            "DNABERT-S s", "ESM-2 s", "score s", "ESM-2 tok/s"], rows))
 
     # history
     rows = []
@@ -397,20 +438,23 @@ def markdown(recs, profile: Path | None) -> str:
 
     # variants
     rows = []
-    var = [r for r in recs if r["system"].startswith("gpuengine-variant:")]
+    var = [r for r in recs if r["system"].startswith("gpuengine-variant:") and r["model"].startswith("esm2")]
     for r in var:
         ref = next((x for x in var if x["system"].endswith("sync-main-thread") and x["commit"] == r["commit"]
                     and x["model"] == r["model"] and x["workload"] == r["workload"]), None)
         ceil = one(r["commit"], r["model"], r["workload"], "gemm-ceiling")
+        main = one(r["commit"], r["model"], r["workload"], "gpuengine")
         rows.append([f"`{r['commit']}`", short_model(r["model"]), r["workload"], f"`{r['system'].split(':', 1)[1]}`",
                      fmt_int(r["sequences"]), fmt_int(r["tokens_per_s"]),
                      f"{100 * r['tokens_per_s'] / ceil['tokens_per_s']:.1f} %" if ceil else "—",
                      f"{r['busy_fraction']:.3f}",
-                     f"{r['tokens_per_s'] / ref['tokens_per_s']:.3f}" if ref else "—"])
+                     f"{r['tokens_per_s'] / ref['tokens_per_s']:.3f}" if ref else "—",
+                     f"{r['tokens_per_s'] / main['tokens_per_s']:.3f} (`{main.get('kernels', 'compiled')}`)"
+                     if main else "—"])
     if rows:
-        out.append("### Pipeline variants (diagnostic)\n\n" + table(
+        out.append("### Pipeline and kernel variants (diagnostic)\n\n" + table(
             ["run", "model", "workload", "variant", "sequences", "tok/s", "of the main run's ceiling", "busy",
-             "÷ sync-main-thread"], rows))
+             "÷ sync-main-thread", "÷ the run's default"], rows))
 
     # GEMM skeleton
     rows = []
