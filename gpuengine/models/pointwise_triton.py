@@ -16,14 +16,29 @@ Imported only where Triton is installed (it comes with CUDA builds of torch).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-_SQRT1_2 = 0.7071067811865476
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch an autotuned kernel; Triton's CPU interpreter (tests) cannot time trials, so
+    there the first configuration runs."""
+    if _INTERPRET:
+        kernel.fn[grid](*args, **kwargs, **kernel.configs[0].kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 # -- LayerNorm --------------------------------------------------------------------------------------
+# Launch shapes are tuned once per row width at the first call (the runner's warm-up batch);
+# a row-wise kernel never writes its inputs, so trial runs are harmless.
+@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)],
+                 key=["n_cols", "HAS_Y", "STORE_RES"])
 @triton.jit
 def _layer_norm(x_ptr, y_ptr, res_ptr, out_ptr, w_ptr, b_ptr, rbias_ptr, n_cols, stride, eps,
                 HAS_Y: tl.constexpr, STORE_RES: tl.constexpr, HAS_RBIAS: tl.constexpr,
@@ -51,9 +66,8 @@ def _layer_norm(x_ptr, y_ptr, res_ptr, out_ptr, w_ptr, b_ptr, rbias_ptr, n_cols,
     tl.store(out_ptr + row * stride + cols, (centred * rstd * w + b).to(x.dtype), mask=mask)
 
 
-def _row_launch(n_cols: int) -> tuple[int, int]:
-    block = triton.next_power_of_2(n_cols)
-    return block, min(16, max(1, block // 256))
+def _row_block(n_cols: int) -> int:
+    return triton.next_power_of_2(n_cols)
 
 
 def _check_rows(*tensors: torch.Tensor) -> None:
@@ -67,10 +81,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     """``F.layer_norm`` over the last dimension of a contiguous (T, d) tensor."""
     _check_rows(x)
     out = torch.empty_like(x)
-    block, warps = _row_launch(x.shape[1])
-    _layer_norm[(x.shape[0],)](x, x, x, out, weight, bias, weight, x.shape[1], x.stride(0), eps,
-                               HAS_Y=False, STORE_RES=False, HAS_RBIAS=False, BLOCK=block,
-                               num_warps=warps)
+    _launch(_layer_norm, (x.shape[0],), x, x, x, out, weight, bias, weight, x.shape[1], x.stride(0),
+            eps, HAS_Y=False, STORE_RES=False, HAS_RBIAS=False, BLOCK=_row_block(x.shape[1]))
     return out
 
 
@@ -79,10 +91,8 @@ def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, 
     """``LN(x + y)``, the sum rounded to the dtype first (a post-LN block's output)."""
     _check_rows(x, y)
     out = torch.empty_like(x)
-    block, warps = _row_launch(x.shape[1])
-    _layer_norm[(x.shape[0],)](x, y, x, out, weight, bias, weight, x.shape[1], x.stride(0), eps,
-                               HAS_Y=True, STORE_RES=False, HAS_RBIAS=False, BLOCK=block,
-                               num_warps=warps)
+    _launch(_layer_norm, (x.shape[0],), x, y, x, out, weight, bias, weight, x.shape[1], x.stride(0),
+            eps, HAS_Y=True, STORE_RES=False, HAS_RBIAS=False, BLOCK=_row_block(x.shape[1]))
     return out
 
 
@@ -94,15 +104,20 @@ def add_layer_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias:
     GEMM that adds its product into it in place (``r.addmm_(h, W.t())`` = ``s + h·Wᵀ + b``)."""
     _check_rows(x, y)
     res, out = torch.empty_like(x), torch.empty_like(x)
-    block, warps = _row_launch(x.shape[1])
     rb = residual_bias if residual_bias is not None else weight
-    _layer_norm[(x.shape[0],)](x, y, res, out, weight, bias, rb, x.shape[1], x.stride(0), eps,
-                               HAS_Y=True, STORE_RES=True, HAS_RBIAS=residual_bias is not None,
-                               BLOCK=block, num_warps=warps)
+    _launch(_layer_norm, (x.shape[0],), x, y, res, out, weight, bias, rb, x.shape[1], x.stride(0),
+            eps, HAS_Y=True, STORE_RES=True, HAS_RBIAS=residual_bias is not None,
+            BLOCK=_row_block(x.shape[1]))
     return res, out
 
 
 # -- GELU -------------------------------------------------------------------------------------------
+# Tile shapes tuned once per width at the first call; ``restore_value`` puts the output back
+# after each trial, so the in-place form is applied exactly once.
+@triton.autotune(configs=[triton.Config({"BLOCK_R": r, "BLOCK_C": c}, num_warps=w)
+                          for r, c, w in ((8, 256, 4), (16, 256, 8), (32, 256, 8), (16, 512, 8),
+                                          (8, 1024, 8), (4, 2048, 8))],
+                 key=["n_cols", "GATED"], restore_value=["out_ptr"])
 @triton.jit
 def _gelu(x_ptr, out_ptr, n_rows, n_cols, x_stride, out_stride, gate_offset,
           GATED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -118,17 +133,15 @@ def _gelu(x_ptr, out_ptr, n_rows, n_cols, x_stride, out_stride, gate_offset,
     tl.store(out_ptr + rows[:, None] * out_stride + cols[None, :], g.to(x.dtype), mask=mask)
 
 
-def _pointwise_grid(rows: int, cols: int) -> tuple[tuple[int, int], int, int]:
-    block_r, block_c = 8, 256
-    return (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c)), block_r, block_c
+def _pointwise_grid(rows: int, cols: int):
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(cols, meta["BLOCK_C"]))
 
 
 def gelu_(x: torch.Tensor) -> torch.Tensor:
     """Exact (erf) GELU of a contiguous (T, n) tensor, in place; returns ``x``."""
     _check_rows(x)
-    grid, br, bc = _pointwise_grid(*x.shape)
-    _gelu[grid](x, x, x.shape[0], x.shape[1], x.stride(0), x.stride(0), 0,
-                GATED=False, BLOCK_R=br, BLOCK_C=bc)
+    _launch(_gelu, _pointwise_grid(*x.shape), x, x, x.shape[0], x.shape[1], x.stride(0),
+            x.stride(0), 0, GATED=False)
     return x
 
 
@@ -138,7 +151,6 @@ def gelu_mul(x: torch.Tensor, inner: int) -> torch.Tensor:
     if x.shape[1] != 2 * inner:
         raise ValueError(f"a GLU input has 2 × {inner} columns, not {x.shape[1]}")
     out = x.new_empty(x.shape[0], inner)
-    grid, br, bc = _pointwise_grid(x.shape[0], inner)
-    _gelu[grid](x, out, x.shape[0], inner, x.stride(0), out.stride(0), inner,
-                GATED=True, BLOCK_R=br, BLOCK_C=bc)
+    _launch(_gelu, _pointwise_grid(x.shape[0], inner), x, out, x.shape[0], inner, x.stride(0),
+            out.stride(0), inner, GATED=True)
     return out
