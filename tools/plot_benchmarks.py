@@ -247,7 +247,7 @@ def table(header, rows):
     return "\n".join(lines)
 
 
-def markdown(recs, profile: Path | None) -> str:
+def markdown(recs, profile: list[Path] | None) -> str:
     order = runs(recs)
     # the latest run that timed ESM-2 (DNABERT-S and predict runs have their own sections)
     newest = latest([r for r in recs if r["model"].startswith("esm2")], system="gpuengine")["commit"]
@@ -516,18 +516,22 @@ def markdown(recs, profile: Path | None) -> str:
                  "not measured" if 2 not in multi else "see data"])
     out.append(f"### Goals (run `{newest}`)\n\n" + table(["goal", "measured", "met?"], rows))
 
-    if profile and profile.exists():
-        out.append("### Where the time goes (kernel profile)\n\n" + profile_summary(profile))
+    for path in profile or []:
+        out.append(f"### Where the time goes: `{path.name}`\n\n" + profile_summary(path))
     return "\n\n".join(out) + "\n"
 
 
 FAMILIES = [
-    ("GEMMs (cuBLAS nvjet, fused bias): QKV/out projection and FFN", r"^nvjet"),
+    ("GEMMs (cuBLAS nvjet, fused bias or residual): QKV/out projection and FFN", r"^nvjet"),
     ("fused rotary + QKV split (Triton, `…add_cat_mul_neg_split_unbind…`)", r"fused__to_copy_add_cat_mul_neg_split"),
+    ("RoPE in place on the QKV projection (gpuengine Triton `_rope_qk_inplace`)", r"^_rope_qk_inplace"),
     ("FlashAttention varlen forward", r"flash_fwd"),
+    ("FlexAttention (document mask + ALiBi, compiled)", r"flex_attention"),
     ("`v.contiguous()` copy out of the fused QKV output (Triton, `fused_clone_unbind_view`)", r"fused_clone_unbind_view"),
-    ("GELU (Triton)", r"fused_gelu"),
-    ("LayerNorms (Triton, one fused with the residual add)", r"layer_norm"),
+    ("GELU / GLU gate (gpuengine Triton `_gelu`)", r"^_gelu$"),
+    ("GELU (inductor Triton)", r"fused_gelu"),
+    ("LayerNorm, residual + LayerNorm (gpuengine Triton `_layer_norm`)", r"^_layer_norm$"),
+    ("LayerNorms (inductor Triton, one fused with the residual add)", r"layer_norm"),
     ("residual add (Triton)", r"fused_add_\d"),
 ]
 
@@ -537,9 +541,9 @@ def profile_summary(path: Path) -> str:
     total = None
     kernels = []
     for line in path.read_text().splitlines():
-        m = re.match(r"Self CUDA time total:\s*([\d.]+)ms", line)
+        m = re.match(r"Self CUDA time total:\s*([\d.]+)(ms|s)\b", line)
         if m:
-            total = float(m.group(1))
+            total = float(m.group(1)) * (1000 if m.group(2) == "s" else 1)
         cols = re.split(r"\s{2,}", line.strip())
         if len(cols) == 11 and cols[2] == "0.000us" and cols[6].endswith("ms"):
             kernels.append((cols[0], float(cols[6][:-2]), float(cols[7].rstrip("%")), int(cols[10])))
@@ -566,7 +570,9 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=BENCH / "results.jsonl")
     ap.add_argument("--out-dir", type=Path, default=BENCH)
     ap.add_argument("--gpu-workload", default="virnucpro150", help="workload of the by-GPU-count plot")
-    ap.add_argument("--profile", type=Path, default=BENCH / "profile-650M-uniprot-249a66f.txt")
+    ap.add_argument("--profile", type=Path, nargs="*",
+                    default=sorted(BENCH.glob("profile-*.txt"), key=lambda p: p.stat().st_mtime)[-2:],
+                    help="kernel tables to summarise (default: the two newest profile-*.txt)")
     ap.add_argument("--markdown", action="store_true", help="print the tables of docs/benchmarks.md")
     args = ap.parse_args()
     recs = load(args.results)
