@@ -148,6 +148,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
     ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
     ap.add_argument("--variants", action="store_true", help="also time the variants")
+    ap.add_argument("--workloads", default="dna150,dna500")
+    ap.add_argument("--no-cosine", action="store_true", help="skip the precision check")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the padded baseline")
     ap.add_argument("--sweep", default="", help="more token budgets to time, e.g. 131072,262144")
     ap.add_argument("--profile", action="store_true", help="kernel table of two dna150 batches")
     args = ap.parse_args()
@@ -183,33 +186,34 @@ def main() -> None:
             runner.attention = attention
         return runner
 
-    for precision in ("fp32", "fp16", "bf16"):
-        runner = make_runner(precision)
-        vecs[precision] = np.stack(runner.embed(items).vectors[OutputSpec(cfg.num_layers, "mean")])
-    cos = {}
-    for p in ("fp16", "bf16"):
-        a, b = vecs[p], vecs["fp32"]
-        c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-        cos[p] = {"min_cosine": float(c.min()), "mean_cosine": float(c.mean())}
-    # the same check for the plain padded forward (the baseline below): how far half precision
-    # itself moves these random-weight embeddings, independently of our kernels
-    slopes = torch.tensor(alibi_slopes(cfg.attention_heads), device="cuda")
-    token_lists = [tok.encode(s) for s in sample]
-    ref = {}
-    for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        sd = {k: v.to("cuda", dtype) for k, v in state.items()}
-        rows = []
-        with torch.inference_mode():
-            for t in token_lists:
-                ids = torch.from_numpy(t.astype(np.int64))[None].cuda()
-                rows.append(padded_forward(sd, cfg, ids, torch.ones_like(ids), slopes)[0].cpu().numpy())
-        ref[name] = np.stack(rows)
-    for p in ("fp16", "bf16"):
-        a, b = ref[p], ref["fp32"]
-        c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-        cos[f"padded_reference_{p}"] = {"min_cosine": float(c.min()), "mean_cosine": float(c.mean())}
-    emit(workload="dna150+dna500", system="cosine-vs-fp32", precision="fp16/bf16",
-         tokens_per_s=None, sequences_per_s=None, **cos)
+    if not args.no_cosine:
+        for precision in ("fp32", "fp16", "bf16"):
+            runner = make_runner(precision)
+            vecs[precision] = np.stack(runner.embed(items).vectors[OutputSpec(cfg.num_layers, "mean")])
+        cos = {}
+        for p in ("fp16", "bf16"):
+            a, b = vecs[p], vecs["fp32"]
+            c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            cos[p] = {"min_cosine": float(c.min()), "mean_cosine": float(c.mean())}
+        # the same check for the plain padded forward (the baseline below): how far half precision
+        # itself moves these random-weight embeddings, independently of our kernels
+        slopes = torch.tensor(alibi_slopes(cfg.attention_heads), device="cuda")
+        token_lists = [tok.encode(s) for s in sample]
+        ref = {}
+        for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            sd = {k: v.to("cuda", dtype) for k, v in state.items()}
+            rows = []
+            with torch.inference_mode():
+                for t in token_lists:
+                    ids = torch.from_numpy(t.astype(np.int64))[None].cuda()
+                    rows.append(padded_forward(sd, cfg, ids, torch.ones_like(ids), slopes)[0].cpu().numpy())
+            ref[name] = np.stack(rows)
+        for p in ("fp16", "bf16"):
+            a, b = ref[p], ref["fp32"]
+            c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            cos[f"padded_reference_{p}"] = {"min_cosine": float(c.min()), "mean_cosine": float(c.mean())}
+        emit(workload="dna150+dna500", system="cosine-vs-fp32", precision="fp16/bf16",
+             tokens_per_s=None, sequences_per_s=None, **cos)
     runner = make_runner("fp16")
     variants = {}
     if args.variants:
@@ -220,6 +224,8 @@ def main() -> None:
                         "fp16", attention=FlexAlibiAttention(compiled=True, dynamic=True))}
     sd16 = {k: v.to("cuda", torch.bfloat16) for k, v in state.items()}
     for wl, length in (("dna150", 150), ("dna500", 500)):
+        if wl not in args.workloads.split(","):
+            continue
         seqs = reads(length, args.reads if length == 150 else args.reads // 3, rng)
         token_lists = tok.encode_batch(seqs)
         mean_len = float(np.mean([len(t) for t in token_lists]))
@@ -249,6 +255,8 @@ def main() -> None:
             timed_worker(f"gpuengine-variant:{name}-cold", vr)
             timed_worker(f"gpuengine-variant:{name}", vr)
             del vr
+        if args.no_baseline:
+            continue
         t, n, secs = run_padded(sd16, cfg, token_lists)
         emit(**common, system="padded-sdpa-bf16", precision="bf16", tokens_per_s=t / secs,
              sequences_per_s=n / secs, seconds=secs, pct_of_ceiling=100 * t / secs / ceiling,
