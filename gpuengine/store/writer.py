@@ -296,6 +296,11 @@ class StoreWriter:
         t = self._table(table)
         return int(self._env.read(lambda txn: txn.stat(t.ids_db)["entries"]))
 
+    def embedding_count(self, table: str) -> int:
+        """Arrays in an opened table's embeddings database."""
+        t = self._table(table)
+        return int(self._env.read(lambda txn: txn.stat(t.emb_db)["entries"]))
+
     def stored_spec(self, name: str) -> TableSpec | None:
         """The table's stored spec, or None if the store has no such table (nothing created)."""
         raw = self._env.read(lambda txn: _copy(txn.get(table_key(name), db=self._meta_db)))
