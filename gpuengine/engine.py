@@ -43,7 +43,7 @@ from gpuengine.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, DeviceErr
 from gpuengine.fasta import stream_valid, validate
 from gpuengine.models.registry import Family, Weights, family
 from gpuengine.models.sources import resolve, weights_checksum
-from gpuengine.planner import Ledger, Planner
+from gpuengine.planner import DigestFilter, Ledger, Planner
 from gpuengine.progress import DeviceProgress, NullProgress, ProgressSink, ProgressSnapshot
 from gpuengine.records import FastaRecord, RecordProblem
 from gpuengine.replicas import Replica, ReplicaPool
@@ -404,7 +404,9 @@ class _Run:
             has_embeddings=lambda digests: self.writer.has_embeddings(name, digests),
             submit=self.scheduler.submit,
             alias=lambda pairs: self.inbox.put(("alias", pairs)),
-            stop=self.stop, fresh=self.writer.record_count(name) == 0)
+            stop=self.stop, fresh=self.writer.record_count(name) == 0,
+            claimed=DigestFilter(self.records.count) if self.writer.embedding_count(name) == 0
+            else None)
 
     def _plan(self, planner: Planner) -> None:
         error = None

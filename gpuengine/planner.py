@@ -19,6 +19,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
+
 from gpuengine.packing import WorkItem
 from gpuengine.records import FastaRecord
 from gpuengine.store import codec
@@ -45,27 +47,41 @@ class Ledger:
         self._pending: dict[bytes, list[str]] = {}
         self._committing: set[bytes] = set()
 
-    def claim_many(self, entries: list[tuple[bytes, str, bool]]) -> list[str]:
-        """Attach each (digest, record id, stored) under one lock; per entry returns 'pending'
-        (joined an in-flight sequence), 'committing' (its group is on the way to the writer:
-        commit as alias after it), 'stored' (alias of a durable embedding) or 'new' (the
-        caller must schedule it)."""
+    def claim_many(self, entries: list[tuple[bytes, str]],
+                   stored: Callable[[list[bytes]], list[bool]]) -> list[str]:
+        """Attach each (digest, record id); per entry returns 'pending' (joined an in-flight
+        sequence), 'committing' (its group is on the way to the writer: commit as alias after
+        it), 'stored' (alias of a durable embedding) or 'new' (the caller must schedule it).
+
+        ``stored(digests)`` is asked only about digests not in flight, after they were seen
+        not to be: such a digest is durable or absent, and stays so until claimed here (only
+        the planner's thread claims), so the answer cannot be stale. (Asked before, a
+        sequence committed in between would be computed twice.)"""
+        out: list[str | None] = [None] * len(entries)
         with self.lock:
-            pending, committing = self._pending, self._committing
-            out = []
-            for digest, record_id, stored in entries:
-                waiting = pending.get(digest)
-                if waiting is not None:
-                    waiting.append(record_id)
-                    out.append("pending")
-                elif digest in committing:
-                    out.append("committing")
-                elif stored:
-                    out.append("stored")
-                else:
-                    pending[digest] = [record_id]
-                    out.append("new")
-            return out
+            for i, (digest, record_id) in enumerate(entries):
+                out[i] = self._join(digest, record_id)
+        unknown = [i for i, decision in enumerate(out) if decision is None]
+        if unknown:
+            present = stored([entries[i][0] for i in unknown])
+            with self.lock:
+                for i, is_stored in zip(unknown, present):
+                    digest, record_id = entries[i]
+                    decision = self._join(digest, record_id)  # a repeat within ``entries``
+                    if decision is None:
+                        decision = "stored" if is_stored else "new"
+                        if not is_stored:
+                            self._pending[digest] = [record_id]
+                    out[i] = decision
+        return out  # type: ignore[return-value]
+
+    def _join(self, digest: bytes, record_id: str) -> str | None:
+        """'pending' or 'committing' for a digest in flight (holding the lock), else None."""
+        waiting = self._pending.get(digest)
+        if waiting is not None:
+            waiting.append(record_id)
+            return "pending"
+        return "committing" if digest in self._committing else None
 
     def to_committing_many(self, digests: list[bytes]) -> list[tuple[str, ...]]:
         """The ids waiting on each digest; from now on those digests count as committing
@@ -86,6 +102,29 @@ class Ledger:
 
 
 
+class DigestFilter:
+    """Bloom filter of sequence digests (blake2b output: uniformly random, so three 32-bit
+    words of a digest are its three bit positions). :meth:`maybe_many` is False only for a
+    digest never added; 8 to 16 bits per expected digest give about 0.3-3% false positives."""
+
+    def __init__(self, capacity: int) -> None:
+        bits = 1 << min(32, max(16, (8 * capacity).bit_length()))
+        self._mask = np.uint32(bits - 1)
+        self._bytes = np.zeros(bits // 8, np.uint8)
+
+    def _positions(self, digests: Sequence[bytes]) -> np.ndarray:
+        words = np.frombuffer(b"".join(digests), dtype="<u4").reshape(len(digests), 4)
+        return words[:, :3] & self._mask
+
+    def maybe_many(self, digests: Sequence[bytes]) -> list[bool]:
+        pos = self._positions(digests)
+        return ((self._bytes[pos >> 3] >> (pos & 7).astype(np.uint8)) & 1).all(axis=1).tolist()
+
+    def add_many(self, digests: Sequence[bytes]) -> None:
+        pos = self._positions(digests).ravel()
+        np.bitwise_or.at(self._bytes, pos >> 3, np.left_shift(1, pos & 7).astype(np.uint8))
+
+
 @dataclass
 class Planner:
     """Turns a record stream into scheduler submissions and alias entries."""
@@ -103,6 +142,12 @@ class Planner:
     fresh: bool = False
     """The table held no record id when the run started: no id can be stored yet (ids are
     unique in validated input), so the per-record id lookups are skipped."""
+    claimed: DigestFilter | None = None
+    """Only when the table held no embedding when the run started: every digest this run
+    has looked up. Only this run's commits add embeddings then, so a digest the filter has
+    never seen is not stored, and only the others are looked up. (Another process filling
+    the same table at the same time may then see a sequence computed twice, as it already
+    could between a lookup and the commit; no id is lost or mapped twice.)"""
     counts: PlanCounts = field(default_factory=PlanCounts)
 
     def run(self, records: Iterable[FastaRecord]) -> None:
@@ -129,10 +174,9 @@ class Planner:
             return
         embedded = [self._embedded_sequence(r) for r in todo]
         digests = [codec.sequence_digest(s) for s in embedded]
-        present = self.has_embeddings(digests)
         new: list[tuple[bytes, str]] = []
         aliases: list[tuple[bytes, str]] = []
-        decisions = self.ledger.claim_many([(d, r.id, p) for r, d, p in zip(todo, digests, present)])
+        decisions = self.ledger.claim_many([(d, r.id) for r, d in zip(todo, digests)], self._stored)
         for record, seq, digest, decision in zip(todo, embedded, digests, decisions):
             if decision == "new":
                 new.append((digest, seq))
@@ -149,6 +193,16 @@ class Planner:
             self.submit(items)
         if aliases:
             self.alias(aliases)
+
+    def _stored(self, digests: list[bytes]) -> list[bool]:
+        """Whether each digest (none in flight) has its embeddings stored."""
+        if self.claimed is None:
+            return self.has_embeddings(digests)
+        maybe = self.claimed.maybe_many(digests)
+        self.claimed.add_many(digests)  # the new ones among them are claimed now
+        lookup = [d for d, m in zip(digests, maybe) if m]
+        found = iter(self.has_embeddings(lookup) if lookup else ())
+        return [bool(m) and next(found) for m in maybe]
 
     def _embedded_sequence(self, record: FastaRecord) -> str:
         seq = record.sequence

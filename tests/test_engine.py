@@ -427,3 +427,130 @@ def test_final_records_commit_with_the_last_embeddings(tiny_pt, tmp_path):
                                         out=tmp_path / "t.lmdb", devices="cpu"),
                             stop=stop, final_records=job)
     assert len(seen) == 1 and (interrupted.interrupted or interrupted.committed_records == 0)
+
+
+# ----------------------------------------------------------------------------- exactly once
+
+
+class _CountingRunner:
+    """Replaces the model: a vector derived from the digest, and a count of computations."""
+
+    cuda = padded = False
+    precision = "fp32"
+
+    def __init__(self, outputs, computed):
+        import torch
+
+        self.device, self.outputs, self.computed = torch.device("cpu"), outputs, computed
+
+    def stage(self, items):
+        return items
+
+    def launch(self, items):
+        return items
+
+    def finish(self, items):
+        from gpuengine.runner import EmbeddedBatch
+
+        self.computed.extend(item.digest for item in items)
+        rows = [np.frombuffer(item.digest * 4, np.uint8).astype(np.float32) for item in items]
+        return EmbeddedBatch({o: rows for o in self.outputs}, np.ones(len(items), bool),
+                             sum(i.n_tokens for i in items), 0.0)
+
+    def release_cached_memory(self):
+        pass
+
+
+def _slow_records(records, every=25, stop=None, stop_after=None):
+    """A RecordSource that pauses now and then, so that earlier groups become durable before
+    their sequences come again (and that can request a stop part way)."""
+    import time
+
+    from gpuengine.engine import RecordSource
+    from gpuengine.records import FastaRecord
+
+    def iterate():
+        for i, (rid, seq) in enumerate(records):
+            if i and i % every == 0:
+                time.sleep(0.05)
+            if stop is not None and i == stop_after:
+                stop.set()
+            yield FastaRecord(rid, seq, "mem", i + 1, i)
+
+    return RecordSource(iterate, len(records), sum(len(s) for _, s in records))
+
+
+def test_every_sequence_committed_once_fresh_resumed_and_rerun(tiny_pt, tmp_path, monkeypatch):
+    """Repeats that come after their sequence is durable (the first run, on a fresh table,
+    looks none of its unseen digests up), an interrupted run resumed, and a rerun with new
+    ids of stored sequences: each sequence is computed and committed once, each id once."""
+    import threading
+
+    from gpuengine import EmbeddingStore, planner
+    from gpuengine.config import EmbedConfig
+    from gpuengine.engine import run_embed
+    from gpuengine.store import codec
+    from gpuengine.store.writer import StoreWriter
+
+    monkeypatch.setattr(planner, "LOOKUP_CHUNK", 10)
+    found = []
+    real_has = StoreWriter.has_embeddings
+
+    def has_embeddings(self, table, digests):
+        answer = real_has(self, table, digests)
+        found.extend(d for d, present in zip(digests, answer) if present)
+        return answer
+
+    monkeypatch.setattr(StoreWriter, "has_embeddings", has_embeddings)
+    distinct = random_proteins([8 + i for i in range(30)], seed=11)
+    first = [(f"a{i}", distinct[(i * 7) % 20]) for i in range(300)]  # 20 sequences
+    computed: list[bytes] = []
+    out = tmp_path / "s.lmdb"
+
+    def run(records, stop=None):
+        fasta = tmp_path / f"{records.count}.fa"  # names the run (its id) only
+        if not fasta.exists():
+            fasta.write_text("")
+        config = EmbedConfig(inputs=(fasta,), model=str(tiny_pt), out=out,
+                             max_tokens=64, commit_every=4)
+        return run_embed(config, stop=stop, records=records,
+                         runner_factory=lambda d, p, o: _CountingRunner(o, computed))
+
+    summary = run(_slow_records(first))
+    assert summary.embedded == 20 and summary.committed_records == 300
+    assert sorted(computed) == sorted({codec.sequence_digest(s) for _, s in first})
+    assert found, "no repeat came after its sequence was durable: the test lost its point"
+
+    # an interrupted run over 10 new sequences (and new ids of old ones), then its resume
+    second = [(f"b{i}", distinct[i % 30]) for i in range(200)]
+    computed.clear()
+    stop = threading.Event()
+    partial = run(_slow_records(second, stop=stop, stop_after=60), stop=stop)
+    assert partial.interrupted
+    resumed = run(_slow_records(second))
+    assert resumed.run_started["resumes"] == 1
+    assert partial.embedded + resumed.embedded == 10
+    assert partial.committed_records + resumed.committed_records == 200
+    assert resumed.already_stored == partial.committed_records
+    assert len(computed) == len(set(computed))  # nothing computed twice (none was in flight)
+    with EmbeddingStore(out) as emb:
+        assert len(emb) == 500
+        assert emb.info()["tables"]["default"]["embeddings"] == 30
+        for rid, seq in first + second:
+            want = np.frombuffer(codec.sequence_digest(seq) * 4, np.uint8).astype(np.float32)
+            np.testing.assert_array_equal(emb[rid], want)
+
+
+def test_digest_filter_has_no_false_negatives():
+    import os
+
+    from gpuengine.planner import DigestFilter
+
+    added = [os.urandom(16) for _ in range(5000)]
+    others = [os.urandom(16) for _ in range(5000)]
+    f = DigestFilter(len(added))
+    assert not any(f.maybe_many(added))
+    f.add_many(added[:2500])
+    f.add_many(added[2500:])
+    assert all(f.maybe_many(added))
+    assert sum(f.maybe_many(others)) < 0.05 * len(others)

@@ -303,8 +303,12 @@ class TableSpec:
         """
         if len(seq_digest) != 16:
             raise ValueError(f"a sequence digest is 16 bytes, got {len(seq_digest)}")
-        prefix = _key_prefix(self.model, output.layer, output.pool, self.max_residues or 0)
-        return _blake2b16(prefix + bytes(seq_digest))
+        return _blake2b16(self.embedding_key_prefix(output) + bytes(seq_digest))
+
+    def embedding_key_prefix(self, output: OutputSpec) -> bytes:
+        """What :meth:`embedding_key` hashes before the sequence digest (for callers that
+        compute many keys: ``blake2b(prefix + digest, digest_size=16)``)."""
+        return _key_prefix(self.model, output.layer, output.pool, self.max_residues or 0)
 
 
 @functools.lru_cache(maxsize=256)

@@ -11,6 +11,7 @@ store or not at all, and the run record never counts what is not there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -81,16 +82,17 @@ class _Table:
     emb_db: Any
 
 
-@dataclass(frozen=True)
-class _Prepared:
-    """A CommitEntry encoded outside the transaction."""
+@dataclass
+class _Group:
+    """A commit group encoded outside the transaction; each list sorted by key (putmulti
+    then walks the B-tree in order; the sort is stable, so duplicate keys keep their order)."""
 
-    digest: bytes
-    ids: tuple[tuple[bytes, bytes, str], ...]  # (key, value, record id)
-    arrays: tuple[tuple[bytes, bytes], ...]  # (embedding key, array bytes); empty for aliases
-    alias_keys: tuple[tuple[bytes, str], ...]  # (embedding key, output label) to check
-    nbytes: int = 0
-    """Bytes the entry adds to the map (a size hint for growing it)."""
+    arrays: list[tuple[bytes, bytes]]  # (embedding key, array bytes)
+    ids: list[tuple[bytes, bytes]]  # (id key, id value)
+    aliases: list[tuple[bytes, str, bytes]]  # (embedding key, output label, digest) to check
+    sequences: int
+    nbytes: int
+    """Bytes the group adds to the map (a size hint for growing it)."""
 
 
 def _check_vector(spec: TableSpec, output: OutputSpec, array: np.ndarray, digest: bytes) -> None:
@@ -109,32 +111,56 @@ def _check_vector(spec: TableSpec, output: OutputSpec, array: np.ndarray, digest
         )
 
 
-def _prepare(spec: TableSpec, entry: CommitEntry) -> _Prepared:
-    """Validate and encode one entry (pure: no store access; runs once per committed
-    sequence, so it avoids work it does not need)."""
-    digest = entry.seq_digest
-    try:
-        ids = tuple((*codec.encode_id_pair(rid, digest), rid) for rid in entry.record_ids)
-    except ValueError as exc:
-        raise InternalError(f"bad record id in a commit: {exc}") from exc
-    nbytes = sum(len(key) + len(value) + _ENTRY_OVERHEAD for key, value, _ in ids)
-    if entry.vectors is None:
-        aliases = tuple((spec.embedding_key(o, digest), o.label) for o in spec.outputs)
-        return _Prepared(digest, ids, (), aliases, nbytes)
-    if len(entry.vectors) != len(spec.outputs) or any(o not in entry.vectors for o in spec.outputs):
-        got = ", ".join(sorted(getattr(o, "label", repr(o)) for o in entry.vectors))
-        raise InternalError(
-            f"sequence {digest.hex()}: vectors for [{got}], table {spec.name!r} stores "
-            f"[{', '.join(o.label for o in spec.outputs)}]"
-        )
-    arrays = []
-    for output in spec.outputs:
-        array = entry.vectors[output]
-        _check_vector(spec, output, array, digest)
-        data = codec.encode_array(array, spec.store_dtype)
-        arrays.append((spec.embedding_key(output, digest), data))
-        nbytes += len(data) + 16 + _ENTRY_OVERHEAD
-    return _Prepared(digest, ids, tuple(arrays), (), nbytes)
+def _encode_group(spec: TableSpec, entries: Sequence[CommitEntry]) -> _Group:
+    """Validate and encode a group (pure: no store access; runs once per committed
+    sequence, so the per-entry loop avoids work it does not need)."""
+    outputs = spec.outputs
+    prefixes = [spec.embedding_key_prefix(o) for o in outputs]
+    pooled_shape = (spec.dim,)
+    dtype = codec.numpy_dtype(spec.store_dtype)
+    arrays: list[tuple[bytes, bytes]] = []
+    ids: list[tuple[bytes, bytes]] = []
+    aliases: list[tuple[bytes, str, bytes]] = []
+    for entry in entries:
+        digest = entry.seq_digest
+        try:
+            ids.extend(codec.encode_id_pair(rid, digest) for rid in entry.record_ids)
+        except ValueError as exc:
+            raise InternalError(f"bad record id in a commit: {exc}") from exc
+        vectors = entry.vectors
+        if vectors is None:
+            aliases.extend((_blake2b16(prefix + digest), o.label, digest)
+                           for prefix, o in zip(prefixes, outputs))
+            continue
+        if len(vectors) != len(outputs) or any(o not in vectors for o in outputs):
+            got = ", ".join(sorted(getattr(o, "label", repr(o)) for o in vectors))
+            raise InternalError(
+                f"sequence {digest.hex()}: vectors for [{got}], table {spec.name!r} stores "
+                f"[{', '.join(o.label for o in outputs)}]"
+            )
+        for prefix, output in zip(prefixes, outputs):
+            array = vectors[output]
+            if (type(array) is np.ndarray and array.dtype == dtype and array.shape == pooled_shape
+                    and array.flags.c_contiguous and not output.per_token):
+                data = array.tobytes()  # the common case: a pooled vector already in the store dtype
+            else:
+                _check_vector(spec, output, array, digest)
+                data = codec.encode_array(array, spec.store_dtype)
+            arrays.append((_blake2b16(prefix + digest), data))
+    nbytes = (sum(len(key) + len(value) for key, value in ids) + len(ids) * _ENTRY_OVERHEAD
+              + sum(len(data) for _, data in arrays) + len(arrays) * (16 + _ENTRY_OVERHEAD))
+    arrays.sort(key=_first)
+    ids.sort(key=_first)
+    sequences = sum(1 for e in entries if e.vectors is not None)
+    return _Group(arrays, ids, aliases, sequences, nbytes)
+
+
+def _first(item: tuple[bytes, Any]) -> bytes:
+    return item[0]
+
+
+def _blake2b16(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=codec.DIGEST_SIZE).digest()
 
 
 class StoreWriter:
@@ -270,6 +296,11 @@ class StoreWriter:
         t = self._table(table)
         return int(self._env.read(lambda txn: txn.stat(t.ids_db)["entries"]))
 
+    def embedding_count(self, table: str) -> int:
+        """Arrays in an opened table's embeddings database."""
+        t = self._table(table)
+        return int(self._env.read(lambda txn: txn.stat(t.emb_db)["entries"]))
+
     def stored_spec(self, name: str) -> TableSpec | None:
         """The table's stored spec, or None if the store has no such table (nothing created)."""
         raw = self._env.read(lambda txn: _copy(txn.get(table_key(name), db=self._meta_db)))
@@ -297,7 +328,8 @@ class StoreWriter:
     def has_embeddings(self, table: str, seq_digests: Sequence[bytes]) -> list[bool]:
         """Whether every output of the table is stored for each sequence digest."""
         t = self._table(table)
-        keys = [[t.spec.embedding_key(o, d) for o in t.spec.outputs] for d in seq_digests]
+        prefixes = [t.spec.embedding_key_prefix(o) for o in t.spec.outputs]
+        keys = [[_blake2b16(p + d) for p in prefixes] for d in seq_digests]
 
         def work(txn: lmdb.Transaction) -> list[bool]:
             return [all(txn.get(k, db=t.emb_db) is not None for k in ks) for ks in keys]
@@ -375,54 +407,48 @@ class StoreWriter:
         sequence, InternalError when an alias-only entry's embeddings are not stored.
         """
         t = self._table(table)
-        prepared = [_prepare(t.spec, e) for e in entries]
+        group = _encode_group(t.spec, entries)
         run_key = None if run_id is None else self._run_key(run_id)
-        sequences = sum(1 for p in prepared if p.arrays)
-        records = sum(len(p.ids) for p in prepared)
 
         def work(txn: lmdb.Transaction) -> None:
-            self._put_group(txn, t, prepared)
+            self._put_group(txn, t, group)
             if run_key is not None:
                 record = self._load_run(txn, run_key)
-                record["committed_sequences"] = record["committed_sequences"] + sequences
-                record["committed_records"] = record["committed_records"] + records
+                record["committed_sequences"] = record["committed_sequences"] + group.sequences
+                record["committed_records"] = record["committed_records"] + len(group.ids)
                 record["updated_at"] = utc_now()
                 txn.put(run_key, _dump(record), db=self._runs_db)
             for other_id, other in (extra_runs or {}).items():
                 txn.put(self._run_key(other_id), _dump(other), db=self._runs_db)
 
-        self._env.write(work, size_hint=sum(p.nbytes for p in prepared) + 4096)
+        self._env.write(work, size_hint=group.nbytes + 4096)
 
-    def _put_group(self, txn: lmdb.Transaction, t: _Table, prepared: list[_Prepared]) -> None:
+    def _put_group(self, txn: lmdb.Transaction, t: _Table, group: _Group) -> None:
         """Vectors first (one ``putmulti``), then alias checks, then id mappings (one
         ``putmulti`` that never overwrites; ids that were already there are checked)."""
-        arrays = [item for p in prepared for item in p.arrays]
-        if arrays:
+        if group.arrays:
             with txn.cursor(db=t.emb_db) as cursor:
-                cursor.putmulti(arrays)
-        for p in prepared:
-            for key, label in p.alias_keys:
-                if txn.get(key, db=t.emb_db) is None:
-                    raise InternalError(
-                        f"alias-only commit for sequence {p.digest.hex()}, but its {label} "
-                        f"embedding is not in table {t.spec.name!r}"
-                    )
-        ids = [(key, value) for p in prepared for key, value, _ in p.ids]
+                cursor.putmulti(group.arrays)
+        for key, label, digest in group.aliases:
+            if txn.get(key, db=t.emb_db) is None:
+                raise InternalError(
+                    f"alias-only commit for sequence {digest.hex()}, but its {label} "
+                    f"embedding is not in table {t.spec.name!r}"
+                )
         with txn.cursor(db=t.ids_db) as cursor:
-            consumed, added = cursor.putmulti(ids, overwrite=False)
+            consumed, added = cursor.putmulti(group.ids, overwrite=False)
         if added == consumed:
             return
-        for p in prepared:  # some ids were already stored: each must name the same sequence
-            for key, _, rid in p.ids:
-                old = txn.get(key, db=t.ids_db)
-                if codec.value_digest(old) != p.digest:
-                    raise StoreMismatchError(
-                        f"record id {rid!r} is already in store {self._path} table "
-                        f"{t.spec.name!r} for a different sequence (stored digest "
-                        f"{codec.value_digest(old).hex()}, this run {p.digest.hex()}); an id "
-                        "must name one sequence: rename the record, or use another --table "
-                        "or --out"
-                    )
+        for key, value in group.ids:  # some ids were already stored: each must name the same sequence
+            old = codec.value_digest(txn.get(key, db=t.ids_db))
+            if old != codec.value_digest(value):
+                raise StoreMismatchError(
+                    f"record id {codec.decode_id(key, value)!r} is already in store {self._path} "
+                    f"table {t.spec.name!r} for a different sequence (stored digest "
+                    f"{old.hex()}, this run {codec.value_digest(value).hex()}); an id "
+                    "must name one sequence: rename the record, or use another --table "
+                    "or --out"
+                )
 
 
 def _copy(value: bytes | memoryview | None) -> bytes | None:
