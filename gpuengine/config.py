@@ -75,7 +75,7 @@ class EmbedConfig:
     """``auto`` (every GPU, else CPU), ``cpu``, ``all``, or CUDA ordinals like ``0,1``."""
     max_tokens: int | None = None
     """Upper bound on tokens per batch; None = derived from device memory."""
-    commit_every: int = 2048
+    commit_every: int = 8192
     """Sequences per write transaction (a group of batches)."""
     allow_download: bool = True
     """Download a named model into the torch-hub cache when it is missing."""
