@@ -4,7 +4,11 @@ A sequence occupies token rows [s, e) of a packed batch. Which of those rows are
 data, not a branch: :class:`PoolingRule` says how many rows to skip at each end (ESM-2 skips BOS
 and EOS, DNABERT-S keeps CLS and SEP). Modes:
 
-* ``mean``      — mean over the body rows, accumulated in fp32 (``segment_reduce``, deterministic);
+* ``mean``      — mean over the body rows, accumulated in fp32: the rows are gathered into
+  zero-padded (sequences × longest body × d) blocks of bounded size and summed along the
+  body axis. Deterministic, and, unlike ``torch.segment_reduce`` (which checks its lengths
+  with ``.item()``), it never waits for the device: the worker can launch the next batch
+  while this one computes;
 * ``bos``       — row s (the BOS / CLS row);
 * ``per-token`` — the body rows themselves, (sum of body lengths, d), split per sequence later.
 
@@ -41,11 +45,16 @@ class PoolingIndex:
     """int64 (N,): body rows per sequence (≥ 1 for valid input)."""
     first_rows: torch.Tensor
     """int64 (N,): row s of each sequence."""
+    max_body: int = 0
+    """Longest body in rows (a host int)."""
+    lead: int = 0
+    """Rows between a sequence's first row and its body."""
 
     @classmethod
     def build(cls, lengths: torch.Tensor, starts: torch.Tensor, total_tokens: int,
-              rule: PoolingRule) -> "PoolingIndex":
-        """``lengths``/``starts`` (N,) int64 on the device; ``total_tokens`` their sum (host)."""
+              rule: PoolingRule, max_len: int = 0) -> "PoolingIndex":
+        """``lengths``/``starts`` (N,) int64 on the device; ``total_tokens`` their sum and
+        ``max_len`` their maximum (host ints)."""
         n = lengths.numel()
         body = lengths - (rule.lead + rule.trail)
         body_total = total_tokens - n * (rule.lead + rule.trail)
@@ -53,16 +62,39 @@ class PoolingIndex:
         within = torch.arange(body_total, device=lengths.device) - torch.repeat_interleave(
             body_starts, body, output_size=body_total)
         rows = torch.repeat_interleave(starts + rule.lead, body, output_size=body_total) + within
-        return cls(body_rows=rows, body_lengths=body, first_rows=starts)
+        return cls(body_rows=rows, body_lengths=body, first_rows=starts,
+                   max_body=max(0, max_len - rule.lead - rule.trail), lead=rule.lead)
 
 
 def pool(hidden: torch.Tensor, index: PoolingIndex, mode: str) -> torch.Tensor:
     """Pool (T, d) hidden states; returns fp32 ((N, d), or (body rows, d) for per-token)."""
     if mode == "bos":
         return hidden.index_select(0, index.first_rows).to(torch.float32)
-    body = hidden.index_select(0, index.body_rows).to(torch.float32)
     if mode == "per-token":
-        return body
+        return hidden.index_select(0, index.body_rows).to(torch.float32)
     if mode == "mean":
-        return torch.segment_reduce(body, "mean", lengths=index.body_lengths, axis=0)
+        return _mean(hidden, index)
     raise ValueError(f"unknown pooling mode {mode!r}; choose from {', '.join(POOL_MODES)}")
+
+
+MEAN_BLOCK_ELEMENTS = 1 << 25
+"""fp32 elements of one padded block of :func:`_mean` (128 MiB)."""
+
+
+def _mean(hidden: torch.Tensor, index: PoolingIndex) -> torch.Tensor:
+    """fp32 mean over each body: zero-padded blocks of whole sequences, summed along the body
+    axis (sizes from host ints only, so no device sync)."""
+    n, width = index.body_lengths.numel(), hidden.shape[1]
+    longest = max(1, index.max_body)
+    per_block = max(1, MEAN_BLOCK_ELEMENTS // (longest * width))
+    steps = torch.arange(longest, device=hidden.device)
+    means = []
+    for first in range(0, n, per_block):
+        lengths = index.body_lengths[first:first + per_block]
+        valid = steps[None, :] < lengths[:, None]  # (b, longest)
+        rows = torch.where(valid, index.first_rows[first:first + per_block, None] + index.lead
+                           + steps[None, :], 0)
+        block = hidden.index_select(0, rows.reshape(-1)).view(*rows.shape, width).to(torch.float32)
+        block.masked_fill_(~valid[..., None], 0.0)  # (a NaN in a padding row stays out)
+        means.append(block.sum(dim=1).div_(lengths[:, None]))
+    return torch.cat(means) if len(means) > 1 else means[0]

@@ -130,7 +130,8 @@ class Runner:
     def _compute(self, staged: Staged, start) -> Launched:
         layout = PackedLayout.build(staged.lengths, staged.total, staged.max_len, padded=self.padded)
         hidden = self.model(staged.ids, layout, self.layers, self.attention)
-        index = PoolingIndex.build(staged.lengths, layout.starts, staged.total, self.rule)
+        index = PoolingIndex.build(staged.lengths, layout.starts, staged.total, self.rule,
+                                   staged.max_len)
         pooled = {o: pool(hidden[o.layer], index, o.pool) for o in self.outputs}
         del hidden
         finite = self._finite(pooled, index, len(staged.items))
