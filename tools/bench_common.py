@@ -1,10 +1,12 @@
-"""Shared by the benchmark scripts: drive the engine's device worker over prepared items."""
+"""Shared by the benchmark scripts: drive the engine's device worker over prepared items, and
+profile a runner's kernels."""
 
 from __future__ import annotations
 
 import queue
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,3 +43,25 @@ def drive_worker(runner, items, budget: int, depth: int = 2) -> dict:
     seconds = time.perf_counter() - start
     return {"tokens": tokens, "residues": residues, "sequences": sequences, "seconds": seconds,
             "busy_fraction": worker.stats.busy_seconds / seconds}
+
+
+def profile_batches(runner, items, budget: int, path: Path, row_limit: int = 25) -> str:
+    """Kernel time breakdown (torch.profiler) of two full batches after a warm-up batch;
+    printed and written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sched = Scheduler()
+    sched.submit(items)
+    sched.close()
+    batches = [sched.next_batch(0, budget).items for _ in range(3)]
+    runner.embed(batches[0])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for b in batches[1:]:
+            runner.embed(b)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit,
+                                      max_name_column_width=60)
+    print(table, flush=True)
+    Path(path).write_text(table)
+    return table

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import drive_worker  # noqa: E402
+from bench_common import drive_worker, profile_batches  # noqa: E402
 from gpuengine.dna_tokenizer import DnaTokenizer  # noqa: E402
 from gpuengine.models.dnabert_s import alibi_slopes  # noqa: E402
 from gpuengine.models.dnabert_s_weights import build_dnabert_s, read_dnabert_s  # noqa: E402
@@ -117,27 +117,6 @@ def run_padded(sd, cfg, token_lists, batch=256):
             padded_forward(sd, cfg, ids.cuda(non_blocking=True), mask.cuda(non_blocking=True), slopes).cpu()
         torch.cuda.synchronize()
     return sum(len(t) for t in token_lists), len(token_lists), time.perf_counter() - start
-
-
-def profile_batches(runner, items, budget, out_dir):
-    """Kernel time breakdown of two full batches (torch.profiler), printed and saved."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from gpuengine.scheduler import Scheduler
-
-    sched = Scheduler()
-    sched.submit(items)
-    sched.close()
-    batches = [sched.next_batch(0, budget).items for _ in range(3)]
-    runner.embed(batches[0])
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for b in batches[1:]:
-            runner.embed(b)
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
-    print(table, flush=True)
-    (Path(out_dir) / "profile-dnabert.txt").write_text(table)
 
 
 def main() -> None:
@@ -235,7 +214,7 @@ def main() -> None:
              tokens_per_s=ceiling, sequences_per_s=ceiling / mean_len)
         items = [WorkItem(sequence_digest(s), t, len(s)) for s, t in zip(seqs, token_lists)]
         if args.profile and wl == "dna150":
-            profile_batches(runner, items, args.budget, args.out.parent)
+            profile_batches(runner, items, args.budget, args.out.parent / "profile-dnabert.txt")
 
         def timed_worker(system, r_, budget=args.budget):
             r = drive_worker(r_, items, budget)

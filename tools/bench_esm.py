@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import drive_worker  # noqa: E402
+from bench_common import drive_worker, profile_batches  # noqa: E402
 from gpuengine.models.esm2_weights import build_esm2  # noqa: E402
 from gpuengine.packing import WorkItem  # noqa: E402
 from gpuengine.pooling import PoolingRule  # noqa: E402
@@ -196,23 +196,9 @@ class NoopRunner:
 
 def profile_batch(runner, seqs, budget, out_dir, name="profile"):
     """Kernel time breakdown of two batches (torch.profiler), printed and saved."""
-    from torch.profiler import ProfilerActivity, profile
-
     tok = EsmTokenizer()
     items = [WorkItem(sequence_digest(s), tok.encode(s), len(s)) for s in seqs]
-    sched = Scheduler()
-    sched.submit(items)
-    sched.close()
-    batches = [sched.next_batch(0, budget).items for _ in range(3)]
-    runner.embed(batches[0])
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for b in batches[1:]:
-            runner.embed(b)
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60)
-    print(table, flush=True)
-    (Path(out_dir) / f"{name}.txt").write_text(table)
+    profile_batches(runner, items, budget, Path(out_dir) / f"{name}.txt", row_limit=22)
 
 
 def gemm_skeleton(layers, d, tokens, seconds=3.0):
