@@ -634,7 +634,7 @@ def test_daemon_takes_complete_files_and_survives_bad_ones(tiny_pt, tmp_path):
         served.close()
 
 
-N_BIG = 2000
+N_BIG = 6000  # several commit groups (one per 0.5 s) even on a fast machine: the kill lands mid-file
 
 
 @pytest.fixture(scope="module")
