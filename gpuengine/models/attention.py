@@ -29,6 +29,23 @@ except ImportError:  # pragma: no cover - depends on the installed torch
     _varlen_attn = None
 
 
+class HeadShape:
+    """For model configs with ``embed_dim`` and ``attention_heads``: the check that the heads
+    divide the width, and the head width."""
+
+    embed_dim: int
+    attention_heads: int
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % self.attention_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of "
+                             f"attention_heads {self.attention_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.attention_heads
+
+
 @dataclass(frozen=True)
 class PackedLayout:
     """Where each sequence of a packed batch lives, on the batch's device.

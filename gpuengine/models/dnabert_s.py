@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpuengine.models.attention import PackedLayout
+from gpuengine.models.attention import HeadShape, PackedLayout
+from gpuengine.models.triton_support import triton_available
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ FLEX_BLOCK = 128
 
 
 @dataclass(frozen=True)
-class DnabertSConfig:
+class DnabertSConfig(HeadShape):
     num_layers: int = 12
     embed_dim: int = 768
     attention_heads: int = 12
@@ -64,15 +65,6 @@ class DnabertSConfig:
     vocab_size: int = 4096
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
-
-    def __post_init__(self) -> None:
-        if self.embed_dim % self.attention_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of "
-                             f"attention_heads {self.attention_heads}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.attention_heads
 
 
 # -- ALiBi -----------------------------------------------------------------------------------------
@@ -370,14 +362,6 @@ KERNEL_KINDS = ("eager", "compiled", "triton")
 EAGER = LayerKernels()
 
 
-def triton_available() -> bool:
-    try:
-        import gpuengine.models.pointwise_triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def layer_kernels(kind: str) -> LayerKernels:
     if kind == "triton":
         return TritonKernels()
@@ -454,7 +438,7 @@ class DnabertS(nn.Module):
         self.kernels = layer_kernels(kind)
 
     def fastest_kernels(self, device: torch.device, attention) -> str:
-        return "triton" if torch.device(device).type == "cuda" and triton_available() else "compiled"
+        return "triton" if triton_available(device) else "compiled"
 
     @property
     def num_layers(self) -> int:

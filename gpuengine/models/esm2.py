@@ -24,34 +24,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpuengine.models.attention import PackedLayout, PaddedAttention, VarlenAttention
-from gpuengine.models.rotary import (
-    apply_rotary,
-    rotary_half_tables,
-    rotary_tables,
-    triton_rotary_available,
+from gpuengine.models.attention import (
+    HeadShape,
+    PackedLayout,
+    PaddedAttention,
+    VarlenAttention,
 )
+from gpuengine.models.rotary import apply_rotary, rotary_half_tables, rotary_tables
+from gpuengine.models.triton_support import triton_available
 
 TOKEN_DROPOUT_SCALE = 1 - 0.15 * 0.8
 """fair-esm's ``(1 - mask_ratio_train) / (1 - 0)`` for inputs without ``<mask>``: 0.88."""
 
 
 @dataclass(frozen=True)
-class Esm2Config:
+class Esm2Config(HeadShape):
     num_layers: int
     embed_dim: int
     attention_heads: int
     vocab_size: int = 33
     layer_norm_eps: float = 1e-5
-
-    def __post_init__(self) -> None:
-        if self.embed_dim % self.attention_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of "
-                             f"attention_heads {self.attention_heads}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.attention_heads
 
 
 def attention_inputs(x: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor,
@@ -164,7 +156,7 @@ def layer_kernels(kind: str) -> LayerKernels:
 def fastest_kernels(device: torch.device, attention) -> str:
     """The kind the runner uses when compiling: the Triton kernels where they can run, else
     compiled."""
-    if not attention.prescale_q and triton_rotary_available(device):
+    if not attention.prescale_q and triton_available(device):
         return "triton"
     return "compiled"
 

@@ -33,13 +33,3 @@ def rotary_half_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple
     freqs = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
     return freqs.cos(), freqs.sin()
 
-
-def triton_rotary_available(device: torch.device) -> bool:
-    """The in-place Triton RoPE kernel can run on ``device`` (CUDA with Triton installed)."""
-    if torch.device(device).type != "cuda":
-        return False
-    try:
-        import gpuengine.models.rotary_triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
