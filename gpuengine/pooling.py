@@ -18,6 +18,7 @@ sizes known on the host, so building them never waits for the device.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,31 +40,35 @@ class PoolingRule:
 class PoolingIndex:
     """Device-side row indices of one batch."""
 
-    body_rows: torch.Tensor
-    """int64: every body row of every sequence, in order."""
     body_lengths: torch.Tensor
     """int64 (N,): body rows per sequence (≥ 1 for valid input)."""
     first_rows: torch.Tensor
     """int64 (N,): row s of each sequence."""
-    max_body: int = 0
-    """Longest body in rows (a host int)."""
-    lead: int = 0
+    lead: int
     """Rows between a sequence's first row and its body."""
+    body_total: int
+    """Body rows of the whole batch (a host int)."""
+    max_body: int
+    """Longest body in rows (a host int)."""
 
     @classmethod
     def build(cls, lengths: torch.Tensor, starts: torch.Tensor, total_tokens: int,
-              rule: PoolingRule, max_len: int = 0) -> "PoolingIndex":
+              rule: PoolingRule, max_len: int) -> "PoolingIndex":
         """``lengths``/``starts`` (N,) int64 on the device; ``total_tokens`` their sum and
         ``max_len`` their maximum (host ints)."""
-        n = lengths.numel()
-        body = lengths - (rule.lead + rule.trail)
-        body_total = total_tokens - n * (rule.lead + rule.trail)
+        skipped = rule.lead + rule.trail
+        return cls(body_lengths=lengths - skipped, first_rows=starts, lead=rule.lead,
+                   body_total=total_tokens - lengths.numel() * skipped,
+                   max_body=max(0, max_len - skipped))
+
+    @functools.cached_property
+    def body_rows(self) -> torch.Tensor:
+        """int64: every body row of every sequence, in order (built only for ``per-token``)."""
+        body, total = self.body_lengths, self.body_total
         body_starts = torch.cumsum(body, 0) - body
-        within = torch.arange(body_total, device=lengths.device) - torch.repeat_interleave(
-            body_starts, body, output_size=body_total)
-        rows = torch.repeat_interleave(starts + rule.lead, body, output_size=body_total) + within
-        return cls(body_rows=rows, body_lengths=body, first_rows=starts,
-                   max_body=max(0, max_len - rule.lead - rule.trail), lead=rule.lead)
+        within = torch.arange(total, device=body.device) - torch.repeat_interleave(
+            body_starts, body, output_size=total)
+        return torch.repeat_interleave(self.first_rows + self.lead, body, output_size=total) + within
 
 
 def pool(hidden: torch.Tensor, index: PoolingIndex, mode: str) -> torch.Tensor:
