@@ -202,14 +202,13 @@ def budget_explanation(model: str, precision: str, infos: list[DeviceInfo]) -> d
     out = {}
     for info in infos:
         tokens = memory_budget(info.free_bytes or 0, per_token, GPU_MARGIN_BYTES)
-        cap = family(source.family).gpu_max_tokens
-        capped = min(tokens, cap)
+        capped = min(tokens, DEFAULT_GPU_MAX_TOKENS)
         why = (f"{(info.free_bytes or 0) / 2**30:.1f} GiB free ({info.memory_source}) − "
                f"{GPU_MARGIN_BYTES / 2**30:.0f} GiB margin over ~{per_token / 1024:.0f} KiB per "
                f"token (d={weights.embed_dim}, {precision}, estimate) = {tokens:,} tokens")
         if capped < tokens:
-            why += (f"; capped at {cap:,} for {source.family} (tokens/s stops rising above that "
-                    "on an H200: docs/benchmarks.md)")
+            why += (f"; capped at {DEFAULT_GPU_MAX_TOKENS:,} (tokens/s stops rising above "
+                    "32-64k tokens per batch on an H200: docs/benchmarks.md)")
         out[info.device] = {"tokens": capped, "why": why}
     return out
 

@@ -355,7 +355,7 @@ class _Run:
             return replica
         self.progress.stage(f"loading {self.weights.source.name} on {device} ({precision})")
         runner = self._make_runner(device, precision)
-        budget = initial_budget(device, estimate, self.config.max_tokens or self.fam.gpu_max_tokens)
+        budget = initial_budget(device, estimate, self.config.max_tokens)
         memory = self._warm_up(runner, budget) if device.type == "cuda" else None
         replica = Replica(runner, budget, memory)
         if self.replicas is not None:

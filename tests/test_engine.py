@@ -85,6 +85,22 @@ def test_python_api_returns_copies(store):
         assert np.abs(emb["P1"]).max() > 0
 
 
+def test_cpu_batches_default_to_the_cpu_token_cap(tiny_pt, tmp_path):
+    """Without --max-tokens a CPU device packs at most DEFAULT_CPU_MAX_TOKENS per batch (the
+    GPU cap is far larger: handing it to the CPU made one huge batch)."""
+    from gpuengine.budget import DEFAULT_CPU_MAX_TOKENS
+    from gpuengine.config import EmbedConfig
+    from gpuengine.engine import run_embed
+
+    seqs = random_proteins([98] * 120, seed=11)  # 100 tokens each, 12 000 in all
+    fasta = write_fasta(tmp_path / "p.fa", [(f"s{i}", s) for i, s in enumerate(seqs)])
+    summary = run_embed(EmbedConfig(inputs=(fasta,), model=str(tiny_pt), out=tmp_path / "s.lmdb",
+                                    devices="cpu"))
+    assert summary.exit_code == 0 and summary.embedded == len(set(seqs))
+    (device,) = summary.devices
+    assert device["batches"] >= -(-device["tokens"] // DEFAULT_CPU_MAX_TOKENS) >= 3, device
+
+
 def test_run_embed_library_call(tiny_pt, tmp_path, reference):
     """The engine as a library: EmbedConfig in, RunSummary out."""
     from gpuengine.config import EmbedConfig

@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 import torch
 
-from gpuengine.budget import DEFAULT_GPU_MAX_TOKENS
 from gpuengine.errors import ModelLoadError
 from gpuengine.models.sources import ModelSource
 from gpuengine.pooling import PoolingRule
@@ -59,8 +58,6 @@ class Family:
     read: Callable[[ModelSource], Weights]
     build: Callable[[Weights, torch.dtype], torch.nn.Module]
     tokenizer: Callable[[ModelSource], Any]
-    gpu_max_tokens: int = DEFAULT_GPU_MAX_TOKENS
-    """Default cap of a GPU's token budget: where tokens/s stops rising (docs/benchmarks.md)."""
 
 
 def _read_esm2(source: ModelSource) -> Weights:
