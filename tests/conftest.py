@@ -3,6 +3,7 @@ model loaded from them as the reference."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import warnings
 from pathlib import Path
@@ -17,10 +18,20 @@ TINY = (2, 64, 4)  # layers, dim, heads: head_dim 16
 RESIDUES = "LAGVSERTIDPKQNFYMHWCXBUZO"
 
 
+@contextlib.contextmanager
+def isolated_cache(cache: Path):
+    """gpuengine's cache in ``cache`` and offline, for the block (also in module fixtures,
+    which cannot use the function-scoped ``monkeypatch``)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPUENGINE_CACHE", str(cache))
+        mp.setenv("GPUENGINE_OFFLINE", "1")
+        yield
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("GPUENGINE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.setenv("GPUENGINE_OFFLINE", "1")
+def _isolated_cache(tmp_path_factory):
+    with isolated_cache(tmp_path_factory.getbasetemp() / "cache"):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import TINY, fair_esm_reference, random_proteins, write_fasta
+from conftest import TINY, fair_esm_reference, isolated_cache, random_proteins, write_fasta
 from gpuengine import EmbeddingStore, __version__
 from gpuengine.cli import app
 from gpuengine.synthetic import write_fair_esm_checkpoint
@@ -122,9 +122,7 @@ def reference(tiny_pt):
 def store(tiny_pt, tmp_path_factory):
     """The standard input embedded once with default options (read-only for the tests)."""
     base = tmp_path_factory.mktemp("cli-store")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GPUENGINE_CACHE", str(base / "cache"))
-        mp.setenv("GPUENGINE_OFFLINE", "1")
+    with isolated_cache(base / "cache"):
         fasta = standard_fasta(base / "proteins.fa")
         result = cli("embed", fasta, "-m", tiny_pt, "-o", base / "store.lmdb", "--json")
     assert result.exit_code == 0, result.stderr

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import fair_esm_reference, random_proteins, write_fasta
+from conftest import fair_esm_reference, isolated_cache, random_proteins, write_fasta
 from test_cli import (DIM, IDS, LAST, SEQS, assert_close, cli, embed, fails, max_diff,
                       snapshot, standard_fasta)
 
@@ -24,9 +24,7 @@ def reference(tiny_pt):
 @pytest.fixture(scope="module")
 def store(tiny_pt, tmp_path_factory):
     base = tmp_path_factory.mktemp("engine-store")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GPUENGINE_CACHE", str(base / "cache"))
-        mp.setenv("GPUENGINE_OFFLINE", "1")
+    with isolated_cache(base / "cache"):
         fasta = standard_fasta(base / "proteins.fa")
         embed(fasta, tiny_pt, base / "store.lmdb")
     return base / "store.lmdb"
@@ -249,9 +247,7 @@ def test_many_repeats_in_small_batches(tiny_pt, tmp_path):
 @pytest.fixture(scope="module")
 def multi(tiny_pt, tmp_path_factory):
     base = tmp_path_factory.mktemp("multi")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GPUENGINE_CACHE", str(base / "cache"))
-        mp.setenv("GPUENGINE_OFFLINE", "1")
+    with isolated_cache(base / "cache"):
         summary = embed(standard_fasta(base / "p.fa"), tiny_pt, base / "s.lmdb",
                         "--layers", "0,1,-1", "--pool", "mean,bos,per-token",
                         "--max-tokens", "200")

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_proteins, write_fasta
+from conftest import isolated_cache, random_proteins, write_fasta
 from test_cli import embed
 
 pytestmark = pytest.mark.slow
@@ -47,9 +47,7 @@ def workload(tiny_pt, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see child_env
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("GPUENGINE_CACHE", str(base / "cache"))
-            mp.setenv("GPUENGINE_OFFLINE", "1")
+        with isolated_cache(base / "cache"):
             summary = embed(fasta, tiny_pt, base / "reference.lmdb", "--max-tokens", "256", "-q")
     finally:
         torch.set_num_threads(threads)
