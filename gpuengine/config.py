@@ -80,7 +80,8 @@ class EmbedConfig:
     allow_download: bool = True
     """Download a named model into the torch-hub cache when it is missing."""
     compile: bool | None = None
-    """torch.compile the per-layer kernels (None: on for GPUs, off on the CPU)."""
+    """Fast per-layer kernels on GPUs — the model's Triton kernels where Triton runs, else
+    ``torch.compile``d ones (None: on for GPUs; the CPU always runs the eager layers)."""
     threads: int | None = None
     """CPU threads for a CPU run (None: torch's default)."""
     env: Environment = field(default_factory=environment)

@@ -264,22 +264,19 @@ class _BoundFlex:
     flex: object
     score_mod: object
     block_mask: object
-    padded: int
+    rows: int
+    """The row bucket: q, k and v may come with these rows (zero beyond ``total``), then they
+    are not copied into a padded buffer."""
     total: int
     prescale_q = False
-
-    @property
-    def rows(self) -> int:
-        """Rows q, k and v may already have (zero beyond ``total``): no padded copies then."""
-        return self.padded
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  layout: PackedLayout | None = None) -> torch.Tensor:
         total = self.total
 
         def to_flex(x: torch.Tensor) -> torch.Tensor:  # (T or T_pad, H, D) → (1, H, T_pad, D)
-            if x.shape[0] != self.padded:
-                x = F.pad(x, (0, 0, 0, 0, 0, self.padded - x.shape[0]))
+            if x.shape[0] != self.rows:
+                x = F.pad(x, (0, 0, 0, 0, 0, self.rows - x.shape[0]))
             return x.transpose(0, 1).unsqueeze(0)
 
         out = self.flex(to_flex(q), to_flex(k), to_flex(v), score_mod=self.score_mod,
@@ -432,7 +429,7 @@ class DnabertS(nn.Module):
         self.emb_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(DnabertSLayer(cfg) for _ in range(cfg.num_layers))
         self._attention: dict[tuple[str, torch.dtype], object] = {}
-        self.kernels = LayerKernels()
+        self.kernels = EAGER
 
     def set_kernels(self, kind: str) -> None:
         self.kernels = layer_kernels(kind)
