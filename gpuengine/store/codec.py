@@ -11,12 +11,10 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from gpuengine.errors import StoreError
-from gpuengine.store.schema import STORE_DTYPES
+from gpuengine.store.schema import STORE_DTYPES, blake2b16
 
 DIGEST_SIZE = 16
 MAX_KEY_SIZE = 511
@@ -26,13 +24,9 @@ LONG_ID_PREFIX = b"\xff"
 _NUMPY_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 
 
-def _blake2b16(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
-
-
 def sequence_digest(seq: str) -> bytes:
     """16-byte blake2b digest of the sequence's UTF-8 bytes (sequences are upper-case)."""
-    return _blake2b16(seq.encode("utf-8"))
+    return blake2b16(seq.encode("utf-8"))
 
 
 def _id_bytes(record_id: str) -> bytes:
@@ -49,7 +43,7 @@ def encode_id(record_id: str) -> bytes:
     raw = _id_bytes(record_id)
     if len(raw) <= MAX_KEY_SIZE:
         return raw
-    return LONG_ID_PREFIX + _blake2b16(raw)
+    return LONG_ID_PREFIX + blake2b16(raw)
 
 
 def encode_id_value(record_id: str, seq_digest: bytes) -> bytes:
@@ -67,7 +61,7 @@ def encode_id_pair(record_id: str, seq_digest: bytes) -> tuple[bytes, bytes]:
     raw = _id_bytes(record_id)
     if len(raw) <= MAX_KEY_SIZE:
         return raw, seq_digest
-    return LONG_ID_PREFIX + _blake2b16(raw), bytes(seq_digest) + raw
+    return LONG_ID_PREFIX + blake2b16(raw), bytes(seq_digest) + raw
 
 
 def value_digest(value: bytes | memoryview) -> bytes:
@@ -83,7 +77,7 @@ def decode_id(key: bytes | memoryview, value: bytes | memoryview) -> str:
     if not key.startswith(LONG_ID_PREFIX):
         return key.decode("utf-8")
     raw = bytes(value[DIGEST_SIZE:])
-    if len(value) <= DIGEST_SIZE or _blake2b16(raw) != key[1:]:
+    if len(value) <= DIGEST_SIZE or blake2b16(raw) != key[1:]:
         raise StoreError(f"corrupt long-id record under key {key.hex()}")
     return raw.decode("utf-8")
 

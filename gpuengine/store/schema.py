@@ -59,8 +59,14 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def _blake2b16(data: bytes) -> bytes:
+def blake2b16(data: bytes) -> bytes:
+    """The store's hash: blake2b with a 16-byte digest (sequence digests, keys, fingerprints)."""
     return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def embedding_key_from_prefix(prefix: bytes, seq_digest: bytes) -> bytes:
+    """:meth:`TableSpec.embedding_key` given its :meth:`~TableSpec.embedding_key_prefix`."""
+    return blake2b16(prefix + bytes(seq_digest))
 
 
 def _positive_int(owner: str, field_name: str, value: object, *, zero_ok: bool = False) -> None:
@@ -124,7 +130,7 @@ class ModelIdentity:
 
     def fingerprint(self) -> bytes:
         """blake2b-16 of :func:`canonical_json` of :meth:`fingerprint_fields`."""
-        return _blake2b16(canonical_json(self.fingerprint_fields()))
+        return blake2b16(canonical_json(self.fingerprint_fields()))
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, **self.fingerprint_fields()}
@@ -303,7 +309,7 @@ class TableSpec:
         """
         if len(seq_digest) != 16:
             raise ValueError(f"a sequence digest is 16 bytes, got {len(seq_digest)}")
-        return _blake2b16(self.embedding_key_prefix(output) + bytes(seq_digest))
+        return embedding_key_from_prefix(self.embedding_key_prefix(output), seq_digest)
 
     def embedding_key_prefix(self, output: OutputSpec) -> bytes:
         """What :meth:`embedding_key` hashes before the sequence digest (for callers that

@@ -11,7 +11,6 @@ store or not at all, and the run record never counts what is not there.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -37,6 +36,7 @@ from gpuengine.store.schema import (
     OutputSpec,
     TableSpec,
     emb_db_name,
+    embedding_key_from_prefix,
     ids_db_name,
     parse_store_record,
     parse_table_record,
@@ -129,7 +129,7 @@ def _encode_group(spec: TableSpec, entries: Sequence[CommitEntry]) -> _Group:
             raise InternalError(f"bad record id in a commit: {exc}") from exc
         vectors = entry.vectors
         if vectors is None:
-            aliases.extend((_blake2b16(prefix + digest), o.label, digest)
+            aliases.extend((embedding_key_from_prefix(prefix, digest), o.label, digest)
                            for prefix, o in zip(prefixes, outputs))
             continue
         if len(vectors) != len(outputs) or any(o not in vectors for o in outputs):
@@ -146,7 +146,7 @@ def _encode_group(spec: TableSpec, entries: Sequence[CommitEntry]) -> _Group:
             else:
                 _check_vector(spec, output, array, digest)
                 data = codec.encode_array(array, spec.store_dtype)
-            arrays.append((_blake2b16(prefix + digest), data))
+            arrays.append((embedding_key_from_prefix(prefix, digest), data))
     nbytes = (sum(len(key) + len(value) for key, value in ids) + len(ids) * _ENTRY_OVERHEAD
               + sum(len(data) for _, data in arrays) + len(arrays) * (16 + _ENTRY_OVERHEAD))
     arrays.sort(key=_first)
@@ -157,10 +157,6 @@ def _encode_group(spec: TableSpec, entries: Sequence[CommitEntry]) -> _Group:
 
 def _first(item: tuple[bytes, Any]) -> bytes:
     return item[0]
-
-
-def _blake2b16(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=codec.DIGEST_SIZE).digest()
 
 
 class StoreWriter:
@@ -329,7 +325,7 @@ class StoreWriter:
         """Whether every output of the table is stored for each sequence digest."""
         t = self._table(table)
         prefixes = [t.spec.embedding_key_prefix(o) for o in t.spec.outputs]
-        keys = [[_blake2b16(p + d) for p in prefixes] for d in seq_digests]
+        keys = [[embedding_key_from_prefix(p, d) for p in prefixes] for d in seq_digests]
 
         def work(txn: lmdb.Transaction) -> list[bool]:
             return [all(txn.get(k, db=t.emb_db) is not None for k in ks) for ks in keys]
