@@ -3,7 +3,9 @@ profile a runner's kernels."""
 
 from __future__ import annotations
 
+import json
 import queue
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -15,11 +17,12 @@ from gpuengine.scheduler import Scheduler
 from gpuengine.worker import DeviceWorker, WorkerExit
 
 
-def drive_worker(runner, items, budget: int, depth: int = 2) -> dict:
+def drive_worker(runner, items, budget: int, depth: int = 2, calibrate: bool = True) -> dict:
     """The engine's device pipeline without input parsing or the store: scheduler → worker
     thread (stage + launch batch k+1, then finish batch k) → results, after a warm-up batch at
     the full budget. Returns tokens, residues, sequences, seconds and the busy fraction."""
-    runner.calibrate(budget)
+    if calibrate:
+        runner.calibrate(budget)
     sched = Scheduler()
     sched.submit(items)
     sched.close()
@@ -28,7 +31,7 @@ def drive_worker(runner, items, budget: int, depth: int = 2) -> dict:
     torch.cuda.synchronize()
     start = time.perf_counter()
     worker.start()
-    tokens = residues = sequences = 0
+    tokens = residues = sequences = batches = 0
     while True:
         msg = outbox.get()
         if isinstance(msg, WorkerExit):
@@ -40,8 +43,10 @@ def drive_worker(runner, items, budget: int, depth: int = 2) -> dict:
         tokens += msg.batch.n_tokens
         residues += sum(i.residues for i in msg.batch.items)
         sequences += len(msg.batch.items)
+        batches += 1
     seconds = time.perf_counter() - start
     return {"tokens": tokens, "residues": residues, "sequences": sequences, "seconds": seconds,
+            "batches": batches,
             "busy_fraction": worker.stats.busy_seconds / seconds}
 
 
@@ -65,3 +70,44 @@ def profile_batches(runner, items, budget: int, path: Path, row_limit: int = 25)
     print(table, flush=True)
     Path(path).write_text(table)
     return table
+
+
+def kernel_timeline(runner, items, budget: int, path: Path | None = None, top: int = 12) -> dict:
+    """The device worker over ``items`` (runner already warm) under torch.profiler, read from
+    the kernels' own start/end times: the fraction of the span from the first kernel to the
+    last in which some kernel ran (``kernel_busy``; CUDA events count gaps between kernels as
+    busy), the idle time in gaps longer than 20 µs, and the largest gaps with the kernels on
+    either side. Written to ``path`` as text when given."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = drive_worker(runner, items, budget, calibrate=False)
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
+    kernels = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                     if e.get("cat") == "kernel" and e.get("ph") == "X")
+    busy, gaps, end, prev = 0.0, [], None, None
+    for start, stop, name in kernels:
+        if end is None or start >= end:
+            if end is not None:
+                gaps.append((start - end, prev, name))
+            busy += stop - start
+            end, prev = stop, name
+        elif stop > end:
+            busy += stop - end
+            end, prev = stop, name
+    span = kernels[-1][1] - kernels[0][0] if kernels else 0.0
+    long_gaps = [g for g in gaps if g[0] > 20]
+    gaps.sort(key=lambda g: -g[0])
+    summary = {"kernels": len(kernels), "span_s": span / 1e6, "kernel_busy": busy / span if span else None,
+               "idle_in_gaps_over_20us_s": sum(g[0] for g in long_gaps) / 1e6,
+               "gaps_over_20us": len(long_gaps), "batches": result.get("batches"),
+               "tokens_per_s_profiled": result["tokens"] / result["seconds"]}
+    lines = [json.dumps(summary)] + [f"{g:9.1f} us  after {a[:70]}  before {b[:70]}"
+                                      for g, a, b in gaps[:top]]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if path is not None:
+        Path(path).write_text(text + "\n")
+    return summary

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import drive_worker, profile_batches  # noqa: E402
+from bench_common import drive_worker, kernel_timeline, profile_batches  # noqa: E402
 from gpuengine.dna_tokenizer import DnaTokenizer  # noqa: E402
 from gpuengine.models.dnabert_s import alibi_slopes  # noqa: E402
 from gpuengine.models.dnabert_s_weights import build_dnabert_s, read_dnabert_s  # noqa: E402
@@ -132,6 +132,8 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="skip the padded baseline")
     ap.add_argument("--sweep", default="", help="more token budgets to time, e.g. 131072,262144")
     ap.add_argument("--profile", action="store_true", help="kernel table of two dna150 batches")
+    ap.add_argument("--timeline", action="store_true",
+                    help="GPU idle gaps between kernels in the steady state (dna150/dna500, after timing)")
     args = ap.parse_args()
     command = "python tools/bench_dnabert.py " + " ".join(sys.argv[1:])
     gpu = torch.cuda.get_device_name(0)
@@ -179,15 +181,19 @@ def main() -> None:
         slopes = torch.tensor(alibi_slopes(cfg.attention_heads), device="cuda")
         token_lists = [tok.encode(s) for s in sample]
         ref = {}
-        for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
-            sd = {k: v.to("cuda", dtype) for k, v in state.items()}
+        # "bf16-weights": fp32 arithmetic on weights rounded to bf16, the floor any bf16 run has
+        for name, dtype, store in (("fp32", torch.float32, torch.float32),
+                                   ("fp16", torch.float16, torch.float16),
+                                   ("bf16", torch.bfloat16, torch.bfloat16),
+                                   ("bf16-weights", torch.float32, torch.bfloat16)):
+            sd = {k: v.to("cuda", store).to(dtype) for k, v in state.items()}
             rows = []
             with torch.inference_mode():
                 for t in token_lists:
                     ids = torch.from_numpy(t.astype(np.int64))[None].cuda()
                     rows.append(padded_forward(sd, cfg, ids, torch.ones_like(ids), slopes)[0].cpu().numpy())
             ref[name] = np.stack(rows)
-        for p in ("fp16", "bf16"):
+        for p in ("fp16", "bf16", "bf16-weights"):
             a, b = ref[p], ref["fp32"]
             c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
             cos[f"padded_reference_{p}"] = {"min_cosine": float(c.min()), "mean_cosine": float(c.mean())}
@@ -226,6 +232,11 @@ def main() -> None:
 
         timed_worker("gpuengine-cold", runner)
         timed_worker("gpuengine", runner)
+        if args.timeline:
+            tl = kernel_timeline(runner, items[: len(items) // 3], args.budget,
+                                 args.out.parent / f"timeline-dnabert-{wl}.txt")
+            emit(**common, system="kernel-timeline", precision="fp16", tokens_per_s=None,
+                 sequences_per_s=None, budget=args.budget, **tl)
         for budget in (int(b) for b in args.sweep.split(",") if b):
             timed_worker("gpuengine-cold", runner, budget)
             timed_worker("gpuengine", runner, budget)

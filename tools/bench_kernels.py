@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Memory bandwidth of the layers' Triton kernels at the real shapes, on a GPU.
+
+    python tools/bench_kernels.py --out results.jsonl [--tokens 65536]
+
+For each kernel of :mod:`gpuengine.models.pointwise_triton` (LayerNorm, residual + LayerNorm,
+GELU in place, DNABERT-S's GLU gate) at each model's width, every launch configuration is timed
+(``triton.testing.do_bench``, median), next to the autotuner's choice, the torch op it replaces,
+a one-pass candidate layout, and a device-to-device copy of the same bytes (the practical
+ceiling). Rates count bytes read and written once. Kernel choices in the package follow these
+tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpuengine.models import pointwise_triton as pt  # noqa: E402
+
+SHAPES = {  # model: (d, GELU width, GLU inner or None)
+    "esm2-3B": (2560, 10240, None),
+    "esm2-650M": (1280, 5120, None),
+    "dnabert-s": (768, None, 3072),
+}
+
+
+@triton.jit
+def _gelu_flat(x_ptr, n, BLOCK: tl.constexpr):
+    """Candidate: in-place GELU over the flat contiguous tensor (no row/column split)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    g = 0.5 * xf * (1.0 + tl.math.erf(xf * 0.7071067811865476))
+    tl.store(x_ptr + offs, g.to(x.dtype), mask=mask)
+
+
+@triton.jit
+def _layer_norm_rows(x_ptr, y_ptr, out_ptr, w_ptr, b_ptr, n_rows, n_cols, stride, eps,
+                     BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    """Candidate: residual + LayerNorm over BLOCK_R rows per program (weights loaded once)."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    at = rows[:, None] * stride + cols[None, :]
+    x = tl.load(x_ptr + at, mask=mask, other=0.0)
+    x = (x.to(tl.float32) + tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+    xf = x.to(tl.float32)
+    mean = tl.sum(xf, axis=1) / n_cols
+    centred = tl.where(mask, xf - mean[:, None], 0.0)
+    var = tl.sum(centred * centred, axis=1) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(out_ptr + at, (centred * rstd[:, None] * w[None, :] + b[None, :]).to(x.dtype), mask=mask)
+
+
+def rate(nbytes: int, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e12
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
+    args = ap.parse_args()
+    command = "python tools/bench_kernels.py " + " ".join(sys.argv[1:])
+    gpu = torch.cuda.get_device_name(0)
+    T, dtype = args.tokens, torch.float16
+
+    def emit(**rec):
+        base = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "commit": args.commit, "gpu": gpu, "n_gpus": 1, "command": command,
+                "torch": torch.__version__, "triton": triton.__version__, "tokens": T}
+        base.update(rec)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(base) + "\n")
+        print(json.dumps(rec), flush=True)
+
+    def bench(fn) -> float:
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    for model, (d, gelu_width, inner) in SHAPES.items():
+        x = torch.randn(T, d, device="cuda", dtype=dtype)
+        y = torch.randn_like(x)
+        w = torch.randn(d, device="cuda", dtype=dtype)
+        b = torch.randn_like(w)
+        # residual + LayerNorm: read x, y; write LN (and the residual for add_layer_norm)
+        nb = 3 * x.numel() * 2
+        copy_src = torch.empty(3 * T * d // 2, device="cuda", dtype=dtype)
+        copy_dst = torch.empty_like(copy_src)
+        emit(model=model, kernel="copy", variant="torch-copy", width=d,
+             tb_per_s=rate(2 * copy_src.numel() * 2, bench(lambda: copy_dst.copy_(copy_src))))
+        pt.residual_layer_norm(x, y, w, b, 1e-5)  # tunes
+        emit(model=model, kernel="residual_layer_norm", variant="autotuned", width=d,
+             config=str(pt._layer_norm.best_config),
+             tb_per_s=rate(nb, bench(lambda: pt.residual_layer_norm(x, y, w, b, 1e-5))))
+        emit(model=model, kernel="residual_layer_norm", variant="torch", width=d,
+             tb_per_s=rate(nb, bench(lambda: F.layer_norm(x + y, (d,), w, b, 1e-5))))
+        out = torch.empty_like(x)
+        block = triton.next_power_of_2(d)
+        for rows_per in (1, 2, 4, 8):
+            for warps in (2, 4, 8, 16):
+                if rows_per * block // (32 * warps) < 1:
+                    continue
+
+                def ln_rows(rows_per=rows_per, warps=warps):
+                    _layer_norm_rows[(triton.cdiv(T, rows_per),)](
+                        x, y, out, w, b, T, d, d, 1e-5, BLOCK_R=rows_per, BLOCK=block, num_warps=warps)
+
+                emit(model=model, kernel="residual_layer_norm", variant=f"rows{rows_per}-w{warps}",
+                     width=d, tb_per_s=rate(nb, bench(ln_rows)))
+        if gelu_width:
+            h = torch.randn(T, gelu_width, device="cuda", dtype=dtype)
+            nb = 2 * h.numel() * 2
+            pt.gelu_(h)
+            emit(model=model, kernel="gelu_", variant="autotuned", width=gelu_width,
+                 config=str(pt._gelu.best_config), tb_per_s=rate(nb, bench(lambda: pt.gelu_(h))))
+            emit(model=model, kernel="gelu_", variant="torch", width=gelu_width,
+                 tb_per_s=rate(nb, bench(lambda: F.gelu(h))))
+            for cfg in pt._gelu.configs:
+                def one(cfg=cfg):
+                    pt._gelu.fn[pt._pointwise_grid(T, gelu_width)(cfg.kwargs)](
+                        h, h, T, gelu_width, gelu_width, gelu_width, 0, GATED=False,
+                        **cfg.all_kwargs())
+                emit(model=model, kernel="gelu_", variant=str(cfg), width=gelu_width,
+                     tb_per_s=rate(nb, bench(one)))
+            for block in (1024, 2048, 4096, 8192):
+                for warps in (4, 8, 16):
+                    def flat(block=block, warps=warps):
+                        _gelu_flat[(triton.cdiv(h.numel(), block),)](h, h.numel(), BLOCK=block,
+                                                                      num_warps=warps)
+                    emit(model=model, kernel="gelu_", variant=f"flat{block}-w{warps}",
+                         width=gelu_width, tb_per_s=rate(nb, bench(flat)))
+        if inner:
+            g = torch.randn(T, 2 * inner, device="cuda", dtype=dtype)
+            nb = 3 * T * inner * 2
+            pt.gelu_mul(g, inner)
+            emit(model=model, kernel="gelu_mul", variant="autotuned", width=inner,
+                 config=str(pt._gelu.best_config), tb_per_s=rate(nb, bench(lambda: pt.gelu_mul(g, inner))))
+            emit(model=model, kernel="gelu_mul", variant="torch", width=inner,
+                 tb_per_s=rate(nb, bench(lambda: F.gelu(g[:, :inner]) * g[:, inner:])))
+            out = g.new_empty(T, inner)
+            for r, c, warps in [(r, c, w) for r in (1, 2, 4, 8, 16) for c in (512, 1024, 2048)
+                                for w in (4, 8)]:
+                def glu(r=r, c=c, warps=warps):
+                    pt._gelu.fn[(triton.cdiv(T, r), triton.cdiv(inner, c))](
+                        g, out, T, inner, 2 * inner, inner, inner, GATED=True, BLOCK_R=r,
+                        BLOCK_C=c, num_warps=warps)
+                emit(model=model, kernel="gelu_mul", variant=f"r{r}-c{c}-w{warps}", width=inner,
+                     tb_per_s=rate(nb, bench(glu)))
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
