@@ -310,7 +310,8 @@ def test_padded_alibi_attention_matches_dense_per_sequence():
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_flex_mask_and_bias_match_padded_eager_cpu():
+@pytest.mark.parametrize("block", [128, 64])
+def test_flex_mask_and_bias_match_padded_eager_cpu(block):
     """The flex path's score_mod, document mask and block mask, run uncompiled on the CPU."""
     from gpuengine.models.dnabert_s import (
         AlibiPaddedAttention,
@@ -325,40 +326,37 @@ def test_flex_mask_and_bias_match_padded_eager_cpu():
     q, k, v = (torch.randn(sum(lengths), 4, 16, generator=gen) for _ in range(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        flex = FlexAlibiAttention(compiled=False)(q, k, v, _layout(lengths, padded=False))
+        flex = FlexAlibiAttention(compiled=False, block=block)(q, k, v, _layout(lengths, padded=False))
     padded = AlibiPaddedAttention()(q, k, v, _layout(lengths))
     assert_close(flex.numpy(), padded.numpy(), "flex (eager) vs padded")
 
 
+@pytest.mark.parametrize("block", [128, 64])
 @pytest.mark.parametrize("lengths", [[1], [128], [127, 1, 300], [5] * 60, [1000, 3, 129, 256]])
-def test_document_block_mask_covers_exactly_the_needed_blocks(lengths):
-    from gpuengine.models.dnabert_s import (
-        FLEX_BLOCK,
-        document_block_mask,
-        flex_available,
-        flex_bucket,
-    )
+def test_document_block_mask_covers_exactly_the_needed_blocks(lengths, block):
+    from gpuengine.models.dnabert_s import document_block_mask, flex_available, flex_bucket
 
     if not flex_available():
         pytest.skip("torch without FlexAttention")
     total = sum(lengths)
-    padded = flex_bucket(total)
-    assert padded % FLEX_BLOCK == 0 and total <= padded < 2 * total + FLEX_BLOCK
+    padded = flex_bucket(total, block)
+    assert padded % block == 0 and total <= padded < 2 * total + block
     cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
-    mask = document_block_mask(cu, total, padded, lambda b, h, q, kv: q >= 0)
-    nblocks = padded // FLEX_BLOCK
+    mask = document_block_mask(cu, total, padded, lambda b, h, q, kv: q >= 0, block)
+    assert mask.BLOCK_SIZE == (block, block)
+    nblocks = padded // block
     counts = mask.kv_num_blocks[0, 0].tolist()
     indices = mask.kv_indices[0, 0].tolist()
     visited = {(i, j) for i in range(nblocks) for j in indices[i][: counts[i]]}
     doc = np.repeat(np.arange(len(lengths)), lengths)
     needed = set()
     for i in range(nblocks):
-        rows = doc[i * FLEX_BLOCK: (i + 1) * FLEX_BLOCK]
+        rows = doc[i * block: (i + 1) * block]
         for d in np.unique(rows):
             first, last = np.flatnonzero(doc == d)[[0, -1]]
-            needed |= {(i, j) for j in range(first // FLEX_BLOCK, last // FLEX_BLOCK + 1)}
+            needed |= {(i, j) for j in range(first // block, last // block + 1)}
     assert needed <= visited
-    assert all(i * FLEX_BLOCK < total for i, _ in visited), "a block of padding rows visits keys"
+    assert all(i * block < total for i, _ in visited), "a block of padding rows visits keys"
     # contiguous ranges only: nothing beyond the first/last sequence of each query block
     assert len(visited) == len(needed)
 

@@ -36,6 +36,7 @@ replaced by :meth:`DnabertS.select_attention` for the batch's device and dtype.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -161,16 +162,17 @@ class _BoundPadded:
 
 
 # -- attention: FlexAttention -----------------------------------------------------------------------
-def flex_bucket(total: int) -> int:
+def flex_bucket(total: int, block: int = FLEX_BLOCK) -> int:
     """Rows the packed batch is padded to: 128 × the next power of two blocks, so a compiled
     kernel sees at most one length per octave (10 up to 65,536 rows; each new one compiles for
     a few seconds). Padding rows cost memory only (q, k and v are projected into the padded
     buffer, zero beyond the real rows): their query blocks get no key blocks."""
-    blocks = max(1, -(-total // FLEX_BLOCK))
-    return (1 << (blocks - 1).bit_length()) * FLEX_BLOCK
+    blocks = max(1, -(-total // block))
+    return (1 << (blocks - 1).bit_length()) * block
 
 
-def document_block_mask(cu_seqlens: torch.Tensor, total: int, padded: int, mask_mod):
+def document_block_mask(cu_seqlens: torch.Tensor, total: int, padded: int, mask_mod,
+                        block: int = FLEX_BLOCK):
     """A ``BlockMask`` for a packed batch of ``total`` rows padded to ``padded``, built on the
     device from ``cu_seqlens`` without a dense mask. Query block i visits the contiguous key
     blocks from the first row of its first sequence to the last row of its last sequence; all
@@ -179,22 +181,22 @@ def document_block_mask(cu_seqlens: torch.Tensor, total: int, padded: int, mask_
 
     device = cu_seqlens.device
     cu = cu_seqlens.to(torch.int64)
-    nblocks = padded // FLEX_BLOCK
-    first = torch.arange(nblocks, device=device) * FLEX_BLOCK  # first row of each query block
+    nblocks = padded // block
+    first = torch.arange(nblocks, device=device) * block  # first row of each query block
     real = first < total
     first = first.clamp(max=total - 1)
-    last = (first + FLEX_BLOCK - 1).clamp(max=total - 1)
+    last = (first + block - 1).clamp(max=total - 1)
     ends = cu[1:].contiguous()
     first_doc = torch.searchsorted(ends, first, right=True)
     last_doc = torch.searchsorted(ends, last, right=True)
-    lo = cu[first_doc] // FLEX_BLOCK
-    hi = (cu[last_doc + 1] - 1) // FLEX_BLOCK
+    lo = cu[first_doc] // block
+    hi = (cu[last_doc + 1] - 1) // block
     count = torch.where(real, hi - lo + 1, torch.zeros_like(lo))
     indices = (lo[:, None] + torch.arange(nblocks, device=device)[None, :]).clamp(max=nblocks - 1)
     extra = {"compute_q_blocks": False} if _FROM_KV_HAS_Q_FLAG else {}
     return BlockMask.from_kv_blocks(count.to(torch.int32)[None, None],
                                     indices.to(torch.int32)[None, None],
-                                    BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, **extra)
+                                    BLOCK_SIZE=block, mask_mod=mask_mod, **extra)
 
 
 def _from_kv_has_q_flag() -> bool:
@@ -228,16 +230,20 @@ class FlexAlibiAttention:
     prescale_q = False  # flex scales by 1/√D before score_mod, DNABERT's order
     needs_padding = False
 
-    def __init__(self, *, compiled: bool = True, dynamic: bool = False):
+    def __init__(self, *, compiled: bool = True, dynamic: bool = False, block: int = FLEX_BLOCK):
         from torch.nn.attention.flex_attention import flex_attention
 
         self.compiled = compiled
-        self._flex = torch.compile(flex_attention, dynamic=dynamic) if compiled else flex_attention
+        self.block = block
+        flex = torch.compile(flex_attention, dynamic=dynamic) if compiled else flex_attention
+        if block != FLEX_BLOCK and compiled:  # the kernel's tiles must divide the mask's blocks
+            flex = functools.partial(flex, kernel_options={"BLOCK_M": block, "BLOCK_N": block})
+        self._flex = flex
 
     def bind(self, layout: PackedLayout, heads: int, dtype: torch.dtype) -> _BoundFlex:
         device = layout.positions.device
         total = layout.positions.numel()
-        padded = flex_bucket(total)
+        padded = flex_bucket(total, self.block)
         cu = layout.cu_seqlens.to(torch.int64)
         doc = torch.full((padded,), -1, dtype=torch.int32, device=device)  # padding rows: -1
         doc[:total] = torch.repeat_interleave(
@@ -251,7 +257,8 @@ class FlexAlibiAttention:
         def alibi(score, b, h, q_idx, kv_idx):
             return score - slopes[h] * torch.abs(q_idx - kv_idx)
 
-        block_mask = document_block_mask(layout.cu_seqlens, total, padded, same_sequence)
+        block_mask = document_block_mask(layout.cu_seqlens, total, padded, same_sequence,
+                                         self.block)
         return _BoundFlex(self._flex, alibi, block_mask, padded, total)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
