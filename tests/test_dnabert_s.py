@@ -381,11 +381,11 @@ def test_attention_selection():
 
 
 def test_flex_bucket_is_coarse():
-    from gpuengine.models.dnabert_s import flex_bucket
+    from gpuengine.models.dnabert_s import FLEX_BLOCK, flex_bucket
 
     buckets = {flex_bucket(t) for t in range(1, (1 << 16) + 1, 37)}
-    assert buckets == {128 << k for k in range(10)}
-    assert all(t <= flex_bucket(t) < 2 * t + 128 and flex_bucket(t) % 128 == 0
+    assert buckets == {FLEX_BLOCK << k for k in range((1 << 16).bit_length() - FLEX_BLOCK.bit_length() + 1)}
+    assert all(t <= flex_bucket(t) < 2 * t + FLEX_BLOCK and flex_bucket(t) % FLEX_BLOCK == 0
                for t in range(1, 5000))
 
 

@@ -85,7 +85,8 @@ def main() -> None:
     def emit(**rec):
         base = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "commit": args.commit, "gpu": gpu, "n_gpus": 1, "command": command,
-                "torch": torch.__version__, "triton": triton.__version__, "tokens": T}
+                "torch": torch.__version__, "triton": triton.__version__, "tokens": T,
+                "system": "kernel-bandwidth", "workload": f"{rec['kernel']}@{rec['width']}"}
         base.update(rec)
         with open(args.out, "a") as f:
             f.write(json.dumps(base) + "\n")

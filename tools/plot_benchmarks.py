@@ -49,7 +49,8 @@ RUN_LABEL = {"04ebd69": "run 1 (synchronous runner)", "249a66f": "run 2 (two-thr
              "938da87": "run 3 (single-thread worker)", "967d20d": "DNABERT-S, predict 100k",
              "1f77b62": "run 4 (in-place RoPE)", "4ad83f1": "run 5 (Triton layer kernels)",
              "3f8d856": "predict 1M reads", "f8cdb51": "run 6 (tuned kernels, host pipeline)",
-             "907119d": "DNABERT-S, sync-free pooling"}
+             "907119d": "DNABERT-S, sync-free pooling",
+             "e8f4e7a": "kernel bandwidth, DNABERT-S timeline", "32d0187": "DNABERT-S flex block variants, 3B"}
 GOAL_PCT = 75.0            # docs/performance: 75 % of the GEMM ceiling for ESM-2 3B
 GOAL_HF = 1.9              # ≥ 1.9× HF on every workload
 GOAL_HF_FIRST = 1.5        # what the first issue expected
@@ -351,12 +352,17 @@ def markdown(recs, profile: list[Path] | None) -> str:
     rows = []
     for r in recs:
         if r["system"] == "cosine-vs-fp32":
-            for p in ("fp16", "bf16", "padded_reference_fp16", "padded_reference_bf16"):
+            for p in ("fp16", "bf16", "padded_reference_fp16", "padded_reference_bf16",
+                      "padded_reference_bf16-weights"):
                 d = r.get(p)
                 if d is None:
                     continue
-                what = (f"plain padded forward, {p.rsplit('_', 1)[1]}" if p.startswith("padded")
-                        else p + (f" (`{d['kernels']}` kernels)" if d.get("kernels") else ""))
+                if p.endswith("-weights"):
+                    what = "plain padded forward, fp32 arithmetic on weights rounded to bf16"
+                elif p.startswith("padded"):
+                    what = f"plain padded forward, {p.rsplit('_', 1)[1]}"
+                else:
+                    what = p + (f" (`{d['kernels']}` kernels)" if d.get("kernels") else "")
                 rows.append([f"`{r['commit']}`", short_model(r["model"]), r["workload"], what,
                              f"{d['min_cosine']:.7f}", f"{d['mean_cosine']:.7f}",
                              f"{d['max_abs_diff']:.2e}" if "max_abs_diff" in d else "—"])
