@@ -12,6 +12,7 @@ store or not at all, and the run record never counts what is not there.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,7 @@ from gpuengine.store.schema import (
     STORE_KEY,
     OutputSpec,
     TableSpec,
+    blake2b16,
     emb_db_name,
     embedding_key_from_prefix,
     ids_db_name,
@@ -76,6 +78,62 @@ class CommitEntry:
 
 
 @dataclass(frozen=True)
+class CommitRows:
+    """Many sequences of a commit group held column-wise (one device batch, as the engine
+    hands it on): row ``i`` is ``seq_digests[i]``, named by ``record_ids[i]``, with
+    ``vectors[output][i]``. Encoded without an object per sequence; the store holds exactly
+    what the same rows as :class:`CommitEntry` objects would give."""
+
+    seq_digests: Sequence[bytes]
+    record_ids: Sequence[tuple[str, ...]]
+    """Per row, the ids to map to its sequence (at least one)."""
+    vectors: Mapping[OutputSpec, Sequence[np.ndarray]]
+    """Per output of the table, one array per row (a list of arrays or one stacked array)."""
+
+    def __post_init__(self) -> None:
+        n = len(self.seq_digests)
+        if len(self.record_ids) != n or any(len(v) != n for v in self.vectors.values()):
+            raise InternalError(
+                f"CommitRows: {n} digests, {len(self.record_ids)} id tuples and vectors of "
+                f"{[len(v) for v in self.vectors.values()]} rows must all be as many")
+        if not all(type(d) is bytes and len(d) == codec.DIGEST_SIZE for d in self.seq_digests):
+            raise InternalError("CommitRows.seq_digests must all be 16-byte digests")
+        if not all(self.record_ids):
+            raise InternalError("CommitRows: a row names no record id")
+
+    def __len__(self) -> int:
+        return len(self.seq_digests)
+
+
+CommitPart = CommitEntry | CommitRows
+"""What a commit group is made of: single sequences (aliases, tests) and column-wise rows."""
+
+
+def embedded_digests(group: Sequence[CommitPart]) -> list[bytes]:
+    """Digests of the sequences a group commits vectors for (aliases excluded)."""
+    out: list[bytes] = []
+    for part in group:
+        if type(part) is CommitRows:
+            out.extend(part.seq_digests)
+        elif part.vectors is not None:
+            out.append(part.seq_digest)
+    return out
+
+
+def group_counts(group: Sequence[CommitPart]) -> tuple[int, int]:
+    """(sequences committed with vectors, record ids mapped) of a group."""
+    sequences = records = 0
+    for part in group:
+        if type(part) is CommitRows:
+            sequences += len(part)
+            records += sum(map(len, part.record_ids))
+        else:
+            sequences += part.vectors is not None
+            records += len(part.record_ids)
+    return sequences, records
+
+
+@dataclass(frozen=True)
 class _Table:
     spec: TableSpec
     ids_db: Any
@@ -111,7 +169,44 @@ def _check_vector(spec: TableSpec, output: OutputSpec, array: np.ndarray, digest
         )
 
 
-def _encode_group(spec: TableSpec, entries: Sequence[CommitEntry]) -> _Group:
+def _encode_rows(spec: TableSpec, rows: CommitRows, prefixes: list[bytes],
+                 arrays: list[tuple[bytes, bytes]], ids: list[tuple[bytes, bytes]]) -> None:
+    """Encode column-wise rows into ``arrays`` and ``ids``: pooled outputs as one stacked
+    cast (same values, bytes and checks as per :class:`CommitEntry`), a key per row."""
+    digests, outputs = rows.seq_digests, spec.outputs
+    if set(rows.vectors) != set(outputs):
+        got = ", ".join(sorted(getattr(o, "label", repr(o)) for o in rows.vectors))
+        raise InternalError(f"rows of vectors for [{got}], table {spec.name!r} stores "
+                            f"[{', '.join(o.label for o in outputs)}]")
+    try:
+        ids.extend([codec.encode_id_pair(rid, digest)
+                    for digest, rids in zip(digests, rows.record_ids) for rid in rids])
+    except ValueError as exc:
+        raise InternalError(f"bad record id in a commit: {exc}") from exc
+    for prefix, output in zip(prefixes, outputs):
+        vectors = rows.vectors[output]
+        keys = [blake2b16(prefix + digest) for digest in digests]
+        if output.per_token or not len(digests):
+            for key, array, digest in zip(keys, vectors, digests):
+                _check_vector(spec, output, array, digest)
+                arrays.append((key, codec.encode_array(array, spec.store_dtype)))
+            continue
+        try:
+            matrix = np.stack(vectors) if not isinstance(vectors, np.ndarray) else vectors
+        except ValueError:
+            matrix = None  # arrays of unequal shapes: name the first bad one below
+        if matrix is None or matrix.shape != (len(digests), spec.dim) or matrix.dtype.kind not in "fiu":
+            for array, digest in zip(vectors, digests):
+                _check_vector(spec, output, array, digest)
+                codec.encode_array(array, spec.store_dtype)
+            raise InternalError(f"{output.label} rows of {len(digests)} sequences do not stack "
+                                f"into ({len(digests)}, {spec.dim})")
+        data = codec.encode_array(matrix, spec.store_dtype)
+        width = len(data) // len(digests)
+        arrays.extend(zip(keys, [data[i:i + width] for i in range(0, len(data), width)]))
+
+
+def _encode_group(spec: TableSpec, entries: Sequence[CommitPart]) -> _Group:
     """Validate and encode a group (pure: no store access; runs once per committed
     sequence, so the per-entry loop avoids work it does not need)."""
     outputs = spec.outputs
@@ -122,6 +217,9 @@ def _encode_group(spec: TableSpec, entries: Sequence[CommitEntry]) -> _Group:
     ids: list[tuple[bytes, bytes]] = []
     aliases: list[tuple[bytes, str, bytes]] = []
     for entry in entries:
+        if type(entry) is CommitRows:
+            _encode_rows(spec, entry, prefixes, arrays, ids)
+            continue
         digest = entry.seq_digest
         try:
             ids.extend(codec.encode_id_pair(rid, digest) for rid in entry.record_ids)
@@ -151,12 +249,10 @@ def _encode_group(spec: TableSpec, entries: Sequence[CommitEntry]) -> _Group:
               + sum(len(data) for _, data in arrays) + len(arrays) * (16 + _ENTRY_OVERHEAD))
     arrays.sort(key=_first)
     ids.sort(key=_first)
-    sequences = sum(1 for e in entries if e.vectors is not None)
-    return _Group(arrays, ids, aliases, sequences, nbytes)
+    return _Group(arrays, ids, aliases, group_counts(entries)[0], nbytes)
 
 
-def _first(item: tuple[bytes, Any]) -> bytes:
-    return item[0]
+_first = operator.itemgetter(0)
 
 
 class StoreWriter:
@@ -393,7 +489,7 @@ class StoreWriter:
 
     # -- commits -------------------------------------------------------------------------
 
-    def commit(self, table: str, entries: Sequence[CommitEntry], *,
+    def commit(self, table: str, entries: Sequence[CommitPart], *,
                run_id: str | None = None,
                extra_runs: Mapping[str, dict[str, Any]] | None = None) -> None:
         """Write a group atomically: vectors, id mappings, the run's counters, and any
