@@ -416,14 +416,16 @@ def test_commit_rows_store_what_entries_store(tmp_path: Path, dtype: str) -> Non
                       {o: [e.vectors[o] for e in entries] for o in spec.outputs})
     stacked = CommitRows(rows.seq_digests, rows.record_ids,
                          {o: (np.stack(v) if not o.per_token else v) for o, v in rows.vectors.items()})
+    native = CommitRows(rows.seq_digests, rows.record_ids,  # already in the store dtype
+                        {o: [v.astype(dtype) for v in vs] for o, vs in rows.vectors.items()})
     stores = {}
     for name, group in (("entries", [*entries, alias]), ("rows", [rows, alias]),
-                        ("stacked", [stacked, alias])):
+                        ("stacked", [stacked, alias]), ("native", [native, alias])):
         with StoreWriter(tmp_path / name) as writer:
             writer.open_table(spec)
             writer.commit("default", group)
         stores[name] = _raw_contents(tmp_path / name)
-    assert stores["rows"] == stores["entries"] == stores["stacked"]
+    assert stores["rows"] == stores["entries"] == stores["stacked"] == stores["native"]
     assert len(stores["rows"][b"ids:default"]) == 7 + 3 + 1
 
 

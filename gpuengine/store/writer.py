@@ -145,7 +145,7 @@ class _Group:
     """A commit group encoded outside the transaction; each list sorted by key (putmulti
     then walks the B-tree in order; the sort is stable, so duplicate keys keep their order)."""
 
-    arrays: list[tuple[bytes, bytes]]  # (embedding key, array bytes)
+    arrays: list[tuple[bytes, Any]]  # (embedding key, array bytes or a C-contiguous array)
     ids: list[tuple[bytes, bytes]]  # (id key, id value)
     aliases: list[tuple[bytes, str, bytes]]  # (embedding key, output label, digest) to check
     sequences: int
@@ -170,9 +170,12 @@ def _check_vector(spec: TableSpec, output: OutputSpec, array: np.ndarray, digest
 
 
 def _encode_rows(spec: TableSpec, rows: CommitRows, prefixes: list[bytes],
-                 arrays: list[tuple[bytes, bytes]], ids: list[tuple[bytes, bytes]]) -> None:
-    """Encode column-wise rows into ``arrays`` and ``ids``: pooled outputs as one stacked
-    cast (same values, bytes and checks as per :class:`CommitEntry`), a key per row."""
+                 arrays: list[tuple[bytes, Any]], ids: list[tuple[bytes, bytes]]) -> int:
+    """Encode column-wise rows into ``arrays`` and ``ids``; returns the bytes of the arrays.
+
+    A pooled row already in the store dtype is written from the array itself (LMDB copies
+    its buffer; nothing is copied before); other rows are stacked and cast once per output.
+    The stored bytes and the checks are those of the same rows as :class:`CommitEntry`."""
     digests, outputs = rows.seq_digests, spec.outputs
     if set(rows.vectors) != set(outputs):
         got = ", ".join(sorted(getattr(o, "label", repr(o)) for o in rows.vectors))
@@ -183,27 +186,32 @@ def _encode_rows(spec: TableSpec, rows: CommitRows, prefixes: list[bytes],
                     for digest, rids in zip(digests, rows.record_ids) for rid in rids])
     except ValueError as exc:
         raise InternalError(f"bad record id in a commit: {exc}") from exc
+    dtype, shape = codec.numpy_dtype(spec.store_dtype), (spec.dim,)
+    nbytes = 0
     for prefix, output in zip(prefixes, outputs):
         vectors = rows.vectors[output]
         keys = [blake2b16(prefix + digest) for digest in digests]
-        if output.per_token or not len(digests):
-            for key, array, digest in zip(keys, vectors, digests):
-                _check_vector(spec, output, array, digest)
-                arrays.append((key, codec.encode_array(array, spec.store_dtype)))
-            continue
-        try:
-            matrix = np.stack(vectors) if not isinstance(vectors, np.ndarray) else vectors
-        except ValueError:
-            matrix = None  # arrays of unequal shapes: name the first bad one below
-        if matrix is None or matrix.shape != (len(digests), spec.dim) or matrix.dtype.kind not in "fiu":
+        if output.per_token:
+            data = []
             for array, digest in zip(vectors, digests):
                 _check_vector(spec, output, array, digest)
-                codec.encode_array(array, spec.store_dtype)
-            raise InternalError(f"{output.label} rows of {len(digests)} sequences do not stack "
-                                f"into ({len(digests)}, {spec.dim})")
-        data = codec.encode_array(matrix, spec.store_dtype)
-        width = len(data) // len(digests)
-        arrays.extend(zip(keys, [data[i:i + width] for i in range(0, len(data), width)]))
+                data.append(codec.encode_array(array, spec.store_dtype))
+            nbytes += sum(map(len, data))
+        elif all(type(a) is np.ndarray and a.dtype == dtype and a.shape == shape
+                 and a.flags.c_contiguous for a in vectors):
+            data = vectors
+            nbytes += len(digests) * dtype.itemsize * spec.dim
+        else:
+            for array, digest in zip(vectors, digests):
+                _check_vector(spec, output, array, digest)
+            stacked = np.stack(vectors) if len(digests) else np.empty((0, spec.dim))
+            if stacked.dtype.kind not in "fiu":
+                raise ValueError(f"an embedding must hold numbers, got dtype {stacked.dtype}")
+            matrix = np.ascontiguousarray(stacked, dtype=dtype)
+            data = list(matrix)  # C-contiguous rows of the cast matrix
+            nbytes += matrix.nbytes
+        arrays.extend(zip(keys, data))
+    return nbytes
 
 
 def _encode_group(spec: TableSpec, entries: Sequence[CommitPart]) -> _Group:
@@ -213,12 +221,13 @@ def _encode_group(spec: TableSpec, entries: Sequence[CommitPart]) -> _Group:
     prefixes = [spec.embedding_key_prefix(o) for o in outputs]
     pooled_shape = (spec.dim,)
     dtype = codec.numpy_dtype(spec.store_dtype)
-    arrays: list[tuple[bytes, bytes]] = []
+    arrays: list[tuple[bytes, Any]] = []
     ids: list[tuple[bytes, bytes]] = []
     aliases: list[tuple[bytes, str, bytes]] = []
+    nbytes = 0
     for entry in entries:
         if type(entry) is CommitRows:
-            _encode_rows(spec, entry, prefixes, arrays, ids)
+            nbytes += _encode_rows(spec, entry, prefixes, arrays, ids)
             continue
         digest = entry.seq_digest
         try:
@@ -245,8 +254,9 @@ def _encode_group(spec: TableSpec, entries: Sequence[CommitPart]) -> _Group:
                 _check_vector(spec, output, array, digest)
                 data = codec.encode_array(array, spec.store_dtype)
             arrays.append((embedding_key_from_prefix(prefix, digest), data))
-    nbytes = (sum(len(key) + len(value) for key, value in ids) + len(ids) * _ENTRY_OVERHEAD
-              + sum(len(data) for _, data in arrays) + len(arrays) * (16 + _ENTRY_OVERHEAD))
+            nbytes += len(data)
+    nbytes += (sum(len(key) + len(value) for key, value in ids) + len(ids) * _ENTRY_OVERHEAD
+               + len(arrays) * (16 + _ENTRY_OVERHEAD))
     arrays.sort(key=_first)
     ids.sort(key=_first)
     return _Group(arrays, ids, aliases, group_counts(entries)[0], nbytes)
