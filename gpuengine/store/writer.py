@@ -36,9 +36,9 @@ from gpuengine.store.schema import (
     STORE_KEY,
     OutputSpec,
     TableSpec,
-    blake2b16,
     emb_db_name,
     embedding_key_from_prefix,
+    embedding_keys_from_prefix,
     ids_db_name,
     parse_store_record,
     parse_table_record,
@@ -190,7 +190,7 @@ def _encode_rows(spec: TableSpec, rows: CommitRows, prefixes: list[bytes],
     nbytes = 0
     for prefix, output in zip(prefixes, outputs):
         vectors = rows.vectors[output]
-        keys = [blake2b16(prefix + digest) for digest in digests]
+        keys = embedding_keys_from_prefix(prefix, digests)
         if output.per_token:
             data = []
             for array, digest in zip(vectors, digests):
@@ -431,7 +431,7 @@ class StoreWriter:
         """Whether every output of the table is stored for each sequence digest."""
         t = self._table(table)
         prefixes = [t.spec.embedding_key_prefix(o) for o in t.spec.outputs]
-        keys = [[embedding_key_from_prefix(p, d) for p in prefixes] for d in seq_digests]
+        keys = list(zip(*(embedding_keys_from_prefix(p, seq_digests) for p in prefixes)))
 
         def work(txn: lmdb.Transaction) -> list[bool]:
             return [all(txn.get(k, db=t.emb_db) is not None for k in ks) for ks in keys]
