@@ -1,6 +1,7 @@
 """The single writer thread: the only code that writes the store during a run.
 
-Groups of :class:`~gpuengine.store.writer.CommitEntry` arrive on a queue in the order the engine
+Groups of :class:`~gpuengine.store.writer.CommitRows` (a batch's sequences) and
+:class:`~gpuengine.store.writer.CommitEntry` (aliases) arrive on a queue in the order the engine
 produced them; each group is one LMDB transaction holding vectors, id mappings and the run's
 progress counters. Only after the transaction is durable are the counters the progress bar
 reads advanced, and the digests released from the ledger's *committing* set.
@@ -14,7 +15,12 @@ import threading
 from dataclasses import dataclass
 
 from gpuengine.planner import Ledger
-from gpuengine.store.writer import CommitEntry, StoreWriter
+from gpuengine.store.writer import (
+    CommitPart,
+    StoreWriter,
+    embedded_digests,
+    group_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +41,12 @@ class Committer(threading.Thread):
         self.table = table
         self.run_id = run_id
         self.ledger = ledger
-        self.inbox: queue.Queue[tuple[list[CommitEntry], dict | None] | None] = queue.Queue(maxsize=64)
+        self.inbox: queue.Queue[tuple[list[CommitPart], dict | None] | None] = queue.Queue(maxsize=64)
         self.counts = CommitCounts()
         self.error: BaseException | None = None
         self._lock = threading.Lock()
 
-    def put(self, group: list[CommitEntry], extra_runs: dict[str, dict] | None = None) -> None:
+    def put(self, group: list[CommitPart], extra_runs: dict[str, dict] | None = None) -> None:
         """Queue a group (and run records to write in the same transaction)."""
         if group or extra_runs:
             self.inbox.put((group, extra_runs))
@@ -64,11 +70,12 @@ class Committer(threading.Thread):
                 log.error("commit failed: %s", exc)
                 self.error = exc
                 continue
+            sequences, records = group_counts(group)
             with self._lock:
                 self.counts.transactions += 1
-                self.counts.sequences += sum(1 for e in group if e.vectors is not None)
-                self.counts.records += sum(len(e.record_ids) for e in group)
-            self.ledger.committed(e.seq_digest for e in group if e.vectors is not None)
+                self.counts.sequences += sequences
+                self.counts.records += records
+            self.ledger.committed(embedded_digests(group))
 
     def snapshot(self) -> CommitCounts:
         with self._lock:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
 from gpuengine import __version__
@@ -51,7 +52,7 @@ from gpuengine.runner import DTYPES, Runner
 from gpuengine.scheduler import Scheduler
 from gpuengine.store import codec
 from gpuengine.store.schema import ModelIdentity, OutputSpec, TableSpec
-from gpuengine.store.writer import CommitEntry, StoreWriter
+from gpuengine.store.writer import CommitEntry, CommitPart, CommitRows, StoreWriter, group_counts
 from gpuengine.worker import BatchOutcome, DeviceWorker, WorkerExit
 
 log = logging.getLogger(__name__)
@@ -274,7 +275,9 @@ class _Run:
         """Workers stop pulling new batches once set (on a stop request, an error, or the end)."""
         self.ledger = Ledger()
         self.scheduler = Scheduler()
-        self.group: list[CommitEntry] = []
+        self.group: list[CommitPart] = []
+        self.group_rows = 0
+        """Sequences and aliases in the open group."""
         self.group_started = time.monotonic()
 
     def execute(self) -> None:
@@ -304,13 +307,12 @@ class _Run:
             if completed and self.final_records is not None:
                 # the caller's records (a job record) go into the same transaction as the
                 # run's last embeddings, with the summary those embeddings complete
-                extra_counts = (sum(1 for e in self.group if e.vectors is not None),
-                                sum(len(e.record_ids) for e in self.group))
+                extra_counts = group_counts(self.group)
                 self._summarize(workers, committer, planner, time.perf_counter() - started,
                                 extra_counts)
                 extra = self.final_records(self.summary)
             committer.put(self.group, extra_runs=extra)
-            self.group = []
+            self.group, self.group_rows = [], 0
             committer.finish()
             self.progress.close()
         if committer.error is not None:
@@ -433,6 +435,7 @@ class _Run:
                 self._on_worker_exit(message, alive)
             elif message is not None and message[0] == "alias":
                 self.group.extend(CommitEntry(d, (rid,), None) for d, rid in message[1])
+                self.group_rows += len(message[1])
             elif message is not None and message[0] == "planned":
                 planned = True
                 if message[1] is not None:
@@ -454,17 +457,19 @@ class _Run:
         if outcome.kind == "ok":
             self.scheduler.complete(batch.batch_id)
             result = outcome.result
-            finite = [item for i, item in enumerate(batch.items) if result.finite[i]]
-            for i, item in enumerate(batch.items):
-                if not result.finite[i]:
-                    self._fail(item.digest, "its embedding has non-finite values (overflow at "
+            digests = [item.digest for item in batch.items]
+            vectors = result.vectors
+            if not result.finite.all():
+                rows = np.flatnonzero(result.finite).tolist()
+                for i in np.flatnonzero(~result.finite).tolist():
+                    self._fail(digests[i], "its embedding has non-finite values (overflow at "
                                "this precision); rerun it with --precision fp32")
-            ids = self.ledger.to_committing_many([item.digest for item in finite])
-            rows = [i for i in range(len(batch.items)) if result.finite[i]]
-            outputs = self.spec.outputs
-            self.group.extend(
-                CommitEntry(item.digest, record_ids, {o: result.vectors[o][i] for o in outputs})
-                for item, record_ids, i in zip(finite, ids, rows))
+                digests = [digests[i] for i in rows]
+                vectors = {o: [v[i] for i in rows] for o, v in vectors.items()}
+            if digests:
+                ids = self.ledger.to_committing_many(digests)
+                self.group.append(CommitRows(digests, ids, {o: vectors[o] for o in self.spec.outputs}))
+                self.group_rows += len(digests)
         elif outcome.kind == "oom":
             for item in self.scheduler.out_of_memory(batch.batch_id):
                 self._fail(item.digest, f"does not fit in device memory alone ({item.n_tokens} tokens)")
@@ -493,12 +498,12 @@ class _Run:
 
     def _flush(self, committer: Committer) -> None:
         """Hand the open group to the committer once it is large or old enough."""
-        due = len(self.group) >= self.config.commit_every or (
+        due = self.group_rows >= self.config.commit_every or (
             time.monotonic() - self.group_started >= GROUP_SECONDS)
         if due:
             if self.group:
                 committer.put(self.group)
-                self.group = []
+                self.group, self.group_rows = [], 0
             self.group_started = time.monotonic()
 
     def _report_progress(self, workers: list[DeviceWorker], committer: Committer) -> None:

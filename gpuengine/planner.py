@@ -44,7 +44,9 @@ class Ledger:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self._pending: dict[bytes, list[str]] = {}
+        self._pending: dict[bytes, tuple[str, ...]] = {}
+        """Digest → the ids waiting on it (tuples of strings: the collector stops tracking
+        them, so a long queue of sequences costs full collections nothing)."""
         self._committing: set[bytes] = set()
 
     def claim_many(self, entries: list[tuple[bytes, str]],
@@ -71,7 +73,7 @@ class Ledger:
                     if decision is None:
                         decision = "stored" if is_stored else "new"
                         if not is_stored:
-                            self._pending[digest] = [record_id]
+                            self._pending[digest] = (record_id,)
                     out[i] = decision
         return out  # type: ignore[return-value]
 
@@ -79,7 +81,7 @@ class Ledger:
         """'pending' or 'committing' for a digest in flight (holding the lock), else None."""
         waiting = self._pending.get(digest)
         if waiting is not None:
-            waiting.append(record_id)
+            self._pending[digest] = (*waiting, record_id)
             return "pending"
         return "committing" if digest in self._committing else None
 
@@ -87,14 +89,15 @@ class Ledger:
         """The ids waiting on each digest; from now on those digests count as committing
         (one lock for a whole batch)."""
         with self.lock:
-            out = [tuple(self._pending.pop(d)) for d in digests]
+            pop = self._pending.pop
+            out = [pop(d) for d in digests]
             self._committing.update(digests)
             return out
 
     def drop(self, digest: bytes) -> tuple[str, ...]:
         """Forget a pending digest (its sequence failed); returns the ids that waited on it."""
         with self.lock:
-            return tuple(self._pending.pop(digest, ()))
+            return self._pending.pop(digest, ())
 
     def committed(self, digests: Iterable[bytes]) -> None:
         with self.lock:
@@ -172,8 +175,10 @@ class Planner:
         self.counts.stored += len(records) - len(todo)
         if not todo:
             return
-        embedded = [self._embedded_sequence(r) for r in todo]
-        digests = [codec.sequence_digest(s) for s in embedded]
+        embedded = [r.sequence for r in todo]
+        if self.max_residues is not None and max(map(len, embedded)) > self.max_residues:
+            embedded = [self._embedded_sequence(r) for r in todo]
+        digests = codec.sequence_digests(embedded)
         new: list[tuple[bytes, str]] = []
         aliases: list[tuple[bytes, str]] = []
         decisions = self.ledger.claim_many([(d, r.id) for r, d in zip(todo, digests)], self._stored)

@@ -87,10 +87,10 @@ class Scheduler:
 
     # -- input side ---------------------------------------------------------------------
     def submit(self, items: Iterable[WorkItem]) -> None:
+        items = list(items)
         with self._cv:
-            for item in items:
-                self._intake.append(item)
-                self.stats.submitted += 1
+            self._intake.extend(items)
+            self.stats.submitted += len(items)
             if len(self._intake) >= self._window:
                 self._flush_intake()
             self._cv.notify_all()

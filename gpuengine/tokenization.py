@@ -84,5 +84,5 @@ class EsmTokenizer:
         keep[starts] = False
         keep[ends - 1] = False
         out[keep] = body
-        return np.split(out, ends[:-1])
+        return [out[s:e] for s, e in zip(starts.tolist(), ends.tolist())]  # views, as np.split
 

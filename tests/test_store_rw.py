@@ -387,3 +387,63 @@ def test_package_exports_embedding_store() -> None:
     import gpuengine
 
     assert gpuengine.EmbeddingStore is EmbeddingStore
+
+
+def _raw_contents(path: Path) -> dict[bytes, list[tuple[bytes, bytes]]]:
+    """Every named database's (key, value) pairs, the run records aside."""
+    env = lmdb.open(str(path), max_dbs=64, readonly=True, lock=False)
+    out = {}
+    with env.begin() as txn:
+        names = [bytes(k) for k, _ in txn.cursor()]
+        for name in names:
+            if name.startswith((b"emb:", b"ids:")):
+                out[name] = list(txn.cursor(db=env.open_db(name, txn=txn)))
+    env.close()
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_commit_rows_store_what_entries_store(tmp_path: Path, dtype: str) -> None:
+    """CommitRows (the engine's column-wise batches) write byte for byte what the same
+    sequences as CommitEntry objects write, mixed with aliases, per-token outputs included."""
+    from gpuengine.store.writer import CommitRows
+
+    spec = make_spec(outputs=(MEAN, TOKENS, BOS), store_dtype=dtype)
+    entries = [entry(f"SEQ{i}", (f"id{i}",) + ((f"twin{i}",) if i % 3 == 0 else ()), spec,
+                     seed=i, residues=i + 1) for i in range(7)]
+    alias = entry("SEQ2", ("alias2",), None)
+    rows = CommitRows([e.seq_digest for e in entries], [e.record_ids for e in entries],
+                      {o: [e.vectors[o] for e in entries] for o in spec.outputs})
+    stacked = CommitRows(rows.seq_digests, rows.record_ids,
+                         {o: (np.stack(v) if not o.per_token else v) for o, v in rows.vectors.items()})
+    native = CommitRows(rows.seq_digests, rows.record_ids,  # already in the store dtype
+                        {o: [v.astype(dtype) for v in vs] for o, vs in rows.vectors.items()})
+    stores = {}
+    for name, group in (("entries", [*entries, alias]), ("rows", [rows, alias]),
+                        ("stacked", [stacked, alias]), ("native", [native, alias])):
+        with StoreWriter(tmp_path / name) as writer:
+            writer.open_table(spec)
+            writer.commit("default", group)
+        stores[name] = _raw_contents(tmp_path / name)
+    assert stores["rows"] == stores["entries"] == stores["stacked"] == stores["native"]
+    assert len(stores["rows"][b"ids:default"]) == 7 + 3 + 1
+
+
+def test_commit_rows_refuse_bad_shapes_and_counts(store_path: Path) -> None:
+    from gpuengine.store.writer import CommitRows
+
+    spec = make_spec()
+    digests = [sequence_digest("A"), sequence_digest("C")]
+    with pytest.raises(InternalError, match="must all be as many"):
+        CommitRows(digests, [("a",)], {MEAN: [np.zeros(8)] * 2})
+    with pytest.raises(InternalError, match="names no record id"):
+        CommitRows(digests, [("a",), ()], {MEAN: [np.zeros(8)] * 2})
+    with StoreWriter(store_path) as writer:
+        writer.open_table(spec)
+        bad = CommitRows(digests, [("a",), ("c",)], {MEAN: [np.zeros(8), np.zeros(7)]})
+        with pytest.raises(InternalError, match=r"array has shape \(7,\), expected \(8,\)"):
+            writer.commit("default", [bad])
+        other = CommitRows(digests, [("a",), ("c",)], {BOS: [np.zeros(8)] * 2})
+        with pytest.raises(InternalError, match="stores"):
+            writer.commit("default", [other])
+        assert writer.record_count("default") == 0

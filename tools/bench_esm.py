@@ -11,7 +11,8 @@ Systems (--systems, comma-separated)
   gpuengine     the engine's device worker (scheduler, stage/launch/finish, fp16, compiled
                 per-layer kernels) over pre-tokenized items; --sweep measures several budgets
   e2e           `gpuengine embed` end to end: FASTA file → LMDB store (parse, validate, commit)
-  host          the same with the GPU step replaced by a no-op (host-pipeline capacity)
+  host          the same with the GPU step replaced by a no-op (host-pipeline capacity); the
+                only system that runs without a GPU (alone, it builds no runner)
   hf            transformers EsmModel, SDPA, bf16, length-sorted padded batches (best of budgets)
   fair-esm      fair-esm ESM2 fp32, toks_per_batch 2048, as VirNucPro calls it (a capped sample)
   cosine        fp16 and bf16 mean embeddings against fp32 on the GPU (no timing)
@@ -365,8 +366,14 @@ def main() -> None:
     ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
     args = ap.parse_args()
     command = "python tools/bench_esm.py " + " ".join(sys.argv[1:])
-    gpu = torch.cuda.get_device_name(0)
     systems = args.systems.split(",")
+    # every system but `host` runs the model on a GPU; `host` alone runs on any machine
+    needs_gpu = bool(set(systems) - {"host"})
+    if needs_gpu and not torch.cuda.is_available():
+        raise SystemExit(f"systems {sorted(set(systems) - {'host'})} need a CUDA GPU; on this "
+                         "machine only --systems host runs")
+    gpu = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+           else f"none (CPU, {os.cpu_count()} cores)")
     args.workdir.mkdir(parents=True, exist_ok=True)
     records = []
 
@@ -383,7 +390,11 @@ def main() -> None:
     for short in args.models.split(","):
         name = MODELS[short]
         layers, d, heads = ESM2_SHAPES[name]
-        state = random_esm2_state(layers, d, heads, seed=0, dtype=torch.float16, device="cuda")
+        # host alone needs the weights only to write the checkpoint, and only the first time
+        pt_path = args.workdir / f"{name}.pt" if {"e2e", "host"} & set(systems) else None
+        state = (random_esm2_state(layers, d, heads, seed=0, dtype=torch.float16,
+                                   device="cuda" if torch.cuda.is_available() else "cpu")
+                 if needs_gpu or not pt_path.exists() else None)
         rate = gemm_rate(d) if "gemm" in systems else None
         if "gemm" in systems:
             skel = gemm_skeleton(layers, d, args.budget)
@@ -398,10 +409,8 @@ def main() -> None:
                 del state
                 torch.cuda.empty_cache()
                 continue
-        pt_path = None
-        if {"e2e", "host"} & set(systems):
+        if pt_path is not None:
             t0 = time.perf_counter()
-            pt_path = args.workdir / f"{name}.pt"
             if not pt_path.exists():
                 from gpuengine.synthetic import write_fair_esm_checkpoint_from_state
 
@@ -411,11 +420,13 @@ def main() -> None:
         from gpuengine.models.esm2 import Esm2Config
 
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]
-        runner = make_runner(build_esm2(Esm2Config(layers, d, heads), dict(state), dtype),
-                             args.precision, not args.no_compile)
-        t0 = time.perf_counter()
-        runner.calibrate(args.budget)
-        print(f"# warm-up (compile) {time.perf_counter() - t0:.1f}s", flush=True)
+        runner = None
+        if needs_gpu:
+            runner = make_runner(build_esm2(Esm2Config(layers, d, heads), dict(state), dtype),
+                                 args.precision, not args.no_compile)
+            t0 = time.perf_counter()
+            runner.calibrate(args.budget)
+            print(f"# warm-up (compile) {time.perf_counter() - t0:.1f}s", flush=True)
         hf = hf_model(state, layers, d, heads) if "hf" in systems else None
         for wi, wl in enumerate(args.workloads.split(",")):
             rng = np.random.default_rng(42)
@@ -493,7 +504,8 @@ def main() -> None:
                      embed_s=summ.embed_seconds, sequences=summ.embedded,
                      note="GPU step replaced by a no-op; parse+validate+plan+schedule+commit")
         del runner, hf, state
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     print("\n# summary")
     for r in records:
         if r.get("tokens_per_s"):

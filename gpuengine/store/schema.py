@@ -15,6 +15,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from gpuengine.errors import StoreError
@@ -67,6 +68,12 @@ def blake2b16(data: bytes) -> bytes:
 def embedding_key_from_prefix(prefix: bytes, seq_digest: bytes) -> bytes:
     """:meth:`TableSpec.embedding_key` given its :meth:`~TableSpec.embedding_key_prefix`."""
     return blake2b16(prefix + bytes(seq_digest))
+
+
+def embedding_keys_from_prefix(prefix: bytes, seq_digests: Sequence[bytes]) -> list[bytes]:
+    """:func:`embedding_key_from_prefix` of many digests (bytes), in one loop."""
+    blake2b = hashlib.blake2b
+    return [blake2b(prefix + digest, digest_size=16).digest() for digest in seq_digests]
 
 
 def _positive_int(owner: str, field_name: str, value: object, *, zero_ok: bool = False) -> None:

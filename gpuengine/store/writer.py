@@ -12,6 +12,7 @@ store or not at all, and the run record never counts what is not there.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,7 @@ from gpuengine.store.schema import (
     TableSpec,
     emb_db_name,
     embedding_key_from_prefix,
+    embedding_keys_from_prefix,
     ids_db_name,
     parse_store_record,
     parse_table_record,
@@ -76,6 +78,62 @@ class CommitEntry:
 
 
 @dataclass(frozen=True)
+class CommitRows:
+    """Many sequences of a commit group held column-wise (one device batch, as the engine
+    hands it on): row ``i`` is ``seq_digests[i]``, named by ``record_ids[i]``, with
+    ``vectors[output][i]``. Encoded without an object per sequence; the store holds exactly
+    what the same rows as :class:`CommitEntry` objects would give."""
+
+    seq_digests: Sequence[bytes]
+    record_ids: Sequence[tuple[str, ...]]
+    """Per row, the ids to map to its sequence (at least one)."""
+    vectors: Mapping[OutputSpec, Sequence[np.ndarray]]
+    """Per output of the table, one array per row (a list of arrays or one stacked array)."""
+
+    def __post_init__(self) -> None:
+        n = len(self.seq_digests)
+        if len(self.record_ids) != n or any(len(v) != n for v in self.vectors.values()):
+            raise InternalError(
+                f"CommitRows: {n} digests, {len(self.record_ids)} id tuples and vectors of "
+                f"{[len(v) for v in self.vectors.values()]} rows must all be as many")
+        if not all(type(d) is bytes and len(d) == codec.DIGEST_SIZE for d in self.seq_digests):
+            raise InternalError("CommitRows.seq_digests must all be 16-byte digests")
+        if not all(self.record_ids):
+            raise InternalError("CommitRows: a row names no record id")
+
+    def __len__(self) -> int:
+        return len(self.seq_digests)
+
+
+CommitPart = CommitEntry | CommitRows
+"""What a commit group is made of: single sequences (aliases, tests) and column-wise rows."""
+
+
+def embedded_digests(group: Sequence[CommitPart]) -> list[bytes]:
+    """Digests of the sequences a group commits vectors for (aliases excluded)."""
+    out: list[bytes] = []
+    for part in group:
+        if type(part) is CommitRows:
+            out.extend(part.seq_digests)
+        elif part.vectors is not None:
+            out.append(part.seq_digest)
+    return out
+
+
+def group_counts(group: Sequence[CommitPart]) -> tuple[int, int]:
+    """(sequences committed with vectors, record ids mapped) of a group."""
+    sequences = records = 0
+    for part in group:
+        if type(part) is CommitRows:
+            sequences += len(part)
+            records += sum(map(len, part.record_ids))
+        else:
+            sequences += part.vectors is not None
+            records += len(part.record_ids)
+    return sequences, records
+
+
+@dataclass(frozen=True)
 class _Table:
     spec: TableSpec
     ids_db: Any
@@ -87,7 +145,7 @@ class _Group:
     """A commit group encoded outside the transaction; each list sorted by key (putmulti
     then walks the B-tree in order; the sort is stable, so duplicate keys keep their order)."""
 
-    arrays: list[tuple[bytes, bytes]]  # (embedding key, array bytes)
+    arrays: list[tuple[bytes, Any]]  # (embedding key, array bytes or a C-contiguous array)
     ids: list[tuple[bytes, bytes]]  # (id key, id value)
     aliases: list[tuple[bytes, str, bytes]]  # (embedding key, output label, digest) to check
     sequences: int
@@ -111,17 +169,66 @@ def _check_vector(spec: TableSpec, output: OutputSpec, array: np.ndarray, digest
         )
 
 
-def _encode_group(spec: TableSpec, entries: Sequence[CommitEntry]) -> _Group:
+def _encode_rows(spec: TableSpec, rows: CommitRows, prefixes: list[bytes],
+                 arrays: list[tuple[bytes, Any]], ids: list[tuple[bytes, bytes]]) -> int:
+    """Encode column-wise rows into ``arrays`` and ``ids``; returns the bytes of the arrays.
+
+    A pooled row already in the store dtype is written from the array itself (LMDB copies
+    its buffer; nothing is copied before); other rows are stacked and cast once per output.
+    The stored bytes and the checks are those of the same rows as :class:`CommitEntry`."""
+    digests, outputs = rows.seq_digests, spec.outputs
+    if set(rows.vectors) != set(outputs):
+        got = ", ".join(sorted(getattr(o, "label", repr(o)) for o in rows.vectors))
+        raise InternalError(f"rows of vectors for [{got}], table {spec.name!r} stores "
+                            f"[{', '.join(o.label for o in outputs)}]")
+    try:
+        ids.extend([codec.encode_id_pair(rid, digest)
+                    for digest, rids in zip(digests, rows.record_ids) for rid in rids])
+    except ValueError as exc:
+        raise InternalError(f"bad record id in a commit: {exc}") from exc
+    dtype, shape = codec.numpy_dtype(spec.store_dtype), (spec.dim,)
+    nbytes = 0
+    for prefix, output in zip(prefixes, outputs):
+        vectors = rows.vectors[output]
+        keys = embedding_keys_from_prefix(prefix, digests)
+        if output.per_token:
+            data = []
+            for array, digest in zip(vectors, digests):
+                _check_vector(spec, output, array, digest)
+                data.append(codec.encode_array(array, spec.store_dtype))
+            nbytes += sum(map(len, data))
+        elif all(type(a) is np.ndarray and a.dtype == dtype and a.shape == shape
+                 and a.flags.c_contiguous for a in vectors):
+            data = vectors
+            nbytes += len(digests) * dtype.itemsize * spec.dim
+        else:
+            for array, digest in zip(vectors, digests):
+                _check_vector(spec, output, array, digest)
+            stacked = np.stack(vectors) if len(digests) else np.empty((0, spec.dim))
+            if stacked.dtype.kind not in "fiu":
+                raise ValueError(f"an embedding must hold numbers, got dtype {stacked.dtype}")
+            matrix = np.ascontiguousarray(stacked, dtype=dtype)
+            data = list(matrix)  # C-contiguous rows of the cast matrix
+            nbytes += matrix.nbytes
+        arrays.extend(zip(keys, data))
+    return nbytes
+
+
+def _encode_group(spec: TableSpec, entries: Sequence[CommitPart]) -> _Group:
     """Validate and encode a group (pure: no store access; runs once per committed
     sequence, so the per-entry loop avoids work it does not need)."""
     outputs = spec.outputs
     prefixes = [spec.embedding_key_prefix(o) for o in outputs]
     pooled_shape = (spec.dim,)
     dtype = codec.numpy_dtype(spec.store_dtype)
-    arrays: list[tuple[bytes, bytes]] = []
+    arrays: list[tuple[bytes, Any]] = []
     ids: list[tuple[bytes, bytes]] = []
     aliases: list[tuple[bytes, str, bytes]] = []
+    nbytes = 0
     for entry in entries:
+        if type(entry) is CommitRows:
+            nbytes += _encode_rows(spec, entry, prefixes, arrays, ids)
+            continue
         digest = entry.seq_digest
         try:
             ids.extend(codec.encode_id_pair(rid, digest) for rid in entry.record_ids)
@@ -147,16 +254,15 @@ def _encode_group(spec: TableSpec, entries: Sequence[CommitEntry]) -> _Group:
                 _check_vector(spec, output, array, digest)
                 data = codec.encode_array(array, spec.store_dtype)
             arrays.append((embedding_key_from_prefix(prefix, digest), data))
-    nbytes = (sum(len(key) + len(value) for key, value in ids) + len(ids) * _ENTRY_OVERHEAD
-              + sum(len(data) for _, data in arrays) + len(arrays) * (16 + _ENTRY_OVERHEAD))
+            nbytes += len(data)
+    nbytes += (sum(len(key) + len(value) for key, value in ids) + len(ids) * _ENTRY_OVERHEAD
+               + len(arrays) * (16 + _ENTRY_OVERHEAD))
     arrays.sort(key=_first)
     ids.sort(key=_first)
-    sequences = sum(1 for e in entries if e.vectors is not None)
-    return _Group(arrays, ids, aliases, sequences, nbytes)
+    return _Group(arrays, ids, aliases, group_counts(entries)[0], nbytes)
 
 
-def _first(item: tuple[bytes, Any]) -> bytes:
-    return item[0]
+_first = operator.itemgetter(0)
 
 
 class StoreWriter:
@@ -325,7 +431,7 @@ class StoreWriter:
         """Whether every output of the table is stored for each sequence digest."""
         t = self._table(table)
         prefixes = [t.spec.embedding_key_prefix(o) for o in t.spec.outputs]
-        keys = [[embedding_key_from_prefix(p, d) for p in prefixes] for d in seq_digests]
+        keys = list(zip(*(embedding_keys_from_prefix(p, seq_digests) for p in prefixes)))
 
         def work(txn: lmdb.Transaction) -> list[bool]:
             return [all(txn.get(k, db=t.emb_db) is not None for k in ks) for ks in keys]
@@ -393,7 +499,7 @@ class StoreWriter:
 
     # -- commits -------------------------------------------------------------------------
 
-    def commit(self, table: str, entries: Sequence[CommitEntry], *,
+    def commit(self, table: str, entries: Sequence[CommitPart], *,
                run_id: str | None = None,
                extra_runs: Mapping[str, dict[str, Any]] | None = None) -> None:
         """Write a group atomically: vectors, id mappings, the run's counters, and any
