@@ -18,6 +18,8 @@ The engine loop, in numbered steps:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -296,25 +298,26 @@ class _Run:
         planner_thread.start()
         started = time.perf_counter()
         completed = False
-        try:
-            self._loop(workers, committer, planner)
-            completed = not self.summary.interrupted
-        finally:
-            self.halt.set()
-            if self.telemetry:
-                self.telemetry.stop()
-            extra = None
-            if completed and self.final_records is not None:
-                # the caller's records (a job record) go into the same transaction as the
-                # run's last embeddings, with the summary those embeddings complete
-                extra_counts = group_counts(self.group)
-                self._summarize(workers, committer, planner, time.perf_counter() - started,
-                                extra_counts)
-                extra = self.final_records(self.summary)
-            committer.put(self.group, extra_runs=extra)
-            self.group, self.group_rows = [], 0
-            committer.finish()
-            self.progress.close()
+        with relaxed_collector():  # the loop allocates; see relaxed_collector
+            try:
+                self._loop(workers, committer, planner)
+                completed = not self.summary.interrupted
+            finally:
+                self.halt.set()
+                if self.telemetry:
+                    self.telemetry.stop()
+                extra = None
+                if completed and self.final_records is not None:
+                    # the caller's records (a job record) go into the same transaction as the
+                    # run's last embeddings, with the summary those embeddings complete
+                    extra_counts = group_counts(self.group)
+                    self._summarize(workers, committer, planner, time.perf_counter() - started,
+                                    extra_counts)
+                    extra = self.final_records(self.summary)
+                committer.put(self.group, extra_runs=extra)
+                self.group, self.group_rows = [], 0
+                committer.finish()
+                self.progress.close()
         if committer.error is not None:
             raise committer.error
         self._summarize(workers, committer, planner, time.perf_counter() - started)
@@ -538,6 +541,38 @@ class _Run:
                       "busy_fraction": min(1.0, w.stats.busy_seconds / seconds) if seconds else 0.0,
                       "tokens_per_second": w.stats.tokens_per_second(),
                       "oom_events": w.stats.oom_events} for w in workers]
+
+
+_relaxed_lock = threading.Lock()
+_relaxed_users = 0
+_saved_threshold: tuple[int, ...] = ()
+
+
+@contextlib.contextmanager
+def relaxed_collector(young_threshold: int = 50_000):
+    """Python's cyclic garbage collector, made to run less during the pipeline: objects alive
+    before it (the model, the loaded inputs' bookkeeping) are frozen out of collections, and
+    the youngest generation is collected every ``young_threshold`` allocations instead of 700.
+    The pipeline allocates and frees millions of short-lived acyclic objects (records, id
+    arrays, commit rows) that reference counting frees anyway; with the defaults, collections
+    took about a quarter of the host pipeline's time (py-spy, ``tools/bench_esm.py --systems
+    host``). The settings are process-wide: the first of overlapping runs changes them and
+    the last one out restores them."""
+    global _relaxed_users, _saved_threshold
+    with _relaxed_lock:
+        if _relaxed_users == 0:
+            _saved_threshold = gc.get_threshold()
+            gc.freeze()
+            gc.set_threshold(young_threshold, *_saved_threshold[1:])
+        _relaxed_users += 1
+    try:
+        yield
+    finally:
+        with _relaxed_lock:
+            _relaxed_users -= 1
+            if _relaxed_users == 0:
+                gc.set_threshold(*_saved_threshold)
+                gc.unfreeze()
 
 
 def _run_id(config: EmbedConfig, spec: TableSpec) -> str:
