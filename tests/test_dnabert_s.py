@@ -712,7 +712,7 @@ def test_gpu_flex_matches_padded_in_fp16(gpu_dir):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("kind", ["padded", "flex"])
-@pytest.mark.parametrize("kernels", ["compiled", "triton"])
+@pytest.mark.parametrize("kernels", ["compiled", "triton", "triton-fused-glu"])
 def test_gpu_fast_layer_kernels_are_as_close_to_fp32_as_eager(gpu_dir, kind, kernels):
     seqs = random_dna(GPU_LENGTHS, seed=23)
     reference = gpu_embed(gpu_dir, "fp32", seqs)

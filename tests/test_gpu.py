@@ -80,7 +80,7 @@ def test_varlen_kernel_matches_padded_attention_in_fp16(gpu_pt):
 
 @pytest.mark.skipif(not varlen_available(), reason="torch.nn.attention.varlen needs torch >= 2.10")
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-@pytest.mark.parametrize("kernels", ["compiled", "fused-rope", "triton"])
+@pytest.mark.parametrize("kernels", ["compiled", "fused-rope", "triton", "triton-fused-fc1"])
 def test_fast_layer_kernels_match_the_eager_layer(gpu_pt, kernels, precision):
     """torch.compile'd and Triton layers meet the fp32 bar (cosine ≥ 0.9999) and stay within
     twice the eager half-precision layer's distance from fp32 (they round at other points, so

@@ -117,13 +117,15 @@ MODELS = textwrap.dedent("""
     cfg, state, _ = read_fair_esm_checkpoint(write_fair_esm_checkpoint(work / "esm2_t2.pt", 2, 64, 4))
     model = build_esm2(cfg, state, torch.float32)
     model.share_rope_tables_if_equal()
-    with torch.inference_mode():
-        eager = model(ids, layout, [1, 2], UnscaledPadded())
-        model.set_kernels("triton")
-        fast = model(ids, layout, [1, 2], UnscaledPadded())
-    for layer in (1, 2):
-        diff = (eager[layer] - fast[layer]).abs().max().item()
-        assert diff <= 1e-5, ("esm2", layer, diff)
+    for kind in ("triton", "triton-fused-fc1"):
+        with torch.inference_mode():
+            model.set_kernels("eager")
+            eager = model(ids, layout, [1, 2], UnscaledPadded())
+            model.set_kernels(kind)
+            fast = model(ids, layout, [1, 2], UnscaledPadded())
+        for layer in (1, 2):
+            diff = (eager[layer] - fast[layer]).abs().max().item()
+            assert diff <= 1e-5, ("esm2", kind, layer, diff)
 
     from gpuengine.models.dnabert_s import FlexAlibiAttention
     from gpuengine.models.dnabert_s_weights import build_dnabert_s, read_dnabert_s
@@ -132,13 +134,48 @@ MODELS = textwrap.dedent("""
     dna = build_dnabert_s(dcfg, dstate, torch.float32)
     ids = torch.randint(5, 128, (int(lengths.sum()),))
     flex = FlexAlibiAttention(compiled=False)  # q, k, v in a buffer padded to the row bucket
-    with torch.inference_mode():
-        eager = dna(ids, layout, [1, 2], flex)
-        dna.set_kernels("triton")
-        fast = dna(ids, layout, [1, 2], flex)
-    for layer in (1, 2):
-        diff = (eager[layer] - fast[layer]).abs().max().item()
-        assert diff <= 1e-5, ("dnabert-s", layer, diff)
+    for kind in ("triton", "triton-fused-glu"):
+        with torch.inference_mode():
+            dna.set_kernels("eager")
+            eager = dna(ids, layout, [1, 2], flex)
+            dna.set_kernels(kind)
+            fast = dna(ids, layout, [1, 2], flex)
+        for layer in (1, 2):
+            diff = (eager[layer] - fast[layer]).abs().max().item()
+            assert diff <= 1e-5, ("dnabert-s", kind, layer, diff)
+    print("ok")
+""")
+
+
+GEMMS = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+    from gpuengine.models.gemm_triton import linear_gelu, linear_glu
+
+    torch.manual_seed(0)
+    # rows and widths that leave partial tiles in every dimension
+    for rows, k, n in ((1, 8, 16), (130, 72, 40), (257, 200, 300)):
+        x = torch.randn(rows, k)
+        w = torch.randn(n, k) / k ** 0.5
+        b = torch.randn(n)
+        want = F.gelu(F.linear(x, w, b))
+        got = linear_gelu(x, w, b)
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() <= 1e-5, ("gelu", rows, k, n)
+        assert (linear_gelu(x, w, None) - F.gelu(F.linear(x, w))).abs().max().item() <= 1e-5
+        wg = torch.randn(2 * n, k) / k ** 0.5
+        h = F.linear(x, wg)
+        want = F.gelu(h[:, :n]) * h[:, n:]
+        got = linear_glu(x, wg, n)
+        assert (got - want).abs().max().item() <= 1e-5, ("glu", rows, k, n)
+    for bad in (lambda: linear_gelu(torch.zeros(4, 8), torch.zeros(5, 9), None),
+                lambda: linear_glu(torch.zeros(4, 8), torch.zeros(5, 8), 3)):
+        try:
+            bad()
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("mismatched shapes must be refused")
     print("ok")
 """)
 
@@ -163,3 +200,9 @@ def test_models_with_triton_kernels_equal_their_eager_layers_in_fp32():
     q/k/v views; post-LN residual kernels, the GLU gate) give the eager layers' numbers in fp32
     (≤ 1e-5)."""
     run_interpreted(MODELS)
+
+
+def test_gemm_with_activation_epilogue_equals_linear_then_activation():
+    """fc1 + GELU and the GLU's gated GEMM in one kernel against ``F.linear`` then the
+    activation, fp32 (≤ 1e-5), with partial tiles in every dimension."""
+    run_interpreted(GEMMS)

@@ -7,7 +7,8 @@ Systems: ``gpuengine`` (packed, FlexAttention with ALiBi, compiled layer kernels
 engine's device worker; a second pass over the same reads, after ``gpuengine-cold``, the
 first, which pays for compiling FlexAttention for row buckets not seen yet), variants
 (``gpuengine-variant:*``: compiled layer kernels without the Triton GLU; FlexAttention compiled
-with dynamic shapes; FlexAttention with flex's default 128-row blocks instead of 64),
+with dynamic shapes; FlexAttention with flex's default 128-row blocks instead of 64; the gated GEMM and GLU gate
+in one Triton kernel),
 ``padded-sdpa-bf16`` (length-sorted padded batches of 256, SDPA with an ALiBi + key-mask bias,
 bf16: what a user would otherwise write), ``gemm-ceiling`` (bf16 GEMM 16384×768 by 768×3072;
 its rate over FLOPs per token), and ``cosine-vs-fp32`` (fp16/bf16 means against fp32).
@@ -207,6 +208,7 @@ def main() -> None:
         variants = {"compiled-kernels": lambda: make_runner("fp16", kernels="compiled"),
                     "flex-dynamic": lambda: make_runner(
                         "fp16", attention=FlexAlibiAttention(compiled=True, dynamic=True)),
+                    "fused-glu": lambda: make_runner("fp16", kernels="triton-fused-glu"),
                     "flex-block128": lambda: make_runner(
                         "fp16", attention=FlexAlibiAttention(compiled=True, block=128))}
     sd16 = {k: v.to("cuda", torch.bfloat16) for k, v in state.items()}

@@ -456,7 +456,8 @@ def main() -> None:
                                       ("worker-one-stream", {"copy_stream": False}, run_pipeline),
                                       ("worker-eager", {"compile_kernels": False}, run_pipeline),
                                       ("kernels-compiled", {"kernels": "compiled"}, run_pipeline),
-                                      ("kernels-fused-rope", {"kernels": "fused-rope"}, run_pipeline)):
+                                      ("kernels-fused-rope", {"kernels": "fused-rope"}, run_pipeline),
+                                      ("kernels-triton-fused-fc1", {"kernels": "triton-fused-fc1"}, run_pipeline)):
                     if args.variants and vname not in args.variants.split(","):
                         continue
                     vr = make_runner(build_esm2(cfg_v, dict(state), dtype), args.precision, **kw)

@@ -68,6 +68,38 @@ def _layer_norm_rows(x_ptr, y_ptr, out_ptr, w_ptr, b_ptr, n_rows, n_cols, stride
     tl.store(out_ptr + at, (centred * rstd[:, None] * w[None, :] + b[None, :]).to(x.dtype), mask=mask)
 
 
+def bench_gemm_epilogue(T, dtype, emit, bench) -> None:
+    """fc1 and its activation two ways at each model's shape: cuBLAS ``F.linear`` then the
+    Triton pointwise kernel (the engine today), and :mod:`gpuengine.models.gemm_triton`'s one
+    kernel; plus cuBLAS alone. TFLOP/s count the GEMM's 2·T·K·N."""
+    from gpuengine.models import gemm_triton as gt
+
+    for model, (d, gelu_width, inner) in SHAPES.items():
+        x = torch.randn(T, d, device="cuda", dtype=dtype)
+        if gelu_width:
+            w = torch.randn(gelu_width, d, device="cuda", dtype=dtype) / d ** 0.5
+            b = torch.randn(gelu_width, device="cuda", dtype=dtype)
+            n = gelu_width
+            two = lambda: pt.gelu_(F.linear(x, w, b))  # noqa: E731
+            fused = lambda: gt.linear_gelu(x, w, b)  # noqa: E731
+            alone = lambda: F.linear(x, w, b)  # noqa: E731
+            kernel = "fc1+gelu"
+        else:
+            w = torch.randn(2 * inner, d, device="cuda", dtype=dtype) / d ** 0.5
+            n = 2 * inner
+            two = lambda: pt.gelu_mul(F.linear(x, w), inner)  # noqa: E731
+            fused = lambda: gt.linear_glu(x, w, inner)  # noqa: E731
+            alone = lambda: F.linear(x, w)  # noqa: E731
+            kernel = "fc1+glu"
+        flops = 2 * T * d * n
+        diff = (two().float() - fused().float()).abs().max().item()
+        for variant, fn in (("cublas-alone", alone), ("cublas+triton-pointwise", two), ("fused-triton", fused)):
+            ms = bench(fn)
+            emit(model=model, kernel=kernel, variant=variant, width=n, ms=ms, tflops=flops / ms / 1e9,
+                 tb_per_s=None, config=str(gt._linear_act.best_config) if variant == "fused-triton" else None,
+                 max_abs_diff_fused_vs_two=diff)
+
+
 def rate(nbytes: int, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e12
 
@@ -77,7 +109,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
+    ap.add_argument("--gemm", action="store_true",
+                    help="also time fc1 + activation: cuBLAS then the Triton kernel, against one fused kernel")
+    ap.add_argument("--gemm-only", action="store_true", help="only that")
     args = ap.parse_args()
+    args.gemm |= args.gemm_only
     command = "python tools/bench_kernels.py " + " ".join(sys.argv[1:])
     gpu = torch.cuda.get_device_name(0)
     T, dtype = args.tokens, torch.float16
@@ -86,7 +122,8 @@ def main() -> None:
         base = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "commit": args.commit, "gpu": gpu, "n_gpus": 1, "command": command,
                 "torch": torch.__version__, "triton": triton.__version__, "tokens": T,
-                "system": "kernel-bandwidth", "workload": f"{rec['kernel']}@{rec['width']}"}
+                "system": "gemm-epilogue" if "tflops" in rec else "kernel-bandwidth",
+                "workload": f"{rec['kernel']}@{rec['width']}"}
         base.update(rec)
         with open(args.out, "a") as f:
             f.write(json.dumps(base) + "\n")
@@ -95,6 +132,10 @@ def main() -> None:
     def bench(fn) -> float:
         return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
+    if args.gemm:
+        bench_gemm_epilogue(T, dtype, emit, bench)
+        if args.gemm_only:
+            return
     for model, (d, gelu_width, inner) in SHAPES.items():
         x = torch.randn(T, d, device="cuda", dtype=dtype)
         y = torch.randn_like(x)

@@ -365,13 +365,32 @@ class TritonKernels(LayerKernels):
         return self._residual_layer_norm(x, F.linear(hidden, wo_w, wo_b), norm_w, norm_b, eps)
 
 
-KERNEL_KINDS = ("eager", "compiled", "triton")
+class FusedGluKernels(TritonKernels):
+    """``triton`` with the gated GEMM and the GLU gate in one kernel
+    (:func:`.gemm_triton.linear_glu`): the (T, 2·I) projection is never written."""
+
+    kind = "triton-fused-glu"
+
+    def __init__(self):
+        super().__init__()
+        from gpuengine.models.gemm_triton import linear_glu
+
+        self._linear_glu = linear_glu
+
+    def gated_mlp(self, x, gated_w, wo_w, wo_b, norm_w, norm_b, inner, eps):
+        hidden = self._linear_glu(x, gated_w, inner)
+        return self._residual_layer_norm(x, F.linear(hidden, wo_w, wo_b), norm_w, norm_b, eps)
+
+
+KERNEL_KINDS = ("eager", "compiled", "triton", "triton-fused-glu")
 EAGER = LayerKernels()
 
 
 def layer_kernels(kind: str) -> LayerKernels:
     if kind == "triton":
         return TritonKernels()
+    if kind == "triton-fused-glu":
+        return FusedGluKernels()
     kernels = LayerKernels()
     if kind == "compiled":
         kernels.kind = kind

@@ -133,7 +133,26 @@ class TritonKernels(FusedRopeKernels):
         return residual.addmm_(self._gelu_(F.linear(h, fc1_w, fc1_b)), fc2_w.t())
 
 
-KERNEL_KINDS = ("eager", "compiled", "fused-rope", "triton")
+class FusedFc1Kernels(TritonKernels):
+    """``triton`` with fc1 and GELU in one kernel (:func:`.gemm_triton.linear_gelu`): the
+    (T, 4d) pre-activation is never written."""
+
+    kind = "triton-fused-fc1"
+
+    def __init__(self):
+        super().__init__()
+        from gpuengine.models.gemm_triton import linear_gelu
+
+        self._linear_gelu = linear_gelu
+
+    def attention_output_and_ffn(self, x, attn, out_w, out_b, norm_w, norm_b, fc1_w, fc1_b,
+                                 fc2_w, fc2_b, eps):
+        y = F.linear(attn.reshape(x.shape[0], -1), out_w, out_b)
+        residual, h = self._add_layer_norm(x, y, norm_w, norm_b, eps, residual_bias=fc2_b)
+        return residual.addmm_(self._linear_gelu(h, fc1_w, fc1_b), fc2_w.t())
+
+
+KERNEL_KINDS = ("eager", "compiled", "fused-rope", "triton", "triton-fused-fc1")
 
 
 def layer_kernels(kind: str) -> LayerKernels:
@@ -150,6 +169,8 @@ def layer_kernels(kind: str) -> LayerKernels:
         return FusedRopeKernels()
     if kind == "triton":
         return TritonKernels()
+    if kind == "triton-fused-fc1":
+        return FusedFc1Kernels()
     raise ValueError(f"unknown kernel kind {kind!r}; choose one of {', '.join(KERNEL_KINDS)}")
 
 
