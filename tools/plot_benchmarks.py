@@ -51,7 +51,8 @@ RUN_LABEL = {"04ebd69": "run 1 (synchronous runner)", "249a66f": "run 2 (two-thr
              "3f8d856": "predict 1M reads", "f8cdb51": "run 6 (tuned kernels, host pipeline)",
              "907119d": "DNABERT-S, sync-free pooling",
              "e8f4e7a": "kernel bandwidth, DNABERT-S timeline", "32d0187": "DNABERT-S flex block variants, 3B",
-             "70fbab3": "run 7 (64-row flex blocks, faster host path)"}
+             "70fbab3": "run 7 (64-row flex blocks, faster host path)",
+             "6f96de3": "fused fc1 + activation (variant)"}
 GOAL_DNA_PCT = 60.0       # issue 4: DNABERT-S at 60 % of its GEMM ceiling
 GOAL_PCT = 75.0            # docs/performance: 75 % of the GEMM ceiling for ESM-2 3B
 GOAL_HF = 1.9              # ≥ 1.9× HF on every workload
@@ -277,6 +278,14 @@ def markdown(recs, profile: list[Path] | None) -> str:
 
     # main table: per (model, workload) its latest gpuengine run, with that run's ceiling and HF
     def latest_run(m, wl, system="gpuengine"):
+        """The latest run of ``system``; for ``gpuengine``, the latest that also timed HF (the
+        rows compare the two from one run)."""
+        if system == "gpuengine":
+            with_hf = {r["commit"] for r in recs if r["system"] == "hf-sdpa-bf16"
+                       and r.get("model") == m and r.get("workload") == wl}
+            cands = [r for r in recs if r["system"] == system and r.get("model") == m
+                     and r.get("workload") == wl and r.get("n_gpus", 1) == 1 and r["commit"] in with_hf]
+            return max(cands, key=lambda r: r["date"])["commit"] if cands else None
         g = latest(recs, model=m, workload=wl, system=system, n_gpus=1)
         return g["commit"] if g else None
 
@@ -518,6 +527,20 @@ def markdown(recs, profile: list[Path] | None) -> str:
         out.append("### Kernel bandwidth (TB/s, bytes read + written once; T = 65 536 rows, fp16)\n\n" + table(
             ["run", "model", "kernel", "width", "autotuned (the engine's launch)", "best configuration tried",
              "torch op it replaces", "device copy of the same bytes"], rows))
+
+    # fc1 with its activation: cuBLAS + pointwise against one Triton kernel
+    ge = [r for r in recs if r["system"] == "gemm-epilogue"]
+    if ge:
+        run = max(ge, key=lambda r: r["date"])["commit"]
+        rows = []
+        for (m, kern) in dict.fromkeys((r["model"], r["kernel"]) for r in ge if r["commit"] == run):
+            v = {r["variant"]: r for r in ge if (r["commit"], r["model"], r["kernel"]) == (run, m, kern)}
+            rows.append([f"`{run}`", short_model(m), kern, f"{v['cublas-alone']['ms']:.2f}",
+                         f"{v['cublas+triton-pointwise']['ms']:.2f}", f"{v['fused-triton']['ms']:.2f}",
+                         f"{v['fused-triton']['ms'] / v['cublas+triton-pointwise']['ms']:.2f}"])
+        out.append("### fc1 and its activation in one Triton kernel (ms per layer at T = 65 536, fp16)\n\n"
+                   + table(["run", "model", "step", "cuBLAS GEMM alone", "cuBLAS + Triton activation (the engine)",
+                            "one Triton kernel", "one kernel ÷ the engine's"], rows))
 
     # goals
     rows = []
