@@ -231,7 +231,8 @@ def test_batch_composition_does_not_change_results(dna_dir):
 def test_model_with_flex_attention_matches_the_reference(dna_dir):
     """The whole model on the flex path (uncompiled on the CPU): q, k and v are projected into
     a buffer already padded to the flex row bucket, zero beyond the real rows."""
-    from gpuengine.models.dnabert_s import FlexAlibiAttention, flex_available, flex_bucket
+    from gpuengine.models.dnabert_s import FlexAlibiAttention
+    from gpuengine.models.flex import flex_available, flex_bucket
 
     if not flex_available():
         pytest.skip("torch without FlexAttention")
@@ -334,7 +335,7 @@ def test_flex_mask_and_bias_match_padded_eager_cpu(block):
 @pytest.mark.parametrize("block", [128, 64])
 @pytest.mark.parametrize("lengths", [[1], [128], [127, 1, 300], [5] * 60, [1000, 3, 129, 256]])
 def test_document_block_mask_covers_exactly_the_needed_blocks(lengths, block):
-    from gpuengine.models.dnabert_s import document_block_mask, flex_available, flex_bucket
+    from gpuengine.models.flex import document_block_mask, flex_available, flex_bucket
 
     if not flex_available():
         pytest.skip("torch without FlexAttention")
@@ -381,7 +382,7 @@ def test_attention_selection():
 
 
 def test_flex_bucket_is_coarse():
-    from gpuengine.models.dnabert_s import FLEX_BLOCK, flex_bucket
+    from gpuengine.models.flex import FLEX_BLOCK, flex_bucket
 
     buckets = {flex_bucket(t) for t in range(1, (1 << 16) + 1, 37)}
     assert buckets == {FLEX_BLOCK << k for k in range((1 << 16).bit_length() - FLEX_BLOCK.bit_length() + 1)}

@@ -92,6 +92,20 @@ def test_fast_layer_kernels_match_the_eager_layer(gpu_pt, kernels, precision):
     assert fast >= 0.9999 and 1 - fast <= 2 * (1 - eager), (fast, eager)
 
 
+@pytest.mark.skipif(not varlen_available(), reason="torch.nn.attention.varlen needs torch >= 2.10")
+@pytest.mark.parametrize("kernels", ["triton", None])
+def test_flex_attention_matches_varlen_in_fp16(gpu_pt, kernels):
+    """ESM-2 with compiled FlexAttention (document mask, 64-row blocks; q/k/v projected into the
+    row bucket by the Triton kinds) against FlashAttention-2 varlen: cosine ≥ 0.99999."""
+    from gpuengine.models.flex import FlexDocumentAttention, LengthSwitchedAttention
+
+    seqs = random_proteins(LENGTHS + [2, 3, 64, 65, 129], seed=7)
+    flex = LengthSwitchedAttention(VarlenAttention(), FlexDocumentAttention(), flex_max_len=1 << 20)
+    a = embed(gpu_pt, "fp16", seqs, attention=flex, kernels=kernels)
+    b = embed(gpu_pt, "fp16", seqs, attention=VarlenAttention(), kernels=kernels)
+    assert cosines(a, b).min() >= 0.99999
+
+
 def _store_vectors(path):
     from gpuengine.store.reader import EmbeddingStore
 

@@ -126,6 +126,18 @@ MODELS = textwrap.dedent("""
         for layer in (1, 2):
             diff = (eager[layer] - fast[layer]).abs().max().item()
             assert diff <= 1e-5, ("esm2", kind, layer, diff)
+    # flex: q, k, v projected into a buffer of the row bucket (64 rows for these 61)
+    from gpuengine.models.flex import FlexDocumentAttention, flex_bucket
+    assert flex_bucket(int(lengths.sum())) > int(lengths.sum())
+    packed = PackedLayout.build(lengths, int(lengths.sum()), int(lengths.max()), padded=False)
+    with torch.inference_mode():
+        model.set_kernels("eager")
+        eager = model(ids, layout, [1, 2], UnscaledPadded())
+        model.set_kernels("triton")
+        fast = model(ids, packed, [1, 2], FlexDocumentAttention(compiled=False))
+    for layer in (1, 2):
+        diff = (eager[layer] - fast[layer]).abs().max().item()
+        assert diff <= 1e-5, ("esm2 flex", layer, diff)
 
     from gpuengine.models.dnabert_s import FlexAlibiAttention
     from gpuengine.models.dnabert_s_weights import build_dnabert_s, read_dnabert_s

@@ -16,7 +16,8 @@ Systems (--systems, comma-separated)
   hf            transformers EsmModel, SDPA, bf16, length-sorted padded batches (best of budgets)
   fair-esm      fair-esm ESM2 fp32, toks_per_batch 2048, as VirNucPro calls it (a capped sample)
   cosine        fp16 and bf16 mean embeddings against fp32 on the GPU (no timing)
-  variants      diagnostic: synchronous loop vs worker depth 1 vs one stream vs eager
+  variants      diagnostic: synchronous loop vs worker depth 1 vs one stream vs eager, other
+                kernel kinds, FlexAttention instead of FlashAttention-2 varlen (--variants names)
   profile       torch.profiler kernel table of two batches (written next to --out)
 
 Tokens are residues (BOS/EOS not counted), as in docs/performance; the ceiling is in the same
@@ -105,10 +106,23 @@ def gemm_rate(d: int) -> float:
     return 20 * 2 * 16384 * d * 4 * d / (start.elapsed_time(end) / 1000)
 
 
-def make_runner(model, precision, compile_kernels=True, copy_stream=True, kernels=None):
-    return Runner(model, torch.device("cuda"), precision, [OutputSpec(model.num_layers, "mean")],
-                  PoolingRule(1, 1), compile=compile_kernels, copy_stream=copy_stream,
-                  kernels=kernels)
+def make_runner(model, precision, compile_kernels=True, copy_stream=True, kernels=None,
+                attention=None):
+    runner = Runner(model, torch.device("cuda"), precision, [OutputSpec(model.num_layers, "mean")],
+                    PoolingRule(1, 1), compile=compile_kernels, copy_stream=copy_stream,
+                    kernels=kernels)
+    if attention is not None:
+        runner.attention, runner.padded = attention, attention.needs_padding
+    return runner
+
+
+def flex_attention(flex_max_len: int):
+    """FlexAttention for batches whose longest sequence has at most ``flex_max_len`` tokens,
+    FlashAttention-2 varlen for the others (variants ``attention-flex*``)."""
+    from gpuengine.models.attention import VarlenAttention
+    from gpuengine.models.flex import FlexDocumentAttention, LengthSwitchedAttention
+
+    return LengthSwitchedAttention(VarlenAttention(), FlexDocumentAttention(), flex_max_len)
 
 
 def _items(seqs):
@@ -457,7 +471,8 @@ def main() -> None:
                                       ("worker-eager", {"compile_kernels": False}, run_pipeline),
                                       ("kernels-compiled", {"kernels": "compiled"}, run_pipeline),
                                       ("kernels-fused-rope", {"kernels": "fused-rope"}, run_pipeline),
-                                      ("kernels-triton-fused-fc1", {"kernels": "triton-fused-fc1"}, run_pipeline)):
+                                      ("kernels-triton-fused-fc1", {"kernels": "triton-fused-fc1"}, run_pipeline),
+                                      ("attention-flex", {"attention": flex_attention(1 << 20)}, run_pipeline)):
                     if args.variants and vname not in args.variants.split(","):
                         continue
                     vr = make_runner(build_esm2(cfg_v, dict(state), dtype), args.precision, **kw)

@@ -48,8 +48,9 @@ class Esm2Config(HeadShape):
 
 def attention_inputs(x: torch.Tensor, norm_w: torch.Tensor, norm_b: torch.Tensor,
                      qkv_w: torch.Tensor, qkv_b: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     heads: int, q_scale: float, eps: float):
-    """Pre-LN, fused q/k/v projection, q scaling (1.0 when the kernel scales), RoPE."""
+                     heads: int, q_scale: float, eps: float, rows: int | None = None):
+    """Pre-LN, fused q/k/v projection, q scaling (1.0 when the kernel scales), RoPE. Returns
+    T rows whatever ``rows`` asks (an attention with a row bucket pads them itself)."""
     total = x.shape[0]
     h = F.layer_norm(x, (x.shape[-1],), norm_w, norm_b, eps)
     qkv = F.linear(h, qkv_w, qkv_b).view(total, 3, heads, -1)  # (T, 3, H, D)
@@ -102,12 +103,23 @@ class FusedRopeKernels(LayerKernels):
         self._layer_norm = torch.compile(layer_norm, dynamic=True)
         self.attention_output_and_ffn = torch.compile(attention_output_and_ffn, dynamic=True)
 
-    def attention_inputs(self, x, norm_w, norm_b, qkv_w, qkv_b, cos, sin, heads, q_scale, eps):
+    def attention_inputs(self, x, norm_w, norm_b, qkv_w, qkv_b, cos, sin, heads, q_scale, eps,
+                         rows=None):
+        """q, k, v as strided views of one projection; with ``rows`` > T (an attention's row
+        bucket) the projection is written into a buffer of that many rows, zero beyond T, so
+        the attention needs no padded copies."""
         if q_scale != 1.0:
             raise ValueError("fused-rope kernels serve attention kernels that scale q themselves")
-        qkv = F.linear(self._layer_norm(x, norm_w, norm_b, eps), qkv_w, qkv_b)  # (T, 3d)
-        self._rotate(qkv, cos, sin, heads)
-        return qkv.view(x.shape[0], 3, heads, -1).unbind(1)  # strided (T, H, D) views
+        total = x.shape[0]
+        h = self._layer_norm(x, norm_w, norm_b, eps)
+        if rows is None or rows == total:
+            qkv = F.linear(h, qkv_w, qkv_b)  # (T, 3d)
+        else:
+            qkv = h.new_empty(rows, qkv_w.shape[0])
+            qkv[total:].zero_()
+            torch.addmm(qkv_b, h, qkv_w.t(), out=qkv[:total])
+        self._rotate(qkv[:total], cos, sin, heads)
+        return qkv.view(qkv.shape[0], 3, heads, -1).unbind(1)  # strided (rows, H, D) views
 
 
 class TritonKernels(FusedRopeKernels):
@@ -201,9 +213,10 @@ class Esm2Layer(nn.Module):
                 layout: PackedLayout, attention: PaddedAttention | VarlenAttention,
                 kernels: LayerKernels) -> torch.Tensor:
         q_scale = self.scaling if attention.prescale_q else 1.0
+        rows = getattr(attention, "rows", None)  # a flex binding's row bucket
         q, k, v = kernels.attention_inputs(x, self.attn_norm.weight, self.attn_norm.bias,
                                            self.qkv.weight, self.qkv.bias, *rope, self.heads,
-                                           q_scale, self.eps)
+                                           q_scale, self.eps, rows=rows)
         attn = attention(q, k, v, layout)  # (T, H, D)
         return kernels.attention_output_and_ffn(
             x, attn, self.out_proj.weight, self.out_proj.bias, self.ffn_norm.weight,
@@ -244,6 +257,8 @@ class Esm2(nn.Module):
         """Representations (T, d) of the requested non-negative ``layers`` (0 = embeddings)."""
         wanted = set(layers)
         x = self.embed_tokens(token_ids) * TOKEN_DROPOUT_SCALE  # (T, d)
+        if hasattr(attention, "bind"):  # masks built once per batch for every layer
+            attention = attention.bind(layout, self.cfg.attention_heads, x.dtype)
         reps = {0: x} if 0 in wanted else {}
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for index, layer in enumerate(self.layers[: max(wanted)]):
