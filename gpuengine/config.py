@@ -28,6 +28,9 @@ class Environment:
     """``GPUENGINE_CACHE`` or ``$XDG_CACHE_HOME/gpuengine`` or ``~/.cache/gpuengine``: checksum cache."""
     notify_socket: str = ""
     """``NOTIFY_SOCKET``: systemd's notification socket (empty: not under systemd)."""
+    input_process: bool | None = None
+    """``GPUENGINE_INPUT_PROCESS=1`` / ``0``: read the input FASTA in a child process always /
+    never, where :attr:`EmbedConfig.input_process` leaves it open (unset: by input size)."""
 
 
 def environment() -> Environment:
@@ -39,8 +42,13 @@ def environment() -> Environment:
         cache = Path(os.environ["XDG_CACHE_HOME"]) / "gpuengine"
     else:
         cache = Path.home() / ".cache" / "gpuengine"
+    choice = os.environ.get("GPUENGINE_INPUT_PROCESS", "")
+    if choice not in ("", "0", "1"):
+        raise UsageError(f"GPUENGINE_INPUT_PROCESS={choice!r}: use 1 (always), 0 (never) or "
+                         "leave it unset (by input size)")
     return Environment(offline=offline, cache_dir=cache,
-                       notify_socket=os.environ.get("NOTIFY_SOCKET", ""))
+                       notify_socket=os.environ.get("NOTIFY_SOCKET", ""),
+                       input_process=None if not choice else choice == "1")
 
 
 _TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -84,6 +92,10 @@ class EmbedConfig:
     ``torch.compile``d ones (None: on for GPUs; the CPU always runs the eager layers)."""
     threads: int | None = None
     """CPU threads for a CPU run (None: torch's default)."""
+    input_process: bool | None = None
+    """Read, normalise, hash and tokenize the FASTA input in a child process (off the engine's
+    GIL) — True: always, False: never (in the planner thread), None: the environment's
+    choice, else only for inputs of at least ``engine.INPUT_PROCESS_MIN_RECORDS`` records."""
     env: Environment = field(default_factory=environment)
 
     def __post_init__(self) -> None:

@@ -43,7 +43,8 @@ from gpuengine.devices import (DeviceMemory, MemoryProbe, MemoryTelemetry, initi
                                parse_devices)
 from gpuengine.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, DeviceError,
                               StoreMismatchError, UsageError)
-from gpuengine.fasta import stream_valid, validate
+from gpuengine.fasta import ValidationReport, stream_valid, validate
+from gpuengine.input_process import InputProcess, tokenizer_spec
 from gpuengine.models.registry import Family, Weights, family
 from gpuengine.models.sources import resolve, weights_checksum
 from gpuengine.planner import DigestFilter, Ledger, Planner
@@ -60,6 +61,9 @@ from gpuengine.worker import BatchOutcome, DeviceWorker, WorkerExit
 log = logging.getLogger(__name__)
 
 GROUP_SECONDS = 0.5
+INPUT_PROCESS_MIN_RECORDS = 20_000
+"""Smaller FASTA inputs are read in the planner thread when the config leaves it open (the
+child process costs a start-up of about 0.1-0.2 s)."""
 
 
 @dataclass
@@ -120,6 +124,16 @@ class RecordSource:
     iterate: Callable[[], Iterable[FastaRecord]]
     count: int
     residues: int
+    fasta: FastaInput | None = None
+    """Set when the records are the valid ones of FASTA files: the input process can read
+    them itself."""
+
+
+@dataclass(frozen=True)
+class FastaInput:
+    paths: tuple
+    report: ValidationReport
+    alphabet: frozenset[str] | None
 
 
 def resolve_outputs(layers: tuple[int, ...], pools: tuple[str, ...], num_layers: int) -> tuple[OutputSpec, ...]:
@@ -165,7 +179,8 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
                               skip_invalid=config.skip_invalid, extra_check=conflict_check)
             records = RecordSource(lambda: stream_valid(list(config.inputs), report,
                                                         alphabet=fam.alphabet),
-                                   report.valid, report.residues)
+                                   report.valid, report.residues,
+                                   FastaInput(tuple(config.inputs), report, fam.alphabet))
             counts = dict(records_read=report.records, valid_records=report.valid,
                           invalid_skipped=len(report.skip) - report.duplicate_records,
                           duplicate_records=report.duplicate_records)
@@ -283,6 +298,35 @@ class _Run:
         self.group_started = time.monotonic()
 
     def execute(self) -> None:
+        self.tokenizer = self.fam.tokenizer(self.weights.source)
+        self.reader = self._start_input_process()
+        try:
+            self._execute()
+        finally:
+            if self.reader is not None:
+                self.reader.close()
+
+    def _start_input_process(self) -> InputProcess | None:
+        """The child process reading the FASTA input, if this run uses one (started before
+        the devices, so its start-up overlaps theirs)."""
+        fasta = self.records.fasta
+        choice = self.config.input_process
+        if choice is None:
+            choice = self.config.env.input_process
+        if choice is None:
+            choice = self.records.count >= INPUT_PROCESS_MIN_RECORDS
+        spec = tokenizer_spec(self.tokenizer)
+        if fasta is None or not choice or spec is None:
+            return None
+        from gpuengine.planner import LOOKUP_CHUNK  # read now: tests make chunks smaller
+
+        skip: dict[str, list[int]] = {}
+        for name, index in fasta.report.skip:
+            skip.setdefault(name, []).append(index)
+        return InputProcess(fasta.paths, skip, fasta.alphabet, self.spec.max_residues, spec,
+                            LOOKUP_CHUNK)
+
+    def _execute(self) -> None:
         workers = self._start_workers()
         run_id = _run_id(self.config, self.spec)
         self.summary.run_id = run_id
@@ -403,7 +447,7 @@ class _Run:
     def _planner(self) -> Planner:
         name = self.spec.name
         return Planner(
-            tokenizer=self.fam.tokenizer(self.weights.source), max_residues=self.spec.max_residues,
+            tokenizer=self.tokenizer, max_residues=self.spec.max_residues,
             ledger=self.ledger,
             record_digests=lambda ids: self.writer.record_digests(name, ids),
             has_embeddings=lambda digests: self.writer.has_embeddings(name, digests),
@@ -416,7 +460,10 @@ class _Run:
     def _plan(self, planner: Planner) -> None:
         error = None
         try:
-            planner.run(self.records.iterate())
+            if self.reader is not None:
+                planner.run_prepared(self.reader.chunks())
+            else:
+                planner.run(self.records.iterate())
         except BaseException as exc:
             error = exc
         finally:

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from gpuengine.input_process import PreparedChunk
 from gpuengine.packing import WorkItem
 from gpuengine.records import FastaRecord
 from gpuengine.store import codec
@@ -195,6 +196,47 @@ class Planner:
             self.counts.new += len(items)
             self.counts.residues_new += sum(len(seq) for _, seq in new)
             self.counts.tokens_new += sum(int(ids.size) for ids in token_ids)
+            self.submit(items)
+        if aliases:
+            self.alias(aliases)
+
+    def run_prepared(self, chunks: Iterable[PreparedChunk]) -> None:
+        """:meth:`run` for chunks already read, truncated, hashed and tokenized (by the input
+        process): the same decisions, in the same order."""
+        for chunk in chunks:
+            if self.stop.is_set():
+                return
+            self._plan_prepared(chunk)
+
+    def _plan_prepared(self, chunk: PreparedChunk) -> None:
+        ids, digests = chunk.ids, chunk.digests
+        self.counts.records += len(ids)
+        if self.fresh:
+            todo = range(len(ids))
+        else:
+            stored_digests = self.record_digests(ids)
+            todo = [i for i, d in enumerate(stored_digests) if d is None]
+            self.counts.stored += len(ids) - len(todo)
+            if not todo:
+                return
+        truncated = chunk.truncated if self.fresh else chunk.truncated[todo]
+        self.counts.truncated += int(np.count_nonzero(truncated))
+        decisions = self.ledger.claim_many([(digests[i], ids[i]) for i in todo], self._stored)
+        items: list[WorkItem] = []
+        aliases: list[tuple[bytes, str]] = []
+        residues, ends, tokens = chunk.residues.tolist(), chunk.ends.tolist(), chunk.tokens
+        starts = [0, *ends[:-1]]
+        for i, decision in zip(todo, decisions):
+            if decision == "new":
+                items.append(WorkItem(digests[i], tokens[starts[i]:ends[i]], residues[i]))
+            else:
+                self.counts.aliased += 1
+                if decision in ("committing", "stored"):
+                    aliases.append((digests[i], ids[i]))
+        if items:
+            self.counts.new += len(items)
+            self.counts.residues_new += sum(item.residues for item in items)
+            self.counts.tokens_new += sum(int(item.token_ids.size) for item in items)
             self.submit(items)
         if aliases:
             self.alias(aliases)

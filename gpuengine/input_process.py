@@ -1,0 +1,349 @@
+"""The input side of the planner in a child process (torch-free).
+
+Reading FASTA, normalising, hashing digests and tokenizing hold the GIL; in the engine's
+process they compete with the device workers and the committer. :class:`InputProcess` runs
+them in a child (``python -m gpuengine.input_process``) that streams one
+:class:`PreparedChunk` per :data:`~gpuengine.planner.LOOKUP_CHUNK` valid records back over a
+pipe; the planner thread keeps only what needs the store and the ledger.
+
+Nothing crosses the boundary as pickle. Both directions are frames: a 4-byte tag, a
+little-endian uint64 payload length, the payload.
+
+* parent → child: ``CONF`` (UTF-8 JSON: paths, alphabet, max_residues, tokenizer spec), then
+  one ``SKIP`` per file (uint64 record indices the second pass skips).
+* child → parent: ``CHNK`` per chunk (layout in :func:`encode_chunk`), then ``DONE``; or
+  ``FAIL`` (UTF-8 JSON: error class name and message) when reading failed.
+
+The child ignores SIGINT and SIGTERM and runs in its own session: the engine decides when it
+stops (Ctrl-C drains the run; closing the reader kills the child). If the engine dies, the
+child's next write fails on the broken pipe and it exits.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, Sequence
+
+import numpy as np
+
+from gpuengine import errors
+from gpuengine.errors import GpuEngineError, InputError, InternalError
+
+_FRAME = struct.Struct("<4sQ")
+_CHUNK_HEAD = struct.Struct("<IIQ")  # records, reserved, bytes of the id blob
+_PIPE_BYTES = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+@dataclass(frozen=True)
+class PreparedChunk:
+    """What the planner needs of up to LOOKUP_CHUNK valid records, in input order."""
+
+    ids: list[str]
+    digests: list[bytes]
+    """blake2b-16 of each embedded (possibly truncated) sequence."""
+    residues: np.ndarray
+    """uint32: residues embedded (after truncation)."""
+    truncated: np.ndarray
+    """uint8: 1 where the sequence was cut to max_residues."""
+    tokens: np.ndarray
+    """int32: every record's token ids, specials included, one after the other."""
+    ends: np.ndarray
+    """int64: where each record's ids end in ``tokens``."""
+
+    def token_ids(self, i: int) -> np.ndarray:
+        return self.tokens[(self.ends[i - 1] if i else 0):self.ends[i]]
+
+
+def prepare_chunk(records: Sequence, tokenizer, max_residues: int | None) -> PreparedChunk:
+    """Truncate, hash and tokenize ``records`` (FastaRecord-like: ``.id``, ``.sequence``)."""
+    from gpuengine.store.codec import sequence_digests
+
+    n = len(records)
+    seqs = [r.sequence for r in records]
+    truncated = np.zeros(n, np.uint8)
+    if max_residues is not None and n and max(map(len, seqs)) > max_residues:
+        truncated = np.fromiter((len(s) > max_residues for s in seqs), np.uint8, n)
+        seqs = [s[:max_residues] for s in seqs]
+    token_ids = tokenizer.encode_batch(seqs)
+    lengths = np.fromiter((t.size for t in token_ids), np.int64, n)
+    tokens = np.concatenate(token_ids).astype(np.int32, copy=False) if n else np.zeros(0, np.int32)
+    return PreparedChunk([r.id for r in records], sequence_digests(seqs),
+                         np.fromiter(map(len, seqs), np.uint32, n), truncated, tokens,
+                         np.cumsum(lengths))
+
+
+# ----------------------------------------------------------------------------- wire format
+
+
+def encode_chunk(chunk: PreparedChunk) -> list[bytes | memoryview]:
+    """A ``CHNK`` frame as parts to write: head, ends (int64), residues (uint32), tokens
+    (int32), digests (16 bytes each), truncated (uint8), ids joined by ``\\n`` (UTF-8; an
+    id never holds whitespace). Each array starts at a multiple of its item size."""
+    n = len(chunk.ids)
+    ids = "\n".join(chunk.ids).encode("utf-8")
+    parts = [_CHUNK_HEAD.pack(n, 0, len(ids)), chunk.ends.astype("<i8").data,
+             chunk.residues.astype("<u4").data, chunk.tokens.astype("<i4").data,
+             b"".join(chunk.digests), chunk.truncated.astype(np.uint8).data, ids]
+    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    return [_FRAME.pack(b"CHNK", size), *parts]
+
+
+def decode_chunk(buf: bytearray) -> PreparedChunk:
+    """The inverse of :func:`encode_chunk` (arrays are views of ``buf``)."""
+    n, _, ids_len = _CHUNK_HEAD.unpack_from(buf)
+    at = _CHUNK_HEAD.size
+    ends = np.frombuffer(buf, "<i8", n, at)
+    at += 8 * n
+    residues = np.frombuffer(buf, "<u4", n, at)
+    at += 4 * n
+    total = int(ends[-1]) if n else 0
+    tokens = np.frombuffer(buf, "<i4", total, at)
+    at += 4 * total
+    blob = bytes(buf[at:at + 16 * n])
+    digests = [blob[i:i + 16] for i in range(0, 16 * n, 16)]
+    at += 16 * n
+    truncated = np.frombuffer(buf, np.uint8, n, at)
+    at += n
+    ids = buf[at:at + ids_len].decode("utf-8").split("\n") if n else []
+    if len(ids) != n or at + ids_len != len(buf):
+        raise InternalError(f"input process sent a malformed chunk ({n} records, {len(ids)} ids, "
+                            f"{len(buf)} bytes)")
+    return PreparedChunk(ids, digests, residues, truncated, tokens, ends)
+
+
+def _write_frame(out: BinaryIO, tag: bytes, payload: bytes) -> None:
+    out.write(_FRAME.pack(tag, len(payload)))
+    out.write(payload)
+
+
+def _read_exact(fh: BinaryIO, size: int) -> bytearray | None:
+    """``size`` bytes from ``fh``; None at a clean end of file before the first byte."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = fh.readinto(view[got:])
+        if not n:
+            if got == 0:
+                return None
+            raise EOFError(f"pipe closed after {got} of {size} bytes")
+        got += n
+    return buf
+
+
+def _read_frame(fh: BinaryIO) -> tuple[bytes, bytearray] | None:
+    head = _read_exact(fh, _FRAME.size)
+    if head is None:
+        return None
+    tag, size = _FRAME.unpack(head)
+    payload = _read_exact(fh, size) if size else bytearray()
+    if payload is None:
+        raise EOFError("pipe closed before a frame's payload")
+    return tag, payload
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+def tokenizer_spec(tokenizer) -> dict | None:
+    """How the child rebuilds ``tokenizer``; None for one it cannot (then stay in-process)."""
+    from gpuengine.tokenization import EsmTokenizer
+
+    if type(tokenizer) is EsmTokenizer:
+        return {"kind": "esm"}
+    if type(tokenizer).__name__ == "DnaTokenizer" and getattr(tokenizer, "path", None):
+        return {"kind": "dna", "path": os.fspath(tokenizer.path)}
+    return None
+
+
+def _make_tokenizer(spec: dict):
+    if spec["kind"] == "esm":
+        from gpuengine.tokenization import EsmTokenizer
+
+        return EsmTokenizer()
+    if spec["kind"] == "dna":
+        from gpuengine.dna_tokenizer import DnaTokenizer
+
+        return DnaTokenizer(spec["path"])
+    raise InternalError(f"unknown tokenizer spec {spec!r}")
+
+
+class InputProcess:
+    """The child process reading ``paths`` (minus ``skip``) into prepared chunks.
+
+    Start it early (its start-up overlaps the engine's); iterate :meth:`chunks` once; always
+    :meth:`close` it (kills and reaps the child, whatever state it is in)."""
+
+    command = [sys.executable, "-m", "gpuengine.input_process"]
+
+    def __init__(self, paths: Sequence[str | os.PathLike], skip: dict[str, Sequence[int]],
+                 alphabet: frozenset[str] | None, max_residues: int | None,
+                 tokenizer: dict, chunk_records: int) -> None:
+        from gpuengine.fasta import _name
+
+        names = [_name(p) for p in paths]
+        conf = {"paths": [os.fsdecode(os.fspath(p)) for p in paths], "names": names,
+                "alphabet": None if alphabet is None else "".join(sorted(alphabet)),
+                "max_residues": max_residues, "tokenizer": tokenizer,
+                "chunk_records": chunk_records}
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        self._closing = False
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            self.command, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, bufsize=0, env=env, start_new_session=True)
+        try:
+            fcntl.fcntl(self.proc.stdout.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+        except OSError:
+            pass  # a smaller pipe only costs more wake-ups
+        try:
+            _write_frame(self.proc.stdin, b"CONF", json.dumps(conf).encode("utf-8"))
+            for name in names:
+                indices = np.asarray(sorted(skip.get(name, ())), dtype="<u8")
+                _write_frame(self.proc.stdin, b"SKIP", indices.tobytes())
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # the child died at once: chunks() reports how
+
+    def chunks(self) -> Iterator[PreparedChunk]:
+        """Prepared chunks in input order; raises the child's error, or an InputError naming
+        its exit status when it died without finishing."""
+        while True:
+            try:
+                frame = _read_frame(self.proc.stdout)
+            except (EOFError, OSError, ValueError):
+                frame = None
+            if frame is None:
+                if self._closing:
+                    return
+                raise self._died()
+            tag, payload = frame
+            if tag == b"CHNK":
+                yield decode_chunk(payload)
+            elif tag == b"DONE":
+                return
+            elif tag == b"FAIL":
+                raise _error_from(payload)
+            else:
+                raise InternalError(f"input process sent an unknown frame {tag!r}")
+
+    def _died(self) -> GpuEngineError:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        how = ("is still running" if code is None else f"was killed by signal "
+               f"{signal.Signals(-code).name}" if code < 0 else f"exited with status {code}")
+        return InputError(f"the input reader process (pid {self.proc.pid}) {how} before the end "
+                          "of the input; what was committed is intact, rerun to resume")
+
+    def close(self) -> None:
+        """Kill (if still running) and reap the child; idempotent."""
+        with self._lock:
+            self._closing = True
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+
+    def __enter__(self) -> InputProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_RAISABLE = {name: cls for name, cls in vars(errors).items()
+             if isinstance(cls, type) and issubclass(cls, GpuEngineError)}
+
+
+def _error_from(payload: bytes) -> GpuEngineError:
+    """The exception a ``FAIL`` frame describes: the same gpuengine error class and message
+    (an error of another kind is a bug: InternalError with the child's traceback)."""
+    data = json.loads(bytes(payload).decode("utf-8"))
+    cls = _RAISABLE.get(data.get("class"))
+    if cls is None:
+        return InternalError(f"the input reader process failed: {data.get('message')}")
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, data.get("message", ""))
+    return exc
+
+
+# ----------------------------------------------------------------------------- child side
+
+
+def _serve(inp: BinaryIO, out: BinaryIO) -> None:
+    from gpuengine.fasta import ValidationReport, stream_valid
+
+    frame = _read_frame(inp)
+    if frame is None or frame[0] != b"CONF":
+        raise InternalError("input process: no configuration received")
+    conf = json.loads(bytes(frame[1]).decode("utf-8"))
+    skip = set()
+    for name in conf["names"]:
+        frame = _read_frame(inp)
+        if frame is None or frame[0] != b"SKIP":
+            raise InternalError("input process: skip list missing")
+        skip.update((name, i) for i in np.frombuffer(frame[1], "<u8").tolist())
+    tokenizer = _make_tokenizer(conf["tokenizer"])
+    alphabet = None if conf["alphabet"] is None else frozenset(conf["alphabet"])
+    report = ValidationReport(files=tuple(conf["names"]), records=0, valid=0,
+                              duplicate_records=0, problems=(), problem_count=0,
+                              skip=frozenset(skip), residues=0)
+    max_residues, size = conf["max_residues"], conf["chunk_records"]
+    chunk = []
+    for record in stream_valid(conf["paths"], report, alphabet=alphabet):
+        chunk.append(record)
+        if len(chunk) >= size:
+            out.writelines(encode_chunk(prepare_chunk(chunk, tokenizer, max_residues)))
+            chunk = []
+    if chunk:
+        out.writelines(encode_chunk(prepare_chunk(chunk, tokenizer, max_residues)))
+    _write_frame(out, b"DONE", b"")
+    out.flush()
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine decides when this stops
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    out = os.fdopen(os.dup(1), "wb", buffering=1 << 20)
+    os.dup2(2, 1)  # a stray print must not corrupt the frames
+    inp = os.fdopen(os.dup(0), "rb", buffering=0)
+    try:
+        _serve(inp, out)
+    except BrokenPipeError:
+        return 1  # the engine is gone
+    except BaseException as exc:  # noqa: BLE001 - reported to the engine, which raises it
+        if isinstance(exc, GpuEngineError) and type(exc).__name__ in _RAISABLE:
+            data = {"class": type(exc).__name__, "message": str(exc)}
+        else:
+            data = {"class": None, "message": "".join(
+                traceback.format_exception_only(type(exc), exc)).strip()}
+            traceback.print_exc()
+        try:
+            _write_frame(out, b"FAIL", json.dumps(data).encode("utf-8"))
+            out.flush()
+        except OSError:
+            pass
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
