@@ -164,16 +164,16 @@ class Scheduler:
             return retry
         if not self._ready:
             return None
-        taken: list[WorkItem] = [self._ready.popleft()]
-        total, longest = taken[0].n_tokens, taken[0].n_tokens
-        while self._ready:
-            nxt = self._ready[0]
-            cost = batch_cost(len(taken) + 1, total + nxt.n_tokens, max(longest, nxt.n_tokens), padded)
-            if cost > budget:
+        ready = self._ready
+        taken: list[WorkItem] = [ready.popleft()]
+        total = longest = taken[0].n_tokens
+        while ready:
+            tokens = ready[0].n_tokens  # read once per item: this loop runs per sequence
+            grown_total, grown_longest = total + tokens, max(longest, tokens)
+            if batch_cost(len(taken) + 1, grown_total, grown_longest, padded) > budget:
                 break
-            taken.append(self._ready.popleft())
-            total += nxt.n_tokens
-            longest = max(longest, nxt.n_tokens)
+            taken.append(ready.popleft())
+            total, longest = grown_total, grown_longest
         return _Retry(tuple(taken), attempt=0)
 
     def complete(self, batch_id: int) -> ScheduledBatch:
