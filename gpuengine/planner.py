@@ -167,38 +167,18 @@ class Planner:
             self._plan_chunk(chunk)
 
     def _plan_chunk(self, records: list[FastaRecord]) -> None:
-        self.counts.records += len(records)
-        if self.fresh:
-            todo = records
-        else:
-            stored_digests = self.record_digests([r.id for r in records])
-            todo = [r for r, d in zip(records, stored_digests) if d is None]
-        self.counts.stored += len(records) - len(todo)
-        if not todo:
+        todo_at = self._unstored([r.id for r in records])
+        if not todo_at:
             return
+        todo = [records[i] for i in todo_at]
         embedded = [r.sequence for r in todo]
         if self.max_residues is not None and max(map(len, embedded)) > self.max_residues:
             embedded = [self._embedded_sequence(r) for r in todo]
         digests = codec.sequence_digests(embedded)
-        new: list[tuple[bytes, str]] = []
-        aliases: list[tuple[bytes, str]] = []
-        decisions = self.ledger.claim_many([(d, r.id) for r, d in zip(todo, digests)], self._stored)
-        for record, seq, digest, decision in zip(todo, embedded, digests, decisions):
-            if decision == "new":
-                new.append((digest, seq))
-            else:
-                self.counts.aliased += 1
-                if decision in ("committing", "stored"):
-                    aliases.append((digest, record.id))
-        if new:
-            token_ids = self.tokenizer.encode_batch([seq for _, seq in new])
-            items = [WorkItem(digest, ids, len(seq)) for (digest, seq), ids in zip(new, token_ids)]
-            self.counts.new += len(items)
-            self.counts.residues_new += sum(len(seq) for _, seq in new)
-            self.counts.tokens_new += sum(int(ids.size) for ids in token_ids)
-            self.submit(items)
-        if aliases:
-            self.alias(aliases)
+        new, aliases = self._claim(digests, [r.id for r in todo])
+        token_ids = self.tokenizer.encode_batch([embedded[j] for j in new]) if new else []
+        self._hand_over([WorkItem(digests[j], ids, len(embedded[j])) for j, ids in zip(new, token_ids)],
+                        aliases)
 
     def run_prepared(self, chunks: Iterable[PreparedChunk]) -> None:
         """:meth:`run` for chunks already read, truncated, hashed and tokenized (by the input
@@ -209,30 +189,49 @@ class Planner:
             self._plan_prepared(chunk)
 
     def _plan_prepared(self, chunk: PreparedChunk) -> None:
-        ids, digests = chunk.ids, chunk.digests
-        self.counts.records += len(ids)
-        if self.fresh:
-            todo = range(len(ids))
-        else:
-            stored_digests = self.record_digests(ids)
-            todo = [i for i, d in enumerate(stored_digests) if d is None]
-            self.counts.stored += len(ids) - len(todo)
-            if not todo:
-                return
+        todo = self._unstored(chunk.ids)
+        if not todo:
+            return
         truncated = chunk.truncated if self.fresh else chunk.truncated[todo]
         self.counts.truncated += int(np.count_nonzero(truncated))
-        decisions = self.ledger.claim_many([(digests[i], ids[i]) for i in todo], self._stored)
-        items: list[WorkItem] = []
-        aliases: list[tuple[bytes, str]] = []
+        digests = [chunk.digests[i] for i in todo]
+        new, aliases = self._claim(digests, [chunk.ids[i] for i in todo])
         residues, ends, tokens = chunk.residues.tolist(), chunk.ends.tolist(), chunk.tokens
-        starts = [0, *ends[:-1]]
-        for i, decision in zip(todo, decisions):
+        items = []
+        for j in new:
+            i = todo[j]
+            items.append(WorkItem(digests[j], tokens[(ends[i - 1] if i else 0):ends[i]], residues[i]))
+        self._hand_over(items, aliases)
+
+    # -- the steps both paths share ---------------------------------------------------------------
+    def _unstored(self, ids: Sequence[str]) -> Sequence[int]:
+        """Positions of the records whose id the table does not hold yet (all of them on a
+        fresh table); counts the records and the ones already stored."""
+        self.counts.records += len(ids)
+        if self.fresh:
+            return range(len(ids))
+        stored = self.record_digests(ids)
+        todo = [i for i, d in enumerate(stored) if d is None]
+        self.counts.stored += len(ids) - len(todo)
+        return todo
+
+    def _claim(self, digests: list[bytes], ids: list[str]) -> tuple[list[int], list[tuple[bytes, str]]]:
+        """The ledger's decision for each (digest, id): positions to compute, and the aliases
+        of sequences being committed or already stored (others wait for an earlier claim)."""
+        new: list[int] = []
+        aliases: list[tuple[bytes, str]] = []
+        decisions = self.ledger.claim_many(list(zip(digests, ids)), self._stored)
+        for j, decision in enumerate(decisions):
             if decision == "new":
-                items.append(WorkItem(digests[i], tokens[starts[i]:ends[i]], residues[i]))
+                new.append(j)
             else:
                 self.counts.aliased += 1
                 if decision in ("committing", "stored"):
-                    aliases.append((digests[i], ids[i]))
+                    aliases.append((digests[j], ids[j]))
+        return new, aliases
+
+    def _hand_over(self, items: list[WorkItem], aliases: list[tuple[bytes, str]]) -> None:
+        """New work to the scheduler, then the aliases (which commit after it)."""
         if items:
             self.counts.new += len(items)
             self.counts.residues_new += sum(item.residues for item in items)
