@@ -509,12 +509,7 @@ class Daemon:
             record = stored["info"]
         status, counts = record["status"], record["counts"]
         seq_rate = record["sequences_per_second"]
-        target = free_name(self.done, name)
-        record["done_as"] = f"done/{target}"
-        atomic_write_json(self.done / (target + JOB_SUFFIX), record)
-        os.replace(self.processing / name, self.done / target)
-        self.attempts.clear(name)
-        self.board.add("files_done")
+        target = self._move_to_done(name, record)
         self.board.update(last_file={"file": name, "result": status, "at": utc_now()},
                           last_run={"file": name, "seconds": round(seconds, 3), **counts,
                                     "failed": len(summary.failed)},
@@ -532,12 +527,7 @@ class Daemon:
                                                "finished_at": utc_now(),
                                                "daemon_pid": os.getpid()})
         self.jobs.put(key, record)
-        target = free_name(self.done, name)
-        record["done_as"] = f"done/{target}"
-        atomic_write_json(self.done / (target + JOB_SUFFIX), record)
-        os.replace(self.processing / name, self.done / target)
-        self.attempts.clear(name)
-        self.board.add("files_done")
+        target = self._move_to_done(name, record)
         self.board.update(last_file={"file": name, "result": "complete", "at": utc_now()},
                           last_run={"file": name, "seconds": round(seconds, 3),
                                     **record["counts"]},
@@ -546,13 +536,23 @@ class Daemon:
                  name, target, summary.reads, summary.frames, summary.virus_chunks,
                  record["outputs"])
 
+    def _move_to_done(self, name: str, record: dict[str, Any]) -> str:
+        """The job record beside the file's place in done/ (``done_as`` added), then the move
+        out of processing/; returns the name the file got there."""
+        target = free_name(self.done, name)
+        record["done_as"] = f"done/{target}"
+        atomic_write_json(self.done / (target + JOB_SUFFIX), record)
+        os.replace(self.processing / name, self.done / target)
+        self.attempts.clear(name)
+        self.board.add("files_done")
+        return target
+
     def _finish_reused(self, name: str, sha256: str, key: str, previous: dict) -> None:
         """The job is finished in the store: this file's own job (a restart after the job
         record was committed), or an identical earlier file's (a duplicate)."""
         first = previous.get("info", {})
-        target = free_name(self.done, name)
         if first.get("file") == name and first.get("sha256") == sha256:
-            record = {**first, "done_as": f"done/{target}", "recovered_at": utc_now()}
+            record = {**first, "recovered_at": utc_now()}
             how = "its job record was already in the store"
         else:
             record = {"job": key, "file": name, "sha256": sha256, "status": previous["status"],
@@ -561,13 +561,9 @@ class Daemon:
                       "first_file": first.get("file"),
                       "first_finished_at": first.get("finished_at"),
                       "counts": first.get("counts"), "failed_count": first.get("failed_count"),
-                      "finished_at": utc_now(), "done_as": f"done/{target}",
-                      "versions": versions()}
+                      "finished_at": utc_now(), "versions": versions()}
             how = f"identical to the finished job of {first.get('file')}; nothing to compute"
-        atomic_write_json(self.done / (target + JOB_SUFFIX), record)
-        os.replace(self.processing / name, self.done / target)
-        self.attempts.clear(name)
-        self.board.add("files_done")
+        target = self._move_to_done(name, record)
         self.board.update(last_file={"file": name, "result": "reused" if record.get("reused")
                                      else record.get("status"), "at": utc_now()})
         log.info("%s -> done/%s: %s", name, target, how)
