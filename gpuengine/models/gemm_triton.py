@@ -19,13 +19,11 @@ Imported only where Triton is installed (it comes with CUDA builds of torch).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from gpuengine.models.triton_support import launch_autotuned
 
 _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
                           num_stages=s, num_warps=w)
@@ -90,16 +88,13 @@ def _linear_act(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, str
 
 def _launch(x, w, bias, out, n, gate_offset, gated):
     m, k = x.shape
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    args = (x, w, bias if bias is not None else w, out, m, n, k, x.stride(0), w.stride(0),
-            out.stride(0), gate_offset)
-    flags = {"HAS_BIAS": bias is not None, "GATED": gated}
-    if _INTERPRET:  # the CPU interpreter cannot time trials: first configuration
-        cfg = _CONFIGS[0]
-        _linear_act.fn[(triton.cdiv(m, cfg.kwargs["BLOCK_M"]) * triton.cdiv(n, cfg.kwargs["BLOCK_N"]),)](
-            *args, **flags, **cfg.kwargs)
-    else:
-        _linear_act[grid](*args, **flags)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    launch_autotuned(_linear_act, grid, x, w, bias if bias is not None else w, out, m, n, k,
+                     x.stride(0), w.stride(0), out.stride(0), gate_offset,
+                     HAS_BIAS=bias is not None, GATED=gated)
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> None:

@@ -16,22 +16,11 @@ Imported only where Triton is installed (it comes with CUDA builds of torch).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch an autotuned kernel; Triton's CPU interpreter (tests) cannot time trials, so
-    there the first configuration runs."""
-    if _INTERPRET:
-        kernel.fn[grid](*args, **kwargs, **kernel.configs[0].kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
+from gpuengine.models.triton_support import launch_autotuned
 
 
 # -- LayerNorm --------------------------------------------------------------------------------------
@@ -81,8 +70,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     """``F.layer_norm`` over the last dimension of a contiguous (T, d) tensor."""
     _check_rows(x)
     out = torch.empty_like(x)
-    _launch(_layer_norm, (x.shape[0],), x, x, x, out, weight, bias, weight, x.shape[1], x.stride(0),
-            eps, HAS_Y=False, STORE_RES=False, HAS_RBIAS=False, BLOCK=_row_block(x.shape[1]))
+    launch_autotuned(_layer_norm, (x.shape[0],), x, x, x, out, weight, bias, weight, x.shape[1],
+                     x.stride(0), eps, HAS_Y=False, STORE_RES=False, HAS_RBIAS=False,
+                     BLOCK=_row_block(x.shape[1]))
     return out
 
 
@@ -91,8 +81,9 @@ def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, 
     """``LN(x + y)``, the sum rounded to the dtype first (a post-LN block's output)."""
     _check_rows(x, y)
     out = torch.empty_like(x)
-    _launch(_layer_norm, (x.shape[0],), x, y, x, out, weight, bias, weight, x.shape[1], x.stride(0),
-            eps, HAS_Y=True, STORE_RES=False, HAS_RBIAS=False, BLOCK=_row_block(x.shape[1]))
+    launch_autotuned(_layer_norm, (x.shape[0],), x, y, x, out, weight, bias, weight, x.shape[1],
+                     x.stride(0), eps, HAS_Y=True, STORE_RES=False, HAS_RBIAS=False,
+                     BLOCK=_row_block(x.shape[1]))
     return out
 
 
@@ -105,9 +96,9 @@ def add_layer_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias:
     _check_rows(x, y)
     res, out = torch.empty_like(x), torch.empty_like(x)
     rb = residual_bias if residual_bias is not None else weight
-    _launch(_layer_norm, (x.shape[0],), x, y, res, out, weight, bias, rb, x.shape[1], x.stride(0),
-            eps, HAS_Y=True, STORE_RES=True, HAS_RBIAS=residual_bias is not None,
-            BLOCK=_row_block(x.shape[1]))
+    launch_autotuned(_layer_norm, (x.shape[0],), x, y, res, out, weight, bias, rb, x.shape[1],
+                     x.stride(0), eps, HAS_Y=True, STORE_RES=True,
+                     HAS_RBIAS=residual_bias is not None, BLOCK=_row_block(x.shape[1]))
     return res, out
 
 
@@ -142,8 +133,8 @@ def _pointwise_grid(rows: int, cols: int):
 def gelu_(x: torch.Tensor) -> torch.Tensor:
     """Exact (erf) GELU of a contiguous (T, n) tensor, in place; returns ``x``."""
     _check_rows(x)
-    _launch(_gelu, _pointwise_grid(*x.shape), x, x, x.shape[0], x.shape[1], x.stride(0),
-            x.stride(0), 0, GATED=False)
+    launch_autotuned(_gelu, _pointwise_grid(*x.shape), x, x, x.shape[0], x.shape[1], x.stride(0),
+                     x.stride(0), 0, GATED=False)
     return x
 
 
@@ -153,6 +144,6 @@ def gelu_mul(x: torch.Tensor, inner: int) -> torch.Tensor:
     if x.shape[1] != 2 * inner:
         raise ValueError(f"a GLU input has 2 × {inner} columns, not {x.shape[1]}")
     out = x.new_empty(x.shape[0], inner)
-    _launch(_gelu, _pointwise_grid(x.shape[0], inner), x, out, x.shape[0], inner, x.stride(0),
-            out.stride(0), inner, GATED=True)
+    launch_autotuned(_gelu, _pointwise_grid(x.shape[0], inner), x, out, x.shape[0], inner,
+                     x.stride(0), out.stride(0), inner, GATED=True)
     return out

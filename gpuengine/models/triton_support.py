@@ -1,8 +1,22 @@
-"""Whether the package's Triton kernels (:mod:`.rotary_triton`, :mod:`.pointwise_triton`) can run."""
+"""Whether the package's Triton kernels (:mod:`.rotary_triton`, :mod:`.pointwise_triton`,
+:mod:`.gemm_triton`) can run, and how their autotuned kernels are launched."""
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launch_autotuned(kernel, grid, *args, **kwargs) -> None:
+    """Launch a ``triton.autotune``d kernel; Triton's CPU interpreter (tests) cannot time
+    trials, so there the first configuration runs."""
+    if _INTERPRET:
+        kernel.fn[grid](*args, **kwargs, **kernel.configs[0].kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 def triton_available(device: torch.device | str) -> bool:
