@@ -240,8 +240,11 @@ class TritonKernels(LayerKernels):
         return self._residual_layer_norm(x, y, norm_w, norm_b, eps)
 
     def gated_mlp(self, x, gated_w, wo_w, wo_b, norm_w, norm_b, inner, eps):
-        hidden = self._gelu_mul(F.linear(x, gated_w), inner)
+        hidden = self._glu(x, gated_w, inner)
         return self._residual_layer_norm(x, F.linear(hidden, wo_w, wo_b), norm_w, norm_b, eps)
+
+    def _glu(self, x, gated_w, inner):
+        return self._gelu_mul(F.linear(x, gated_w), inner)
 
 
 class FusedGluKernels(TritonKernels):
@@ -254,11 +257,7 @@ class FusedGluKernels(TritonKernels):
         super().__init__()
         from gpuengine.models.gemm_triton import linear_glu
 
-        self._linear_glu = linear_glu
-
-    def gated_mlp(self, x, gated_w, wo_w, wo_b, norm_w, norm_b, inner, eps):
-        hidden = self._linear_glu(x, gated_w, inner)
-        return self._residual_layer_norm(x, F.linear(hidden, wo_w, wo_b), norm_w, norm_b, eps)
+        self._glu = linear_glu
 
 
 KERNEL_KINDS = ("eager", "compiled", "triton", "triton-fused-glu")

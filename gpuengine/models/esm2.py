@@ -142,7 +142,10 @@ class TritonKernels(FusedRopeKernels):
                                  fc2_w, fc2_b, eps):
         y = F.linear(attn.reshape(x.shape[0], -1), out_w, out_b)
         residual, h = self._add_layer_norm(x, y, norm_w, norm_b, eps, residual_bias=fc2_b)
-        return residual.addmm_(self._gelu_(F.linear(h, fc1_w, fc1_b)), fc2_w.t())
+        return residual.addmm_(self._fc1_gelu(h, fc1_w, fc1_b), fc2_w.t())
+
+    def _fc1_gelu(self, h, fc1_w, fc1_b):
+        return self._gelu_(F.linear(h, fc1_w, fc1_b))
 
 
 class FusedFc1Kernels(TritonKernels):
@@ -155,13 +158,7 @@ class FusedFc1Kernels(TritonKernels):
         super().__init__()
         from gpuengine.models.gemm_triton import linear_gelu
 
-        self._linear_gelu = linear_gelu
-
-    def attention_output_and_ffn(self, x, attn, out_w, out_b, norm_w, norm_b, fc1_w, fc1_b,
-                                 fc2_w, fc2_b, eps):
-        y = F.linear(attn.reshape(x.shape[0], -1), out_w, out_b)
-        residual, h = self._add_layer_norm(x, y, norm_w, norm_b, eps, residual_bias=fc2_b)
-        return residual.addmm_(self._linear_gelu(h, fc1_w, fc1_b), fc2_w.t())
+        self._fc1_gelu = linear_gelu
 
 
 KERNEL_KINDS = ("eager", "compiled", "fused-rope", "triton", "triton-fused-fc1")
