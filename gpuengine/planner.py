@@ -177,8 +177,8 @@ class Planner:
         digests = codec.sequence_digests(embedded)
         new, aliases = self._claim(digests, [r.id for r in todo])
         token_ids = self.tokenizer.encode_batch([embedded[j] for j in new]) if new else []
-        self._hand_over([WorkItem(digests[j], ids, len(embedded[j])) for j, ids in zip(new, token_ids)],
-                        aliases)
+        items = [WorkItem(digests[j], ids, len(embedded[j])) for j, ids in zip(new, token_ids)]
+        self._hand_over(items, aliases)
 
     def run_prepared(self, chunks: Iterable[PreparedChunk]) -> None:
         """:meth:`run` for chunks already read, truncated, hashed and tokenized (by the input
@@ -196,11 +196,8 @@ class Planner:
         self.counts.truncated += int(np.count_nonzero(truncated))
         digests = [chunk.digests[i] for i in todo]
         new, aliases = self._claim(digests, [chunk.ids[i] for i in todo])
-        residues, ends, tokens = chunk.residues.tolist(), chunk.ends.tolist(), chunk.tokens
-        items = []
-        for j in new:
-            i = todo[j]
-            items.append(WorkItem(digests[j], tokens[(ends[i - 1] if i else 0):ends[i]], residues[i]))
+        residues = chunk.residues.tolist()
+        items = [WorkItem(digests[j], chunk.token_ids(todo[j]), residues[todo[j]]) for j in new]
         self._hand_over(items, aliases)
 
     # -- the steps both paths share ---------------------------------------------------------------
@@ -215,7 +212,8 @@ class Planner:
         self.counts.stored += len(ids) - len(todo)
         return todo
 
-    def _claim(self, digests: list[bytes], ids: list[str]) -> tuple[list[int], list[tuple[bytes, str]]]:
+    def _claim(self, digests: list[bytes],
+               ids: list[str]) -> tuple[list[int], list[tuple[bytes, str]]]:
         """The ledger's decision for each (digest, id): positions to compute, and the aliases
         of sequences being committed or already stored (others wait for an earlier claim)."""
         new: list[int] = []

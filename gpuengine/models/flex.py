@@ -143,7 +143,6 @@ class BoundFlex:
     are not copied into a padded buffer."""
     total: int
     prescale_q = False
-    needs_padding = False
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  layout: PackedLayout | None = None) -> torch.Tensor:
