@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from gpuengine.budget import TokenBudget
+from gpuengine.devices import MemoryProbe
 from gpuengine.scheduler import Scheduler
 from gpuengine.worker import DeviceWorker, WorkerExit
 
@@ -111,3 +112,58 @@ def kernel_timeline(runner, items, budget: int, path: Path | None = None, top: i
     if path is not None:
         Path(path).write_text(text + "\n")
     return summary
+
+
+class GpuClocks:
+    """Samples GPU 0's SM clock, power draw and clock-event reasons through NVML while a
+    measurement runs (``with GpuClocks() as c: ...; c.summary()``), to tell a GEMM running at
+    full clock from one held back by the power limit. Empty summary without NVML."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval, self.samples = interval, []
+        self._stop = threading.Event()
+        probe = MemoryProbe(torch.device("cuda", 0))  # maps the CUDA ordinal to NVML by UUID
+        self._nv = None
+        if probe.source == "nvml":  # else no NVML: the measurement runs without clocks
+            import pynvml
+
+            self._nv, self._h = pynvml, pynvml.nvmlDeviceGetHandleByUUID(probe.uuid)
+
+    def _sample(self) -> None:
+        nv = self._nv
+        power_cap = nv.nvmlClocksEventReasonSwPowerCap
+        slowdown = (nv.nvmlClocksEventReasonSwThermalSlowdown | nv.nvmlClocksEventReasonHwSlowdown
+                    | nv.nvmlClocksEventReasonHwThermalSlowdown
+                    | nv.nvmlClocksEventReasonHwPowerBrakeSlowdown)
+        while not self._stop.wait(self.interval):
+            r = nv.nvmlDeviceGetCurrentClocksEventReasons(self._h)
+            self.samples.append((nv.nvmlDeviceGetClockInfo(self._h, nv.NVML_CLOCK_SM),
+                                 nv.nvmlDeviceGetPowerUsage(self._h) / 1000.0,
+                                 bool(r & power_cap), bool(r & slowdown)))
+
+    def __enter__(self):
+        if self._nv is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._nv is not None:
+            self._thread.join()
+
+    def summary(self) -> dict:
+        """Mean SM clock (MHz) against the maximum, mean power (W) against the limit, and the
+        fraction of samples in which the driver named the software power cap, or a thermal or
+        hardware slowdown, as holding the clock back."""
+        if not self.samples:
+            return {}
+        n = len(self.samples)
+        nv, h = self._nv, self._h
+        return {"sm_clock_mhz": round(sum(s[0] for s in self.samples) / n),
+                "sm_clock_max_mhz": nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM),
+                "power_w": round(sum(s[1] for s in self.samples) / n, 1),
+                "power_limit_w": nv.nvmlDeviceGetEnforcedPowerLimit(h) / 1000.0,
+                "power_capped": round(sum(s[2] for s in self.samples) / n, 3),
+                "slowdown": round(sum(s[3] for s in self.samples) / n, 3),
+                "clock_samples": n}

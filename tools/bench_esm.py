@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import drive_worker, profile_batches  # noqa: E402
+from bench_common import GpuClocks, drive_worker, profile_batches  # noqa: E402
 from gpuengine.models.esm2_weights import build_esm2  # noqa: E402
 from gpuengine.packing import WorkItem  # noqa: E402
 from gpuengine.pooling import PoolingRule  # noqa: E402
@@ -92,18 +92,28 @@ def timed(fn, sync=True) -> float:
 
 # -- systems ------------------------------------------------------------------------------------
 
-def gemm_rate(d: int) -> float:
+def gemm_rate(d: int, seconds: float = 0.0) -> tuple[float, dict]:
+    """bf16 GEMM of 16384 × d by d × 4d: TFLOP/s over 20 back-to-back products after a warm-up
+    (the burst rate, the ceiling the goals are stated against), or sustained for ``seconds``;
+    with the SM clock and power NVML reported meanwhile."""
     a = torch.randn(16384, d, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(d, 4 * d, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        a @ b
-    end.record()
     torch.cuda.synchronize()
-    return 20 * 2 * 16384 * d * 4 * d / (start.elapsed_time(end) / 1000)
+    t0, n = time.perf_counter(), 0
+    with GpuClocks(0.005) as clocks:
+        start.record()
+        while n == 0 or time.perf_counter() - t0 < seconds:
+            for _ in range(20):
+                a @ b
+            n += 20
+            if seconds:
+                torch.cuda.synchronize()
+        end.record()
+        torch.cuda.synchronize()
+    return n * 2 * 16384 * d * 4 * d / (start.elapsed_time(end) / 1000), clocks.summary()
 
 
 def make_runner(model, precision, compile_kernels=True, copy_stream=True, kernels=None,
@@ -373,12 +383,17 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--variants", default="", help="with system 'variants': which ones (default all)")
     ap.add_argument("--host-sequences", type=int, default=200_000)
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="the interpreter's thread switch interval in ms for this run (an experiment "
+                         "on the host pipeline; Python's default is 5)")
     ap.add_argument("--slow-on", default="", help="run e2e and fair-esm only on these workloads (default: all)")
     ap.add_argument("--fair-esm-seconds", type=float, default=15.0)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
     args = ap.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval / 1000)
     command = "python tools/bench_esm.py " + " ".join(sys.argv[1:])
     systems = args.systems.split(",")
     # every system but `host` runs the model on a GPU; `host` alone runs on any machine
@@ -409,12 +424,18 @@ def main() -> None:
         state = (random_esm2_state(layers, d, heads, seed=0, dtype=torch.float16,
                                    device="cuda" if torch.cuda.is_available() else "cpu")
                  if needs_gpu or not pt_path.exists() else None)
-        rate = gemm_rate(d) if "gemm" in systems else None
+        rate, rate_clocks = gemm_rate(d) if "gemm" in systems else (None, {})
         if "gemm" in systems:
-            skel = gemm_skeleton(layers, d, args.budget)
+            with GpuClocks() as clocks:
+                skel = gemm_skeleton(layers, d, args.budget)
+            sustained, sustained_clocks = gemm_rate(d, seconds=3.0)
             emit(model=f"esm2-{short}", workload="-", system="gemm-layer-skeleton", precision="fp16",
                  tokens_per_s=None, sequences_per_s=None, gemm_tflops=skel / 1e12, burst_gemm_tflops=rate / 1e12,
-                 note=f"the 4 linear layers x {layers} at T={args.budget}, sustained 3 s")
+                 sustained_ceiling_gemm_tflops=sustained / 1e12, **clocks.summary(),
+                 **{f"burst_{k}": v for k, v in rate_clocks.items()},
+                 **{f"sustained_ceiling_{k}": v for k, v in sustained_clocks.items()},
+                 note=f"the 4 linear layers x {layers} at T={args.budget}, sustained 3 s; the "
+                      "ceiling GEMM sustained 3 s; SM clock and power from NVML for each")
         if "cosine" in systems:
             emit(model=f"esm2-{short}", workload="uniprot48", system="cosine-vs-fp32",
                  precision="fp16/bf16", tokens_per_s=None, sequences_per_s=None,
@@ -484,9 +505,10 @@ def main() -> None:
             if "gpuengine" in systems:
                 budgets = [int(b) for b in args.sweep.split(",") if b] if wi == 0 and args.sweep else [args.budget]
                 for budget in budgets:
-                    r = run_pipeline(runner, seqs, budget)
+                    with GpuClocks() as clocks:
+                        r = run_pipeline(runner, seqs, budget)
                     report("gpuengine", args.precision, *r[:3], budget=budget, busy_fraction=r[3],
-                           compiled=not args.no_compile, kernels=runner.kernels)
+                           compiled=not args.no_compile, kernels=runner.kernels, **clocks.summary())
             slow_ok = not args.slow_on or wl in args.slow_on.split(",")
             if "e2e" in systems and slow_ok:
                 fasta = write_fasta(args.workdir / f"{wl}.fa", seqs)
@@ -501,11 +523,12 @@ def main() -> None:
             if hf is not None:
                 best = None
                 for budget in (16384, 65536):
-                    r = run_hf(hf, seqs, budget)
+                    with GpuClocks() as clocks:
+                        r = run_hf(hf, seqs, budget)
                     print(f"#   hf budget {budget}: {r[0] / r[2]:,.0f} res/s", flush=True)
                     if best is None or r[0] / r[2] > best[0][0] / best[0][2]:
-                        best = (r, budget)
-                report("hf-sdpa-bf16", "bf16", *best[0], budget=best[1])
+                        best = (r, budget, clocks.summary())
+                report("hf-sdpa-bf16", "bf16", *best[0], budget=best[1], **best[2])
             if "fair-esm" in systems and slow_ok:
                 r = run_fair_esm(state, layers, d, heads, seqs[:4000], args.fair_esm_seconds)
                 report("fair-esm-fp32", "fp32", *r, budget=2048)
@@ -518,6 +541,8 @@ def main() -> None:
                 emit(**common, system="gpuengine-host", precision="none", tokens_per_s=summ.residues / summ.embed_seconds,
                      sequences_per_s=summ.embedded / summ.embed_seconds, wall_s=summ.wall_seconds,
                      embed_s=summ.embed_seconds, sequences=summ.embedded,
+                     switch_interval_ms=sys.getswitchinterval() * 1000, workdir=str(args.workdir),
+                     input_process=os.environ.get("GPUENGINE_INPUT_PROCESS", "auto"),
                      note="GPU step replaced by a no-op; parse+validate+plan+schedule+commit")
         del runner, hf, state
         if torch.cuda.is_available():
