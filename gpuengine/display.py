@@ -100,6 +100,9 @@ def print_summary(summary) -> None:
         ("tokens", summary.tokens),
         ("wall time", f"{summary.wall_seconds:.1f} s ({summary.embed_seconds:.1f} s embedding)"),
         ("tokens/s (embedding)", f"{summary.tokens_per_second:,.0f}"),
+        ("store writes", f"{summary.commit_transactions} transactions, "
+                         f"{summary.commit_seconds:.1f} s; {summary.commit_wait_seconds:.1f} s "
+                         "waited for them after the last batch"),
     ]
     for name, value in rows:  # Text, not markup: paths and model names are user data
         table.add_row(name, Text(f"{value:,}" if isinstance(value, int) else str(value)))

@@ -91,6 +91,12 @@ class RunSummary:
     embed_seconds: float = 0.0
     """From the first batch claimed to the last commit (the steady-state part)."""
     devices: list[dict] = field(default_factory=list)
+    commit_transactions: int = 0
+    commit_seconds: float = 0.0
+    """Time the store writer spent encoding, writing and syncing transactions."""
+    commit_wait_seconds: float = 0.0
+    """Time the run waited for the store writer after handing it the last group (long when
+    the store's disk, not the devices, limits the run)."""
     interrupted: bool = False
     run_id: str = ""
     """Key of the run's progress record in the store's ``runs`` database."""
@@ -360,7 +366,9 @@ class _Run:
                     extra = self.final_records(self.summary)
                 committer.put(self.group, extra_runs=extra)
                 self.group, self.group_rows = [], 0
+                waited = time.perf_counter()
                 committer.finish()
+                self.summary.commit_wait_seconds = time.perf_counter() - waited
                 self.progress.close()
         if committer.error is not None:
             raise committer.error
@@ -580,6 +588,7 @@ class _Run:
         s.deduplicated = planner.counts.aliased
         s.embedded = counts.sequences
         s.committed_records = counts.records
+        s.commit_transactions, s.commit_seconds = counts.transactions, counts.busy_seconds
         s.tokens = sum(w.stats.tokens for w in workers)
         s.embed_seconds = seconds
         s.residues = planner.counts.residues_new

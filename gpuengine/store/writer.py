@@ -120,6 +120,16 @@ def embedded_digests(group: Sequence[CommitPart]) -> list[bytes]:
     return out
 
 
+def group_nbytes(group: Sequence[CommitPart]) -> int:
+    """Bytes of the vectors a group holds (as computed, before any cast to the store dtype)."""
+    total = 0
+    for part in group:
+        for arrays in (part.vectors or {}).values():  # an array, or a list of row arrays
+            total += (arrays.nbytes if isinstance(arrays, np.ndarray)
+                      else sum(getattr(a, "nbytes", 0) for a in arrays))
+    return total
+
+
 def group_counts(group: Sequence[CommitPart]) -> tuple[int, int]:
     """(sequences committed with vectors, record ids mapped) of a group."""
     sequences = records = 0
