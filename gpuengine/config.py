@@ -31,9 +31,6 @@ class Environment:
     input_process: bool | None = None
     """``GPUENGINE_INPUT_PROCESS=1`` / ``0``: read the input FASTA in a child process always /
     never, where :attr:`EmbedConfig.input_process` leaves it open (unset: by input size)."""
-    switch_interval_ms: float | None = None
-    """``GPUENGINE_SWITCH_INTERVAL_MS``: the interpreter's thread switch interval during a run
-    (unset: :data:`gpuengine.engine.PIPELINE_SWITCH_INTERVAL_MS`; 5 is Python's default)."""
 
 
 def environment() -> Environment:
@@ -49,18 +46,9 @@ def environment() -> Environment:
     if choice not in ("", "0", "1"):
         raise UsageError(f"GPUENGINE_INPUT_PROCESS={choice!r}: use 1 (always), 0 (never) or "
                          "leave it unset (by input size)")
-    interval = os.environ.get("GPUENGINE_SWITCH_INTERVAL_MS", "")
-    try:
-        switch_interval_ms = float(interval) if interval else None
-    except ValueError:
-        switch_interval_ms = -1.0
-    if switch_interval_ms is not None and not 0 < switch_interval_ms <= 1000:
-        raise UsageError(f"GPUENGINE_SWITCH_INTERVAL_MS={interval!r}: give milliseconds, more "
-                         "than 0 and at most 1000 (Python's default is 5)")
     return Environment(offline=offline, cache_dir=cache,
                        notify_socket=os.environ.get("NOTIFY_SOCKET", ""),
-                       input_process=None if not choice else choice == "1",
-                       switch_interval_ms=switch_interval_ms)
+                       input_process=None if not choice else choice == "1")
 
 
 _TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -349,8 +348,7 @@ class _Run:
         planner_thread.start()
         started = time.perf_counter()
         completed = False
-        interval = self.config.env.switch_interval_ms or PIPELINE_SWITCH_INTERVAL_MS
-        with pipeline_interpreter(switch_interval_ms=interval):  # see pipeline_interpreter
+        with relaxed_collector():  # the loop allocates; see relaxed_collector
             try:
                 self._loop(workers, committer, planner)
                 completed = not self.summary.interrupted
@@ -601,48 +599,35 @@ class _Run:
                       "oom_events": w.stats.oom_events} for w in workers]
 
 
-_interpreter_lock = threading.Lock()
-_interpreter_users = 0
-_saved_interpreter: tuple[tuple[int, ...], float] = ((), 0.0)
-
-PIPELINE_SWITCH_INTERVAL_MS = 0.2
-"""The interpreter's thread switch interval during a run (Python's default: 5 ms)."""
+_relaxed_lock = threading.Lock()
+_relaxed_users = 0
+_saved_threshold: tuple[int, ...] = ()
 
 
 @contextlib.contextmanager
-def pipeline_interpreter(young_threshold: int = 50_000,
-                         switch_interval_ms: float = PIPELINE_SWITCH_INTERVAL_MS):
-    """Interpreter settings for the pipeline's threads, process-wide for the run: the first of
-    overlapping runs changes them and the last one out restores them.
-
-    * The cyclic garbage collector runs less: objects alive before the run (the model, the
-      loaded inputs' bookkeeping) are frozen out of collections, and the youngest generation is
-      collected every ``young_threshold`` allocations instead of 700. The pipeline allocates
-      and frees millions of short-lived acyclic objects (records, id arrays, commit rows) that
-      reference counting frees anyway; with the defaults, collections took about a quarter of
-      the host pipeline's time (py-spy, ``tools/bench_esm.py --systems host``).
-    * A thread waiting for the interpreter lock gets it after ``switch_interval_ms`` at most
-      instead of 5 ms. py-lmdb releases and retakes the lock around every key the committer
-      writes; while the planner and the main loop ran Python code, each retake waited for
-      the holder's interval and the committer wrote ~22 k keys/s instead of ~400 k
-      (``tools/profile_host.sh``). A device worker waiting to launch kernels waits less too.
-    """
-    global _interpreter_users, _saved_interpreter
-    with _interpreter_lock:
-        if _interpreter_users == 0:
-            _saved_interpreter = (gc.get_threshold(), sys.getswitchinterval())
+def relaxed_collector(young_threshold: int = 50_000):
+    """Python's cyclic garbage collector, made to run less during the pipeline: objects alive
+    before it (the model, the loaded inputs' bookkeeping) are frozen out of collections, and
+    the youngest generation is collected every ``young_threshold`` allocations instead of 700.
+    The pipeline allocates and frees millions of short-lived acyclic objects (records, id
+    arrays, commit rows) that reference counting frees anyway; with the defaults, collections
+    took about a quarter of the host pipeline's time (py-spy, ``tools/bench_esm.py --systems
+    host``). The settings are process-wide: the first of overlapping runs changes them and
+    the last one out restores them."""
+    global _relaxed_users, _saved_threshold
+    with _relaxed_lock:
+        if _relaxed_users == 0:
+            _saved_threshold = gc.get_threshold()
             gc.freeze()
-            gc.set_threshold(young_threshold, *_saved_interpreter[0][1:])
-            sys.setswitchinterval(switch_interval_ms / 1000)
-        _interpreter_users += 1
+            gc.set_threshold(young_threshold, *_saved_threshold[1:])
+        _relaxed_users += 1
     try:
         yield
     finally:
-        with _interpreter_lock:
-            _interpreter_users -= 1
-            if _interpreter_users == 0:
-                gc.set_threshold(*_saved_interpreter[0])
-                sys.setswitchinterval(_saved_interpreter[1])
+        with _relaxed_lock:
+            _relaxed_users -= 1
+            if _relaxed_users == 0:
+                gc.set_threshold(*_saved_threshold)
                 gc.unfreeze()
 
 
