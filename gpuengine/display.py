@@ -100,16 +100,16 @@ def print_summary(summary) -> None:
         ("tokens", summary.tokens),
         ("wall time", f"{summary.wall_seconds:.1f} s ({summary.embed_seconds:.1f} s embedding)"),
         ("tokens/s (embedding)", f"{summary.tokens_per_second:,.0f}"),
-        ("store writes", f"{summary.commit_transactions} transactions, "
-                         f"{summary.commit_seconds:.1f} s; {summary.commit_wait_seconds:.1f} s "
-                         "waited for them after the last batch"),
+        ("store writes (time; waited after the last batch)",
+         f"{summary.commit_transactions} transactions, {summary.commit_seconds:.1f} s; "
+         f"{summary.commit_wait_seconds:.1f} s"),
     ]
     for name, value in rows:  # Text, not markup: paths and model names are user data
         table.add_row(name, Text(f"{value:,}" if isinstance(value, int) else str(value)))
     for dev in summary.devices:
         table.add_row(f"  {dev['device']}", Text(
             f"{dev['sequences']:,} seq, {dev['tokens']:,} tok, "
-            f"{dev['tokens_per_second']:,.0f} tok/s busy, {dev['busy_fraction']:.0%} busy"))
+            f"{dev['tokens_per_second']:,.0f} tok/s while busy, busy {dev['busy_fraction']:.0%}"))
     stderr.print(table)
     for record_id, reason in summary.failed[:20]:
         stderr.print(Text.assemble(("failed", "red"), f" {record_id}: {reason}"), highlight=False)
