@@ -14,6 +14,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -76,8 +77,10 @@ def main() -> None:
             block = bases[rng.choice(5, (n, 150), p=[0.2495] * 4 + [0.002])]
             f.write("".join(f">read{start + i}\n{row.tobytes().decode()}\n"
                             for i, row in enumerate(block)))
+    out = work / "predict_out"
+    shutil.rmtree(out, ignore_errors=True)  # a cold run: nothing reused from an earlier one
     config = PredictConfig(reads=fasta, length=500, classifier=mlp_path, esm_model=str(esm_pt),
-                           dnabert_model=str(dna_dir), out=work / "predict_out",
+                           dnabert_model=str(dna_dir), out=out,
                            devices="cpu" if args.tiny else "auto")
     start = time.perf_counter()
     summary = run_predict(config)
