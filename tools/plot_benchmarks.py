@@ -56,7 +56,9 @@ RUN_LABEL = {"04ebd69": "run 1 (synchronous runner)", "249a66f": "run 2 (two-thr
              "cf282ff": "FlexAttention for ESM-2 (variant)",
              "1faff81": "run 8 (input reader process; 1.2 M-residue runs)",
              "f63df5b": "host-pipeline settings; clocks and power",
-             "6655d34": "run 9 (group commit; clocks and power)"}
+             "6655d34": "run 9 (group commit; clocks and power)",
+             "4b624d4": "0.2 ms switch interval (backed out); predict 200k",
+             "34e63de": "DNA host pipeline; predict 500k"}
 GOAL_DNA_PCT = 60.0       # issue 4: DNABERT-S at 60 % of its GEMM ceiling
 GOAL_PCT = 75.0            # docs/performance: 75 % of the GEMM ceiling for ESM-2 3B
 GOAL_HF = 1.9              # ≥ 1.9× HF on every workload
@@ -371,8 +373,9 @@ def markdown(recs, profile: list[Path] | None) -> str:
 
     # host pipeline: every record (a run may measure settings side by side)
     rows = []
+    host_models = models + ["dnabert-s"]
     for c_ in order:
-        for m in models:
+        for m in host_models:
             for wl in WORKLOADS:
                 for hp in (r for r in recs if (r["commit"], r["model"], r["workload"], r["system"])
                            == (c_, m, wl, "gpuengine-host")):
@@ -613,10 +616,8 @@ def markdown(recs, profile: list[Path] | None) -> str:
         rows.append([f"{short_model(m)}: ≥ {GOAL_HF_FIRST}× HF (what the first issue expected)", txt,
                      "yes" if met15 == len(ratios)
                      else ("**no**" if met15 == 0 else f"partly ({met15} of {len(ratios)})")])
-    hosts = [latest(recs, model=m, workload=wl, system="gpuengine-host", workdir="/tmp/gpuengine-bench",
-                    switch_interval_ms=5.0, input_process="auto")
-             or latest(recs, model=m, workload=wl, system="gpuengine-host", workdir=None)
-             for m in models for wl in WORKLOADS]
+    defaults = [r for r in recs if r["system"] == "gpuengine-host" and host_setting(r) == "default"]
+    hosts = [latest(defaults, model=m, workload=wl) for m in models + ["dnabert-s"] for wl in WORKLOADS]
     hosts = [h for h in hosts if h]
     rows.append([f"host pipeline ≥ {GOAL_HOST // 1000} k sequences/s (store on disk, default settings)",
                  ", ".join(f"{fmt_int(h['sequences_per_s'])} seq/s ({short_model(h['model'])} dims, {h['workload']}, `{h['commit']}`)"
