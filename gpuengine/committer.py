@@ -26,7 +26,6 @@ from gpuengine.store.writer import (
     CommitPart,
     StoreWriter,
     embedded_digests,
-    group_counts,
     group_nbytes,
 )
 
@@ -99,12 +98,12 @@ class Committer(threading.Thread):
     def _commit(self, group: list[CommitPart], extra_runs: dict | None, groups: int) -> None:
         started = time.perf_counter()
         try:
-            self.writer.commit(self.table, group, run_id=self.run_id, extra_runs=extra_runs)
+            sequences, records = self.writer.commit(self.table, group, run_id=self.run_id,
+                                                    extra_runs=extra_runs)
         except BaseException as exc:
             log.error("commit failed: %s", exc)
             self.error = exc
             return
-        sequences, records = group_counts(group)
         with self._lock:
             self.counts.transactions += 1
             self.counts.groups += groups

@@ -21,7 +21,7 @@ from gpuengine.store import (
     TableSpec,
     sequence_digest,
 )
-from gpuengine.store.writer import CommitRows, group_nbytes
+from gpuengine.store.writer import CommitRows, group_counts, group_nbytes
 
 MEAN = OutputSpec(6, "mean")
 DIM = 8
@@ -139,3 +139,11 @@ def test_after_a_failure_later_groups_are_drained_unwritten(writer: StoreWriter)
     committer.finish()  # returns: the queue is drained, not blocked
     assert isinstance(committer.error, StoreMismatchError)
     assert stored(writer) == {"r2": 0.0}
+
+
+def test_commit_returns_the_counts_of_its_group(writer: StoreWriter) -> None:
+    ledger = Ledger()
+    first = [rows(ledger, 0, 4)]
+    assert writer.commit("default", first) == group_counts(first) == (4, 4)
+    aliases = [CommitEntry(sequence_digest("S1"), ("alias-a", "alias-b"), None), rows(ledger, 4, 2)]
+    assert writer.commit("default", aliases) == group_counts(aliases) == (2, 4)

@@ -511,9 +511,11 @@ class StoreWriter:
 
     def commit(self, table: str, entries: Sequence[CommitPart], *,
                run_id: str | None = None,
-               extra_runs: Mapping[str, dict[str, Any]] | None = None) -> None:
+               extra_runs: Mapping[str, dict[str, Any]] | None = None) -> tuple[int, int]:
         """Write a group atomically: vectors, id mappings, the run's counters, and any
         ``extra_runs`` records (whole run records by id, e.g. a daemon's job record).
+        Returns what the run's counters advanced by: (sequences with vectors, record ids),
+        as :func:`group_counts` of ``entries``.
 
         Raises StoreMismatchError (nothing written) when an id is already mapped to another
         sequence, InternalError when an alias-only entry's embeddings are not stored.
@@ -534,6 +536,7 @@ class StoreWriter:
                 txn.put(self._run_key(other_id), _dump(other), db=self._runs_db)
 
         self._env.write(work, size_hint=group.nbytes + 4096)
+        return group.sequences, len(group.ids)
 
     def _put_group(self, txn: lmdb.Transaction, t: _Table, group: _Group) -> None:
         """Vectors first (one ``putmulti``), then alias checks, then id mappings (one
