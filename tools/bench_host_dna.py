@@ -12,7 +12,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -22,9 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_esm import NoopRunner  # noqa: E402
-from gpuengine.config import EmbedConfig  # noqa: E402
-from gpuengine.engine import run_embed  # noqa: E402
+from bench_esm import NoopRunner, run_e2e  # noqa: E402
 from gpuengine.synthetic import write_dnabert_s  # noqa: E402
 
 
@@ -48,12 +45,8 @@ def main() -> None:
                 block = bases[rng.integers(0, 4, (min(100_000, args.reads - start), 150))]
                 f.write("".join(f">read{start + i}\n{row.tobytes().decode()}\n"
                                 for i, row in enumerate(block)))
-    store = args.workdir / "host-dna.lmdb"
-    shutil.rmtree(store, ignore_errors=True)
     NoopRunner.dim_hint = 768
-    summary = run_embed(EmbedConfig(inputs=(fasta,), model=str(model), out=store, devices="cpu",
-                                    precision=None), runner_factory=NoopRunner.factory)
-    shutil.rmtree(store, ignore_errors=True)
+    summary = run_e2e(model, fasta, None, args.workdir, noop=True)  # budget: the CPU default
     rec = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "commit": args.commit,
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
