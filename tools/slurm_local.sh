@@ -1,63 +1,71 @@
 #!/usr/bin/env bash
-# A real one-host SLURM cluster for the test suite and CI: Debian's slurm-wlm + munge, started
-# without systemd (munged, slurmctld, slurmd as plain background daemons, all state, sockets,
-# logs and pid files under one directory).
+# A real one-host SLURM cluster for the test suite and CI: Debian's slurm-wlm + munge (+ slurmdbd
+# on MariaDB for sacct), started without systemd as plain background daemons, every config,
+# socket, database, log and pid file under one directory.
 #
 #   tools/slurm_local.sh start    install the packages if missing, write the config, start the
 #                                 daemons, wait until the node is idle (no-op when already up)
-#   tools/slurm_local.sh stop     cancel its jobs, stop exactly the daemons it started (pid files),
+#   tools/slurm_local.sh stop     cancel its jobs, stop exactly the daemons its pid files name,
 #                                 remove its state (logs are kept under $DIR/log)
 #   tools/slurm_local.sh status   daemons and sinfo; exit 0 when the cluster answers
 #   tools/slurm_local.sh env      print `export SLURM_CONF=...` for a shell (eval "$(... env)")
 #
 # Needs root (slurmd runs jobs as their submitter; CI runs as root). Settings, from the
 # environment:
-#   GPUENGINE_SLURM_DIR      state directory               [/tmp/gpuengine-slurm]
-#   GPUENGINE_SLURM_CPUS     CPUs the node offers           [nproc]
-#   GPUENGINE_SLURM_GPUS     fake gres/gpu count (no device files; 0 = no gres) [2]
-#   GPUENGINE_SLURM_PORT     slurmctld port, slurmd uses +1 [6817]
-#   GPUENGINE_SLURM_TIMEOUT  seconds to wait for the node   [60]
+#   GPUENGINE_SLURM_DIR         state directory                          [/tmp/gpuengine-slurm]
+#   GPUENGINE_SLURM_CPUS        CPUs the node offers                     [nproc]
+#   GPUENGINE_SLURM_GPUS        fake gres/gpu count (0 = no gres)         [2]
+#   GPUENGINE_SLURM_ACCOUNTING  1: slurmdbd + MariaDB so sacct works     [1]
+#   GPUENGINE_SLURM_PORT        slurmctld port; slurmd +1, slurmdbd +2, MariaDB +3   [6817]
+#   GPUENGINE_SLURM_TIMEOUT     seconds to wait for each daemon          [60]
 #
-# The node is one partition `local` (the default). Jobs get a per-job node-local $TMPDIR
-# ($DIR/tmp/job_<id>, created by the prolog, removed by the epilog) like most clusters give.
-# Completed jobs stay visible to squeue/scontrol for MinJobAge=3600 s; there is no slurmdbd, so
-# `sacct` answers "accounting storage is disabled". The config is written to $DIR/slurm.conf;
-# when /etc/slurm/slurm.conf does not exist, start links it there so plain `sbatch` finds it
-# (stop removes that link again); otherwise set SLURM_CONF (see `env`).
+# The node (named after `hostname -s`) is the one partition `local`, the default. Jobs get a
+# per-job node-local $TMPDIR ($DIR/tmp/job_<id>: prolog creates it, epilog removes it) as most
+# clusters give. The fake GPUs are links to /dev/null: `--gres=gpu:K` / `--gpus-per-node=K`
+# (K <= GPUS) are accepted and set CUDA_VISIBLE_DEVICES, more is refused at submission.
+# Finished jobs stay in squeue/scontrol for MinJobAge=3600 s and in sacct until stop. The config
+# is $DIR/slurm.conf; when /etc/slurm/slurm.conf does not exist, start links it there so plain
+# `sbatch` finds it (stop removes that link); otherwise set SLURM_CONF (see `env`).
 set -euo pipefail
 
 DIR=${GPUENGINE_SLURM_DIR:-/tmp/gpuengine-slurm}
 CPUS=${GPUENGINE_SLURM_CPUS:-$(nproc)}
 GPUS=${GPUENGINE_SLURM_GPUS:-2}
+ACCOUNTING=${GPUENGINE_SLURM_ACCOUNTING:-1}
 PORT=${GPUENGINE_SLURM_PORT:-6817}
 TIMEOUT=${GPUENGINE_SLURM_TIMEOUT:-60}
 NODE=$(hostname -s)
 CONF=$DIR/slurm.conf
 ETC_CONF=/etc/slurm/slurm.conf
-PACKAGES=(slurmctld slurmd slurm-client munge)
+MUNGE_SOCKET=$DIR/munge/munge.socket.2
+DB_PORT=$((PORT + 3))
 export SLURM_CONF=$CONF
 
 log() { echo "slurm_local: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 install_packages() {
-    local missing=() p
-    for p in "${PACKAGES[@]}"; do
+    local wanted=(slurmctld slurmd slurm-client munge) missing=() p rc=0
+    [ "$ACCOUNTING" = 1 ] && wanted+=(slurmdbd mariadb-server)
+    for p in "${wanted[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
+    log "installing ${missing[*]} (log: $DIR/log/apt.log)"
+    # Keep the packages' init scripts from starting the distribution's own daemons.
+    local policy=/usr/sbin/policy-rc.d made_policy=0
+    if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 755 "$policy"; made_policy=1; fi
     local apt=(apt-get install -y -q --no-install-recommends -o Dpkg::Use-Pty=0)
-    if ! "${apt[@]}" "${missing[@]}" >"$DIR/log/apt.log" 2>&1; then
+    DEBIAN_FRONTEND=noninteractive "${apt[@]}" "${missing[@]}" >"$DIR/log/apt.log" 2>&1 || {
         apt-get update -q >>"$DIR/log/apt.log" 2>&1 || true
-        "${apt[@]}" "${missing[@]}" >>"$DIR/log/apt.log" 2>&1 \
-            || { tail -20 "$DIR/log/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
-    fi
+        DEBIAN_FRONTEND=noninteractive "${apt[@]}" "${missing[@]}" >>"$DIR/log/apt.log" 2>&1 || rc=$?
+    }
+    [ $made_policy = 1 ] && rm -f "$policy"
+    [ $rc -eq 0 ] || { tail -n 20 "$DIR/log/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
 }
 
-# pid of daemon $1 from its pid file when that process is alive and is that daemon, else empty.
+# pid of daemon $1 from $DIR/run/$1.pid when that process is alive and is that daemon, else empty.
 live_pid() {
     local pidfile=$DIR/run/$1.pid pid
     [ -s "$pidfile" ] || return 0
@@ -67,12 +75,32 @@ live_pid() {
     return 0
 }
 
+# Wait until command "$2..." succeeds; $1 names the daemon (and its log) for the error.
+wait_for() {
+    local name=$1 deadline=$((SECONDS + TIMEOUT)); shift
+    until "$@" >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || { tail -n 5 "$DIR/log/$name.log" >&2 || true; die "$name not answering after ${TIMEOUT}s; see $DIR/log/$name.log"; }
+        [ -n "$(live_pid "$name")" ] || [ ! -e "$DIR/run/$name.pid" ] || { tail -n 5 "$DIR/log/$name.log" >&2 || true; die "$name exited; see $DIR/log/$name.log"; }
+        sleep 0.2
+    done
+}
+
 write_config() {
-    local mem gres_types="" gres="" i
+    local mem gres_types="" gres="" accounting i
     mem=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     if [ "$GPUS" -gt 0 ]; then gres_types="GresTypes=gpu"; gres="Gres=gpu:$GPUS"; fi
+    if [ "$ACCOUNTING" = 1 ]; then
+        accounting="AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$((PORT + 2))
+AccountingStoragePass=$MUNGE_SOCKET
+JobAcctGatherType=jobacct_gather/linux"
+    else
+        accounting="AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none"
+    fi
     cat >"$CONF" <<EOF
-# Written by tools/slurm_local.sh: one node, no systemd, no cgroups, no slurmdbd.
+# Written by tools/slurm_local.sh: one node, no systemd, no cgroups.
 ClusterName=gpuengine
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmctldPort=$PORT
@@ -81,30 +109,27 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$DIR/munge/munge.socket.2
+AuthInfo=socket=$MUNGE_SOCKET
 StateSaveLocation=$DIR/ctld
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/run/slurmctld.pid
 SlurmdPidFile=$DIR/run/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=${GPUENGINE_SLURMD_DEBUG:-info}
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SlurmdParameters=config_overrides
 SchedulerType=sched/backfill
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+$accounting
 JobCompType=jobcomp/filetxt
 JobCompLoc=$DIR/log/jobcomp.txt
 MinJobAge=3600
 ReturnToService=2
 MpiDefault=none
 MailProg=/bin/true
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
 Prolog=$DIR/prolog.sh
 Epilog=$DIR/epilog.sh
 TaskProlog=$DIR/task_prolog.sh
@@ -112,14 +137,13 @@ $gres_types
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$mem $gres State=UNKNOWN
 PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
-    # Fake GPUs: slurmd drops a gres/gpu without device files; links to /dev/null pass its check.
+    # slurmd drops a gres/gpu without device files; links to /dev/null pass its check.
     : >"$DIR/gres.conf"
     if [ "$GPUS" -gt 0 ]; then
         mkdir -p "$DIR/dev"
         for ((i = 0; i < GPUS; i++)); do ln -sfn /dev/null "$DIR/dev/gpu$i"; done
         echo "NodeName=$NODE Name=gpu File=$DIR/dev/gpu[0-$((GPUS - 1))]" >"$DIR/gres.conf"
     fi
-    # Per-job node-local scratch, exported to the job as TMPDIR (what most clusters provide).
     printf '#!/bin/sh\nmkdir -p "%s/tmp/job_$SLURM_JOB_ID"\n' "$DIR" >"$DIR/prolog.sh"
     printf '#!/bin/sh\nrm -rf "%s/tmp/job_$SLURM_JOB_ID"\n' "$DIR" >"$DIR/epilog.sh"
     printf '#!/bin/sh\necho "export TMPDIR=%s/tmp/job_$SLURM_JOB_ID"\n' "$DIR" >"$DIR/task_prolog.sh"
@@ -135,10 +159,58 @@ start_munge() {
         chmod 400 "$DIR/munge/munge.key"
     fi
     : >"$DIR/log/munged.log"
-    munged --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket.2" \
+    munged --key-file="$DIR/munge/munge.key" --socket="$MUNGE_SOCKET" \
         --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" \
         --seed-file="$DIR/munge/munged.seed" --force \
         || die "munged did not start; see $DIR/log/munged.log"
+}
+
+mariadb_answers() { mariadb --no-defaults -S "$DIR/mysql/mysqld.sock" -u root -e 'select 1'; }
+
+start_mariadb() {
+    [ -n "$(live_pid mariadbd)" ] && return 0
+    if [ ! -d "$DIR/mysql/data/mysql" ]; then
+        mkdir -p "$DIR/mysql"
+        mariadb-install-db --no-defaults --datadir="$DIR/mysql/data" --user=root --skip-test-db \
+            --auth-root-authentication-method=socket >"$DIR/log/mariadbd.log" 2>&1 \
+            || die "mariadb-install-db failed; see $DIR/log/mariadbd.log"
+    fi
+    # Its own session, so that signals to the caller's process group do not reach it.
+    setsid mariadbd --no-defaults --datadir="$DIR/mysql/data" --user=root \
+        --socket="$DIR/mysql/mysqld.sock" --port=$DB_PORT --bind-address=127.0.0.1 \
+        --pid-file="$DIR/run/mariadbd.pid" --log-error="$DIR/log/mariadbd.log" \
+        --skip-name-resolve --innodb-buffer-pool-size=64M </dev/null >/dev/null 2>&1 &
+    echo $! >"$DIR/run/mariadbd.pid"
+    wait_for mariadbd mariadb_answers
+    mariadb --no-defaults -S "$DIR/mysql/mysqld.sock" -u root -e "
+        CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
+        GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+}
+
+start_slurmdbd() {
+    [ -n "$(live_pid slurmdbd)" ] && return 0
+    cat >"$DIR/slurmdbd.conf" <<EOF
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCKET
+DbdAddr=127.0.0.1
+DbdHost=$NODE
+DbdPort=$((PORT + 2))
+SlurmUser=root
+PidFile=$DIR/run/slurmdbd.pid
+LogFile=$DIR/log/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=slurm
+StorageLoc=slurm_acct_db
+EOF
+    chmod 600 "$DIR/slurmdbd.conf"  # slurmdbd refuses a readable one (it holds a password)
+    : >"$DIR/log/slurmdbd.log"
+    slurmdbd || die "slurmdbd did not start; see $DIR/log/slurmdbd.log"
+    wait_for slurmdbd sacctmgr -n show cluster
+    sacctmgr -n -P show cluster format=cluster | grep -qx gpuengine \
+        || sacctmgr -i add cluster gpuengine >/dev/null
 }
 
 cluster_answers() { timeout 10 sinfo -h >/dev/null 2>&1; }
@@ -155,7 +227,7 @@ wait_idle() {
         esac
         [ -n "$(live_pid slurmctld)" ] || die "slurmctld exited; see $DIR/log/slurmctld.log"
         [ -n "$(live_pid slurmd)" ] || die "slurmd exited; see $DIR/log/slurmd.log"
-        sleep 0.5
+        sleep 0.2
     done
     tail -n 5 "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" >&2 || true
     die "node $NODE not idle after ${TIMEOUT}s (state '${state:-no answer}')"
@@ -172,12 +244,14 @@ cmd_start() {
     if [ -n "$(live_pid slurmctld)" ] && [ -n "$(live_pid slurmd)" ] && cluster_answers; then
         log "already running ($DIR)"; link_etc_conf; return 0
     fi
+    trap 'log "start failed; stopping what it started"; cmd_stop' EXIT
     mkdir -p "$DIR" && chmod 755 "$DIR"
     mkdir -p "$DIR/log" "$DIR/run" "$DIR/ctld" "$DIR/spool" "$DIR/tmp"
     chmod 1777 "$DIR/tmp"
     install_packages
     write_config
     start_munge
+    if [ "$ACCOUNTING" = 1 ]; then start_mariadb; start_slurmdbd; fi
     if [ -z "$(live_pid slurmctld)" ]; then
         : >"$DIR/log/slurmctld.log"
         slurmctld -c -f "$CONF" || die "slurmctld did not start; see $DIR/log/slurmctld.log"
@@ -188,7 +262,8 @@ cmd_start() {
     fi
     link_etc_conf
     wait_idle
-    log "up: node $NODE, $CPUS CPUs, partition local, SLURM_CONF=$CONF"
+    trap - EXIT
+    log "up: node $NODE, $CPUS CPUs, $GPUS fake GPUs, partition local, accounting=$ACCOUNTING, SLURM_CONF=$CONF"
 }
 
 # SIGTERM the named daemons (those whose pid files point at them), wait, SIGKILL stragglers.
@@ -215,10 +290,11 @@ cmd_stop() {
         done
     fi
     stop_daemons slurmd slurmctld
-    stop_daemons munged
-    [ -L "$ETC_CONF" ] && [ "$(readlink "$ETC_CONF")" = "$CONF" ] && rm -f "$ETC_CONF"
+    stop_daemons slurmdbd
+    stop_daemons mariadbd munged
+    if [ -L "$ETC_CONF" ] && [ "$(readlink "$ETC_CONF")" = "$CONF" ]; then rm -f "$ETC_CONF"; fi
     if [ -d "$DIR" ]; then
-        rm -rf "$DIR/ctld" "$DIR/spool" "$DIR/tmp" "$DIR/munge" "$DIR/run" "$DIR/dev"
+        rm -rf "$DIR/ctld" "$DIR/spool" "$DIR/tmp" "$DIR/munge" "$DIR/run" "$DIR/dev" "$DIR/mysql"
         rm -f "$DIR"/*.sh "$DIR"/*.conf
     fi
     log "stopped ($DIR; logs kept in $DIR/log)"
@@ -226,7 +302,7 @@ cmd_stop() {
 
 cmd_status() {
     local name rc=0
-    for name in munged slurmctld slurmd; do
+    for name in munged mariadbd slurmdbd slurmctld slurmd; do
         printf '%-10s %s\n' "$name" "$(live_pid "$name" | sed 's/^/pid /')"
     done
     if cluster_answers; then sinfo; else echo "cluster does not answer ($CONF)"; rc=1; fi
