@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gpuengine.synthetic import write_fair_esm_checkpoint, write_hf_esm
+from slurm_cluster import slurm  # noqa: F401  (session fixture: a real SLURM)
 
 TINY = (2, 64, 4)  # layers, dim, heads: head_dim 16
 RESIDUES = "LAGVSERTIDPKQNFYMHWCXBUZO"
