@@ -100,6 +100,32 @@ def test_scancel_task_blocks_afterok_until_resubmitted(slurm, tmp_path):
         slurm.run("scancel", array, join, check=False)
 
 
+def test_scancel_pending_task_leaves_no_record(slurm, tmp_path):
+    """scancel of an array task that has not started yet: the task vanishes (neither scontrol
+    nor sacct lists it afterwards; only a missing done marker shows it), the afterok join can
+    never run, and with --kill-on-invalid-dep=yes SLURM cancels the join itself."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    array = slurm.submit(TASK.format(shared=shared, fail_task="none"), "--array=0-3%1",
+                         f"--output={shared}/task_%A_%a.log")
+    join = slurm.submit(JOIN.format(shared=shared), f"--dependency=afterok:{array}",
+                        "--kill-on-invalid-dep=yes", "--output=/dev/null")
+    try:
+        slurm.wait_until(lambda: (shared / "started_0").exists(), what="task 0 running")
+        slurm.cancel(f"{array}_3")
+        (shared / "release").touch()
+        jobs = slurm.wait(array, join, timeout=120)
+        assert {j.id: j.state for j in jobs.values()} == {
+            **{f"{array}_{i}": "COMPLETED" for i in range(3)}, join: "CANCELLED"}
+        assert jobs[join].reason == "DependencyNeverSatisfied"
+        assert not (shared / "started_3").exists()
+        if slurm.has_sacct:
+            assert f"{array}_3" not in slurm.accounting(array)
+    finally:
+        (shared / "release").touch()
+        slurm.run("scancel", array, join, check=False)
+
+
 def test_failed_task_blocks_afterok_but_not_afterany(slurm, tmp_path):
     shared = tmp_path / "shared"
     array, join = submit_array(slurm, shared, fail_task="2")
