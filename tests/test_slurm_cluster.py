@@ -144,7 +144,8 @@ def test_failed_task_blocks_afterok_but_not_afterany(slurm, tmp_path):
 
 def test_gpu_requests(slurm, tmp_path):
     """--gres=gpu:K is granted up to the node's count (the one-host cluster has fake GPUs and
-    sets CUDA_VISIBLE_DEVICES) and refused at submission above it."""
+    sets CUDA_VISIBLE_DEVICES) and refused at submission above it, differently on a cluster
+    without any GPU gres."""
     per_node = slurm.gpus_per_node
     out = tmp_path / "gpu.txt"
     script = "#!/bin/bash\necho \"${CUDA_VISIBLE_DEVICES-unset} ${SLURM_GPUS_ON_NODE-unset}\"\n"
@@ -153,5 +154,7 @@ def test_gpu_requests(slurm, tmp_path):
         assert slurm.wait(job)[job].state == "COMPLETED"
         devices, count = out.read_text().split()
         assert devices == ",".join(map(str, range(per_node))) and count == str(per_node)
-    with pytest.raises(RuntimeError, match="Requested node configuration is not available"):
+    refusal = ("Requested node configuration is not available" if per_node
+               else "Invalid generic resource")
+    with pytest.raises(RuntimeError, match=refusal):
         slurm.submit(script, f"--gres=gpu:{per_node + 1}", "--output=/dev/null")
