@@ -121,7 +121,8 @@ class SlurmCluster:
 
     def jobs(self, *job_ids: str) -> dict[str, Job]:
         """The jobs and array tasks of ``job_ids`` (an array id covers all its tasks), from
-        scontrol, or from sacct for jobs the controller has already forgotten."""
+        scontrol, or from sacct for jobs the controller has already forgotten. What neither
+        knows is left out (an array task cancelled before it started has no record)."""
         found: dict[str, Job] = {}
         for job_id in job_ids:
             proc = self.run("scontrol", "-o", "show", "job", job_id, check=False)
@@ -159,11 +160,13 @@ class SlurmCluster:
             if jobs and all(j.settled for j in jobs.values()):
                 return jobs
             if time.monotonic() > deadline:
+                states = sorted(jobs.values(), key=lambda j: j.id)
                 raise TimeoutError(f"SLURM jobs {job_ids} not settled after {timeout}s: "
-                                   f"{sorted(jobs.values(), key=lambda j: j.id)}\n{self.log_tail()}")
+                                   f"{states}\n{self.log_tail()}")
             time.sleep(poll)
 
-    def wait_until(self, predicate, timeout: float = 60, poll: float = 0.1, what: str = "condition"):
+    def wait_until(self, predicate, timeout: float = 60, poll: float = 0.1,
+                   what: str = "condition"):
         """Poll ``predicate()`` until it returns a true value; return that value."""
         deadline = time.monotonic() + timeout
         while not (value := predicate()):
@@ -214,7 +217,9 @@ def start_local() -> tuple[SlurmCluster | None, str]:
         return None, f"tools/slurm_local.sh start failed: {proc.stderr.strip()[-1500:]}"
     cluster = _local_cluster()
     problem = cluster.answers()
-    return (cluster, "") if problem is None else (None, f"started cluster does not answer: {problem}")
+    if problem is not None:
+        return None, f"started cluster does not answer: {problem}"
+    return cluster, ""
 
 
 @pytest.fixture(scope="session")

@@ -48,24 +48,31 @@ install_packages() {
     local wanted=(slurmctld slurmd slurm-client munge) missing=() p rc=0
     [ "$ACCOUNTING" = 1 ] && wanted+=(slurmdbd mariadb-server)
     for p in "${wanted[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
     log "installing ${missing[*]} (log: $DIR/log/apt.log)"
     # Keep the packages' init scripts from starting the distribution's own daemons.
     local policy=/usr/sbin/policy-rc.d made_policy=0
-    if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod 755 "$policy"; made_policy=1; fi
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made_policy=1
+    fi
     local apt=(apt-get install -y -q --no-install-recommends -o Dpkg::Use-Pty=0)
-    DEBIAN_FRONTEND=noninteractive "${apt[@]}" "${missing[@]}" >"$DIR/log/apt.log" 2>&1 || {
+    export DEBIAN_FRONTEND=noninteractive
+    "${apt[@]}" "${missing[@]}" >"$DIR/log/apt.log" 2>&1 || {
         apt-get update -q >>"$DIR/log/apt.log" 2>&1 || true
-        DEBIAN_FRONTEND=noninteractive "${apt[@]}" "${missing[@]}" >>"$DIR/log/apt.log" 2>&1 || rc=$?
+        "${apt[@]}" "${missing[@]}" >>"$DIR/log/apt.log" 2>&1 || rc=$?
     }
     [ $made_policy = 1 ] && rm -f "$policy"
-    [ $rc -eq 0 ] || { tail -n 20 "$DIR/log/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
+    if [ $rc -ne 0 ]; then
+        tail -n 20 "$DIR/log/apt.log" >&2
+        die "apt-get install ${missing[*]} failed"
+    fi
 }
 
-# pid of daemon $1 from $DIR/run/$1.pid when that process is alive and is that daemon, else empty.
+# pid of daemon $1 from $DIR/run/$1.pid when that process is alive and is that daemon, else "".
 live_pid() {
     local pidfile=$DIR/run/$1.pid pid
     [ -s "$pidfile" ] || return 0
@@ -77,10 +84,15 @@ live_pid() {
 
 # Wait until command "$2..." succeeds; $1 names the daemon (and its log) for the error.
 wait_for() {
-    local name=$1 deadline=$((SECONDS + TIMEOUT)); shift
+    local name=$1 deadline=$((SECONDS + TIMEOUT)) problem=""; shift
     until "$@" >/dev/null 2>&1; do
-        [ $SECONDS -lt $deadline ] || { tail -n 5 "$DIR/log/$name.log" >&2 || true; die "$name not answering after ${TIMEOUT}s; see $DIR/log/$name.log"; }
-        [ -n "$(live_pid "$name")" ] || [ ! -e "$DIR/run/$name.pid" ] || { tail -n 5 "$DIR/log/$name.log" >&2 || true; die "$name exited; see $DIR/log/$name.log"; }
+        if [ $SECONDS -ge $deadline ]; then problem="not answering after ${TIMEOUT}s"
+        elif [ -e "$DIR/run/$name.pid" ] && [ -z "$(live_pid "$name")" ]; then problem="exited"
+        fi
+        if [ -n "$problem" ]; then
+            tail -n 5 "$DIR/log/$name.log" >&2 || true
+            die "$name $problem; see $DIR/log/$name.log"
+        fi
         sleep 0.2
     done
 }
@@ -146,7 +158,8 @@ EOF
     fi
     printf '#!/bin/sh\nmkdir -p "%s/tmp/job_$SLURM_JOB_ID"\n' "$DIR" >"$DIR/prolog.sh"
     printf '#!/bin/sh\nrm -rf "%s/tmp/job_$SLURM_JOB_ID"\n' "$DIR" >"$DIR/epilog.sh"
-    printf '#!/bin/sh\necho "export TMPDIR=%s/tmp/job_$SLURM_JOB_ID"\n' "$DIR" >"$DIR/task_prolog.sh"
+    printf '#!/bin/sh\necho "export TMPDIR=%s/tmp/job_$SLURM_JOB_ID"\n' "$DIR" \
+        >"$DIR/task_prolog.sh"
     chmod 755 "$DIR/prolog.sh" "$DIR/epilog.sh" "$DIR/task_prolog.sh"
 }
 
@@ -263,7 +276,8 @@ cmd_start() {
     link_etc_conf
     wait_idle
     trap - EXIT
-    log "up: node $NODE, $CPUS CPUs, $GPUS fake GPUs, partition local, accounting=$ACCOUNTING, SLURM_CONF=$CONF"
+    log "up: node $NODE, $CPUS CPUs, $GPUS fake GPUs, partition local," \
+        "accounting=$ACCOUNTING, SLURM_CONF=$CONF"
 }
 
 # SIGTERM the named daemons (those whose pid files point at them), wait, SIGKILL stragglers.
@@ -276,7 +290,10 @@ stop_daemons() {
     done
     for pid in "${pids[@]}"; do
         for i in $(seq 60); do [ -d "/proc/$pid" ] || break; sleep 0.25; done
-        if [ -d "/proc/$pid" ]; then log "pid $pid ignored SIGTERM, killing"; kill -9 "$pid" || true; fi
+        if [ -d "/proc/$pid" ]; then
+            log "pid $pid ignored SIGTERM, killing"
+            kill -9 "$pid" || true
+        fi
     done
 }
 
