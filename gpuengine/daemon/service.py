@@ -45,11 +45,14 @@ class ServeConfig:
     watch: Path
     embed: EmbedConfig
     poll_interval: float = 2.0
+    """Seconds between polls of the inbox."""
     force_poll: bool = False
     """Never use inotify (it is also off by itself on network filesystems)."""
-    """Seconds between polls of the inbox."""
     settle: float = 5.0
     """The fallback: seconds a file must stay unchanged (and look complete) to be taken."""
+    quiet_period: float = 60.0
+    """The last resort: seconds after which a file that stayed unchanged is taken as it is,
+    complete-looking or not (so nothing waits in inbox/ forever); at least ``settle``."""
     max_attempts: int = 3
     """Attempts per file before it goes to failed/ (input errors fail at once)."""
     status_interval: float = 5.0
@@ -66,6 +69,9 @@ class ServeConfig:
             raise UsageError(f"--poll-interval must be positive (got {self.poll_interval})")
         if self.settle < 0:
             raise UsageError(f"--settle must not be negative (got {self.settle})")
+        if not self.quiet_period >= self.settle:  # also refuses NaN
+            raise UsageError(f"--quiet-period must be at least --settle ({self.settle} s; "
+                             f"got {self.quiet_period})")
         if self.max_attempts < 1:
             raise UsageError(f"--max-attempts must be at least 1 (got {self.max_attempts})")
         if self.status_interval <= 0:
@@ -107,7 +113,7 @@ class Daemon:
         self.board = StatusBoard(self.dir, config.status_interval, notify,
                                  memories=lambda: self.pool.memories() if self.pool else [])
         self.board.update(store=str(config.embed.out), model=config.embed.model)
-        self.watcher = InboxWatcher(self.inbox, config.settle)
+        self.watcher = InboxWatcher(self.inbox, config.settle, config.quiet_period)
         self.waker: Waker | None = None
         self.retry_at: dict[str, float] = {}
         self._lock_fd: int | None = None
