@@ -747,6 +747,27 @@ def test_files_that_never_look_complete_are_taken_after_the_quiet_period(tiny_pt
         served.close()
 
 
+@pytest.mark.slow
+def test_daemon_refuses_a_table_computed_in_another_precision(tiny_pt, tmp_path):
+    """The store's table was computed in fp32; a daemon asked for bf16 refuses to start
+    (exit 1, before claiming anything) instead of mixing two precisions in one table."""
+    fasta = tmp_path / "a.fa"
+    fasta.write_bytes(fasta_bytes("a", 5, seed=1)[0])
+    store = tmp_path / "store.lmdb"
+    result = cli("embed", fasta, "--model", tiny_pt, "--out", store, "--gpus", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    served = Served(tmp_path, tiny_pt, "--precision", "bf16")
+    try:
+        assert served.proc.wait(timeout=120) == 1
+        err = served.stderr()
+        assert "table 'default' holds" in err and "compute precision differs (store: fp32, " \
+            "run: bf16)" in err and "pass --precision fp32" in err and "--table NAME" in err
+        assert "Traceback" not in err and not any("READY=1" in m for m in served.messages)
+        assert store_counts(store) == (5, 5, 1)
+    finally:
+        served.close()
+
+
 N_BIG = 6000  # several commit groups (one per 0.5 s) even on a fast machine: the kill lands mid-file
 
 

@@ -21,8 +21,7 @@ from typing import Any, Callable
 from gpuengine import __version__, systemd
 from gpuengine.config import EmbedConfig
 from gpuengine.errors import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, DeviceError,
-                              GpuEngineError, InputError, ModelLoadError, StoreMismatchError,
-                              UsageError)
+                              GpuEngineError, InputError, ModelLoadError, UsageError)
 from gpuengine.progress import ProgressSink
 from gpuengine.daemon.constants import ATTEMPTS_FILE, ERROR_SUFFIX, FOLDERS, JOB_PREFIX, JOB_SUFFIX, LOCK_FILE, MAX_LISTED_FAILURES, WARMUP_PREFIX, WARMUP_RECORD
 from gpuengine.daemon.files import atomic_write_json, error_record, file_sha256, free_name, is_ignored, marker_name, utc_now
@@ -269,30 +268,25 @@ class Daemon:
 
         self.pool = ReplicaPool()
         started = time.perf_counter()
-        summary = predict_job.warm_up(self.config.predict, self.dir,
-                                      _FileProgress(self.board, loading=True), self.stop, self.pool)
+        summary, specs = predict_job.warm_up(self.config.predict, self.dir,
+                                             _FileProgress(self.board, loading=True), self.stop,
+                                             self.pool)
         if any(e.get("interrupted") for e in summary.embed.values()):
             raise DaemonExit(EXIT_OK)
+        self.check_store(specs)
         self.identity = predict_job.identity(self.config.predict)
         self.board.update(model={"job": "predict", "esm": self.config.predict.esm_model,
                                  "dnabert": self.config.predict.dnabert_model})
         log.info("predict models loaded in %.1f s", time.perf_counter() - started)
 
-    def check_store(self) -> None:
-        """Refuse to start on a store whose table means something else (rather than failing
-        every file)."""
+    def check_store(self, specs: list | None = None) -> None:
+        """Refuse to start on a store whose table (or, ``--job predict``, tables) means
+        something else, compute precision included (rather than failing every file)."""
         from gpuengine.store.writer import StoreWriter
 
         with StoreWriter(self.config.embed.out) as writer:
-            stored = writer.stored_spec(self.table_spec.name)
-        if stored is not None:
-            diffs = stored.differences(self.table_spec)
-            if diffs:
-                raise StoreMismatchError(
-                    f"store {self.config.embed.out} table {self.table_spec.name!r} holds "
-                    f"{stored.describe()}; the daemon's options ask for "
-                    f"{self.table_spec.describe()} ({'; '.join(diffs)}); use another --table "
-                    "or --store")
+            for spec in specs or [self.table_spec]:
+                writer.check_table(spec)
 
     def recover(self) -> None:
         """Finish every file a previous daemon left in ``processing/``."""
