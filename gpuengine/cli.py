@@ -413,6 +413,9 @@ def serve(
     settle: float = typer.Option(5.0, "--settle", help="A file without a marker that was not "
                                  "renamed into inbox/ is taken once unchanged this many seconds "
                                  "and complete (final newline or whole gzip)."),
+    quiet_period: float = typer.Option(60.0, "--quiet-period", help="A file unchanged this many "
+                                       "seconds is taken as it is, complete-looking or not "
+                                       "(junk goes to failed/)."),
     max_attempts: int = typer.Option(3, "--max-attempts", help="Attempts per file before it "
                                      "goes to failed/ (bad input fails at once)."),
     retry_delay: float = typer.Option(10.0, "--retry-delay", help="Seconds before the first "
@@ -452,7 +455,7 @@ def serve(
             skip_invalid=skip_invalid, devices=gpus, max_tokens=max_tokens,
             allow_download=not offline)
         config = ServeConfig(watch=watch, embed=embed_config, poll_interval=poll_interval,
-                             force_poll=poll,
+                             force_poll=poll, quiet_period=quiet_period,
                              settle=settle, max_attempts=max_attempts, retry_delay=retry_delay,
                              status_interval=status_interval, predict=predict_template)
     except GpuEngineError as exc:

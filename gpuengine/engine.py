@@ -178,7 +178,8 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
     created = not Path(config.out).exists()
     writer = StoreWriter(config.out)
     try:
-        conflict_check = _store_conflict_check(writer, config.table, max_residues)
+        precision = run_precision(config, fam)
+        conflict_check = _store_conflict_check(writer, config, max_residues, precision)
         if records is None:
             progress.stage("validating input")
             report = validate(list(config.inputs), alphabet=fam.alphabet,
@@ -208,7 +209,7 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
             log.warning("model %s has RANDOM weights (a gpuengine test checkpoint): the "
                         "embeddings mean nothing", source.path)
         spec = _table_spec(config, fam, weights, weights_checksum(source, config.env.cache_dir),
-                           max_residues)
+                           max_residues, precision)
         writer.open_table(spec)
         summary = RunSummary(str(config.out), spec.name, source.name, weights.synthetic, **counts)
         _Run(config, fam, weights, spec, writer, records, summary, progress, stop,
@@ -226,8 +227,16 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
     return summary
 
 
+def run_precision(config: EmbedConfig, fam: Family) -> str:
+    """The compute precision of a run: ``--precision``, else fp32 on the CPU and the family's
+    GPU precision (fp16) on GPUs. Part of the table's identity."""
+    if config.precision is not None:
+        return config.precision
+    return "fp32" if parse_devices(config.devices)[0].type == "cpu" else fam.gpu_precision
+
+
 def _table_spec(config: EmbedConfig, fam: Family, weights: Weights, sha256: str,
-                max_residues: int | None) -> TableSpec:
+                max_residues: int | None, precision: str) -> TableSpec:
     identity = ModelIdentity(family=fam.name, name=weights.source.name, sha256=sha256,
                              num_layers=weights.num_layers, embed_dim=weights.embed_dim,
                              attention_heads=weights.attention_heads,
@@ -235,15 +244,21 @@ def _table_spec(config: EmbedConfig, fam: Family, weights: Weights, sha256: str,
     outputs = resolve_outputs(config.layers, config.pools, weights.num_layers)
     return TableSpec(name=config.table, model=identity, outputs=outputs,
                      store_dtype=config.store_dtype, dim=weights.embed_dim,
-                     max_residues=max_residues)
+                     max_residues=max_residues, precision=precision)
 
 
-def _store_conflict_check(writer: StoreWriter, table: str, max_residues: int | None):
-    """An id already in the table with another sequence is a problem of the record (checked
-    before any weights are read; a table not in the store yet holds no id)."""
+def _store_conflict_check(writer: StoreWriter, config: EmbedConfig, max_residues: int | None,
+                          precision: str):
+    """Refuse a truncation or compute precision that differs from the table's, and return the
+    check that an id already in the table with another sequence is a problem of the record
+    (all before any weights are read; a table not in the store yet holds no id)."""
+    table = config.table
     stored_spec = writer.stored_spec(table)
     if stored_spec is None:
         return None
+    on = "CPU" if parse_devices(config.devices)[0].type == "cpu" else "GPU"
+    writer.check_precision(table, precision, "" if config.precision else
+                           f" (the default on the {on}, as no --precision was given)")
     if (stored_spec.max_residues or None) != (max_residues or None):
         raise StoreMismatchError(
             f"store {writer.path} table {table!r} holds sequences truncated to "
@@ -380,8 +395,7 @@ class _Run:
 
     def _start_workers(self) -> list[DeviceWorker]:
         devices = parse_devices(self.config.devices)
-        precision = self.config.precision or ("fp32" if devices[0].type == "cpu"
-                                              else self.fam.gpu_precision)
+        precision = self.spec.precision
         if devices[0].type == "cpu" and self.config.threads:
             torch.set_num_threads(self.config.threads)
         estimate = activation_bytes_per_token(self.weights.embed_dim, DTYPES[precision].itemsize,

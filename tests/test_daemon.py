@@ -34,7 +34,7 @@ from gpuengine.config import EmbedConfig
 from gpuengine.daemon import (AttemptBook, Daemon, DaemonExit, InboxWatcher, ServeConfig,
                               StatusBoard, atomic_write_json, check_status, error_record,
                               file_sha256, free_name, gzip_complete, is_ignored, looks_complete)
-from gpuengine.errors import DeviceError, GpuEngineError, InputError
+from gpuengine.errors import DeviceError, GpuEngineError, InputError, UsageError
 from gpuengine.config import environment
 from gpuengine.systemd import notify
 
@@ -140,6 +140,71 @@ def test_file_moved_in_with_an_old_mtime_is_ready_after_two_polls(tmp_path):
     assert control.poll() == []
     (tmp_path / "y.fa").write_text(">a\nMKV\n")
     assert control.poll() == [] and control.poll() == []
+
+
+def rename_without_evidence(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target`` the way a writer that renames in the same clock tick as
+    its last write looks to the daemon: ctime not later than mtime, mtime not older than the
+    previous poll (here: mtime set a minute ahead, as NFS clock skew does too)."""
+    ahead = time.time_ns() + 60 * 10**9
+    os.utime(source, ns=(ahead, ahead))
+    os.replace(source, target)
+    st = target.stat()
+    assert st.st_ctime_ns <= st.st_mtime_ns  # the daemon's rename evidence is absent
+
+
+@pytest.mark.parametrize("delivery", ["in place", "renamed in the same tick"])
+def test_a_file_that_stays_incomplete_is_taken_after_the_quiet_period(tmp_path, delivery, caplog):
+    inbox, staging = tmp_path / "inbox", tmp_path / "staging"
+    inbox.mkdir()
+    staging.mkdir()
+    clock = Clock()
+    watcher = InboxWatcher(inbox, settle=5, quiet_period=30, clock=clock)
+    assert watcher.poll() == []
+    if delivery == "in place":
+        (inbox / "x.fa").write_text(">a\nMKV")  # no final newline
+    else:
+        (staging / "x.fa").write_text(">a\nMKV")
+        rename_without_evidence(staging / "x.fa", inbox / "x.fa")
+    assert watcher.poll() == []
+    for _ in range(5):  # 5 s .. 25 s unchanged: past --settle, waiting (listed as such)
+        clock.now += 5
+        assert watcher.poll() == [] and watcher.waiting == ["x.fa"]
+    clock.now += 4.5  # 29.5 s
+    assert watcher.poll() == []
+    with caplog.at_level("WARNING", logger="gpuengine.daemon"):
+        clock.now += 0.5  # 30 s: taken as it is
+        assert watcher.poll() == ["x.fa"] and watcher.waiting == []
+        assert watcher.poll() == ["x.fa"]  # still there (not claimed): still ready, one warning
+    assert [r.getMessage() for r in caplog.records if r.getMessage().endswith(": taking it as it is")] \
+        == ["inbox/x.fa has not changed for 30 s (--quiet-period) though it looks incomplete "
+            "(not whole gzip data or no final newline): taking it as it is"]
+
+
+def test_a_change_restarts_the_quiet_period(tmp_path):
+    clock = Clock()
+    watcher = InboxWatcher(tmp_path, settle=5, quiet_period=30, clock=clock)
+    path = tmp_path / "x.fa"
+    path.write_text(">a\nMKV")
+    watcher.poll()
+    clock.now += 25
+    assert watcher.poll() == [] and watcher.waiting == ["x.fa"]
+    with open(path, "a") as fh:  # the writer was only slow: 25 s more from now
+        fh.write("L")
+    clock.now += 25
+    assert watcher.poll() == []
+    clock.now += 25
+    assert watcher.poll() == []
+    clock.now += 5
+    assert watcher.poll() == ["x.fa"]
+
+
+def test_quiet_period_must_not_be_shorter_than_settle(tmp_path):
+    embed = EmbedConfig(inputs=(tmp_path,), model="m", out=tmp_path / "s.lmdb")
+    ServeConfig(watch=tmp_path, embed=embed, settle=5, quiet_period=5)
+    for bad in (4.9, float("nan")):
+        with pytest.raises(UsageError, match="--quiet-period must be at least --settle"):
+            ServeConfig(watch=tmp_path, embed=embed, settle=5, quiet_period=bad)
 
 
 def test_inbox_skips_ignored_names_directories_and_symlinks(tmp_path):
@@ -630,6 +695,75 @@ def test_daemon_takes_complete_files_and_survives_bad_ones(tiny_pt, tmp_path):
         status = json.loads((served.dir / "status.json").read_text())
         assert status["state"] == "stopped" and status["exit_code"] == 0
         assert cli("status", served.dir).exit_code == 1
+    finally:
+        served.close()
+
+
+@pytest.mark.slow
+def test_files_that_never_look_complete_are_taken_after_the_quiet_period(tiny_pt, tmp_path):
+    """Nothing waits in inbox/ forever: a valid FASTA without a final newline goes to done/,
+    binary junk to failed/ with its error record, each delivered in place and by a rename
+    that shows no rename evidence (both fall to the completeness heuristic first)."""
+    served = Served(tmp_path, tiny_pt, "--quiet-period", "3")
+    try:
+        served.wait_for_message("READY=1")
+        inbox, staging = served.dir / "inbox", served.dir / "staging"
+        staging.mkdir()
+        fasta = {name: f">{name[0]}1 x\nMKVLA\n>{name[0]}2\nACDEFGHIK".encode()
+                 for name in ("p.fa", "r.fa")}  # no final newline
+        junk = {name: bytes(range(256)) * 4 for name in ("pj.bin", "rj.bin")}
+        for name, data in {**fasta, **junk}.items():
+            if name.startswith("p"):
+                (inbox / name).write_bytes(data)
+            else:
+                (staging / name).write_bytes(data)
+                rename_without_evidence(staging / name, inbox / name)
+        seen_waiting: set[str] = set()
+
+        def finished() -> bool:
+            try:
+                seen_waiting.update(served.status().get("waiting") or ())
+            except (OSError, ValueError):
+                pass
+            return all(served.in_done(n) for n in fasta) and all(served.in_failed(n)
+                                                                 for n in junk)
+
+        served.wait_for(finished, "every file in done/ or failed/")
+        assert seen_waiting == set(fasta) | set(junk)  # none had rename evidence or a newline
+        for name, data in fasta.items():
+            job = served.job(name)
+            assert job["status"] == "complete" and job["counts"]["committed_records"] == 2
+            assert (served.dir / "done" / name).read_bytes() == data
+        for name, data in junk.items():
+            error = json.loads((served.dir / "failed" / f"{name}.error.json").read_text())
+            assert error["kind"] == "input" and "not valid UTF-8" in error["reason"]
+            assert (served.dir / "failed" / name).read_bytes() == data
+        assert sorted(store_ids(served.store)) == ["p1", "p2", "r1", "r2"]
+        assert not list(inbox.iterdir())
+        served.wait_for(lambda: served.status()["waiting"] == [], "no file listed as waiting")
+        assert served.stderr().count(": taking it as it is") == 4
+        assert served.stop() == 0
+    finally:
+        served.close()
+
+
+@pytest.mark.slow
+def test_daemon_refuses_a_table_computed_in_another_precision(tiny_pt, tmp_path):
+    """The store's table was computed in fp32; a daemon asked for bf16 refuses to start
+    (exit 1, before claiming anything) instead of mixing two precisions in one table."""
+    fasta = tmp_path / "a.fa"
+    fasta.write_bytes(fasta_bytes("a", 5, seed=1)[0])
+    store = tmp_path / "store.lmdb"
+    result = cli("embed", fasta, "--model", tiny_pt, "--out", store, "--gpus", "cpu", "-q")
+    assert result.exit_code == 0, result.output
+    served = Served(tmp_path, tiny_pt, "--precision", "bf16")
+    try:
+        assert served.proc.wait(timeout=120) == 1
+        err = served.stderr()
+        assert "table 'default' holds" in err and "compute precision differs (store: fp32, " \
+            "run: bf16)" in err and "pass --precision fp32" in err and "--table NAME" in err
+        assert "Traceback" not in err and not any("READY=1" in m for m in served.messages)
+        assert store_counts(store) == (5, 5, 1)
     finally:
         served.close()
 

@@ -11,7 +11,7 @@ import pytest
 
 from gpuengine.errors import StoreError
 from gpuengine.store import codec
-from gpuengine.store.schema import ModelIdentity, OutputSpec, TableSpec
+from gpuengine.store.schema import ModelIdentity, OutputSpec, TableSpec, recorded_precisions
 
 
 def make_model(**overrides: object) -> ModelIdentity:
@@ -67,6 +67,7 @@ def test_embedding_key_matches_documented_definition() -> None:
         (lambda: make_spec(outputs=(OutputSpec(7, "mean"),)), "out of range 0..6"),
         (lambda: make_spec(dim=0), "positive"),
         (lambda: make_spec(max_residues=0), "positive"),
+        (lambda: make_spec(precision="fp8"), "fp32, fp16, bf16"),
         (lambda: make_model(sha256="XYZ"), "hex"),
         (lambda: make_model(family=""), "family"),
         (lambda: make_model(num_layers=True), "positive integer"),
@@ -101,6 +102,49 @@ def test_differences_are_readable() -> None:
     assert "outputs differ (store: layer6/mean, layer6/bos, run: layer3/mean)" in diffs
     assert "store dtype differs (store: float16, run: float32)" in diffs
     assert "max_residues (truncation) differs (store: 1022, run: none)" in diffs
+
+
+OLD_TABLE_RECORD = {
+    "name": "default",
+    "model": {"name": "esm2_t6_8M_UR50D", "family": "esm2", "sha256": "ab" * 32, "num_layers": 6,
+              "embed_dim": 8, "attention_heads": 4, "vocab_size": 33},
+    "model_fingerprint": make_model().fingerprint().hex(),
+    "outputs": [{"layer": 6, "pool": "mean"}], "store_dtype": "float16", "dim": 8,
+    "max_residues": 1022}
+"""A table record as gpuengine wrote it before the compute precision was part of it."""
+
+
+def test_precision_is_part_of_the_spec_and_old_records_stay_readable() -> None:
+    spec = make_spec(precision="bf16")
+    assert spec.to_json()["precision"] == "bf16"
+    assert TableSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    assert "computed in bf16" in spec.describe()
+    old = TableSpec.from_json(OLD_TABLE_RECORD)
+    assert old.precision is None and old == make_spec()
+    assert old.to_json() == OLD_TABLE_RECORD  # an old record round-trips unchanged
+    assert "compute precision not recorded" in old.describe()
+    assert make_spec(precision="fp32").differences(spec) == [
+        "compute precision differs (store: fp32, run: bf16)"]
+    assert spec.differences(make_spec(precision="bf16")) == []
+    assert old.differences(spec) == []  # an old record: the writer decides (run records)
+    # the key names what an embedding means within a table, which holds one precision
+    digest = codec.sequence_digest("MKV")
+    assert spec.embedding_key(OutputSpec(6, "mean"), digest) == old.embedding_key(
+        OutputSpec(6, "mean"), digest)
+
+
+def test_recorded_precisions_are_those_of_engine_runs_that_committed_vectors() -> None:
+    def run(precision, committed=5, command="embed"):
+        return json.dumps({"run_id": "r", "committed_sequences": committed,
+                           "info": {"command": command, "precision": precision}}).encode()
+
+    assert recorded_precisions([]) == ()
+    assert recorded_precisions([run("fp16"), run("fp16", committed=9)]) == ("fp16",)
+    assert recorded_precisions([run("bf16"), run("fp32"), run("fp16")]) == (
+        "fp32", "fp16", "bf16")
+    job = json.dumps({"run_id": "job-1", "info": {"options": {"precision": "fp32"}}}).encode()
+    assert recorded_precisions([run("fp16"), run("fp32", committed=0), job, b"not json",
+                                run("fp32", command="other"), run(None)]) == ("fp16",)
 
 
 @pytest.mark.parametrize(

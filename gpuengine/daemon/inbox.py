@@ -32,6 +32,8 @@ class _Seen:
     complete: bool | None = None
     """The content check, cached for this signature."""
     warned: bool = False
+    taken_as_is: bool = False
+    """Taken at the end of the quiet period though it looks incomplete (logged once)."""
 
 
 class InboxWatcher:
@@ -47,13 +49,19 @@ class InboxWatcher:
       shows neither and falls through to the next rule; or
     * (fallback) size, mtime, ctime and inode unchanged for ``settle`` seconds (two polls at
       least that far apart) *and* the content looks complete: plain text ending with a
-      newline, or whole gzip data. A stable but incomplete file waits (one warning).
+      newline, or whole gzip data. A stable but incomplete file waits (one warning); or
+    * (last resort) unchanged for ``quiet_period`` seconds, whatever it looks like: a writer
+      that paused that long is taken to be done. The file is then taken as it is (a valid
+      FASTA without a final newline is embedded; junk goes to failed/ with the reason), so
+      nothing waits in the inbox forever.
     """
 
-    def __init__(self, inbox: Path, settle: float, *, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, inbox: Path, settle: float, quiet_period: float = 60.0, *,
+                 clock: Callable[[], float] = time.monotonic,
                  wall_ns: Callable[[], int] = time.time_ns):
         self.inbox = Path(inbox)
         self.settle = settle
+        self.quiet_period = max(quiet_period, settle)
         self._clock = clock
         self._wall_ns = wall_ns
         self._seen: dict[str, _Seen] = {}
@@ -61,7 +69,8 @@ class InboxWatcher:
         self.depth = 0
         """Files in the inbox at the last poll (ignored names excluded)."""
         self.waiting: list[str] = []
-        """Files stable for ``settle`` seconds but not complete at the last poll."""
+        """Files stable for ``settle`` seconds but not complete at the last poll (each is
+        taken as it is once stable for ``quiet_period`` seconds)."""
 
     def poll(self) -> list[str]:
         """Names ready to claim, oldest first."""
@@ -124,12 +133,19 @@ class InboxWatcher:
             seen.complete = looks_complete(self.inbox / name)
         if seen.complete:
             return "ready"
+        looks = "empty" if size == 0 else "not whole gzip data or no final newline"
+        if now - seen.since >= self.quiet_period:
+            if not seen.taken_as_is:
+                seen.taken_as_is = True
+                log.warning("inbox/%s has not changed for %g s (--quiet-period) though it looks "
+                            "incomplete (%s): taking it as it is", name, self.quiet_period, looks)
+            return "ready"
         if not seen.warned:
             seen.warned = True
             log.warning("inbox/%s has not changed for %g s but looks incomplete (%s); waiting "
-                        "for more data. To take it as it is, create inbox/%s", name, self.settle,
-                        "empty" if size == 0 else "not whole gzip data or no final newline",
-                        marker_name(name))
+                        "for more data, or taking it as it is once unchanged for %g s "
+                        "(--quiet-period). To take it now, create inbox/%s", name, self.settle,
+                        looks, self.quiet_period, marker_name(name))
         return "waiting"
 
     def forget(self, name: str) -> None:

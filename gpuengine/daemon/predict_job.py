@@ -35,8 +35,10 @@ def run_file(template, store: Path, watch: Path, path: Path, sha256: str, progre
     return run_predict(config, progress, stop, replicas=pool)
 
 
-def warm_up(template, directory: Path, progress, stop, pool) -> Any:
-    """Load both models on every device (one built-in read into a throw-away store)."""
+def warm_up(template, directory: Path, progress, stop, pool) -> tuple[Any, list]:
+    """Load both models on every device (one built-in read into a throw-away store); returns
+    the summary and the specs of the tables written (what the daemon's store must match)."""
+    from gpuengine.store.reader import EmbeddingStore
     from gpuengine.workflows.virnucpro.pipeline import run_predict
 
     tmp = Path(tempfile.mkdtemp(prefix=WARMUP_PREFIX, dir=directory))
@@ -45,7 +47,14 @@ def warm_up(template, directory: Path, progress, stop, pool) -> Any:
         reads.write_text(WARMUP_READ)
         config = dataclasses.replace(template, reads=reads, out=tmp / "out",
                                      store=tmp / "store.lmdb")
-        return run_predict(config, progress, stop, replicas=pool)
+        summary = run_predict(config, progress, stop, replicas=pool)
+        if any(e.get("interrupted") for e in summary.embed.values()):
+            return summary, []
+        specs = []
+        for table in summary.embed:
+            with EmbeddingStore(config.store_path, table=table) as store:
+                specs.append(store.spec)
+        return summary, specs
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

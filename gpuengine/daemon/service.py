@@ -21,8 +21,7 @@ from typing import Any, Callable
 from gpuengine import __version__, systemd
 from gpuengine.config import EmbedConfig
 from gpuengine.errors import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, DeviceError,
-                              GpuEngineError, InputError, ModelLoadError, StoreMismatchError,
-                              UsageError)
+                              GpuEngineError, InputError, ModelLoadError, UsageError)
 from gpuengine.progress import ProgressSink
 from gpuengine.daemon.constants import ATTEMPTS_FILE, ERROR_SUFFIX, FOLDERS, JOB_PREFIX, JOB_SUFFIX, LOCK_FILE, MAX_LISTED_FAILURES, WARMUP_PREFIX, WARMUP_RECORD
 from gpuengine.daemon.files import atomic_write_json, error_record, file_sha256, free_name, is_ignored, marker_name, utc_now
@@ -45,11 +44,14 @@ class ServeConfig:
     watch: Path
     embed: EmbedConfig
     poll_interval: float = 2.0
+    """Seconds between polls of the inbox."""
     force_poll: bool = False
     """Never use inotify (it is also off by itself on network filesystems)."""
-    """Seconds between polls of the inbox."""
     settle: float = 5.0
     """The fallback: seconds a file must stay unchanged (and look complete) to be taken."""
+    quiet_period: float = 60.0
+    """The last resort: seconds after which a file that stayed unchanged is taken as it is,
+    complete-looking or not (so nothing waits in inbox/ forever); at least ``settle``."""
     max_attempts: int = 3
     """Attempts per file before it goes to failed/ (input errors fail at once)."""
     status_interval: float = 5.0
@@ -66,6 +68,9 @@ class ServeConfig:
             raise UsageError(f"--poll-interval must be positive (got {self.poll_interval})")
         if self.settle < 0:
             raise UsageError(f"--settle must not be negative (got {self.settle})")
+        if not self.quiet_period >= self.settle:  # also refuses NaN
+            raise UsageError(f"--quiet-period must be at least --settle ({self.settle} s; "
+                             f"got {self.quiet_period})")
         if self.max_attempts < 1:
             raise UsageError(f"--max-attempts must be at least 1 (got {self.max_attempts})")
         if self.status_interval <= 0:
@@ -107,7 +112,7 @@ class Daemon:
         self.board = StatusBoard(self.dir, config.status_interval, notify,
                                  memories=lambda: self.pool.memories() if self.pool else [])
         self.board.update(store=str(config.embed.out), model=config.embed.model)
-        self.watcher = InboxWatcher(self.inbox, config.settle)
+        self.watcher = InboxWatcher(self.inbox, config.settle, config.quiet_period)
         self.waker: Waker | None = None
         self.retry_at: dict[str, float] = {}
         self._lock_fd: int | None = None
@@ -263,30 +268,25 @@ class Daemon:
 
         self.pool = ReplicaPool()
         started = time.perf_counter()
-        summary = predict_job.warm_up(self.config.predict, self.dir,
-                                      _FileProgress(self.board, loading=True), self.stop, self.pool)
+        summary, specs = predict_job.warm_up(self.config.predict, self.dir,
+                                             _FileProgress(self.board, loading=True), self.stop,
+                                             self.pool)
         if any(e.get("interrupted") for e in summary.embed.values()):
             raise DaemonExit(EXIT_OK)
+        self.check_store(specs)
         self.identity = predict_job.identity(self.config.predict)
         self.board.update(model={"job": "predict", "esm": self.config.predict.esm_model,
                                  "dnabert": self.config.predict.dnabert_model})
         log.info("predict models loaded in %.1f s", time.perf_counter() - started)
 
-    def check_store(self) -> None:
-        """Refuse to start on a store whose table means something else (rather than failing
-        every file)."""
+    def check_store(self, specs: list | None = None) -> None:
+        """Refuse to start on a store whose table (or, ``--job predict``, tables) means
+        something else, compute precision included (rather than failing every file)."""
         from gpuengine.store.writer import StoreWriter
 
         with StoreWriter(self.config.embed.out) as writer:
-            stored = writer.stored_spec(self.table_spec.name)
-        if stored is not None:
-            diffs = stored.differences(self.table_spec)
-            if diffs:
-                raise StoreMismatchError(
-                    f"store {self.config.embed.out} table {self.table_spec.name!r} holds "
-                    f"{stored.describe()}; the daemon's options ask for "
-                    f"{self.table_spec.describe()} ({'; '.join(diffs)}); use another --table "
-                    "or --store")
+            for spec in specs or [self.table_spec]:
+                writer.check_table(spec)
 
     def recover(self) -> None:
         """Finish every file a previous daemon left in ``processing/``."""

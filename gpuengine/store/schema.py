@@ -15,7 +15,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from gpuengine.errors import StoreError
@@ -25,6 +25,8 @@ SCHEMA_VERSION = 1
 
 POOLS = ("mean", "bos", "per-token")
 STORE_DTYPES = ("float16", "float32")
+PRECISIONS = ("fp32", "fp16", "bf16")
+"""Compute precisions of the model forward (``TableSpec.precision``)."""
 RUN_STATUSES = ("running", "complete", "partial", "interrupted", "failed")
 
 MAX_TABLES = 31
@@ -202,6 +204,11 @@ class TableSpec:
     dim: int
     max_residues: int | None
     """Truncation applied before embedding; ``None`` means none."""
+    precision: str | None = None
+    """Compute precision of the model forward (one of :data:`PRECISIONS`): fp16 or bf16
+    vectors differ from fp32 ones far beyond fp32's tolerance, so a table holds one. ``None``
+    only in a record written before gpuengine recorded it; the writer then decides from the
+    store's run records and records it at the next run (docs/store.md)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _TABLE_NAME.fullmatch(self.name):
@@ -216,6 +223,8 @@ class TableSpec:
         _positive_int("TableSpec", "dim", self.dim)
         if self.max_residues is not None:
             _positive_int("TableSpec", "max_residues", self.max_residues)
+        if self.precision is not None:
+            _choice("TableSpec", "precision", self.precision, PRECISIONS)
 
     def _check_outputs(self) -> None:
         if not self.outputs:
@@ -232,8 +241,9 @@ class TableSpec:
             raise ValueError(f"TableSpec.outputs repeats an output: {_labels(self.outputs)}")
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON record stored under ``meta`` / ``table:<name>``."""
-        return {
+        """The JSON record stored under ``meta`` / ``table:<name>`` (without ``precision``
+        when it is unknown: an old record round-trips unchanged)."""
+        record = {
             "name": self.name,
             "model": self.model.to_json(),
             "model_fingerprint": self.model.fingerprint().hex(),
@@ -242,6 +252,9 @@ class TableSpec:
             "dim": self.dim,
             "max_residues": self.max_residues,
         }
+        if self.precision is not None:
+            record["precision"] = self.precision
+        return record
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TableSpec:
@@ -253,6 +266,7 @@ class TableSpec:
             store_dtype=data["store_dtype"],
             dim=data["dim"],
             max_residues=data.get("max_residues"),
+            precision=data.get("precision"),
         )
         stored = data.get("model_fingerprint")
         if stored is not None and stored != spec.model.fingerprint().hex():
@@ -260,12 +274,14 @@ class TableSpec:
         return spec
 
     def describe(self) -> str:
-        """One line for messages: model, outputs, dtype, dim, truncation."""
+        """One line for messages: model, outputs, dtype, dim, truncation, precision."""
         residues = "none" if self.max_residues is None else str(self.max_residues)
+        computed = ("compute precision not recorded" if self.precision is None
+                    else f"computed in {self.precision}")
         return (
             f"{self.model.name} ({self.model.family}, sha256 {_short_hex(self.model.sha256)}), "
             f"outputs {_labels(self.outputs)}, {self.store_dtype}, dim {self.dim}, "
-            f"max_residues {residues}"
+            f"max_residues {residues}, {computed}"
         )
 
     def differences(self, other: TableSpec) -> list[str]:
@@ -273,7 +289,8 @@ class TableSpec:
 
         An empty list means compatible. The model's ``name`` and the order of ``outputs``
         are not compared (the order only picks the default output of lookups; the stored
-        order stays).
+        order stays). ``precision`` is compared when both record it; a stored spec without
+        it (an old record) is the writer's to decide, from the store's run records.
         """
         diffs: list[str] = []
 
@@ -300,6 +317,8 @@ class TableSpec:
         differ("dim", self.dim, other.dim)
         differ("max_residues (truncation)", self.max_residues or "none",
                other.max_residues or "none")
+        if self.precision is not None and other.precision is not None:
+            differ("compute precision", self.precision, other.precision)
         return diffs
 
     def embedding_key(self, output: OutputSpec, seq_digest: bytes) -> bytes:
@@ -331,6 +350,28 @@ def _key_prefix(model: ModelIdentity, layer: int, pool: str, max_residues: int) 
     return b"".join((model.fingerprint(), struct.pack("<I", layer),
                      struct.pack("<B", len(pool_bytes)), pool_bytes,
                      struct.pack("<Q", max_residues)))
+
+
+def recorded_precisions(run_records: Iterable[bytes]) -> tuple[str, ...]:
+    """The compute precisions of the engine runs among ``run_records`` (raw values of the
+    ``runs`` database) that committed vectors, in :data:`PRECISIONS` order: what a table whose
+    record predates ``TableSpec.precision`` can be shown to hold. Every engine run since the
+    first release records its precision (``info.precision``, ``info.command == "embed"``);
+    runs are not tied to a table, so in a store of several tables this is the union over all.
+    Empty when nothing shows it (e.g. a store written through the writer API alone)."""
+    found = set()
+    for raw in run_records:
+        try:
+            record = json.loads(bytes(raw))
+        except ValueError:
+            continue
+        info = record.get("info") if isinstance(record, dict) else None
+        if (isinstance(info, dict) and info.get("command") == "embed"
+                and info.get("precision") in PRECISIONS
+                and isinstance(record.get("committed_sequences"), int)
+                and record["committed_sequences"] > 0):
+            found.add(info["precision"])
+    return tuple(p for p in PRECISIONS if p in found)
 
 
 def parse_store_record(raw: bytes | None, path: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ store or not at all, and the run record never counts what is not there.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import operator
 import os
@@ -42,6 +43,7 @@ from gpuengine.store.schema import (
     ids_db_name,
     parse_store_record,
     parse_table_record,
+    recorded_precisions,
     table_key,
 )
 
@@ -360,17 +362,11 @@ class StoreWriter:
 
     def _open_table(self, txn: lmdb.Transaction, spec: TableSpec) -> _Table:
         record = parse_store_record(txn.get(STORE_KEY, db=self._meta_db), self._path)
-        raw = txn.get(table_key(spec.name), db=self._meta_db)
-        if raw is not None:
-            stored = parse_table_record(raw, spec.name, self._path)
-            diffs = stored.differences(spec)
-            if diffs:
-                raise StoreMismatchError(
-                    f"store {self._path} table {spec.name!r} holds {stored.describe()}; "
-                    f"this run asks for {spec.describe()}; differences: {'; '.join(diffs)}; "
-                    "to keep both, add a new named table with --table NAME "
-                    "(or use another --out)"
-                )
+        stored, adopt = self._checked(txn, spec)
+        if stored is not None:
+            if adopt:  # an old record learns its precision (docs/store.md)
+                stored = dataclasses.replace(stored, precision=spec.precision)
+                txn.put(table_key(spec.name), _dump(stored.to_json()), db=self._meta_db)
             spec = stored  # same meaning; keeps the stored order of outputs
         else:
             if len(record["tables"]) >= MAX_TABLES:
@@ -382,6 +378,68 @@ class StoreWriter:
         ids_db = self._env.db_in(txn, ids_db_name(spec.name), create=True)
         emb_db = self._env.db_in(txn, emb_db_name(spec.name), create=True)
         return _Table(spec, ids_db, emb_db)
+
+    def _precisions(self, txn: lmdb.Transaction, stored: TableSpec) -> tuple[str, ...]:
+        """The compute precisions ``stored``'s vectors can have: the recorded one; for an old
+        record without it, those the store's run records show (empty: unknown)."""
+        if stored.precision is not None:
+            return (stored.precision,)
+        with txn.cursor(db=self._runs_db) as cursor:
+            return recorded_precisions(value for _, value in cursor)
+
+    def _checked(self, txn: lmdb.Transaction,
+                 spec: TableSpec) -> tuple[TableSpec | None, bool]:
+        """(the stored spec of ``spec.name`` or None, whether that old record without a
+        precision takes ``spec``'s); StoreMismatchError when it means something else."""
+        raw = txn.get(table_key(spec.name), db=self._meta_db)
+        if raw is None:
+            return None, False
+        stored = parse_table_record(raw, spec.name, self._path)
+        diffs = stored.differences(spec)
+        adopt = stored.precision is None and spec.precision is not None
+        shown = self._precisions(txn, stored) if spec.precision is not None else ()
+        other_precision = bool(shown) and spec.precision not in shown
+        if adopt and other_precision:
+            diffs.append(f"compute precision differs (store: {' or '.join(shown)}, by its run "
+                         f"records; run: {spec.precision})")
+        if diffs:
+            precision_hint = (f"to add to this table, pass --precision {' or '.join(shown)}; "
+                              if other_precision else "")
+            raise StoreMismatchError(
+                f"store {self._path} table {spec.name!r} holds {stored.describe()}; "
+                f"this run asks for {spec.describe()}; differences: {'; '.join(diffs)}; "
+                f"{precision_hint}to keep both, add a new named table with --table NAME "
+                "(or use another --out)"
+            )
+        return stored, adopt
+
+    def check_table(self, spec: TableSpec) -> TableSpec | None:
+        """What :meth:`open_table` checks, creating and recording nothing: the stored spec
+        (None: no such table), or StoreMismatchError."""
+        return self._env.read(lambda txn: self._checked(txn, spec))[0]
+
+    def check_precision(self, table: str, precision: str, how: str = "") -> None:
+        """StoreMismatchError when ``table`` exists and its vectors were computed in another
+        precision (so a run can be refused before it reads its input and weights); ``how``
+        says where the run's precision came from."""
+        def work(txn: lmdb.Transaction) -> tuple[TableSpec, tuple[str, ...]] | None:
+            raw = txn.get(table_key(table), db=self._meta_db)
+            if raw is None:
+                return None
+            stored = parse_table_record(raw, table, self._path)
+            return stored, self._precisions(txn, stored)
+
+        found = self._env.read(work)
+        if found is None or not found[1] or precision in found[1]:
+            return
+        stored, shown = found
+        evidence = " (by its run records)" if stored.precision is None else ""
+        raise StoreMismatchError(
+            f"store {self._path} table {table!r} holds embeddings computed in "
+            f"{' or '.join(shown)}{evidence}; this run computes in {precision}{how}, and one "
+            f"table holds one precision. To add to this table, pass --precision "
+            f"{' or '.join(shown)}; to keep both, add a new named table with --table NAME "
+            "(or use another --out)")
 
     def _table(self, name: str) -> _Table:
         try:
