@@ -10,7 +10,9 @@ loudly that its embeddings mean nothing.
   (``{"model": argparse.Namespace(...)}``), plus the ``-contact-regression.pt`` file fair-esm's
   local loader insists on.
 * :func:`write_hf_esm` — a Hugging Face ``EsmModel`` directory (``config.json`` +
-  ``model.safetensors``, per-layer ``inv_freq`` as in the hub checkpoints).
+  ``model.safetensors``, per-layer ``inv_freq`` as in the hub checkpoints);
+  :func:`write_hf_esm_with_transformers` — the same weights saved by the installed
+  transformers' ``save_pretrained``, in whatever layout that version writes.
 
 ``inv_freq`` is the RoPE formula rounded through fp16, like the published checkpoints, so a
 loader that recomputes it instead of reading it fails the parity tests.
@@ -141,18 +143,8 @@ def hf_esm_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_hf_esm(directory: str | Path, num_layers: int, embed_dim: int, heads: int, *,
-                 seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a Hugging Face ``EsmModel`` directory with the same weights as
-    :func:`write_fair_esm_checkpoint` for the same arguments."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = random_esm2_state(num_layers, embed_dim, heads, seed=seed, dtype=dtype)
-    tensors = {k: v.contiguous().clone() for k, v in hf_esm_state(state).items()}
-    save_file(tensors, directory / "model.safetensors")
-    config = {
+def _hf_esm_config(num_layers: int, embed_dim: int, heads: int, dtype: torch.dtype) -> dict:
+    return {
         "architectures": ["EsmModel"], "model_type": "esm", "vocab_size": 33,
         "hidden_size": embed_dim, "num_hidden_layers": num_layers,
         "num_attention_heads": heads, "intermediate_size": 4 * embed_dim,
@@ -162,7 +154,55 @@ def write_hf_esm(directory: str | Path, num_layers: int, embed_dim: int, heads: 
         "pad_token_id": 1, "mask_token_id": 32, "is_folding_model": False,
         "torch_dtype": str(dtype).removeprefix("torch."), "gpuengine_synthetic": SYNTHETIC_NOTE,
     }
+
+
+def write_hf_esm(directory: str | Path, num_layers: int, embed_dim: int, heads: int, *,
+                 seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a Hugging Face ``EsmModel`` directory with the same weights as
+    :func:`write_fair_esm_checkpoint` for the same arguments, in the hub checkpoints' layout
+    (per-layer ``inv_freq``, ``LayerNorm.weight/bias``)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = random_esm2_state(num_layers, embed_dim, heads, seed=seed, dtype=dtype)
+    tensors = {k: v.contiguous().clone() for k, v in hf_esm_state(state).items()}
+    save_file(tensors, directory / "model.safetensors")
+    config = _hf_esm_config(num_layers, embed_dim, heads, dtype)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def write_hf_esm_with_transformers(directory: str | Path, num_layers: int, embed_dim: int,
+                                   heads: int, *, seed: int = 0,
+                                   dtype: torch.dtype = torch.float32,
+                                   model_class: str = "EsmModel") -> Path:
+    """The same weights as :func:`write_hf_esm`, written by the *installed* transformers'
+    ``save_pretrained`` (``model_class`` ``EsmModel``, ``EsmForMaskedLM`` or
+    ``EsmForSequenceClassification``, as a fine-tuning user would save it): whatever file layout
+    that version writes (transformers 5: ``LayerNorm.gamma/beta`` and one shared
+    ``encoder.layer.*.attention.self.rotary_embeddings.inv_freq`` key). Small shapes only: the
+    model is built in memory with transformers' random init first."""
+    import transformers
+
+    config = _hf_esm_config(num_layers, embed_dim, heads, dtype)
+    config["architectures"] = [model_class]
+    esm_config = transformers.EsmConfig(**{k: v for k, v in config.items()
+                                           if k not in ("torch_dtype", "architectures")})
+    cls = getattr(transformers, model_class)
+    model = cls(esm_config) if model_class != "EsmModel" else cls(esm_config, add_pooling_layer=False)
+    base = model if model_class == "EsmModel" else model.esm
+    state = hf_esm_state(random_esm2_state(num_layers, embed_dim, heads, seed=seed))
+    missing, unexpected = base.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("contact_head.") and "position_ids" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"transformers' EsmModel does not take the random state: missing "
+                           f"{missing}, unexpected {unexpected}")
+    directory = Path(directory)
+    model.to(dtype).save_pretrained(directory)
+    written = json.loads((directory / "config.json").read_text())
+    written["gpuengine_synthetic"] = SYNTHETIC_NOTE
+    (directory / "config.json").write_text(json.dumps(written, indent=2) + "\n")
     return directory
 
 
@@ -290,3 +330,4 @@ def write_dnabert_s(directory: str | Path, num_layers: int = 12, embed_dim: int 
     if tokenizer:
         write_dna_tokenizer(directory / "tokenizer.json", vocab, seed=seed)
     return directory
+
