@@ -10,7 +10,11 @@ loudly that its embeddings mean nothing.
   (``{"model": argparse.Namespace(...)}``), plus the ``-contact-regression.pt`` file fair-esm's
   local loader insists on.
 * :func:`write_hf_esm` — a Hugging Face ``EsmModel`` directory (``config.json`` +
-  ``model.safetensors``, per-layer ``inv_freq`` as in the hub checkpoints).
+  ``model.safetensors``, per-layer ``inv_freq`` as in the hub checkpoints);
+  :func:`write_hf_esm_with_transformers` — the same weights saved by the installed
+  transformers' ``save_pretrained``, in whatever layout that version writes.
+* :func:`write_virnucpro_mlp` — VirNucPro's MLP classifier as ``train.py`` saves it (a whole
+  pickled ``__main__.MLPClassifier`` module, like the published ``300_model.pth``).
 
 ``inv_freq`` is the RoPE formula rounded through fp16, like the published checkpoints, so a
 loader that recomputes it instead of reading it fails the parity tests.
@@ -141,18 +145,8 @@ def hf_esm_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_hf_esm(directory: str | Path, num_layers: int, embed_dim: int, heads: int, *,
-                 seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a Hugging Face ``EsmModel`` directory with the same weights as
-    :func:`write_fair_esm_checkpoint` for the same arguments."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = random_esm2_state(num_layers, embed_dim, heads, seed=seed, dtype=dtype)
-    tensors = {k: v.contiguous().clone() for k, v in hf_esm_state(state).items()}
-    save_file(tensors, directory / "model.safetensors")
-    config = {
+def _hf_esm_config(num_layers: int, embed_dim: int, heads: int, dtype: torch.dtype) -> dict:
+    return {
         "architectures": ["EsmModel"], "model_type": "esm", "vocab_size": 33,
         "hidden_size": embed_dim, "num_hidden_layers": num_layers,
         "num_attention_heads": heads, "intermediate_size": 4 * embed_dim,
@@ -162,7 +156,55 @@ def write_hf_esm(directory: str | Path, num_layers: int, embed_dim: int, heads: 
         "pad_token_id": 1, "mask_token_id": 32, "is_folding_model": False,
         "torch_dtype": str(dtype).removeprefix("torch."), "gpuengine_synthetic": SYNTHETIC_NOTE,
     }
+
+
+def write_hf_esm(directory: str | Path, num_layers: int, embed_dim: int, heads: int, *,
+                 seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a Hugging Face ``EsmModel`` directory with the same weights as
+    :func:`write_fair_esm_checkpoint` for the same arguments, in the hub checkpoints' layout
+    (per-layer ``inv_freq``, ``LayerNorm.weight/bias``)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = random_esm2_state(num_layers, embed_dim, heads, seed=seed, dtype=dtype)
+    tensors = {k: v.contiguous().clone() for k, v in hf_esm_state(state).items()}
+    save_file(tensors, directory / "model.safetensors")
+    config = _hf_esm_config(num_layers, embed_dim, heads, dtype)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def write_hf_esm_with_transformers(directory: str | Path, num_layers: int, embed_dim: int,
+                                   heads: int, *, seed: int = 0,
+                                   dtype: torch.dtype = torch.float32,
+                                   model_class: str = "EsmModel") -> Path:
+    """The same weights as :func:`write_hf_esm`, written by the *installed* transformers'
+    ``save_pretrained`` (``model_class`` ``EsmModel``, ``EsmForMaskedLM`` or
+    ``EsmForSequenceClassification``, as a fine-tuning user would save it): whatever file layout
+    that version writes (transformers 5: ``LayerNorm.gamma/beta`` and one shared
+    ``encoder.layer.*.attention.self.rotary_embeddings.inv_freq`` key). Small shapes only: the
+    model is built in memory with transformers' random init first."""
+    import transformers
+
+    config = _hf_esm_config(num_layers, embed_dim, heads, dtype)
+    config["architectures"] = [model_class]
+    esm_config = transformers.EsmConfig(**{k: v for k, v in config.items()
+                                           if k not in ("torch_dtype", "architectures")})
+    cls = getattr(transformers, model_class)
+    model = cls(esm_config) if model_class != "EsmModel" else cls(esm_config, add_pooling_layer=False)
+    base = model if model_class == "EsmModel" else model.esm
+    state = hf_esm_state(random_esm2_state(num_layers, embed_dim, heads, seed=seed))
+    missing, unexpected = base.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("contact_head.") and "position_ids" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"transformers' EsmModel does not take the random state: missing "
+                           f"{missing}, unexpected {unexpected}")
+    directory = Path(directory)
+    model.to(dtype).save_pretrained(directory)
+    written = json.loads((directory / "config.json").read_text())
+    written["gpuengine_synthetic"] = SYNTHETIC_NOTE
+    (directory / "config.json").write_text(json.dumps(written, indent=2) + "\n")
     return directory
 
 
@@ -290,3 +332,82 @@ def write_dnabert_s(directory: str | Path, num_layers: int = 12, embed_dim: int 
     if tokenizer:
         write_dna_tokenizer(directory / "tokenizer.json", vocab, seed=seed)
     return directory
+
+
+# -- VirNucPro's classifier ---------------------------------------------------------------------
+
+VIRNUCPRO_MLP_INPUT = 768 + 2560
+"""The published classifiers' input: DNABERT-S mean (768) + ESM-2 3B layer-36 mean (2560)."""
+
+
+def _training_script_class():
+    """The training script's ``MLPClassifier`` (VirNucPro ``train.py``), defined afresh so that
+    its pickled form names ``__main__.MLPClassifier`` exactly as the published files do."""
+    from torch import nn
+    import torch.nn.functional as F
+
+    class MLPClassifier(nn.Module):
+        def __init__(self, input_dim, hidden_dim, num_class):
+            super().__init__()
+            self.hidden_layer = nn.Linear(input_dim, hidden_dim)
+            self.bn1 = nn.BatchNorm1d(hidden_dim)
+            self.output_layer = nn.Linear(hidden_dim, num_class)
+            self.dropout = nn.Dropout(0.5)
+
+        def forward(self, x):
+            x = F.relu(self.bn1(self.hidden_layer(x)))
+            return self.output_layer(self.dropout(x))
+
+    MLPClassifier.__module__ = "__main__"
+    MLPClassifier.__qualname__ = "MLPClassifier"
+    return MLPClassifier
+
+
+def random_virnucpro_mlp(input_dim: int = VIRNUCPRO_MLP_INPUT, hidden: int = 512, *,
+                         seed: int = 0) -> torch.nn.Module:
+    """A training-script ``MLPClassifier`` with random weights and non-trivial BatchNorm
+    statistics (so eval mode matters), in eval mode."""
+    with torch.random.fork_rng(devices=[]):  # the biases' default init, seeded, RNG untouched
+        torch.manual_seed(seed)
+        model = _training_script_class()(input_dim, hidden, 2)
+    model.gpuengine_synthetic = SYNTHETIC_NOTE  # a plain attribute: unpickles as a str
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for linear in (model.hidden_layer, model.output_layer):
+            bound = math.sqrt(6 / (linear.in_features + linear.out_features))  # xavier, as train.py
+            linear.weight.copy_((torch.rand(linear.weight.shape, generator=gen) * 2 - 1) * bound)
+        model.output_layer.weight.mul_(4.0)
+        model.bn1.weight.copy_(0.5 + torch.rand(hidden, generator=gen))
+        model.bn1.bias.copy_(0.4 * torch.rand(hidden, generator=gen) - 0.2)
+        model.bn1.running_mean.copy_(torch.rand(hidden, generator=gen) - 0.5)
+        model.bn1.running_var.copy_(0.2 + 2.8 * torch.rand(hidden, generator=gen))
+        model.bn1.num_batches_tracked.fill_(1000)
+    return model.eval()
+
+
+def write_virnucpro_mlp(path: str | Path, input_dim: int = VIRNUCPRO_MLP_INPUT,
+                        hidden: int = 512, *, seed: int = 0) -> Path:
+    """Write a random VirNucPro classifier in the published ``300_model.pth`` /
+    ``500_model.pth`` format: ``torch.save(model)`` of the whole module, its class pickled as
+    ``__main__.MLPClassifier`` (gpuengine reads it without running code from it). The input
+    size is ``DNABERT-S dim + ESM-2 dim`` of the models it goes with: 3328 for the published
+    ones. The module carries a ``gpuengine_synthetic`` attribute (a string, harmless to the
+    original tool's ``torch.load``), so gpuengine warns that its scores mean nothing."""
+    import sys
+
+    model = random_virnucpro_mlp(input_dim, hidden, seed=seed)
+    cls = type(model)
+    main = sys.modules["__main__"]
+    missing = object()
+    previous = getattr(main, cls.__name__, missing)
+    setattr(main, cls.__name__, cls)  # pickle checks that __main__.MLPClassifier is this class
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.save(model, path)
+    finally:
+        if previous is missing:
+            delattr(main, cls.__name__)
+        else:
+            setattr(main, cls.__name__, previous)
+    return path

@@ -193,3 +193,63 @@ def _committed(store, table: str) -> int:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return int(result.stdout.strip() or 0)
 
+
+
+def load_the_original_way(path):
+    """The original prediction.py: ``torch.load`` of the whole pickled module, with the training
+    script's class defined in ``__main__`` (here for the duration of the call only)."""
+    import sys
+
+    from test_virnucpro_classifier import MLPClassifier
+
+    main = sys.modules["__main__"]
+    saved = MLPClassifier.__module__
+    MLPClassifier.__module__ = "__main__"
+    main.MLPClassifier = MLPClassifier
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False).eval()  # our own file
+    finally:
+        MLPClassifier.__module__ = saved
+        del main.MLPClassifier
+
+
+def test_make_checkpoint_mlp_runs_predict_on_the_bundled_reads(tmp_path, models):
+    """tools/make_checkpoint.py virnucpro-mlp writes the published .pth format (the original
+    tool loads it), gpuengine reads it without unpickling code, and predict runs end to end on
+    examples/reads.fasta with it (what `./tools/quickstart.sh predict` does), matching the
+    reference pipeline scored with the file as the original loads it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from Bio import SeqIO
+
+    esm, dna, _, _ = models
+    root = Path(__file__).resolve().parents[1]
+    made = subprocess.run([sys.executable, str(root / "tools" / "make_checkpoint.py"),
+                           "virnucpro-mlp", "--input-dim", str(48 + 64), "--hidden", "32",
+                           "--out", str(tmp_path / "w"), "--seed", "4"],
+                          capture_output=True, text=True, cwd=root)
+    assert made.returncode == 0, made.stderr
+    mlp_path = tmp_path / "w" / "500_model_random.pth"
+    assert "RANDOM" in made.stdout and mlp_path.is_file()
+    assert set(torch.serialization.get_unsafe_globals_in_checkpoint(mlp_path)) == {
+        "__main__.MLPClassifier", "torch.nn.modules.linear.Linear",
+        "torch.nn.modules.batchnorm.BatchNorm1d", "torch.nn.modules.dropout.Dropout"}
+    original = load_the_original_way(mlp_path)
+    reads_path = root / "examples" / "reads.fasta"
+    reads = [(r.id, str(r.seq)) for r in SeqIO.parse(reads_path, "fasta")]
+    assert len(reads) >= 20 and all(300 <= len(s) <= 500 for _, s in reads)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["predict", str(reads_path), "--length", "500",
+                                      "--classifier", str(mlp_path), "--esm-model", str(esm),
+                                      "--dnabert-model", str(dna), "--out", str(out),
+                                      "--gpus", "cpu", "--offline", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "RANDOM weights" in result.output  # the classifier warns, as the models do
+    ids, labels, scores = read_predictions(out / "prediction_results.txt")
+    ref_ids, ref_probs = reference_predictions(reads, esm, dna, original)
+    assert ids == ref_ids
+    assert {i.split("_chunk_")[0] for i in ids} == {rid for rid, _ in reads}  # every read scored
+    assert np.abs(scores - ref_probs).max() <= TOL
+    assert labels == ["virus" if p[1] > p[0] else "others" for p in ref_probs]

@@ -4,14 +4,21 @@ Both readers return the config and a state dict in fair-esm's names (after fair-
 "upgrade" step, which strips ``encoder.sentence_encoder.`` / ``encoder.``); :func:`build_esm2`
 maps those onto the packed model, fusing q/k/v, and diffs expected against found keys.
 
+A Hugging Face directory is read by transformers itself (``EsmModel.from_pretrained`` on the
+CPU, then its ``state_dict()``), not by parsing the file keys: whatever file layout the
+installed transformers writes and reads (``LayerNorm.gamma/beta``, a shared ``inv_freq``, …),
+we read too.
+
 Nothing is unpickled beyond tensors and plain containers: fair-esm checkpoints hold their config
 as an ``argparse.Namespace``, which is the only class allowed besides what
-``torch.load(weights_only=True)`` allows by default.
+``torch.load(weights_only=True)`` allows by default; transformers reads ``.bin`` files with
+``weights_only=True`` as well, and no remote code is ever run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
@@ -95,7 +102,9 @@ _HF_IGNORED = re.compile(r"^(lm_head\.|contact_head\.|pooler\.|embeddings\.posit
 
 def read_hf_esm(directory: Path) -> tuple[Esm2Config, dict[str, torch.Tensor]]:
     """Config and fair-esm-named state dict from a Hugging Face ``EsmModel`` /
-    ``EsmForMaskedLM`` directory (``config.json`` + safetensors or ``pytorch_model.bin``)."""
+    ``EsmForMaskedLM`` / ``EsmFor…`` directory, read through transformers' own loading
+    (:func:`read_hf_esm_state`) so that every file layout transformers reads (per-layer or shared
+    ``inv_freq``, ``LayerNorm.gamma/beta``, ``esm.`` prefixes, shards, ``.bin``) reads here."""
     config = json.loads((directory / "config.json").read_text())
     problems = []
     if config.get("model_type") not in (None, "esm"):
@@ -118,12 +127,10 @@ def read_hf_esm(directory: Path) -> tuple[Esm2Config, dict[str, torch.Tensor]]:
                      layer_norm_eps=config.get("layer_norm_eps", 1e-5))
     if config.get("intermediate_size", 4 * cfg.embed_dim) != 4 * cfg.embed_dim:
         raise ModelLoadError(f"{directory}: intermediate_size is not 4 x hidden_size")
-    raw = read_hf_weights(directory)
     state: dict[str, torch.Tensor] = {}
     shared_inv_freq = None
-    for key, value in raw.items():
-        key = key.removeprefix("esm.")
-        if key == "rotary_embeddings.inv_freq":  # transformers >= 5 saves one shared buffer
+    for key, value in read_hf_esm_state(directory).items():
+        if key == "rotary_embeddings.inv_freq":  # transformers >= 5: one shared buffer
             shared_inv_freq = value
             continue
         for pattern, repl in _HF_TO_FAIR:
@@ -138,6 +145,79 @@ def read_hf_esm(directory: Path) -> tuple[Esm2Config, dict[str, torch.Tensor]]:
         if name not in state and shared_inv_freq is not None:
             state[name] = shared_inv_freq
     return cfg, {k: v for k, v in state.items() if not _HF_IGNORED.match(k)}
+
+
+_HF_MAY_BE_MISSING = re.compile(r"^(contact_head\.|pooler\.|embeddings\.position_ids$)|inv_freq$")
+"""Keys transformers may initialise itself without harm: heads we never run, the position-id
+table, and ``inv_freq`` (transformers computes it when a file has none, and so do we then)."""
+_HF_MAY_BE_UNEXPECTED = re.compile(r"^(?!encoder\.|embeddings\.)")
+"""File keys transformers' ``EsmModel`` has no place for: any head (``lm_head``,
+``classifier`` of a fine-tuned ``EsmForSequenceClassification`` …) is fine; an unplaced
+``encoder.``/``embeddings.`` weight means the file is not the model its config describes."""
+
+
+def read_hf_esm_state(directory: Path) -> dict[str, torch.Tensor]:
+    """``EsmModel.from_pretrained(directory).state_dict()`` on the CPU — the state dict after
+    transformers' own key conversions, names as transformers' ``EsmModel`` has them — with
+    checks transformers only warns about: a weight of the model missing from the files (which
+    transformers would fill with random values) or a file weight it cannot place is an error.
+
+    Loading is local only (``local_files_only``), never with remote code (the ``EsmModel`` class
+    is named, so ``auto_map`` is not consulted), in the files' own dtype (``"auto"``: an fp16
+    checkpoint stays fp16) and without a random initialisation first: transformers 5 builds the
+    model on the meta device and fills it from the (memory-mapped) files; on 4.x
+    ``low_cpu_mem_usage=True`` does the same. Peak memory is at most one copy of the weights
+    (transformers 5.24 leaves safetensors tensors memory-mapped: reading a 564 MiB ESM-2 150M
+    directory added 27 MiB of resident memory; :func:`build_esm2` then makes the copy the
+    packed model holds), so 3B and 15B directories load as their fair-esm files do."""
+    import transformers
+    from transformers import EsmModel
+
+    kwargs: dict = dict(add_pooling_layer=False, output_loading_info=True, local_files_only=True)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        kwargs["dtype"] = "auto"
+    else:
+        kwargs.update(torch_dtype="auto", low_cpu_mem_usage=True)
+    try:
+        with _quiet_transformers():
+            model, info = EsmModel.from_pretrained(str(directory), **kwargs)
+    except Exception as exc:  # OSError, ValueError, RuntimeError (size mismatch), ...
+        text = str(exc).strip().splitlines()
+        raise ModelLoadError(f"transformers cannot load the ESM-2 model in {directory}: "
+                             f"{exc.__class__.__name__}: {text[0][:300] if text else ''}") from None
+    missing = sorted(k for k in info.get("missing_keys", ()) if not _HF_MAY_BE_MISSING.search(k))
+    unexpected = sorted(k.removeprefix("esm.") for k in info.get("unexpected_keys", ()))
+    unexpected = [k for k in unexpected if not _HF_MAY_BE_UNEXPECTED.match(k)]
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    errors = [str(e) for e in info.get("error_msgs", ())]
+    if missing or unexpected or mismatched or errors:
+        raise ModelLoadError(
+            f"ESM-2 weights in {directory} do not match its config.json: "
+            + "; ".join(part for part in (
+                f"missing {_short(missing)} (transformers would initialise them randomly)"
+                if missing else "",
+                f"unexpected {_short(unexpected)}" if unexpected else "",
+                f"wrong shape {_short(mismatched)}" if mismatched else "",
+                "; ".join(errors)) if part))
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' load report and progress bar off for the block (we report problems
+    ourselves), restored after."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -44,6 +44,7 @@ differs from the chunk length in use (scoring with the wrong model runs but chan
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -56,6 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpuengine.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FEATURE_SIZE",
@@ -224,6 +227,9 @@ def _state_from_module(obj: MLPClassifier, path: Path) -> tuple[dict[str, torch.
             for key, tensor in tensors.items():
                 if tensor is not None:
                     state[f"{name}.{key}"] = tensor
+    if isinstance(top.get("gpuengine_synthetic"), str):
+        log.warning("classifier %s has RANDOM weights (written by gpuengine's "
+                    "tools/make_checkpoint.py): its predictions mean nothing", path)
     bn = _module_dict(modules["bn1"], "bn1", path)
     eps = bn.get("eps", BN_EPS)
     if not isinstance(eps, float) or not math.isfinite(eps) or eps <= 0:
