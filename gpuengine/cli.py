@@ -213,7 +213,7 @@ def predict(
     setup_logging(verbose, quiet)
     try:
         if len(args) == 3 and length is None and classifier is None:
-            args, length, classifier = args[:1], int(args[1]), Path(args[2])
+            args, length, classifier = args[:1], _positional_length(args[1]), Path(args[2])
         if len(args) != 1 or length is None or classifier is None:
             raise UsageError("give reads.fasta with --length and --classifier (or the original "
                              "form: reads.fasta LENGTH CLASSIFIER)")
@@ -227,8 +227,6 @@ def predict(
                                allow_download=not offline)
         with _stop_on_signals() as stop:
             summary = run_predict(config, RichProgress(enabled=not quiet), stop)
-    except ValueError as exc:
-        raise _fail(UsageError(f"--length: {exc}")) from None
     except GpuEngineError as exc:
         raise _fail(exc) from None
     from gpuengine.display import stderr
@@ -244,6 +242,13 @@ def predict(
         typer.echo(json.dumps(data, indent=2, default=str))
     interrupted = any(e.get("interrupted") for e in summary.embed.values())
     raise typer.Exit(EXIT_INTERRUPTED if interrupted else 0)
+
+
+def _positional_length(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"LENGTH {text!r}: expected the chunk length, 300 or 500") from None
 
 
 @app.command(epilog="Example: gpuengine lookup proteins.lmdb P12345 Q67890 --json")
@@ -283,13 +288,14 @@ def lookup(
 
 @app.command(epilog="Example: gpuengine info proteins.lmdb --json")
 def info(store: Path = typer.Argument(..., help="An LMDB store."),
+         table: Optional[str] = typer.Option(None, "--table", help="Describe only this table "
+                                             "[default: every table]."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
     """Describe a store: schema, tables (model, layers, pooling, dtype), counts, size."""
-    from gpuengine.store.reader import EmbeddingStore
+    from gpuengine.store.reader import store_info
 
     try:
-        with EmbeddingStore(store) as emb:
-            data = emb.info()
+        data = store_info(store, table=table)
     except GpuEngineError as exc:
         raise _fail(exc) from None
     if as_json:
@@ -429,6 +435,8 @@ def serve(
 
     try:
         _check_table(table)
+        if watch.exists() and not watch.is_dir():
+            raise UsageError(f"--watch {watch}: not a directory")
         predict_template = None
         if job == "predict":
             if length is None or classifier is None:
