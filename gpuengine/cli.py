@@ -323,25 +323,34 @@ def _format_info(data: dict, indent: str = "") -> str:
     return "\n".join(lines)
 
 
-@app.command(epilog="Example: gpuengine export proteins.lmdb --format npz -o proteins.npz")
+@app.command(epilog="Examples: gpuengine export proteins.lmdb --format npz -o proteins.npz;  "
+                    "gpuengine export proteins.lmdb --format hdf5 -o reduced_embeddings_file.h5;  "
+                    "gpuengine export proteins.lmdb --format fair-esm -o esm_out/")
 def export(
     store: Path = typer.Argument(..., help="An LMDB store."),
-    output: Path = typer.Option(..., "--output", "-o", help="File to write."),
-    fmt: str = typer.Option("npz", "--format", "-f", help="npz (ids + matrix) or tsv."),
-    table: Optional[str] = typer.Option(None, "--table"),
-    layer: Optional[int] = typer.Option(None, "--layer"),
-    pool: Optional[str] = typer.Option(None, "--pool"),
+    output: Path = typer.Option(..., "--output", "-o", help="File to write (a directory for "
+                                "fair-esm)."),
+    fmt: str = typer.Option("npz", "--format", "-f", help="npz (ids, embeddings matrix), tsv, "
+                            "hdf5 (one dataset per id, as bio_embeddings and ProtTrans write; "
+                            "needs h5py) or fair-esm (one <id>.pt per record, as fair-esm's "
+                            "extract.py writes)."),
+    table: Optional[str] = typer.Option(None, "--table", help="Table to export [default: the "
+                                        "only one or 'default']."),
+    layer: Optional[int] = typer.Option(None, "--layer", help="Layer of the output to export."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Pooling of the output to export "
+                                       "[default: the table's first output; fair-esm: all]."),
 ) -> None:
-    """Export a table's embeddings to NumPy (.npz: ``ids`` and ``embeddings``) or TSV."""
+    """Export a table's embeddings for other tools: NumPy, TSV, HDF5 or fair-esm .pt files."""
     from gpuengine.export import export_store
 
     try:
-        count = export_store(store, output, fmt, table=table, layer=layer, pool=pool)
+        done = export_store(store, output, fmt, table=table, layer=layer, pool=pool)
     except GpuEngineError as exc:
         raise _fail(exc) from None
     from gpuengine.display import stderr
 
-    stderr.print(f"exported {count:,} embeddings to {output}")
+    stderr.print(f"exported {done.count:,} embeddings (table {done.table}, "
+                 f"{', '.join(done.outputs)}) to {output}", markup=False, highlight=False)
 
 
 @app.command(epilog="Example: gpuengine devices --model esm2_t36_3B_UR50D")
