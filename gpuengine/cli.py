@@ -388,7 +388,8 @@ def export(
 @app.command(epilog="Example: gpuengine devices --model esm2_t36_3B_UR50D")
 def devices(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Also show the token budget "
-                                        "each GPU would start with for this model, and why."),
+                                        "each device would start with for this model, and why "
+                                        "(a published name needs no weight file)."),
     precision: str = typer.Option("fp16", "--precision", help="Precision for that estimate."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
@@ -404,7 +405,7 @@ def devices(
     reasons = {}
     if model is not None:
         try:
-            reasons = budget_explanation(model, precision, [i for i in infos if i.device != "cpu"])
+            reasons = budget_explanation(model, precision, infos)
         except GpuEngineError as exc:
             raise _fail(exc) from None
     if as_json:
