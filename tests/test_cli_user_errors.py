@@ -195,6 +195,8 @@ HEAVY = {
     "predict-classifier-not-a-model": ("predict {reads} --length 500 --classifier {file} "
                                        "--dnabert-model {dna} --esm-model {tiny} -o {base}/pred2 "
                                        "-q", 1),
+    "predict-out-a-file": ("predict {reads} --length 500 --classifier {mlp} --dnabert-model "
+                           "{dna} --esm-model {tiny} -o {file} -q", 1),
     "predict-published-models-offline": ("predict {reads} --length 500 --classifier {mlp} -o "
                                          "{base}/pred3 -q", 1),
     "predict-length-not-a-number": ("predict {reads} five {file}", 2),
@@ -218,3 +220,21 @@ def test_heavy_command(name, heavy, paths):
     check(name, HEAVY, heavy)
     assert not Path(paths["new"]).exists()  # no failed run leaves a store behind
     assert Path(paths["file"]).read_text() == "hello\n"  # nor touches what it refused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, words", [
+    ("embed-multi-other-model", ["table 'esm'", "--table"]),
+    ("embed-out-under-a-file", ["Not a directory"]),
+    ("embed-out-plain-lmdb", ["not a gpuengine store"]),
+    ("predict-multi-other-models", ["table 'dnabert'", "use another --store"]),
+    ("predict-out-a-file", ["cannot create the output folder"]),
+    ("predict-classifier-not-a-model", ["classifier"]),
+    ("serve-store-a-file", ["not a gpuengine store"]),
+    ("serve-multi-other-model", ["table 'esm'", "--table"]),
+    ("devices-model-not-a-checkpoint", ["checkpoint"]),
+])
+def test_heavy_messages_say_what_is_wrong(name, words, heavy):
+    _, err = check(name, HEAVY, heavy)
+    for word in words:
+        assert word in err, err
