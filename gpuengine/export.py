@@ -270,7 +270,8 @@ def _fill_fair_esm(emb: EmbeddingStore, outputs: list[OutputSpec], directory: Pa
                    ids: list[str]) -> int:
     import torch
 
-    keys = [key for key in FAIR_ESM_KEYS.values() if key in {FAIR_ESM_KEYS[o.pool] for o in outputs}]
+    present = {FAIR_ESM_KEYS[o.pool] for o in outputs}
+    keys = [key for key in FAIR_ESM_KEYS.values() if key in present]
     views = {o: EmbeddingStore(emb.path, table=emb.spec.name, layer=o.layer, pool=o.pool)
              for o in outputs}
     try:

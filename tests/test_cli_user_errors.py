@@ -66,7 +66,8 @@ def paths(tmp_path_factory, tiny_pt) -> dict[str, str]:
     save_original_way(random_original(input_dim=48 + 64, hidden=32, seed=3), base / "500.pth")
     proteins = write_fasta(base / "p.fa", [("p1", s) for s in random_proteins([12], seed=1)])
     reads = write_fasta(base / "reads.fa", [("read1", "ACGT" * 40)])
-    return {"multi": str(multi), "missing": str(base / "missing.lmdb"), "empty": str(base / "empty"),
+    return {"multi": str(multi), "missing": str(base / "missing.lmdb"),
+            "empty": str(base / "empty"),
             "file": str(base / "file.txt"), "garbage": str(base / "garbage"),
             "lmdb": str(base / "plain.lmdb"), "tiny": str(tiny_pt), "fasta": str(proteins),
             "reads": str(reads), "new": str(base / "new"), "base": str(base), "dna": str(dna),
@@ -74,7 +75,8 @@ def paths(tmp_path_factory, tiny_pt) -> dict[str, str]:
 
 
 def run_cli(args: list[str], base: str) -> tuple[int, str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path,
            "GPUENGINE_OFFLINE": "1", "GPUENGINE_CACHE": os.path.join(base, "cache"),
            "TORCH_HOME": os.path.join(base, "torch"), "HF_HOME": os.path.join(base, "hf"),
            "COLUMNS": "200"}

@@ -178,7 +178,8 @@ def test_fair_esm_layer_and_pool_select_outputs(store, tmp_path):
     assert "layer6/bos" in export(store, "-f", "fair-esm", "-o", out, "--table", "esm",
                                   "--pool", "bos")
     data = load_pt(out / "P1.pt")
-    assert list(data) == ["label", "bos_representations"] and list(data["bos_representations"]) == [6]
+    assert list(data) == ["label", "bos_representations"]
+    assert list(data["bos_representations"]) == [6]
     out = tmp_path / "half"
     export(store, "-f", "fair-esm", "-o", out, "--table", "dnabert")
     data = load_pt(out / "read_2.pt")
