@@ -27,6 +27,7 @@ HELP = """Exact, packed protein (ESM-2) and DNA (DNABERT-S) embeddings on every 
   gpuengine lookup proteins.lmdb P12345 --json
   gpuengine info proteins.lmdb
   gpuengine export proteins.lmdb --format npz -o proteins.npz
+  gpuengine export proteins.lmdb --format hdf5 -o embeddings.h5   (or fair-esm -o esm_out/)
   gpuengine predict reads.fasta --length 500 --classifier 500_model.pth
   gpuengine serve --watch /srv/embed --store /srv/embed/store.lmdb --model esm2_t33_650M_UR50D
   gpuengine status /srv/embed
@@ -34,7 +35,6 @@ HELP = """Exact, packed protein (ESM-2) and DNA (DNABERT-S) embeddings on every 
 
 Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 130 interrupted.
 """
-
 
 
 def _untyped_flags(command, ctx) -> None:
