@@ -24,6 +24,9 @@ from gpuengine.store.schema import OutputSpec, TableSpec
 
 FORMATS = ("npz", "tsv", "hdf5", "fair-esm")
 
+_CHUNK = 256
+"""Records read per transaction while writing one file per record or dataset."""
+
 FAIR_ESM_KEYS = {"per-token": "representations", "mean": "mean_representations",
                  "bos": "bos_representations"}
 """Our pooling → the key of fair-esm ``extract.py``'s result dict (``--include mean bos
@@ -193,16 +196,17 @@ def _write_hdf5(h5py: Any, emb: EmbeddingStore, path: Path) -> int:
     ``pool``. The root's attributes say where the file comes from (model, sha256, table,
     output, dtype, gpuengine version)."""
     spec, out = emb.spec, emb.output
-    names = hdf5_names(list(emb.ids()))
-    count = 0
+    ids = list(emb.ids())  # the records now; ones a running writer adds meanwhile wait
+    names = hdf5_names(ids)
     with h5py.File(path, "w") as f:
         f.attrs.update(_provenance(spec, out))
-        for record_id, array in emb.items():
-            dataset = f.create_dataset(names[record_id], data=array)
-            dataset.attrs.update({"original_id": record_id, "model": spec.model.name,
-                                  "layer": out.layer, "pool": out.pool})
-            count += 1
-    return count
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start:start + _CHUNK]
+            for record_id, array in zip(chunk, _arrays(emb, chunk)):
+                dataset = f.create_dataset(names[record_id], data=array)
+                dataset.attrs.update({"original_id": record_id, "model": spec.model.name,
+                                      "layer": out.layer, "pool": out.pool})
+    return len(ids)
 
 
 def _provenance(spec: TableSpec, out: OutputSpec) -> dict[str, Any]:
@@ -275,8 +279,8 @@ def _fill_fair_esm(emb: EmbeddingStore, outputs: list[OutputSpec], directory: Pa
     views = {o: EmbeddingStore(emb.path, table=emb.spec.name, layer=o.layer, pool=o.pool)
              for o in outputs}
     try:
-        for start in range(0, len(ids), 256):
-            chunk = ids[start:start + 256]
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start:start + _CHUNK]
             arrays = {o: _arrays(view, chunk) for o, view in views.items()}
             for i, record_id in enumerate(chunk):
                 result: dict[str, Any] = {"label": record_id}

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import gpuengine
 from conftest import fair_esm_reference, isolated_cache, random_proteins, write_fasta
 from gpuengine import EmbeddingStore
 from gpuengine.export import hdf5_names
@@ -136,7 +137,7 @@ def test_hdf5_without_h5py_is_a_clean_error(store, tmp_path):
             "from gpuengine.cli import main; main()")
     result = subprocess.run([sys.executable, "-c", code, "export", str(store), "--table", "esm",
                              "-f", "hdf5", "-o", str(out)], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=120, cwd=Path(gpuengine.__file__).resolve().parent.parent)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert "pip install 'gpuengine[hdf5]'" in result.stderr
