@@ -27,6 +27,7 @@ HELP = """Exact, packed protein (ESM-2) and DNA (DNABERT-S) embeddings on every 
   gpuengine lookup proteins.lmdb P12345 --json
   gpuengine info proteins.lmdb
   gpuengine export proteins.lmdb --format npz -o proteins.npz
+  gpuengine export proteins.lmdb --format hdf5 -o embeddings.h5   (or fair-esm -o esm_out/)
   gpuengine predict reads.fasta --length 500 --classifier 500_model.pth
   gpuengine serve --watch /srv/embed --store /srv/embed/store.lmdb --model esm2_t33_650M_UR50D
   gpuengine status /srv/embed
@@ -35,8 +36,32 @@ HELP = """Exact, packed protein (ESM-2) and DNA (DNABERT-S) embeddings on every 
 Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 130 interrupted.
 """
 
+
+def _untyped_flags(command, ctx) -> None:
+    """On/off flags and counters (-v -v) take no value: show no type for them in --help
+    (typer's rich help would show ``<bool>``/``<int>``)."""
+    for param in command.get_params(ctx):
+        if getattr(param, "count", False):
+            param.show_default = False  # "[default: 0]" says nothing
+        if (getattr(param, "is_flag", False) or getattr(param, "count", False)) \
+                and param.metavar is None:
+            param.metavar = ""
+
+
+class _Command(typer.core.TyperCommand):
+    def format_help(self, ctx, formatter):
+        _untyped_flags(self, ctx)
+        return super().format_help(ctx, formatter)
+
+
+class _Group(typer.core.TyperGroup):
+    def format_help(self, ctx, formatter):
+        _untyped_flags(self, ctx)
+        return super().format_help(ctx, formatter)
+
+
 app = typer.Typer(help=HELP, rich_markup_mode="rich", no_args_is_help=True, add_completion=False,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+                  context_settings={"help_option_names": ["-h", "--help"]}, cls=_Group)
 
 
 def _version(value: bool) -> None:
@@ -85,12 +110,12 @@ def embed(
                                "from the end (-1 = last, final-LayerNorm output). Use --layers=-1."),
     pool: List[str] = typer.Option(["mean"], "--pool", help="mean, bos, per-token (repeat or "
                                    "comma-separate for several)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16 "
-                                            "[default: fp32 on CPU, fp16 on GPU]"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16. "
+                                            "\\[default: fp32 on CPU, fp16 on GPU]"),
     store_dtype: str = typer.Option("float32", "--store-dtype", help="float32 or float16."),
     max_residues: Optional[int] = typer.Option(None, "--max-residues", help="Truncate longer "
-                                               "sequences to this many residues (0: never) "
-                                               "[default: 1022 for ESM-2, as fair-esm's "
+                                               "sequences to this many residues (0: never). "
+                                               "\\[default: 1022 for ESM-2, as fair-esm's "
                                                "extract.py; none for DNA models]",
                                                show_default=False),
     table: str = typer.Option("default", "--table", help="Named table in the store; a new name "
@@ -99,7 +124,7 @@ def embed(
                                       "(counted) instead of stopping before the model loads."),
     gpus: str = typer.Option("auto", "--gpus", help="auto, all, cpu, or ordinals like 0,1."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Upper bound on tokens "
-                                             "per batch [default: from device memory]."),
+                                             "per batch. \\[default: from device memory]"),
     offline: bool = typer.Option(False, "--offline", help="Never download weights."),
     json_summary: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings only."),
@@ -186,24 +211,30 @@ def predict(
     classifier: Optional[Path] = typer.Option(None, "--classifier", "-c", help="The MLP: the "
                                               "published 300_model.pth/500_model.pth (read without "
                                               "running code), a state dict or safetensors."),
-    esm_model: str = typer.Option("esm2_t36_3B_UR50D", "--esm-model"),
+    esm_model: str = typer.Option("esm2_t36_3B_UR50D", "--esm-model", help="The ESM-2 "
+                                  "(checkpoint, directory or published name)."),
     esm_layer: int = typer.Option(-1, "--esm-layer", help="ESM-2 layer (-1: last, 36 for 3B)."),
-    dnabert_model: str = typer.Option("zhihan1996/DNABERT-S", "--dnabert-model"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder "
-                                       "[default: <input base>_merged/]."),
-    store: Optional[Path] = typer.Option(None, "--store", help="Embedding store "
-                                         "[default: <out>/embeddings.lmdb]."),
-    precision: Optional[str] = typer.Option(None, "--precision"),
-    gpus: str = typer.Option("auto", "--gpus"),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
+    dnabert_model: str = typer.Option("zhihan1996/DNABERT-S", "--dnabert-model",
+                                      help="The DNABERT-S (directory, or the hub name from the "
+                                      "local Hugging Face cache)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. "
+                                       "\\[default: <input base>_merged/ next to the input]"),
+    store: Optional[Path] = typer.Option(None, "--store", help="Embedding store. "
+                                         "\\[default: <out>/embeddings.lmdb]"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16. "
+                                            "\\[default: fp32 on CPU, fp16 on GPU]"),
+    gpus: str = typer.Option("auto", "--gpus", help="auto, all, cpu, or ordinals like 0,1."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Upper bound on tokens "
+                                             "per batch. \\[default: from device memory]"),
     keep_intermediate: bool = typer.Option(False, "--keep-intermediate", help="Also write the "
                                            "chunked reads and the identified nucleotide/protein "
                                            "FASTA files."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip invalid reads "
+                                      "(counted) instead of stopping before the models load."),
     offline: bool = typer.Option(False, "--offline", help="Never download weights."),
     json_summary: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings only."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging."),
 ) -> None:
     """VirNucPro viral-read prediction: per-frame scores, per-chunk and per-read calls."""
     from dataclasses import asdict
@@ -213,7 +244,7 @@ def predict(
     setup_logging(verbose, quiet)
     try:
         if len(args) == 3 and length is None and classifier is None:
-            args, length, classifier = args[:1], int(args[1]), Path(args[2])
+            args, length, classifier = args[:1], _positional_length(args[1]), Path(args[2])
         if len(args) != 1 or length is None or classifier is None:
             raise UsageError("give reads.fasta with --length and --classifier (or the original "
                              "form: reads.fasta LENGTH CLASSIFIER)")
@@ -227,8 +258,6 @@ def predict(
                                allow_download=not offline)
         with _stop_on_signals() as stop:
             summary = run_predict(config, RichProgress(enabled=not quiet), stop)
-    except ValueError as exc:
-        raise _fail(UsageError(f"--length: {exc}")) from None
     except GpuEngineError as exc:
         raise _fail(exc) from None
     from gpuengine.display import stderr
@@ -246,12 +275,20 @@ def predict(
     raise typer.Exit(EXIT_INTERRUPTED if interrupted else 0)
 
 
+def _positional_length(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"LENGTH {text!r}: expected the chunk length, 300 or 500") from None
+
+
 @app.command(epilog="Example: gpuengine lookup proteins.lmdb P12345 Q67890 --json")
 def lookup(
     store: Path = typer.Argument(..., help="An LMDB store written by gpuengine embed."),
     ids: List[str] = typer.Argument(..., help="Record ids (the FASTA header up to the first space)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per id on stdout."),
-    table: Optional[str] = typer.Option(None, "--table", help="Table to read [default: the only one or 'default']."),
+    table: Optional[str] = typer.Option(None, "--table", help="Table to read. "
+                                        "\\[default: the only one, or 'default']"),
     layer: Optional[int] = typer.Option(None, "--layer", help="Layer of the output to read."),
     pool: Optional[str] = typer.Option(None, "--pool", help="Pooling of the output to read."),
 ) -> None:
@@ -283,13 +320,14 @@ def lookup(
 
 @app.command(epilog="Example: gpuengine info proteins.lmdb --json")
 def info(store: Path = typer.Argument(..., help="An LMDB store."),
+         table: Optional[str] = typer.Option(None, "--table", help="Describe only this table. "
+                                             "\\[default: every table]"),
          as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
     """Describe a store: schema, tables (model, layers, pooling, dtype), counts, size."""
-    from gpuengine.store.reader import EmbeddingStore
+    from gpuengine.store.reader import store_info
 
     try:
-        with EmbeddingStore(store) as emb:
-            data = emb.info()
+        data = store_info(store, table=table)
     except GpuEngineError as exc:
         raise _fail(exc) from None
     if as_json:
@@ -317,31 +355,41 @@ def _format_info(data: dict, indent: str = "") -> str:
     return "\n".join(lines)
 
 
-@app.command(epilog="Example: gpuengine export proteins.lmdb --format npz -o proteins.npz")
+@app.command(epilog="Examples: gpuengine export proteins.lmdb --format npz -o proteins.npz;  "
+                    "gpuengine export proteins.lmdb --format hdf5 -o reduced_embeddings_file.h5;  "
+                    "gpuengine export proteins.lmdb --format fair-esm -o esm_out/")
 def export(
     store: Path = typer.Argument(..., help="An LMDB store."),
-    output: Path = typer.Option(..., "--output", "-o", help="File to write."),
-    fmt: str = typer.Option("npz", "--format", "-f", help="npz (ids + matrix) or tsv."),
-    table: Optional[str] = typer.Option(None, "--table"),
-    layer: Optional[int] = typer.Option(None, "--layer"),
-    pool: Optional[str] = typer.Option(None, "--pool"),
+    output: Path = typer.Option(..., "--output", "-o", help="File to write (a directory for "
+                                "fair-esm)."),
+    fmt: str = typer.Option("npz", "--format", "-f", help="npz (ids, embeddings matrix), tsv, "
+                            "hdf5 (one dataset per id, as bio_embeddings and ProtTrans write; "
+                            "needs h5py) or fair-esm (one <id>.pt per record, as fair-esm's "
+                            "extract.py writes)."),
+    table: Optional[str] = typer.Option(None, "--table", help="Table to export. "
+                                        "\\[default: the only one, or 'default']"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="Layer of the output to export."),
+    pool: Optional[str] = typer.Option(None, "--pool", help="Pooling of the output to export. "
+                                       "\\[default: the table's first output; fair-esm: all]"),
 ) -> None:
-    """Export a table's embeddings to NumPy (.npz: ``ids`` and ``embeddings``) or TSV."""
+    """Export a table's embeddings for other tools: NumPy, TSV, HDF5 or fair-esm .pt files."""
     from gpuengine.export import export_store
 
     try:
-        count = export_store(store, output, fmt, table=table, layer=layer, pool=pool)
+        done = export_store(store, output, fmt, table=table, layer=layer, pool=pool)
     except GpuEngineError as exc:
         raise _fail(exc) from None
     from gpuengine.display import stderr
 
-    stderr.print(f"exported {count:,} embeddings to {output}")
+    stderr.print(f"exported {done.count:,} embeddings (table {done.table}, "
+                 f"{', '.join(done.outputs)}) to {output}", markup=False, highlight=False)
 
 
 @app.command(epilog="Example: gpuengine devices --model esm2_t36_3B_UR50D")
 def devices(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Also show the token budget "
-                                        "each GPU would start with for this model, and why."),
+                                        "each device would start with for this model, and why "
+                                        "(a published name needs no weight file)."),
     precision: str = typer.Option("fp16", "--precision", help="Precision for that estimate."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
 ) -> None:
@@ -357,7 +405,7 @@ def devices(
     reasons = {}
     if model is not None:
         try:
-            reasons = budget_explanation(model, precision, [i for i in infos if i.device != "cpu"])
+            reasons = budget_explanation(model, precision, infos)
         except GpuEngineError as exc:
             raise _fail(exc) from None
     if as_json:
@@ -393,18 +441,19 @@ def serve(
     layers: str = typer.Option("-1", "--layers", help="Comma-separated layers; negative counts "
                                "from the end (-1 = last). Use --layers=-1."),
     pool: List[str] = typer.Option(["mean"], "--pool", help="mean, bos, per-token."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16 "
-                                            "[default: fp32 on CPU, fp16 on GPU]"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16. "
+                                            "\\[default: fp32 on CPU, fp16 on GPU]"),
     store_dtype: str = typer.Option("float32", "--store-dtype", help="float32 or float16."),
     max_residues: Optional[int] = typer.Option(None, "--max-residues", help="Truncate longer "
-                                               "sequences (0: never) [default: 1022 for ESM-2]",
+                                               "sequences (0: never). \\[default: 1022 for "
+                                               "ESM-2]",
                                                show_default=False),
     table: str = typer.Option("default", "--table", help="Named table in the store."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip invalid records "
                                       "(listed in the job record) instead of failing the file."),
     gpus: str = typer.Option("auto", "--gpus", help="auto, all, cpu, or ordinals like 0,1."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Upper bound on tokens "
-                                             "per batch [default: from device memory]."),
+                                             "per batch. \\[default: from device memory]"),
     offline: bool = typer.Option(False, "--offline", help="Never download weights."),
     poll: bool = typer.Option(False, "--poll", help="Poll only, never inotify (it is off by "
                               "itself on NFS, SMB, Lustre, GPFS and other network filesystems)."),
@@ -432,6 +481,8 @@ def serve(
 
     try:
         _check_table(table)
+        if watch.exists() and not watch.is_dir():
+            raise UsageError(f"--watch {watch}: not a directory")
         predict_template = None
         if job == "predict":
             if length is None or classifier is None:
@@ -472,6 +523,10 @@ def status(directory: Path = typer.Argument(..., help="The directory a gpuengine
     from gpuengine.daemon import status_command
 
     raise typer.Exit(status_command(directory, as_json))
+
+
+for _info in app.registered_commands:  # every command's --help without <bool> (see _Command)
+    _info.cls = _Command
 
 
 def main() -> None:

@@ -186,29 +186,49 @@ class MemoryTelemetry(threading.Thread):
         self.stop_event.set()
 
 
-def budget_explanation(model: str, precision: str, infos: list[DeviceInfo]) -> dict[str, dict]:
-    """The starting token budget each GPU in ``infos`` would get for ``model``, and why (the
-    engine refines bytes per token at warm-up from the allocator's peak)."""
-    from gpuengine.budget import activation_bytes_per_token
+def model_width(model: str) -> int:
+    """The hidden size ``d`` of ``model``: from the known shapes for a published name
+    (esm2_t6_8M_UR50D … esm2_t48_15B_UR50D, zhihan1996/DNABERT-S; no weight file needed), else
+    from the weights it names. A path that exists is always read, never taken for a name."""
+    from pathlib import Path
+
     from gpuengine.models.registry import family
-    from gpuengine.models.sources import resolve
+    from gpuengine.models.sources import DNABERT_HUB_NAMES, resolve
+    from gpuengine.synthetic import DNABERT_S_SHAPE, ESM2_SHAPES
+
+    if not Path(model).expanduser().exists():
+        if model in ESM2_SHAPES:
+            return ESM2_SHAPES[model][1]
+        if model in DNABERT_HUB_NAMES:
+            return DNABERT_S_SHAPE[1]
+    source = resolve(model, allow_download=False)
+    return family(source.family).read(source).embed_dim
+
+
+def budget_explanation(model: str, precision: str, infos: list[DeviceInfo]) -> dict[str, dict]:
+    """The starting token budget each device in ``infos`` would get for ``model``, and why (the
+    engine refines bytes per token at warm-up from the allocator's peak). Needs only the
+    model's width: a published name works without its weights."""
+    from gpuengine.budget import activation_bytes_per_token
     from gpuengine.runner import DTYPES
 
     if precision not in DTYPES:
         raise UsageError(f"--precision {precision!r} is not one of {', '.join(DTYPES)}")
-    source = resolve(model, allow_download=False)
-    weights = family(source.family).read(source)
-    per_token = activation_bytes_per_token(weights.embed_dim, DTYPES[precision].itemsize, 1)
+    dim = model_width(model)
+    per_token = activation_bytes_per_token(dim, DTYPES[precision].itemsize, 1)
     out = {}
     for info in infos:
+        if info.device == "cpu":
+            out["cpu"] = {"tokens": DEFAULT_CPU_MAX_TOKENS,
+                          "why": f"fixed on the CPU (--max-tokens sets it); d={dim}"}
+            continue
         tokens = memory_budget(info.free_bytes or 0, per_token, GPU_MARGIN_BYTES)
         capped = min(tokens, DEFAULT_GPU_MAX_TOKENS)
         why = (f"{(info.free_bytes or 0) / 2**30:.1f} GiB free ({info.memory_source}) − "
                f"{GPU_MARGIN_BYTES / 2**30:.0f} GiB margin over ~{per_token / 1024:.0f} KiB per "
-               f"token (d={weights.embed_dim}, {precision}, estimate) = {tokens:,} tokens")
+               f"token (d={dim}, {precision}, estimate) = {tokens:,} tokens")
         if capped < tokens:
             why += (f"; capped at {DEFAULT_GPU_MAX_TOKENS:,} (tokens/s stops rising above "
                     "32-64k tokens per batch on an H200: docs/benchmarks.md)")
         out[info.device] = {"tokens": capped, "why": why}
     return out
-

@@ -59,6 +59,18 @@ class StoreMismatchError(StoreError):
     """The store holds embeddings of another model, layer, pooling or dtype."""
 
 
+class NotInStoreError(UsageError, KeyError):
+    """A table or output was named (``--table``, ``--layer``, ``--pool``) that the store does
+    not hold. Also a KeyError, for library callers of :class:`~gpuengine.EmbeddingStore`."""
+
+    __str__ = Exception.__str__  # KeyError's str() would quote the message
+
+
+class AmbiguousChoiceError(UsageError, ValueError):
+    """The store holds several tables (or a table several outputs) and the choice is not
+    given. Also a ValueError, for library callers."""
+
+
 class InternalError(GpuEngineError):
     """A broken invariant: this is a bug in gpuengine, please report it."""
 

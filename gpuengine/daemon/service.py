@@ -184,10 +184,14 @@ class Daemon:
 
     def prepare(self) -> None:
         """Lock the directory, create the folders (one filesystem), clean up leftovers."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock()
-        for folder in (self.inbox, self.processing, self.done, self.failed):
-            folder.mkdir(exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._lock()
+            for folder in (self.inbox, self.processing, self.done, self.failed):
+                folder.mkdir(exist_ok=True)
+        except OSError as exc:  # --watch is a file, or not writable
+            raise GpuEngineError(f"cannot watch {self.dir}: {exc.strerror or exc} (--watch "
+                                 "must be a directory gpuengine can write to)") from None
         devices = {os.stat(f).st_dev for f in (self.inbox, self.processing, self.done,
                                                 self.failed)}
         if len(devices) > 1:

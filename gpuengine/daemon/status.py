@@ -160,12 +160,22 @@ def read_status(directory: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir():
         path = path / STATUS_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise GpuEngineError(f"no status file at {path}: no gpuengine serve has run on this "
                              "directory") from None
     except (OSError, ValueError) as exc:
         raise GpuEngineError(f"cannot read {path}: {exc}") from None
+    if isinstance(data, dict):
+        try:  # the fields check_status computes with must be numbers
+            float(data.get("heartbeat_unix", 0.0))
+            float(data.get("status_interval", 5.0))
+        except (TypeError, ValueError):
+            pass
+        else:
+            return data
+    raise GpuEngineError(f"{path} is not a gpuengine status file (no numeric heartbeat_unix "
+                         "and status_interval)")
 
 
 def check_status(data: dict[str, Any], now: float | None = None) -> tuple[bool, str]:

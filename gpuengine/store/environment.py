@@ -158,6 +158,8 @@ def open_store(path: str | os.PathLike[str], *, writer: bool, create: bool = Fal
                 env.reader_check()
             except lmdb.Error as exc:
                 raise StoreError(f"cannot open store {real}: {exc}") from exc
+            except OSError as exc:  # e.g. a parent that is a file, no permission
+                raise StoreError(f"cannot open store {real}: {exc.strerror or exc}") from exc
             entry = _Entry(real, env, writable)
             _REGISTRY[real] = entry
         elif writer and (entry.has_writer or not entry.writable):

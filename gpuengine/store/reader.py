@@ -16,7 +16,7 @@ import lmdb
 import numpy as np
 
 from gpuengine import __version__
-from gpuengine.errors import StoreError
+from gpuengine.errors import AmbiguousChoiceError, NotInStoreError, StoreError
 from gpuengine.store import codec
 from gpuengine.store.environment import StoreEnv, open_store
 from gpuengine.store.schema import (
@@ -36,10 +36,15 @@ _ITER_CHUNK = 1024
 _ITEMS_CHUNK = 128
 
 
+def _check_table(tables: list[str], table: str, path: str) -> None:
+    if table not in tables:
+        listed = ", ".join(tables) if tables else "none yet"
+        raise NotInStoreError(f"store {path} has no table {table!r}; tables: {listed}")
+
+
 def _pick_table(tables: list[str], table: str | None, path: str) -> str:
     if table is not None:
-        if table not in tables:
-            raise KeyError(f"store {path} has no table {table!r}; tables: {', '.join(tables)}")
+        _check_table(tables, table, path)
         return table
     if not tables:
         raise StoreError(f"store {path} holds no table yet")
@@ -47,7 +52,8 @@ def _pick_table(tables: list[str], table: str | None, path: str) -> str:
         return tables[0]
     if "default" in tables:
         return "default"
-    raise ValueError(f"store {path} holds several tables; pick one of: {', '.join(tables)}")
+    raise AmbiguousChoiceError(f"store {path} holds several tables: {', '.join(tables)}; "
+                               "pick one with --table NAME")
 
 
 def _pick_output(spec: TableSpec, layer: int | None, pool: str | None) -> OutputSpec:
@@ -62,9 +68,10 @@ def _pick_output(spec: TableSpec, layer: int | None, pool: str | None) -> Output
     if not matches:
         parts = ([] if layer is None else [f"layer{layer}"]) + ([] if pool is None else [pool])
         wanted = "/".join(parts)
-        raise KeyError(f"table {spec.name!r} stores no output {wanted}; choices: {choices}")
+        raise NotInStoreError(f"table {spec.name!r} stores no output {wanted}; "
+                              f"choices: {choices}")
     if len(matches) > 1:
-        raise ValueError(f"table {spec.name!r}: several outputs match; choices: "
+        raise AmbiguousChoiceError(f"table {spec.name!r}: several outputs match; choices: "
                          f"{', '.join(o.label for o in matches)} (pass both layer and pool)")
     return matches[0]
 
@@ -83,10 +90,7 @@ class EmbeddingStore:
             raise
 
     def _open(self, table: str | None, layer: int | None, pool: str | None) -> None:
-        self._meta_db = self._env.db(META_DB)
-        if self._meta_db is None:
-            raise StoreError(f"{self._path} is an LMDB environment but not a gpuengine store "
-                             "(it has no meta database)")
+        self._meta_db = _meta_db(self._env, self._path)
         record = self._store_record()
         name = _pick_table(list(record["tables"]), table, self._path)
         raw = self._env.read(lambda txn: _copy(txn.get(table_key(name), db=self._meta_db)))
@@ -99,8 +103,7 @@ class EmbeddingStore:
         self._dtype = codec.numpy_dtype(self._spec.store_dtype)
 
     def _store_record(self) -> dict[str, Any]:
-        raw = self._env.read(lambda txn: _copy(txn.get(STORE_KEY, db=self._meta_db)))
-        return parse_store_record(raw, self._path)
+        return _store_record(self._env, self._meta_db, self._path)
 
     # -- description ---------------------------------------------------------------------
 
@@ -126,35 +129,7 @@ class EmbeddingStore:
     def info(self) -> dict[str, Any]:
         """Schema and versions, every table with its spec and counts, map and file sizes."""
         record = self._store_record()
-
-        dbs = {name: (self._env.db(ids_db_name(name)), self._env.db(emb_db_name(name)))
-               for name in record["tables"]}
-
-        def work(txn: lmdb.Transaction) -> dict[str, Any]:
-            tables = {}
-            for name, (ids, emb) in dbs.items():
-                spec = parse_table_record(txn.get(table_key(name), db=self._meta_db),
-                                          name, self._path)
-                tables[name] = {
-                    "spec": spec.to_json(),
-                    "records": 0 if ids is None else txn.stat(ids)["entries"],
-                    "embeddings": 0 if emb is None else txn.stat(emb)["entries"],
-                }
-            return tables
-
-        data = os.path.join(self._env.path, "data.mdb")
-        return {
-            "path": self._env.path,
-            "schema_version": record["schema_version"],
-            "engine_version": record.get("engine_version"),
-            "reader_engine_version": __version__,
-            "lmdb_lib_version": record.get("lmdb_lib_version"),
-            "lmdb_lib_version_running": ".".join(map(str, self._env.env.lib_version())),
-            "created_at": record.get("created_at"),
-            "tables": self._env.read(work),
-            "map_size": self._env.map_size,
-            "file_size": os.path.getsize(data),
-        }
+        return _describe(self._env, self._meta_db, record, list(record["tables"]), self._path)
 
     def runs(self) -> dict[str, dict[str, Any]]:
         """Every run record, by run id."""
@@ -312,6 +287,66 @@ class EmbeddingStore:
     def __repr__(self) -> str:
         return (f"EmbeddingStore({self._path!r}, table={self._spec.name!r}, "
                 f"output={self._output.label!r})")
+
+
+def store_info(path: str | os.PathLike[str], *, table: str | None = None) -> dict[str, Any]:
+    """What ``gpuengine info`` shows, without choosing a table: schema and versions, every
+    table (or only ``table``) with its spec and counts, map and file sizes. Raises
+    StoreError for a path that is not a store, NotInStoreError for an absent ``table``."""
+    path = os.fspath(path)
+    env = open_store(path, writer=False, create=False)
+    try:
+        meta = _meta_db(env, path)
+        record = _store_record(env, meta, path)
+        names = list(record["tables"])
+        if table is not None:
+            _check_table(names, table, path)
+            names = [table]
+        return _describe(env, meta, record, names, path)
+    finally:
+        env.close()
+
+
+def _meta_db(env: StoreEnv, path: str) -> Any:
+    meta = env.db(META_DB)
+    if meta is None:
+        raise StoreError(f"{path} is an LMDB environment but not a gpuengine store "
+                         "(it has no meta database)")
+    return meta
+
+
+def _store_record(env: StoreEnv, meta: Any, path: str) -> dict[str, Any]:
+    return parse_store_record(env.read(lambda txn: _copy(txn.get(STORE_KEY, db=meta))), path)
+
+
+def _describe(env: StoreEnv, meta: Any, record: dict[str, Any], names: list[str],
+              path: str) -> dict[str, Any]:
+    """The info dict of a store, with the tables ``names``."""
+    dbs = {name: (env.db(ids_db_name(name)), env.db(emb_db_name(name))) for name in names}
+
+    def work(txn: lmdb.Transaction) -> dict[str, Any]:
+        tables = {}
+        for name, (ids, emb) in dbs.items():
+            spec = parse_table_record(_copy(txn.get(table_key(name), db=meta)), name, path)
+            tables[name] = {
+                "spec": spec.to_json(),
+                "records": 0 if ids is None else txn.stat(ids)["entries"],
+                "embeddings": 0 if emb is None else txn.stat(emb)["entries"],
+            }
+        return tables
+
+    return {
+        "path": env.path,
+        "schema_version": record["schema_version"],
+        "engine_version": record.get("engine_version"),
+        "reader_engine_version": __version__,
+        "lmdb_lib_version": record.get("lmdb_lib_version"),
+        "lmdb_lib_version_running": ".".join(map(str, env.env.lib_version())),
+        "created_at": record.get("created_at"),
+        "tables": env.read(work),
+        "map_size": env.map_size,
+        "file_size": os.path.getsize(os.path.join(env.path, "data.mdb")),
+    }
 
 
 def _copy(value: bytes | memoryview | None) -> bytes | None:

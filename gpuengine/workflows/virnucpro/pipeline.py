@@ -33,7 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from gpuengine.config import EmbedConfig, environment
-from gpuengine.errors import InputError, ModelLoadError
+from gpuengine.errors import GpuEngineError, InputError, ModelLoadError, StoreMismatchError
 from gpuengine.fasta import ValidationReport, stream_valid, validate
 from gpuengine.progress import NullProgress, ProgressSink
 from gpuengine.records import FastaRecord
@@ -146,7 +146,11 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
         counts = _count_frames(config, report)
         summary.reads, summary.empty_reads = counts["reads"], counts["empty"]
         summary.chunks, summary.frames = counts["chunks"], counts["frames"]
-    config.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        config.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GpuEngineError(f"cannot create the output folder {config.out_dir}: "
+                             f"{exc.strerror or exc}") from None
     for name, model, layers, column in (("dnabert", config.dnabert_model, (-1,), "nucleotides"),
                                         ("esm", config.esm_model, (config.esm_layer,), "proteins")):
         source = RecordSource(lambda c=column: _frame_records(config, report, c),
@@ -157,7 +161,13 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
             max_tokens=config.max_tokens, allow_download=config.allow_download,
             max_residues=None, env=environment())
         with stage(name):
-            result = run_embed(embed_config, progress, stop, records=source, replicas=replicas)
+            try:
+                result = run_embed(embed_config, progress, stop, records=source,
+                                   replicas=replicas)
+            except StoreMismatchError as exc:  # predict has no --table: say what to do instead
+                raise StoreMismatchError(
+                    f"{str(exc).split('; to keep both')[0]}; predict keeps its features in the "
+                    "tables 'dnabert' and 'esm': use another --store (or --out)") from None
         summary.embed[name] = result.to_json()
         if result.interrupted:
             return summary
