@@ -79,9 +79,15 @@ class RichProgress(ProgressSink):
             self._progress = None
 
 
-def print_summary(summary) -> None:
+SUMMARY_RATES = ("tokens/s is tokens ÷ embedding time, for the run and for each device (the "
+                 "devices' rates add up to the run's); busy is the share of that time the device "
+                 "spent computing (GPU: CUDA events; CPU: the forward's wall time).")
+
+
+def print_summary(summary, console: Console | None = None) -> None:
     """The closing summary table (stderr)."""
-    table = Table(title="gpuengine embed: summary", show_header=False, title_justify="left")
+    table = Table(title="gpuengine embed: summary", show_header=False, title_justify="left",
+                  caption=SUMMARY_RATES, caption_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     rows = [
@@ -99,7 +105,7 @@ def print_summary(summary) -> None:
         ("failed", len(summary.failed)),
         ("tokens", summary.tokens),
         ("wall time", f"{summary.wall_seconds:.1f} s ({summary.embed_seconds:.1f} s embedding)"),
-        ("tokens/s (embedding)", f"{summary.tokens_per_second:,.0f}"),
+        ("tokens/s (tokens ÷ embedding time)", f"{summary.tokens_per_second:,.0f}"),
         ("store writes (time; waited after the last batch)",
          f"{summary.commit_transactions} transactions, {summary.commit_seconds:.1f} s; "
          f"{summary.commit_wait_seconds:.1f} s"),
@@ -109,12 +115,13 @@ def print_summary(summary) -> None:
     for dev in summary.devices:
         table.add_row(f"  {dev['device']}", Text(
             f"{dev['sequences']:,} seq, {dev['tokens']:,} tok, "
-            f"{dev['tokens_per_second']:,.0f} tok/s while busy, busy {dev['busy_fraction']:.0%}"))
-    stderr.print(table)
+            f"{dev['tokens_per_second']:,.0f} tok/s, busy {dev['busy_fraction']:.0%}"))
+    console = console or stderr
+    console.print(table)
     for record_id, reason in summary.failed[:20]:
-        stderr.print(Text.assemble(("failed", "red"), f" {record_id}: {reason}"), highlight=False)
+        console.print(Text.assemble(("failed", "red"), f" {record_id}: {reason}"), highlight=False)
     if len(summary.failed) > 20:
-        stderr.print(f"... and {len(summary.failed) - 20} more failed sequences")
+        console.print(f"... and {len(summary.failed) - 20} more failed sequences")
     if summary.interrupted:
-        stderr.print("[yellow]interrupted[/yellow]: everything committed so far is safe; "
+        console.print("[yellow]interrupted[/yellow]: everything committed so far is safe; "
                      "run the same command again to finish")

@@ -302,6 +302,8 @@ class _Run:
         self.group_rows = 0
         """Sequences and aliases in the open group."""
         self.group_started = time.monotonic()
+        self.started = time.perf_counter()
+        """When embedding started: the one time base of the progress bar and the summary."""
 
     def execute(self) -> None:
         self.tokenizer = self.fam.tokenizer(self.weights.source)
@@ -345,8 +347,8 @@ class _Run:
         planner_thread = threading.Thread(target=self._plan, args=(planner,), daemon=True,
                                           name="gpuengine-planner")
         self.progress.start(self.records.count, self.records.residues)
+        self.started = time.perf_counter()
         planner_thread.start()
-        started = time.perf_counter()
         completed = False
         with relaxed_collector():  # the loop allocates; see relaxed_collector
             try:
@@ -361,7 +363,7 @@ class _Run:
                     # the caller's records (a job record) go into the same transaction as the
                     # run's last embeddings, with the summary those embeddings complete
                     extra_counts = group_counts(self.group)
-                    self._summarize(workers, committer, planner, time.perf_counter() - started,
+                    self._summarize(workers, committer, planner, time.perf_counter() - self.started,
                                     extra_counts)
                     extra = self.final_records(self.summary)
                 committer.put(self.group, extra_runs=extra)
@@ -372,7 +374,7 @@ class _Run:
                 self.progress.close()
         if committer.error is not None:
             raise committer.error
-        self._summarize(workers, committer, planner, time.perf_counter() - started)
+        self._summarize(workers, committer, planner, time.perf_counter() - self.started)
         status = "interrupted" if self.summary.interrupted else "complete"
         self.writer.finish_run(run_id, status, {"failed": len(self.summary.failed),
                                                 "embedded": self.summary.embedded,
@@ -566,9 +568,9 @@ class _Run:
 
     def _report_progress(self, workers: list[DeviceWorker], committer: Committer) -> None:
         counts = committer.snapshot()
-        elapsed = max(1e-9, time.perf_counter() - workers[0].stats.started)
-        devices = tuple(DeviceProgress(w.stats.name, w.stats.tokens_per_second(),
-                                       w.budget.tokens(), min(1.0, w.stats.busy_seconds / elapsed))
+        elapsed = max(1e-9, time.perf_counter() - self.started)
+        devices = tuple(DeviceProgress(w.stats.name, w.stats.tokens / elapsed, w.budget.tokens(),
+                                       min(1.0, w.stats.busy_seconds / elapsed))
                         for w in workers)
         self.progress.update(ProgressSnapshot(
             committed_records=counts.records, total_records=self.records.count,
@@ -592,10 +594,13 @@ class _Run:
         s.tokens = sum(w.stats.tokens for w in workers)
         s.embed_seconds = seconds
         s.residues = planner.counts.residues_new
+        # one definition of tokens/s everywhere: tokens over the embedding time, so the
+        # devices' rates add up to the run's; busy is the device's compute time over it
         s.devices = [{"device": w.stats.name, "batches": w.stats.batches,
                       "sequences": w.stats.sequences, "tokens": w.stats.tokens,
+                      "busy_seconds": w.stats.busy_seconds,
                       "busy_fraction": min(1.0, w.stats.busy_seconds / seconds) if seconds else 0.0,
-                      "tokens_per_second": w.stats.tokens_per_second(),
+                      "tokens_per_second": w.stats.tokens / seconds if seconds else 0.0,
                       "oom_events": w.stats.oom_events} for w in workers]
 
 

@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 class DeviceProgress:
     name: str
     tokens_per_second: float
+    """The device's tokens over the run's elapsed time (the devices' rates add up to the
+    run's), as in the summary."""
     budget_tokens: int
     busy_fraction: float
+    """The device's compute time over the run's elapsed time."""
 
 
 @dataclass(frozen=True)

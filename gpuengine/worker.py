@@ -16,9 +16,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gpuengine.budget import TokenBudget
 from gpuengine.packing import batch_cost
@@ -35,13 +34,10 @@ class DeviceStats:
     sequences: int = 0
     tokens: int = 0
     busy_seconds: float = 0.0
-    """Sum of per-batch device time from CUDA events (wall time on the CPU)."""
+    """Sum of per-batch device time from CUDA events (the compute's wall time on the CPU);
+    batches never overlap in it, so it is at most the run's wall time."""
     oom_events: int = 0
     largest_batch: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.busy_seconds if self.busy_seconds else 0.0
 
 
 @dataclass(frozen=True)
