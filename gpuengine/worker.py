@@ -69,11 +69,25 @@ class DeviceWorker:
         self.halt = halt
         self.depth = max(1, depth)
         self.stats = DeviceStats(str(runner.device))
+        # joined by the engine on every path; daemon only so that a bug cannot hang the exit
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"gpuengine-device-{index}")
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def name(self) -> str:
+        return self._thread.name
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end: it does once the halt event is set (or the scheduler
+        is finished) and its batches in flight are done."""
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _next_batch(self, wait: bool) -> ScheduledBatch | None:
         """Work within the current budget; None when there is none (now, or any more)."""
