@@ -391,8 +391,8 @@ class _Run:
 
     def _commit_last(self, workers: list[DeviceWorker], committer: Committer, planner: Planner,
                      completed: bool) -> None:
-        """After the loop, on every path: halt, commit the open group, wait for the writer and
-        close the display."""
+        """After the loop, on every path: halt, commit the open group, wait for the writer,
+        show the final progress (everything committed) and close the display."""
         self.halt.set()
         if self.telemetry:
             self.telemetry.stop()
@@ -409,6 +409,7 @@ class _Run:
             waited = time.perf_counter()
             committer.finish()
             self.summary.commit_wait_seconds = time.perf_counter() - waited
+            self._report_progress(workers, committer, planner)
         finally:
             self.progress.close()
 
@@ -535,7 +536,7 @@ class _Run:
             if committer.error is not None:
                 raise committer.error
             self._flush(committer)
-            self._report_progress(workers, committer)
+            self._report_progress(workers, committer, planner)
             if self.stop.is_set():
                 self.halt.set()
                 self.summary.interrupted = True
@@ -598,7 +599,8 @@ class _Run:
                 self.group, self.group_rows = [], 0
             self.group_started = time.monotonic()
 
-    def _report_progress(self, workers: list[DeviceWorker], committer: Committer) -> None:
+    def _report_progress(self, workers: list[DeviceWorker], committer: Committer,
+                         planner: Planner) -> None:
         counts = committer.snapshot()
         elapsed = max(1e-9, time.perf_counter() - self.started)
         devices = tuple(DeviceProgress(w.stats.name, w.stats.tokens / elapsed, w.budget.tokens(),
@@ -607,7 +609,8 @@ class _Run:
         self.progress.update(ProgressSnapshot(
             committed_records=counts.records, total_records=self.records.count,
             tokens_done=sum(w.stats.tokens for w in workers),
-            elapsed=elapsed, devices=devices))
+            elapsed=elapsed, devices=devices, stored_records=planner.counts.stored,
+            failed_records=len(self.summary.failed)))
 
     def _summarize(self, workers: list[DeviceWorker], committer: Committer, planner: Planner,
                    seconds: float, pending: tuple[int, int] = (0, 0)) -> None:
