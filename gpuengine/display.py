@@ -97,9 +97,9 @@ class RichProgress(ProgressSink):
             if self.enabled and snapshot.elapsed - self._last_log >= self._log_every:
                 self._last_log = snapshot.elapsed
                 logging.getLogger("gpuengine").info(
-                    "%d/%d records done (%d already stored), %.0f tok/s %s",
+                    "%d/%d records done (%d already stored), %.0f tok/s%s",
                     snapshot.done_records, snapshot.total_records, snapshot.stored_records,
-                    rate, eta)
+                    rate, f", {eta}" if eta else "")
             return
         description = "records" + (f" ({snapshot.stored_records:,} already stored)"
                                    if snapshot.stored_records else "")
