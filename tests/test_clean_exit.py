@@ -121,6 +121,16 @@ def test_no_thread_or_child_process_outlives_run_embed(fasta, tiny_pt, tmp_path,
     assert threads == [] and children == [], (threads, children)
 
 
+def test_input_process_that_fails_to_start_leaves_no_child(fasta, leftovers):
+    """An error after the child is spawned (here: a configuration that cannot be sent) kills
+    and reaps it before the error reaches the caller, who has no object to close."""
+    from gpuengine.input_process import InputProcess
+
+    with pytest.raises(TypeError):
+        InputProcess([fasta], {}, None, None, {"kind": object()}, 8)
+    assert leftovers() == ([], [])
+
+
 def _slow_worker_exit(seconds: float):
     """DeviceWorker._run that stays inside torch for ``seconds`` after its last report (what a
     worker descheduled while freeing its last batch's tensors looks like to the engine)."""
