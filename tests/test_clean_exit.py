@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import random_proteins, write_fasta
+from gpuengine.progress import ProgressSink
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 40
@@ -65,22 +66,13 @@ def _config(fasta, model, out, **extra):
                        commit_every=4, input_process=True, **extra)
 
 
-class _StopAfterFirstCommit:
+class _StopAfterFirstCommit(ProgressSink):
     def __init__(self, stop):
         self.stop = stop
-
-    def stage(self, message):
-        pass
-
-    def start(self, *totals):
-        pass
 
     def update(self, snapshot):
         if snapshot.committed_records:
             self.stop.set()
-
-    def close(self):
-        pass
 
 
 @pytest.mark.parametrize("path", ["complete", "interrupted", "device error", "input error"])
