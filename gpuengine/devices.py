@@ -183,7 +183,10 @@ class MemoryTelemetry(threading.Thread):
                     log.debug("telemetry for %s failed: %s", memory.device, exc)
 
     def stop(self) -> None:
+        """Stop the thread and wait for it (a refresh in progress finishes first)."""
         self.stop_event.set()
+        if self.ident is not None:  # started
+            self.join()
 
 
 def model_width(model: str) -> int:

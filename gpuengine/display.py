@@ -6,11 +6,12 @@ Data (lookups, exports, ``--json`` summaries) goes to stdout; everything here go
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, Task, TaskID,
+                           TaskProgressColumn, TextColumn, TimeElapsedColumn)
 from rich.table import Table
 from rich.text import Text
 
@@ -26,15 +27,35 @@ def setup_logging(verbose: int, quiet: bool) -> None:
                                               rich_tracebacks=verbose > 0)])
 
 
-class RichProgress(ProgressSink):
-    """Sequences committed (of the total), tokens/s overall and per device, ETA."""
+class _Count(MofNCompleteColumn):
+    """done/total, or nothing for a row without a total (a device's row)."""
 
-    def __init__(self, enabled: bool = True, log_every: float = 30.0):
+    def render(self, task: Task) -> Text:
+        return super().render(task) if task.total is not None else Text("")
+
+
+class RichProgress(ProgressSink):
+    """Records done of the input's total, percentage, tokens/s overall and per device, ETA.
+
+    The bar's total is every valid record of the input; records already in the table count as
+    done as soon as the planner finds them (at the start of a resumed run, it is usually far
+    ahead of the devices), so a resumed run starts where the earlier one stopped and every run
+    that completes ends at total/total, 100 %, with no ETA. (A total of only what remains would
+    change as the planner finds stored records, and would not match the input's count.) The
+    ETA comes from this run's own commits over the last ``eta_window`` seconds, never from
+    the stored records' jump."""
+
+    def __init__(self, enabled: bool = True, log_every: float = 30.0,
+                 console: Console | None = None, eta_window: float = 30.0):
         self.enabled = enabled
-        self.live = enabled and stderr.is_terminal
+        self.console = console or stderr
+        self.live = enabled and self.console.is_terminal
         """A live bar on a terminal; otherwise a log line every ``log_every`` seconds."""
         self._log_every = log_every
         self._last_log = 0.0
+        self._eta_window = eta_window
+        self._samples: deque[tuple[float, int]] = deque()
+        self._total = 0
         self._progress: Progress | None = None
         self._main: TaskID | None = None
         self._devices: dict[str, TaskID] = {}
@@ -47,41 +68,69 @@ class RichProgress(ProgressSink):
         if not self.live:
             return
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=stderr, transient=False, refresh_per_second=4)
+            TextColumn("{task.description}"), BarColumn(), _Count(),
+            TaskProgressColumn(text_format="{task.percentage:>3.0f}%", show_speed=False),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("{task.fields[eta]}"),
+            console=self.console, transient=False, refresh_per_second=4)
         self._progress.start()
-        self._main = self._progress.add_task("sequences committed", total=total_records, rate="")
+        self._main = self._progress.add_task("records", total=total_records, rate="", eta="")
+
+    def eta(self, snapshot: ProgressSnapshot) -> str:
+        """``ETA h:mm:ss`` from this run's recent rate; empty once nothing is left."""
+        done_here = snapshot.committed_records + snapshot.failed_records
+        self._samples.append((snapshot.elapsed, done_here))
+        while len(self._samples) > 2 and snapshot.elapsed - self._samples[1][0] >= self._eta_window:
+            self._samples.popleft()
+        remaining = snapshot.total_records - snapshot.done_records
+        if remaining <= 0:
+            return ""
+        (t0, d0), (t1, d1) = self._samples[0], self._samples[-1]
+        if t1 <= t0 or d1 <= d0:
+            return "ETA -:--:--"
+        seconds = int(remaining * (t1 - t0) / (d1 - d0))
+        return f"ETA {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
     def update(self, snapshot: ProgressSnapshot) -> None:
         rate = snapshot.tokens_done / snapshot.elapsed if snapshot.elapsed else 0.0
+        eta = self.eta(snapshot)
         if not self._progress:
             if self.enabled and snapshot.elapsed - self._last_log >= self._log_every:
                 self._last_log = snapshot.elapsed
                 logging.getLogger("gpuengine").info(
-                    "%d/%d sequences committed, %.0f tok/s", snapshot.committed_records,
-                    snapshot.total_records, rate)
+                    "%d/%d records done (%d already stored), %.0f tok/s%s",
+                    snapshot.done_records, snapshot.total_records, snapshot.stored_records,
+                    rate, f", {eta}" if eta else "")
             return
-        self._progress.update(self._main, completed=snapshot.committed_records,
-                              rate=f"{rate:,.0f} tok/s")
+        description = "records" + (f" ({snapshot.stored_records:,} already stored)"
+                                   if snapshot.stored_records else "")
+        self._progress.update(self._main, completed=snapshot.done_records, rate=f"{rate:,.0f} tok/s",
+                              eta=eta, description=description)
         if len(snapshot.devices) > 1 or any(d.name != "cpu" for d in snapshot.devices):
             for dev in snapshot.devices:
                 if dev.name not in self._devices:
                     self._devices[dev.name] = self._progress.add_task(
-                        f"  {dev.name}", total=None, rate="")
+                        f"  {dev.name}", total=None, rate="", eta="")
                 self._progress.update(self._devices[dev.name], rate=(
                     f"{dev.tokens_per_second:,.0f} tok/s  budget {dev.budget_tokens:,}  "
                     f"busy {dev.busy_fraction:.0%}"))
 
     def close(self) -> None:
+        """The last frame stays on screen, without an ETA (the run is over, complete or not)."""
         if self._progress:
+            self._progress.update(self._main, eta="")
             self._progress.stop()
             self._progress = None
 
 
-def print_summary(summary) -> None:
+SUMMARY_RATES = ("tokens/s is tokens ÷ embedding time, for the run and for each device (the "
+                 "devices' rates add up to the run's); busy is the share of that time the device "
+                 "spent computing (GPU: CUDA events; CPU: the forward's wall time).")
+
+
+def print_summary(summary, console: Console | None = None) -> None:
     """The closing summary table (stderr)."""
-    table = Table(title="gpuengine embed: summary", show_header=False, title_justify="left")
+    table = Table(title="gpuengine embed: summary", show_header=False, title_justify="left",
+                  caption=SUMMARY_RATES, caption_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     rows = [
@@ -99,7 +148,7 @@ def print_summary(summary) -> None:
         ("failed", len(summary.failed)),
         ("tokens", summary.tokens),
         ("wall time", f"{summary.wall_seconds:.1f} s ({summary.embed_seconds:.1f} s embedding)"),
-        ("tokens/s (embedding)", f"{summary.tokens_per_second:,.0f}"),
+        ("tokens/s (tokens ÷ embedding time)", f"{summary.tokens_per_second:,.0f}"),
         ("store writes (time; waited after the last batch)",
          f"{summary.commit_transactions} transactions, {summary.commit_seconds:.1f} s; "
          f"{summary.commit_wait_seconds:.1f} s"),
@@ -109,12 +158,13 @@ def print_summary(summary) -> None:
     for dev in summary.devices:
         table.add_row(f"  {dev['device']}", Text(
             f"{dev['sequences']:,} seq, {dev['tokens']:,} tok, "
-            f"{dev['tokens_per_second']:,.0f} tok/s while busy, busy {dev['busy_fraction']:.0%}"))
-    stderr.print(table)
+            f"{dev['tokens_per_second']:,.0f} tok/s, busy {dev['busy_fraction']:.0%}"))
+    console = console or stderr
+    console.print(table)
     for record_id, reason in summary.failed[:20]:
-        stderr.print(Text.assemble(("failed", "red"), f" {record_id}: {reason}"), highlight=False)
+        console.print(Text.assemble(("failed", "red"), f" {record_id}: {reason}"), highlight=False)
     if len(summary.failed) > 20:
-        stderr.print(f"... and {len(summary.failed) - 20} more failed sequences")
+        console.print(f"... and {len(summary.failed) - 20} more failed sequences")
     if summary.interrupted:
-        stderr.print("[yellow]interrupted[/yellow]: everything committed so far is safe; "
+        console.print("[yellow]interrupted[/yellow]: everything committed so far is safe; "
                      "run the same command again to finish")

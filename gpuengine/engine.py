@@ -317,15 +317,41 @@ class _Run:
         self.group_rows = 0
         """Sequences and aliases in the open group."""
         self.group_started = time.monotonic()
+        self.started = time.perf_counter()
+        """When embedding started: the one time base of the progress bar and the summary."""
+        self.reader: InputProcess | None = None
+        self.workers: list[DeviceWorker] = []
+        self.committer: Committer | None = None
+        self.planner_thread: threading.Thread | None = None
 
     def execute(self) -> None:
         self.tokenizer = self.fam.tokenizer(self.weights.source)
-        self.reader = self._start_input_process()
         try:
+            self.reader = self._start_input_process()
             self._execute()
         finally:
-            if self.reader is not None:
-                self.reader.close()
+            self._stop_threads()
+
+    def _stop_threads(self) -> None:
+        """Stop and join every thread and child process the run started, on every path.
+
+        A thread still running when the interpreter exits is killed by it; one inside torch
+        then (even freeing a tensor) aborts the whole process with "terminate called without
+        an active exception" (exit 134) after the run has committed everything."""
+        self.halt.set()  # workers take no new batch, the planner reads no further
+        if self.reader is not None:
+            self.reader.close()  # kills and reaps the child; a planner reading its pipe sees the end
+        if self.committer is not None and self.committer.is_alive():
+            self.committer.finish()  # a path that failed before handing over the last group
+        if self.telemetry is not None:
+            self.telemetry.stop()
+        for thread in [self.planner_thread, *self.workers]:
+            if thread is None:
+                continue
+            thread.join(10.0)
+            while thread.is_alive():  # a device worker finishing a long batch (CPU, big model)
+                log.info("waiting for %s to finish", thread.name)
+                thread.join(10.0)
 
     def _start_input_process(self) -> InputProcess | None:
         """The child process reading the FASTA input, if this run uses one (started before
@@ -354,44 +380,53 @@ class _Run:
         self.summary.run_started = self.writer.begin_run(run_id, {"command": "embed", "engine_version": __version__,
                                        "inputs": [str(p) for p in self.config.inputs],
                                        "precision": workers[0].runner.precision})
-        committer = Committer(self.writer, self.spec.name, run_id, self.ledger)
+        committer = self.committer = Committer(self.writer, self.spec.name, run_id, self.ledger)
         planner = self._planner()
         committer.start()
         planner_thread = threading.Thread(target=self._plan, args=(planner,), daemon=True,
-                                          name="gpuengine-planner")
+                                          name="gpuengine-planner")  # joined in _stop_threads
         self.progress.start(self.records.count, self.records.residues)
+        self.started = time.perf_counter()
         planner_thread.start()
-        started = time.perf_counter()
+        self.planner_thread = planner_thread
         completed = False
         with relaxed_collector():  # the loop allocates; see relaxed_collector
             try:
                 self._loop(workers, committer, planner)
                 completed = not self.summary.interrupted
             finally:
-                self.halt.set()
-                if self.telemetry:
-                    self.telemetry.stop()
-                extra = None
-                if completed and self.final_records is not None:
-                    # the caller's records (a job record) go into the same transaction as the
-                    # run's last embeddings, with the summary those embeddings complete
-                    extra_counts = group_counts(self.group)
-                    self._summarize(workers, committer, planner, time.perf_counter() - started,
-                                    extra_counts)
-                    extra = self.final_records(self.summary)
-                committer.put(self.group, extra_runs=extra)
-                self.group, self.group_rows = [], 0
-                waited = time.perf_counter()
-                committer.finish()
-                self.summary.commit_wait_seconds = time.perf_counter() - waited
-                self.progress.close()
+                self._commit_last(workers, committer, planner, completed)
         if committer.error is not None:
             raise committer.error
-        self._summarize(workers, committer, planner, time.perf_counter() - started)
+        self._summarize(workers, committer, planner, time.perf_counter() - self.started)
         status = "interrupted" if self.summary.interrupted else "complete"
         self.writer.finish_run(run_id, status, {"failed": len(self.summary.failed),
                                                 "embedded": self.summary.embedded,
                                                 "committed_records": self.summary.committed_records})
+
+    def _commit_last(self, workers: list[DeviceWorker], committer: Committer, planner: Planner,
+                     completed: bool) -> None:
+        """After the loop, on every path: halt, commit the open group, wait for the writer,
+        show the final progress (everything committed) and close the display."""
+        self.halt.set()
+        if self.telemetry:
+            self.telemetry.stop()
+        try:
+            extra = None
+            if completed and self.final_records is not None:
+                # the caller's records (a job record) go into the same transaction as the
+                # run's last embeddings, with the summary those embeddings complete
+                self._summarize(workers, committer, planner, time.perf_counter() - self.started,
+                                group_counts(self.group))
+                extra = self.final_records(self.summary)
+            committer.put(self.group, extra_runs=extra)
+            self.group, self.group_rows = [], 0
+            waited = time.perf_counter()
+            committer.finish()
+            self.summary.commit_wait_seconds = time.perf_counter() - waited
+            self._report_progress(workers, committer, planner)
+        finally:
+            self.progress.close()
 
     def _start_workers(self) -> list[DeviceWorker]:
         devices = parse_devices(self.config.devices)
@@ -475,7 +510,7 @@ class _Run:
             has_embeddings=lambda digests: self.writer.has_embeddings(name, digests),
             submit=self.scheduler.submit,
             alias=lambda pairs: self.inbox.put(("alias", pairs)),
-            stop=self.stop, fresh=self.writer.record_count(name) == 0,
+            stop=_EitherEvent(self.stop, self.halt), fresh=self.writer.record_count(name) == 0,
             claimed=DigestFilter(self.records.count) if self.writer.embedding_count(name) == 0
             else None)
 
@@ -515,7 +550,7 @@ class _Run:
             if committer.error is not None:
                 raise committer.error
             self._flush(committer)
-            self._report_progress(workers, committer)
+            self._report_progress(workers, committer, planner)
             if self.stop.is_set():
                 self.halt.set()
                 self.summary.interrupted = True
@@ -578,16 +613,18 @@ class _Run:
                 self.group, self.group_rows = [], 0
             self.group_started = time.monotonic()
 
-    def _report_progress(self, workers: list[DeviceWorker], committer: Committer) -> None:
+    def _report_progress(self, workers: list[DeviceWorker], committer: Committer,
+                         planner: Planner) -> None:
         counts = committer.snapshot()
-        elapsed = max(1e-9, time.perf_counter() - workers[0].stats.started)
-        devices = tuple(DeviceProgress(w.stats.name, w.stats.tokens_per_second(),
-                                       w.budget.tokens(), min(1.0, w.stats.busy_seconds / elapsed))
+        elapsed = max(1e-9, time.perf_counter() - self.started)
+        devices = tuple(DeviceProgress(w.stats.name, w.stats.tokens / elapsed, w.budget.tokens(),
+                                       min(1.0, w.stats.busy_seconds / elapsed))
                         for w in workers)
         self.progress.update(ProgressSnapshot(
             committed_records=counts.records, total_records=self.records.count,
             tokens_done=sum(w.stats.tokens for w in workers),
-            elapsed=elapsed, devices=devices))
+            elapsed=elapsed, devices=devices, stored_records=planner.counts.stored,
+            failed_records=len(self.summary.failed)))
 
     def _summarize(self, workers: list[DeviceWorker], committer: Committer, planner: Planner,
                    seconds: float, pending: tuple[int, int] = (0, 0)) -> None:
@@ -606,11 +643,25 @@ class _Run:
         s.tokens = sum(w.stats.tokens for w in workers)
         s.embed_seconds = seconds
         s.residues = planner.counts.residues_new
+        # one definition of tokens/s everywhere: tokens over the embedding time, so the
+        # devices' rates add up to the run's; busy is the device's compute time over it
         s.devices = [{"device": w.stats.name, "batches": w.stats.batches,
                       "sequences": w.stats.sequences, "tokens": w.stats.tokens,
+                      "busy_seconds": w.stats.busy_seconds,
                       "busy_fraction": min(1.0, w.stats.busy_seconds / seconds) if seconds else 0.0,
-                      "tokens_per_second": w.stats.tokens_per_second(),
+                      "tokens_per_second": w.stats.tokens / seconds if seconds else 0.0,
                       "oom_events": w.stats.oom_events} for w in workers]
+
+
+class _EitherEvent:
+    """Set when either event is: the planner stops reading on a stop request (at once, not
+    when the loop next looks) and on a halt (an error, the end)."""
+
+    def __init__(self, first: threading.Event, second: threading.Event):
+        self.first, self.second = first, second
+
+    def is_set(self) -> bool:
+        return self.first.is_set() or self.second.is_set()
 
 
 _relaxed_lock = threading.Lock()

@@ -216,6 +216,9 @@ class InputProcess:
             self.proc.stdin.close()
         except BrokenPipeError:
             pass  # the child died at once: chunks() reports how
+        except BaseException:  # nobody holds this object yet to close it: reap the child now
+            self.close()
+            raise
 
     def chunks(self) -> Iterator[PreparedChunk]:
         """Prepared chunks in input order; raises the child's error, or an InputError naming

@@ -42,7 +42,7 @@ class EmbeddedBatch:
     """bool (N,): every value of the item's outputs is finite."""
     n_tokens: int
     seconds: float
-    """Device busy time (CUDA events) or wall time on the CPU."""
+    """Device busy time (CUDA events) or the compute's wall time on the CPU."""
 
 
 @dataclass
@@ -67,7 +67,11 @@ class Launched:
     finite: torch.Tensor
     body_lengths: np.ndarray
     done: torch.cuda.Event | None
-    start: torch.cuda.Event | float | None
+    start: torch.cuda.Event | None
+    cpu_seconds: float = 0.0
+    """On the CPU: wall time of the forward, pooling and checks in :meth:`Runner.launch`
+    (not of the time until :meth:`Runner.finish`, which with batches in flight covers the
+    next batch's compute too and would count it twice)."""
 
 
 class Runner:
@@ -115,8 +119,7 @@ class Runner:
     @torch.inference_mode()
     def launch(self, staged: Staged) -> Launched:
         if not self.cuda:
-            start = time.perf_counter()
-            return self._compute(staged, start)
+            return self._compute(staged, None)
         # the device too, not only its stream: Triton kernels launch on the current device
         with torch.cuda.device(self.device), torch.cuda.stream(self.compute_stream):
             self.compute_stream.wait_event(staged.ready)
@@ -127,7 +130,8 @@ class Runner:
             start.record(self.compute_stream)
             return self._compute(staged, start)
 
-    def _compute(self, staged: Staged, start) -> Launched:
+    def _compute(self, staged: Staged, start: torch.cuda.Event | None) -> Launched:
+        began = time.perf_counter()
         layout = PackedLayout.build(staged.lengths, staged.total, staged.max_len, padded=self.padded)
         hidden = self.model(staged.ids, layout, self.layers, self.attention)
         index = PoolingIndex.build(staged.lengths, layout.starts, staged.total, self.rule,
@@ -137,7 +141,8 @@ class Runner:
         finite = self._finite(pooled, index, len(staged.items))
         body = staged.lengths_host - (self.rule.lead + self.rule.trail)
         if not self.cuda:
-            return Launched(staged, pooled, finite, body, None, start)
+            return Launched(staged, pooled, finite, body, None, None,
+                            time.perf_counter() - began)
         host = {o: t.to("cpu", non_blocking=True) for o, t in pooled.items()}
         finite_host = finite.to("cpu", non_blocking=True)
         done = torch.cuda.Event(enable_timing=True)
@@ -149,7 +154,7 @@ class Runner:
             launched.done.synchronize()  # this batch only
             seconds = launched.start.elapsed_time(launched.done) / 1000.0
         else:
-            seconds = time.perf_counter() - launched.start
+            seconds = launched.cpu_seconds
         vectors = {}
         for output, tensor in launched.host.items():
             array = tensor.numpy()

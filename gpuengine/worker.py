@@ -16,9 +16,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gpuengine.budget import TokenBudget
 from gpuengine.packing import batch_cost
@@ -35,13 +34,10 @@ class DeviceStats:
     sequences: int = 0
     tokens: int = 0
     busy_seconds: float = 0.0
-    """Sum of per-batch device time from CUDA events (wall time on the CPU)."""
+    """Sum of per-batch device time from CUDA events (the compute's wall time on the CPU);
+    batches never overlap in it, so it is at most the run's wall time."""
     oom_events: int = 0
     largest_batch: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.busy_seconds if self.busy_seconds else 0.0
 
 
 @dataclass(frozen=True)
@@ -73,11 +69,25 @@ class DeviceWorker:
         self.halt = halt
         self.depth = max(1, depth)
         self.stats = DeviceStats(str(runner.device))
+        # joined by the engine on every path; daemon only so that a bug cannot hang the exit
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"gpuengine-device-{index}")
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def name(self) -> str:
+        return self._thread.name
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the thread to end: it does once the halt event is set (or the scheduler
+        is finished) and its batches in flight are done."""
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _next_batch(self, wait: bool) -> ScheduledBatch | None:
         """Work within the current budget; None when there is none (now, or any more)."""
