@@ -1,10 +1,15 @@
-"""Shared by the benchmark scripts: drive the engine's device worker over prepared items, and
-profile a runner's kernels."""
+"""Shared by the benchmark scripts: the rows they append to a results.jsonl (the run's header
+and ``--commit``), driving the engine's device worker over prepared items, and profiling a
+runner's kernels."""
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
 import json
+import os
 import queue
+import sys
 import tempfile
 import threading
 import time
@@ -16,6 +21,58 @@ from gpuengine.budget import TokenBudget
 from gpuengine.devices import MemoryProbe
 from gpuengine.scheduler import Scheduler
 from gpuengine.worker import DeviceWorker, WorkerExit
+
+
+# -- results rows -------------------------------------------------------------------------------
+
+def add_commit_option(parser: argparse.ArgumentParser) -> None:
+    """``--commit``: the commit every row names (default ``$GPUENGINE_COMMIT``, else "unknown":
+    the device machine's copy of the tree has no git history)."""
+    parser.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
+
+
+def gpu_label() -> str:
+    """GPU 0's name, or ``none (CPU, N cores)`` on a machine without CUDA."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"none (CPU, {os.cpu_count()} cores)"
+
+
+def require_cuda(script: str) -> None:
+    """Stop with a message, before any work, where there is no CUDA GPU."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"tools/{Path(script).name} needs a CUDA GPU")
+
+
+class ResultsLog:
+    """One run's rows of a results.jsonl. Every row starts with the run's header (``date`` of
+    the row, ``commit``, ``gpu``, ``n_gpus``, ``command``: the script's command line, ``torch``:
+    its version), then the script's ``fields`` common to all its rows, then the measurement;
+    a later key replaces an earlier one. ``with_torch=False`` leaves ``torch`` out (the rows
+    of ``bench_predict.py`` have never carried it)."""
+
+    def __init__(self, out: Path, commit: str, script: str, *, n_gpus: int = 1,
+                 with_torch: bool = True, **fields):
+        self.out = Path(out)
+        self.header = {"commit": commit, "gpu": gpu_label(), "n_gpus": n_gpus,
+                       "command": f"python tools/{Path(script).name} " + " ".join(sys.argv[1:])}
+        if with_torch:
+            self.header["torch"] = torch.__version__
+        self.header.update(fields)
+
+    def row(self, **measurement) -> dict:
+        """The row for ``measurement``, dated now (not written)."""
+        row = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        row.update(self.header)
+        row.update(measurement)
+        return row
+
+    def append(self, **measurement) -> dict:
+        """Append the row for ``measurement`` to the file, one JSON line; returns the row."""
+        row = self.row(**measurement)
+        with open(self.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
 
 
 def drive_worker(runner, items, budget: int, depth: int = 2, calibrate: bool = True) -> dict:

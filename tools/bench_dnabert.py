@@ -19,9 +19,7 @@ FLOPs per token: layers · (2·(d·3d + d² + d·2·I + I·d) + 4·L·d).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import drive_worker, kernel_timeline, profile_batches  # noqa: E402
+from bench_common import (ResultsLog, add_commit_option, drive_worker,  # noqa: E402
+                          kernel_timeline, profile_batches, require_cuda)
 from gpuengine.dna_tokenizer import DnaTokenizer  # noqa: E402
 from gpuengine.models.dnabert_s import alibi_slopes  # noqa: E402
 from gpuengine.models.dnabert_s_weights import build_dnabert_s, read_dnabert_s  # noqa: E402
@@ -126,7 +125,7 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=60000)
     ap.add_argument("--budget", type=int, default=65536)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
-    ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
+    add_commit_option(ap)
     ap.add_argument("--variants", action="store_true", help="also time the variants")
     ap.add_argument("--workloads", default="dna150,dna500")
     ap.add_argument("--no-cosine", action="store_true", help="skip the precision check")
@@ -136,16 +135,11 @@ def main() -> None:
     ap.add_argument("--timeline", action="store_true",
                     help="GPU idle gaps between kernels in the steady state (dna150/dna500, after timing)")
     args = ap.parse_args()
-    command = "python tools/bench_dnabert.py " + " ".join(sys.argv[1:])
-    gpu = torch.cuda.get_device_name(0)
+    require_cuda(__file__)
+    log = ResultsLog(args.out, args.commit, __file__, model="dnabert-s")
 
     def emit(**rec):
-        base = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "commit": args.commit, "gpu": gpu, "n_gpus": 1, "command": command,
-                "model": "dnabert-s", "torch": torch.__version__}
-        base.update(rec)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(base) + "\n")
+        log.append(**rec)
         print(json.dumps(rec), flush=True)
 
     directory = args.workdir / "DNABERT-S_random"

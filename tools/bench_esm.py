@@ -28,7 +28,6 @@ unit: GEMM FLOP/s ÷ FLOPs per residue, where a sequence of L residues costs
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
@@ -42,7 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import GpuClocks, drive_worker, profile_batches  # noqa: E402
+from bench_common import (GpuClocks, ResultsLog, add_commit_option, drive_worker,  # noqa: E402
+                          profile_batches)
 from gpuengine.models.esm2_weights import build_esm2  # noqa: E402
 from gpuengine.packing import WorkItem  # noqa: E402
 from gpuengine.pooling import PoolingRule  # noqa: E402
@@ -390,30 +390,22 @@ def main() -> None:
     ap.add_argument("--fair-esm-seconds", type=float, default=15.0)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
+    add_commit_option(ap)
     args = ap.parse_args()
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval / 1000)
-    command = "python tools/bench_esm.py " + " ".join(sys.argv[1:])
     systems = args.systems.split(",")
     # every system but `host` runs the model on a GPU; `host` alone runs on any machine
     needs_gpu = bool(set(systems) - {"host"})
     if needs_gpu and not torch.cuda.is_available():
         raise SystemExit(f"systems {sorted(set(systems) - {'host'})} need a CUDA GPU; on this "
                          "machine only --systems host runs")
-    gpu = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-           else f"none (CPU, {os.cpu_count()} cores)")
+    log = ResultsLog(args.out, args.commit, __file__)
     args.workdir.mkdir(parents=True, exist_ok=True)
     records = []
 
     def emit(**rec):
-        base = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "commit": args.commit, "gpu": gpu, "n_gpus": 1, "command": command,
-                "torch": torch.__version__}
-        base.update(rec)
-        records.append(base)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(base) + "\n")
+        records.append(log.append(**rec))
         print(json.dumps(rec), flush=True)
 
     for short in args.models.split(","):
