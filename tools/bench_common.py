@@ -224,3 +224,29 @@ class GpuClocks:
                 "power_capped": round(sum(s[2] for s in self.samples) / n, 3),
                 "slowdown": round(sum(s[3] for s in self.samples) / n, 3),
                 "clock_samples": n}
+
+
+def gemm_rate(d: int, seconds: float = 0.0, *, products: int = 20,
+              warmup: int = 3) -> tuple[float, dict]:
+    """FLOP/s of a bf16 GEMM of 16384 × d by d × 4d (the ceiling's rate; DNABERT-S: 768 × 3072),
+    timed with CUDA events over ``products`` back-to-back products after ``warmup`` (the burst
+    rate, the ceiling the goals are stated against), or repeated for ``seconds`` (sustained);
+    with the SM clock and power NVML reported meanwhile (:class:`GpuClocks` summary)."""
+    a = torch.randn(16384, d, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(d, 4 * d, device="cuda", dtype=torch.bfloat16)
+    for _ in range(warmup):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    with GpuClocks(0.005) as clocks:
+        start.record()
+        while n == 0 or time.perf_counter() - t0 < seconds:
+            for _ in range(products):
+                a @ b
+            n += products
+            if seconds:
+                torch.cuda.synchronize()
+        end.record()
+        torch.cuda.synchronize()
+    return n * 2 * 16384 * d * 4 * d / (start.elapsed_time(end) / 1000), clocks.summary()

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import (ResultsLog, add_commit_option, drive_worker,  # noqa: E402
+from bench_common import (ResultsLog, add_commit_option, drive_worker, gemm_rate,  # noqa: E402
                           kernel_timeline, profile_batches, require_cuda)
 from gpuengine.dna_tokenizer import DnaTokenizer  # noqa: E402
 from gpuengine.models.dnabert_s import alibi_slopes  # noqa: E402
@@ -52,19 +52,6 @@ def reads(length: int, n: int, rng) -> list[str]:
 def flops_per_token(cfg, mean_len: float) -> float:
     d, i = cfg.embed_dim, cfg.intermediate_size
     return cfg.num_layers * (2 * (d * 3 * d + d * d + d * 2 * i + i * d) + 4 * mean_len * d)
-
-
-def gemm_rate() -> float:
-    a = torch.randn(16384, 768, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(768, 3072, device="cuda", dtype=torch.bfloat16)
-    for _ in range(5):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(200):
-        a @ b
-    torch.cuda.synchronize()
-    return 200 * 2 * 16384 * 768 * 3072 / (time.perf_counter() - start)
 
 
 def padded_forward(sd, cfg, ids, mask, slopes):
@@ -147,7 +134,7 @@ def main() -> None:
         write_dnabert_s(directory, seed=0)
     cfg, state, _ = read_dnabert_s(directory)
     tok = DnaTokenizer.from_directory(directory)
-    rate = gemm_rate()
+    rate, _ = gemm_rate(cfg.embed_dim, products=200, warmup=5)  # d 768: 16384 × 768 by 768 × 3072
     rng = np.random.default_rng(0)
     # precision check
     sample = reads(150, 48, rng) + reads(500, 16, rng)

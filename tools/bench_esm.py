@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (GpuClocks, ResultsLog, add_commit_option, drive_worker,  # noqa: E402
-                          profile_batches)
+                          gemm_rate, profile_batches)
 from gpuengine.models.esm2_weights import build_esm2  # noqa: E402
 from gpuengine.packing import WorkItem  # noqa: E402
 from gpuengine.pooling import PoolingRule  # noqa: E402
@@ -91,30 +91,6 @@ def timed(fn, sync=True) -> float:
 
 
 # -- systems ------------------------------------------------------------------------------------
-
-def gemm_rate(d: int, seconds: float = 0.0) -> tuple[float, dict]:
-    """bf16 GEMM of 16384 × d by d × 4d: TFLOP/s over 20 back-to-back products after a warm-up
-    (the burst rate, the ceiling the goals are stated against), or sustained for ``seconds``;
-    with the SM clock and power NVML reported meanwhile."""
-    a = torch.randn(16384, d, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(d, 4 * d, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 0
-    with GpuClocks(0.005) as clocks:
-        start.record()
-        while n == 0 or time.perf_counter() - t0 < seconds:
-            for _ in range(20):
-                a @ b
-            n += 20
-            if seconds:
-                torch.cuda.synchronize()
-        end.record()
-        torch.cuda.synchronize()
-    return n * 2 * 16384 * d * 4 * d / (start.elapsed_time(end) / 1000), clocks.summary()
-
 
 def make_runner(model, precision, compile_kernels=True, copy_stream=True, kernels=None,
                 attention=None):
