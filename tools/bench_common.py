@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: the rows they append to a results.jsonl (the run's header
-and ``--commit``), driving the engine's device worker over prepared items, and profiling a
-runner's kernels."""
+and ``--commit``), driving the engine's device worker over prepared items, profiling a runner's
+kernels, the host pipeline with a no-op runner, and the GEMM ceiling with the clocks NVML reports
+meanwhile."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gpuengine.budget import TokenBudget
@@ -168,6 +170,65 @@ def kernel_timeline(runner, items, budget: int, path: Path | None = None, top: i
     print(text, flush=True)
     if path is not None:
         Path(path).write_text(text + "\n")
+    return summary
+
+
+# -- the host pipeline --------------------------------------------------------------------------
+
+class NoopRunner:
+    """Replaces the GPU step: returns zero vectors of width ``dim`` at once (measures the host
+    pipeline). :meth:`factory` makes the ``runner_factory`` that ``run_embed`` calls."""
+
+    cuda = False
+    padded = False
+    precision = "fp32"
+
+    def __init__(self, outputs, dim: int):
+        self.device, self.outputs, self.dim = torch.device("cpu"), outputs, dim
+
+    @classmethod
+    def factory(cls, dim: int):
+        """A ``runner_factory(device, precision, outputs)`` making no-op runners of width ``dim``."""
+        def make(device, precision, outputs):
+            return cls(outputs, dim)
+        return make
+
+    def stage(self, items):
+        return items
+
+    def launch(self, items):
+        return items
+
+    def finish(self, items):
+        from gpuengine.runner import EmbeddedBatch
+
+        zeros = np.zeros(self.dim, np.float32)
+        return EmbeddedBatch({o: [zeros] * len(items) for o in self.outputs},
+                             np.ones(len(items), bool), sum(i.n_tokens for i in items), 0.0)
+
+    def release_cached_memory(self):
+        pass
+
+    def calibrate(self, tokens):
+        return 0
+
+
+def run_e2e(model, fasta, budget, workdir, *, noop_dim: int | None = None):
+    """`gpuengine embed` in-process: FASTA → validate → plan → devices → LMDB commit, into a
+    store under ``workdir`` removed before and after. With ``noop_dim`` the GPU step is a
+    :class:`NoopRunner` of that width on the CPU (the host pipeline); else fp16 on every GPU."""
+    import shutil
+
+    from gpuengine.config import EmbedConfig
+    from gpuengine.engine import run_embed
+
+    noop = noop_dim is not None
+    store = Path(workdir) / ("host.lmdb" if noop else "e2e.lmdb")
+    shutil.rmtree(store, ignore_errors=True)
+    cfg = EmbedConfig(inputs=(Path(fasta),), model=str(model), out=store, max_tokens=budget,
+                      devices="cpu" if noop else "auto", precision=None if noop else "fp16")
+    summary = run_embed(cfg, runner_factory=NoopRunner.factory(noop_dim) if noop else None)
+    shutil.rmtree(store, ignore_errors=True)
     return summary
 
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (GpuClocks, ResultsLog, add_commit_option, drive_worker,  # noqa: E402
-                          gemm_rate, profile_batches)
+                          gemm_rate, profile_batches, run_e2e)
 from gpuengine.models.esm2_weights import build_esm2  # noqa: E402
 from gpuengine.packing import WorkItem  # noqa: E402
 from gpuengine.pooling import PoolingRule  # noqa: E402
@@ -143,56 +143,6 @@ def write_fasta(path, seqs):
         for i, s in enumerate(seqs):
             f.write(f">p{i}\n{s}\n")
     return path
-
-
-def run_e2e(pt_path, fasta, budget, workdir, *, noop=False):
-    """`gpuengine embed` in-process: FASTA → validate → plan → devices → LMDB commit."""
-    import shutil
-
-    from gpuengine.config import EmbedConfig
-    from gpuengine.engine import run_embed
-
-    store = Path(workdir) / ("host.lmdb" if noop else "e2e.lmdb")
-    shutil.rmtree(store, ignore_errors=True)
-    cfg = EmbedConfig(inputs=(Path(fasta),), model=str(pt_path), out=store, max_tokens=budget,
-                      devices="cpu" if noop else "auto", precision=None if noop else "fp16")
-    summary = run_embed(cfg, runner_factory=NoopRunner.factory if noop else None)
-    shutil.rmtree(store, ignore_errors=True)
-    return summary
-
-
-class NoopRunner:
-    """Replaces the GPU step: returns zero vectors at once (measures the host pipeline)."""
-
-    cuda = False
-    padded = False
-    precision = "fp32"
-
-    def __init__(self, outputs, dim):
-        self.device, self.outputs, self.dim = torch.device("cpu"), outputs, dim
-
-    @classmethod
-    def factory(cls, device, precision, outputs):
-        return cls(outputs, NoopRunner.dim_hint)
-
-    def stage(self, items):
-        return items
-
-    def launch(self, items):
-        return items
-
-    def finish(self, items):
-        from gpuengine.runner import EmbeddedBatch
-
-        zeros = np.zeros(self.dim, np.float32)
-        return EmbeddedBatch({o: [zeros] * len(items) for o in self.outputs},
-                             np.ones(len(items), bool), sum(i.n_tokens for i in items), 0.0)
-
-    def release_cached_memory(self):
-        pass
-
-    def calibrate(self, tokens):
-        return 0
 
 
 def profile_batch(runner, seqs, budget, out_dir, name="profile"):
@@ -501,11 +451,10 @@ def main() -> None:
                 r = run_fair_esm(state, layers, d, heads, seqs[:4000], args.fair_esm_seconds)
                 report("fair-esm-fp32", "fp32", *r, budget=2048)
             if "host" in systems and wi == 0:
-                NoopRunner.dim_hint = d
                 hrng = np.random.default_rng(7)
                 hseqs = proteins(workload_lengths(wl, int(args.host_sequences * mean_len), hrng), hrng)
                 fasta = write_fasta(args.workdir / f"host-{wl}.fa", hseqs)
-                summ = run_e2e(pt_path, fasta, args.budget, args.workdir, noop=True)
+                summ = run_e2e(pt_path, fasta, args.budget, args.workdir, noop_dim=d)
                 emit(**common, system="gpuengine-host", precision="none", tokens_per_s=summ.residues / summ.embed_seconds,
                      sequences_per_s=summ.embedded / summ.embed_seconds, wall_s=summ.wall_seconds,
                      embed_s=summ.embed_seconds, sequences=summ.embedded,

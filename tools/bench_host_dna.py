@@ -18,8 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import ResultsLog, add_commit_option  # noqa: E402
-from bench_esm import NoopRunner, run_e2e  # noqa: E402
+from bench_common import ResultsLog, add_commit_option, run_e2e  # noqa: E402
 from gpuengine.synthetic import write_dnabert_s  # noqa: E402
 
 
@@ -43,8 +42,7 @@ def main() -> None:
                 block = bases[rng.integers(0, 4, (min(100_000, args.reads - start), 150))]
                 f.write("".join(f">read{start + i}\n{row.tobytes().decode()}\n"
                                 for i, row in enumerate(block)))
-    NoopRunner.dim_hint = 768
-    summary = run_e2e(model, fasta, None, args.workdir, noop=True)  # budget: the CPU default
+    summary = run_e2e(model, fasta, None, args.workdir, noop_dim=768)  # budget: the CPU default
     rec = ResultsLog(args.out, args.commit, __file__).append(
         model="dnabert-s", workload="dna150", system="gpuengine-host", precision="none",
         tokens_per_s=summary.tokens / summary.embed_seconds,
