@@ -77,15 +77,42 @@ class ResultsLog:
         return row
 
 
+# -- inputs and checks -------------------------------------------------------------------------
+
+def write_reads_fasta(path: Path, count: int, draw, block: int = 100_000) -> Path:
+    """A FASTA of ``count`` reads named ``read0``, ``read1``, …, drawn ``block`` at a time:
+    ``draw(n)`` returns an (n, length) uint8 array of bases, one read a row."""
+    with open(path, "w") as f:
+        for start in range(0, count, block):
+            rows = draw(min(block, count - start))
+            f.write("".join(f">read{start + i}\n{row.tobytes().decode()}\n"
+                            for i, row in enumerate(rows)))
+    return Path(path)
+
+
+def cosine_summary(a: np.ndarray, b: np.ndarray) -> dict:
+    """``min_cosine`` and ``mean_cosine`` between each row of ``a`` and the same row of ``b``."""
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+
+
+def closed_scheduler(items) -> Scheduler:
+    """A scheduler holding ``items`` and closed: its batches end when they run out."""
+    sched = Scheduler()
+    sched.submit(items)
+    sched.close()
+    return sched
+
+
+# -- the device worker and its kernels -----------------------------------------------------------
+
 def drive_worker(runner, items, budget: int, depth: int = 2, calibrate: bool = True) -> dict:
     """The engine's device pipeline without input parsing or the store: scheduler → worker
     thread (stage + launch batch k+1, then finish batch k) → results, after a warm-up batch at
     the full budget. Returns tokens, residues, sequences, seconds and the busy fraction."""
     if calibrate:
         runner.calibrate(budget)
-    sched = Scheduler()
-    sched.submit(items)
-    sched.close()
+    sched = closed_scheduler(items)
     outbox, halt = queue.Queue(), threading.Event()
     worker = DeviceWorker(0, runner, TokenBudget(budget, budget), sched, outbox, halt, depth=depth)
     torch.cuda.synchronize()
@@ -115,9 +142,7 @@ def profile_batches(runner, items, budget: int, path: Path, row_limit: int = 25)
     printed and written to ``path``."""
     from torch.profiler import ProfilerActivity, profile
 
-    sched = Scheduler()
-    sched.submit(items)
-    sched.close()
+    sched = closed_scheduler(items)
     batches = [sched.next_batch(0, budget).items for _ in range(3)]
     runner.embed(batches[0])
     torch.cuda.synchronize()

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import (ResultsLog, add_commit_option, drive_worker, gemm_rate,  # noqa: E402
-                          kernel_timeline, profile_batches, require_cuda)
+from bench_common import (ResultsLog, add_commit_option, cosine_summary, drive_worker,  # noqa: E402
+                          gemm_rate, kernel_timeline, profile_batches, require_cuda)
 from gpuengine.dna_tokenizer import DnaTokenizer  # noqa: E402
 from gpuengine.models.dnabert_s import alibi_slopes  # noqa: E402
 from gpuengine.models.dnabert_s_weights import build_dnabert_s, read_dnabert_s  # noqa: E402
@@ -155,9 +155,7 @@ def main() -> None:
             vecs[precision] = np.stack(runner.embed(items).vectors[OutputSpec(cfg.num_layers, "mean")])
         cos = {}
         for p in ("fp16", "bf16"):
-            a, b = vecs[p], vecs["fp32"]
-            c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-            cos[p] = {"min_cosine": float(c.min()), "mean_cosine": float(c.mean())}
+            cos[p] = cosine_summary(vecs[p], vecs["fp32"])
         # the same check for the plain padded forward (the baseline below): how far half precision
         # itself moves these random-weight embeddings, independently of our kernels
         slopes = torch.tensor(alibi_slopes(cfg.attention_heads), device="cuda")
@@ -176,9 +174,7 @@ def main() -> None:
                     rows.append(padded_forward(sd, cfg, ids, torch.ones_like(ids), slopes)[0].cpu().numpy())
             ref[name] = np.stack(rows)
         for p in ("fp16", "bf16", "bf16-weights"):
-            a, b = ref[p], ref["fp32"]
-            c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-            cos[f"padded_reference_{p}"] = {"min_cosine": float(c.min()), "mean_cosine": float(c.mean())}
+            cos[f"padded_reference_{p}"] = cosine_summary(ref[p], ref["fp32"])
         emit(workload="dna150+dna500", system="cosine-vs-fp32", precision="fp16/bf16",
              tokens_per_s=None, sequences_per_s=None, **cos)
     runner = make_runner("fp16")

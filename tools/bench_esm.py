@@ -41,13 +41,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import (GpuClocks, ResultsLog, add_commit_option, drive_worker,  # noqa: E402
-                          gemm_rate, profile_batches, run_e2e)
+from bench_common import (GpuClocks, ResultsLog, add_commit_option, closed_scheduler,  # noqa: E402
+                          cosine_summary, drive_worker, gemm_rate, profile_batches, run_e2e)
 from gpuengine.models.esm2_weights import build_esm2  # noqa: E402
 from gpuengine.packing import WorkItem  # noqa: E402
 from gpuengine.pooling import PoolingRule  # noqa: E402
 from gpuengine.runner import Runner  # noqa: E402
-from gpuengine.scheduler import Scheduler  # noqa: E402
 from gpuengine.store.codec import sequence_digest  # noqa: E402
 from gpuengine.store.schema import OutputSpec  # noqa: E402
 from gpuengine.synthetic import ESM2_SHAPES, random_esm2_state  # noqa: E402
@@ -125,9 +124,7 @@ def run_pipeline(runner, seqs, budget, depth=2):
 def run_sync(runner, seqs, budget):
     """Diagnostic: every batch staged, launched and finished in turn on the calling thread."""
     runner.calibrate(budget)
-    sched = Scheduler()
-    sched.submit(_items(seqs))
-    sched.close()
+    sched = closed_scheduler(_items(seqs))
     batches = []
     while (b := sched.next_batch(0, budget)) is not None:
         batches.append(b.items)
@@ -147,9 +144,7 @@ def write_fasta(path, seqs):
 
 def profile_batch(runner, seqs, budget, out_dir, name="profile"):
     """Kernel time breakdown of two batches (torch.profiler), printed and saved."""
-    tok = EsmTokenizer()
-    items = [WorkItem(sequence_digest(s), tok.encode(s), len(s)) for s in seqs]
-    profile_batches(runner, items, budget, Path(out_dir) / f"{name}.txt", row_limit=22)
+    profile_batches(runner, _items(seqs), budget, Path(out_dir) / f"{name}.txt", row_limit=22)
 
 
 def gemm_skeleton(layers, d, tokens, seconds=3.0):
@@ -274,8 +269,7 @@ def cosine_check(state, layers, d, heads, n=48):
     out = {}
     for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
         model = build_esm2(cfg, dict(state), dtype)
-        tok = EsmTokenizer()
-        items = [WorkItem(sequence_digest(s), tok.encode(s), len(s)) for s in seqs]
+        items = _items(seqs)
         # fp32: the eager layers (fair-esm's numbers); half precision: the engine's default kernels
         runner = Runner(model, torch.device("cuda"), precision, [OutputSpec(layers, "mean")],
                         PoolingRule(1, 1), compile=precision != "fp32")
@@ -289,9 +283,8 @@ def cosine_check(state, layers, d, heads, n=48):
     res = {}
     for p in ("fp16", "bf16"):
         a, b = out[p], out["fp32"]
-        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-        res[p] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-                  "max_abs_diff": float(np.abs(a - b).max()), "kernels": out[f"{p}_kernels"]}
+        res[p] = {**cosine_summary(a, b), "max_abs_diff": float(np.abs(a - b).max()),
+                  "kernels": out[f"{p}_kernels"]}
     return res
 
 

@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import ResultsLog, add_commit_option, run_e2e  # noqa: E402
+from bench_common import ResultsLog, add_commit_option, run_e2e, write_reads_fasta  # noqa: E402
 from gpuengine.synthetic import write_dnabert_s  # noqa: E402
 
 
@@ -37,11 +37,7 @@ def main() -> None:
     if not fasta.exists():
         rng = np.random.default_rng(7)
         bases = np.frombuffer(b"ACGT", dtype=np.uint8)
-        with open(fasta, "w") as f:
-            for start in range(0, args.reads, 100_000):
-                block = bases[rng.integers(0, 4, (min(100_000, args.reads - start), 150))]
-                f.write("".join(f">read{start + i}\n{row.tobytes().decode()}\n"
-                                for i, row in enumerate(block)))
+        write_reads_fasta(fasta, args.reads, lambda n: bases[rng.integers(0, 4, (n, 150))])
     summary = run_e2e(model, fasta, None, args.workdir, noop_dim=768)  # budget: the CPU default
     rec = ResultsLog(args.out, args.commit, __file__).append(
         model="dnabert-s", workload="dna150", system="gpuengine-host", precision="none",

@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import ResultsLog, add_commit_option  # noqa: E402
+from bench_common import ResultsLog, add_commit_option, write_reads_fasta  # noqa: E402
 
 
 class MLPClassifier(nn.Module):
@@ -71,13 +71,8 @@ def main() -> None:
     torch.save(MLPClassifier(3328, 512, 2).eval(), mlp_path)  # the original way
     rng = np.random.default_rng(1)
     bases = np.frombuffer(b"ACGTN", dtype=np.uint8)
-    fasta = work / f"reads150_{args.reads}.fa"
-    with open(fasta, "w") as f:
-        for start in range(0, args.reads, 100_000):
-            n = min(100_000, args.reads - start)
-            block = bases[rng.choice(5, (n, 150), p=[0.2495] * 4 + [0.002])]
-            f.write("".join(f">read{start + i}\n{row.tobytes().decode()}\n"
-                            for i, row in enumerate(block)))
+    fasta = write_reads_fasta(work / f"reads150_{args.reads}.fa", args.reads,
+                              lambda n: bases[rng.choice(5, (n, 150), p=[0.2495] * 4 + [0.002])])
     out = work / "predict_out"
     shutil.rmtree(out, ignore_errors=True)  # a cold run: nothing reused from an earlier one
     config = PredictConfig(reads=fasta, length=500, classifier=mlp_path, esm_model=str(esm_pt),
