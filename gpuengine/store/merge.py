@@ -384,14 +384,16 @@ class _Merge:
             self.env.close()
 
     def _merge_tables(self) -> None:
-        total = sum(s.counts[t]["emb"] for t in self.plan.tables for s in self.snaps
-                    if t in s.counts and not self.plan.progress[t]["emb"]["done"])
-        self.progress.start("merging embeddings", total)
         started = time.perf_counter()
         try:
             for table in self.plan.tables:
                 for kind in KINDS:
-                    self._pass(table, kind)
+                    if not self.plan.progress[table][kind]["done"]:
+                        total = sum(s.counts[table][kind] for s in self.snaps
+                                    if table in s.counts)
+                        what = "vectors" if kind == "emb" else "ids"
+                        self.progress.start(f"table {table}: merging {what}", total)
+                        self._pass(table, kind)
         finally:
             self.summary.merge_seconds += time.perf_counter() - started
 
@@ -444,9 +446,9 @@ class _Merge:
                 if kind == "emb":
                     self.summary.vectors_read += len(chunk)
                     self.summary.bytes_read += nbytes
-                    self.progress.advance(len(chunk), nbytes)
                 else:
                     self.summary.ids_read += len(chunk)
+                self.progress.advance(len(chunk), nbytes)
         finally:
             for cursor, _ in cursors:
                 cursor.close()
