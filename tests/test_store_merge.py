@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import lmdb
+import numpy as np
 import pytest
 
 import gpuengine
@@ -41,9 +42,12 @@ def data(tmp_path_factory) -> dict:
     return {"base": base, "recs": recs, "single": single, "shards": shards}
 
 
-def test_merge_of_shards_equals_one_store(data, tmp_path):
+@pytest.mark.parametrize("read_ahead", [False, True])
+def test_merge_of_shards_equals_one_store(data, tmp_path, read_ahead):
     out = tmp_path / "all.lmdb"
-    summary = merge_stores(out, data["shards"], transaction_bytes=4096)
+    threads = threading.active_count()
+    summary = merge_stores(out, data["shards"], transaction_bytes=4096, read_ahead=read_ahead)
+    assert threading.active_count() == threads  # the reading thread is joined
     assert dump(out) == dump(data["single"])  # every key and value, byte for byte
     assert summary.transactions > 4  # small transactions: many resume points
     counts = summary.tables["default"]
@@ -149,6 +153,26 @@ def test_same_id_other_sequence_is_refused_and_named(tmp_path):
     with pytest.raises(StoreMismatchError, match="'P2'.*existing.lmdb \\(the output\\)"):
         merge_stores(existing, [b])
     assert dump(existing) == before and len(run_records(existing)) == 0
+
+
+@pytest.mark.parametrize("read_ahead", [False, True])
+def test_a_conflict_found_while_writing_stops_before_its_transaction(tmp_path, monkeypatch,
+                                                                     read_ahead):
+    """An id OUT maps to another sequence that the check before writing did not see (as if
+    another writer added it meanwhile): the merge stops in the transaction that meets it,
+    and what it committed before is a consistent store."""
+    monkeypatch.setattr(merge_module, "_check_ids", lambda *args: None)
+    a = write_store(tmp_path / "a.lmdb", SPEC, records(30))
+    b = write_store(tmp_path / "b.lmdb", SPEC, [(records(30)[25][0], "MKVWWW")])
+    out = tmp_path / "out.lmdb"
+    threads = threading.active_count()
+    with pytest.raises(StoreMismatchError, match=repr(records(30)[25][0])):
+        merge_stores(out, [a, b], transaction_bytes=256, read_ahead=read_ahead)
+    assert threading.active_count() == threads
+    assert run_records(out)[merge_run_id([str(a), str(b)])]["status"] == "failed"
+    with EmbeddingStore(out) as store:
+        assert 0 < len(store) < len(records(30))
+        assert all(store[rid] is not None for rid in store.ids())  # every id has its vector
 
 
 def test_run_records_are_carried(data, tmp_path):
@@ -415,3 +439,30 @@ def test_cli_merge_user_errors(tmp_path, case, code, words):
         assert word in err, err
     if case != "out-is-input":
         assert not (tmp_path / "out.lmdb").exists()
+
+
+@pytest.mark.slow
+def test_shards_embedded_by_the_engine_merge_into_what_one_run_writes(tiny_pt, tmp_path):
+    """The real engine (tiny random ESM-2, CPU, fp32) embeds the records in one run, and as
+    3 shards split by sequence digest; the merged shards hold the same ids and vectors."""
+    from conftest import random_proteins
+
+    import gpuengine as api
+
+    seqs = random_proteins([5 + (i * 7) % 40 for i in range(60)], seed=4)
+    recs = [(f"p{i}", s) for i, s in enumerate(seqs)] + [("dup", seqs[3])]
+    api.embed(recs, model=str(tiny_pt), store=tmp_path / "single.lmdb", devices="cpu")
+    for index in range(3):
+        part = [(rid, seq) for rid, seq in recs if shard_of(seq, 3) == index]
+        api.embed(part, model=str(tiny_pt), store=tmp_path / f"shard{index}.lmdb",
+                  devices="cpu")
+    summary = merge_stores(tmp_path / "merged.lmdb",
+                           [tmp_path / f"shard{i}.lmdb" for i in range(3)], verify=True)
+    assert summary.verify.ok and summary.runs_carried == 3
+    with EmbeddingStore(tmp_path / "merged.lmdb") as merged, \
+            EmbeddingStore(tmp_path / "single.lmdb") as single:
+        assert merged.spec == single.spec and merged.spec.precision == "fp32"
+        assert list(merged.ids()) == list(single.ids())
+        for (a, x), (b, y) in zip(merged.items(), single.items(), strict=True):
+            assert a == b
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)

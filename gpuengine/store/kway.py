@@ -95,3 +95,74 @@ def has_equal_neighbours(chunk: list[tuple[bytes, bytes]]) -> bool:
     """Whether two adjacent items of a sorted chunk share a key (a C-speed scan)."""
     keys = list(map(first, chunk))
     return any(map(operator.eq, keys, islice(keys, 1, None)))
+
+
+class Prefetch:
+    """Iterates ``source`` on a thread of its own, up to ``depth`` items ahead of the
+    consumer, so that reading the inputs (LMDB releases the GIL while it reads) overlaps
+    writing the output. Iterate it once; :meth:`close` (also on an error of the consumer)
+    stops the thread and joins it. An error of ``source`` is raised to the consumer.
+    ``threaded=False`` iterates ``source`` on the consumer's thread instead."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator, depth: int = 1, threaded: bool = True) -> None:
+        import queue
+        import threading
+
+        self._source = source
+        self._threaded = threaded
+        if not threaded:
+            return
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="gpuengine-merge-read",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._source:
+                if not self._put(item):
+                    return
+        except BaseException as exc:  # handed to the consumer
+            self._error = exc
+        self._put(self._END)
+
+    def __iter__(self) -> Iterator:
+        if not self._threaded:
+            yield from self._source
+            return
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item
+
+    def close(self) -> None:
+        """Stop reading ahead and join the thread (idempotent)."""
+        import queue
+
+        if not self._threaded:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()

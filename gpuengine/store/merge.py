@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import operator
 import os
 import threading
 import time
@@ -44,7 +45,13 @@ from gpuengine.errors import StoreMismatchError, UsageError
 from gpuengine.store import codec
 from gpuengine.store.compat import TableCopy, combined_spec
 from gpuengine.store.environment import StoreEnv, open_store
-from gpuengine.store.kway import block_items, first, has_equal_neighbours, merged_chunks
+from gpuengine.store.kway import (
+    Prefetch,
+    block_items,
+    first,
+    has_equal_neighbours,
+    merged_chunks,
+)
 from gpuengine.store.schema import (
     MAX_TABLES,
     RUNS_DB,
@@ -57,6 +64,7 @@ from gpuengine.store.schema import (
 from gpuengine.store.sources import Snapshot, carried_run_key, expand_stores, is_store_dir
 from gpuengine.store.writer import StoreWriter, utc_now
 
+_second = operator.itemgetter(1)
 TRANSACTION_BYTES = 256 << 20
 """Default size of one merge transaction (vector bytes)."""
 _CHECK_ITEMS = 1 << 16
@@ -157,13 +165,19 @@ def input_paths(out: str | os.PathLike[str],
 def merge_stores(out: str | os.PathLike[str], stores: Iterable[str | os.PathLike[str]], *,
                  verify: bool = False, progress: MergeProgress | None = None,
                  transaction_bytes: int = TRANSACTION_BYTES,
-                 stop: threading.Event | None = None, sync: bool = True) -> MergeSummary:
+                 stop: threading.Event | None = None, sync: bool = True,
+                 read_ahead: bool = False) -> MergeSummary:
     """Merge ``stores`` (paths, or directories of stores) into ``out`` (new or existing).
 
     Restartable: the same call after a kill continues where the last commit left off. With
     ``verify``, every vector and id mapping of every input is read again and compared with
     OUT (``summary.verify``). ``stop`` (set by a signal handler) ends the merge after the
-    current transaction (``summary.interrupted``). Raises StoreMismatchError (tables that
+    current transaction (``summary.interrupted``). ``sync=False`` commits without fsync (a
+    kill is harmless, an OS crash may corrupt OUT); ``read_ahead`` reads the next chunk of
+    the inputs on a second thread while one is written (off by default: py-lmdb releases
+    the GIL around every get and put, so two threads hand it over once per vector, and on
+    a 2-core machine that cost more than the overlap saved; tools/bench_merge.py measures
+    both). Raises StoreMismatchError (tables that
     differ, an id naming two sequences: nothing written), StoreError, UsageError.
     """
     progress = progress or NoProgress()
@@ -179,7 +193,8 @@ def merge_stores(out: str | os.PathLike[str], stores: Iterable[str | os.PathLike
                                resumed=plan.mode == "resume", restarted=plan.mode == "restart",
                                already_complete=plan.mode == "complete")
         if plan.mode != "complete":
-            _Merge(plan, snaps, summary, progress, transaction_bytes, stop, sync).run()
+            _Merge(plan, snaps, summary, progress, transaction_bytes, stop, sync,
+                   read_ahead).run()
         summary.tables = {t: _flat(c) for t, c in plan.progress.items()}
         summary.seconds = time.perf_counter() - began
         if verify and not summary.interrupted:
@@ -351,10 +366,10 @@ class _Merge:
 
     def __init__(self, plan: _Plan, snaps: list[Snapshot], summary: MergeSummary,
                  progress: MergeProgress, transaction_bytes: int,
-                 stop: threading.Event | None, sync: bool) -> None:
+                 stop: threading.Event | None, sync: bool, read_ahead: bool) -> None:
         self.plan, self.snaps, self.summary = plan, snaps, summary
         self.progress, self.chunk_bytes, self.stop = progress, transaction_bytes, stop
-        self.sync = sync
+        self.sync, self.read_ahead = sync, read_ahead
         self.key = plan.run_id.encode("ascii")
 
     def run(self) -> None:
@@ -423,7 +438,8 @@ class _Merge:
         txn.put(self.key, _dump(record), db=self.runs_db)
 
     def _pass(self, table: str, kind: str) -> None:
-        """Merge one database of one table, one transaction per chunk."""
+        """Merge one database of one table, one transaction per chunk (read a chunk ahead
+        on another thread)."""
         state = self.plan.progress[table][kind]
         if state["done"]:
             return
@@ -433,29 +449,42 @@ class _Merge:
         cursors = [(s.cursor(table, kind), block_items(self.chunk_bytes, len(holders), entry))
                    for s in holders]
         after = None if state["after"] is None else bytes.fromhex(state["after"])
-        chunk_items = max(1, int(self.chunk_bytes / entry))
+        chunks = Prefetch(merged_chunks(cursors, after, max(1, int(self.chunk_bytes / entry))),
+                          threaded=self.read_ahead)
         try:
-            for chunk in merged_chunks(cursors, after, chunk_items):
+            for chunk in chunks:
                 if self.stop is not None and self.stop.is_set():
                     raise _Interrupted
-                nbytes = sum(map(len, map(_second, chunk))) if kind == "emb" else 0
-                self.plan.progress = self.env.write(
-                    lambda txn, c=chunk: self._commit(txn, table, kind, db, c, holders),
-                    size_hint=int(len(chunk) * entry) + (1 << 20))
-                self.summary.transactions += 1
-                if kind == "emb":
-                    self.summary.vectors_read += len(chunk)
-                    self.summary.bytes_read += nbytes
-                else:
-                    self.summary.ids_read += len(chunk)
-                self.progress.advance(len(chunk), nbytes)
+                self._write_chunk(table, kind, db, chunk, entry)
+        except _Conflict as conflict:
+            chunks.close()  # the inputs' transactions are this thread's again
+            raise _id_conflict(table, conflict.key, [
+                *((s.label, s.get(table, "ids", conflict.key)) for s in holders),
+                (f"{self.plan.out} (the output)", conflict.kept)],
+                "The merge stopped before this transaction; what it committed is "
+                "consistent.") from None
         finally:
+            chunks.close()
             for cursor, _ in cursors:
                 cursor.close()
         self.plan.progress = self.env.write(lambda txn: self._mark_done(txn, table, kind))
 
+    def _write_chunk(self, table: str, kind: str, db: Any, chunk: list[tuple[bytes, bytes]],
+                     entry: float) -> None:
+        nbytes = sum(map(len, map(_second, chunk))) if kind == "emb" else 0
+        self.plan.progress = self.env.write(
+            lambda txn: self._commit(txn, table, kind, db, chunk),
+            size_hint=int(len(chunk) * entry) + (1 << 20))
+        self.summary.transactions += 1
+        if kind == "emb":
+            self.summary.vectors_read += len(chunk)
+            self.summary.bytes_read += nbytes
+        else:
+            self.summary.ids_read += len(chunk)
+        self.progress.advance(len(chunk), nbytes)
+
     def _commit(self, txn: lmdb.Transaction, table: str, kind: str, db: Any,
-                chunk: list[tuple[bytes, bytes]], holders: list[Snapshot]) -> dict[str, Any]:
+                chunk: list[tuple[bytes, bytes]]) -> dict[str, Any]:
         """Write one chunk and move the resume point, in one transaction (may run twice
         after a map growth: depends only on its arguments and the transaction)."""
         with txn.cursor(db=db) as cursor:
@@ -465,7 +494,7 @@ class _Merge:
             if kind == "emb":
                 counts.update(_emb_duplicates(txn, db, chunk))
             else:
-                _check_id_duplicates(txn, db, chunk, table, holders, self.plan.out)
+                _check_id_duplicates(txn, db, chunk)
         record = self._record(txn)
         state = record["progress"][table][kind]
         for name, value in counts.items():
@@ -510,10 +539,6 @@ class _Merge:
         self.summary.runs_carried = carried
 
 
-def _second(item: tuple[bytes, bytes]) -> bytes:
-    return item[1]
-
-
 def _put_sorted(cursor: lmdb.Cursor, chunk: list[tuple[bytes, bytes]]) -> tuple[int, int]:
     """Put a sorted chunk, never overwriting: appended where every key is above the
     database's last key, plain puts below it. Returns (added, split) where ``chunk[:split]``
@@ -549,15 +574,21 @@ def _emb_duplicates(txn: lmdb.Transaction, db: Any,
     return {"differing": differing, "differing_existing": differing_existing}
 
 
-def _check_id_duplicates(txn: lmdb.Transaction, db: Any, chunk: list[tuple[bytes, bytes]],
-                         table: str, holders: list[Snapshot], out: str) -> None:
+class _Conflict(Exception):
+    """An id the output maps to another sequence (found inside a write transaction; the
+    message is made once the reading thread is stopped)."""
+
+    def __init__(self, key: bytes, kept: bytes) -> None:
+        super().__init__(key.hex())
+        self.key, self.kept = key, kept
+
+
+def _check_id_duplicates(txn: lmdb.Transaction, db: Any,
+                         chunk: list[tuple[bytes, bytes]]) -> None:
     """Every id not written must name the sequence OUT now holds for it (else abort)."""
     kept_key = kept = None
     for key, value in chunk:
         if key != kept_key:
             kept_key, kept = key, txn.get(key, db=db)
         if kept[:16] != value[:16]:
-            copies = [(s.label, s.get(table, "ids", key)) for s in holders]
-            raise _id_conflict(table, key, [*copies, (f"{out} (the output)", kept)],
-                               "The merge stopped before this transaction; what it "
-                               "committed is consistent.")
+            raise _Conflict(key, bytes(kept))
