@@ -198,7 +198,9 @@ def print_merge_summary(summary) -> None:
              ("read this time", f"{summary.vectors_read:,} vectors, "
                                 f"{summary.bytes_read / 1e6:,.1f} MB, {summary.ids_read:,} ids "
                                 f"in {summary.transactions:,} transactions"),
-             ("wall time", f"{summary.seconds:.1f} s ({summary.merge_seconds:.1f} s merging)"),
+             ("wall time", f"{summary.seconds:.1f} s ({summary.merge_seconds:.1f} s merging)"
+                           + (f", verify {summary.verify_seconds:.1f} s"
+                              if summary.verify is not None else "")),
              ("vectors/s (merging)", f"{summary.vectors_per_second:,.0f} "
                                      f"({summary.megabytes_per_second:,.0f} MB/s)")]
     verify = summary.verify

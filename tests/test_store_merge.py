@@ -53,6 +53,9 @@ def test_merge_of_shards_equals_one_store(data, tmp_path, read_ahead):
     counts = summary.tables["default"]
     assert counts["emb_added"] == len(dump(data["single"])["emb"])
     assert counts["ids_added"] == len(data["recs"]) and counts["emb_duplicates"] == 0
+    record = run_records(out)[summary.run_id]
+    assert record["committed_sequences"] == counts["emb_added"] // 2  # mean and per-token
+    assert record["committed_records"] == len(data["recs"])
     with EmbeddingStore(out) as merged, EmbeddingStore(data["single"]) as single:
         assert list(merged.items())[5][0] == list(single.items())[5][0]
         assert merged.spec == single.spec and len(merged) == len(single)

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import lmdb
 
 from gpuengine import __version__
-from gpuengine.errors import StoreMismatchError, UsageError
+from gpuengine.errors import StoreError, StoreMismatchError, UsageError
 from gpuengine.store import codec
 from gpuengine.store.compat import TableCopy, combined_spec
 from gpuengine.store.environment import StoreEnv, open_store
@@ -117,6 +117,7 @@ class MergeSummary:
     runs_carried: int = 0
     verify: Any = None
     """A :class:`~gpuengine.store.verify.VerifyResult` when asked for."""
+    verify_seconds: float = 0.0
 
     @property
     def vectors_per_second(self) -> float:
@@ -177,8 +178,8 @@ def merge_stores(out: str | os.PathLike[str], stores: Iterable[str | os.PathLike
     the inputs on a second thread while one is written (off by default: py-lmdb releases
     the GIL around every get and put, so two threads hand it over once per vector, and on
     a 2-core machine that cost more than the overlap saved; tools/bench_merge.py measures
-    both). Raises StoreMismatchError (tables that
-    differ, an id naming two sequences: nothing written), StoreError, UsageError.
+    both). Raises StoreMismatchError (tables that differ, an id naming two sequences:
+    nothing written), StoreError, UsageError.
     """
     progress = progress or NoProgress()
     out = os.fspath(out)
@@ -201,6 +202,7 @@ def merge_stores(out: str | os.PathLike[str], stores: Iterable[str | os.PathLike
             from gpuengine.store.verify import verify_merge
 
             summary.verify = verify_merge(out, snaps, plan.specs, summary.tables, progress)
+            summary.verify_seconds = time.perf_counter() - began - summary.seconds
     return summary
 
 
@@ -243,7 +245,7 @@ def _plan(out: str, snaps: list[Snapshot], progress: MergeProgress) -> _Plan:
                   if is_store_dir(out) else None)
         known = set(tables) | set(target.tables if target else ())
         if len(known) > MAX_TABLES:
-            raise UsageError(f"the merged store would hold {len(known)} tables; a store holds "
+            raise StoreError(f"the merged store would hold {len(known)} tables; a store holds "
                              f"at most {MAX_TABLES}")
         specs = {t: combined_spec(_copies(t, target, snaps)) for t in tables}
         info = _info(snaps, target is not None)
@@ -500,10 +502,10 @@ class _Merge:
         for name, value in counts.items():
             state[name] += value
         state["after"] = chunk[-1][0].hex()
-        if kind == "emb":
-            record["committed_sequences"] += added // len(self.plan.specs[table].outputs)
-        else:
-            record["committed_records"] += added
+        progress = record["progress"]
+        record["committed_sequences"] = sum(  # each sequence has one array per output
+            progress[t]["emb"]["added"] // len(self.plan.specs[t].outputs) for t in progress)
+        record["committed_records"] = sum(progress[t]["ids"]["added"] for t in progress)
         record["updated_at"] = utc_now()
         txn.put(self.key, _dump(record), db=self.runs_db)
         return record["progress"]
