@@ -446,7 +446,8 @@ def markdown(recs, profile: list[Path] | None) -> str:
         if r["system"] == "gpuengine-merge":
             st = r.get("stage_seconds", {})
             by = {key.split(":")[-1].strip(): v for key, v in st.items()}
-            rows.append([f"`{r['commit']}`", f"{r['gpu']}, {r['cpus']} cores, {r['filesystem']}",
+            machine = "CPU only" if r["gpu"].startswith("none") else r["gpu"]
+            rows.append([f"`{r['commit']}`", f"{machine}, {r['cpus']} cores, {r['filesystem']}",
                          fmt_int(r["vectors"]), str(r["shards"]), f"**{fmt_int(r['vectors_per_s'])}**",
                          f"{r['mb_per_s']:.0f}", f"{r['wall_s']:.1f}",
                          f"{by.get('checking ids of table default', 0):.1f}",
