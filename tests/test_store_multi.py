@@ -130,6 +130,8 @@ def test_info_sums_each_table_over_the_stores(data):
     assert table["records"] == len(data["recs"])
     assert table["spec"] == SPEC.to_json()
     assert [m["shards"] for m in info["members"]] == ["0/3", "1/3", "2/3"]
+    assert info["missing_shards"] == "none"
+    assert stores_info(data["shards"][::2])["missing_shards"] == "1/3"  # a shard not there yet
 
 
 # -- the commands ------------------------------------------------------------------------------

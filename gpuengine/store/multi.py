@@ -280,9 +280,28 @@ def stores_info(paths: StorePaths, *, table: str | None = None) -> dict[str, Any
     finally:
         for snap in snaps:
             snap.close()
+    labels = [label for s in snaps for label in s.shard_labels()]
     return {"stores": len(members), "reader_engine_version": __version__,
-            "counts": "summed over the stores", "tables": tables, "members": stores,
+            "counts": "summed over the stores", "missing_shards": missing_shards(labels),
+            "tables": tables, "members": stores,
             "file_size": sum(s["file_size"] for s in stores)}
+
+
+def missing_shards(labels: list[str]) -> str:
+    """The ``I/N`` shards of a sharded run that none of ``labels`` names (``"none"``), or
+    ``"unknown"`` when the labels are not all ``I/N`` of one N."""
+    if not labels:
+        return "no shard labels recorded"
+    try:
+        parts = [tuple(int(x) for x in label.split("/")) for label in labels]
+    except ValueError:
+        return "unknown"
+    counts = {count for _, count in parts}
+    if len(counts) != 1 or any(len(p) != 2 for p in parts):
+        return "unknown"
+    count = counts.pop()
+    missing = sorted(set(range(count)) - {index for index, _ in parts})
+    return ", ".join(f"{i}/{count}" for i in missing) or "none"
 
 
 def _file_size(path: str) -> int:
