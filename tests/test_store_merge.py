@@ -410,7 +410,8 @@ def test_cli_merge_json_and_verify(data, tmp_path):
     code, stdout, err = run_cli("merge", out, data["base"] / "shards", "--verify", "--json")
     assert code == 0, err
     summary = json.loads(stdout)
-    assert summary["verify"]["ok"] and summary["tables"]["default"]["ids_added"] == len(data["recs"])
+    assert summary["verify"]["ok"]
+    assert summary["tables"]["default"]["ids_added"] == len(data["recs"])
     assert "gpuengine merge: summary" in err and "Traceback" not in err
     tamper(out, "default", "emb", "flip")
     code, stdout, err = run_cli("merge", out, data["base"] / "shards", "--verify", "-q")

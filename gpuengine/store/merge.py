@@ -41,7 +41,13 @@ from typing import Any, Protocol
 import lmdb
 
 from gpuengine import __version__
-from gpuengine.errors import StoreError, StoreMismatchError, UsageError
+from gpuengine.errors import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    StoreError,
+    StoreMismatchError,
+    UsageError,
+)
 from gpuengine.store import codec
 from gpuengine.store.compat import TableCopy, combined_spec
 from gpuengine.store.environment import StoreEnv, open_store
@@ -129,8 +135,6 @@ class MergeSummary:
 
     @property
     def exit_code(self) -> int:
-        from gpuengine.errors import EXIT_ERROR, EXIT_INTERRUPTED
-
         if self.interrupted:
             return EXIT_INTERRUPTED
         return EXIT_ERROR if self.verify is not None and not self.verify.ok else 0
@@ -223,7 +227,6 @@ class _Plan:
     mode: str
     """fresh, resume, restart (an input changed: passes start over) or complete."""
     progress: dict[str, dict[str, Any]]
-    record: dict[str, Any] | None
     info: dict[str, Any]
     estimate: int
     """Bytes OUT may need: its own size plus the inputs'."""
@@ -257,7 +260,7 @@ def _plan(out: str, snaps: list[Snapshot], progress: MergeProgress) -> _Plan:
                 _check_ids(table, holders, progress)
             state[table]["checked"] = True
         size = sum(_file_size(s.path) for s in snaps) + (_file_size(out) if target else 0)
-    return _Plan(out, run_id, tables, specs, mode, state, record, info,
+    return _Plan(out, run_id, tables, specs, mode, state, info,
                  estimate=int(size * 1.15) + (64 << 20))
 
 

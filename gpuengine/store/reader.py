@@ -84,7 +84,7 @@ class EmbeddingStore:
     :class:`~gpuengine.store.multi.MultiStore`: the stores read as one."""
 
     def __new__(cls, path: Any = None, *args: Any, **kwargs: Any) -> EmbeddingStore:
-        if cls is EmbeddingStore and (not isinstance(path, (str, os.PathLike))
+        if cls is EmbeddingStore and (not isinstance(path, (str, bytes, os.PathLike))
                                       or stores_in(path)):
             from gpuengine.store.multi import MultiStore
 
