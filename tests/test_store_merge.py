@@ -286,6 +286,19 @@ def test_a_stopped_merge_resumes_to_the_same_bytes(data, tmp_path, what):
     assert record["status"] == "complete" and record["resumes"] == 1
 
 
+@pytest.mark.parametrize("what", ["checking ids", "verifying"])
+def test_a_stop_during_the_id_check_or_the_verify(data, tmp_path, what):
+    out = tmp_path / "all.lmdb"
+    stop = threading.Event()
+    summary = merge_stores(out, data["shards"], verify=True, stop=stop,
+                           progress=StopAfter(stop, what, 1))
+    assert summary.interrupted and summary.exit_code == 130
+    if what == "checking ids":
+        assert not out.exists()  # nothing written before the check is done
+    else:
+        assert summary.verify is None and dump(out) == dump(data["single"])
+
+
 def test_a_crash_inside_a_transaction_loses_only_that_one(data, tmp_path, monkeypatch):
     out = tmp_path / "all.lmdb"
     calls = {"n": 0}

@@ -94,6 +94,29 @@ class NoProgress:
     def close(self) -> None: pass
 
 
+class _Stoppable:
+    """Passes reports on, and ends the work in progress (``_Interrupted``) at the next one
+    once ``stop`` is set: the id check and the verify stop between two chunks, the merge
+    after the transaction it just committed."""
+
+    def __init__(self, inner: MergeProgress, stop: threading.Event | None) -> None:
+        self.inner, self.stop = inner, stop
+
+    def stage(self, message: str) -> None:
+        self.inner.stage(message)
+
+    def start(self, what: str, total: int) -> None:
+        self.inner.start(what, total)
+
+    def advance(self, done: int, nbytes: int = 0) -> None:
+        self.inner.advance(done, nbytes)
+        if self.stop is not None and self.stop.is_set():
+            raise _Interrupted
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 @dataclass
 class MergeSummary:
     """What a merge did (``--json`` prints :meth:`to_json`)."""
@@ -185,7 +208,7 @@ def merge_stores(out: str | os.PathLike[str], stores: Iterable[str | os.PathLike
     both). Raises StoreMismatchError (tables that differ, an id naming two sequences:
     nothing written), StoreError, UsageError.
     """
-    progress = progress or NoProgress()
+    progress = _Stoppable(progress or NoProgress(), stop)
     out = os.fspath(out)
     if transaction_bytes < 1:
         raise UsageError(f"the transaction size must be positive, got {transaction_bytes}")
@@ -193,7 +216,11 @@ def merge_stores(out: str | os.PathLike[str], stores: Iterable[str | os.PathLike
     began = time.perf_counter()
     with ExitStack() as stack:
         snaps = [stack.enter_context(Snapshot(p)) for p in paths]
-        plan = _plan(out, snaps, progress)
+        try:
+            plan = _plan(out, snaps, progress)
+        except _Interrupted:  # during the id check: nothing written
+            return MergeSummary(out=out, stores=paths, run_id=merge_run_id(paths),
+                                interrupted=True, seconds=time.perf_counter() - began)
         summary = MergeSummary(out=out, stores=paths, run_id=plan.run_id,
                                resumed=plan.mode == "resume", restarted=plan.mode == "restart",
                                already_complete=plan.mode == "complete")
@@ -205,7 +232,10 @@ def merge_stores(out: str | os.PathLike[str], stores: Iterable[str | os.PathLike
         if verify and not summary.interrupted:
             from gpuengine.store.verify import verify_merge
 
-            summary.verify = verify_merge(out, snaps, plan.specs, summary.tables, progress)
+            try:
+                summary.verify = verify_merge(out, snaps, plan.specs, summary.tables, progress)
+            except _Interrupted:
+                summary.interrupted = True
             summary.verify_seconds = time.perf_counter() - began - summary.seconds
     return summary
 
