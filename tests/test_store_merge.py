@@ -334,6 +334,13 @@ def test_an_input_that_changed_since_the_interruption_starts_over(tmp_path):
     assert dump(out) == dump(write_store(tmp_path / "single.lmdb", SPEC, recs))
 
 
+def test_an_output_killed_before_its_first_commit_is_taken_as_new(data, tmp_path):
+    out = tmp_path / "all.lmdb"
+    lmdb.open(str(out), max_dbs=64).close()  # data.mdb, nothing committed
+    merge_stores(out, data["shards"])
+    assert dump(out) == dump(data["single"])
+
+
 def test_usage_errors(data, tmp_path):
     with pytest.raises(UsageError, match="also an input"):
         merge_stores(data["shards"][0], data["shards"])

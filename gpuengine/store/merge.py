@@ -67,7 +67,13 @@ from gpuengine.store.schema import (
     emb_db_name,
     ids_db_name,
 )
-from gpuengine.store.sources import Snapshot, carried_run_key, expand_stores, is_store_dir
+from gpuengine.store.sources import (
+    EmptyEnvironment,
+    Snapshot,
+    carried_run_key,
+    expand_stores,
+    is_store_dir,
+)
 from gpuengine.store.writer import StoreWriter, utc_now
 
 _second = operator.itemgetter(1)
@@ -274,8 +280,7 @@ def _plan(out: str, snaps: list[Snapshot], progress: MergeProgress) -> _Plan:
     tables = list(dict.fromkeys(t for s in snaps for t in s.tables))
     run_id = merge_run_id([s.path for s in snaps])
     with ExitStack() as stack:
-        target = (stack.enter_context(Snapshot(out, label=f"{out} (the output)"))
-                  if is_store_dir(out) else None)
+        target = _open_target(out, stack)
         known = set(tables) | set(target.tables if target else ())
         if len(known) > MAX_TABLES:
             raise StoreError(f"the merged store would hold {len(known)} tables; a store holds "
@@ -292,6 +297,17 @@ def _plan(out: str, snaps: list[Snapshot], progress: MergeProgress) -> _Plan:
         size = sum(_file_size(s.path) for s in snaps) + (_file_size(out) if target else 0)
     return _Plan(out, run_id, tables, specs, mode, state, info,
                  estimate=int(size * 1.15) + (64 << 20))
+
+
+def _open_target(out: str, stack: ExitStack) -> Snapshot | None:
+    """OUT as it is before the merge, or None when it is new (or an empty environment left
+    by a kill before a new store's first commit)."""
+    if not is_store_dir(out):
+        return None
+    try:
+        return stack.enter_context(Snapshot(out, label=f"{out} (the output)"))
+    except EmptyEnvironment:
+        return None
 
 
 def _copies(table: str, target: Snapshot | None, snaps: list[Snapshot]) -> list[TableCopy]:

@@ -44,6 +44,11 @@ RUN_KEY_LIMIT = 200
 """Run ids are at most 200 printable ASCII characters (the writer's rule)."""
 
 
+class EmptyEnvironment(StoreError):
+    """An LMDB environment holding nothing: a store whose creation was killed before its first
+    commit (the writer makes a store of it)."""
+
+
 def is_store_dir(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a directory holding ``data.mdb``."""
     return os.path.isfile(os.path.join(os.fspath(path), DATA_FILE))
@@ -140,8 +145,10 @@ class Snapshot:
     def _open(self) -> None:
         meta = self.env.db(META_DB)
         if meta is None:
-            raise StoreError(f"{self.path} is an LMDB environment but not a gpuengine store "
-                             "(it has no meta database)")
+            empty = self.env.read(lambda txn: not txn.cursor().first())
+            raise (EmptyEnvironment if empty else StoreError)(
+                f"{self.path} is an LMDB environment but not a gpuengine store (it has no "
+                "meta database)")
         self.record = parse_store_record(
             self.env.read(lambda txn: _copy(txn.get(STORE_KEY, db=meta))), self.path)
         names = list(self.record["tables"])
