@@ -23,6 +23,7 @@ import gpuengine
 from gpuengine.errors import StoreMismatchError, UsageError
 from gpuengine.store import EmbeddingStore
 from gpuengine.store import merge as merge_module
+from gpuengine.store import merge_plan
 from gpuengine.store.merge import NoProgress, merge_run_id, merge_stores
 from gpuengine.store.schema import OutputSpec, emb_db_name, ids_db_name
 from store_shards import (MEAN, dump, make_spec, records, run_records, shard_of, write_shards,
@@ -164,7 +165,7 @@ def test_a_conflict_found_while_writing_stops_before_its_transaction(tmp_path, m
     """An id OUT maps to another sequence that the check before writing did not see (as if
     another writer added it meanwhile): the merge stops in the transaction that meets it,
     and what it committed before is a consistent store."""
-    monkeypatch.setattr(merge_module, "_check_ids", lambda *args: None)
+    monkeypatch.setattr(merge_plan, "_check_ids", lambda *args: None)
     a = write_store(tmp_path / "a.lmdb", SPEC, records(30))
     b = write_store(tmp_path / "b.lmdb", SPEC, [(records(30)[25][0], "MKVWWW")])
     out = tmp_path / "out.lmdb"
