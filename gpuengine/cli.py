@@ -7,9 +7,7 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 130 inter
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -132,7 +130,8 @@ def embed(
 ) -> None:
     """Embed FASTA records into an LMDB store (resumable; identical sequences computed once)."""
     from gpuengine.config import EmbedConfig
-    from gpuengine.display import RichProgress, print_summary, setup_logging
+    from gpuengine.display import RichProgress, announce_stop, print_summary, setup_logging
+    from gpuengine.signals import StopOnSignals
 
     setup_logging(verbose, quiet)
     try:
@@ -144,7 +143,7 @@ def embed(
             devices=gpus, max_tokens=max_tokens, allow_download=not offline)
         from gpuengine.engine import run_embed
 
-        with _stop_on_signals() as stop:
+        with StopOnSignals(on_stop=announce_stop) as stop:
             summary = run_embed(config, RichProgress(enabled=not quiet), stop)
     except GpuEngineError as exc:
         raise _fail(exc) from None
@@ -170,35 +169,6 @@ def _parse_layers(text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in _split([text]))
     except ValueError:
         raise UsageError(f"--layers {text!r}: expected comma-separated integers like 33 or -1") from None
-
-
-class _stop_on_signals:
-    """SIGINT/SIGTERM set a stop event (drain, commit, exit 130); a second one exits at once."""
-
-    def __enter__(self) -> threading.Event:
-        self.stop = threading.Event()
-        self.previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. under a test runner)
-                pass
-        return self.stop
-
-    def _handle(self, signum, frame) -> None:
-        if self.stop.is_set():
-            import os
-
-            os._exit(EXIT_INTERRUPTED)
-        from gpuengine.display import stderr
-
-        stderr.print("[yellow]stopping[/yellow]: finishing batches in flight and committing "
-                     "(press Ctrl-C again to quit at once)")
-        self.stop.set()
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 @app.command(epilog="Examples: gpuengine predict reads.fasta --length 500 --classifier "
@@ -239,7 +209,8 @@ def predict(
     """VirNucPro viral-read prediction: per-frame scores, per-chunk and per-read calls."""
     from dataclasses import asdict
 
-    from gpuengine.display import RichProgress, setup_logging
+    from gpuengine.display import RichProgress, announce_stop, setup_logging
+    from gpuengine.signals import StopOnSignals
 
     setup_logging(verbose, quiet)
     try:
@@ -256,7 +227,7 @@ def predict(
                                precision=precision, devices=gpus, max_tokens=max_tokens,
                                keep_intermediate=keep_intermediate, skip_invalid=skip_invalid,
                                allow_download=not offline)
-        with _stop_on_signals() as stop:
+        with StopOnSignals(on_stop=announce_stop) as stop:
             summary = run_predict(config, RichProgress(enabled=not quiet), stop)
     except GpuEngineError as exc:
         raise _fail(exc) from None

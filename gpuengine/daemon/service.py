@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -20,7 +19,7 @@ from typing import Any, Callable
 
 from gpuengine import __version__, systemd
 from gpuengine.config import EmbedConfig
-from gpuengine.errors import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, DeviceError,
+from gpuengine.errors import (EXIT_ERROR, EXIT_OK, DeviceError,
                               GpuEngineError, InputError, ModelLoadError, UsageError)
 from gpuengine.progress import ProgressSink
 from gpuengine.daemon.constants import ATTEMPTS_FILE, ERROR_SUFFIX, FOLDERS, JOB_PREFIX, JOB_SUFFIX, LOCK_FILE, MAX_LISTED_FAILURES, WARMUP_PREFIX, WARMUP_RECORD
@@ -604,41 +603,13 @@ def versions() -> dict[str, str]:
 # ----------------------------------------------------------------------------- entry points
 
 
-class _Signals:
-    """SIGTERM/SIGINT: drain (``Daemon.request_stop``); a second one: ``os._exit(130)``."""
-
-    def __init__(self, daemon: Daemon):
-        self.daemon = daemon
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _Signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.daemon.stop.is_set():
-            os._exit(EXIT_INTERRUPTED)
-        self.daemon.request_stop(signal.Signals(signum).name)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.daemon.stop.is_set():
-            return  # the process is ending: a second signal still exits at once (130)
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
-    """Plain lines on stderr (journald adds its own metadata; no wrapping, no colour)."""
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
-
-
 def serve(config: ServeConfig, *, verbose: int = 0, quiet: bool = False) -> int:
-    """``gpuengine serve``: run the daemon in this (main) thread; returns the exit code."""
-    setup_logging(verbose, quiet)
+    """``gpuengine serve``: run the daemon in this (main) thread; returns the exit code.
+    SIGTERM/SIGINT drain (:meth:`Daemon.request_stop`); a second one exits at once (130)."""
+    from gpuengine.display import setup_logging
+    from gpuengine.signals import StopOnSignals
+
+    setup_logging(verbose, quiet, plain=True)
     daemon = Daemon(config)
-    with _Signals(daemon):
+    with StopOnSignals(daemon.stop, daemon.request_stop, keep_after_stop=True):
         return daemon.run()
