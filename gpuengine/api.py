@@ -17,13 +17,11 @@ the embeddings go to a temporary store that is deleted once read.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
 import signal
 import tempfile
-import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -139,29 +137,16 @@ def _progress(enabled: bool):
     return RichProgress(enabled=True)
 
 
-@contextlib.contextmanager
 def _stop_on_interrupt():
     """Ctrl-C (a notebook's "interrupt kernel") sets the stop event: the run finishes the
     batches in flight, commits and returns interrupted. A second Ctrl-C raises at once."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
+    from gpuengine.signals import StopOnSignals
 
-    def handle(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
+    return StopOnSignals(signals=(signal.SIGINT,), on_second=_interrupt)
 
-    try:
-        previous = signal.signal(signal.SIGINT, handle)
-    except ValueError:  # signals unavailable here (an embedded interpreter)
-        yield stop
-        return
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
+
+def _interrupt() -> None:
+    raise KeyboardInterrupt
 
 
 class _Input:

@@ -7,15 +7,17 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 130 inter
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
 from gpuengine import __version__
+from gpuengine.cli_options import (Gpus, JsonSummary, MaxAttempts, MaxTokens, Offline, Poll,
+                                   PollInterval, Precision, PrintJson, Quiet, QuietPeriod,
+                                   RetryDelay, ServeJob, ServeStore, Settle, StatusInterval,
+                                   StoreDtype, StoresArgument, Verbose, Watch)
 from gpuengine.errors import EXIT_INTERRUPTED, GpuEngineError, UsageError
 
 HELP = """Exact, packed protein (ESM-2) and DNA (DNABERT-S) embeddings on every GPU, into LMDB.
@@ -72,8 +74,9 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: Optional[bool] = typer.Option(None, "--version", callback=_version,
-                                                  is_eager=True, help="Print the version and exit.")) -> None:
+def _main(version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="Print the version and exit.")] = None) -> None:
     """Exact, packed protein (ESM-2) and DNA (DNABERT-S) embeddings on every GPU, into LMDB."""
 
 
@@ -103,49 +106,49 @@ def _split(values: List[str]) -> list[str]:
 @app.command(epilog="Example: gpuengine embed proteins.fasta.gz --model esm2_t33_650M_UR50D "
                     "--out proteins.lmdb")
 def embed(
-    inputs: List[Path] = typer.Argument(..., help="FASTA files (plain or gzip).", show_default=False),
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint file (esm2_*.pt), Hugging "
-                              "Face directory, or published name such as esm2_t33_650M_UR50D."),
-    out: Path = typer.Option(..., "--out", "-o", help="LMDB store (directory); resumed if it exists."),
-    layers: str = typer.Option("-1", "--layers", help="Comma-separated layers; negative counts "
-                               "from the end (-1 = last, final-LayerNorm output). Use --layers=-1."),
-    pool: List[str] = typer.Option(["mean"], "--pool", help="mean, bos, per-token (repeat or "
-                                   "comma-separate for several)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16. "
-                                            "\\[default: fp32 on CPU, fp16 on GPU]"),
-    store_dtype: str = typer.Option("float32", "--store-dtype", help="float32 or float16."),
-    max_residues: Optional[int] = typer.Option(None, "--max-residues", help="Truncate longer "
-                                               "sequences to this many residues (0: never). "
-                                               "\\[default: 1022 for ESM-2, as fair-esm's "
-                                               "extract.py; none for DNA models]",
-                                               show_default=False),
-    table: str = typer.Option("default", "--table", help="Named table in the store; a new name "
-                              "adds another model/layer/pooling to an existing store."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip invalid records "
-                                      "(counted) instead of stopping before the model loads."),
-    gpus: str = typer.Option("auto", "--gpus", help="auto, all, cpu, or ordinals like 0,1."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Upper bound on tokens "
-                                             "per batch. \\[default: from device memory]"),
-    offline: bool = typer.Option(False, "--offline", help="Never download weights."),
-    json_summary: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings only."),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging."),
+    inputs: Annotated[List[Path], typer.Argument(help="FASTA files (plain or gzip).",
+                                                 show_default=False)],
+    model: Annotated[str, typer.Option(
+        "--model", "-m", help="Checkpoint file (esm2_*.pt), Hugging Face directory, or "
+        "published name such as esm2_t33_650M_UR50D.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="LMDB store (directory); resumed if "
+                                      "it exists.")],
+    layers: Annotated[str, typer.Option(
+        "--layers", help="Comma-separated layers; negative counts from the end (-1 = last, "
+        "final-LayerNorm output). Use --layers=-1.")] = "-1",
+    pool: Annotated[List[str], typer.Option(
+        "--pool", help="mean, bos, per-token (repeat or comma-separate for several).")] = ["mean"],
+    precision: Precision = None,
+    store_dtype: StoreDtype = "float32",
+    max_residues: Annotated[Optional[int], typer.Option(
+        "--max-residues", help="Truncate longer sequences to this many residues (0: never). "
+        "\\[default: 1022 for ESM-2, as fair-esm's extract.py; none for DNA models]",
+        show_default=False)] = None,
+    table: Annotated[str, typer.Option(
+        "--table", help="Named table in the store; a new name adds another model/layer/pooling "
+        "to an existing store.")] = "default",
+    skip_invalid: Annotated[bool, typer.Option(
+        "--skip-invalid", help="Skip invalid records (counted) instead of stopping before the "
+        "model loads.")] = False,
+    gpus: Gpus = "auto",
+    max_tokens: MaxTokens = None,
+    offline: Offline = False,
+    json_summary: JsonSummary = False,
+    quiet: Quiet = False,
+    verbose: Verbose = 0,
 ) -> None:
     """Embed FASTA records into an LMDB store (resumable; identical sequences computed once)."""
-    from gpuengine.config import EmbedConfig
-    from gpuengine.display import RichProgress, print_summary, setup_logging
+    from gpuengine.display import RichProgress, announce_stop, print_summary, setup_logging
+    from gpuengine.signals import StopOnSignals
 
     setup_logging(verbose, quiet)
     try:
         _check_table(table)
-        config = EmbedConfig(
-            inputs=tuple(inputs), model=model, out=out, layers=_parse_layers(layers),
-            pools=tuple(_split(pool)), precision=precision, store_dtype=store_dtype,
-            max_residues=-1 if max_residues is None else (max_residues or None), table=table, skip_invalid=skip_invalid,
-            devices=gpus, max_tokens=max_tokens, allow_download=not offline)
+        config = _embed_config(tuple(inputs), model, out, layers, pool, precision, store_dtype,
+                               max_residues, table, skip_invalid, gpus, max_tokens, offline)
         from gpuengine.engine import run_embed
 
-        with _stop_on_signals() as stop:
+        with StopOnSignals(on_stop=announce_stop) as stop:
             summary = run_embed(config, RichProgress(enabled=not quiet), stop)
     except GpuEngineError as exc:
         raise _fail(exc) from None
@@ -166,6 +169,21 @@ def _check_table(name: str) -> None:
                          "'_', '.' and '-'")
 
 
+def _embed_config(inputs: tuple[Path, ...], model: str, out: Path, layers: str, pool: List[str],
+                  precision: Optional[str], store_dtype: str, max_residues: Optional[int],
+                  table: str, skip_invalid: bool, gpus: str, max_tokens: Optional[int],
+                  offline: bool):
+    """The :class:`~gpuengine.config.EmbedConfig` of ``embed``'s (and ``serve``'s) options."""
+    from gpuengine.config import EmbedConfig
+
+    return EmbedConfig(
+        inputs=inputs, model=model, out=out, layers=_parse_layers(layers),
+        pools=tuple(_split(pool)), precision=precision, store_dtype=store_dtype,
+        max_residues=-1 if max_residues is None else (max_residues or None), table=table,
+        skip_invalid=skip_invalid, devices=gpus, max_tokens=max_tokens,
+        allow_download=not offline)
+
+
 def _parse_layers(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in _split([text]))
@@ -173,74 +191,50 @@ def _parse_layers(text: str) -> tuple[int, ...]:
         raise UsageError(f"--layers {text!r}: expected comma-separated integers like 33 or -1") from None
 
 
-class _stop_on_signals:
-    """SIGINT/SIGTERM set a stop event (drain, commit, exit 130); a second one exits at once."""
-
-    def __enter__(self) -> threading.Event:
-        self.stop = threading.Event()
-        self.previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. under a test runner)
-                pass
-        return self.stop
-
-    def _handle(self, signum, frame) -> None:
-        if self.stop.is_set():
-            import os
-
-            os._exit(EXIT_INTERRUPTED)
-        from gpuengine.display import stderr
-
-        stderr.print("[yellow]stopping[/yellow]: finishing batches in flight and committing "
-                     "(press Ctrl-C again to quit at once)")
-        self.stop.set()
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 @app.command(epilog="Examples: gpuengine predict reads.fasta --length 500 --classifier "
                     "500_model.pth;  gpuengine predict reads.fasta 500 500_model.pth")
 def predict(
-    args: List[str] = typer.Argument(..., help="reads.fasta [LENGTH CLASSIFIER] (the original "
-                                     "tool's positional form is accepted).", show_default=False),
-    length: Optional[int] = typer.Option(None, "--length", "-l", help="Expected chunk length: "
-                                         "300 or 500, matching the classifier."),
-    classifier: Optional[Path] = typer.Option(None, "--classifier", "-c", help="The MLP: the "
-                                              "published 300_model.pth/500_model.pth (read without "
-                                              "running code), a state dict or safetensors."),
-    esm_model: str = typer.Option("esm2_t36_3B_UR50D", "--esm-model", help="The ESM-2 "
-                                  "(checkpoint, directory or published name)."),
-    esm_layer: int = typer.Option(-1, "--esm-layer", help="ESM-2 layer (-1: last, 36 for 3B)."),
-    dnabert_model: str = typer.Option("zhihan1996/DNABERT-S", "--dnabert-model",
-                                      help="The DNABERT-S (directory, or the hub name from the "
-                                      "local Hugging Face cache)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder. "
-                                       "\\[default: <input base>_merged/ next to the input]"),
-    store: Optional[Path] = typer.Option(None, "--store", help="Embedding store. "
-                                         "\\[default: <out>/embeddings.lmdb]"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16. "
-                                            "\\[default: fp32 on CPU, fp16 on GPU]"),
-    gpus: str = typer.Option("auto", "--gpus", help="auto, all, cpu, or ordinals like 0,1."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Upper bound on tokens "
-                                             "per batch. \\[default: from device memory]"),
-    keep_intermediate: bool = typer.Option(False, "--keep-intermediate", help="Also write the "
-                                           "chunked reads and the identified nucleotide/protein "
-                                           "FASTA files."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip invalid reads "
-                                      "(counted) instead of stopping before the models load."),
-    offline: bool = typer.Option(False, "--offline", help="Never download weights."),
-    json_summary: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings only."),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging."),
+    args: Annotated[List[str], typer.Argument(
+        help="reads.fasta [LENGTH CLASSIFIER] (the original tool's positional form is "
+        "accepted).", show_default=False)],
+    length: Annotated[Optional[int], typer.Option(
+        "--length", "-l", help="Expected chunk length: 300 or 500, matching the "
+        "classifier.")] = None,
+    classifier: Annotated[Optional[Path], typer.Option(
+        "--classifier", "-c", help="The MLP: the published 300_model.pth/500_model.pth (read "
+        "without running code), a state dict or safetensors.")] = None,
+    esm_model: Annotated[str, typer.Option(
+        "--esm-model", help="The ESM-2 (checkpoint, directory or published "
+        "name).")] = "esm2_t36_3B_UR50D",
+    esm_layer: Annotated[int, typer.Option(
+        "--esm-layer", help="ESM-2 layer (-1: last, 36 for 3B).")] = -1,
+    dnabert_model: Annotated[str, typer.Option(
+        "--dnabert-model", help="The DNABERT-S (directory, or the hub name from the local "
+        "Hugging Face cache).")] = "zhihan1996/DNABERT-S",
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Output folder. "
+        "\\[default: <input base>_merged/ next to the input]")] = None,
+    store: Annotated[Optional[Path], typer.Option(
+        "--store", help="Embedding store. \\[default: <out>/embeddings.lmdb]")] = None,
+    precision: Precision = None,
+    gpus: Gpus = "auto",
+    max_tokens: MaxTokens = None,
+    keep_intermediate: Annotated[bool, typer.Option(
+        "--keep-intermediate", help="Also write the chunked reads and the identified "
+        "nucleotide/protein FASTA files.")] = False,
+    skip_invalid: Annotated[bool, typer.Option(
+        "--skip-invalid", help="Skip invalid reads (counted) instead of stopping before the "
+        "models load.")] = False,
+    offline: Offline = False,
+    json_summary: JsonSummary = False,
+    quiet: Quiet = False,
+    verbose: Verbose = 0,
 ) -> None:
     """VirNucPro viral-read prediction: per-frame scores, per-chunk and per-read calls."""
     from dataclasses import asdict
 
-    from gpuengine.display import RichProgress, setup_logging
+    from gpuengine.display import RichProgress, announce_stop, setup_logging
+    from gpuengine.signals import StopOnSignals
 
     setup_logging(verbose, quiet)
     try:
@@ -257,7 +251,7 @@ def predict(
                                precision=precision, devices=gpus, max_tokens=max_tokens,
                                keep_intermediate=keep_intermediate, skip_invalid=skip_invalid,
                                allow_download=not offline)
-        with _stop_on_signals() as stop:
+        with StopOnSignals(on_stop=announce_stop) as stop:
             summary = run_predict(config, RichProgress(enabled=not quiet), stop)
     except GpuEngineError as exc:
         raise _fail(exc) from None
@@ -286,14 +280,19 @@ def _positional_length(text: str) -> int:
 @app.command(epilog="Examples: gpuengine lookup proteins.lmdb P12345 Q67890 --json;  "
                     "gpuengine lookup out/shards P12345")
 def lookup(
-    store: Path = typer.Argument(..., help="An LMDB store written by gpuengine embed, or a "
-                                 "directory of stores (such as out/shards/) read as one."),
-    ids: List[str] = typer.Argument(..., help="Record ids (the FASTA header up to the first space)."),
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per id on stdout."),
-    table: Optional[str] = typer.Option(None, "--table", help="Table to read. "
-                                        "\\[default: the only one, or 'default']"),
-    layer: Optional[int] = typer.Option(None, "--layer", help="Layer of the output to read."),
-    pool: Optional[str] = typer.Option(None, "--pool", help="Pooling of the output to read."),
+    store: Annotated[Path, typer.Argument(
+        help="An LMDB store written by gpuengine embed, or a directory of stores (such as "
+        "out/shards/) read as one.")],
+    ids: Annotated[List[str], typer.Argument(
+        help="Record ids (the FASTA header up to the first space).")],
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="One JSON object per id on stdout.")] = False,
+    table: Annotated[Optional[str], typer.Option(
+        "--table", help="Table to read. \\[default: the only one, or 'default']")] = None,
+    layer: Annotated[Optional[int], typer.Option(
+        "--layer", help="Layer of the output to read.")] = None,
+    pool: Annotated[Optional[str], typer.Option(
+        "--pool", help="Pooling of the output to read.")] = None,
 ) -> None:
     """Print stored embeddings of record ids (tab-separated values, or JSON lines)."""
     from gpuengine.store.reader import EmbeddingStore
@@ -323,12 +322,10 @@ def lookup(
 
 @app.command(epilog="Examples: gpuengine info proteins.lmdb --json;  gpuengine info "
                     "out/shards;  gpuengine info a.lmdb b.lmdb")
-def info(stores: List[Path] = typer.Argument(..., help="An LMDB store; several stores, or a "
-                                             "directory of stores, are described as one "
-                                             "(counts summed over them).", show_default=False),
-         table: Optional[str] = typer.Option(None, "--table", help="Describe only this table. "
-                                             "\\[default: every table]"),
-         as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
+def info(stores: StoresArgument,
+         table: Annotated[Optional[str], typer.Option(
+             "--table", help="Describe only this table. \\[default: every table]")] = None,
+         as_json: PrintJson = False) -> None:
     """Describe a store: schema, tables (model, layers, pooling, dtype), counts, size."""
     from gpuengine.store.reader import store_info
     from gpuengine.store.sources import expand_stores
@@ -373,20 +370,20 @@ def _format_info(data: dict, indent: str = "") -> str:
                     "gpuengine export proteins.lmdb --format fair-esm -o esm_out/;  "
                     "gpuengine export out/shards -o all.npz")
 def export(
-    stores: List[Path] = typer.Argument(..., help="An LMDB store; several stores, or a "
-                                        "directory of stores, are exported as one (each id "
-                                        "once).", show_default=False),
-    output: Path = typer.Option(..., "--output", "-o", help="File to write (a directory for "
-                                "fair-esm)."),
-    fmt: str = typer.Option("npz", "--format", "-f", help="npz (ids, embeddings matrix), tsv, "
-                            "hdf5 (one dataset per id, as bio_embeddings and ProtTrans write; "
-                            "needs h5py) or fair-esm (one <id>.pt per record, as fair-esm's "
-                            "extract.py writes)."),
-    table: Optional[str] = typer.Option(None, "--table", help="Table to export. "
-                                        "\\[default: the only one, or 'default']"),
-    layer: Optional[int] = typer.Option(None, "--layer", help="Layer of the output to export."),
-    pool: Optional[str] = typer.Option(None, "--pool", help="Pooling of the output to export. "
-                                       "\\[default: the table's first output; fair-esm: all]"),
+    stores: StoresArgument,
+    output: Annotated[Path, typer.Option(
+        "--output", "-o", help="File to write (a directory for fair-esm).")],
+    fmt: Annotated[str, typer.Option(
+        "--format", "-f", help="npz (ids, embeddings matrix), tsv, hdf5 (one dataset per id, "
+        "as bio_embeddings and ProtTrans write; needs h5py) or fair-esm (one <id>.pt per "
+        "record, as fair-esm's extract.py writes).")] = "npz",
+    table: Annotated[Optional[str], typer.Option(
+        "--table", help="Table to export. \\[default: the only one, or 'default']")] = None,
+    layer: Annotated[Optional[int], typer.Option(
+        "--layer", help="Layer of the output to export.")] = None,
+    pool: Annotated[Optional[str], typer.Option(
+        "--pool", help="Pooling of the output to export. "
+        "\\[default: the table's first output; fair-esm: all]")] = None,
 ) -> None:
     """Export a table's embeddings for other tools: NumPy, TSV, HDF5 or fair-esm .pt files."""
     from gpuengine.export import export_store
@@ -406,24 +403,25 @@ def export(
                     "all.lmdb a.lmdb b.lmdb c.lmdb --verify;  gpuengine merge proteins.lmdb "
                     "new.lmdb --json > merge.json")
 def merge(
-    out: Path = typer.Argument(..., help="The merged store: created, or added to when it "
-                               "exists.", show_default=False),
-    stores: List[Path] = typer.Argument(..., help="Stores to merge, or directories of stores "
-                                        "(such as out/shards/), in order: the first copy of "
-                                        "an id or vector is kept.", show_default=False),
-    verify: bool = typer.Option(False, "--verify", help="Afterwards, read every vector and id "
-                                "of every input again and compare it with OUT (exit 1 on any "
-                                "difference)."),
-    transaction_mb: float = typer.Option(256.0, "--transaction-mb", help="Vector MiB per "
-                                         "write transaction: fewer, larger commits are faster; "
-                                         "a kill loses at most one."),
-    json_summary: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings only."),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging."),
+    out: Annotated[Path, typer.Argument(
+        help="The merged store: created, or added to when it exists.", show_default=False)],
+    stores: Annotated[List[Path], typer.Argument(
+        help="Stores to merge, or directories of stores (such as out/shards/), in order: the "
+        "first copy of an id or vector is kept.", show_default=False)],
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Afterwards, read every vector and id of every input again and "
+        "compare it with OUT (exit 1 on any difference).")] = False,
+    transaction_mb: Annotated[float, typer.Option(
+        "--transaction-mb", help="Vector MiB per write transaction: fewer, larger commits are "
+        "faster; a kill loses at most one.")] = 256.0,
+    json_summary: JsonSummary = False,
+    quiet: Quiet = False,
+    verbose: Verbose = 0,
 ) -> None:
     """Merge stores (the shards of a cluster run, or any stores of the same model and
     options) into one. Exactly once and restartable: after a kill, run the same command."""
-    from gpuengine.display import MergeBar, print_merge_summary, setup_logging
+    from gpuengine.display import MergeBar, announce_stop, print_merge_summary, setup_logging
+    from gpuengine.signals import StopOnSignals
     from gpuengine.store.merge import merge_stores
 
     setup_logging(verbose, quiet)
@@ -431,7 +429,7 @@ def merge(
     try:
         if not transaction_mb > 0:
             raise UsageError(f"--transaction-mb {transaction_mb}: expected a positive size")
-        with _stop_on_signals() as stop:
+        with StopOnSignals(on_stop=announce_stop) as stop:
             summary = merge_stores(out, stores, verify=verify, progress=bar, stop=stop,
                                    transaction_bytes=max(1, int(transaction_mb * (1 << 20))))
     except GpuEngineError as exc:
@@ -447,11 +445,12 @@ def merge(
 
 @app.command(epilog="Example: gpuengine devices --model esm2_t36_3B_UR50D")
 def devices(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Also show the token budget "
-                                        "each device would start with for this model, and why "
-                                        "(a published name needs no weight file)."),
-    precision: str = typer.Option("fp16", "--precision", help="Precision for that estimate."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout."),
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="Also show the token budget each device would start with for "
+        "this model, and why (a published name needs no weight file).")] = None,
+    precision: Annotated[str, typer.Option(
+        "--precision", help="Precision for that estimate.")] = "fp16",
+    as_json: PrintJson = False,
 ) -> None:
     """List the devices gpuengine can run on, with memory (NVML where available)."""
     from dataclasses import asdict
@@ -484,59 +483,52 @@ def devices(
 @app.command(epilog="Example: gpuengine serve --watch /srv/embed --store /srv/embed/store.lmdb "
                     "--model esm2_t33_650M_UR50D")
 def serve(
-    watch: Path = typer.Option(..., "--watch", "-w", help="Directory to watch; inbox/, "
-                               "processing/, done/ and failed/ are created under it."),
-    store: Path = typer.Option(..., "--store", "-o", help="LMDB store every file is embedded into."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="(--job embed) Checkpoint "
-                                        "file, Hugging Face directory, or published name such as "
-                                        "esm2_t33_650M_UR50D."),
-    job: str = typer.Option("embed", "--job", help="embed (FASTA → store) or predict (reads → "
-                            "VirNucPro outputs in DIR/predictions/<file>/, embeddings in the store)."),
-    length: Optional[int] = typer.Option(None, "--length", help="(--job predict) 300 or 500."),
-    classifier: Optional[Path] = typer.Option(None, "--classifier", help="(--job predict) the MLP."),
-    esm_model: str = typer.Option("esm2_t36_3B_UR50D", "--esm-model", help="(--job predict)"),
-    esm_layer: int = typer.Option(-1, "--esm-layer", help="(--job predict)"),
-    dnabert_model: str = typer.Option("zhihan1996/DNABERT-S", "--dnabert-model",
-                                      help="(--job predict)"),
-    layers: str = typer.Option("-1", "--layers", help="Comma-separated layers; negative counts "
-                               "from the end (-1 = last). Use --layers=-1."),
-    pool: List[str] = typer.Option(["mean"], "--pool", help="mean, bos, per-token."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16. "
-                                            "\\[default: fp32 on CPU, fp16 on GPU]"),
-    store_dtype: str = typer.Option("float32", "--store-dtype", help="float32 or float16."),
-    max_residues: Optional[int] = typer.Option(None, "--max-residues", help="Truncate longer "
-                                               "sequences (0: never). \\[default: 1022 for "
-                                               "ESM-2]",
-                                               show_default=False),
-    table: str = typer.Option("default", "--table", help="Named table in the store."),
-    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Skip invalid records "
-                                      "(listed in the job record) instead of failing the file."),
-    gpus: str = typer.Option("auto", "--gpus", help="auto, all, cpu, or ordinals like 0,1."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Upper bound on tokens "
-                                             "per batch. \\[default: from device memory]"),
-    offline: bool = typer.Option(False, "--offline", help="Never download weights."),
-    poll: bool = typer.Option(False, "--poll", help="Poll only, never inotify (it is off by "
-                              "itself on NFS, SMB, Lustre, GPFS and other network filesystems)."),
-    poll_interval: float = typer.Option(2.0, "--poll-interval", help="Seconds between polls of "
-                                        "inbox/."),
-    settle: float = typer.Option(5.0, "--settle", help="A file without a marker that was not "
-                                 "renamed into inbox/ is taken once unchanged this many seconds "
-                                 "and complete (final newline or whole gzip)."),
-    quiet_period: float = typer.Option(60.0, "--quiet-period", help="A file unchanged this many "
-                                       "seconds is taken as it is, complete-looking or not "
-                                       "(junk goes to failed/)."),
-    max_attempts: int = typer.Option(3, "--max-attempts", help="Attempts per file before it "
-                                     "goes to failed/ (bad input fails at once)."),
-    retry_delay: float = typer.Option(10.0, "--retry-delay", help="Seconds before the first "
-                                      "retry after an error (doubles each time)."),
-    status_interval: float = typer.Option(5.0, "--status-interval", help="Seconds between "
-                                          "status.json heartbeats."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging."),
+    watch: Watch,
+    store: ServeStore,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", "-m", help="(--job embed) Checkpoint file, Hugging Face directory, or "
+        "published name such as esm2_t33_650M_UR50D.")] = None,
+    job: ServeJob = "embed",
+    length: Annotated[Optional[int], typer.Option(
+        "--length", help="(--job predict) 300 or 500.")] = None,
+    classifier: Annotated[Optional[Path], typer.Option(
+        "--classifier", help="(--job predict) the MLP.")] = None,
+    esm_model: Annotated[str, typer.Option(
+        "--esm-model", help="(--job predict)")] = "esm2_t36_3B_UR50D",
+    esm_layer: Annotated[int, typer.Option("--esm-layer", help="(--job predict)")] = -1,
+    dnabert_model: Annotated[str, typer.Option(
+        "--dnabert-model", help="(--job predict)")] = "zhihan1996/DNABERT-S",
+    layers: Annotated[str, typer.Option(
+        "--layers", help="Comma-separated layers; negative counts from the end (-1 = last). "
+        "Use --layers=-1.")] = "-1",
+    pool: Annotated[List[str], typer.Option(
+        "--pool", help="mean, bos, per-token.")] = ["mean"],
+    precision: Precision = None,
+    store_dtype: StoreDtype = "float32",
+    max_residues: Annotated[Optional[int], typer.Option(
+        "--max-residues", help="Truncate longer sequences (0: never). "
+        "\\[default: 1022 for ESM-2]", show_default=False)] = None,
+    table: Annotated[str, typer.Option(
+        "--table", help="Named table in the store.")] = "default",
+    skip_invalid: Annotated[bool, typer.Option(
+        "--skip-invalid", help="Skip invalid records (listed in the job record) instead of "
+        "failing the file.")] = False,
+    gpus: Gpus = "auto",
+    max_tokens: MaxTokens = None,
+    offline: Offline = False,
+    poll: Poll = False,
+    poll_interval: PollInterval = 2.0,
+    settle: Settle = 5.0,
+    quiet_period: QuietPeriod = 60.0,
+    max_attempts: MaxAttempts = 3,
+    retry_delay: RetryDelay = 10.0,
+    status_interval: StatusInterval = 5.0,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="Warnings and errors only.")] = False,
+    verbose: Verbose = 0,
 ) -> None:
     """Watch DIR/inbox and embed every complete FASTA file into the store, models loaded once
     (a daemon for systemd Type=notify; see docs/daemon.md). SIGTERM/Ctrl-C: drain, exit 0."""
-    from gpuengine.config import EmbedConfig
     from gpuengine.daemon import ServeConfig, serve as run_daemon
 
     try:
@@ -559,12 +551,9 @@ def serve(
             raise UsageError(f"--job {job!r}: choose embed or predict")
         elif model is None:
             raise UsageError("--job embed needs --model")
-        embed_config = EmbedConfig(
-            inputs=(watch / "inbox",), model=model, out=store, layers=_parse_layers(layers),
-            pools=tuple(_split(pool)), precision=precision, store_dtype=store_dtype,
-            max_residues=-1 if max_residues is None else (max_residues or None), table=table,
-            skip_invalid=skip_invalid, devices=gpus, max_tokens=max_tokens,
-            allow_download=not offline)
+        embed_config = _embed_config((watch / "inbox",), model, store, layers, pool, precision,
+                                     store_dtype, max_residues, table, skip_invalid, gpus,
+                                     max_tokens, offline)
         config = ServeConfig(watch=watch, embed=embed_config, poll_interval=poll_interval,
                              force_poll=poll, quiet_period=quiet_period,
                              settle=settle, max_attempts=max_attempts, retry_delay=retry_delay,
@@ -575,9 +564,9 @@ def serve(
 
 
 @app.command(epilog="Example: gpuengine status /srv/embed")
-def status(directory: Path = typer.Argument(..., help="The directory a gpuengine serve watches "
-                                            "(or its status.json)."),
-           as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
+def status(directory: Annotated[Path, typer.Argument(
+               help="The directory a gpuengine serve watches (or its status.json).")],
+           as_json: PrintJson = False) -> None:
     """Show a daemon's status.json; exit 1 when its heartbeat is stale (older than 3 status
     intervals), the daemon stopped, or there is no status file."""
     from gpuengine.daemon import status_command

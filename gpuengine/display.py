@@ -1,4 +1,5 @@
-"""Terminal output for the CLI: a rich progress display on stderr and the closing summary.
+"""Terminal output of the front ends: logging set-up (the CLI's and the daemon's), a rich
+progress display on stderr and the closing summary.
 
 Data (lookups, exports, ``--json`` summaries) goes to stdout; everything here goes to stderr.
 """
@@ -6,6 +7,7 @@ Data (lookups, exports, ``--json`` summaries) goes to stdout; everything here go
 from __future__ import annotations
 
 import logging
+import sys
 from collections import deque
 
 from rich.console import Console
@@ -20,11 +22,29 @@ from gpuengine.progress import ProgressSink, ProgressSnapshot
 stderr = Console(stderr=True)
 
 
-def setup_logging(verbose: int, quiet: bool) -> None:
+def setup_logging(verbose: int = 0, quiet: bool = False, *, plain: bool = False) -> None:
+    """Logging on stderr for every command: warnings only with ``quiet``, debug from ``-vv``,
+    info otherwise.
+
+    ``plain`` (the daemon): one ``time LEVEL message`` line per record, no colour, no wrapping
+    (journald adds its own metadata). Otherwise rich's handler on the shared stderr console,
+    tracebacks drawn by rich from ``-v``."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    if plain:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.basicConfig(level=level, handlers=[handler], force=True)
+        return
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]", force=True,
                         handlers=[RichHandler(console=stderr, show_path=False,
                                               rich_tracebacks=verbose > 0)])
+
+
+def announce_stop(signal_name: str) -> None:
+    """What ``embed`` and ``predict`` say on the first SIGINT/SIGTERM
+    (:class:`~gpuengine.signals.StopOnSignals`)."""
+    stderr.print("[yellow]stopping[/yellow]: finishing batches in flight and committing "
+                 "(press Ctrl-C again to quit at once)")
 
 
 class _Count(MofNCompleteColumn):

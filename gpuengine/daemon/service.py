@@ -1,34 +1,33 @@
-"""The daemon itself: claim, embed, commit the job, move the file; signals and start-up."""
+"""The daemon itself: start-up, the loop, claiming files, and the rules every file follows
+(attempts, retries, failures, the job record, the move to ``done/``). What is done *to* a file
+(embed it, or predict it) is its :class:`~gpuengine.daemon.jobs.Job`."""
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
-import signal
-import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from gpuengine import __version__, systemd
+from gpuengine import systemd
 from gpuengine.config import EmbedConfig
-from gpuengine.errors import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, DeviceError,
+from gpuengine.errors import (EXIT_ERROR, EXIT_OK, DeviceError,
                               GpuEngineError, InputError, ModelLoadError, UsageError)
-from gpuengine.progress import ProgressSink
-from gpuengine.daemon.constants import ATTEMPTS_FILE, ERROR_SUFFIX, FOLDERS, JOB_PREFIX, JOB_SUFFIX, LOCK_FILE, MAX_LISTED_FAILURES, WARMUP_PREFIX, WARMUP_RECORD
+from gpuengine.daemon.constants import ATTEMPTS_FILE, ERROR_SUFFIX, FOLDERS, JOB_PREFIX, JOB_SUFFIX, LOCK_FILE, WARMUP_PREFIX
 from gpuengine.daemon.files import atomic_write_json, error_record, file_sha256, free_name, is_ignored, marker_name, utc_now
-from gpuengine.daemon import predict_job
+from gpuengine.daemon.embed_job import EmbedJob, RunFunction
 from gpuengine.daemon.events import Waker
 from gpuengine.daemon.inbox import InboxWatcher
 from gpuengine.daemon.books import AttemptBook, JobBook
+from gpuengine.daemon.jobs import Claim, Job, versions
+from gpuengine.daemon.predict_job import PredictJob
 from gpuengine.daemon.status import StatusBoard, _FileProgress
 
 log = logging.getLogger("gpuengine.daemon")
@@ -61,7 +60,8 @@ class ServeConfig:
     at most."""
     predict: Any = None
     """``--job predict``: a :class:`~gpuengine.workflows.virnucpro.pipeline.PredictConfig`
-    template (its reads, out and store are set per file); None: ``--job embed``."""
+    template (its reads, out and store are set per file); None: ``--job embed``. Read once,
+    by :func:`job_for`."""
 
     def __post_init__(self) -> None:
         if self.poll_interval <= 0:
@@ -87,11 +87,18 @@ class DaemonExit(Exception):
         self.code = code
 
 
-RunFunction = Callable[..., Any]
-"""``run(config, progress, stop, replicas=pool) -> RunSummary`` (engine.run_embed)."""
+def job_for(config: ServeConfig, run: RunFunction | None = None) -> Job:
+    """The job ``--job`` asked for: predict when ``config.predict`` is set, else embed
+    (``run`` stands in for :func:`gpuengine.engine.run_embed`)."""
+    if config.predict is not None:
+        return PredictJob(config.predict, Path(config.watch), config.embed.out)
+    return EmbedJob(config.embed, Path(config.watch), run)
 
 
 class Daemon:
+    """Serves one watched directory until stopped; each claimed file goes through
+    :meth:`process` (see the package docstring for the rules)."""
+
     def __init__(self, config: ServeConfig, *, stop: threading.Event | None = None,
                  run: RunFunction | None = None,
                  notify: Callable[[str], Any] | None = None):
@@ -99,14 +106,14 @@ class Daemon:
         self.dir = Path(config.watch)
         self.inbox, self.processing, self.done, self.failed = (self.dir / f for f in FOLDERS)
         self.stop = stop or threading.Event()
-        self._run = run
+        self.job = job_for(config, run)
         if notify is None:
             socket_path = config.embed.env.notify_socket
             notify = lambda message: systemd.notify(message, socket_path)  # noqa: E731
         self._notify = notify
         self.pool = None
-        self.table_spec = None
         self.identity: dict[str, Any] = {}
+        """The job's identity (from its start-up): with a file's sha256, its job key."""
         self.attempts = AttemptBook(self.dir / ATTEMPTS_FILE)
         self.jobs = JobBook(config.embed.out)
         self.board = StatusBoard(self.dir, config.status_interval, notify,
@@ -128,11 +135,8 @@ class Daemon:
             self.waker = Waker(self.inbox, force_poll=self.config.force_poll)
             self.board.update(watch=self.waker.mode)
             self.board.start()
-            if self.config.predict is None:
-                self.warm_up()
-                self.check_store()
-            else:
-                self.warm_up_predict()
+            self.warm_up()
+            self.job.check_store()
             self.board.update(state="ready", stage=None)
             self.board.write()
             self._notify("READY=1")
@@ -221,76 +225,18 @@ class Daemon:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _call_run(self, config: EmbedConfig, progress: ProgressSink, final_records=None):
-        if self._run is None:
-            from gpuengine.engine import run_embed
-
-            self._run = run_embed
-        if final_records is None:
-            return self._run(config, progress, self.stop, replicas=self.pool)
-        return self._run(config, progress, self.stop, replicas=self.pool,
-                         final_records=final_records)
-
     def warm_up(self) -> None:
-        """Load the model on every device: one tiny record into a throw-away store, with the
-        real options (so the replicas built are the ones every run reuses)."""
-        from gpuengine.replicas import ReplicaPool
-        from gpuengine.store.reader import EmbeddingStore
-
-        self.pool = ReplicaPool()
-        started = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=WARMUP_PREFIX, dir=self.dir))
-        try:
-            fasta = tmp / "warmup.fa"
-            fasta.write_text(WARMUP_RECORD)
-            config = dataclasses.replace(self.config.embed, inputs=(fasta,),
-                                         out=tmp / "store.lmdb", skip_invalid=False)
-            summary = self._call_run(config, _FileProgress(self.board, loading=True))
-            if summary.interrupted:
-                raise DaemonExit(EXIT_OK)
-            with EmbeddingStore(config.out, table=config.table) as store:
-                self.table_spec = store.spec
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        spec = self.table_spec
-        self.identity = {"table": spec.name, "model_fingerprint": spec.model.fingerprint().hex(),
-                         "outputs": sorted(o.label for o in spec.outputs),
-                         "store_dtype": spec.store_dtype, "max_residues": spec.max_residues,
-                         "skip_invalid": self.config.embed.skip_invalid,
-                         "precision": self.config.embed.precision}
-        self.board.update(model={"name": spec.model.name, "family": spec.model.family,
-                                 "sha256": spec.model.sha256, "table": spec.name,
-                                 "outputs": [o.label for o in spec.outputs]},
-                          devices=summary.devices)
-        log.info("model %s loaded on %s in %.1f s", spec.model.name,
-                 ", ".join(d["device"] for d in summary.devices) or "?",
-                 time.perf_counter() - started)
-
-    def warm_up_predict(self) -> None:
-        """``--job predict``: load DNABERT-S and ESM-2 on every device before any claim."""
+        """Load the job's models on every device into the replica pool every run reuses."""
         from gpuengine.replicas import ReplicaPool
 
         self.pool = ReplicaPool()
         started = time.perf_counter()
-        summary, specs = predict_job.warm_up(self.config.predict, self.dir,
-                                             _FileProgress(self.board, loading=True), self.stop,
-                                             self.pool)
-        if any(e.get("interrupted") for e in summary.embed.values()):
+        loaded = self.job.load(self.pool, _FileProgress(self.board, loading=True), self.stop)
+        if loaded is None:  # a stop request during the load
             raise DaemonExit(EXIT_OK)
-        self.check_store(specs)
-        self.identity = predict_job.identity(self.config.predict)
-        self.board.update(model={"job": "predict", "esm": self.config.predict.esm_model,
-                                 "dnabert": self.config.predict.dnabert_model})
-        log.info("predict models loaded in %.1f s", time.perf_counter() - started)
-
-    def check_store(self, specs: list | None = None) -> None:
-        """Refuse to start on a store whose table (or, ``--job predict``, tables) means
-        something else, compute precision included (rather than failing every file)."""
-        from gpuengine.store.writer import StoreWriter
-
-        with StoreWriter(self.config.embed.out) as writer:
-            for spec in specs or [self.table_spec]:
-                writer.check_table(spec)
+        self.identity = loaded.identity
+        self.board.update(**loaded.board)
+        log.info("%s in %.1f s", loaded.message, time.perf_counter() - started)
 
     def recover(self) -> None:
         """Finish every file a previous daemon left in ``processing/``."""
@@ -354,27 +300,47 @@ class Daemon:
         return JOB_PREFIX + hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     def process(self, name: str) -> None:
-        """Embed ``processing/name`` and move it to done/ or failed/ (or leave it there for a
-        retry or after a stop request)."""
+        """Run the job on ``processing/name`` and move it to done/ or failed/ (or leave it
+        there for a retry or after a stop request)."""
         self.retry_at.pop(name, None)
-        path = self.processing / name
         started = time.perf_counter()
+        sha256 = self._hash(name)
+        if sha256 is None:
+            return
+        key = self.job_key(sha256)
+        if self._settled_without_run(name, sha256, key):
+            return
+        if self.stop.is_set():
+            return  # a stop request: leave it in processing/ for the next start
+        attempt = self.attempts.begin(name, sha256)
+        claim = Claim(name, self.processing / name, sha256, key, attempt, started)
+        summary = self._run(claim)
+        if summary is None:
+            return
         try:
-            sha256 = file_sha256(path, self.stop)
+            self._finish(claim, summary)
+        except Exception as exc:
+            self._retry_or_fail(name, exc, attempt, sha256)
+
+    def _hash(self, name: str) -> str | None:
+        """The file's sha256; None when there is nothing to process (it is gone, unreadable
+        and failed, or a stop request came while hashing)."""
+        try:
+            return file_sha256(self.processing / name, self.stop)
         except FileNotFoundError:
             self.attempts.clear(name)
-            return
         except OSError as exc:  # unreadable (permissions, I/O error): a problem of the file
             self._fail(name, InputError(f"{name}: cannot read it: {exc}"), kind="input",
                        attempts=self.attempts.get(name).get("attempts", 0), sha256=None)
-            return
-        if sha256 is None:
-            return  # a stop request while hashing
-        key = self.job_key(sha256)
+        return None
+
+    def _settled_without_run(self, name: str, sha256: str, key: str) -> bool:
+        """True when the file is settled without running: its job is already finished in the
+        store (done/), or earlier attempts never finished too often (failed/)."""
         previous = self.jobs.get(key)
         if previous is not None and previous.get("status") in ("complete", "partial"):
             self._finish_reused(name, sha256, key, previous)
-            return
+            return True
         book = self.attempts.get(name)
         if book.get("sha256") == sha256 and book.get("attempts", 0) >= self.config.max_attempts:
             errors = book.get("errors", [])
@@ -385,63 +351,45 @@ class Daemon:
             log.error("%s -> failed/: %s", name, exc)
             self._fail(name, exc, kind="error", attempts=book["attempts"], sha256=sha256,
                        errors=errors)
-            return
-        if self.stop.is_set():
-            return  # a stop request: leave it in processing/ for the next start
-        attempt = self.attempts.begin(name, sha256)
-        self.board.update(processing={"file": name, "attempt": attempt, "since": utc_now(),
-                                      "committed_records": 0, "total_records": None,
-                                      "stage": "starting"})
-        config = dataclasses.replace(self.config.embed, inputs=(path.resolve(),))
+            return True
+        return False
 
-        def job_records(summary: Any) -> dict[str, dict]:
-            """The job record, committed by the engine with the file's last embeddings."""
-            record = self._job_record(name, sha256, key, summary, attempt,
-                                      time.perf_counter() - started)
-            return {key: self.jobs.run_record(key, record)}
-
+    def _run(self, claim: Claim) -> Any:
+        """Run the job on the claimed file; its summary, or None when the file was handled
+        here (failed, set for a retry, or left in processing/ after a stop request)."""
+        name = claim.name
+        self.board.update(processing={"file": name, "attempt": claim.attempt,
+                                      "since": utc_now(), "committed_records": 0,
+                                      "total_records": None, "stage": "starting"})
         try:
-            if self.config.predict is not None:
-                summary = predict_job.run_file(self.config.predict, self.config.embed.out,
-                                               self.dir, path, sha256, _FileProgress(self.board),
-                                               self.stop, self.pool)
-            else:
-                summary = self._call_run(config, _FileProgress(self.board), job_records)
+            summary = self.job.run(claim, self.pool, _FileProgress(self.board), self.stop)
         except InputError as exc:
-            self._fail(name, exc, kind="input", attempts=attempt, sha256=sha256)
-            return
+            self._fail(name, exc, kind="input", attempts=claim.attempt, sha256=claim.sha256)
+            return None
         except KeyboardInterrupt:  # the engine's answer to a stop request during validation
             if not self.stop.is_set():
                 raise
             self.attempts.undo(name)
             log.info("%s: stopped on request before embedding; it stays in processing/", name)
-            return
+            return None
         except (DeviceError, ModelLoadError) as exc:
             self.attempts.error(name, exc)
             self._record_error(name, exc)
             log.error("%s: %s; exiting so that the service manager restarts the daemon with "
                       "fresh devices (the file stays in processing/, attempt %d of %d)",
-                      name, exc, attempt, self.config.max_attempts)
+                      name, exc, claim.attempt, self.config.max_attempts)
             raise DaemonExit(EXIT_ERROR) from exc
         except Exception as exc:
-            self._retry_or_fail(name, exc, attempt, sha256)
-            return
+            self._retry_or_fail(name, exc, claim.attempt, claim.sha256)
+            return None
         finally:
             self.board.update(processing=None)
         if summary.interrupted:
             self.attempts.undo(name)
             log.info("%s: stopped on request; it stays in processing/ and is finished at the "
                      "next start (nothing committed is computed again)", name)
-            return
-        try:
-            if self.config.predict is not None:
-                self._finish_predict(name, sha256, key, summary, attempt, path,
-                                     time.perf_counter() - started)
-            else:
-                self._finish(name, sha256, key, summary, attempt, config,
-                             time.perf_counter() - started)
-        except Exception as exc:
-            self._retry_or_fail(name, exc, attempt, sha256)
+            return None
+        return summary
 
     def _record_error(self, name: str, exc: BaseException) -> None:
         self.board.update(last_error={"at": utc_now(), "file": name,
@@ -479,66 +427,24 @@ class Daemon:
         if kind == "input":
             log.error("%s -> failed/%s: %s", name, target, exc)
 
-    def _job_record(self, name: str, sha256: str, key: str, summary: Any, attempt: int,
-                    seconds: float) -> dict[str, Any]:
-        status = "partial" if summary.failed else "complete"
-        seq_rate = summary.embedded / summary.embed_seconds if summary.embed_seconds else 0.0
-        counts = {k: getattr(summary, k) for k in (
-            "records_read", "valid_records", "invalid_skipped", "duplicate_records", "truncated",
-            "already_stored", "deduplicated", "embedded", "committed_records")}
-        return {
-            "job": key, "file": name, "sha256": sha256, "size": os.path.getsize(
-                self.processing / name), "status": status, "exit_code": summary.exit_code,
-            "store": str(self.config.embed.out), "table": summary.table,
-            "model": {"name": self.table_spec.model.name if self.table_spec else summary.model,
-                      "sha256": self.table_spec.model.sha256 if self.table_spec else None,
-                      "synthetic_weights": summary.synthetic_weights},
-            "options": self.options(), "counts": counts,
-            "failed_count": len(summary.failed),
-            "failed": [{"id": rid, "reason": why}
-                       for rid, why in summary.failed[:MAX_LISTED_FAILURES]],
-            "seconds": round(seconds, 3), "embed_seconds": summary.embed_seconds,
-            "sequences_per_second": seq_rate, "tokens_per_second": summary.tokens_per_second,
-            "devices": summary.devices, "attempts": attempt, "finished_at": utc_now(),
-            "versions": versions(), "daemon_pid": os.getpid(),
-            "engine_run": _engine_run(summary)}
-
-    def _finish(self, name: str, sha256: str, key: str, summary: Any, attempt: int,
-                config: EmbedConfig, seconds: float) -> None:
-        stored = self.jobs.get(key)
-        if stored is None:  # a run function that does not commit it with the embeddings
-            record = self._job_record(name, sha256, key, summary, attempt, seconds)
-            self.jobs.put(key, record)
+    def _finish(self, claim: Claim, summary: Any) -> None:
+        """The run is over: the job record in the store (unless the run committed it with
+        the last embeddings), then beside the file in done/, then the move."""
+        seconds = time.perf_counter() - claim.started
+        stored = self.jobs.get(claim.key) if self.job.commits_record else None
+        if stored is None:  # not committed by the run (or a run function that does not)
+            record = self.job.record(claim, summary, seconds)
+            self.jobs.put(claim.key, record)
         else:
             record = stored["info"]
-        status, counts = record["status"], record["counts"]
-        seq_rate = record["sequences_per_second"]
-        target = self._move_to_done(name, record)
-        self.board.update(last_file={"file": name, "result": status, "at": utc_now()},
-                          last_run={"file": name, "seconds": round(seconds, 3), **counts,
-                                    "failed": len(summary.failed)},
-                          sequences_per_second=seq_rate, devices=summary.devices)
-        log.info("%s -> done/%s: %d records (%d embedded, %d already stored)%s in %.1f s", name,
-                 target, summary.committed_records + summary.already_stored, summary.embedded,
-                 summary.already_stored,
-                 f", {len(summary.failed)} sequences failed" if summary.failed else "", seconds)
-
-    def _finish_predict(self, name: str, sha256: str, key: str, summary: Any, attempt: int,
-                        path: Path, seconds: float) -> None:
-        """Outputs are written; now the job record, then the move to done/."""
-        record = predict_job.job_record(name, sha256, key, summary, attempt, seconds, self.dir,
-                                        path, {"options": self.identity, "versions": versions(),
-                                               "finished_at": utc_now(),
-                                               "daemon_pid": os.getpid()})
-        self.jobs.put(key, record)
-        target = self._move_to_done(name, record)
-        self.board.update(last_file={"file": name, "result": "complete", "at": utc_now()},
-                          last_run={"file": name, "seconds": round(seconds, 3),
-                                    **record["counts"]},
-                          sequences_per_second=record["sequences_per_second"])
-        log.info("%s -> done/%s: %d reads, %d frames, %d chunks called virus; outputs in %s",
-                 name, target, summary.reads, summary.frames, summary.virus_chunks,
-                 record["outputs"])
+        target = self._move_to_done(claim.name, record)
+        report = self.job.report(summary, record, seconds)
+        self.board.update(last_file={"file": claim.name, "result": record["status"],
+                                     "at": utc_now()},
+                          last_run={"file": claim.name, "seconds": round(seconds, 3),
+                                    **report.last_run},
+                          sequences_per_second=record["sequences_per_second"], **report.board)
+        log.info("%s -> done/%s: %s", claim.name, target, report.message)
 
     def _move_to_done(self, name: str, record: dict[str, Any]) -> str:
         """The job record beside the file's place in done/ (``done_as`` added), then the move
@@ -572,73 +478,17 @@ class Daemon:
                                      else record.get("status"), "at": utc_now()})
         log.info("%s -> done/%s: %s", name, target, how)
 
-    def options(self) -> dict[str, Any]:
-        e = self.config.embed
-        return {"model": e.model, "table": e.table, "layers": list(e.layers),
-                "pools": list(e.pools), "precision": e.precision, "store_dtype": e.store_dtype,
-                "max_residues": e.max_residues, "skip_invalid": e.skip_invalid,
-                "gpus": e.devices, "max_tokens": e.max_tokens}
 
-
-def _engine_run(summary: Any) -> dict[str, Any]:
-    """The engine's run record for this file once this run's last group is committed: counts
-    over every attempt (an interrupted one included) and how often it was resumed."""
-    start = getattr(summary, "run_started", None) or {}
-    return {"run_id": summary.run_id or None, "resumes": start.get("resumes", 0),
-            "started_at": start.get("started_at"),
-            "committed_records": start.get("committed_records", 0) + summary.committed_records,
-            "committed_sequences": start.get("committed_sequences", 0) + summary.embedded}
-
-
-def versions() -> dict[str, str]:
-    import platform
-
-    found = {"gpuengine": __version__, "python": platform.python_version()}
-    for module in ("torch", "lmdb", "numpy"):
-        mod = sys.modules.get(module)
-        if mod is not None:
-            found[module] = getattr(mod, "__version__", "?")
-    return found
-
-
-# ----------------------------------------------------------------------------- entry points
-
-
-class _Signals:
-    """SIGTERM/SIGINT: drain (``Daemon.request_stop``); a second one: ``os._exit(130)``."""
-
-    def __init__(self, daemon: Daemon):
-        self.daemon = daemon
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _Signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.daemon.stop.is_set():
-            os._exit(EXIT_INTERRUPTED)
-        self.daemon.request_stop(signal.Signals(signum).name)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.daemon.stop.is_set():
-            return  # the process is ending: a second signal still exits at once (130)
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
-    """Plain lines on stderr (journald adds its own metadata; no wrapping, no colour)."""
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+# ----------------------------------------------------------------------------- entry point
 
 
 def serve(config: ServeConfig, *, verbose: int = 0, quiet: bool = False) -> int:
-    """``gpuengine serve``: run the daemon in this (main) thread; returns the exit code."""
-    setup_logging(verbose, quiet)
+    """``gpuengine serve``: run the daemon in this (main) thread; returns the exit code.
+    SIGTERM/SIGINT drain (:meth:`Daemon.request_stop`); a second one exits at once (130)."""
+    from gpuengine.display import setup_logging
+    from gpuengine.signals import StopOnSignals
+
+    setup_logging(verbose, quiet, plain=True)
     daemon = Daemon(config)
-    with _Signals(daemon):
+    with StopOnSignals(daemon.stop, daemon.request_stop, keep_after_stop=True):
         return daemon.run()
