@@ -213,12 +213,12 @@ def budget_explanation(model: str, precision: str, infos: list[DeviceInfo]) -> d
     engine refines bytes per token at warm-up from the allocator's peak). Needs only the
     model's width: a published name works without its weights."""
     from gpuengine.budget import activation_bytes_per_token
-    from gpuengine.runner import DTYPES
+    from gpuengine.vocabulary import PRECISION_BYTES, PRECISIONS
 
-    if precision not in DTYPES:
-        raise UsageError(f"--precision {precision!r} is not one of {', '.join(DTYPES)}")
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     dim = model_width(model)
-    per_token = activation_bytes_per_token(dim, DTYPES[precision].itemsize, 1)
+    per_token = activation_bytes_per_token(dim, PRECISION_BYTES[precision], 1)
     out = {}
     for info in infos:
         if info.device == "cpu":

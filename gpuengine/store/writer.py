@@ -18,7 +18,6 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import lmdb
@@ -46,15 +45,11 @@ from gpuengine.store.schema import (
     recorded_precisions,
     table_key,
 )
+from gpuengine.vocabulary import utc_now
 
 _RUN_ID = re.compile(r"[\x21-\x7e]{1,200}")
 _ENTRY_OVERHEAD = 64
 """Rough per-record bytes of LMDB overhead, for the map-growth size hint."""
-
-
-def utc_now() -> str:
-    """Current UTC time as ISO 8601 with milliseconds."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _dump(value: Any) -> bytes:
