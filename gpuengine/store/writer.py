@@ -179,14 +179,16 @@ def _check_vector(spec: TableSpec, output: OutputSpec, array: np.ndarray, digest
 def _encode_rows(spec: TableSpec, rows: CommitRows, prefixes: list[bytes],
                  arrays: list[tuple[bytes, Any]], ids: list[tuple[bytes, bytes]]) -> int:
     """Encode column-wise rows into ``arrays`` and ``ids``; returns the bytes of the arrays.
+    The one encoder of vectors: a :class:`CommitEntry` with vectors comes here as one row.
 
     A pooled row already in the store dtype is written from the array itself (LMDB copies
-    its buffer; nothing is copied before); other rows are stacked and cast once per output.
-    The stored bytes and the checks are those of the same rows as :class:`CommitEntry`."""
+    its buffer; nothing is copied before); other rows are stacked and cast once per output,
+    per-token arrays one by one (:func:`~gpuengine.store.codec.encode_array`)."""
     digests, outputs = rows.seq_digests, spec.outputs
     if set(rows.vectors) != set(outputs):
         got = ", ".join(sorted(getattr(o, "label", repr(o)) for o in rows.vectors))
-        raise InternalError(f"rows of vectors for [{got}], table {spec.name!r} stores "
+        first = f"sequence {digests[0].hex()}: " if len(digests) == 1 else "rows of "
+        raise InternalError(f"{first}vectors for [{got}], table {spec.name!r} stores "
                             f"[{', '.join(o.label for o in outputs)}]")
     try:
         ids.extend([codec.encode_id_pair(rid, digest)
@@ -222,12 +224,10 @@ def _encode_rows(spec: TableSpec, rows: CommitRows, prefixes: list[bytes],
 
 
 def _encode_group(spec: TableSpec, entries: Sequence[CommitPart]) -> _Group:
-    """Validate and encode a group (pure: no store access; runs once per committed
-    sequence, so the per-entry loop avoids work it does not need)."""
-    outputs = spec.outputs
-    prefixes = [spec.embedding_key_prefix(o) for o in outputs]
-    pooled_shape = (spec.dim,)
-    dtype = codec.numpy_dtype(spec.store_dtype)
+    """Validate and encode a group (pure: no store access). Vectors go through
+    :func:`_encode_rows` (a CommitEntry as one row); an alias-only entry adds its id mappings
+    and the embedding keys the transaction must find."""
+    prefixes = [spec.embedding_key_prefix(o) for o in spec.outputs]
     arrays: list[tuple[bytes, Any]] = []
     ids: list[tuple[bytes, bytes]] = []
     aliases: list[tuple[bytes, str, bytes]] = []
@@ -235,33 +235,18 @@ def _encode_group(spec: TableSpec, entries: Sequence[CommitPart]) -> _Group:
     for entry in entries:
         if type(entry) is CommitRows:
             nbytes += _encode_rows(spec, entry, prefixes, arrays, ids)
-            continue
-        digest = entry.seq_digest
-        try:
-            ids.extend(codec.encode_id_pair(rid, digest) for rid in entry.record_ids)
-        except ValueError as exc:
-            raise InternalError(f"bad record id in a commit: {exc}") from exc
-        vectors = entry.vectors
-        if vectors is None:
+        elif entry.vectors is not None:
+            one = CommitRows((entry.seq_digest,), (entry.record_ids,),
+                             {o: (v,) for o, v in entry.vectors.items()})
+            nbytes += _encode_rows(spec, one, prefixes, arrays, ids)
+        else:
+            digest = entry.seq_digest
+            try:
+                ids.extend(codec.encode_id_pair(rid, digest) for rid in entry.record_ids)
+            except ValueError as exc:
+                raise InternalError(f"bad record id in a commit: {exc}") from exc
             aliases.extend((embedding_key_from_prefix(prefix, digest), o.label, digest)
-                           for prefix, o in zip(prefixes, outputs))
-            continue
-        if len(vectors) != len(outputs) or any(o not in vectors for o in outputs):
-            got = ", ".join(sorted(getattr(o, "label", repr(o)) for o in vectors))
-            raise InternalError(
-                f"sequence {digest.hex()}: vectors for [{got}], table {spec.name!r} stores "
-                f"[{', '.join(o.label for o in outputs)}]"
-            )
-        for prefix, output in zip(prefixes, outputs):
-            array = vectors[output]
-            if (type(array) is np.ndarray and array.dtype == dtype and array.shape == pooled_shape
-                    and array.flags.c_contiguous and not output.per_token):
-                data = array.tobytes()  # the common case: a pooled vector already in the store dtype
-            else:
-                _check_vector(spec, output, array, digest)
-                data = codec.encode_array(array, spec.store_dtype)
-            arrays.append((embedding_key_from_prefix(prefix, digest), data))
-            nbytes += len(data)
+                           for prefix, o in zip(prefixes, spec.outputs))
     nbytes += (sum(len(key) + len(value) for key, value in ids) + len(ids) * _ENTRY_OVERHEAD
                + len(arrays) * (16 + _ENTRY_OVERHEAD))
     arrays.sort(key=_first)
