@@ -183,7 +183,7 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
         if records is None:
             progress.stage("validating input")
             report = validate(list(config.inputs), alphabet=fam.alphabet,
-                              skip_invalid=config.skip_invalid, extra_check=conflict_check)
+                              skip_invalid=config.skip_invalid, stored=conflict_check)
             records = RecordSource(lambda: stream_valid(list(config.inputs), report,
                                                         alphabet=fam.alphabet),
                                    report.valid, report.residues,
@@ -266,17 +266,7 @@ def _store_conflict_check(writer: StoreWriter, config: EmbedConfig, max_residues
             f"{max_residues or 'none'}; to keep both, add a new named table with --table NAME "
             "(or use another --out)")
 
-    def check(record: FastaRecord) -> RecordProblem | None:
-        stored = writer.record_digests(table, [record.id])[0]
-        if stored is None:
-            return None
-        seq = record.sequence[:max_residues] if max_residues else record.sequence
-        if stored == codec.sequence_digest(seq):
-            return None
-        return RecordProblem("store-conflict", record.path, record.line, record.id, record.index,
-                             detail=f"the store {writer.path} already maps this id to a different "
-                                    "sequence")
-    return check
+    return writer.lookup(table)
 
 
 def _file_key(path: Path) -> tuple:
@@ -502,16 +492,14 @@ class _Run:
         return memory
 
     def _planner(self) -> Planner:
-        name = self.spec.name
+        lookup = self.writer.lookup(self.spec.name)
         return Planner(
             tokenizer=self.tokenizer, max_residues=self.spec.max_residues,
-            ledger=self.ledger,
-            record_digests=lambda ids: self.writer.record_digests(name, ids),
-            has_embeddings=lambda digests: self.writer.has_embeddings(name, digests),
+            ledger=self.ledger, lookup=lookup,
             submit=self.scheduler.submit,
             alias=lambda pairs: self.inbox.put(("alias", pairs)),
-            stop=_EitherEvent(self.stop, self.halt), fresh=self.writer.record_count(name) == 0,
-            claimed=DigestFilter(self.records.count) if self.writer.embedding_count(name) == 0
+            stop=_EitherEvent(self.stop, self.halt), fresh=lookup.record_count() == 0,
+            claimed=DigestFilter(self.records.count) if lookup.embedding_count() == 0
             else None)
 
     def _plan(self, planner: Planner) -> None:

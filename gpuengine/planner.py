@@ -25,6 +25,7 @@ from gpuengine.input_process import PreparedChunk
 from gpuengine.packing import WorkItem
 from gpuengine.records import FastaRecord
 from gpuengine.store import codec
+from gpuengine.store.lookup import TableLookup
 
 LOOKUP_CHUNK = 1024
 
@@ -136,9 +137,8 @@ class Planner:
     tokenizer: object
     max_residues: int | None
     ledger: Ledger
-    record_digests: Callable[[Sequence[str]], list[bytes | None]]
-    """id → digest already stored in the table (None if absent)."""
-    has_embeddings: Callable[[Sequence[bytes]], list[bool]]
+    lookup: TableLookup
+    """The table the run adds to: which ids are stored, which sequences have embeddings."""
     submit: Callable[[list[WorkItem]], None]
     alias: Callable[[list[tuple[bytes, str]]], None]
     """(digest, id) pairs to commit as aliases, in order after any vectors already queued."""
@@ -207,7 +207,7 @@ class Planner:
         self.counts.records += len(ids)
         if self.fresh:
             return range(len(ids))
-        stored = self.record_digests(ids)
+        stored = self.lookup.record_digests(ids)
         todo = [i for i, d in enumerate(stored) if d is None]
         self.counts.stored += len(ids) - len(todo)
         return todo
@@ -241,11 +241,11 @@ class Planner:
     def _stored(self, digests: list[bytes]) -> list[bool]:
         """Whether each digest (none in flight) has its embeddings stored."""
         if self.claimed is None:
-            return self.has_embeddings(digests)
+            return self.lookup.has_embeddings(digests)
         maybe = self.claimed.maybe_many(digests)
         self.claimed.add_many(digests)  # the new ones among them are claimed now
         lookup = [d for d, m in zip(digests, maybe) if m]
-        found = iter(self.has_embeddings(lookup) if lookup else ())
+        found = iter(self.lookup.has_embeddings(lookup) if lookup else ())
         return [bool(m) and next(found) for m in maybe]
 
     def _embedded_sequence(self, record: FastaRecord) -> str:

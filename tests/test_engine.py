@@ -502,18 +502,18 @@ def test_every_sequence_committed_once_fresh_resumed_and_rerun(tiny_pt, tmp_path
     from gpuengine.config import EmbedConfig
     from gpuengine.engine import run_embed
     from gpuengine.store import codec
-    from gpuengine.store.writer import StoreWriter
+    from gpuengine.store.lookup import TableLookup
 
     monkeypatch.setattr(planner, "LOOKUP_CHUNK", 10)
     found = []
-    real_has = StoreWriter.has_embeddings
+    real_has = TableLookup.has_embeddings
 
-    def has_embeddings(self, table, digests):
-        answer = real_has(self, table, digests)
+    def has_embeddings(self, digests):
+        answer = real_has(self, digests)
         found.extend(d for d, present in zip(digests, answer) if present)
         return answer
 
-    monkeypatch.setattr(StoreWriter, "has_embeddings", has_embeddings)
+    monkeypatch.setattr(TableLookup, "has_embeddings", has_embeddings)
     distinct = random_proteins([8 + i for i in range(30)], seed=11)
     first = [(f"a{i}", distinct[(i * 7) % 20]) for i in range(300)]  # 20 sequences
     computed: list[bytes] = []

@@ -1,8 +1,8 @@
 """Transactional writes into a store: tables, embeddings, id mappings and run records.
 
 One :class:`StoreWriter` per store and process; one thread (the engine's committer) calls
-its mutating methods. :meth:`StoreWriter.record_digests` and
-:meth:`StoreWriter.has_embeddings` may run on other threads at the same time.
+its mutating methods. The :class:`~gpuengine.store.lookup.TableLookup` it hands out
+(:meth:`StoreWriter.lookup`) may be used on other threads at the same time.
 
 Every :meth:`StoreWriter.commit` is a single LMDB write transaction holding the vectors,
 the id mappings and the run counters of a group, so a group is either entirely in the
@@ -27,6 +27,7 @@ from gpuengine import __version__
 from gpuengine.errors import InternalError, StoreError, StoreMismatchError
 from gpuengine.store import codec
 from gpuengine.store.environment import StoreEnv, open_store
+from gpuengine.store.lookup import TableLookup
 from gpuengine.store.schema import (
     MAX_TABLES,
     META_DB,
@@ -268,8 +269,6 @@ class StoreWriter:
             max_map_size=max_map_size,
         )
         self._tables: dict[str, _Table] = {}
-        self._peeked_ids: dict[str, Any] = {}
-        """ids-database handles of existing tables read before open_table (tables stay)."""
         try:
             self._env.ensure_map_size(initial_map_size)
             self._meta_db, self._runs_db = self._env.write(self._init_store)
@@ -441,50 +440,15 @@ class StoreWriter:
 
         return self._env.read(work)
 
-    def record_count(self, table: str) -> int:
-        """Record ids in an opened table."""
-        t = self._table(table)
-        return int(self._env.read(lambda txn: txn.stat(t.ids_db)["entries"]))
-
-    def embedding_count(self, table: str) -> int:
-        """Arrays in an opened table's embeddings database."""
-        t = self._table(table)
-        return int(self._env.read(lambda txn: txn.stat(t.emb_db)["entries"]))
-
     def stored_spec(self, name: str) -> TableSpec | None:
         """The table's stored spec, or None if the store has no such table (nothing created)."""
         raw = self._env.read(lambda txn: _copy(txn.get(table_key(name), db=self._meta_db)))
         return None if raw is None else parse_table_record(raw, name, self._path)
 
-    def record_digests(self, table: str, record_ids: Sequence[str]) -> list[bytes | None]:
-        """The stored sequence digest of each id, or None where the id is not in the table.
-        Works before :meth:`open_table` too (a table not in the store holds no id)."""
-        if table in self._tables:
-            ids_db = self._tables[table].ids_db
-        elif table in self._peeked_ids:
-            ids_db = self._peeked_ids[table]
-        elif self.stored_spec(table) is None:
-            return [None] * len(record_ids)
-        else:
-            ids_db = self._peeked_ids[table] = self._env.db(ids_db_name(table))
-        keys = [codec.encode_id(rid) for rid in record_ids]
-
-        def work(txn: lmdb.Transaction) -> list[bytes | None]:
-            values = (txn.get(key, db=ids_db) for key in keys)
-            return [None if v is None else codec.value_digest(v) for v in values]
-
-        return self._env.read(work)
-
-    def has_embeddings(self, table: str, seq_digests: Sequence[bytes]) -> list[bool]:
-        """Whether every output of the table is stored for each sequence digest."""
-        t = self._table(table)
-        prefixes = [t.spec.embedding_key_prefix(o) for o in t.spec.outputs]
-        keys = list(zip(*(embedding_keys_from_prefix(p, seq_digests) for p in prefixes)))
-
-        def work(txn: lmdb.Transaction) -> list[bool]:
-            return [all(txn.get(k, db=t.emb_db) is not None for k in ks) for ks in keys]
-
-        return self._env.read(work)
+    def lookup(self, table: str) -> TableLookup:
+        """Read-only lookups in ``table`` as it is now (record digests, stored embeddings,
+        counts), on this writer's environment: safe on other threads while it commits."""
+        return TableLookup(self._env, table)
 
     # -- runs ----------------------------------------------------------------------------
 
