@@ -47,7 +47,8 @@ from gpuengine.fasta import ValidationReport, stream_valid, validate
 from gpuengine.input_process import InputProcess, tokenizer_spec
 from gpuengine.models.registry import Family, Weights, family
 from gpuengine.models.sources import resolve, weights_checksum
-from gpuengine.planner import DigestFilter, Ledger, Planner
+from gpuengine.ledger import Ledger
+from gpuengine.planner import DigestFilter, Planner
 from gpuengine.progress import DeviceProgress, NullProgress, ProgressSink, ProgressSnapshot
 from gpuengine.records import FastaRecord, RecordProblem
 from gpuengine.replicas import Replica, ReplicaPool
