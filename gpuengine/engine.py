@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,18 +43,15 @@ from gpuengine.devices import (DeviceMemory, MemoryProbe, MemoryTelemetry, initi
                                parse_devices)
 from gpuengine.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, DeviceError,
                               StoreMismatchError, UsageError)
-from gpuengine.fasta import ValidationReport, stream_valid, validate
-from gpuengine.input_process import InputProcess, tokenizer_spec
+from gpuengine.inputs import ChunkReader, RecordSource, open_input, validated_fasta
 from gpuengine.models.registry import Family, Weights, family
 from gpuengine.models.sources import resolve, weights_checksum
 from gpuengine.ledger import Ledger
-from gpuengine.planner import DigestFilter, Planner
+from gpuengine.planner import Planner
 from gpuengine.progress import DeviceProgress, NullProgress, ProgressSink, ProgressSnapshot
-from gpuengine.records import FastaRecord, RecordProblem
 from gpuengine.replicas import Replica, ReplicaPool
 from gpuengine.runner import DTYPES, Runner
 from gpuengine.scheduler import Scheduler
-from gpuengine.store import codec
 from gpuengine.store.schema import ModelIdentity, OutputSpec, TableSpec
 from gpuengine.store.writer import CommitEntry, CommitPart, CommitRows, StoreWriter, group_counts
 from gpuengine.worker import BatchOutcome, DeviceWorker, WorkerExit
@@ -62,9 +59,6 @@ from gpuengine.worker import BatchOutcome, DeviceWorker, WorkerExit
 log = logging.getLogger(__name__)
 
 GROUP_SECONDS = 0.5
-INPUT_PROCESS_MIN_RECORDS = 20_000
-"""Smaller FASTA inputs are read in the planner thread when the config leaves it open (the
-child process costs a start-up of about 0.1-0.2 s)."""
 
 
 @dataclass
@@ -123,26 +117,6 @@ class RunSummary:
         return data
 
 
-@dataclass(frozen=True)
-class RecordSource:
-    """Already-valid records to embed instead of FASTA files (workflows such as ``predict``
-    derive them); ``iterate`` must give the same records, in the same order, every call."""
-
-    iterate: Callable[[], Iterable[FastaRecord]]
-    count: int
-    residues: int
-    fasta: FastaInput | None = None
-    """Set when the records are the valid ones of FASTA files: the input process can read
-    them itself."""
-
-
-@dataclass(frozen=True)
-class FastaInput:
-    paths: tuple
-    report: ValidationReport
-    alphabet: frozenset[str] | None
-
-
 def resolve_outputs(layers: tuple[int, ...], pools: tuple[str, ...], num_layers: int) -> tuple[OutputSpec, ...]:
     """Negative layers count from the end (-1 = the last layer); 0 is the embedding layer."""
     resolved = []
@@ -183,17 +157,9 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
         conflict_check = _store_conflict_check(writer, config, max_residues, precision)
         if records is None:
             progress.stage("validating input")
-            report = validate(list(config.inputs), alphabet=fam.alphabet,
-                              skip_invalid=config.skip_invalid, stored=conflict_check)
-            records = RecordSource(lambda: stream_valid(list(config.inputs), report,
-                                                        alphabet=fam.alphabet),
-                                   report.valid, report.residues,
-                                   FastaInput(tuple(config.inputs), report, fam.alphabet))
-            counts = dict(records_read=report.records, valid_records=report.valid,
-                          invalid_skipped=len(report.skip) - report.duplicate_records,
-                          duplicate_records=report.duplicate_records)
-        else:
-            counts = dict(records_read=records.count, valid_records=records.count)
+            records = validated_fasta(config.inputs, fam.alphabet,
+                                      skip_invalid=config.skip_invalid, stored=conflict_check)
+        counts = records.counts()
         if stop.is_set():  # Ctrl-C while validating: nothing loaded, nothing to drain
             summary = RunSummary(str(config.out), config.table, source.name, False,
                                  interrupted=True, **counts)
@@ -310,7 +276,7 @@ class _Run:
         self.group_started = time.monotonic()
         self.started = time.perf_counter()
         """When embedding started: the one time base of the progress bar and the summary."""
-        self.reader: InputProcess | None = None
+        self.reader: ChunkReader | None = None
         self.workers: list[DeviceWorker] = []
         self.committer: Committer | None = None
         self.planner_thread: threading.Thread | None = None
@@ -318,7 +284,12 @@ class _Run:
     def execute(self) -> None:
         self.tokenizer = self.fam.tokenizer(self.weights.source)
         try:
-            self.reader = self._start_input_process()
+            choice = self.config.input_process
+            if choice is None:
+                choice = self.config.env.input_process
+            # started before the devices, so a reader process's start-up overlaps theirs
+            self.reader = open_input(self.records, self.tokenizer, self.spec.max_residues,
+                                     choice, _EitherEvent(self.stop, self.halt))
             self._execute()
         finally:
             self._stop_threads()
@@ -331,7 +302,7 @@ class _Run:
         an active exception" (exit 134) after the run has committed everything."""
         self.halt.set()  # workers take no new batch, the planner reads no further
         if self.reader is not None:
-            self.reader.close()  # kills and reaps the child; a planner reading its pipe sees the end
+            self.reader.close()  # kills and reaps a child; a planner reading its pipe sees the end
         if self.committer is not None and self.committer.is_alive():
             self.committer.finish()  # a path that failed before handing over the last group
         if self.telemetry is not None:
@@ -343,26 +314,6 @@ class _Run:
             while thread.is_alive():  # a device worker finishing a long batch (CPU, big model)
                 log.info("waiting for %s to finish", thread.name)
                 thread.join(10.0)
-
-    def _start_input_process(self) -> InputProcess | None:
-        """The child process reading the FASTA input, if this run uses one (started before
-        the devices, so its start-up overlaps theirs)."""
-        fasta = self.records.fasta
-        choice = self.config.input_process
-        if choice is None:
-            choice = self.config.env.input_process
-        if choice is None:
-            choice = self.records.count >= INPUT_PROCESS_MIN_RECORDS
-        spec = tokenizer_spec(self.tokenizer)
-        if fasta is None or not choice or spec is None:
-            return None
-        from gpuengine.planner import LOOKUP_CHUNK  # read now: tests make chunks smaller
-
-        skip: dict[str, list[int]] = {}
-        for name, index in fasta.report.skip:
-            skip.setdefault(name, []).append(index)
-        return InputProcess(fasta.paths, skip, fasta.alphabet, self.spec.max_residues, spec,
-                            LOOKUP_CHUNK)
 
     def _execute(self) -> None:
         workers = self._start_workers()
@@ -493,23 +444,16 @@ class _Run:
         return memory
 
     def _planner(self) -> Planner:
-        lookup = self.writer.lookup(self.spec.name)
         return Planner(
-            tokenizer=self.tokenizer, max_residues=self.spec.max_residues,
-            ledger=self.ledger, lookup=lookup,
+            ledger=self.ledger, lookup=self.writer.lookup(self.spec.name),
             submit=self.scheduler.submit,
             alias=lambda pairs: self.inbox.put(("alias", pairs)),
-            stop=_EitherEvent(self.stop, self.halt), fresh=lookup.record_count() == 0,
-            claimed=DigestFilter(self.records.count) if lookup.embedding_count() == 0
-            else None)
+            stop=_EitherEvent(self.stop, self.halt), expected_records=self.records.count)
 
     def _plan(self, planner: Planner) -> None:
         error = None
         try:
-            if self.reader is not None:
-                planner.run_prepared(self.reader.chunks())
-            else:
-                planner.run(self.records.iterate())
+            planner.run(self.reader.chunks())
         except BaseException as exc:
             error = exc
         finally:

@@ -1,4 +1,4 @@
-"""From valid FASTA records to work items: tokenize, resume, deduplicate (torch-free).
+"""From prepared chunks of valid records to work items: resume, deduplicate (torch-free).
 
 The planner runs on its own thread. For every record it decides one of:
 
@@ -13,20 +13,16 @@ is stored, the table's :class:`~gpuengine.store.lookup.TableLookup`'s.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from gpuengine.input_process import PreparedChunk
+from gpuengine.inputs import PreparedChunk, StopFlag
 from gpuengine.ledger import Ledger
 from gpuengine.packing import WorkItem
-from gpuengine.records import FastaRecord
-from gpuengine.store import codec
 from gpuengine.store.lookup import TableLookup
 
-LOOKUP_CHUNK = 1024
 
 
 @dataclass
@@ -65,21 +61,21 @@ class DigestFilter:
 
 @dataclass
 class Planner:
-    """Turns a record stream into scheduler submissions and alias entries."""
+    """Turns prepared chunks into scheduler submissions and alias entries."""
 
-    tokenizer: object
-    max_residues: int | None
     ledger: Ledger
     lookup: TableLookup
     """The table the run adds to: which ids are stored, which sequences have embeddings."""
     submit: Callable[[list[WorkItem]], None]
     alias: Callable[[list[tuple[bytes, str]]], None]
     """(digest, id) pairs to commit as aliases, in order after any vectors already queued."""
-    stop: threading.Event
-    fresh: bool = False
+    stop: StopFlag
+    expected_records: int = 0
+    """Records the run will plan (sizes :attr:`claimed`)."""
+    fresh: bool = field(init=False)
     """The table held no record id when the run started: no id can be stored yet (ids are
     unique in validated input), so the per-record id lookups are skipped."""
-    claimed: DigestFilter | None = None
+    claimed: DigestFilter | None = field(init=False)
     """Only when the table held no embedding when the run started: every digest this run
     has looked up. Only this run's commits add embeddings then, so a digest the filter has
     never seen is not stored, and only the others are looked up. (Another process filling
@@ -87,41 +83,20 @@ class Planner:
     could between a lookup and the commit; no id is lost or mapped twice.)"""
     counts: PlanCounts = field(default_factory=PlanCounts)
 
-    def run(self, records: Iterable[FastaRecord]) -> None:
-        chunk: list[FastaRecord] = []
-        for record in records:
-            if self.stop.is_set():
-                return
-            chunk.append(record)
-            if len(chunk) >= LOOKUP_CHUNK:
-                self._plan_chunk(chunk)
-                chunk = []
-        if chunk and not self.stop.is_set():
-            self._plan_chunk(chunk)
+    def __post_init__(self) -> None:
+        self.fresh = self.lookup.record_count() == 0
+        self.claimed = (DigestFilter(self.expected_records) if self.lookup.embedding_count() == 0
+                        else None)
 
-    def _plan_chunk(self, records: list[FastaRecord]) -> None:
-        todo_at = self._unstored([r.id for r in records])
-        if not todo_at:
-            return
-        todo = [records[i] for i in todo_at]
-        embedded = [r.sequence for r in todo]
-        if self.max_residues is not None and max(map(len, embedded)) > self.max_residues:
-            embedded = [self._embedded_sequence(r) for r in todo]
-        digests = codec.sequence_digests(embedded)
-        new, aliases = self._claim(digests, [r.id for r in todo])
-        token_ids = self.tokenizer.encode_batch([embedded[j] for j in new]) if new else []
-        items = [WorkItem(digests[j], ids, len(embedded[j])) for j, ids in zip(new, token_ids)]
-        self._hand_over(items, aliases)
-
-    def run_prepared(self, chunks: Iterable[PreparedChunk]) -> None:
-        """:meth:`run` for chunks already read, truncated, hashed and tokenized (by the input
-        process): the same decisions, in the same order."""
+    def run(self, chunks: Iterable[PreparedChunk]) -> None:
+        """Plan every chunk (already read, truncated, hashed and tokenized: see
+        :mod:`gpuengine.inputs`), in order, until the chunks end or ``stop`` is set."""
         for chunk in chunks:
             if self.stop.is_set():
                 return
-            self._plan_prepared(chunk)
+            self._plan_chunk(chunk)
 
-    def _plan_prepared(self, chunk: PreparedChunk) -> None:
+    def _plan_chunk(self, chunk: PreparedChunk) -> None:
         todo = self._unstored(chunk.ids)
         if not todo:
             return
@@ -133,7 +108,6 @@ class Planner:
         items = [WorkItem(digests[j], chunk.token_ids(todo[j]), residues[todo[j]]) for j in new]
         self._hand_over(items, aliases)
 
-    # -- the steps both paths share ---------------------------------------------------------------
     def _unstored(self, ids: Sequence[str]) -> Sequence[int]:
         """Positions of the records whose id the table does not hold yet (all of them on a
         fresh table); counts the records and the ones already stored."""
@@ -180,10 +154,3 @@ class Planner:
         lookup = [d for d, m in zip(digests, maybe) if m]
         found = iter(self.lookup.has_embeddings(lookup) if lookup else ())
         return [bool(m) and next(found) for m in maybe]
-
-    def _embedded_sequence(self, record: FastaRecord) -> str:
-        seq = record.sequence
-        if self.max_residues is not None and len(seq) > self.max_residues:
-            self.counts.truncated += 1
-            return seq[: self.max_residues]
-        return seq

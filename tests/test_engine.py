@@ -478,7 +478,7 @@ def _slow_records(records, every=25, stop=None, stop_after=None):
     their sequences come again (and that can request a stop part way)."""
     import time
 
-    from gpuengine.engine import RecordSource
+    from gpuengine.inputs import RecordSource
     from gpuengine.records import FastaRecord
 
     def iterate():
@@ -498,13 +498,13 @@ def test_every_sequence_committed_once_fresh_resumed_and_rerun(tiny_pt, tmp_path
     ids of stored sequences: each sequence is computed and committed once, each id once."""
     import threading
 
-    from gpuengine import EmbeddingStore, planner
+    from gpuengine import EmbeddingStore, inputs
     from gpuengine.config import EmbedConfig
     from gpuengine.engine import run_embed
     from gpuengine.store import codec
     from gpuengine.store.lookup import TableLookup
 
-    monkeypatch.setattr(planner, "LOOKUP_CHUNK", 10)
+    monkeypatch.setattr(inputs, "LOOKUP_CHUNK", 10)
     found = []
     real_has = TableLookup.has_embeddings
 
