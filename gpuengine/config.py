@@ -88,7 +88,7 @@ class EmbedConfig:
     input_process: bool | None = None
     """Read, normalise, hash and tokenize the FASTA input in a child process (off the engine's
     GIL) — True: always, False: never (in the planner thread), None: the environment's
-    choice, else only for inputs of at least ``engine.INPUT_PROCESS_MIN_RECORDS`` records."""
+    choice, else only for inputs of at least ``inputs.INPUT_PROCESS_MIN_RECORDS`` records."""
     env: Environment = field(default_factory=environment)
 
     def __post_init__(self) -> None:

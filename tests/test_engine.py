@@ -367,7 +367,7 @@ def test_batch_size_does_not_change_stored_values(tiny_pt, tmp_path):
 def test_map_grows_through_the_engine(tiny_pt, tmp_path, monkeypatch):
     """The engine does not expose StoreWriter's initial_map_size (EmbedConfig has no field for
     it), so the writer it creates is replaced by one starting from a 64 KiB map."""
-    import gpuengine.engine as engine
+    import gpuengine.run_store as run_store
     from gpuengine import EmbeddingStore
     from gpuengine.config import EmbedConfig
     from gpuengine.engine import run_embed
@@ -381,7 +381,7 @@ def test_map_grows_through_the_engine(tiny_pt, tmp_path, monkeypatch):
             super().__init__(path, **kwargs)
             writers.append(self)
 
-    monkeypatch.setattr(engine, "StoreWriter", SmallMapWriter)
+    monkeypatch.setattr(run_store, "StoreWriter", SmallMapWriter)
     seqs = random_proteins([40 + (i % 60) for i in range(60)], seed=8)
     ids = [f"m{i}" for i in range(len(seqs))]
     fasta = write_fasta(tmp_path / "p.fa", list(zip(ids, seqs)))
@@ -410,7 +410,7 @@ def test_embed_config_refuses_a_bad_table_name(tmp_path):
         EmbedConfig(inputs=(tmp_path / "p.fa",), model="m.pt", out=tmp_path / "s", table="a b")
 
 
-def test_final_records_commit_with_the_last_embeddings(tiny_pt, tmp_path):
+def test_completion_records_commit_with_the_last_embeddings(tiny_pt, tmp_path):
     """A caller's run records (the daemon's job record) are written in the transaction of the
     run's last group, with the summary that group completes; an interrupted run writes none."""
     import threading
@@ -429,7 +429,7 @@ def test_final_records_commit_with_the_last_embeddings(tiny_pt, tmp_path):
 
     config = EmbedConfig(inputs=(fasta,), model=str(tiny_pt), out=tmp_path / "s.lmdb",
                          devices="cpu")
-    summary = run_embed(config, final_records=job)
+    summary = run_embed(config, completion_records=job)
     assert seen == [(summary.committed_records, summary.embedded)] and summary.committed_records
     with StoreWriter(tmp_path / "s.lmdb") as writer:
         assert writer.run_record("job-1")["counts"]["committed_records"] == summary.committed_records
@@ -437,7 +437,7 @@ def test_final_records_commit_with_the_last_embeddings(tiny_pt, tmp_path):
     stop.set()
     interrupted = run_embed(EmbedConfig(inputs=(fasta,), model=str(tiny_pt),
                                         out=tmp_path / "t.lmdb", devices="cpu"),
-                            stop=stop, final_records=job)
+                            stop=stop, completion_records=job)
     assert len(seen) == 1 and (interrupted.interrupted or interrupted.committed_records == 0)
 
 

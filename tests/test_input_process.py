@@ -95,10 +95,10 @@ class _OneByOne:
 
 @pytest.fixture(autouse=True)
 def _one_by_one(monkeypatch):
-    from gpuengine import engine
+    from gpuengine import replicas
 
-    real = engine._Run._make_runner
-    monkeypatch.setattr(engine._Run, "_make_runner", lambda self, *a: _OneByOne(real(self, *a)))
+    real = replicas._make_runner
+    monkeypatch.setattr(replicas, "_make_runner", lambda *a: _OneByOne(real(*a)))
 
 
 def _contents(out):

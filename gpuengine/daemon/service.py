@@ -229,7 +229,7 @@ class Daemon:
         if final_records is None:
             return self._run(config, progress, self.stop, replicas=self.pool)
         return self._run(config, progress, self.stop, replicas=self.pool,
-                         final_records=final_records)
+                         completion_records=final_records)
 
     def warm_up(self) -> None:
         """Load the model on every device: one tiny record into a throw-away store, with the

@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import lmdb
 import numpy as np
@@ -105,6 +105,22 @@ class CommitRows:
 
 CommitPart = CommitEntry | CommitRows
 """What a commit group is made of: single sequences (aliases, tests) and column-wise rows."""
+
+Summary = TypeVar("Summary", contravariant=True)
+
+
+class CompletionRecords(Protocol[Summary]):
+    """Run records a caller has committed in the same transaction as a run's last embeddings
+    (:meth:`StoreWriter.commit`'s ``extra_runs``), so they are durable exactly when the run's
+    output is: the daemon's job record says a file is done only once its vectors are.
+
+    The engine calls it once, on its own thread, only when the run completed (never when it
+    was stopped or failed), with the run's summary as it will be returned (the wall time and
+    the wait for the writer excepted); it returns whole records of the ``runs`` database by
+    id (written as given, replacing a record of the same id). What it raises fails the run
+    before its last group is committed."""
+
+    def __call__(self, summary: Summary, /) -> Mapping[str, Mapping[str, Any]]: ...
 
 
 def embedded_digests(group: Sequence[CommitPart]) -> list[bytes]:
