@@ -133,12 +133,16 @@ def prepare_chunk(records: Sequence, tokenizer, max_residues: int | None) -> Pre
     if max_residues is not None and n and max(map(len, seqs)) > max_residues:
         truncated = np.fromiter((len(s) > max_residues for s in seqs), np.uint8, n)
         seqs = [s[:max_residues] for s in seqs]
-    token_ids = tokenizer.encode_batch(seqs)
-    lengths = np.fromiter((t.size for t in token_ids), np.int64, n)
-    tokens = np.concatenate(token_ids).astype(np.int32, copy=False) if n else np.zeros(0, np.int32)
+    encode_flat = getattr(tokenizer, "encode_flat", None)
+    if encode_flat is not None:  # the ESM tokenizer: one buffer, no array per sequence
+        tokens, ends = encode_flat(seqs)
+    else:
+        token_ids = tokenizer.encode_batch(seqs)
+        ends = np.cumsum(np.fromiter((t.size for t in token_ids), np.int64, n))
+        tokens = (np.concatenate(token_ids).astype(np.int32, copy=False) if n
+                  else np.zeros(0, np.int32))
     return PreparedChunk([r.id for r in records], sequence_digests(seqs),
-                         np.fromiter(map(len, seqs), np.uint32, n), truncated, tokens,
-                         np.cumsum(lengths))
+                         np.fromiter(map(len, seqs), np.uint32, n), truncated, tokens, ends)
 
 
 # ----------------------------------------------------------------------------- wire format

@@ -104,8 +104,12 @@ class Planner:
         self.counts.truncated += int(np.count_nonzero(truncated))
         digests = [chunk.digests[i] for i in todo]
         new, aliases = self._claim(digests, [chunk.ids[i] for i in todo])
-        residues = chunk.residues.tolist()
-        items = [WorkItem(digests[j], chunk.token_ids(todo[j]), residues[todo[j]]) for j in new]
+        residues, tokens, ends = chunk.residues.tolist(), chunk.tokens, chunk.ends.tolist()
+        items = []
+        for j in new:  # chunk.token_ids(i), with Python ints (a numpy index per item costs)
+            i = todo[j]
+            items.append(WorkItem(digests[j], tokens[(ends[i - 1] if i else 0):ends[i]],
+                                  residues[i]))
         self._hand_over(items, aliases)
 
     def _unstored(self, ids: Sequence[str]) -> Sequence[int]:
