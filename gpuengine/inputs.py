@@ -241,26 +241,24 @@ class InThreadInput:
                  stop: StopFlag | None = None) -> None:
         self._records, self._tokenizer = records, tokenizer
         self._max_residues, self._size = max_residues, chunk_records
-        self._stop = stop
-        self._closed = False
-
-    def _stopped(self) -> bool:
-        return self._closed or (self._stop is not None and self._stop.is_set())
+        self._stop = stop if stop is not None else threading.Event()
+        self._closed = threading.Event()
 
     def chunks(self) -> Iterator[PreparedChunk]:
+        stop, closed, size = self._stop, self._closed, self._size
         chunk: list[FastaRecord] = []
         for record in self._records():  # iterated here, in the reading thread
-            if self._stopped():
+            if stop.is_set() or closed.is_set():
                 return
             chunk.append(record)
-            if len(chunk) >= self._size:
+            if len(chunk) >= size:
                 yield prepare_chunk(chunk, self._tokenizer, self._max_residues)
                 chunk = []
-        if chunk and not self._stopped():
+        if chunk and not (stop.is_set() or closed.is_set()):
             yield prepare_chunk(chunk, self._tokenizer, self._max_residues)
 
     def close(self) -> None:
-        self._closed = True
+        self._closed.set()
 
 
 def open_input(source: RecordSource, tokenizer, max_residues: int | None,

@@ -104,12 +104,11 @@ class Planner:
         self.counts.truncated += int(np.count_nonzero(truncated))
         digests = [chunk.digests[i] for i in todo]
         new, aliases = self._claim(digests, [chunk.ids[i] for i in todo])
+        # chunk.token_ids(i) with Python ints: a numpy scalar index per item costs
         residues, tokens, ends = chunk.residues.tolist(), chunk.tokens, chunk.ends.tolist()
-        items = []
-        for j in new:  # chunk.token_ids(i), with Python ints (a numpy index per item costs)
-            i = todo[j]
-            items.append(WorkItem(digests[j], tokens[(ends[i - 1] if i else 0):ends[i]],
-                                  residues[i]))
+        starts = [0, *ends[:-1]]
+        items = [WorkItem(digests[j], tokens[starts[i]:ends[i]], residues[i])
+                 for j, i in zip(new, map(todo.__getitem__, new))]
         self._hand_over(items, aliases)
 
     def _unstored(self, ids: Sequence[str]) -> Sequence[int]:
