@@ -29,6 +29,7 @@ from typing import Any, Union
 import numpy as np
 
 from gpuengine.errors import EXIT_PARTIAL, GpuEngineError, InputError, UsageError
+from gpuengine.vocabulary import DEFAULT_TABLE
 
 __all__ = ["EmbeddingFailed", "embed"]
 
@@ -47,7 +48,7 @@ class EmbeddingFailed(GpuEngineError):
 
 
 def embed(sequences: Sequences, *, model: str, store: str | os.PathLike | None = None,
-          table: str = "default", layers: int | Iterable[int] = -1,
+          table: str = DEFAULT_TABLE, layers: int | Iterable[int] = -1,
           pool: str | Iterable[str] = "mean", precision: str | None = None,
           devices: str = "auto", max_tokens: int | None = None,
           max_residues: int | None = None, store_dtype: str = "float32",

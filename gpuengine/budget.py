@@ -40,6 +40,7 @@ class TokenBudget:
         self._learned = self._maximum
         self._successes = 0
         self._raise_every = raise_every
+        self._largest = 0
 
     def tokens(self) -> int:
         with self._lock:
@@ -55,11 +56,21 @@ class TokenBudget:
             self._successes = 0
 
     def after_success(self, batch_tokens: int) -> None:
+        """A batch of ``batch_tokens`` ran (the device worker's thread): every 50th success
+        raises the learned cap; the batch counts for :meth:`take_largest_batch`."""
         with self._lock:
+            self._largest = max(self._largest, batch_tokens)
             self._successes += 1
             if self._successes >= self._raise_every and self._learned < self._maximum:
                 self._learned = min(self._maximum, int(self._learned * 1.05) + 1)
                 self._successes = 0
+
+    def take_largest_batch(self) -> int:
+        """The largest batch that ran since the last call (0: none), and forget it: the
+        telemetry thread sets the memory limit from it and the allocator's peak."""
+        with self._lock:
+            largest, self._largest = self._largest, 0
+            return largest
 
     def describe(self) -> dict[str, int]:
         with self._lock:

@@ -162,11 +162,9 @@ def embed(
 def _check_table(name: str) -> None:
     """Refuse a bad --table before any work (the store's schema would raise a bare ValueError
     only after the weights are read)."""
-    from gpuengine.store.schema import _TABLE_NAME
+    from gpuengine.vocabulary import check_table_name
 
-    if not _TABLE_NAME.fullmatch(name):
-        raise UsageError(f"--table {name!r}: a table name is 1-64 characters of letters, digits, "
-                         "'_', '.' and '-'")
+    check_table_name(name)
 
 
 def _embed_config(inputs: tuple[Path, ...], model: str, out: Path, layers: str, pool: List[str],

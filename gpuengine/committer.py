@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from gpuengine.planner import Ledger
+from gpuengine.ledger import Ledger
 from gpuengine.store.writer import (
     CommitPart,
     StoreWriter,

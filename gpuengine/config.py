@@ -7,15 +7,11 @@ onto fields one to one; the engine receives only these objects.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpuengine.errors import UsageError
-
-PRECISIONS = ("fp32", "fp16", "bf16")
-STORE_DTYPES = ("float16", "float32")
-POOLS = ("mean", "bos", "per-token")
+from gpuengine.vocabulary import DEFAULT_TABLE, POOLS, PRECISIONS, STORE_DTYPES, check_table_name
 
 
 @dataclass(frozen=True)
@@ -51,9 +47,6 @@ def environment() -> Environment:
                        input_process=None if not choice else choice == "1")
 
 
-_TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-
-
 @dataclass(frozen=True)
 class EmbedConfig:
     """Everything one ``gpuengine embed`` run needs."""
@@ -75,7 +68,7 @@ class EmbedConfig:
     max_residues: int | None = -1
     """Truncate longer sequences to this many residues: -1 = the model family's default (1022
     for ESM-2, as fair-esm's extract.py; none for DNA models), None = never."""
-    table: str = "default"
+    table: str = DEFAULT_TABLE
     """Named table inside the store; a new name is needed to add another model/layer/pooling."""
     skip_invalid: bool = False
     """Skip invalid records (counted) instead of stopping before the model loads."""
@@ -95,7 +88,7 @@ class EmbedConfig:
     input_process: bool | None = None
     """Read, normalise, hash and tokenize the FASTA input in a child process (off the engine's
     GIL) — True: always, False: never (in the planner thread), None: the environment's
-    choice, else only for inputs of at least ``engine.INPUT_PROCESS_MIN_RECORDS`` records."""
+    choice, else only for inputs of at least ``inputs.INPUT_PROCESS_MIN_RECORDS`` records."""
     env: Environment = field(default_factory=environment)
 
     def __post_init__(self) -> None:
@@ -118,8 +111,7 @@ class EmbedConfig:
         if self.max_residues is not None and self.max_residues < 1 and self.max_residues != -1:
             raise UsageError(f"--max-residues must be at least 1, or 0 for never "
                              f"(got {self.max_residues})")
-        if not _TABLE_NAME.fullmatch(self.table):
-            raise UsageError(f"--table {self.table!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        check_table_name(self.table)
         if self.max_tokens is not None and self.max_tokens < 8:
             raise UsageError(f"--max-tokens must be at least 8 (got {self.max_tokens})")
         if self.commit_every < 1:

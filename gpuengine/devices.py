@@ -1,4 +1,5 @@
-"""Which devices to run on, what they are, and their starting token budgets.
+"""Which devices to run on, what they are, and their starting token budgets (the telemetry
+that adjusts budgets during a run is in :mod:`gpuengine.replicas`).
 
 CUDA ordinals are mapped to NVML handles by UUID, never by index: NVML lists every GPU in PCI
 order and ignores ``CUDA_VISIBLE_DEVICES``, so index-based lookup reads the wrong card. Without
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -124,71 +124,6 @@ def initial_budget(device: torch.device, bytes_per_token: int, max_tokens: int |
     return TokenBudget(tokens, max_tokens or DEFAULT_GPU_MAX_TOKENS)
 
 
-@dataclass
-class DeviceMemory:
-    """What the telemetry thread knows about one GPU's memory."""
-
-    device: torch.device
-    budget: TokenBudget
-    probe: MemoryProbe
-    baseline_bytes: int
-    """Allocated after the replica loaded: weights and fixed buffers."""
-    bytes_per_token: int
-    """Calibrated at start-up, raised when the allocator's peaks show more."""
-    free_bytes: int = 0
-    total_bytes: int = 0
-    stats: object | None = None
-    """The device worker's stats (``largest_batch`` since the last refresh is read and reset)."""
-
-    def refresh(self, margin: int = GPU_MARGIN_BYTES) -> None:
-        """Re-read free memory and the allocator's peak; set the budget's memory limit.
-
-        usable = free (NVML) + reserved by our allocator − baseline − margin: our own cached
-        blocks are usable by the next batch, memory another process takes is not."""
-        self.total_bytes, self.free_bytes = self.probe.total_and_free()
-        reserved = torch.cuda.memory_reserved(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - self.baseline_bytes
-        largest = getattr(self.stats, "largest_batch", 0)
-        if largest:
-            # with up to `depth` batches in flight the peak is an upper bound: budgets only shrink
-            self.bytes_per_token = max(self.bytes_per_token, peak // largest)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.stats.largest_batch = 0
-        usable = self.free_bytes + reserved - self.baseline_bytes - margin
-        self.budget.set_memory_tokens(memory_budget(usable, self.bytes_per_token, 0))
-
-    def describe(self) -> dict:
-        return {"device": str(self.device), "memory_source": self.probe.source,
-                "free_bytes": self.free_bytes, "total_bytes": self.total_bytes,
-                "bytes_per_token": self.bytes_per_token, **self.budget.describe(),
-                "budget_tokens": self.budget.tokens()}
-
-
-class MemoryTelemetry(threading.Thread):
-    """Re-reads every GPU's memory every ``period`` seconds so budgets shrink before a batch
-    fails when another process takes memory (and grow back when it leaves)."""
-
-    def __init__(self, memories: list[DeviceMemory], period: float = 1.0):
-        super().__init__(name="gpuengine-telemetry", daemon=True)
-        self.memories = memories
-        self.period = period
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop_event.wait(self.period):
-            for memory in self.memories:
-                try:
-                    memory.refresh()
-                except Exception as exc:  # never let telemetry kill a run
-                    log.debug("telemetry for %s failed: %s", memory.device, exc)
-
-    def stop(self) -> None:
-        """Stop the thread and wait for it (a refresh in progress finishes first)."""
-        self.stop_event.set()
-        if self.ident is not None:  # started
-            self.join()
-
-
 def model_width(model: str) -> int:
     """The hidden size ``d`` of ``model``: from the known shapes for a published name
     (esm2_t6_8M_UR50D … esm2_t48_15B_UR50D, zhihan1996/DNABERT-S; no weight file needed), else
@@ -213,12 +148,12 @@ def budget_explanation(model: str, precision: str, infos: list[DeviceInfo]) -> d
     engine refines bytes per token at warm-up from the allocator's peak). Needs only the
     model's width: a published name works without its weights."""
     from gpuengine.budget import activation_bytes_per_token
-    from gpuengine.runner import DTYPES
+    from gpuengine.vocabulary import PRECISION_BYTES, PRECISIONS
 
-    if precision not in DTYPES:
-        raise UsageError(f"--precision {precision!r} is not one of {', '.join(DTYPES)}")
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     dim = model_width(model)
-    per_token = activation_bytes_per_token(dim, DTYPES[precision].itemsize, 1)
+    per_token = activation_bytes_per_token(dim, PRECISION_BYTES[precision], 1)
     out = {}
     for info in infos:
         if info.device == "cpu":

@@ -1,8 +1,20 @@
-"""Wires everything for one ``embed`` run and owns all its threads.
+"""Runs one ``embed``: wires the rooms together and owns every thread of the run.
 
-    resolve model → read weights → open store table → validate input (before any replica)
-    → build one replica per device → plan (thread) → schedule → device workers (one thread per
-    device) → engine loop: collect → update scheduler → queue commit groups → committer (thread)
+    resolve model → open store, check table → validate input (before any replica)
+    → read weights, open table → replicas (one per device) → input reader → planner (thread)
+    → scheduler → device workers (one thread per device) → engine loop → committer (thread)
+
+Who owns what, and which queue connects them:
+
+* the **planner** thread iterates the input's prepared chunks (:mod:`gpuengine.inputs`; read
+  by a child process or in this thread), submits new work to the :class:`Scheduler` and puts
+  :class:`Aliases` on the engine's inbox, then :class:`Planned`;
+* each **device worker** thread pulls batches from the scheduler and puts a
+  :class:`~gpuengine.worker.BatchOutcome` per batch on the inbox, then a
+  :class:`~gpuengine.worker.WorkerExit`;
+* the **engine loop** (the caller's thread) is the only reader of the inbox and the only
+  producer of commit groups; the **committer** thread takes them from its own queue and is
+  the only writer of the store; the **telemetry** thread (GPUs) adjusts token budgets.
 
 The engine loop, in numbered steps:
 
@@ -13,57 +25,42 @@ The engine loop, in numbered steps:
 3. ``oom``: the scheduler splits and requeues; an item that cannot fit alone fails.
 4. Every ``commit_every`` sequences or half a second, hand the open group to the committer.
 5. Stop when the planner is done and the scheduler is drained (or on a stop request, once no
-   batch is in flight); flush the last group, wait for the committer, close the run record.
+   batch is in flight); flush the last group (with the caller's :data:`CompletionRecords`
+   when the run completed), wait for the committer, close the run record.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
-import json
 import logging
-import os
 import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
-import torch
 
-from gpuengine import __version__
-from gpuengine.budget import activation_bytes_per_token
 from gpuengine.committer import Committer
 from gpuengine.config import EmbedConfig
-from gpuengine.budget import TokenBudget
-from gpuengine.devices import (DeviceMemory, MemoryProbe, MemoryTelemetry, initial_budget,
-                               parse_devices)
-from gpuengine.errors import (EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, DeviceError,
-                              StoreMismatchError, UsageError)
-from gpuengine.fasta import ValidationReport, stream_valid, validate
-from gpuengine.input_process import InputProcess, tokenizer_spec
-from gpuengine.models.registry import Family, Weights, family
-from gpuengine.models.sources import resolve, weights_checksum
-from gpuengine.planner import DigestFilter, Ledger, Planner
+from gpuengine.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, DeviceError
+from gpuengine.inputs import ChunkReader, RecordSource, open_input, validated_fasta
+from gpuengine.ledger import Ledger
+from gpuengine.models.registry import Weights
+from gpuengine.planner import Planner
 from gpuengine.progress import DeviceProgress, NullProgress, ProgressSink, ProgressSnapshot
-from gpuengine.records import FastaRecord, RecordProblem
-from gpuengine.replicas import Replica, ReplicaPool
-from gpuengine.runner import DTYPES, Runner
+from gpuengine.replicas import (MemoryTelemetry, ModelChoice, ReplicaPool, RunnerFactory,
+                                build_replicas, run_precision, start_telemetry)
+from gpuengine.run_store import RunStore, table_spec
 from gpuengine.scheduler import Scheduler
-from gpuengine.store import codec
-from gpuengine.store.schema import ModelIdentity, OutputSpec, TableSpec
-from gpuengine.store.writer import CommitEntry, CommitPart, CommitRows, StoreWriter, group_counts
+from gpuengine.store.schema import TableSpec
+from gpuengine.store.writer import (CommitEntry, CommitPart, CommitRows, CompletionRecords,
+                                    group_counts)
 from gpuengine.worker import BatchOutcome, DeviceWorker, WorkerExit
 
 log = logging.getLogger(__name__)
 
 GROUP_SECONDS = 0.5
-INPUT_PROCESS_MIN_RECORDS = 20_000
-"""Smaller FASTA inputs are read in the planner thread when the config leaves it open (the
-child process costs a start-up of about 0.1-0.2 s)."""
 
 
 @dataclass
@@ -123,192 +120,94 @@ class RunSummary:
 
 
 @dataclass(frozen=True)
-class RecordSource:
-    """Already-valid records to embed instead of FASTA files (workflows such as ``predict``
-    derive them); ``iterate`` must give the same records, in the same order, every call."""
+class Aliases:
+    """Planner → engine loop: (digest, id) pairs to commit as aliases of sequences stored or
+    being committed, in order after the vectors already queued."""
 
-    iterate: Callable[[], Iterable[FastaRecord]]
-    count: int
-    residues: int
-    fasta: FastaInput | None = None
-    """Set when the records are the valid ones of FASTA files: the input process can read
-    them itself."""
+    pairs: list[tuple[bytes, str]]
 
 
 @dataclass(frozen=True)
-class FastaInput:
-    paths: tuple
-    report: ValidationReport
-    alphabet: frozenset[str] | None
+class Planned:
+    """Planner → engine loop: the planner has handed over all its work (``error``: why it
+    stopped early)."""
+
+    error: BaseException | None = None
 
 
-def resolve_outputs(layers: tuple[int, ...], pools: tuple[str, ...], num_layers: int) -> tuple[OutputSpec, ...]:
-    """Negative layers count from the end (-1 = the last layer); 0 is the embedding layer."""
-    resolved = []
-    for layer in layers:
-        index = layer + num_layers + 1 if layer < 0 else layer
-        if not 0 <= index <= num_layers:
-            raise UsageError(f"--layers {layer}: the model has layers 0..{num_layers} "
-                             f"(or -{num_layers + 1}..-1)")
-        resolved.append(index)
-    if len(set(resolved)) != len(resolved):
-        raise UsageError(f"--layers {layers} names the same layer twice")
-    return tuple(OutputSpec(layer, pool) for layer in resolved for pool in pools)
+Message = BatchOutcome | WorkerExit | Aliases | Planned
+"""What arrives on the engine's inbox."""
 
 
 def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
-              stop: threading.Event | None = None, runner_factory=None,
+              stop: threading.Event | None = None,
+              runner_factory: RunnerFactory | None = None,
               records: RecordSource | None = None,
               replicas: ReplicaPool | None = None,
-              final_records: Callable[[RunSummary], dict[str, dict]] | None = None) -> RunSummary:
+              completion_records: CompletionRecords[RunSummary] | None = None) -> RunSummary:
     """Embed ``config.inputs`` (or ``records``) into ``config.out``; see the module docstring.
 
     ``runner_factory(device, precision, outputs)`` replaces the model runner (tests simulate
     devices with it; the benchmark measures the host pipeline with a no-op runner).
     ``replicas`` keeps built replicas across runs (the daemon, ``predict``).
-    ``final_records(summary)`` returns run records (e.g. a daemon's job record) committed in
-    the same transaction as the run's last embeddings, when the run completes."""
+    ``completion_records(summary)`` gives run records (a daemon's job record) to commit in the
+    same transaction as the run's last embeddings, when the run completes."""
     progress = progress or NullProgress()
     stop = stop or threading.Event()
     started = time.perf_counter()
     progress.stage(f"resolving model {config.model}")
-    source = resolve(config.model, allow_download=config.allow_download and not config.env.offline)
-    fam = family(source.family)
-    max_residues = config.effective_max_residues(fam.default_max_residues)
-    created = not Path(config.out).exists()
-    writer = StoreWriter(config.out)
+    model = ModelChoice.resolve(config)
+    store = RunStore(config.out)
     try:
-        precision = run_precision(config, fam)
-        conflict_check = _store_conflict_check(writer, config, max_residues, precision)
+        precision, how = run_precision(config, model.fam)
+        lookup = store.check(config.table, precision, how, model.max_residues)
         if records is None:
             progress.stage("validating input")
-            report = validate(list(config.inputs), alphabet=fam.alphabet,
-                              skip_invalid=config.skip_invalid, extra_check=conflict_check)
-            records = RecordSource(lambda: stream_valid(list(config.inputs), report,
-                                                        alphabet=fam.alphabet),
-                                   report.valid, report.residues,
-                                   FastaInput(tuple(config.inputs), report, fam.alphabet))
-            counts = dict(records_read=report.records, valid_records=report.valid,
-                          invalid_skipped=len(report.skip) - report.duplicate_records,
-                          duplicate_records=report.duplicate_records)
-        else:
-            counts = dict(records_read=records.count, valid_records=records.count)
+            records = validated_fasta(config.inputs, model.fam.alphabet,
+                                      skip_invalid=config.skip_invalid, stored=lookup)
+        counts = records.counts()
         if stop.is_set():  # Ctrl-C while validating: nothing loaded, nothing to drain
-            summary = RunSummary(str(config.out), config.table, source.name, False,
+            summary = RunSummary(str(config.out), config.table, model.source.name, False,
                                  interrupted=True, **counts)
             summary.wall_seconds = time.perf_counter() - started
-            empty = created and writer.is_empty()
-            writer.close()
-            if empty:
-                _remove_store(config.out)
+            store.close(remove_if_empty=True)
             return summary
-        progress.stage(f"reading weights {source.path}")
-        weights = (fam.read(source) if replicas is None else
-                   replicas.weights(_file_key(source.path), lambda: fam.read(source)))
+        progress.stage(f"reading weights {model.source.path}")
+        weights = model.read_weights(replicas)
         if weights.synthetic:
             log.warning("model %s has RANDOM weights (a gpuengine test checkpoint): the "
-                        "embeddings mean nothing", source.path)
-        spec = _table_spec(config, fam, weights, weights_checksum(source, config.env.cache_dir),
-                           max_residues, precision)
-        writer.open_table(spec)
-        summary = RunSummary(str(config.out), spec.name, source.name, weights.synthetic, **counts)
-        _Run(config, fam, weights, spec, writer, records, summary, progress, stop,
-             runner_factory, replicas, final_records).execute()
+                        "embeddings mean nothing", model.source.path)
+        spec = table_spec(config, model.fam, weights, model.checksum(config.env.cache_dir),
+                          model.max_residues, precision)
+        store.writer.open_table(spec)
+        summary = RunSummary(str(config.out), spec.name, model.source.name, weights.synthetic,
+                             **counts)
+        _Run(config, model, weights, spec, store, records, summary, progress, stop,
+             runner_factory, replicas, completion_records).execute()
     except BaseException:
-        try:
-            empty = created and writer.is_empty()
-        finally:
-            writer.close()
-        if empty:
-            _remove_store(config.out)
+        store.close(remove_if_empty=True)
         raise
-    writer.close()
+    store.close(remove_if_empty=False)
     summary.wall_seconds = time.perf_counter() - started
     return summary
-
-
-def run_precision(config: EmbedConfig, fam: Family) -> str:
-    """The compute precision of a run: ``--precision``, else fp32 on the CPU and the family's
-    GPU precision (fp16) on GPUs. Part of the table's identity."""
-    if config.precision is not None:
-        return config.precision
-    return "fp32" if parse_devices(config.devices)[0].type == "cpu" else fam.gpu_precision
-
-
-def _table_spec(config: EmbedConfig, fam: Family, weights: Weights, sha256: str,
-                max_residues: int | None, precision: str) -> TableSpec:
-    identity = ModelIdentity(family=fam.name, name=weights.source.name, sha256=sha256,
-                             num_layers=weights.num_layers, embed_dim=weights.embed_dim,
-                             attention_heads=weights.attention_heads,
-                             vocab_size=weights.vocab_size)
-    outputs = resolve_outputs(config.layers, config.pools, weights.num_layers)
-    return TableSpec(name=config.table, model=identity, outputs=outputs,
-                     store_dtype=config.store_dtype, dim=weights.embed_dim,
-                     max_residues=max_residues, precision=precision)
-
-
-def _store_conflict_check(writer: StoreWriter, config: EmbedConfig, max_residues: int | None,
-                          precision: str):
-    """Refuse a truncation or compute precision that differs from the table's, and return the
-    check that an id already in the table with another sequence is a problem of the record
-    (all before any weights are read; a table not in the store yet holds no id)."""
-    table = config.table
-    stored_spec = writer.stored_spec(table)
-    if stored_spec is None:
-        return None
-    on = "CPU" if parse_devices(config.devices)[0].type == "cpu" else "GPU"
-    writer.check_precision(table, precision, "" if config.precision else
-                           f" (the default on the {on}, as no --precision was given)")
-    if (stored_spec.max_residues or None) != (max_residues or None):
-        raise StoreMismatchError(
-            f"store {writer.path} table {table!r} holds sequences truncated to "
-            f"{stored_spec.max_residues or 'none'} residues (max_residues); this run asks for "
-            f"{max_residues or 'none'}; to keep both, add a new named table with --table NAME "
-            "(or use another --out)")
-
-    def check(record: FastaRecord) -> RecordProblem | None:
-        stored = writer.record_digests(table, [record.id])[0]
-        if stored is None:
-            return None
-        seq = record.sequence[:max_residues] if max_residues else record.sequence
-        if stored == codec.sequence_digest(seq):
-            return None
-        return RecordProblem("store-conflict", record.path, record.line, record.id, record.index,
-                             detail=f"the store {writer.path} already maps this id to a different "
-                                    "sequence")
-    return check
-
-
-def _file_key(path: Path) -> tuple:
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-def _remove_store(path: Path) -> None:
-    """Undo the creation of a store that a failed run left without a single record."""
-    for name in ("data.mdb", "lock.mdb"):
-        (Path(path) / name).unlink(missing_ok=True)
-    try:
-        Path(path).rmdir()
-    except OSError:
-        pass
 
 
 class _Run:
     """One run's threads and state (see the module docstring for the loop)."""
 
-    def __init__(self, config: EmbedConfig, fam: Family, weights: Weights, spec: TableSpec,
-                 writer: StoreWriter, records: RecordSource, summary: RunSummary,
-                 progress: ProgressSink, stop: threading.Event, runner_factory=None,
-                 replicas: ReplicaPool | None = None, final_records=None):
-        self.config, self.fam, self.weights, self.spec = config, fam, weights, spec
-        self.writer, self.records, self.summary = writer, records, summary
+    def __init__(self, config: EmbedConfig, model: ModelChoice, weights: Weights,
+                 spec: TableSpec, store: RunStore, records: RecordSource, summary: RunSummary,
+                 progress: ProgressSink, stop: threading.Event,
+                 runner_factory: RunnerFactory | None, pool: ReplicaPool | None,
+                 completion_records: CompletionRecords[RunSummary] | None):
+        self.config, self.model, self.weights, self.spec = config, model, weights, spec
+        self.store, self.writer = store, store.writer
+        self.records, self.summary = records, summary
         self.progress, self.stop = progress, stop
-        self.runner_factory = runner_factory
-        self.replicas = replicas
-        self.final_records = final_records
+        self.runner_factory, self.pool = runner_factory, pool
+        self.completion_records = completion_records
         self.telemetry: MemoryTelemetry | None = None
-        self.inbox: queue.Queue = queue.Queue()
+        self.inbox: queue.Queue[Message] = queue.Queue()
         self.halt = threading.Event()
         """Workers stop pulling new batches once set (on a stop request, an error, or the end)."""
         self.ledger = Ledger()
@@ -319,15 +218,20 @@ class _Run:
         self.group_started = time.monotonic()
         self.started = time.perf_counter()
         """When embedding started: the one time base of the progress bar and the summary."""
-        self.reader: InputProcess | None = None
+        self.reader: ChunkReader | None = None
         self.workers: list[DeviceWorker] = []
         self.committer: Committer | None = None
         self.planner_thread: threading.Thread | None = None
 
     def execute(self) -> None:
-        self.tokenizer = self.fam.tokenizer(self.weights.source)
+        tokenizer = self.model.fam.tokenizer(self.weights.source)
         try:
-            self.reader = self._start_input_process()
+            choice = self.config.input_process
+            if choice is None:
+                choice = self.config.env.input_process
+            # started before the devices, so a reader process's start-up overlaps theirs
+            self.reader = open_input(self.records, tokenizer, self.spec.max_residues,
+                                     choice, _EitherEvent(self.stop, self.halt))
             self._execute()
         finally:
             self._stop_threads()
@@ -340,7 +244,7 @@ class _Run:
         an active exception" (exit 134) after the run has committed everything."""
         self.halt.set()  # workers take no new batch, the planner reads no further
         if self.reader is not None:
-            self.reader.close()  # kills and reaps the child; a planner reading its pipe sees the end
+            self.reader.close()  # kills and reaps a child; a planner reading its pipe sees the end
         if self.committer is not None and self.committer.is_alive():
             self.committer.finish()  # a path that failed before handing over the last group
         if self.telemetry is not None:
@@ -353,35 +257,17 @@ class _Run:
                 log.info("waiting for %s to finish", thread.name)
                 thread.join(10.0)
 
-    def _start_input_process(self) -> InputProcess | None:
-        """The child process reading the FASTA input, if this run uses one (started before
-        the devices, so its start-up overlaps theirs)."""
-        fasta = self.records.fasta
-        choice = self.config.input_process
-        if choice is None:
-            choice = self.config.env.input_process
-        if choice is None:
-            choice = self.records.count >= INPUT_PROCESS_MIN_RECORDS
-        spec = tokenizer_spec(self.tokenizer)
-        if fasta is None or not choice or spec is None:
-            return None
-        from gpuengine.planner import LOOKUP_CHUNK  # read now: tests make chunks smaller
-
-        skip: dict[str, list[int]] = {}
-        for name, index in fasta.report.skip:
-            skip.setdefault(name, []).append(index)
-        return InputProcess(fasta.paths, skip, fasta.alphabet, self.spec.max_residues, spec,
-                            LOOKUP_CHUNK)
-
     def _execute(self) -> None:
         workers = self._start_workers()
-        run_id = _run_id(self.config, self.spec)
+        run_id, self.summary.run_started = self.store.begin_run(self.config, self.spec,
+                                                                workers[0].runner.precision)
         self.summary.run_id = run_id
-        self.summary.run_started = self.writer.begin_run(run_id, {"command": "embed", "engine_version": __version__,
-                                       "inputs": [str(p) for p in self.config.inputs],
-                                       "precision": workers[0].runner.precision})
         committer = self.committer = Committer(self.writer, self.spec.name, run_id, self.ledger)
-        planner = self._planner()
+        planner = Planner(ledger=self.ledger, lookup=self.writer.lookup(self.spec.name),
+                          submit=self.scheduler.submit,
+                          alias=lambda pairs: self.inbox.put(Aliases(pairs)),
+                          stop=_EitherEvent(self.stop, self.halt),
+                          expected_records=self.records.count)
         committer.start()
         planner_thread = threading.Thread(target=self._plan, args=(planner,), daemon=True,
                                           name="gpuengine-planner")  # joined in _stop_threads
@@ -413,12 +299,12 @@ class _Run:
             self.telemetry.stop()
         try:
             extra = None
-            if completed and self.final_records is not None:
+            if completed and self.completion_records is not None:
                 # the caller's records (a job record) go into the same transaction as the
                 # run's last embeddings, with the summary those embeddings complete
                 self._summarize(workers, committer, planner, time.perf_counter() - self.started,
                                 group_counts(self.group))
-                extra = self.final_records(self.summary)
+                extra = dict(self.completion_records(self.summary))
             committer.put(self.group, extra_runs=extra)
             self.group, self.group_rows = [], 0
             waited = time.perf_counter()
@@ -429,103 +315,27 @@ class _Run:
             self.progress.close()
 
     def _start_workers(self) -> list[DeviceWorker]:
-        devices = parse_devices(self.config.devices)
-        precision = self.spec.precision
-        if devices[0].type == "cpu" and self.config.threads:
-            torch.set_num_threads(self.config.threads)
-        estimate = activation_bytes_per_token(self.weights.embed_dim, DTYPES[precision].itemsize,
-                                              len(self.spec.outputs))
-        self.workers: list[DeviceWorker] = []
-        memories = []
-        for index, device in enumerate(devices):
-            replica = self._replica(device, precision, estimate)
-            worker = DeviceWorker(index, replica.runner, replica.budget, self.scheduler,
-                                  self.inbox, self.halt)
-            if replica.memory is not None:
-                replica.memory.stats = worker.stats
-                memories.append(replica.memory)
-            self.workers.append(worker)
-        self.telemetry = MemoryTelemetry(memories) if memories else None
-        if self.telemetry:
-            self.telemetry.start()
+        """A warmed-up replica on every device, a worker thread on each, the telemetry."""
+        replicas = build_replicas(self.config, self.model.fam, self.weights, self.spec,
+                                  self.progress, runner_factory=self.runner_factory,
+                                  pool=self.pool)
+        self.workers = [DeviceWorker(index, replica.runner, replica.budget, self.scheduler,
+                                     self.inbox, self.halt)
+                        for index, replica in enumerate(replicas)]
+        self.telemetry = start_telemetry(replicas)
         for worker in self.workers:
             worker.start()
         return self.workers
 
-    def _replica(self, device: torch.device, precision: str, estimate: int) -> Replica:
-        """A warmed-up replica on ``device``: from the pool when one fits, else built now."""
-        key = (self.spec.model.sha256, self.spec.outputs, str(device), precision,
-               self.config.max_tokens, self.runner_factory)
-        replica = self.replicas.get(key) if self.replicas is not None else None
-        if replica is not None:
-            return replica
-        self.progress.stage(f"loading {self.weights.source.name} on {device} ({precision})")
-        runner = self._make_runner(device, precision)
-        budget = initial_budget(device, estimate, self.config.max_tokens)
-        memory = self._warm_up(runner, budget) if device.type == "cuda" else None
-        replica = Replica(runner, budget, memory)
-        if self.replicas is not None:
-            self.replicas.put(key, replica)
-        return replica
-
-    def _make_runner(self, device: torch.device, precision: str) -> Runner:
-        if self.runner_factory is not None:
-            return self.runner_factory(device, precision, self.spec.outputs)
-        model = self.fam.build(self.weights, DTYPES[precision])
-        compile_kernels = self.config.compile if self.config.compile is not None else device.type == "cuda"
-        return Runner(model, device, precision, self.spec.outputs, self.fam.pooling_rule,
-                      compile=compile_kernels)
-
-    def _warm_up(self, runner: Runner, budget: TokenBudget) -> DeviceMemory:
-        """Run one batch at the full budget before any input is claimed (memory problems show
-        now, kernels compile now) and calibrate bytes per token from the allocator's peak."""
-        baseline = torch.cuda.memory_allocated(runner.device)
-        tokens = budget.tokens()
-        while True:
-            self.progress.stage(f"warming up {runner.device} at {tokens:,} tokens")
-            failed = False
-            try:
-                bytes_per_token = runner.calibrate(tokens)
-            except torch.cuda.OutOfMemoryError:
-                failed = True  # recover outside the except block (its frame pins tensors)
-            if not failed:
-                break
-            runner.release_cached_memory()
-            if tokens <= 1024:
-                raise DeviceError(f"{runner.device} cannot run even {tokens} tokens")
-            budget.after_oom(tokens)
-            tokens //= 2
-        memory = DeviceMemory(runner.device, budget, MemoryProbe(runner.device), baseline,
-                              bytes_per_token)
-        memory.refresh()
-        log.info("%s: %s", runner.device, memory.describe())
-        return memory
-
-    def _planner(self) -> Planner:
-        name = self.spec.name
-        return Planner(
-            tokenizer=self.tokenizer, max_residues=self.spec.max_residues,
-            ledger=self.ledger,
-            record_digests=lambda ids: self.writer.record_digests(name, ids),
-            has_embeddings=lambda digests: self.writer.has_embeddings(name, digests),
-            submit=self.scheduler.submit,
-            alias=lambda pairs: self.inbox.put(("alias", pairs)),
-            stop=_EitherEvent(self.stop, self.halt), fresh=self.writer.record_count(name) == 0,
-            claimed=DigestFilter(self.records.count) if self.writer.embedding_count(name) == 0
-            else None)
-
     def _plan(self, planner: Planner) -> None:
         error = None
         try:
-            if self.reader is not None:
-                planner.run_prepared(self.reader.chunks())
-            else:
-                planner.run(self.records.iterate())
+            planner.run(self.reader.chunks())
         except BaseException as exc:
             error = exc
         finally:
             self.scheduler.close()
-            self.inbox.put(("planned", error))
+            self.inbox.put(Planned(error))
 
     def _loop(self, workers: list[DeviceWorker], committer: Committer, planner: Planner) -> None:
         alive = {w.index for w in workers}
@@ -540,13 +350,13 @@ class _Run:
             elif isinstance(message, WorkerExit):
                 alive.discard(message.device)
                 self._on_worker_exit(message, alive)
-            elif message is not None and message[0] == "alias":
-                self.group.extend(CommitEntry(d, (rid,), None) for d, rid in message[1])
-                self.group_rows += len(message[1])
-            elif message is not None and message[0] == "planned":
+            elif isinstance(message, Aliases):
+                self.group.extend(CommitEntry(d, (rid,), None) for d, rid in message.pairs)
+                self.group_rows += len(message.pairs)
+            elif isinstance(message, Planned):
                 planned = True
-                if message[1] is not None:
-                    raise message[1]
+                if message.error is not None:
+                    raise message.error
             if committer.error is not None:
                 raise committer.error
             self._flush(committer)
@@ -694,12 +504,3 @@ def relaxed_collector(young_threshold: int = 50_000):
             if _relaxed_users == 0:
                 gc.set_threshold(*_saved_threshold)
                 gc.unfreeze()
-
-
-def _run_id(config: EmbedConfig, spec: TableSpec) -> str:
-    parts = [spec.to_json()]
-    for path in config.inputs:
-        stat = os.stat(path)
-        parts.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
-    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(),
-                           digest_size=12).hexdigest()

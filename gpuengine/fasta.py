@@ -25,6 +25,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -39,7 +40,14 @@ _SHOWN_PROBLEMS = 20  # problems listed in the error raised by validate()
 _REREAD_BUDGET = 1 << 30  # bytes of ids and sequences one re-read of repeated ids may hold
 _PER_ID_BYTES = 250  # what a repeated id costs besides its first sequence's residues
 
-ExtraCheck = Callable[[FastaRecord], RecordProblem | None]
+
+
+class StoredRecords(Protocol):
+    """What validation asks of the store a run adds to (implemented by
+    :class:`gpuengine.store.lookup.TableLookup`)."""
+
+    def conflict(self, record: FastaRecord) -> RecordProblem | None:
+        """The problem of a record whose id the store maps to another sequence, else None."""
 
 
 # ----------------------------------------------------------------------------- opening
@@ -336,7 +344,7 @@ class _Tally:
 
 
 def _first_pass(paths: Sequence[str | os.PathLike], tally: _Tally,
-                alphabet: frozenset[str] | None, extra_check: ExtraCheck | None) -> None:
+                alphabet: frozenset[str] | None, stored: StoredRecords | None) -> None:
     """Read every file once: note the problems, hash every otherwise valid record."""
     empty_hash = hashlib.blake2b(digest_size=8)  # copying it is faster than a new one
     ids, seqs, ordinals, lengths = tally.id_hashes, tally.seq_hashes, tally.ordinals, tally.lengths
@@ -346,8 +354,8 @@ def _first_pass(paths: Sequence[str | os.PathLike], tally: _Tally,
         residues = count = 0
         for rec, problem in iter_records(path, alphabet=alphabet):
             count += 1
-            if problem is None and extra_check is not None:
-                problem = extra_check(rec)
+            if problem is None and stored is not None:
+                problem = stored.conflict(rec)
             if problem is not None:
                 tally.problem(problem)
                 tally.skip.add((name, rec.index))
@@ -493,12 +501,12 @@ def validate(
     alphabet: frozenset[str] | None,
     skip_invalid: bool = False,
     max_problems: int = 1000,
-    extra_check: ExtraCheck | None = None,
+    stored: StoredRecords | None = None,
 ) -> ValidationReport:
     """First pass over all input files: find the bad records and the ids given twice.
 
-    A record's problems are those of :func:`iter_records`, then whatever ``extra_check``
-    (called on each otherwise valid record) returns. An id given with two different
+    A record's problems are those of :func:`iter_records`, then its conflict with the store
+    (``stored.conflict``, asked of each otherwise valid record). An id given with two different
     sequences, in one file or across files, is a ``conflicting-duplicate``: each occurrence
     after the first is reported, naming the first, and every occurrence is skipped. An id
     repeated with the same sequence is counted in ``duplicate_records`` and embedded once.
@@ -514,7 +522,7 @@ def validate(
     """
     names = _check_paths(paths)
     tally = _Tally(names, max_problems)
-    _first_pass(paths, tally, alphabet, extra_check)
+    _first_pass(paths, tally, alphabet, stored)
     for positions in _repeated_id_batches(tally):
         _judge_repeats(tally, positions, _reread(paths, tally, positions))
     report = ValidationReport(

@@ -1,4 +1,4 @@
-"""From valid FASTA records to work items: tokenize, resume, deduplicate (torch-free).
+"""From prepared chunks of valid records to work items: resume, deduplicate (torch-free).
 
 The planner runs on its own thread. For every record it decides one of:
 
@@ -7,26 +7,22 @@ The planner runs on its own thread. For every record it decides one of:
   the id is attached to it and is committed with (or after) it, computed once;
 * **new** — a :class:`~gpuengine.packing.WorkItem` for the scheduler.
 
-The :class:`Ledger` is the one shared structure: digest → record ids for sequences in flight,
-and the set of digests whose group is being committed. The engine moves a digest from
-*pending* to *committing* when its vectors are queued for the writer, and the committer drops
-it once the transaction is durable, so an alias is never committed before its embedding.
+Whether a sequence is in flight is the :class:`~gpuengine.ledger.Ledger`'s to say; whether it
+is stored, the table's :class:`~gpuengine.store.lookup.TableLookup`'s.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from gpuengine.input_process import PreparedChunk
+from gpuengine.inputs import PreparedChunk, StopFlag
+from gpuengine.ledger import Ledger
 from gpuengine.packing import WorkItem
-from gpuengine.records import FastaRecord
-from gpuengine.store import codec
+from gpuengine.store.lookup import TableLookup
 
-LOOKUP_CHUNK = 1024
 
 
 @dataclass
@@ -38,72 +34,6 @@ class PlanCounts:
     truncated: int = 0
     residues_new: int = 0
     tokens_new: int = 0
-
-
-class Ledger:
-    """Thread-safe digest → record ids for sequences not yet durable."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self._pending: dict[bytes, tuple[str, ...]] = {}
-        """Digest → the ids waiting on it (tuples of strings: the collector stops tracking
-        them, so a long queue of sequences costs full collections nothing)."""
-        self._committing: set[bytes] = set()
-
-    def claim_many(self, entries: list[tuple[bytes, str]],
-                   stored: Callable[[list[bytes]], list[bool]]) -> list[str]:
-        """Attach each (digest, record id); per entry returns 'pending' (joined an in-flight
-        sequence), 'committing' (its group is on the way to the writer: commit as alias after
-        it), 'stored' (alias of a durable embedding) or 'new' (the caller must schedule it).
-
-        ``stored(digests)`` is asked only about digests not in flight, after they were seen
-        not to be: such a digest is durable or absent, and stays so until claimed here (only
-        the planner's thread claims), so the answer cannot be stale. (Asked before, a
-        sequence committed in between would be computed twice.)"""
-        out: list[str | None] = [None] * len(entries)
-        with self.lock:
-            for i, (digest, record_id) in enumerate(entries):
-                out[i] = self._join(digest, record_id)
-        unknown = [i for i, decision in enumerate(out) if decision is None]
-        if unknown:
-            present = stored([entries[i][0] for i in unknown])
-            with self.lock:
-                for i, is_stored in zip(unknown, present):
-                    digest, record_id = entries[i]
-                    decision = self._join(digest, record_id)  # a repeat within ``entries``
-                    if decision is None:
-                        decision = "stored" if is_stored else "new"
-                        if not is_stored:
-                            self._pending[digest] = (record_id,)
-                    out[i] = decision
-        return out  # type: ignore[return-value]
-
-    def _join(self, digest: bytes, record_id: str) -> str | None:
-        """'pending' or 'committing' for a digest in flight (holding the lock), else None."""
-        waiting = self._pending.get(digest)
-        if waiting is not None:
-            self._pending[digest] = (*waiting, record_id)
-            return "pending"
-        return "committing" if digest in self._committing else None
-
-    def to_committing_many(self, digests: list[bytes]) -> list[tuple[str, ...]]:
-        """The ids waiting on each digest; from now on those digests count as committing
-        (one lock for a whole batch)."""
-        with self.lock:
-            pop = self._pending.pop
-            out = [pop(d) for d in digests]
-            self._committing.update(digests)
-            return out
-
-    def drop(self, digest: bytes) -> tuple[str, ...]:
-        """Forget a pending digest (its sequence failed); returns the ids that waited on it."""
-        with self.lock:
-            return self._pending.pop(digest, ())
-
-    def committed(self, digests: Iterable[bytes]) -> None:
-        with self.lock:
-            self._committing.difference_update(digests)
-
 
 
 class DigestFilter:
@@ -131,22 +61,21 @@ class DigestFilter:
 
 @dataclass
 class Planner:
-    """Turns a record stream into scheduler submissions and alias entries."""
+    """Turns prepared chunks into scheduler submissions and alias entries."""
 
-    tokenizer: object
-    max_residues: int | None
     ledger: Ledger
-    record_digests: Callable[[Sequence[str]], list[bytes | None]]
-    """id → digest already stored in the table (None if absent)."""
-    has_embeddings: Callable[[Sequence[bytes]], list[bool]]
+    lookup: TableLookup
+    """The table the run adds to: which ids are stored, which sequences have embeddings."""
     submit: Callable[[list[WorkItem]], None]
     alias: Callable[[list[tuple[bytes, str]]], None]
     """(digest, id) pairs to commit as aliases, in order after any vectors already queued."""
-    stop: threading.Event
-    fresh: bool = False
+    stop: StopFlag
+    expected_records: int = 0
+    """Records the run will plan (sizes :attr:`claimed`)."""
+    fresh: bool = field(init=False)
     """The table held no record id when the run started: no id can be stored yet (ids are
     unique in validated input), so the per-record id lookups are skipped."""
-    claimed: DigestFilter | None = None
+    claimed: DigestFilter | None = field(init=False)
     """Only when the table held no embedding when the run started: every digest this run
     has looked up. Only this run's commits add embeddings then, so a digest the filter has
     never seen is not stored, and only the others are looked up. (Another process filling
@@ -154,41 +83,20 @@ class Planner:
     could between a lookup and the commit; no id is lost or mapped twice.)"""
     counts: PlanCounts = field(default_factory=PlanCounts)
 
-    def run(self, records: Iterable[FastaRecord]) -> None:
-        chunk: list[FastaRecord] = []
-        for record in records:
-            if self.stop.is_set():
-                return
-            chunk.append(record)
-            if len(chunk) >= LOOKUP_CHUNK:
-                self._plan_chunk(chunk)
-                chunk = []
-        if chunk and not self.stop.is_set():
-            self._plan_chunk(chunk)
+    def __post_init__(self) -> None:
+        self.fresh = self.lookup.record_count() == 0
+        self.claimed = (DigestFilter(self.expected_records) if self.lookup.embedding_count() == 0
+                        else None)
 
-    def _plan_chunk(self, records: list[FastaRecord]) -> None:
-        todo_at = self._unstored([r.id for r in records])
-        if not todo_at:
-            return
-        todo = [records[i] for i in todo_at]
-        embedded = [r.sequence for r in todo]
-        if self.max_residues is not None and max(map(len, embedded)) > self.max_residues:
-            embedded = [self._embedded_sequence(r) for r in todo]
-        digests = codec.sequence_digests(embedded)
-        new, aliases = self._claim(digests, [r.id for r in todo])
-        token_ids = self.tokenizer.encode_batch([embedded[j] for j in new]) if new else []
-        items = [WorkItem(digests[j], ids, len(embedded[j])) for j, ids in zip(new, token_ids)]
-        self._hand_over(items, aliases)
-
-    def run_prepared(self, chunks: Iterable[PreparedChunk]) -> None:
-        """:meth:`run` for chunks already read, truncated, hashed and tokenized (by the input
-        process): the same decisions, in the same order."""
+    def run(self, chunks: Iterable[PreparedChunk]) -> None:
+        """Plan every chunk (already read, truncated, hashed and tokenized: see
+        :mod:`gpuengine.inputs`), in order, until the chunks end or ``stop`` is set."""
         for chunk in chunks:
             if self.stop.is_set():
                 return
-            self._plan_prepared(chunk)
+            self._plan_chunk(chunk)
 
-    def _plan_prepared(self, chunk: PreparedChunk) -> None:
+    def _plan_chunk(self, chunk: PreparedChunk) -> None:
         todo = self._unstored(chunk.ids)
         if not todo:
             return
@@ -196,18 +104,20 @@ class Planner:
         self.counts.truncated += int(np.count_nonzero(truncated))
         digests = [chunk.digests[i] for i in todo]
         new, aliases = self._claim(digests, [chunk.ids[i] for i in todo])
-        residues = chunk.residues.tolist()
-        items = [WorkItem(digests[j], chunk.token_ids(todo[j]), residues[todo[j]]) for j in new]
+        # chunk.token_ids(i) with Python ints: a numpy scalar index per item costs
+        residues, tokens, ends = chunk.residues.tolist(), chunk.tokens, chunk.ends.tolist()
+        starts = [0, *ends[:-1]]
+        items = [WorkItem(digests[j], tokens[starts[i]:ends[i]], residues[i])
+                 for j, i in zip(new, map(todo.__getitem__, new))]
         self._hand_over(items, aliases)
 
-    # -- the steps both paths share ---------------------------------------------------------------
     def _unstored(self, ids: Sequence[str]) -> Sequence[int]:
         """Positions of the records whose id the table does not hold yet (all of them on a
         fresh table); counts the records and the ones already stored."""
         self.counts.records += len(ids)
         if self.fresh:
             return range(len(ids))
-        stored = self.record_digests(ids)
+        stored = self.lookup.record_digests(ids)
         todo = [i for i, d in enumerate(stored) if d is None]
         self.counts.stored += len(ids) - len(todo)
         return todo
@@ -241,16 +151,9 @@ class Planner:
     def _stored(self, digests: list[bytes]) -> list[bool]:
         """Whether each digest (none in flight) has its embeddings stored."""
         if self.claimed is None:
-            return self.has_embeddings(digests)
+            return self.lookup.has_embeddings(digests)
         maybe = self.claimed.maybe_many(digests)
         self.claimed.add_many(digests)  # the new ones among them are claimed now
         lookup = [d for d, m in zip(digests, maybe) if m]
-        found = iter(self.has_embeddings(lookup) if lookup else ())
+        found = iter(self.lookup.has_embeddings(lookup) if lookup else ())
         return [bool(m) and next(found) for m in maybe]
-
-    def _embedded_sequence(self, record: FastaRecord) -> str:
-        seq = record.sequence
-        if self.max_residues is not None and len(seq) > self.max_residues:
-            self.counts.truncated += 1
-            return seq[: self.max_residues]
-        return seq

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-POOL_MODES = ("mean", "bos", "per-token")
+from gpuengine.vocabulary import POOLS
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def pool(hidden: torch.Tensor, index: PoolingIndex, mode: str) -> torch.Tensor:
         return hidden.index_select(0, index.body_rows).to(torch.float32)
     if mode == "mean":
         return _mean(hidden, index)
-    raise ValueError(f"unknown pooling mode {mode!r}; choose from {', '.join(POOL_MODES)}")
+    raise ValueError(f"unknown pooling mode {mode!r}; choose from {', '.join(POOLS)}")
 
 
 MEAN_BLOCK_ELEMENTS = 1 << 25

@@ -28,8 +28,10 @@ from gpuengine.models.attention import PackedLayout, select_attention
 from gpuengine.packing import WorkItem
 from gpuengine.pooling import PoolingIndex, PoolingRule, pool
 from gpuengine.store.schema import OutputSpec
+from gpuengine.vocabulary import PRECISION_DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {precision: getattr(torch, name) for precision, name in PRECISION_DTYPES.items()}
+"""The torch dtype of each of :data:`~gpuengine.vocabulary.PRECISIONS`."""
 
 
 @dataclass

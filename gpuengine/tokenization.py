@@ -70,6 +70,15 @@ class EsmTokenizer:
             sequences = [s[:max_residues] for s in sequences]
         if not sequences:
             return []
+        out, ends = self.encode_flat(sequences)
+        starts = [0, *ends[:-1].tolist()]
+        return [out[s:e] for s, e in zip(starts, ends.tolist())]  # views, as np.split
+
+    def encode_flat(self, sequences: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Every sequence's ids one after the other (int32) and where each one's end (int64,
+        cumulative): :meth:`encode_batch` without a view per sequence."""
+        if not sequences:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64)
         lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
         body = self._table[np.frombuffer("".join(sequences).encode("ascii", "replace"), np.uint8)]
         if body.size and body.min() < 0:
@@ -84,5 +93,5 @@ class EsmTokenizer:
         keep[starts] = False
         keep[ends - 1] = False
         out[keep] = body
-        return [out[s:e] for s, e in zip(starts.tolist(), ends.tolist())]  # views, as np.split
+        return out, ends
 

@@ -37,7 +37,6 @@ class DeviceStats:
     """Sum of per-batch device time from CUDA events (the compute's wall time on the CPU);
     batches never overlap in it, so it is at most the run's wall time."""
     oom_events: int = 0
-    largest_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -142,8 +141,7 @@ class DeviceWorker:
         stats.sequences += len(batch.items)
         stats.tokens += result.n_tokens
         stats.busy_seconds += result.seconds
-        stats.largest_batch = max(stats.largest_batch, result.n_tokens)
-        self.budget.after_success(result.n_tokens)
+        self.budget.after_success(result.n_tokens)  # the budget also keeps the largest batch
         self.outbox.put(BatchOutcome("ok", self.index, batch, result))
 
 

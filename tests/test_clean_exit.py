@@ -95,7 +95,7 @@ def test_no_thread_or_child_process_outlives_run_embed(fasta, tiny_pt, tmp_path,
 
         monkeypatch.setattr(runner_module.Runner, "launch", launch)
     if path == "input error":  # the input reader process exits without sending a chunk
-        from gpuengine.input_process import InputProcess
+        from gpuengine.inputs import InputProcess
 
         monkeypatch.setattr(InputProcess, "command", [
             sys.executable, "-c", "import sys, time; sys.stdin.buffer.read(); time.sleep(0.3); sys.exit(3)"])
@@ -116,7 +116,7 @@ def test_no_thread_or_child_process_outlives_run_embed(fasta, tiny_pt, tmp_path,
 def test_input_process_that_fails_to_start_leaves_no_child(fasta, leftovers):
     """An error after the child is spawned (here: a configuration that cannot be sent) kills
     and reaps it before the error reaches the caller, who has no object to close."""
-    from gpuengine.input_process import InputProcess
+    from gpuengine.inputs import InputProcess
 
     with pytest.raises(TypeError):
         InputProcess([fasta], {}, None, None, {"kind": object()}, 8)

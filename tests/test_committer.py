@@ -11,7 +11,7 @@ import pytest
 
 from gpuengine.committer import Committer
 from gpuengine.errors import StoreMismatchError
-from gpuengine.planner import Ledger
+from gpuengine.ledger import Ledger
 from gpuengine.store import (
     CommitEntry,
     EmbeddingStore,

@@ -342,7 +342,7 @@ class FakeRuns:
         self.outcomes = list(outcomes)
         self.calls = 0
 
-    def __call__(self, config, progress, stop, replicas=None, final_records=None):
+    def __call__(self, config, progress, stop, replicas=None, completion_records=None):
         from gpuengine.engine import RunSummary
 
         self.calls += 1

@@ -367,7 +367,7 @@ def test_batch_size_does_not_change_stored_values(tiny_pt, tmp_path):
 def test_map_grows_through_the_engine(tiny_pt, tmp_path, monkeypatch):
     """The engine does not expose StoreWriter's initial_map_size (EmbedConfig has no field for
     it), so the writer it creates is replaced by one starting from a 64 KiB map."""
-    import gpuengine.engine as engine
+    import gpuengine.run_store as run_store
     from gpuengine import EmbeddingStore
     from gpuengine.config import EmbedConfig
     from gpuengine.engine import run_embed
@@ -381,7 +381,7 @@ def test_map_grows_through_the_engine(tiny_pt, tmp_path, monkeypatch):
             super().__init__(path, **kwargs)
             writers.append(self)
 
-    monkeypatch.setattr(engine, "StoreWriter", SmallMapWriter)
+    monkeypatch.setattr(run_store, "StoreWriter", SmallMapWriter)
     seqs = random_proteins([40 + (i % 60) for i in range(60)], seed=8)
     ids = [f"m{i}" for i in range(len(seqs))]
     fasta = write_fasta(tmp_path / "p.fa", list(zip(ids, seqs)))
@@ -410,7 +410,7 @@ def test_embed_config_refuses_a_bad_table_name(tmp_path):
         EmbedConfig(inputs=(tmp_path / "p.fa",), model="m.pt", out=tmp_path / "s", table="a b")
 
 
-def test_final_records_commit_with_the_last_embeddings(tiny_pt, tmp_path):
+def test_completion_records_commit_with_the_last_embeddings(tiny_pt, tmp_path):
     """A caller's run records (the daemon's job record) are written in the transaction of the
     run's last group, with the summary that group completes; an interrupted run writes none."""
     import threading
@@ -429,7 +429,7 @@ def test_final_records_commit_with_the_last_embeddings(tiny_pt, tmp_path):
 
     config = EmbedConfig(inputs=(fasta,), model=str(tiny_pt), out=tmp_path / "s.lmdb",
                          devices="cpu")
-    summary = run_embed(config, final_records=job)
+    summary = run_embed(config, completion_records=job)
     assert seen == [(summary.committed_records, summary.embedded)] and summary.committed_records
     with StoreWriter(tmp_path / "s.lmdb") as writer:
         assert writer.run_record("job-1")["counts"]["committed_records"] == summary.committed_records
@@ -437,7 +437,7 @@ def test_final_records_commit_with_the_last_embeddings(tiny_pt, tmp_path):
     stop.set()
     interrupted = run_embed(EmbedConfig(inputs=(fasta,), model=str(tiny_pt),
                                         out=tmp_path / "t.lmdb", devices="cpu"),
-                            stop=stop, final_records=job)
+                            stop=stop, completion_records=job)
     assert len(seen) == 1 and (interrupted.interrupted or interrupted.committed_records == 0)
 
 
@@ -478,7 +478,7 @@ def _slow_records(records, every=25, stop=None, stop_after=None):
     their sequences come again (and that can request a stop part way)."""
     import time
 
-    from gpuengine.engine import RecordSource
+    from gpuengine.inputs import RecordSource
     from gpuengine.records import FastaRecord
 
     def iterate():
@@ -498,22 +498,22 @@ def test_every_sequence_committed_once_fresh_resumed_and_rerun(tiny_pt, tmp_path
     ids of stored sequences: each sequence is computed and committed once, each id once."""
     import threading
 
-    from gpuengine import EmbeddingStore, planner
+    from gpuengine import EmbeddingStore, inputs
     from gpuengine.config import EmbedConfig
     from gpuengine.engine import run_embed
     from gpuengine.store import codec
-    from gpuengine.store.writer import StoreWriter
+    from gpuengine.store.lookup import TableLookup
 
-    monkeypatch.setattr(planner, "LOOKUP_CHUNK", 10)
+    monkeypatch.setattr(inputs, "LOOKUP_CHUNK", 10)
     found = []
-    real_has = StoreWriter.has_embeddings
+    real_has = TableLookup.has_embeddings
 
-    def has_embeddings(self, table, digests):
-        answer = real_has(self, table, digests)
+    def has_embeddings(self, digests):
+        answer = real_has(self, digests)
         found.extend(d for d, present in zip(digests, answer) if present)
         return answer
 
-    monkeypatch.setattr(StoreWriter, "has_embeddings", has_embeddings)
+    monkeypatch.setattr(TableLookup, "has_embeddings", has_embeddings)
     distinct = random_proteins([8 + i for i in range(30)], seed=11)
     first = [(f"a{i}", distinct[(i * 7) % 20]) for i in range(300)]  # 20 sequences
     computed: list[bytes] = []

@@ -356,22 +356,23 @@ def test_max_problems_cap_and_message_limit(tmp_path):
     assert info.value.report.problem_count == 30 and len(info.value.report.problems) == 25
 
 
-def test_extra_check(tmp_path):
+def test_store_conflicts_are_problems_of_the_record(tmp_path):
     path = write(tmp_path / "a.fa", ">a\nMK\n>b\nGG\n>c\nJ\n")
     seen = []
 
-    def check(rec: FastaRecord) -> RecordProblem | None:
-        seen.append(rec.id)
-        if rec.id == "b":
-            return RecordProblem("store-conflict", rec.path, rec.line, rec.id, rec.index,
-                                 detail="the store holds another sequence for this id")
-        return None
+    class Stored:  # what validation asks of the store (gpuengine.store.lookup.TableLookup)
+        def conflict(self, rec: FastaRecord) -> RecordProblem | None:
+            seen.append(rec.id)
+            if rec.id == "b":
+                return RecordProblem("store-conflict", rec.path, rec.line, rec.id, rec.index,
+                                     detail="the store holds another sequence for this id")
+            return None
 
-    report = validate([path], alphabet=PROTEIN, skip_invalid=True, extra_check=check)
-    assert seen == ["a", "b"]  # not called on the invalid record
+    report = validate([path], alphabet=PROTEIN, skip_invalid=True, stored=Stored())
+    assert seen == ["a", "b"]  # not asked about the invalid record
     assert [p.kind for p in report.problems] == ["store-conflict", "invalid-character"]
     assert [r.id for r in stream_valid([path], report, alphabet=PROTEIN)] == ["a"]
-    message = input_error(validate, [path], alphabet=PROTEIN, extra_check=check)
+    message = input_error(validate, [path], alphabet=PROTEIN, stored=Stored())
     assert "store-conflict: the store holds another sequence" in message
 
 

@@ -24,16 +24,16 @@ PROTEIN_IDS = [f"q{i}" for i in range(60)] + ["Ä-ünïcode", "sp|P1|X"]
 @pytest.fixture
 def spawned(monkeypatch):
     """Every InputProcess the engine starts, to check that each was reaped."""
-    from gpuengine import input_process
+    from gpuengine import inputs as input_module
 
     made = []
-    real_init = input_process.InputProcess.__init__
+    real_init = input_module.InputProcess.__init__
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         made.append(self)
 
-    monkeypatch.setattr(input_process.InputProcess, "__init__", init)
+    monkeypatch.setattr(input_module.InputProcess, "__init__", init)
     yield made
     for reader in made:
         assert reader.proc.returncode is not None, "input process not reaped"
@@ -95,10 +95,10 @@ class _OneByOne:
 
 @pytest.fixture(autouse=True)
 def _one_by_one(monkeypatch):
-    from gpuengine import engine
+    from gpuengine import replicas
 
-    real = engine._Run._make_runner
-    monkeypatch.setattr(engine._Run, "_make_runner", lambda self, *a: _OneByOne(real(self, *a)))
+    real = replicas._make_runner
+    monkeypatch.setattr(replicas, "_make_runner", lambda *a: _OneByOne(real(*a)))
 
 
 def _contents(out):
@@ -128,9 +128,9 @@ SUMMARY = ("records_read", "valid_records", "invalid_skipped", "duplicate_record
 
 
 def test_stores_what_the_in_process_planner_stores(tiny_pt, tmp_path, monkeypatch, spawned):
-    from gpuengine import planner
+    from gpuengine import inputs as input_module
 
-    monkeypatch.setattr(planner, "LOOKUP_CHUNK", 7)  # many chunks, across the two files
+    monkeypatch.setattr(input_module, "LOOKUP_CHUNK", 7)  # many chunks, across the two files
     inputs = _inputs(tmp_path)
     summaries = {}
     for mode in (False, True):
@@ -146,9 +146,9 @@ def test_stores_what_the_in_process_planner_stores(tiny_pt, tmp_path, monkeypatc
 def test_resumes_a_store_exactly_once(tiny_pt, tmp_path, monkeypatch, spawned):
     """A store holding part of the input (an earlier run): the child's chunks go through the
     per-id lookups; each id is committed once, with the same vectors as one full run."""
-    from gpuengine import planner
+    from gpuengine import inputs as input_module
 
-    monkeypatch.setattr(planner, "LOOKUP_CHUNK", 5)
+    monkeypatch.setattr(input_module, "LOOKUP_CHUNK", 5)
     inputs = _inputs(tmp_path)
     _embed(tiny_pt, inputs[:1], tmp_path / "resumed.lmdb", input_process=False)
     resumed = _embed(tiny_pt, inputs, tmp_path / "resumed.lmdb", input_process=True)
@@ -204,9 +204,9 @@ def test_input_error_in_the_child_names_file_record_and_position(tiny_pt, tmp_pa
 
 
 def _crashing(monkeypatch, script):
-    from gpuengine import input_process
+    from gpuengine import inputs as input_module
 
-    monkeypatch.setattr(input_process.InputProcess, "command", [sys.executable, "-c", script])
+    monkeypatch.setattr(input_module.InputProcess, "command", [sys.executable, "-c", script])
 
 
 @pytest.mark.parametrize("script, how", [
@@ -231,14 +231,14 @@ def test_a_dead_child_fails_the_run_and_keeps_the_store(tiny_pt, tmp_path, monke
 def test_an_unexpected_child_error_is_reported_as_a_bug(tiny_pt, tmp_path, monkeypatch, spawned):
     from gpuengine.errors import InternalError
 
-    _crashing(monkeypatch, "from gpuengine import input_process as m; "
+    _crashing(monkeypatch, "from gpuengine import inputs as m; "
                            "m._make_tokenizer = lambda spec: 1 / 0; m.main()")
     with pytest.raises(InternalError, match="ZeroDivisionError"):
         _embed(tiny_pt, _inputs(tmp_path), tmp_path / "s.lmdb", input_process=True)
 
 
 def test_chunk_frames_round_trip():
-    from gpuengine.input_process import decode_chunk, encode_chunk, prepare_chunk
+    from gpuengine.inputs import decode_chunk, encode_chunk, prepare_chunk
     from gpuengine.records import FastaRecord
     from gpuengine.store.codec import sequence_digest
     from gpuengine.tokenization import EsmTokenizer
@@ -326,7 +326,8 @@ def test_sigint_drains_with_the_child(tiny_pt, tmp_path, workload, monkeypatch):
 def test_no_input_process_for_records_given_in_memory(tiny_pt, tmp_path, spawned):
     """Records a workflow derives (a RecordSource without FASTA) stay in the planner thread."""
     from gpuengine.config import EmbedConfig
-    from gpuengine.engine import RecordSource, run_embed
+    from gpuengine.engine import run_embed
+    from gpuengine.inputs import RecordSource
     from gpuengine.records import FastaRecord
 
     seqs = random_proteins([12, 20], seed=1)

@@ -209,9 +209,9 @@ def test_device_rates_add_up_to_the_headline(fasta, tiny_pt, tmp_path, monkeypat
     """Two replicas (both on the CPU): the rows share the headline's time base."""
     import torch
 
-    from gpuengine import engine
+    from gpuengine import engine, replicas
 
-    monkeypatch.setattr(engine, "parse_devices", lambda spec: [torch.device("cpu")] * 2)
+    monkeypatch.setattr(replicas, "parse_devices", lambda spec: [torch.device("cpu")] * 2)
     summary = engine.run_embed(_config(fasta, tiny_pt, tmp_path / "s.lmdb"))
     assert len(summary.devices) == 2
     assert sum(d["tokens"] for d in summary.devices) == summary.tokens

@@ -746,6 +746,66 @@ def test_token_budget_learns_and_recovers():
     assert b.tokens() == MIN_TOKENS
 
 
+def test_token_budget_hands_the_largest_batch_to_the_telemetry_once():
+    """The worker reports each batch to its budget; the telemetry thread takes the largest
+    since its last look (read and reset under the budget's lock: a batch reported meanwhile
+    is in this answer or the next, never lost)."""
+    b = TokenBudget(memory_tokens=5000, maximum=1000)
+    assert b.take_largest_batch() == 0
+    for tokens in (100, 300, 200):
+        b.after_success(tokens)
+    assert b.take_largest_batch() == 300 and b.take_largest_batch() == 0
+    b.after_success(50)
+    assert b.take_largest_batch() == 50
+    taken: list[int] = []
+    done = threading.Event()
+
+    def telemetry():
+        while not done.is_set():
+            taken.append(b.take_largest_batch())
+
+    reader = threading.Thread(target=telemetry)
+    reader.start()
+    for tokens in range(1, 20_001):  # rising sizes: each answer is above the one before
+        b.after_success(tokens)
+    done.set()
+    reader.join()
+    taken = [t for t in taken + [b.take_largest_batch()] if t]
+    assert taken[-1] == 20_000 and taken == sorted(set(taken))
+
+
+def test_worker_reports_its_batches_to_its_budget():
+    import queue
+
+    from gpuengine.runner import EmbeddedBatch
+    from gpuengine.worker import DeviceWorker, WorkerExit
+
+    class Counting:
+        device, cuda, padded, precision, outputs = torch.device("cpu"), False, False, "fp32", ()
+
+        def stage(self, items):
+            return items
+
+        def launch(self, staged):
+            return staged
+
+        def finish(self, items):
+            return EmbeddedBatch({}, np.ones(len(items), bool), sum(i.n_tokens for i in items), 0.0)
+
+    s = Scheduler()
+    s.submit([make_item(f"i{n}", n) for n in (40, 60, 100, 200)])
+    s.close()
+    budget = TokenBudget(256, 256)
+    outbox: queue.Queue = queue.Queue()
+    DeviceWorker(0, Counting(), budget, s, outbox, threading.Event()).start()
+    sizes = []
+    while not isinstance(message := outbox.get(timeout=10), WorkerExit):
+        s.complete(message.batch.batch_id)  # as the engine loop does
+        sizes.append(message.result.n_tokens)
+    assert message.error is None and len(sizes) >= 2 and sum(sizes) == 400
+    assert budget.take_largest_batch() == max(sizes)
+
+
 # ======================================================================================
 # Part B — the real engine on the CPU with fake runners
 # ======================================================================================
@@ -942,9 +1002,9 @@ def factory(corpus: Corpus, faults: Faults, cls=None):
 
 @pytest.fixture
 def two_cpu_replicas(monkeypatch):
-    from gpuengine import engine
+    from gpuengine import replicas
 
-    monkeypatch.setattr(engine, "parse_devices", lambda spec: [torch.device("cpu")] * 2)
+    monkeypatch.setattr(replicas, "parse_devices", lambda spec: [torch.device("cpu")] * 2)
 
 
 class FirstBatchesOOM(Faults):

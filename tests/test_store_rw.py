@@ -81,7 +81,7 @@ def test_long_and_unicode_ids(store_path: Path) -> None:
         writer.open_table(spec)
         writer.commit("default",
                       [entry(f"S{i}", (rid,), spec, seed=i) for i, rid in enumerate(ids)])
-        assert all(d is not None for d in writer.record_digests("default", ids))
+        assert all(d is not None for d in writer.lookup("default").record_digests(ids))
     with EmbeddingStore(store_path) as store:
         assert sorted(store) == sorted(ids) and len(store) == len(ids)
         assert sorted(store.ids()) == sorted(ids)
@@ -108,8 +108,8 @@ def test_aliasing_two_ids_one_embedding(store_path: Path) -> None:
         writer.open_table(spec)
         writer.commit("default", [entry("MKV", ("a", "b"), spec)])
         writer.commit("default", [entry("MKV", ("c",), None)])
-        assert writer.has_embeddings("default", [sequence_digest("MKV"), sequence_digest("X")]) \
-            == [True, False]
+        assert writer.lookup("default").has_embeddings(
+            [sequence_digest("MKV"), sequence_digest("X")]) == [True, False]
     with EmbeddingStore(store_path) as store:
         np.testing.assert_array_equal(store["a"], store["c"])
         np.testing.assert_array_equal(store["a"], store["b"])
@@ -123,7 +123,7 @@ def test_alias_without_embedding_is_internal_error(store_path: Path) -> None:
         writer.open_table(spec)
         with pytest.raises(InternalError, match="alias-only"):
             writer.commit("default", [entry("A", ("a",), spec), entry("NOPE", ("b",), None)])
-        assert writer.record_digests("default", ["a", "b"]) == [None, None]
+        assert writer.lookup("default").record_digests(["a", "b"]) == [None, None]
 
 
 def test_remapped_id_is_refused_and_txn_discarded(store_path: Path) -> None:
@@ -137,7 +137,7 @@ def test_remapped_id_is_refused_and_txn_discarded(store_path: Path) -> None:
                                       entry("SEQ2", ("p1",), spec)], run_id="r1")
         run = writer.run_record("r1")
         assert (run["committed_sequences"], run["committed_records"]) == (1, 1)
-        assert writer.has_embeddings("default", [sequence_digest("NEW")]) == [False]
+        assert writer.lookup("default").has_embeddings([sequence_digest("NEW")]) == [False]
     with EmbeddingStore(store_path) as store:
         assert list(store) == ["p1"] and "fresh" not in store
         assert store.info()["tables"]["default"]["embeddings"] == 1
@@ -253,12 +253,13 @@ def test_queries_from_another_thread_during_growth(store_path: Path) -> None:
     errors: list[BaseException] = []
     with StoreWriter(store_path, initial_map_size=64 << 10) as writer:
         writer.open_table(spec)
+        lookup = writer.lookup("default")
 
         def poll() -> None:
             try:
                 while not stop.is_set():
-                    writer.record_digests("default", [f"g{g}" for g in range(50)])
-                    writer.has_embeddings("default", [sequence_digest(f"S{g}") for g in range(50)])
+                    lookup.record_digests([f"g{g}" for g in range(50)])
+                    lookup.has_embeddings([sequence_digest(f"S{g}") for g in range(50)])
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
 
@@ -270,7 +271,7 @@ def test_queries_from_another_thread_during_growth(store_path: Path) -> None:
         stop.set()
         thread.join()
         assert not errors and writer.map_growths > 0
-        assert all(writer.has_embeddings("default", [sequence_digest(f"S{g}") for g in range(50)]))
+        assert all(lookup.has_embeddings([sequence_digest(f"S{g}") for g in range(50)]))
 
 
 def test_run_records(store_path: Path) -> None:
@@ -446,4 +447,30 @@ def test_commit_rows_refuse_bad_shapes_and_counts(store_path: Path) -> None:
         other = CommitRows(digests, [("a",), ("c",)], {BOS: [np.zeros(8)] * 2})
         with pytest.raises(InternalError, match="stores"):
             writer.commit("default", [other])
-        assert writer.record_count("default") == 0
+        assert writer.lookup("default").record_count() == 0
+
+
+def test_table_lookup_counts_digests_and_conflicts(store_path: Path) -> None:
+    """The planner's and the validation's reader: empty answers for a table not in the store
+    yet; once it holds records, stored digests, counts and an id remapped to another
+    sequence (compared after the table's truncation)."""
+    import dataclasses
+
+    from gpuengine.records import FastaRecord
+
+    spec = dataclasses.replace(make_spec(), max_residues=3)
+    record = FastaRecord("p1", "MKVL", "in.fa", 1, 0)
+    with StoreWriter(store_path) as writer:
+        before = writer.lookup("default")
+        assert before.spec is None and before.record_count() == before.embedding_count() == 0
+        assert before.record_digests(["p1"]) == [None] and before.conflict(record) is None
+        assert before.has_embeddings([sequence_digest("MKV")]) == [False]
+        writer.open_table(spec)
+        writer.commit("default", [entry("MKV", ("p1", "p2"), spec)])
+        lookup = writer.lookup("default")
+        assert lookup.spec == spec and (lookup.record_count(), lookup.embedding_count()) == (2, 1)
+        assert lookup.record_digests(["p2", "p3"]) == [sequence_digest("MKV"), None]
+        assert lookup.conflict(record) is None  # MKVL truncated to 3 residues is MKV
+        problem = lookup.conflict(FastaRecord("p1", "MKA", "in.fa", 7, 3))
+        assert problem.kind == "store-conflict" and problem.line == 7
+        assert str(store_path) in problem.detail

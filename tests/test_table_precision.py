@@ -156,13 +156,13 @@ def test_a_gpu_run_defaults_to_fp16_and_is_refused_on_an_fp32_table(tiny_pt, tmp
     refusal comes before anything touches a device)."""
     import torch
 
-    import gpuengine.engine as engine
+    import gpuengine.replicas as replicas
 
     first, second = inputs
     out = tmp_path / "s.lmdb"
     embed(first, tiny_pt, out)
     before = snapshot(out)
-    monkeypatch.setattr(engine, "parse_devices", lambda spec: [torch.device("cuda", 0)])
+    monkeypatch.setattr(replicas, "parse_devices", lambda spec: [torch.device("cuda", 0)])
     result = cli("embed", second, "--model", tiny_pt, "--out", out, "-q")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "computed in fp32; this run computes in fp16 (the default on the GPU, as no " \

@@ -44,7 +44,7 @@ class EmbedJob(Job):
         if final_records is None:
             return self._run(config, progress, stop, replicas=pool)
         return self._run(config, progress, stop, replicas=pool,
-                         final_records=final_records)
+                         completion_records=final_records)
 
     def load(self, pool: Any, progress: ProgressSink, stop: threading.Event) -> Loaded | None:
         """One tiny record into a throw-away store, with the real options (so the replicas

@@ -10,16 +10,12 @@ import re
 import threading
 import traceback
 import zlib
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from gpuengine import __version__
 from gpuengine.daemon.constants import IGNORED_SUFFIXES, MARKER_SUFFIX
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+from gpuengine.vocabulary import utc_now
 
 
 # ----------------------------------------------------------------------------- pure helpers

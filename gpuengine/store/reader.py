@@ -32,6 +32,7 @@ from gpuengine.store.schema import (
     parse_table_record,
     table_key,
 )
+from gpuengine.vocabulary import DEFAULT_TABLE
 
 _ITER_CHUNK = 1024
 _ITEMS_CHUNK = 128
@@ -51,8 +52,8 @@ def _pick_table(tables: list[str], table: str | None, path: str) -> str:
         raise StoreError(f"store {path} holds no table yet")
     if len(tables) == 1:
         return tables[0]
-    if "default" in tables:
-        return "default"
+    if DEFAULT_TABLE in tables:
+        return DEFAULT_TABLE
     raise AmbiguousChoiceError(f"store {path} holds several tables: {', '.join(tables)}; "
                                "pick one with --table NAME")
 

@@ -19,14 +19,11 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from gpuengine.errors import StoreError
+from gpuengine.vocabulary import POOLS, PRECISIONS, STORE_DTYPES, is_table_name
 
 SCHEMA_VERSION = 1
 """Version of the on-disk layout. A store with a newer version is refused."""
 
-POOLS = ("mean", "bos", "per-token")
-STORE_DTYPES = ("float16", "float32")
-PRECISIONS = ("fp32", "fp16", "bf16")
-"""Compute precisions of the model forward (``TableSpec.precision``)."""
 RUN_STATUSES = ("running", "complete", "partial", "interrupted", "failed")
 
 MAX_TABLES = 31
@@ -37,7 +34,6 @@ RUNS_DB = "runs"
 STORE_KEY = b"store"
 TABLE_KEY_PREFIX = b"table:"
 
-_TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _FAMILY = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -211,7 +207,7 @@ class TableSpec:
     store's run records and records it at the next run (docs/store.md)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _TABLE_NAME.fullmatch(self.name):
+        if not is_table_name(self.name):
             raise ValueError(
                 f"table name must be 1-64 characters of [A-Za-z0-9_.-], got {self.name!r}"
             )

@@ -1,8 +1,8 @@
 """Transactional writes into a store: tables, embeddings, id mappings and run records.
 
 One :class:`StoreWriter` per store and process; one thread (the engine's committer) calls
-its mutating methods. :meth:`StoreWriter.record_digests` and
-:meth:`StoreWriter.has_embeddings` may run on other threads at the same time.
+its mutating methods. The :class:`~gpuengine.store.lookup.TableLookup` it hands out
+(:meth:`StoreWriter.lookup`) may be used on other threads at the same time.
 
 Every :meth:`StoreWriter.commit` is a single LMDB write transaction holding the vectors,
 the id mappings and the run counters of a group, so a group is either entirely in the
@@ -18,8 +18,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import lmdb
 import numpy as np
@@ -28,6 +27,7 @@ from gpuengine import __version__
 from gpuengine.errors import InternalError, StoreError, StoreMismatchError
 from gpuengine.store import codec
 from gpuengine.store.environment import StoreEnv, open_store
+from gpuengine.store.lookup import TableLookup
 from gpuengine.store.schema import (
     MAX_TABLES,
     META_DB,
@@ -46,15 +46,11 @@ from gpuengine.store.schema import (
     recorded_precisions,
     table_key,
 )
+from gpuengine.vocabulary import utc_now
 
 _RUN_ID = re.compile(r"[\x21-\x7e]{1,200}")
 _ENTRY_OVERHEAD = 64
 """Rough per-record bytes of LMDB overhead, for the map-growth size hint."""
-
-
-def utc_now() -> str:
-    """Current UTC time as ISO 8601 with milliseconds."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _dump(value: Any) -> bytes:
@@ -109,6 +105,22 @@ class CommitRows:
 
 CommitPart = CommitEntry | CommitRows
 """What a commit group is made of: single sequences (aliases, tests) and column-wise rows."""
+
+Summary = TypeVar("Summary", contravariant=True)
+
+
+class CompletionRecords(Protocol[Summary]):
+    """Run records a caller has committed in the same transaction as a run's last embeddings
+    (:meth:`StoreWriter.commit`'s ``extra_runs``), so they are durable exactly when the run's
+    output is: the daemon's job record says a file is done only once its vectors are.
+
+    The engine calls it once, on its own thread, only when the run completed (never when it
+    was stopped or failed), with the run's summary as it will be returned (the wall time and
+    the wait for the writer excepted); it returns whole records of the ``runs`` database by
+    id (written as given, replacing a record of the same id). What it raises fails the run
+    before its last group is committed."""
+
+    def __call__(self, summary: Summary, /) -> Mapping[str, Mapping[str, Any]]: ...
 
 
 def embedded_digests(group: Sequence[CommitPart]) -> list[bytes]:
@@ -184,14 +196,16 @@ def _check_vector(spec: TableSpec, output: OutputSpec, array: np.ndarray, digest
 def _encode_rows(spec: TableSpec, rows: CommitRows, prefixes: list[bytes],
                  arrays: list[tuple[bytes, Any]], ids: list[tuple[bytes, bytes]]) -> int:
     """Encode column-wise rows into ``arrays`` and ``ids``; returns the bytes of the arrays.
+    The one encoder of vectors: a :class:`CommitEntry` with vectors comes here as one row.
 
     A pooled row already in the store dtype is written from the array itself (LMDB copies
-    its buffer; nothing is copied before); other rows are stacked and cast once per output.
-    The stored bytes and the checks are those of the same rows as :class:`CommitEntry`."""
+    its buffer; nothing is copied before); other rows are stacked and cast once per output,
+    per-token arrays one by one (:func:`~gpuengine.store.codec.encode_array`)."""
     digests, outputs = rows.seq_digests, spec.outputs
     if set(rows.vectors) != set(outputs):
         got = ", ".join(sorted(getattr(o, "label", repr(o)) for o in rows.vectors))
-        raise InternalError(f"rows of vectors for [{got}], table {spec.name!r} stores "
+        first = f"sequence {digests[0].hex()}: " if len(digests) == 1 else "rows of "
+        raise InternalError(f"{first}vectors for [{got}], table {spec.name!r} stores "
                             f"[{', '.join(o.label for o in outputs)}]")
     try:
         ids.extend([codec.encode_id_pair(rid, digest)
@@ -227,12 +241,10 @@ def _encode_rows(spec: TableSpec, rows: CommitRows, prefixes: list[bytes],
 
 
 def _encode_group(spec: TableSpec, entries: Sequence[CommitPart]) -> _Group:
-    """Validate and encode a group (pure: no store access; runs once per committed
-    sequence, so the per-entry loop avoids work it does not need)."""
-    outputs = spec.outputs
-    prefixes = [spec.embedding_key_prefix(o) for o in outputs]
-    pooled_shape = (spec.dim,)
-    dtype = codec.numpy_dtype(spec.store_dtype)
+    """Validate and encode a group (pure: no store access). Vectors go through
+    :func:`_encode_rows` (a CommitEntry as one row); an alias-only entry adds its id mappings
+    and the embedding keys the transaction must find."""
+    prefixes = [spec.embedding_key_prefix(o) for o in spec.outputs]
     arrays: list[tuple[bytes, Any]] = []
     ids: list[tuple[bytes, bytes]] = []
     aliases: list[tuple[bytes, str, bytes]] = []
@@ -240,33 +252,18 @@ def _encode_group(spec: TableSpec, entries: Sequence[CommitPart]) -> _Group:
     for entry in entries:
         if type(entry) is CommitRows:
             nbytes += _encode_rows(spec, entry, prefixes, arrays, ids)
-            continue
-        digest = entry.seq_digest
-        try:
-            ids.extend(codec.encode_id_pair(rid, digest) for rid in entry.record_ids)
-        except ValueError as exc:
-            raise InternalError(f"bad record id in a commit: {exc}") from exc
-        vectors = entry.vectors
-        if vectors is None:
+        elif entry.vectors is not None:
+            one = CommitRows((entry.seq_digest,), (entry.record_ids,),
+                             {o: (v,) for o, v in entry.vectors.items()})
+            nbytes += _encode_rows(spec, one, prefixes, arrays, ids)
+        else:
+            digest = entry.seq_digest
+            try:
+                ids.extend(codec.encode_id_pair(rid, digest) for rid in entry.record_ids)
+            except ValueError as exc:
+                raise InternalError(f"bad record id in a commit: {exc}") from exc
             aliases.extend((embedding_key_from_prefix(prefix, digest), o.label, digest)
-                           for prefix, o in zip(prefixes, outputs))
-            continue
-        if len(vectors) != len(outputs) or any(o not in vectors for o in outputs):
-            got = ", ".join(sorted(getattr(o, "label", repr(o)) for o in vectors))
-            raise InternalError(
-                f"sequence {digest.hex()}: vectors for [{got}], table {spec.name!r} stores "
-                f"[{', '.join(o.label for o in outputs)}]"
-            )
-        for prefix, output in zip(prefixes, outputs):
-            array = vectors[output]
-            if (type(array) is np.ndarray and array.dtype == dtype and array.shape == pooled_shape
-                    and array.flags.c_contiguous and not output.per_token):
-                data = array.tobytes()  # the common case: a pooled vector already in the store dtype
-            else:
-                _check_vector(spec, output, array, digest)
-                data = codec.encode_array(array, spec.store_dtype)
-            arrays.append((embedding_key_from_prefix(prefix, digest), data))
-            nbytes += len(data)
+                           for prefix, o in zip(prefixes, spec.outputs))
     nbytes += (sum(len(key) + len(value) for key, value in ids) + len(ids) * _ENTRY_OVERHEAD
                + len(arrays) * (16 + _ENTRY_OVERHEAD))
     arrays.sort(key=_first)
@@ -288,8 +285,6 @@ class StoreWriter:
             max_map_size=max_map_size,
         )
         self._tables: dict[str, _Table] = {}
-        self._peeked_ids: dict[str, Any] = {}
-        """ids-database handles of existing tables read before open_table (tables stay)."""
         try:
             self._env.ensure_map_size(initial_map_size)
             self._meta_db, self._runs_db = self._env.write(self._init_store)
@@ -461,50 +456,15 @@ class StoreWriter:
 
         return self._env.read(work)
 
-    def record_count(self, table: str) -> int:
-        """Record ids in an opened table."""
-        t = self._table(table)
-        return int(self._env.read(lambda txn: txn.stat(t.ids_db)["entries"]))
-
-    def embedding_count(self, table: str) -> int:
-        """Arrays in an opened table's embeddings database."""
-        t = self._table(table)
-        return int(self._env.read(lambda txn: txn.stat(t.emb_db)["entries"]))
-
     def stored_spec(self, name: str) -> TableSpec | None:
         """The table's stored spec, or None if the store has no such table (nothing created)."""
         raw = self._env.read(lambda txn: _copy(txn.get(table_key(name), db=self._meta_db)))
         return None if raw is None else parse_table_record(raw, name, self._path)
 
-    def record_digests(self, table: str, record_ids: Sequence[str]) -> list[bytes | None]:
-        """The stored sequence digest of each id, or None where the id is not in the table.
-        Works before :meth:`open_table` too (a table not in the store holds no id)."""
-        if table in self._tables:
-            ids_db = self._tables[table].ids_db
-        elif table in self._peeked_ids:
-            ids_db = self._peeked_ids[table]
-        elif self.stored_spec(table) is None:
-            return [None] * len(record_ids)
-        else:
-            ids_db = self._peeked_ids[table] = self._env.db(ids_db_name(table))
-        keys = [codec.encode_id(rid) for rid in record_ids]
-
-        def work(txn: lmdb.Transaction) -> list[bytes | None]:
-            values = (txn.get(key, db=ids_db) for key in keys)
-            return [None if v is None else codec.value_digest(v) for v in values]
-
-        return self._env.read(work)
-
-    def has_embeddings(self, table: str, seq_digests: Sequence[bytes]) -> list[bool]:
-        """Whether every output of the table is stored for each sequence digest."""
-        t = self._table(table)
-        prefixes = [t.spec.embedding_key_prefix(o) for o in t.spec.outputs]
-        keys = list(zip(*(embedding_keys_from_prefix(p, seq_digests) for p in prefixes)))
-
-        def work(txn: lmdb.Transaction) -> list[bool]:
-            return [all(txn.get(k, db=t.emb_db) is not None for k in ks) for ks in keys]
-
-        return self._env.read(work)
+    def lookup(self, table: str) -> TableLookup:
+        """Read-only lookups in ``table`` as it is now (record digests, stored embeddings,
+        counts), on this writer's environment: safe on other threads while it commits."""
+        return TableLookup(self._env, table)
 
     # -- runs ----------------------------------------------------------------------------
 

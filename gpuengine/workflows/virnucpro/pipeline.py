@@ -131,7 +131,8 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
                 stop: threading.Event | None = None,
                 replicas: ReplicaPool | None = None) -> PredictSummary:
     from gpuengine.dna_tokenizer import DNA_ALPHABET
-    from gpuengine.engine import RecordSource, run_embed
+    from gpuengine.engine import run_embed
+    from gpuengine.inputs import RecordSource
     from gpuengine.workflows.virnucpro.classifier import load_classifier
 
     progress = progress or NullProgress()

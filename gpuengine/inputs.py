@@ -1,12 +1,19 @@
-"""The input side of the planner in a child process (torch-free).
+"""The input side of a run: records in, prepared chunks out (torch-free).
 
-Reading FASTA, normalising, hashing digests and tokenizing hold the GIL; in the engine's
-process they compete with the device workers and the committer. :class:`InputProcess` runs
-them in a child (``python -m gpuengine.input_process``) that streams one
-:class:`PreparedChunk` per :data:`~gpuengine.planner.LOOKUP_CHUNK` valid records back over a
-pipe; the planner thread keeps only what needs the store and the ledger.
+A run's records come from a :class:`RecordSource`: the valid records of FASTA files
+(:func:`validated_fasta`, the first pass over the input) or records a workflow derives
+(``predict``'s frames). :func:`open_input` turns them into prepared chunks: up to
+:data:`LOOKUP_CHUNK` records each, truncated, hashed and tokenized by :func:`prepare_chunk`,
+so the planner has one path whatever reads them. Where they are read is chosen once:
 
-Nothing crosses the boundary as pickle. Both directions are frames: a 4-byte tag, a
+* in a **child process** (:class:`InputProcess`, ``python -m gpuengine.inputs``), for FASTA
+  input of at least :data:`INPUT_PROCESS_MIN_RECORDS` records (or as ``input_process`` /
+  ``GPUENGINE_INPUT_PROCESS`` say): reading, normalising, hashing and tokenizing hold the
+  GIL, and in the engine's process they compete with the device workers and the committer;
+* else **in the planner's thread** (:class:`InThreadInput`): a child's start-up (0.1-0.2 s)
+  would cost more than it saves, and in-memory records cannot cross to a child.
+
+Nothing crosses the process boundary as pickle. Both directions are frames: a 4-byte tag, a
 little-endian uint64 payload length, the payload.
 
 * parent → child: ``CONF`` (UTF-8 JSON: paths, alphabet, max_residues, tokenizer spec), then
@@ -31,12 +38,20 @@ import sys
 import threading
 import traceback
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from gpuengine import errors
 from gpuengine.errors import GpuEngineError, InputError, InternalError
+from gpuengine.fasta import StoredRecords, ValidationReport, stream_valid, validate
+from gpuengine.records import FastaRecord
+
+LOOKUP_CHUNK = 1024
+"""Records per prepared chunk (the planner looks each chunk's ids up in the store at once)."""
+INPUT_PROCESS_MIN_RECORDS = 20_000
+"""Smaller FASTA inputs are read in the planner thread when the config leaves it open (the
+child process costs a start-up of about 0.1-0.2 s)."""
 
 _FRAME = struct.Struct("<4sQ")
 _CHUNK_HEAD = struct.Struct("<IIQ")  # records, reserved, bytes of the id blob
@@ -44,9 +59,53 @@ _PIPE_BYTES = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class FastaInput:
+    """FASTA files and what their validation found (the second pass skips ``report.skip``)."""
+
+    paths: tuple
+    report: ValidationReport
+    alphabet: frozenset[str] | None
+
+
+@dataclass(frozen=True)
+class RecordSource:
+    """Already-valid records to embed; ``iterate`` must give the same records, in the same
+    order, every call (workflows such as ``predict`` derive them)."""
+
+    iterate: Callable[[], Iterable[FastaRecord]]
+    count: int
+    residues: int
+    fasta: FastaInput | None = None
+    """Set when the records are the valid ones of FASTA files: the input process can read
+    them itself."""
+
+    def counts(self) -> dict[str, int]:
+        """The run summary's input counts (records read, valid, skipped, repeated)."""
+        if self.fasta is None:
+            return dict(records_read=self.count, valid_records=self.count)
+        report = self.fasta.report
+        return dict(records_read=report.records, valid_records=report.valid,
+                    invalid_skipped=len(report.skip) - report.duplicate_records,
+                    duplicate_records=report.duplicate_records)
+
+
+def validated_fasta(paths: Sequence[str | os.PathLike], alphabet: frozenset[str] | None, *,
+                    skip_invalid: bool, stored: StoredRecords | None) -> RecordSource:
+    """Validate ``paths`` (InputError on a problem unless ``skip_invalid``; a record whose id
+    ``stored`` maps to another sequence is one) and return their valid records."""
+    paths = list(paths)
+    report = validate(paths, alphabet=alphabet, skip_invalid=skip_invalid, stored=stored)
+    return RecordSource(lambda: stream_valid(paths, report, alphabet=alphabet), report.valid,
+                        report.residues, FastaInput(tuple(paths), report, alphabet))
+
+
 @dataclass(frozen=True)
 class PreparedChunk:
-    """What the planner needs of up to LOOKUP_CHUNK valid records, in input order."""
+    """What the planner needs of up to :data:`LOOKUP_CHUNK` valid records, in input order."""
 
     ids: list[str]
     digests: list[bytes]
@@ -74,12 +133,16 @@ def prepare_chunk(records: Sequence, tokenizer, max_residues: int | None) -> Pre
     if max_residues is not None and n and max(map(len, seqs)) > max_residues:
         truncated = np.fromiter((len(s) > max_residues for s in seqs), np.uint8, n)
         seqs = [s[:max_residues] for s in seqs]
-    token_ids = tokenizer.encode_batch(seqs)
-    lengths = np.fromiter((t.size for t in token_ids), np.int64, n)
-    tokens = np.concatenate(token_ids).astype(np.int32, copy=False) if n else np.zeros(0, np.int32)
+    encode_flat = getattr(tokenizer, "encode_flat", None)
+    if encode_flat is not None:  # the ESM tokenizer: one buffer, no array per sequence
+        tokens, ends = encode_flat(seqs)
+    else:
+        token_ids = tokenizer.encode_batch(seqs)
+        ends = np.cumsum(np.fromiter((t.size for t in token_ids), np.int64, n))
+        tokens = (np.concatenate(token_ids).astype(np.int32, copy=False) if n
+                  else np.zeros(0, np.int32))
     return PreparedChunk([r.id for r in records], sequence_digests(seqs),
-                         np.fromiter(map(len, seqs), np.uint32, n), truncated, tokens,
-                         np.cumsum(lengths))
+                         np.fromiter(map(len, seqs), np.uint32, n), truncated, tokens, ends)
 
 
 # ----------------------------------------------------------------------------- wire format
@@ -152,6 +215,71 @@ def _read_frame(fh: BinaryIO) -> tuple[bytes, bytearray] | None:
     return tag, payload
 
 
+# ----------------------------------------------------------------------------- readers
+
+
+class ChunkReader(Protocol):
+    """Where a run's prepared chunks come from: iterate :meth:`chunks` once (in the planner's
+    thread), always :meth:`close` (any thread; ends a read in progress)."""
+
+    def chunks(self) -> Iterator[PreparedChunk]: ...
+
+    def close(self) -> None: ...
+
+
+class StopFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+class InThreadInput:
+    """Prepares the chunks in the thread that iterates them (the planner's), with the same
+    :func:`prepare_chunk` the child process runs; stops reading at once (between two
+    records) when ``stop`` is set or the reader is closed."""
+
+    def __init__(self, records: Callable[[], Iterable[FastaRecord]], tokenizer,
+                 max_residues: int | None, chunk_records: int,
+                 stop: StopFlag | None = None) -> None:
+        self._records, self._tokenizer = records, tokenizer
+        self._max_residues, self._size = max_residues, chunk_records
+        self._stop = stop if stop is not None else threading.Event()
+        self._closed = threading.Event()
+
+    def chunks(self) -> Iterator[PreparedChunk]:
+        stop, closed, size = self._stop, self._closed, self._size
+        chunk: list[FastaRecord] = []
+        for record in self._records():  # iterated here, in the reading thread
+            if stop.is_set() or closed.is_set():
+                return
+            chunk.append(record)
+            if len(chunk) >= size:
+                yield prepare_chunk(chunk, self._tokenizer, self._max_residues)
+                chunk = []
+        if chunk and not (stop.is_set() or closed.is_set()):
+            yield prepare_chunk(chunk, self._tokenizer, self._max_residues)
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def open_input(source: RecordSource, tokenizer, max_residues: int | None,
+               process: bool | None, stop: StopFlag | None = None) -> ChunkReader:
+    """The reader of ``source``'s chunks: a child process when ``process`` is True (None: for
+    FASTA input of at least :data:`INPUT_PROCESS_MIN_RECORDS` records) and the source is FASTA
+    files and the child can rebuild ``tokenizer``; else in the planner's thread (which stops
+    reading once ``stop`` is set). A child is started now, so its start-up overlaps the
+    engine's."""
+    if process is None:
+        process = source.count >= INPUT_PROCESS_MIN_RECORDS
+    spec = tokenizer_spec(tokenizer)
+    fasta = source.fasta
+    if not process or fasta is None or spec is None:
+        return InThreadInput(source.iterate, tokenizer, max_residues, LOOKUP_CHUNK, stop)
+    skip: dict[str, list[int]] = {}
+    for name, index in fasta.report.skip:
+        skip.setdefault(name, []).append(index)
+    return InputProcess(fasta.paths, skip, fasta.alphabet, max_residues, spec, LOOKUP_CHUNK)
+
+
 # ----------------------------------------------------------------------------- parent side
 
 
@@ -184,7 +312,7 @@ class InputProcess:
     Start it early (its start-up overlaps the engine's); iterate :meth:`chunks` once; always
     :meth:`close` it (kills and reaps the child, whatever state it is in)."""
 
-    command = [sys.executable, "-m", "gpuengine.input_process"]
+    command = [sys.executable, "-m", "gpuengine.inputs"]
 
     def __init__(self, paths: Sequence[str | os.PathLike], skip: dict[str, Sequence[int]],
                  alphabet: frozenset[str] | None, max_residues: int | None,
@@ -292,8 +420,6 @@ def _error_from(payload: bytes) -> GpuEngineError:
 
 
 def _serve(inp: BinaryIO, out: BinaryIO) -> None:
-    from gpuengine.fasta import ValidationReport, stream_valid
-
     frame = _read_frame(inp)
     if frame is None or frame[0] != b"CONF":
         raise InternalError("input process: no configuration received")

@@ -1,0 +1,86 @@
+"""Which sequences are in flight: the one structure the planner, the engine loop and the
+committer share (torch-free).
+
+The :class:`Ledger` maps each sequence digest not yet durable to the record ids waiting on
+it, and holds the set of digests whose group is being committed:
+
+1. the planner claims a digest (:meth:`Ledger.claim_many`): a new one becomes *pending*, a
+   repeat joins the pending one (computed once) or, when it is already *committing*, becomes
+   an alias committed after it;
+2. the engine loop moves a digest from *pending* to *committing* when its vectors are queued
+   for the writer (:meth:`Ledger.to_committing_many`), or drops it when it failed;
+3. the committer releases it once the transaction is durable (:meth:`Ledger.committed`).
+
+So an alias is never committed before its embedding, and a digest is never computed twice
+by one run.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Iterable
+
+
+class Ledger:
+    """Thread-safe digest → record ids for sequences not yet durable."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._pending: dict[bytes, tuple[str, ...]] = {}
+        """Digest → the ids waiting on it (tuples of strings: the collector stops tracking
+        them, so a long queue of sequences costs full collections nothing)."""
+        self._committing: set[bytes] = set()
+
+    def claim_many(self, entries: list[tuple[bytes, str]],
+                   stored: Callable[[list[bytes]], list[bool]]) -> list[str]:
+        """Attach each (digest, record id); per entry returns 'pending' (joined an in-flight
+        sequence), 'committing' (its group is on the way to the writer: commit as alias after
+        it), 'stored' (alias of a durable embedding) or 'new' (the caller must schedule it).
+
+        ``stored(digests)`` is asked only about digests not in flight, after they were seen
+        not to be: such a digest is durable or absent, and stays so until claimed here (only
+        the planner's thread claims), so the answer cannot be stale. (Asked before, a
+        sequence committed in between would be computed twice.)"""
+        out: list[str | None] = [None] * len(entries)
+        with self.lock:
+            for i, (digest, record_id) in enumerate(entries):
+                out[i] = self._join(digest, record_id)
+        unknown = [i for i, decision in enumerate(out) if decision is None]
+        if unknown:
+            present = stored([entries[i][0] for i in unknown])
+            with self.lock:
+                for i, is_stored in zip(unknown, present):
+                    digest, record_id = entries[i]
+                    decision = self._join(digest, record_id)  # a repeat within ``entries``
+                    if decision is None:
+                        decision = "stored" if is_stored else "new"
+                        if not is_stored:
+                            self._pending[digest] = (record_id,)
+                    out[i] = decision
+        return out  # type: ignore[return-value]
+
+    def _join(self, digest: bytes, record_id: str) -> str | None:
+        """'pending' or 'committing' for a digest in flight (holding the lock), else None."""
+        waiting = self._pending.get(digest)
+        if waiting is not None:
+            self._pending[digest] = (*waiting, record_id)
+            return "pending"
+        return "committing" if digest in self._committing else None
+
+    def to_committing_many(self, digests: list[bytes]) -> list[tuple[str, ...]]:
+        """The ids waiting on each digest; from now on those digests count as committing
+        (one lock for a whole batch)."""
+        with self.lock:
+            pop = self._pending.pop
+            out = [pop(d) for d in digests]
+            self._committing.update(digests)
+            return out
+
+    def drop(self, digest: bytes) -> tuple[str, ...]:
+        """Forget a pending digest (its sequence failed); returns the ids that waited on it."""
+        with self.lock:
+            return self._pending.pop(digest, ())
+
+    def committed(self, digests: Iterable[bytes]) -> None:
+        with self.lock:
+            self._committing.difference_update(digests)
