@@ -59,7 +59,7 @@ def write_store(path: Path, spec: TableSpec, recs: list[tuple[str, str]], *,
             by_seq: dict[str, list[str]] = {}
             for rid, seq in recs[start:start + group]:
                 by_seq.setdefault(seq, []).append(rid)
-            done = writer.has_embeddings(spec.name, [sequence_digest(s) for s in by_seq])
+            done = writer.lookup(spec.name).has_embeddings([sequence_digest(s) for s in by_seq])
             entries = [CommitEntry(sequence_digest(seq), tuple(rids),
                                    None if stored else vectors(spec, seq))
                        for (seq, rids), stored in zip(by_seq.items(), done)]

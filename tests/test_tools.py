@@ -35,7 +35,7 @@ def tool(monkeypatch):
 
 
 def test_every_script_is_listed():
-    assert {"bench_common", "bench_dnabert", "bench_esm", "bench_host_dna", "bench_kernels",
+    assert {"bench_common", "bench_dnabert", "bench_esm", "bench_host_dna", "bench_kernels", "bench_merge",
             "bench_predict", "make_checkpoint", "plot_benchmarks", "pyspy_summary"} == set(SCRIPTS)
 
 
