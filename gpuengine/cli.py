@@ -106,8 +106,8 @@ def _split(values: List[str]) -> list[str]:
 @app.command(epilog="Example: gpuengine embed proteins.fasta.gz --model esm2_t33_650M_UR50D "
                     "--out proteins.lmdb")
 def embed(
-    inputs: Annotated[List[Path], typer.Argument(help="FASTA files (plain or gzip).",
-                                                 show_default=False)],
+    inputs: Annotated[List[Path], typer.Argument(
+        help="FASTA or FASTQ files (plain or gzip; told by content).", show_default=False)],
     model: Annotated[str, typer.Option(
         "--model", "-m", help="Checkpoint file (esm2_*.pt), Hugging Face directory, or "
         "published name such as esm2_t33_650M_UR50D.")],
@@ -137,7 +137,7 @@ def embed(
     quiet: Quiet = False,
     verbose: Verbose = 0,
 ) -> None:
-    """Embed FASTA records into an LMDB store (resumable; identical sequences computed once)."""
+    """Embed FASTA or FASTQ records into an LMDB store (resumable; identical sequences computed once)."""
     from gpuengine.display import RichProgress, announce_stop, print_summary, setup_logging
     from gpuengine.signals import StopOnSignals
 
@@ -190,11 +190,11 @@ def _parse_layers(text: str) -> tuple[int, ...]:
 
 
 @app.command(epilog="Examples: gpuengine predict reads.fasta --length 500 --classifier "
-                    "500_model.pth;  gpuengine predict reads.fasta 500 500_model.pth")
+                    "500_model.pth;  gpuengine predict reads.fastq.gz 500 500_model.pth")
 def predict(
     args: Annotated[List[str], typer.Argument(
         help="reads.fasta [LENGTH CLASSIFIER] (the original tool's positional form is "
-        "accepted).", show_default=False)],
+        "accepted; FASTQ reads, plain or gzip, too).", show_default=False)],
     length: Annotated[Optional[int], typer.Option(
         "--length", "-l", help="Expected chunk length: 300 or 500, matching the "
         "classifier.")] = None,

@@ -84,7 +84,7 @@ def input_base(path: Path) -> str:
     """``reads.fasta.gz`` → ``reads`` (known FASTA/gzip suffixes only; the original's cut at the
     first ``.fa`` anywhere in the path is not copied)."""
     name = path.name
-    for suffix in (".gz", ".bgz", ".fasta", ".fas", ".fna", ".fa", ".ffn", ".fastq"):
+    for suffix in (".gz", ".bgz", ".fasta", ".fas", ".fna", ".fa", ".ffn", ".fastq", ".fq"):
         name = name.removesuffix(suffix)
     return name or path.name
 
