@@ -132,8 +132,13 @@ def test_embed_from_fastq_equals_embed_from_fasta(tmp_path, dnabert, monkeypatch
                      "--gpus", "cpu")
         assert result.exit_code == 0, result.stderr
         assert json.loads(result.stdout)["embedded"] == len(reads)
-    q, a = snapshot(tmp_path / "q.lmdb"), snapshot(tmp_path / "a.lmdb")
-    assert q["vectors"] == a["vectors"] and len(next(iter(q["vectors"].values()))) == len(reads)
+    q, a = snapshot(tmp_path / "q.lmdb")["vectors"], snapshot(tmp_path / "a.lmdb")["vectors"]
+    assert q.keys() == a.keys()
+    for key in q:  # which reads share a packed batch follows timing: the last bits may differ
+        assert sorted(q[key]) == sorted(a[key]) == sorted(rid for rid, _ in reads)
+        for rid, data in q[key].items():
+            ours, ref = np.frombuffer(data, np.float32), np.frombuffer(a[key][rid], np.float32)
+            assert ours.shape == ref.shape and np.abs(ours - ref).max() <= 1e-5, (key, rid)
 
 
 def test_embed_of_malformed_fastq_exits_1_without_traceback(tmp_path, dnabert):
