@@ -127,7 +127,8 @@ def test_process_count(monkeypatch):
         with pytest.raises(UsageError, match="GPUENGINE_INPUT_PROCESSES"):
             process_count()
     monkeypatch.delenv("GPUENGINE_INPUT_PROCESSES")
-    assert process_count() == max(1, min(16, len(os.sched_getaffinity(0)) - 4))
+    cores = len(os.sched_getaffinity(0))
+    assert process_count() == min(16, max(cores - 2, min(cores, 2)))
 
 
 @pytest.mark.slow
