@@ -160,3 +160,16 @@ def test_sigkill_with_three_input_processes_resumes_exactly_once(
     if stored < len(workload["ids"]):
         rerun_to_completion(cmd, out, stored, workload)
     assert sorted(check_store(out, workload)) == workload["ids"]
+
+
+def test_a_read_error_of_the_feeder_comes_after_the_blocks_read_before_it(tmp_path):
+    paths = _files(tmp_path)[1:2]  # the gzip FASTQ
+    report = validate(paths, alphabet=ALPHABET, skip_invalid=True)
+    data = paths[0].read_bytes()
+    paths[0].write_bytes(data[:len(data) * 2 // 3])  # truncated after validation
+    with _pool(paths, report, 2, 500, EsmTokenizer()) as pool:
+        ids = []
+        with pytest.raises(InputError, match="truncated or corrupt gzip data"):
+            for chunk in pool.chunks():
+                ids += chunk.ids
+    assert ids == [f"q{i}" for i in range(len(ids))] and ids
