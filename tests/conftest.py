@@ -1,5 +1,21 @@
-"""Shared fixtures: tiny random-weight checkpoints in the official formats, and fair-esm's own
-model loaded from them as the reference."""
+"""Shared fixtures and helpers: tiny random-weight checkpoints in the official formats, fair-esm's
+own model loaded from them as the reference, random proteins, FASTA files and the fp32 parity
+check (``assert_close``, tolerance ``TOL``).
+
+Helpers shared by several test modules live here or in a helper module named for what it holds
+(test modules never import each other); conftest exposes their fixtures:
+
+* ``cli_runs.py``: ``gpuengine`` commands run in process (``cli``, ``embed``, ``fails``), the
+  standard six-protein input and ``snapshot`` of a store (fixtures ``reference``,
+  ``standard_store``);
+* ``embed_processes.py``: real ``gpuengine embed`` processes started, killed, interrupted and
+  rerun to completion (fixture ``resume_workload``);
+* ``dnabert_s_reference.py``: an independent reading of the DNABERT-S authors' model;
+* ``virnucpro_files.py``: VirNucPro's classifier file as its training script saves it, reads and
+  its prediction files;
+* ``store_shards.py``: stores written and split into shards for the merge tests;
+* ``slurm_cluster.py``: a real SLURM (fixture ``slurm``).
+"""
 
 from __future__ import annotations
 
@@ -112,3 +128,78 @@ def embed_in_batches(runner, items, outputs, budget: int) -> dict:
                 results[o].extend(out.vectors[o])
         batch = [item] if item is not None else []
     return results
+
+
+TOL = 1e-5
+"""fp32 parity with the reference implementations: max |ours - reference| on every value."""
+
+
+def max_diff(a, b) -> float:
+    """max |a - b| in float64 (0 for empty arrays); the shapes must agree."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max()) if a.size else 0.0
+
+
+def assert_close(ours, ref, what: str, tol: float = TOL) -> None:
+    """Every value of ``ours`` within ``tol`` of ``ref``; on failure the first values of both."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
+    diff = max_diff(ours, ref)
+    assert diff <= tol, (f"{what}: max |diff| {diff:.3g} > {tol}\n ours {ours.ravel()[:6]}\n"
+                         f"  ref {ref.ravel()[:6]}")
+
+
+def embed_esm2_with_runner(model, sequences, outputs, budget: int = 4096) -> dict:
+    """``sequences`` through a fp32 CPU :class:`~gpuengine.runner.Runner` of the packed ESM-2
+    ``model`` (fair-esm's truncation at 1022), packed by :func:`embed_in_batches`."""
+    from gpuengine.packing import WorkItem
+    from gpuengine.pooling import PoolingRule
+    from gpuengine.runner import Runner
+    from gpuengine.store.codec import sequence_digest
+    from gpuengine.tokenization import EsmTokenizer
+
+    tok = EsmTokenizer()
+    items = [WorkItem(sequence_digest(s), tok.encode(s, 1022), min(len(s), 1022))
+             for s in sequences]
+    runner = Runner(model, torch.device("cpu"), "fp32", outputs, PoolingRule(1, 1))
+    return embed_in_batches(runner, items, outputs, budget)
+
+
+# ----------------------------------------------------------------------------- shared fixtures
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_pt):
+    """fair-esm's outputs of the standard input (``cli_runs.SEQS``) at every layer of
+    ``tiny_pt`` (truncation 1022): {layer: {'mean', 'bos', 'per-token'}}."""
+    from cli_runs import LAST, SEQS
+
+    return fair_esm_reference(tiny_pt, SEQS, list(range(LAST + 1)))
+
+
+@pytest.fixture(scope="session")
+def standard_store(tiny_pt, tmp_path_factory) -> dict:
+    """The standard input embedded once by ``gpuengine embed`` with default options:
+    {'path', 'fasta', 'summary', 'stderr'}. Read-only: a test that writes copies it first."""
+    from cli_runs import embed_standard_input
+
+    return embed_standard_input(tiny_pt, tmp_path_factory.mktemp("standard-store"))
+
+
+@pytest.fixture(scope="session")
+def resume_workload(tiny_pt, tmp_path_factory) -> dict:
+    """The input of the kill-and-resume tests and every id's vector from one uninterrupted
+    run: {'fasta', 'ids', 'vectors'} (see ``embed_processes``)."""
+    from embed_processes import make_workload
+
+    return make_workload(tiny_pt, tmp_path_factory.mktemp("resume"))
+
+
+@pytest.fixture(scope="session")
+def predict_models(tmp_path_factory):
+    """The tiny ``gpuengine predict`` models: (esm, dna, mlp, mlp_path), see
+    ``virnucpro_files.write_predict_models``. Read-only."""
+    from virnucpro_files import write_predict_models
+
+    return write_predict_models(tmp_path_factory.mktemp("predict-models"))

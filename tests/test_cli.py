@@ -3,8 +3,8 @@
 Every run goes through typer's CliRunner (in process, stdout and stderr captured apart) and the
 stored vectors are compared with fair-esm's own forward (max |diff| <= 1e-5 at fp32).
 
-Helpers here (``cli``, ``embed``, ``snapshot``, ...) are imported by test_engine.py and
-test_resume.py.
+The helpers (``cli``, ``embed``, ``fails``, ``snapshot``, the standard input) are in
+cli_runs.py.
 """
 
 from __future__ import annotations
@@ -14,87 +14,18 @@ import json
 import os
 import re
 import shutil
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from conftest import TINY, fair_esm_reference, isolated_cache, random_proteins, write_fasta
+from cli_runs import (DIM, IDS, LAST, SEQS, cli, embed, fails, info_outputs, snapshot,
+                      standard_fasta)
+from conftest import TINY, assert_close, fair_esm_reference, max_diff, write_fasta
 from gpuengine import EmbeddingStore, __version__
-from gpuengine.cli import app
 from gpuengine.synthetic import write_fair_esm_checkpoint
 
-TOL = 1e-5
-LAST = TINY[0]  # the tiny model's last layer
-DIM = TINY[1]
-
-# The standard input: ids with a description, a '|'-id, a non-ASCII id; lengths 5..300.
-IDS = ["P1", "sp|Q2|X_HUMAN", "Ä-unicode-id", "P4", "P5", "P6"]
-SEQS = random_proteins([5, 17, 40, 64, 120, 300], seed=7)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def cli(*args):
-    """Invoke the CLI in process. An exception the CLI did not turn into an exit code fails
-    the test with its traceback (CliRunner would otherwise report it as exit code 1)."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        tb = "".join(traceback.format_exception(*result.exc_info))
-        raise AssertionError(f"gpuengine {' '.join(map(str, args))} raised instead of exiting "
-                             f"with a code:\n{tb}\nstderr:\n{result.stderr}")
-    return result
-
-
-def embed(inputs, model, out, *extra, code: int = 0):
-    """``gpuengine embed ... --json``; returns the JSON summary (exit 0/3/130) or the result."""
-    inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-    result = cli("embed", *inputs, "--model", model, "--out", out, "--json", *extra)
-    assert result.exit_code == code, (f"exit {result.exit_code}, wanted {code}\n"
-                                      f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
-    if code in (0, 3, 130):
-        return json.loads(result.stdout)
-    assert result.stdout == "", "an error run must not print data on stdout"
-    return result
-
-
-def fails(inputs, model, out, *extra, code: int = 1) -> str:
-    """Run embed expecting an error exit; returns stderr."""
-    return embed(inputs, model, out, *extra, code=code).stderr
-
-
-def max_diff(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max()) if a.size else 0.0
-
-
-def assert_close(ours, ref, what: str, tol: float = TOL) -> None:
-    diff = max_diff(ours, ref)
-    assert diff <= tol, f"{what}: max |diff| {diff:.3g} > {tol}"
-
-
-def standard_fasta(path: Path, ids=IDS, seqs=SEQS) -> Path:
-    return write_fasta(path, [(f"{rid} some description {i}", s)
-                              for i, (rid, s) in enumerate(zip(ids, seqs))])
-
-
-def snapshot(path: Path) -> dict:
-    """Everything a user can read from a store: tables with specs and counts, runs, vectors."""
-    with EmbeddingStore(path) as store:
-        tables = store.info()["tables"]
-        runs = store.runs()
-    vectors = {}
-    for name, table in tables.items():
-        for output in table["spec"]["outputs"]:
-            with EmbeddingStore(path, table=name, layer=output["layer"],
-                                pool=output["pool"]) as view:
-                vectors[(name, output["layer"], output["pool"])] = {
-                    rid: array.tobytes() for rid, array in view.items()}
-    return {"tables": tables, "runs": runs, "vectors": vectors}
+# ----------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture
@@ -113,23 +44,10 @@ def no_model_build(monkeypatch):
     return calls
 
 
-@pytest.fixture(scope="session")
-def reference(tiny_pt):
-    """fair-esm's outputs of SEQS at every layer of the tiny model (truncation 1022)."""
-    return fair_esm_reference(tiny_pt, SEQS, list(range(LAST + 1)))
-
-
-@pytest.fixture(scope="module")
-def store(tiny_pt, tmp_path_factory):
+@pytest.fixture
+def store(standard_store):
     """The standard input embedded once with default options (read-only for the tests)."""
-    base = tmp_path_factory.mktemp("cli-store")
-    with isolated_cache(base / "cache"):
-        fasta = standard_fasta(base / "proteins.fa")
-        result = cli("embed", fasta, "-m", tiny_pt, "-o", base / "store.lmdb", "--json")
-    assert result.exit_code == 0, result.stderr
-    summary = json.loads(result.stdout)
-    return {"path": base / "store.lmdb", "fasta": fasta, "summary": summary,
-            "stderr": result.stderr}
+    return standard_store
 
 
 # ----------------------------------------------------------------------------- basics
@@ -274,22 +192,6 @@ def test_info_json(store, tiny_pt):
     assert spec["outputs"] == [{"layer": LAST, "pool": "mean"}]
     assert spec["max_residues"] == 1022 and spec["store_dtype"] == "float32"
     assert data["file_size"] > 0 and data["map_size"] >= data["file_size"]
-
-
-def info_outputs(text: str) -> list[list[str]]:
-    """The items listed under ``outputs:`` in ``gpuengine info``'s text, as lists of lines."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.strip() == "outputs:")
-    base = len(lines[start]) - len(lines[start].lstrip())
-    items: list[list[str]] = []
-    for line in lines[start + 1:]:
-        if len(line) - len(line.lstrip()) <= base:
-            break
-        if line.strip().startswith("- "):
-            items.append([line.strip()[2:]])
-        else:
-            items[-1].append(line.strip())
-    return items
 
 
 def test_info_text(store):

@@ -32,7 +32,7 @@ TARGETS = ("missing", "empty", "file", "garbage", "lmdb")
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory, tiny_pt) -> dict[str, str]:
+def paths(tmp_path_factory, tiny_pt, predict_models) -> dict[str, str]:
     """Everything the cases point at, made once."""
     base = tmp_path_factory.mktemp("user-errors")
     multi = base / "predict.lmdb"
@@ -58,20 +58,14 @@ def paths(tmp_path_factory, tiny_pt) -> dict[str, str]:
                        ("status-junk", "\x00\x01 not json")):
         (base / name).mkdir()
         (base / name / "status.json").write_text(text)
-    from gpuengine.synthetic import write_dnabert_s
-    from test_virnucpro_classifier import random_original, save_original_way
-
-    dna = write_dnabert_s(base / "dnabert", num_layers=2, embed_dim=48, heads=4, intermediate=96,
-                          vocab=64, seed=2)
-    save_original_way(random_original(input_dim=48 + 64, hidden=32, seed=3), base / "500.pth")
     proteins = write_fasta(base / "p.fa", [("p1", s) for s in random_proteins([12], seed=1)])
     reads = write_fasta(base / "reads.fa", [("read1", "ACGT" * 40)])
     return {"multi": str(multi), "missing": str(base / "missing.lmdb"),
             "empty": str(base / "empty"),
             "file": str(base / "file.txt"), "garbage": str(base / "garbage"),
             "lmdb": str(base / "plain.lmdb"), "tiny": str(tiny_pt), "fasta": str(proteins),
-            "reads": str(reads), "new": str(base / "new"), "base": str(base), "dna": str(dna),
-            "mlp": str(base / "500.pth")}
+            "reads": str(reads), "new": str(base / "new"), "base": str(base),
+            "dna": str(predict_models.dna), "mlp": str(predict_models.mlp_path)}
 
 
 def run_cli(args: list[str], base: str) -> tuple[int, str, str]:

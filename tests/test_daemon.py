@@ -882,21 +882,14 @@ def test_inotify_wakes_the_loop_early_and_poll_mode_does_not(tmp_path):
 # -- --job predict ------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_predict_job_writes_outputs_per_file_and_reuses_embeddings(tmp_path):
+def test_predict_job_writes_outputs_per_file_and_reuses_embeddings(tmp_path, predict_models):
     """`serve --job predict`: each reads file gets VirNucPro outputs in predictions/<file>-<sha>/
     equal to a plain `gpuengine predict` of it; a second file repeating the reads computes
     nothing (the embeddings are in the daemon's store)."""
     import numpy as np
-    from test_predict import read_predictions, reads_fasta
-    from test_virnucpro_classifier import random_original, save_original_way
+    from virnucpro_files import read_predictions, reads_fasta
 
-    from gpuengine.synthetic import write_dnabert_s, write_fair_esm_checkpoint
-
-    esm = write_fair_esm_checkpoint(tmp_path / "esm2_t2_serve.pt", 2, 64, 4, seed=21)
-    dna = write_dnabert_s(tmp_path / "dnabert", num_layers=2, embed_dim=48, heads=4,
-                          intermediate=96, seed=22)
-    mlp_path = tmp_path / "500_model.pth"
-    save_original_way(random_original(input_dim=48 + 64, hidden=32, seed=3), mlp_path)
+    esm, dna, _, mlp_path = predict_models
     reads_fasta(tmp_path / "reads.fa", n=30, seed=5)
     data = (tmp_path / "reads.fa").read_bytes()
     options = ["--job", "predict", "--length", "500", "--classifier", str(mlp_path),

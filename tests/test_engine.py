@@ -9,25 +9,18 @@ import json
 import numpy as np
 import pytest
 
-from conftest import fair_esm_reference, isolated_cache, random_proteins, write_fasta
-from test_cli import (DIM, IDS, LAST, SEQS, assert_close, cli, embed, fails, max_diff,
-                      snapshot, standard_fasta)
+from cli_runs import (DIM, IDS, LAST, SEQS, cli, embed, fails, info_outputs, snapshot,
+                      standard_fasta)
+from conftest import (assert_close, fair_esm_reference, isolated_cache, max_diff,
+                      random_proteins, write_fasta)
 
 POOLS = ("mean", "bos", "per-token")
 
 
-@pytest.fixture(scope="session")
-def reference(tiny_pt):
-    return fair_esm_reference(tiny_pt, SEQS, list(range(LAST + 1)))
-
-
-@pytest.fixture(scope="module")
-def store(tiny_pt, tmp_path_factory):
-    base = tmp_path_factory.mktemp("engine-store")
-    with isolated_cache(base / "cache"):
-        fasta = standard_fasta(base / "proteins.fa")
-        embed(fasta, tiny_pt, base / "store.lmdb")
-    return base / "store.lmdb"
+@pytest.fixture
+def store(standard_store):
+    """The standard input embedded once with default options (read-only for the tests)."""
+    return standard_store["path"]
 
 
 # ----------------------------------------------------------------------------- Python API
@@ -286,7 +279,6 @@ def test_multi_output_table_spec_and_negative_layer(multi, reference):
     assert result.exit_code == 2 and "several outputs" in result.stderr
     result = cli("info", multi)
     assert result.exit_code == 0
-    from test_cli import info_outputs
     items = info_outputs(result.stdout)
     assert len(items) == 9 and all(len(item) == 2 for item in items)
 
