@@ -20,6 +20,7 @@ Helpers shared by several test modules live here or in a helper module named for
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import warnings
 from pathlib import Path
@@ -164,6 +165,27 @@ def embed_esm2_with_runner(model, sequences, outputs, budget: int = 4096) -> dic
              for s in sequences]
     runner = Runner(model, torch.device("cpu"), "fp32", outputs, PoolingRule(1, 1))
     return embed_in_batches(runner, items, outputs, budget)
+
+
+def make_item(tag: str, n_tokens: int):
+    """A :class:`~gpuengine.packing.WorkItem` of ``n_tokens`` zero tokens, its digest made of
+    ``tag`` (for the scheduler, the worker and the engine without a model)."""
+    from gpuengine.packing import WorkItem
+
+    digest = hashlib.blake2b(tag.encode(), digest_size=16).digest()
+    return WorkItem(digest, np.zeros(n_tokens, dtype=np.int32), max(0, n_tokens - 2))
+
+
+def digests(items) -> tuple[bytes, ...]:
+    return tuple(item.digest for item in items)
+
+
+def cost_of(items, padded: bool = False) -> int:
+    """What a batch of ``items`` costs against a token budget (padded: n x longest)."""
+    from gpuengine.packing import batch_cost
+
+    return batch_cost(len(items), sum(i.n_tokens for i in items), max(i.n_tokens for i in items),
+                      padded)
 
 
 # ----------------------------------------------------------------------------- shared fixtures
