@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
+import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -186,6 +189,26 @@ def cost_of(items, padded: bool = False) -> int:
 
     return batch_cost(len(items), sum(i.n_tokens for i in items), max(i.n_tokens for i in items),
                       padded)
+
+
+def datagram_socket(address: str) -> socket.socket:
+    """A bound AF_UNIX datagram socket at a path or, for ``@name``, in the abstract namespace
+    (where systemd's NOTIFY_SOCKET points)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + address[1:] if address.startswith("@") else address)
+    sock.settimeout(5)
+    return sock
+
+
+def rename_without_evidence(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target`` the way a writer that renames in the same clock tick as
+    its last write looks to the daemon: ctime not later than mtime, mtime not older than the
+    previous poll (here: mtime set a minute ahead, as NFS clock skew does too)."""
+    ahead = time.time_ns() + 60 * 10**9
+    os.utime(source, ns=(ahead, ahead))
+    os.replace(source, target)
+    st = target.stat()
+    assert st.st_ctime_ns <= st.st_mtime_ns  # the daemon's rename evidence is absent
 
 
 # ----------------------------------------------------------------------------- shared fixtures
