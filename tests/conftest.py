@@ -214,6 +214,22 @@ def rename_without_evidence(source: Path, target: Path) -> None:
 # ----------------------------------------------------------------------------- shared fixtures
 
 
+@pytest.fixture
+def no_model_build(monkeypatch):
+    """Records every model build (the packed ESM-2 replica), which input errors must precede."""
+    import gpuengine.models.esm2_weights as weights
+
+    calls = []
+    real = weights.build_esm2
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(weights, "build_esm2", spy)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def reference(tiny_pt):
     """fair-esm's outputs of the standard input (``cli_runs.SEQS``) at every layer of
