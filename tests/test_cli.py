@@ -5,7 +5,8 @@ stored vectors are compared with fair-esm's own forward (max |diff| <= 1e-5 at f
 
 The helpers (``cli``, ``embed``, ``fails``, ``snapshot``, the standard input) are in
 cli_runs.py; what ``embed`` does with bad input (records, files, ``--skip-invalid``) is in
-test_cli_inputs.py, every command's user errors as real processes in test_cli_user_errors.py.
+test_cli_inputs.py; every command's user errors, as real processes, in
+test_cli_user_errors.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""The input process (``EmbedConfig.input_process``): FASTA read, hashed and tokenized in a
-child that streams framed chunks to the planner. It must store exactly what the in-process
-planner stores, report the same input errors, fail clearly when the child dies, and leave no
-process behind."""
+"""``gpuengine.inputs``: records in, prepared chunks out, read in a child process or in the
+planner's thread. The input process (``EmbedConfig.input_process``: FASTA read, hashed and
+tokenized in a child that streams framed chunks to the planner) must store exactly what the
+in-thread path stores, report the same input errors, fail clearly when the child dies, and leave
+no process behind; its frames round-trip; records given in memory stay in the planner's
+thread."""
 
 from __future__ import annotations
 
