@@ -7,7 +7,10 @@ its documented code (gpuengine/errors.py: 0 ok, 1 error, 2 usage), print no "Tra
 when it fails, say why on stderr and print nothing on stdout.
 
 The runs of a group go concurrently in one module fixture (each its own process); the commands
-that import torch and load the tiny model are marked slow.
+that import torch and load the tiny model are marked slow. The fast commands also run in
+process (typer's CliRunner in this test's process, with the same environment, working
+directory and terminal width; an exception that escapes the CLI fails the case with its
+traceback): that copy is the fast lane's, the real processes are marked slow.
 """
 
 from __future__ import annotations
@@ -151,9 +154,33 @@ for _target in TARGETS:
     FAST[f"merge-{_target}"] = (f"merge {{new}} {{{_target}}}", 1)
 
 
-@pytest.fixture(scope="module")
-def fast(paths):
-    return run_all(FAST, paths)
+def run_all_in_process(cases: dict[str, tuple[str, int]], paths: dict[str, str]) -> dict:
+    """Every case through the CLI in this process, one after another, in ``run_cli``'s
+    environment; {case: (code, stdout, stderr)}."""
+    from cli_runs import cli
+
+    base = paths["base"]
+    results = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("GPUENGINE_OFFLINE", "1"), ("COLUMNS", "200"),
+                            ("GPUENGINE_CACHE", os.path.join(base, "cache")),
+                            ("TORCH_HOME", os.path.join(base, "torch")),
+                            ("HF_HOME", os.path.join(base, "hf"))):
+            mp.setenv(name, value)
+        mp.chdir(base)
+        for name, (template, _) in cases.items():
+            result = cli(*[part.format(**paths) for part in template.split()])
+            results[name] = (result.exit_code, result.stdout, result.stderr)
+    return results
+
+
+@pytest.fixture(scope="module", params=["in-process",
+                                        pytest.param("process", marks=pytest.mark.slow)])
+def fast(paths, request):
+    """The fast commands' results, in process (fast lane) or as real processes (slow)."""
+    if request.param == "process":
+        return run_all(FAST, paths)
+    return run_all_in_process(FAST, paths)
 
 
 @pytest.mark.parametrize("name", sorted(FAST))
