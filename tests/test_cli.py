@@ -278,6 +278,7 @@ def test_layers_minus_one_as_a_separate_argument(tiny_pt, tmp_path, reference):
 # ----------------------------------------------------------------------------- models
 
 
+@pytest.mark.slow
 def test_hf_directory_gives_the_same_vectors_as_the_pt(tiny_pt, tiny_hf, tmp_path, store,
                                                         reference):
     fasta = standard_fasta(tmp_path / "p.fa")

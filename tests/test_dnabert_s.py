@@ -92,6 +92,7 @@ def compare(ours, ref, outputs, what):
 
 
 # -- parity ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_packed_matches_reference_one_sequence_at_a_time(dna_dir):
     sequences = random_dna(LENGTHS, seed=1) + ["ACGTNNNNACGTRYKMSWBDHVACGT", "acgtacgtnacgt"]
     layers = [0, 1, 2]
@@ -112,6 +113,7 @@ def test_packed_matches_padded_reference_batch_with_mask(dna_dir):
     assert max(tokens) >= 10 * min(tokens[:3]), tokens
 
 
+@pytest.mark.slow
 def test_batch_composition_does_not_change_results(dna_dir):
     model = load_ours(dna_dir)
     seqs = random_dna([50, 800, 120, 2000, 5], seed=3)
@@ -121,6 +123,7 @@ def test_batch_composition_does_not_change_results(dna_dir):
     assert_close(packed, alone, "packed vs alone")
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_model_with_flex_attention_matches_the_reference(dna_dir):
     """The whole model on the flex path (uncompiled on the CPU): q, k and v are projected into
@@ -205,7 +208,7 @@ def test_padded_alibi_attention_matches_dense_per_sequence():
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("block", [128, 64])
+@pytest.mark.parametrize("block", [pytest.param(128, marks=pytest.mark.slow), 64])
 def test_flex_mask_and_bias_match_padded_eager_cpu(block):
     """The flex path's score_mod, document mask and block mask, run uncompiled on the CPU."""
     from gpuengine.models.dnabert_s import (

@@ -359,6 +359,7 @@ def test_batch_size_does_not_change_stored_values(tiny_pt, tmp_path):
 # ----------------------------------------------------------------------------- map growth
 
 
+@pytest.mark.slow
 def test_map_grows_through_the_engine(tiny_pt, tmp_path, monkeypatch):
     """The engine does not expose StoreWriter's initial_map_size (EmbedConfig has no field for
     it), so the writer it creates is replaced by one starting from a 64 KiB map."""

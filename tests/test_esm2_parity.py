@@ -18,7 +18,8 @@ LENGTHS = [1, 2, 3, 5, 17, 64, 129, 300, 1021, 1022, 1023, 1100]
 POOLS = ("mean", "bos", "per-token")
 
 
-@pytest.mark.parametrize("shape", [(2, 64, 4), (3, 48, 2), (1, 32, 2)],
+@pytest.mark.parametrize("shape", [pytest.param((2, 64, 4), marks=pytest.mark.slow), (3, 48, 2),
+                                   (1, 32, 2)],
                          ids=["d64-h4-hd16", "d48-h2-hd24", "d32-h2-hd16-1layer"])
 def test_packed_matches_fair_esm(tmp_path, shape):
     layers_n = shape[0]

@@ -154,6 +154,7 @@ def test_predict_killed_with_sigkill_resumes_to_the_same_outputs(tmp_path, model
             assert ours == ref
 
 
+@pytest.mark.slow
 def test_make_checkpoint_mlp_runs_predict_on_the_bundled_reads(tmp_path, models):
     """tools/make_checkpoint.py virnucpro-mlp writes the published .pth format (the original
     tool loads it), gpuengine reads it without unpickling code, and predict runs end to end on
