@@ -380,3 +380,26 @@ def test_test_modules_do_not_import_each_other():
                 wrong.append(f"tests/{path.name} imports {name}: shared helpers go in "
                              f"tests/conftest.py or a helper module that is not a test module")
     assert not wrong, "\n".join(wrong)
+
+
+SHARED_WORDS = ("PRECISIONS", "PRECISION_DTYPES", "PRECISION_BYTES", "POOLS", "STORE_DTYPES",
+                "DEFAULT_TABLE", "TABLE_NAME", "utc_now", "is_table_name", "check_table_name")
+
+
+def test_the_shared_words_are_defined_once_in_the_vocabulary():
+    wrong = []
+    for module in modules().values():
+        if module.name == "gpuengine.vocabulary":
+            continue
+        tree = ast.parse(module.path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names = [node.name]
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name)]
+            else:
+                continue
+            wrong += [f"{short(module.name)} defines {name}: import it from gpuengine.vocabulary"
+                      for name in names if name in SHARED_WORDS]
+    assert not wrong, "\n".join(wrong)
