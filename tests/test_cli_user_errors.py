@@ -1,5 +1,5 @@
 """A user error never prints a traceback: every command, run as a real process
-(``python -m gpuengine …``), pointed at what users point it at by mistake — a store with several
+(``python -m gpuengine …``; the fast commands also in process, see below), pointed at what users point it at by mistake — a store with several
 tables and none named ``default`` (every ``predict`` store), a missing path, an empty
 directory, a file that is not a store, a directory whose data.mdb is not LMDB, an LMDB that is
 not a gpuengine store, broken status files — and given bad options. Each run must exit with
