@@ -15,8 +15,8 @@ import pytest
 from gpuengine.errors import InputError
 from gpuengine.fasta import iter_records, stream_valid, validate
 from gpuengine.synthetic import write_dnabert_s
-from test_cli import cli, snapshot
-from test_predict import models, read_predictions, reads_fasta, run  # noqa: F401 (fixture)
+from cli_runs import cli, snapshot
+from virnucpro_files import read_predictions, reads_fasta
 
 DNA = frozenset("ACGTNRYSWKMBDHV")
 
@@ -150,16 +150,21 @@ def test_embed_of_malformed_fastq_exits_1_without_traceback(tmp_path, dnabert):
     assert not (tmp_path / "s.lmdb").exists() or result.stdout == ""
 
 
-def test_predict_from_fastq_equals_predict_from_fasta(tmp_path, models):  # noqa: F811
-    esm, dna, _, mlp_path = models
+def _predict(args):
+    result = cli("predict", *args, "--gpus", "cpu", "--offline", "-q", "--json")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_predict_from_fastq_equals_predict_from_fasta(tmp_path, predict_models):
+    esm, dna, _, mlp_path = predict_models
     reads = reads_fasta(tmp_path / "reads.fasta", n=12)
     (tmp_path / "fq").mkdir()
     fq = tmp_path / "fq" / "reads.fastq.gz"
     fq.write_bytes(gzip.compress(fastq_text(reads).encode()))
     base = ["--length", "500", "--classifier", str(mlp_path), "--esm-model", str(esm),
             "--dnabert-model", str(dna)]
-    run([str(tmp_path / "reads.fasta"), *base])
-    run([str(fq), *base])
+    _predict([str(tmp_path / "reads.fasta"), *base])
+    _predict([str(fq), *base])
     ids, labels, scores = read_predictions(tmp_path / "reads_merged" / "prediction_results.txt")
     fq_ids, fq_labels, fq_scores = read_predictions(tmp_path / "fq" / "reads_merged"
                                                     / "prediction_results.txt")

@@ -20,8 +20,7 @@ from gpuengine.input_workers import InputPool, process_count
 from gpuengine.inputs import InThreadInput, tokenizer_spec
 from gpuengine.tokenization import ESM_RESIDUES, EsmTokenizer
 from test_fastq import fastq_text
-from test_input_process import _children, _gone
-from test_resume import workload  # noqa: F401 - the resume tests' input and vectors (fixture)
+from test_inputs import _children, _gone
 
 ALPHABET = frozenset(ESM_RESIDUES)
 
@@ -133,9 +132,11 @@ def test_process_count(monkeypatch):
 
 @pytest.mark.slow
 def test_sigkill_with_three_input_processes_resumes_exactly_once(
-        tiny_pt, tmp_path, workload, monkeypatch):  # noqa: F811 - the fixture
-    from test_resume import check_store, command, rerun_to_completion, run_records, start, \
+        tiny_pt, tmp_path, resume_workload, monkeypatch):
+    from embed_processes import check_store, command, rerun_to_completion, run_records, start, \
         wait_for_first_commit
+
+    workload = resume_workload
 
     monkeypatch.setenv("GPUENGINE_INPUT_PROCESS", "1")
     monkeypatch.setenv("GPUENGINE_INPUT_PROCESSES", "3")
