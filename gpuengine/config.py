@@ -27,6 +27,26 @@ class Environment:
     input_process: bool | None = None
     """``GPUENGINE_INPUT_PROCESS=1`` / ``0``: read the input FASTA in a child process always /
     never, where :attr:`EmbedConfig.input_process` leaves it open (unset: by input size)."""
+    input_processes: int | None = None
+    """``GPUENGINE_INPUT_PROCESSES=N`` (1 to 32): how many input processes read the input
+    (unset: by cores, :func:`gpuengine.input_workers.process_count`)."""
+    input_block_bytes: int | None = None
+    """``GPUENGINE_INPUT_BLOCK_BYTES=N``: bytes of a block dealt to an input process (unset:
+    :data:`gpuengine.blocks.BLOCK_BYTES`; tests cut small files into many blocks with it)."""
+
+
+MAX_INPUT_PROCESSES = 32
+
+
+def _whole_number(name: str, low: int, high: int | None, unset: str) -> int | None:
+    """The environment variable ``name`` as a whole number from ``low`` to ``high``."""
+    choice = os.environ.get(name, "")
+    if not choice:
+        return None
+    if not choice.isdigit() or int(choice) < low or (high is not None and int(choice) > high):
+        span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise UsageError(f"{name}={choice!r}: give a whole number {span} (unset: {unset})")
+    return int(choice)
 
 
 def environment() -> Environment:
@@ -44,7 +64,11 @@ def environment() -> Environment:
                          "leave it unset (by input size)")
     return Environment(offline=offline, cache_dir=cache,
                        notify_socket=os.environ.get("NOTIFY_SOCKET", ""),
-                       input_process=None if not choice else choice == "1")
+                       input_process=None if not choice else choice == "1",
+                       input_processes=_whole_number("GPUENGINE_INPUT_PROCESSES", 1,
+                                                     MAX_INPUT_PROCESSES, "by cores"),
+                       input_block_bytes=_whole_number("GPUENGINE_INPUT_BLOCK_BYTES", 1, None,
+                                                       "512 KiB"))
 
 
 @dataclass(frozen=True)

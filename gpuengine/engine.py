@@ -231,7 +231,9 @@ class _Run:
                 choice = self.config.env.input_process
             # started before the devices, so a reader process's start-up overlaps theirs
             self.reader = open_input(self.records, tokenizer, self.spec.max_residues,
-                                     choice, _EitherEvent(self.stop, self.halt))
+                                     choice, _EitherEvent(self.stop, self.halt),
+                                     processes=self.config.env.input_processes,
+                                     block_bytes=self.config.env.input_block_bytes)
             self._execute()
         finally:
             self._stop_threads()

@@ -11,8 +11,8 @@ and cutadapt's dnaio read them; multi-line FASTQ is refused):
 4. the qualities: exactly as many characters as the sequence line. They are checked for
    that and otherwise ignored (embeddings are of sequences).
 
-Blank lines may follow the last record, not stand between records. A malformed record (a missing ``@`` or ``+``, a
-quality line of another length, a file that ends inside a record) is an
+Blank lines may follow the last record, not stand between records. A malformed record (a
+missing ``@`` or ``+``, a quality line of another length, a file that ends inside a record) is an
 :class:`~gpuengine.errors.InputError` naming file, line and column: the framing is broken,
 so it cannot be skipped like a record with a bad residue (those come out as a
 :class:`~gpuengine.records.RecordProblem`, as in FASTA).

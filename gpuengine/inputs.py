@@ -268,12 +268,14 @@ class InThreadInput:
 
 
 def open_input(source: RecordSource, tokenizer, max_residues: int | None,
-               process: bool | None, stop: StopFlag | None = None) -> ChunkReader:
+               process: bool | None, stop: StopFlag | None = None, *,
+               processes: int | None = None, block_bytes: int | None = None) -> ChunkReader:
     """The reader of ``source``'s chunks: a child process when ``process`` is True (None: for
     FASTA input of at least :data:`INPUT_PROCESS_MIN_RECORDS` records) and the source is FASTA
     files and the child can rebuild ``tokenizer``; else in the planner's thread (which stops
-    reading once ``stop`` is set). A child is started now, so its start-up overlaps the
-    engine's."""
+    reading once ``stop`` is set). Children (``processes`` of them, None: by cores) are
+    started now, so their start-up overlaps the engine's; ``block_bytes`` (None: the default)
+    is the size of the blocks they are dealt."""
     if process is None:
         process = source.count >= INPUT_PROCESS_MIN_RECORDS
     spec = tokenizer_spec(tokenizer)
@@ -286,7 +288,7 @@ def open_input(source: RecordSource, tokenizer, max_residues: int | None,
     for name, index in fasta.report.skip:
         skip.setdefault(name, []).append(index)
     return InputPool(fasta.paths, skip, fasta.alphabet, max_residues, spec, LOOKUP_CHUNK,
-                     process_count())
+                     process_count(processes), block_bytes)
 
 
 def __getattr__(name: str):

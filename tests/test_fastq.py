@@ -16,6 +16,7 @@ from gpuengine.errors import InputError
 from gpuengine.fasta import iter_records, stream_valid, validate
 from gpuengine.synthetic import write_dnabert_s
 from cli_runs import cli, snapshot
+from fastq_files import fasta_text, fastq_text
 from virnucpro_files import read_predictions, reads_fasta
 
 DNA = frozenset("ACGTNRYSWKMBDHV")
@@ -25,20 +26,6 @@ def _reads(n: int = 30, seed: int = 4) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     return [(f"read{i}", "".join(rng.choice("ACGT") for _ in range(rng.randint(1, 400))))
             for i in range(n)]
-
-
-def fastq_text(reads, *, plus_title: bool = False) -> str:
-    """Four-line records; qualities drawn from characters that also start headers and '+'."""
-    rng = random.Random(1)
-    out = []
-    for rid, seq in reads:
-        qual = "".join(rng.choice("!#5?I@+") for _ in seq)
-        out.append(f"@{rid} lane=1\n{seq}\n+{f'{rid} lane=1' if plus_title else ''}\n{qual}\n")
-    return "".join(out)
-
-
-def fasta_text(reads) -> str:
-    return "".join(f">{rid} lane=1\n{seq}\n" for rid, seq in reads)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -83,7 +70,8 @@ def test_bad_residue_in_fastq_is_a_record_problem_with_its_column(tmp_path):
 
 MALFORMED = {
     "missing-plus": ("@a\nACGT\nIIII\n@b\nAC\n+\nII\n", ":3:1:", "expected the '+' separator"),
-    "short-quality": ("@a\nACGT\n+\nIIII\n@b\nACGTAC\n+\nIII\n", ":8:4:", "3 characters and the sequence 6"),
+    "short-quality": ("@a\nACGT\n+\nIIII\n@b\nACGTAC\n+\nIII\n", ":8:4:",
+                      "3 characters and the sequence 6"),
     "long-quality": ("@a\nACG\n+\nIIIII\n", ":4:4:", "5 characters and the sequence 3"),
     "truncated": ("@a\nACGT\n+\nIIII\n@b\nACGT\n", ":6:", "ends after its sequence line"),
     "no-at": ("@a\nACGT\n+\nIIII\nb\nACGT\n+\nIIII\n", ":5:1:", "expected a header line"),

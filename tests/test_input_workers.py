@@ -19,8 +19,8 @@ from gpuengine.fasta import stream_valid, validate
 from gpuengine.input_workers import InputPool, process_count
 from gpuengine.inputs import InThreadInput, tokenizer_spec
 from gpuengine.tokenization import ESM_RESIDUES, EsmTokenizer
-from test_fastq import fastq_text
-from test_inputs import _children, _gone
+from fastq_files import fastq_text
+from process_tree import children as _children, gone as _gone
 
 ALPHABET = frozenset(ESM_RESIDUES)
 
@@ -119,15 +119,21 @@ def test_close_in_the_middle_stops_feeder_and_children(tmp_path):
 
 
 def test_process_count(monkeypatch):
+    from gpuengine.config import environment
+
     monkeypatch.setenv("GPUENGINE_INPUT_PROCESSES", "3")
-    assert process_count() == 3
-    for bad in ("0", "x", "33"):
+    monkeypatch.setenv("GPUENGINE_INPUT_BLOCK_BYTES", "2000")
+    env = environment()
+    assert (env.input_processes, env.input_block_bytes) == (3, 2000)
+    assert process_count(env.input_processes) == 3
+    for bad in ("0", "x", "33", "-1"):
         monkeypatch.setenv("GPUENGINE_INPUT_PROCESSES", bad)
         with pytest.raises(UsageError, match="GPUENGINE_INPUT_PROCESSES"):
-            process_count()
+            environment()
     monkeypatch.delenv("GPUENGINE_INPUT_PROCESSES")
+    assert environment().input_processes is None
     cores = len(os.sched_getaffinity(0))
-    assert process_count() == min(16, max(cores - 2, min(cores, 2)))
+    assert process_count(None) == min(16, max(cores - 2, min(cores, 2)))
 
 
 @pytest.mark.slow

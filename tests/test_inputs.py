@@ -8,7 +8,6 @@ thread."""
 from __future__ import annotations
 
 import gzip
-import os
 import signal
 import sys
 import time
@@ -22,6 +21,7 @@ from embed_processes import (check_store, command, interrupt, rerun_to_completio
                              start, wait_for_first_commit)
 from gpuengine.errors import InputError
 from gpuengine.input_workers import process_count
+from process_tree import children, gone
 
 PROTEIN_IDS = [f"q{i}" for i in range(60)] + ["Ä-ünïcode", "sp|P1|X"]
 
@@ -261,28 +261,6 @@ def test_chunk_frames_round_trip():
     assert back.tokens.flags.writeable
 
 
-def _children(pid):
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _gone(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 @pytest.mark.slow
 def test_sigkill_of_the_engine_ends_the_child_and_rerun_completes(
         tiny_pt, tmp_path, resume_workload, monkeypatch):
@@ -292,14 +270,14 @@ def test_sigkill_of_the_engine_ends_the_child_and_rerun_completes(
     proc, _, stderr = start(cmd, tmp_path / "killed")
     try:
         wait_for_first_commit(proc, out, stderr)
-        children = _children(proc.pid)
+        kids = children(proc.pid)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     deadline = time.monotonic() + 30
-    while not all(map(_gone, children)) and time.monotonic() < deadline:
+    while not all(map(gone, kids)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert all(map(_gone, children)), "the input process outlived the engine"
+    assert all(map(gone, kids)), "the input process outlived the engine"
     stored = len(check_store(out, resume_workload))
     assert 0 < stored
     [run] = run_records(out)

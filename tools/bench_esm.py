@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (GpuClocks, ResultsLog, add_commit_option, add_host_options,  # noqa: E402
                           closed_scheduler, limit_cores, run_curve,
                           cosine_summary, drive_worker, gemm_rate, profile_batches, run_e2e)
+from gpuengine.config import environment  # noqa: E402
 from gpuengine.input_workers import process_count  # noqa: E402
 from gpuengine.models.esm2_weights import build_esm2  # noqa: E402
 from gpuengine.packing import WorkItem  # noqa: E402
@@ -462,7 +463,8 @@ def main() -> None:
                      embed_s=summ.embed_seconds, sequences=summ.embedded,
                      switch_interval_ms=sys.getswitchinterval() * 1000, workdir=str(args.workdir),
                      input_process=os.environ.get("GPUENGINE_INPUT_PROCESS", "auto"),
-                     devices=args.devices, cores=cores, input_processes=process_count(),
+                     devices=args.devices, cores=cores,
+                     input_processes=process_count(environment().input_processes),
                      note="GPU step replaced by a no-op; parse+validate+plan+schedule+commit")
         del runner, hf, state
         if torch.cuda.is_available():

@@ -22,8 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import (ResultsLog, add_commit_option, add_host_options, limit_cores,  # noqa: E402
-                          run_curve, run_e2e, write_reads_fasta)
+from bench_common import (ResultsLog, add_commit_option, add_host_options,  # noqa: E402
+                          limit_cores, run_curve, run_e2e, write_reads_fasta)
 from gpuengine.synthetic import write_dnabert_s  # noqa: E402
 
 
@@ -47,6 +47,7 @@ def main() -> None:
         rng = np.random.default_rng(7)
         bases = np.frombuffer(b"ACGT", dtype=np.uint8)
         write_reads_fasta(fasta, args.reads, lambda n: bases[rng.integers(0, 4, (n, 150))])
+    from gpuengine.config import environment
     from gpuengine.input_workers import process_count
 
     summary = run_e2e(model, fasta, None, args.workdir, noop_dim=768,  # budget: the CPU default
@@ -57,7 +58,8 @@ def main() -> None:
         sequences_per_s=summary.embedded / summary.embed_seconds,
         wall_s=summary.wall_seconds, embed_s=summary.embed_seconds,
         sequences=summary.embedded, workdir=str(args.workdir),
-        devices=args.devices, cores=cores, input_processes=process_count(),
+        devices=args.devices, cores=cores,
+        input_processes=process_count(environment().input_processes),
         commit_transactions=summary.commit_transactions,
         commit_seconds=summary.commit_seconds,
         commit_wait_seconds=summary.commit_wait_seconds,
