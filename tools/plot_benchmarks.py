@@ -13,6 +13,8 @@ Writes
   docs/benchmarks/by_gpu_count.png  tokens/s against the number of GPUs, per model and system, for one
                                     workload (--gpu-workload), with an "ideal linear" line from the
                                     1-GPU point to 8 GPUs
+  docs/benchmarks/host_cores.png    host-pipeline sequences/s against cores used (bench --curve rows
+                                    of a GPU machine), per model and no-op device count, with goals
 
 Every number in docs/benchmarks.md comes from ``--markdown``; nothing there is typed by hand.
 Only the standard library and matplotlib (Agg backend) are used.
@@ -263,7 +265,56 @@ def host_setting(r) -> str:
         parts.append(f"switch interval {r['switch_interval_ms']:.2g} ms")
     if r.get("input_process") not in (None, "auto"):
         parts.append(f"GPUENGINE_INPUT_PROCESS={r['input_process']}")
+    if r.get("gpu", "").startswith("none"):
+        cores = re.search(r"(\d+) cores", r["gpu"])
+        parts.append(f"CPU-only machine, {cores.group(1) if cores else '?'} cores")
+    if r.get("devices", 1) != 1:
+        parts.append(f"{r['devices']} no-op devices")
+    if r.get("cores") is not None and not r.get("gpu", "").startswith("none"):
+        parts.append(f"{r['cores']} cores, {r.get('input_processes', '?')} input processes")
     return ", ".join(parts) or "default"
+
+
+GOAL_HOST_CORES = {"dnabert-s": 220_000, "esm2-650M": 60_000}
+"""Issue 16's host-pipeline goals on the device machine's 16 cores (sequences/s)."""
+
+
+def plot_host_cores(recs, out: Path):
+    """Host-pipeline sequences/s against the cores it used (``--curve`` rows of a GPU machine),
+    one line per (model, no-op devices) from its newest commit, with the goals."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in recs if r["system"] == "gpuengine-host" and r.get("cores")
+            and not r.get("gpu", "").startswith("none")]
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    lines: dict[tuple, list] = {}
+    for r in sorted(rows, key=lambda r: (r["_t"], r["_i"])):
+        lines.setdefault((r["model"], r.get("devices", 1)), []).append(r)
+    for (model, devices), group in sorted(lines.items()):
+        newest = group[-1]["commit"]
+        pts = {r["cores"]: r["sequences_per_s"] for r in group if r["commit"] == newest}
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] for x in xs], "o-", ms=6,
+                label=f"{short_model(model)} dims, {devices} no-op devices ({newest})")
+    for model, goal in GOAL_HOST_CORES.items():
+        ax.axhline(goal, ls="--", lw=1, color="gray")
+        ax.annotate(f"goal {short_model(model)}: {goal // 1000} k/s at 16 cores", (2, goal),
+                    xytext=(2, 3), textcoords="offset points", fontsize=8, color="gray")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([2, 4, 8, 16])
+    ax.set_xticklabels(["2", "4", "8", "16"])
+    ax.set_xlabel("cores used (input processes: cores - 2, at least 2)")
+    ax.set_ylabel("sequences / s (host pipeline, GPU step a no-op)")
+    ax.grid(alpha=0.25)
+    ax.set_title("Host pipeline against cores" + ("" if rows else " — not yet measured"),
+                 fontsize=11, fontweight="bold")
+    if rows:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def clock_row(r, prefix, what, tflops=None):
@@ -733,7 +784,9 @@ def main() -> None:
     recs = load(args.results)
     plot_throughput(recs, args.out_dir / "throughput.png")
     plot_by_gpu_count(recs, args.out_dir / "by_gpu_count.png", args.gpu_workload)
-    print(f"wrote {args.out_dir / 'throughput.png'} and {args.out_dir / 'by_gpu_count.png'}", flush=True)
+    plot_host_cores(recs, args.out_dir / "host_cores.png")
+    print(f"wrote {args.out_dir / 'throughput.png'}, {args.out_dir / 'by_gpu_count.png'} and "
+          f"{args.out_dir / 'host_cores.png'}", flush=True)
     if args.markdown:
         print(markdown(recs, args.profile))
 
