@@ -94,13 +94,13 @@ def test_a_killed_child_fails_the_read_and_close_reaps_all(tmp_path):
     paths = _files(tmp_path)
     report = validate(paths, alphabet=ALPHABET, skip_invalid=True)
     pool = _pool(paths, report, 3, 300, EsmTokenizer())
-    try:
-        chunks = pool.chunks()
-        next(chunks)
+    try:  # killed while it starts (a child that finished its blocks before has done its part)
         os.kill(pool.children[1].proc.pid, signal.SIGKILL)
+        ids = []
         with pytest.raises(InputError, match=r"was killed by signal SIGKILL before the end"):
-            for _ in chunks:
-                pass
+            for chunk in pool.chunks():
+                ids += chunk.ids
+        assert ids == [f"p{i}" for i in range(len(ids))] and ids  # block 0, from child 0
     finally:
         pool.close()
     assert all(c.proc.returncode is not None for c in pool.children)
