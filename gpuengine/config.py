@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpuengine.errors import UsageError
+from gpuengine.shards import Shard
 from gpuengine.vocabulary import DEFAULT_TABLE, POOLS, PRECISIONS, STORE_DTYPES, check_table_name
 
 
@@ -89,6 +90,8 @@ class EmbedConfig:
     """Read, normalise, hash and tokenize the FASTA input in a child process (off the engine's
     GIL) — True: always, False: never (in the planner thread), None: the environment's
     choice, else only for inputs of at least ``inputs.INPUT_PROCESS_MIN_RECORDS`` records."""
+    shard: Shard | None = None
+    """``--shard I/N``: embed only the input's records of this shard (:mod:`gpuengine.shards`)."""
     env: Environment = field(default_factory=environment)
 
     def __post_init__(self) -> None:
