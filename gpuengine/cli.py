@@ -29,6 +29,8 @@ HELP = """Exact, packed protein (ESM-2) and DNA (DNABERT-S) embeddings on every 
   gpuengine lookup proteins.lmdb P12345 --json
   gpuengine info proteins.lmdb
   gpuengine merge all.lmdb out/shards --verify        (or: gpuengine merge all.lmdb a.lmdb b.lmdb)
+  gpuengine slurm embed big.fasta -m esm2_t33_650M_UR50D --out /shared/run --shards 16
+  gpuengine slurm status /shared/run
   gpuengine export proteins.lmdb --format npz -o proteins.npz
   gpuengine export proteins.lmdb --format hdf5 -o embeddings.h5   (or fair-esm -o esm_out/)
   gpuengine predict reads.fasta --length 500 --classifier 500_model.pth
@@ -592,6 +594,10 @@ def status(directory: Annotated[Path, typer.Argument(
 
 for _info in app.registered_commands:  # every command's --help without <bool> (see _Command)
     _info.cls = _Command
+
+from gpuengine.cli_slurm import build_slurm_app  # noqa: E402 - built from embed's and predict's
+
+app.add_typer(build_slurm_app(embed, predict, _fail, _Group, _Command), name="slurm")
 
 
 def main() -> None:
