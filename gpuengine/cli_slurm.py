@@ -38,7 +38,10 @@ preemption, a failed node, a cancelled task) and a new merge. See docs/cluster.m
 
 SLURM_ONLY = ("shards", "gpus_per_node", "partition", "time", "mem", "cpus_per_task",
               "sbatch_arg", "local_dir", "dry_run")
-NOT_PASSED_ON = {"embed": ("out", "json_summary"), "predict": ("out", "store", "json_summary")}
+NOT_PASSED_ON = {"embed": ("out", "json_summary", "verbose", "quiet"),
+                 "predict": ("out", "store", "json_summary", "verbose", "quiet")}
+"""The plain command's options the tasks set themselves, or that only change this process's
+logging (a resubmission may differ in them)."""
 MODEL_OPTIONS = ("model", "esm_model", "dnabert_model")
 """Options naming a model that may be a relative path (made absolute for the nodes)."""
 

@@ -111,6 +111,11 @@ def submit(manifest: Manifest, options: SbatchOptions, *, dry_run: bool = False,
     """Write the scripts and submit what is missing (see the module docstring)."""
     layout = RunLayout(Path(manifest.out), manifest.command)
     known = _check_manifest(layout, manifest)
+    slurm = slurm or Slurm()
+    if not dry_run and not slurm.available():
+        raise SlurmError("sbatch/squeue not found: gpuengine slurm needs the SLURM commands on "
+                         "PATH (run it on the cluster's login node), or --dry-run to only "
+                         "write the scripts")
     n = manifest.shards
     missing = sorted(set(range(n)) - layout.done(n))
     layout.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +136,6 @@ def submit(manifest: Manifest, options: SbatchOptions, *, dry_run: bool = False,
     result.sbatch = ([array_cmd] if missing else []) + [merge_cmd]
     if dry_run:
         return result
-    slurm = slurm or Slurm()
     busy, pending, running = _live(layout, slurm, missing)
     if busy:
         raise UsageError(
@@ -148,7 +152,13 @@ def submit(manifest: Manifest, options: SbatchOptions, *, dry_run: bool = False,
     if not known:
         layout.manifest_path.write_text(_manifest_text(manifest))
     if missing:
-        result.array_job = slurm.sbatch(layout.array_script, f"--array={index_ranges(missing)}")
+        try:
+            result.array_job = slurm.sbatch(layout.array_script,
+                                            f"--array={index_ranges(missing)}")
+        except SlurmError:
+            if not known:  # nothing was submitted: the next attempt may change the arguments
+                layout.manifest_path.unlink()
+            raise
         merge_cmd[2] = f"--dependency=afterok:{result.array_job}"
     entry = {"submitted_at": utc_now(), "array_job": result.array_job, "shards": missing,
              "cancelled": result.cancelled}
