@@ -259,6 +259,9 @@ def build_slurm_app(embed: Callable, predict: Callable, fail: Callable, group_cl
     """The ``slurm`` sub-app, its run commands built from ``embed``'s and ``predict``'s own
     signatures; ``fail`` turns a GpuEngineError into the CLI's exit."""
     app = typer.Typer(help=HELP, rich_markup_mode="rich", no_args_is_help=True,
+                      epilog="Example: gpuengine slurm embed in.fasta -m esm2_t33_650M_UR50D "
+                             "--out /shared/run --shards 16, then gpuengine slurm status "
+                             "/shared/run",
                       cls=group_cls, context_settings={"help_option_names": ["-h", "--help"]})
     examples = {"embed": "gpuengine slurm embed in.fasta -m esm2_t33_650M_UR50D --out /shared/run "
                          "--shards 16 --gpus-per-node 8 --time 12:00:00",
@@ -285,6 +288,13 @@ def build_slurm_app(embed: Callable, predict: Callable, fail: Callable, group_cl
             raise fail(exc) from None
         typer.echo(json.dumps(found, indent=2) if as_json else render(found))
         raise typer.Exit(exit_code(found))
+
+    _add_task_commands(app, fail, command_cls)
+    return app
+
+
+def _add_task_commands(app: typer.Typer, fail: Callable, command_cls: type) -> None:
+    """``slurm shard`` and ``slurm merge``: what the two sbatch scripts run on the nodes."""
 
     @app.command("shard", cls=command_cls,
                  epilog="Run by OUT/slurm/*-array.sbatch: gpuengine slurm shard OUT "
@@ -335,6 +345,3 @@ def build_slurm_app(embed: Callable, predict: Callable, fail: Callable, group_cl
         except GpuEngineError as exc:
             raise fail(exc) from None
         raise typer.Exit(code)
-
-    return app
-
