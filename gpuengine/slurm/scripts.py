@@ -134,7 +134,7 @@ def merge_script(manifest: Manifest, layout: RunLayout, options: SbatchOptions,
               f"into {manifest.merged} (gpuengine merge; on node-local disk first when OUT is",
               f"on a network filesystem) {what}".rstrip(),
               "Submitted with --dependency=afterok:<array job>."]
-    directives = [f"--job-name=gpuengine-merge", *_resources(options, gpus=False),
+    directives = ["--job-name=gpuengine-merge", *_resources(options, gpus=False),
                   "--kill-on-invalid-dep=yes", f"--output={layout.logs_dir}/merge-%j.log",
                   *options.sbatch_args]
     command = [_python(), "-m", "gpuengine", "slurm", "merge", shlex.quote(str(layout.out)),
