@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpuengine.errors import UsageError
-from gpuengine.shards import Shard
 from gpuengine.vocabulary import DEFAULT_TABLE, POOLS, PRECISIONS, STORE_DTYPES, check_table_name
+
+if TYPE_CHECKING:  # a field's type only: configuration (layer 0) does not import shards
+    from gpuengine.shards import Shard
 
 
 @dataclass(frozen=True)

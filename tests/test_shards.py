@@ -23,9 +23,10 @@ from gpuengine.records import FastaRecord
 from gpuengine.shards import Shard, shard_name, shard_of
 from gpuengine.store.merge import merge_stores
 from gpuengine.tokenization import EsmTokenizer
-from test_cli import cli, embed
-from test_predict import models  # noqa: F401 - tiny ESM-2, DNABERT-S and MLP (fixture)
-from test_predict import reads_fasta
+from cli_runs import PREDICT_OUTPUTS as OUTPUTS
+from cli_runs import cli, embed
+from cli_runs import predict as _predict
+from virnucpro_files import reads_fasta
 
 ALPHABET = frozenset("LAGVSERTIDPKQNFYMHWCXBUZO")
 MAX = 30  # truncation used below
@@ -220,17 +221,10 @@ def test_a_shard_resumes(tiny_pt, tmp_path):
     assert run["resumes"] == 1 and run["status"] == "complete" and run["info"]["shard"] == "1/2"
 
 
-def _predict(reads, models, out, *extra, code=0):
-    esm, dna, _, mlp_path = models
-    result = cli("predict", reads, "--length", "500", "--classifier", mlp_path,
-                 "--esm-model", esm, "--dnabert-model", dna, "--out", out, "--gpus", "cpu",
-                 "--offline", "-q", "--json", *extra)
-    assert result.exit_code == code, result.output
-    return json.loads(result.stdout) if code == 0 else result
-
-
-OUTPUTS = ("prediction_results.txt", "prediction_results_highestscore.csv",
-           "prediction_results_reads.tsv")
+@pytest.fixture
+def models(predict_models):
+    """(esm, dna, mlp, mlp_path): the tiny predict models (read-only)."""
+    return predict_models
 
 
 def test_predict_shards_keep_reads_whole_and_merge_into_one_runs_outputs(models, tmp_path):

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from conftest import random_proteins, write_fasta
-from test_predict import models  # noqa: F401 - tiny ESM-2, DNABERT-S and MLP (fixture)
-from test_predict import reads_fasta
-from test_resume import committed
-from test_shards import OUTPUTS, _predict
+from cli_runs import PREDICT_OUTPUTS as OUTPUTS
+from cli_runs import predict as _predict
+from embed_processes import committed
+from virnucpro_files import reads_fasta
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -172,7 +172,8 @@ def test_cancelled_task_then_resubmitted_every_sequence_once(slurm, tiny_pt, tmp
     assert status(out)["merge"]["state"] == "done"
 
 
-def test_slurm_predict_writes_one_runs_files(slurm, models, tmp_path):
+def test_slurm_predict_writes_one_runs_files(slurm, predict_models, tmp_path):
+    models = predict_models
     esm, dna, _, mlp_path = models
     reads_fasta(tmp_path / "reads.fasta", n=40)
     fasta = tmp_path / "reads.fasta"

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from conftest import random_proteins, write_fasta
+from embed_processes import committed
 from gpuengine.slurm.layout import Manifest, RunLayout
 from gpuengine.slurm.task import _work_dir
-from test_resume import committed
 
 pytestmark = pytest.mark.slow
 
