@@ -40,6 +40,7 @@ import numpy as np
 
 from gpuengine.blocks import BLOCK_BYTES, Block, parse_block, read_blocks
 from gpuengine.errors import GpuEngineError, InputError, InternalError
+from gpuengine.shards import Shard
 
 _BLOCK_HEAD = struct.Struct("<IQQIc")  # file number, first index, first line, records, format
 _PIPE_BYTES = 1 << 20
@@ -81,7 +82,7 @@ class InputProcess:
 
     def __init__(self, paths: Sequence[str | os.PathLike], skip: dict[str, Sequence[int]],
                  alphabet: frozenset[str] | None, max_residues: int | None,
-                 tokenizer: dict, chunk_records: int) -> None:
+                 tokenizer: dict, chunk_records: int, shard: Shard | None = None) -> None:
         from gpuengine.fasta import _name
         from gpuengine.inputs import _write_frame
 
@@ -89,7 +90,8 @@ class InputProcess:
         conf = {"paths": [os.fsdecode(os.fspath(p)) for p in paths], "names": names,
                 "alphabet": None if alphabet is None else "".join(sorted(alphabet)),
                 "max_residues": max_residues, "tokenizer": tokenizer,
-                "chunk_records": chunk_records}
+                "chunk_records": chunk_records,
+                "shard": None if shard is None else [shard.index, shard.count]}
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
@@ -197,7 +199,8 @@ class InputPool:
 
     def __init__(self, paths: Sequence[str | os.PathLike], skip: dict[str, Sequence[int]],
                  alphabet: frozenset[str] | None, max_residues: int | None, tokenizer: dict,
-                 chunk_records: int, processes: int, block_size: int | None = None) -> None:
+                 chunk_records: int, processes: int, block_size: int | None = None,
+                 shard: Shard | None = None) -> None:
         self.paths = list(paths)
         self.block_size = block_size or BLOCK_BYTES
         self.children: list[InputProcess] = []
@@ -206,7 +209,7 @@ class InputPool:
         try:
             for _ in range(processes):
                 self.children.append(InputProcess(paths, skip, alphabet, max_residues,
-                                                  tokenizer, chunk_records))
+                                                  tokenizer, chunk_records, shard))
         except BaseException:
             self.close()
             raise
@@ -285,7 +288,9 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         skips.append(np.frombuffer(frame[1], "<u8"))
     tokenizer = inputs._make_tokenizer(conf["tokenizer"])
     alphabet = None if conf["alphabet"] is None else frozenset(conf["alphabet"])
-    max_residues, size, names = conf["max_residues"], conf["chunk_records"], conf["names"]
+    shard = None if conf.get("shard") is None else Shard(*conf["shard"])
+    max_residues, names = conf["max_residues"], conf["names"]
+    size = inputs.read_chunk(conf["chunk_records"], shard)  # a shard keeps 1/N of them
     while (frame := inputs._read_frame(inp)) is not None:
         tag, payload = frame
         if tag != b"BLCK":
@@ -298,8 +303,9 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         ids, seqs = parse_block(block, names[file], alphabet, skip[lo:hi].tolist())
         for at in range(0, len(ids), size):
             text = [s.decode("utf-8") for s in seqs[at:at + size]]
-            chunk = inputs.prepare_lists(ids[at:at + size], text, tokenizer, max_residues)
-            out.writelines(inputs.encode_chunk(chunk))
+            chunk = inputs.prepare_lists(ids[at:at + size], text, tokenizer, max_residues, shard)
+            if chunk.ids:
+                out.writelines(inputs.encode_chunk(chunk))
         inputs._write_frame(out, b"BEND", b"")
         out.flush()
     inputs._write_frame(out, b"DONE", b"")
