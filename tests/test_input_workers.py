@@ -73,6 +73,23 @@ def test_pool_gives_the_chunks_of_one_reader_in_order(tmp_path, processes, block
     assert all(proc.returncode is not None for proc in children)
 
 
+@pytest.mark.parametrize("index", [0, 2])
+def test_a_sharded_pool_keeps_the_shard_as_one_reader_does(tmp_path, index):
+    from gpuengine.shards import Shard
+
+    paths = _files(tmp_path)
+    report = validate(paths, alphabet=ALPHABET, skip_invalid=True)
+    tok, shard = EsmTokenizer(), Shard(index, 3)
+    expected = _flat(InThreadInput(lambda: stream_valid(paths, report, alphabet=ALPHABET),
+                                   tok, 100, 64, None, shard).chunks())
+    assert 0 < len(expected[0]) < report.valid
+    skip: dict[str, list[int]] = {}
+    for name, i in report.skip:
+        skip.setdefault(name, []).append(i)
+    with InputPool(paths, skip, ALPHABET, 100, tokenizer_spec(tok), 64, 3, 700, shard) as pool:
+        assert _flat(pool.chunks()) == expected
+
+
 def test_a_file_changed_after_validation_fails_in_input_order(tmp_path):
     paths = _files(tmp_path)[:1]
     report = validate(paths, alphabet=ALPHABET, skip_invalid=True)
