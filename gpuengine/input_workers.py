@@ -47,20 +47,28 @@ _PIPE_BYTES = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
-def process_count(choice: int | None = None) -> int:
+def process_count(choice: int | None = None, *, heavy: bool = True) -> int:
     """Input processes to start: ``choice`` (``GPUENGINE_INPUT_PROCESSES``, read by
-    :mod:`gpuengine.config`), else the cores this process may run on less two (kept for the
-    engine's own threads: planner, committer, devices, feeder), but as many as the cores up to
-    two, and at most 16 (1, 2, 2, 2, 6 and 14 for 1, 2, 3, 4, 8 and 16 cores). On a 2-core
-    machine two children tokenize faster than one though the engine shares their cores (2.4
-    times the DNA reads per second of one child before, measured)."""
+    :mod:`gpuengine.config`), else by the cores this process may run on, keeping two for the
+    engine's own threads (planner, committer, devices, feeder):
+
+    * a ``heavy`` tokenizer (DNABERT-S's BPE, about 50 µs a 150-bp read on one core): the
+      cores less two, but as many as the cores up to two, at most 16 (2, 2, 6, 14 for 2, 4,
+      8, 16 cores); on the 2-core machine two children tokenize 2.4 times the reads per
+      second of the one child before, though the engine shares their cores;
+    * a light one (ESM-2's table lookup): the cores less two, at least 1, at most 4 (1, 2, 4,
+      4): a few children outrun the engine, and on a small machine more of them would only
+      take its cores.
+    """
     if choice:
         return choice
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return min(16, max(cores - 2, min(cores, 2)))
+    if heavy:
+        return min(16, max(cores - 2, min(cores, 2)))
+    return min(4, max(1, cores - 2))
 
 
 def _write_all(fd: int, data) -> None:

@@ -9,8 +9,9 @@ so the planner has one path whatever reads them. A sharded run (``--shard I/N``,
 tokenizing, in whichever process reads. Where they are read is chosen once:
 
 * in **child processes** (:class:`~gpuengine.input_workers.InputPool`, ``python -m
-  gpuengine.inputs``: by default the cores this process may use less two, at least
-  ``min(cores, 2)``; ``GPUENGINE_INPUT_PROCESSES`` sets the number), for FASTA or FASTQ input
+  gpuengine.inputs``: by default the cores this process may use less two, bounded as
+  :func:`~gpuengine.input_workers.process_count` says; ``GPUENGINE_INPUT_PROCESSES`` sets the
+  number), for FASTA or FASTQ input
   of at least :data:`INPUT_PROCESS_MIN_RECORDS` records (or as ``input_process`` /
   ``GPUENGINE_INPUT_PROCESS`` say): reading, normalising, hashing and tokenizing hold the
   GIL, and in the engine's process they compete with the device workers and the committer;
@@ -341,7 +342,8 @@ def open_input(source: RecordSource, tokenizer, max_residues: int | None,
     for name, index in fasta.report.skip:
         skip.setdefault(name, []).append(index)
     return InputPool(fasta.paths, skip, fasta.alphabet, max_residues, spec, LOOKUP_CHUNK,
-                     process_count(processes), block_bytes, source.shard)
+                     process_count(processes, heavy=spec["kind"] == "dna"), block_bytes,
+                     source.shard)
 
 
 def __getattr__(name: str):

@@ -151,6 +151,8 @@ def test_process_count(monkeypatch):
     assert environment().input_processes is None
     cores = len(os.sched_getaffinity(0))
     assert process_count(None) == min(16, max(cores - 2, min(cores, 2)))
+    assert process_count(None, heavy=False) == min(4, max(1, cores - 2))
+    assert process_count(5, heavy=False) == 5
 
 
 @pytest.mark.slow

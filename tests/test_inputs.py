@@ -140,7 +140,7 @@ def test_stores_what_the_in_process_planner_stores(tiny_pt, tmp_path, monkeypatc
     for mode in (False, True):
         summaries[mode] = _embed(tiny_pt, inputs, tmp_path / f"{mode}.lmdb",
                                  input_process=mode).to_json()
-    assert len(spawned) == process_count()
+    assert len(spawned) == process_count(heavy=False)
     for field in SUMMARY:
         assert summaries[True][field] == summaries[False][field], field
     assert summaries[True]["truncated"] > 0 and summaries[True]["deduplicated"] > 0
@@ -163,7 +163,7 @@ def test_resumes_a_store_exactly_once(tiny_pt, tmp_path, monkeypatch, spawned):
     assert again.committed_records == 0 and again.embedded == 0
     assert again.already_stored == full.committed_records
     _same(_contents(tmp_path / "resumed.lmdb"), _contents(tmp_path / "full.lmdb"))
-    assert len(spawned) == 2 * process_count()
+    assert len(spawned) == 2 * process_count(heavy=False)
 
 
 class _ChangeFileAfterValidation:
@@ -204,7 +204,7 @@ def test_input_error_in_the_child_names_file_record_and_position(tiny_pt, tmp_pa
     assert f"{fasta} changed since it was validated: {fasta}:26:4: record 'r12' (#13 in file): " \
            "invalid-character 'J'" in message
     assert caught.value.exit_code == 1
-    assert len(spawned) == process_count()
+    assert len(spawned) == process_count(heavy=False)
 
 
 def _crashing(monkeypatch, script):
@@ -229,7 +229,7 @@ def test_a_dead_child_fails_the_run_and_keeps_the_store(tiny_pt, tmp_path, monke
                                          "the end of the input"):
         _embed(tiny_pt, inputs, out, input_process=True)
     _same(_contents(out), before)
-    assert len(spawned) == process_count()
+    assert len(spawned) == process_count(heavy=False)
 
 
 def test_an_unexpected_child_error_is_reported_as_a_bug(tiny_pt, tmp_path, monkeypatch, spawned):

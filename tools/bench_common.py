@@ -277,8 +277,9 @@ def add_host_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cores", type=int, default=None,
                         help="cores the run (and its input processes) may use: the first N this "
                              "process may run on (default: all); the input processes are as "
-                             "many as the engine picks for them (cores - 2, at least "
-                             "min(cores, 2)) unless GPUENGINE_INPUT_PROCESSES says")
+                             "many as the engine picks for them (cores - 2; DNA at least "
+                             "min(cores, 2), ESM-2 1 to 4) unless GPUENGINE_INPUT_PROCESSES "
+                             "says")
     parser.add_argument("--curve", default="",
                         help="comma-separated core counts, e.g. 2,4,8,16: one run (a fresh "
                              "process, one row) per count")

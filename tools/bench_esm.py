@@ -464,7 +464,8 @@ def main() -> None:
                      switch_interval_ms=sys.getswitchinterval() * 1000, workdir=str(args.workdir),
                      input_process=os.environ.get("GPUENGINE_INPUT_PROCESS", "auto"),
                      devices=args.devices, cores=cores,
-                     input_processes=process_count(environment().input_processes),
+                     input_processes=process_count(environment().input_processes,
+                                                   heavy=False),
                      note="GPU step replaced by a no-op; parse+validate+plan+schedule+commit")
         del runner, hf, state
         if torch.cuda.is_available():

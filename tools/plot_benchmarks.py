@@ -305,7 +305,7 @@ def plot_host_cores(recs, out: Path):
     ax.set_xscale("log", base=2)
     ax.set_xticks([2, 4, 8, 16])
     ax.set_xticklabels(["2", "4", "8", "16"])
-    ax.set_xlabel("cores used (input processes: cores - 2, at least 2)")
+    ax.set_xlabel("cores used (input processes: as the rows say)")
     ax.set_ylabel("sequences / s (host pipeline, GPU step a no-op)")
     ax.grid(alpha=0.25)
     ax.set_title("Host pipeline against cores" + ("" if rows else " — not yet measured"),
