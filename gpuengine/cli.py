@@ -1,7 +1,8 @@
 """The ``gpuengine`` command line. Each command parses, builds a config and makes one call.
 
 Heavy imports (torch, the models) happen inside the commands so that ``--help`` is instant.
-Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 130 interrupted.
+Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 4 refused (a lossy
+precision below its fidelity threshold), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ HELP = """Exact, packed protein (ESM-2) and DNA (DNABERT-S) embeddings on every 
   gpuengine serve --watch /srv/embed --store /srv/embed/store.lmdb --model esm2_t33_650M_UR50D
   gpuengine status /srv/embed
   gpuengine devices --model esm2_t36_3B_UR50D
+  gpuengine check proteins.fasta --model esm2_t36_3B_UR50D --precision fp16,fp8
 
-Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 130 interrupted.
+Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 4 refused (fp8 below
+--fp8-min-cosine), 130 interrupted.
 """
 
 
@@ -110,8 +113,13 @@ def embed(
                                "from the end (-1 = last, final-LayerNorm output). Use --layers=-1."),
     pool: List[str] = typer.Option(["mean"], "--pool", help="mean, bos, per-token (repeat or "
                                    "comma-separate for several)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16. "
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16, bf16 or fp8 "
+                                            "(ESM-2 on GPUs of compute capability >= 8.9; lossy: "
+                                            "measured first, see --fp8-min-cosine). "
                                             "\\[default: fp32 on CPU, fp16 on GPU]"),
+    fp8_min_cosine: float = typer.Option(0.99, "--fp8-min-cosine", help="With --precision fp8: "
+                                         "refuse the run (exit 4) when a sample of the input "
+                                         "embedded at fp8 has a cosine to fp16 below this."),
     store_dtype: str = typer.Option("float32", "--store-dtype", help="float32 or float16."),
     max_residues: Optional[int] = typer.Option(None, "--max-residues", help="Truncate longer "
                                                "sequences to this many residues (0: never). "
@@ -141,7 +149,8 @@ def embed(
             inputs=tuple(inputs), model=model, out=out, layers=_parse_layers(layers),
             pools=tuple(_split(pool)), precision=precision, store_dtype=store_dtype,
             max_residues=-1 if max_residues is None else (max_residues or None), table=table, skip_invalid=skip_invalid,
-            devices=gpus, max_tokens=max_tokens, allow_download=not offline)
+            devices=gpus, max_tokens=max_tokens, allow_download=not offline,
+            fp8_min_cosine=fp8_min_cosine)
         from gpuengine.engine import run_embed
 
         with _stop_on_signals() as stop:
@@ -523,6 +532,75 @@ def status(directory: Path = typer.Argument(..., help="The directory a gpuengine
     from gpuengine.daemon import status_command
 
     raise typer.Exit(status_command(directory, as_json))
+
+
+@app.command(epilog="Examples: gpuengine check proteins.fasta --model esm2_t36_3B_UR50D "
+                    "--precision fp16,fp8 --min-cosine 0.99;  gpuengine check reads.fasta -m "
+                    "esm2_t36_3B_UR50D --precision fp8 --classifier 500_model.pth")
+def check(
+    inputs: List[Path] = typer.Argument(..., help="FASTA files (plain or gzip): your own "
+                                        "sequences (reads, with a VirNucPro classifier).",
+                                        show_default=False),
+    model: str = typer.Option(..., "--model", "-m", help="Checkpoint file, model directory or "
+                              "published name, as for embed."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Comma-separated: fp16, "
+                                            "bf16, fp8. \\[default: fp16,bf16 (+fp8 where the "
+                                            "GPU runs it) on a GPU; bf16 on the CPU]"),
+    sample: int = typer.Option(512, "--sample", "-n", help="Sequences to compare, spread evenly "
+                               "over the input."),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", help="Exit 1 when a "
+                                               "precision's min cosine to fp32 is below this."),
+    classifier: Optional[Path] = typer.Option(None, "--classifier", "-c", help="Also report "
+                                              "how many labels stay the same: a VirNucPro MLP "
+                                              "(then the input holds reads) or one on this "
+                                              "model's embeddings alone."),
+    length: Optional[int] = typer.Option(None, "--length", "-l", help="VirNucPro chunk length, "
+                                         "300 or 500. \\[default: from the classifier's name]"),
+    partner_model: Optional[str] = typer.Option(None, "--partner-model", help="VirNucPro's "
+                                                "other model (run at fp32). \\[default: "
+                                                "DNABERT-S for ESM-2, esm2_t36_3B_UR50D for "
+                                                "DNABERT-S]"),
+    layer: int = typer.Option(-1, "--layer", help="Layer to compare (-1: last)."),
+    fp8_gemms: Optional[str] = typer.Option(None, "--fp8-gemms", help="Which GEMMs of each "
+                                            "layer run in FP8: all, none, or some of "
+                                            "qkv,out_proj,fc1,fc2. \\[default: the run default]"),
+    gpus: str = typer.Option("auto", "--gpus", help="auto, cpu, or an ordinal like 0 (check "
+                             "runs on one device: the first given)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Tokens per batch. "
+                                             "\\[default: 16384 on a GPU, 4096 on the CPU]"),
+    offline: bool = typer.Option(False, "--offline", help="Never download weights."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress; warnings only."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging."),
+) -> None:
+    """Compare precisions against fp32 on a sample of your own sequences: cosine, max error,
+    tokens/s, classifier labels. Run it before a long fp16/bf16/fp8 run."""
+    from gpuengine.display import setup_logging
+
+    setup_logging(verbose, quiet)
+    try:
+        from gpuengine.check import CheckConfig, format_report, run_check
+
+        config = CheckConfig(
+            inputs=tuple(inputs), model=model,
+            precisions=tuple(_split([precision])) if precision else None, sample=sample,
+            min_cosine=min_cosine, classifier=classifier, length=length,
+            partner_model=partner_model, devices=gpus, layer=layer, max_tokens=max_tokens,
+            fp8_gemms=fp8_gemms, allow_download=not offline)
+        report = run_check(config, None if quiet else _StageLog())
+    except GpuEngineError as exc:
+        raise _fail(exc) from None
+    typer.echo(json.dumps(report.to_json(), indent=2) if as_json else format_report(report))
+    raise typer.Exit(1 if report.failed else 0)
+
+
+class _StageLog:
+    """Progress of a check: one line per stage on stderr."""
+
+    def stage(self, text: str) -> None:
+        from gpuengine.display import stderr
+
+        stderr.print(f"check: {text}", markup=False, highlight=False)
 
 
 for _info in app.registered_commands:  # every command's --help without <bool> (see _Command)

@@ -155,6 +155,12 @@ def print_summary(summary, console: Console | None = None) -> None:
     ]
     for name, value in rows:  # Text, not markup: paths and model names are user data
         table.add_row(name, Text(f"{value:,}" if isinstance(value, int) else str(value)))
+    fidelity = getattr(summary, "fidelity", None)
+    if fidelity:
+        table.add_row(f"{fidelity['precision']} fidelity (vs {fidelity['reference']}, "
+                      f"{fidelity['sequences']} sampled)",
+                      Text(f"min cosine {fidelity['min_cosine']:.5f}, mean "
+                           f"{fidelity['mean_cosine']:.5f}"))
     for dev in summary.devices:
         table.add_row(f"  {dev['device']}", Text(
             f"{dev['sequences']:,} seq, {dev['tokens']:,} tok, "

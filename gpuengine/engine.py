@@ -103,6 +103,9 @@ class RunSummary:
     run_started: dict = field(default_factory=dict)
     """That record as this invocation found it (counts of earlier, interrupted attempts;
     ``resumes``)."""
+    fidelity: dict | None = None
+    """``--precision fp8``: the fidelity guard's measurement on a sample of this input
+    (:class:`gpuengine.fidelity.FidelityReport`), also in the run record."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -179,6 +182,10 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
     writer = StoreWriter(config.out)
     try:
         precision = run_precision(config, fam)
+        if precision == "fp8" and runner_factory is None:  # ESM-2, capable GPUs (issue 17)
+            from gpuengine.models.fp8 import check_fp8_run
+
+            check_fp8_run(fam.name, parse_devices(config.devices))
         conflict_check = _store_conflict_check(writer, config, max_residues, precision)
         if records is None:
             progress.stage("validating input")
@@ -374,12 +381,16 @@ class _Run:
                             LOOKUP_CHUNK)
 
     def _execute(self) -> None:
+        self._fidelity_guard()
         workers = self._start_workers()
         run_id = _run_id(self.config, self.spec)
         self.summary.run_id = run_id
-        self.summary.run_started = self.writer.begin_run(run_id, {"command": "embed", "engine_version": __version__,
-                                       "inputs": [str(p) for p in self.config.inputs],
-                                       "precision": workers[0].runner.precision})
+        info = {"command": "embed", "engine_version": __version__,
+                "inputs": [str(p) for p in self.config.inputs],
+                "precision": workers[0].runner.precision}
+        if self.summary.fidelity is not None:
+            info["fidelity"] = self.summary.fidelity
+        self.summary.run_started = self.writer.begin_run(run_id, info)
         committer = self.committer = Committer(self.writer, self.spec.name, run_id, self.ledger)
         planner = self._planner()
         committer.start()
@@ -403,6 +414,20 @@ class _Run:
         self.writer.finish_run(run_id, status, {"failed": len(self.summary.failed),
                                                 "embedded": self.summary.embedded,
                                                 "committed_records": self.summary.committed_records})
+
+    def _fidelity_guard(self) -> None:
+        """A lossy precision (fp8) is measured against fp16 on an even sample of this run's
+        input, on its first device, before any replica is built or anything is written; below
+        ``fp8_min_cosine`` the run stops (:mod:`gpuengine.fidelity`)."""
+        from gpuengine.fidelity import guard_run
+
+        device = parse_devices(self.config.devices)[0]
+        report = guard_run(self.spec.precision, lambda p: self._make_runner(device, p),
+                           self.records.iterate(), self.records.count, self.tokenizer.encode,
+                           threshold=self.config.fp8_min_cosine,
+                           max_residues=self.spec.max_residues, progress=self.progress)
+        if report is not None:
+            self.summary.fidelity = report.to_json()
 
     def _commit_last(self, workers: list[DeviceWorker], committer: Committer, planner: Planner,
                      completed: bool) -> None:

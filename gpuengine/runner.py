@@ -29,7 +29,10 @@ from gpuengine.packing import WorkItem
 from gpuengine.pooling import PoolingIndex, PoolingRule, pool
 from gpuengine.store.schema import OutputSpec
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+          "fp8": torch.float16}
+"""Precision → the dtype a model is built in and its activations kept in (fp8: fp16 activations
+and residual stream around e4m3 GEMMs, see :mod:`gpuengine.models.fp8`)."""
 
 
 @dataclass
@@ -79,7 +82,8 @@ class Runner:
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str,
                  outputs: Sequence[OutputSpec], rule: PoolingRule, *, compile: bool = False,
-                 copy_stream: bool = True, kernels: str | None = None):
+                 copy_stream: bool = True, kernels: str | None = None, fp8=None,
+                 fp8_on_cpu: bool = False):
         self.device = device
         self.precision = precision
         self.dtype = DTYPES[precision]
@@ -96,7 +100,12 @@ class Runner:
             self.copy_stream = torch.cuda.Stream(device) if copy_stream else self.compute_stream
         # per-layer kernels: the model's fastest kind on a GPU when compiling (or ``kernels``)
         self.kernels = "eager"
-        if compile and self.cuda and hasattr(self.model, "set_kernels"):
+        if precision == "fp8":  # weights quantized once, here; fused kernels when compiling
+            from gpuengine.models.fp8 import DEFAULT_FP8, enable_fp8
+
+            self.kernels = enable_fp8(self.model, device, fp8 or DEFAULT_FP8, fused=compile,
+                                      allow_cpu=fp8_on_cpu)
+        elif compile and self.cuda and hasattr(self.model, "set_kernels"):
             self.kernels = kernels or self.model.fastest_kernels(device, self.attention)
             self.model.set_kernels(self.kernels)
 

@@ -25,7 +25,7 @@ SCHEMA_VERSION = 1
 
 POOLS = ("mean", "bos", "per-token")
 STORE_DTYPES = ("float16", "float32")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 """Compute precisions of the model forward (``TableSpec.precision``)."""
 RUN_STATUSES = ("running", "complete", "partial", "interrupted", "failed")
 
