@@ -85,8 +85,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     exactly this from the same fp32 values."""
     xf = x.to(torch.float32)
     amax = xf.abs().amax(dim=1, keepdim=True).clamp_min(AMAX_FLOOR)
-    q = (xf * (E4M3_MAX / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return q, amax / E4M3_MAX
+    # tensor ÷ tensor: torch computes ``scalar / t`` and ``t / scalar`` through a reciprocal,
+    # which is not the correctly rounded quotient the kernels compute (div_rn)
+    limit = torch.full_like(amax, E4M3_MAX)
+    q = (xf * (limit / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return q, amax / limit
 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -232,8 +235,10 @@ def layer_linear(layer: torch.nn.Module, name: str, x, fast_accum: bool | None =
 
 class Fp8EagerKernels:
     """One ESM-2 layer with FP8 GEMMs in torch operations (the CPU path, and the reference the
-    Triton kernels are tested against). With no GEMM in FP8 it computes exactly the eager fp16
-    layer; each FP8 GEMM's input is quantized from the fp32 value its producer computed."""
+    Triton kernels are tested against), step for step as :class:`Fp8TritonKernels`: each FP8
+    GEMM's input is quantized from the fp32 value its producer computed; an fp16 fc2 adds into
+    the residual plus its bias (``addmm``). With no GEMM in FP8 it is the fp16 layer up to that
+    order of the last addition and the fp32 rounding of LayerNorm and GELU."""
 
     kind = "fp8-eager"
     whole_layer = True
@@ -256,7 +261,11 @@ class Fp8EagerKernels:
                          layer.ffn_norm.bias.float(), layer.eps)
         f = layer_linear(layer, "fc1", _producer(h, "fc1" in gemms, x.dtype))
         g = gelu_erf(f.float())
-        return x + layer_linear(layer, "fc2", _producer(g, "fc2" in gemms, x.dtype))
+        if "fc2" in gemms:
+            return x + layer_linear(layer, "fc2", _quantize(g))
+        # an fp16 fc2 adds into the residual that already holds its bias, as the Triton path
+        residual = (x.float() + layer.fc2.bias.float()).to(x.dtype)
+        return torch.addmm(residual, g.to(x.dtype), layer.fc2.weight.t())
 
 
 def gelu_erf(x: torch.Tensor) -> torch.Tensor:

@@ -75,26 +75,27 @@ def _layer_norm_quant(x_ptr, y_ptr, res_ptr, q_ptr, s_ptr, w_ptr, b_ptr, rbias_p
 
 
 # -- rows (optionally through GELU) → e4m3, in column chunks ---------------------------------------
+# The width is a compile-time constant (one compilation per model width: static loop bounds).
 @triton.autotune(configs=[triton.Config({"BLOCK": b}, num_warps=w)
                           for b, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16))],
                  key=["n_cols", "GELU"])
 @triton.jit
-def _rows_quant(x_ptr, q_ptr, s_ptr, n_cols, x_stride, q_stride, GELU: tl.constexpr,
-                BLOCK: tl.constexpr):
+def _rows_quant(x_ptr, q_ptr, s_ptr, x_stride, q_stride, n_cols: tl.constexpr,
+                GELU: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     q_row = q_ptr + row * q_stride
     peak = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK):  # pass 1: the row's largest magnitude
-        cols = start + tl.arange(0, BLOCK)
+    for chunk in range(0, tl.cdiv(n_cols, BLOCK)):  # pass 1: the row's largest magnitude
+        cols = chunk * BLOCK + tl.arange(0, BLOCK)
         v = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         if GELU:
             v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
         peak = tl.maximum(peak, tl.abs(v))
     amax = tl.maximum(tl.max(peak, axis=0), AMAX_FLOOR)
     mult = tl.math.div_rn(tl.full(amax.shape, E4M3_MAX, tl.float32), amax)
-    for start in range(0, n_cols, BLOCK):  # pass 2 (the row is in L1/L2 now): scale, convert
-        cols = start + tl.arange(0, BLOCK)
+    for chunk in range(0, tl.cdiv(n_cols, BLOCK)):  # pass 2 (the row is in L1/L2): scale, convert
+        cols = chunk * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         v = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         if GELU:
@@ -147,8 +148,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row e4m3 quantization of a (T, n) tensor (:func:`gpuengine.models.fp8.quantize_rows`)."""
     _check(x)
     q, s = _outputs(x)
-    launch_autotuned(_rows_quant, (x.shape[0],), x, q, s, x.shape[1], x.stride(0), q.stride(0),
-                     GELU=False)
+    launch_autotuned(_rows_quant, (x.shape[0],), x, q, s, x.stride(0), q.stride(0),
+                     n_cols=x.shape[1], GELU=False)
     return q, s
 
 
@@ -157,6 +158,6 @@ def gelu_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``x``; the GELU's fp16 output is never written."""
     _check(x)
     q, s = _outputs(x)
-    launch_autotuned(_rows_quant, (x.shape[0],), x, q, s, x.shape[1], x.stride(0), q.stride(0),
-                     GELU=True)
+    launch_autotuned(_rows_quant, (x.shape[0],), x, q, s, x.stride(0), q.stride(0),
+                     n_cols=x.shape[1], GELU=True)
     return q, s
