@@ -103,7 +103,8 @@ class Runner:
         if precision == "fp8":  # weights quantized once, here; fused kernels when compiling
             from gpuengine.models.fp8 import DEFAULT_FP8, enable_fp8
 
-            self.kernels = enable_fp8(self.model, device, fp8 or DEFAULT_FP8, fused=compile,
+            fused = compile and not self.attention.prescale_q  # Triton: kernels that scale q
+            self.kernels = enable_fp8(self.model, device, fp8 or DEFAULT_FP8, fused=fused,
                                       allow_cpu=fp8_on_cpu)
         elif compile and self.cuda and hasattr(self.model, "set_kernels"):
             self.kernels = kernels or self.model.fastest_kernels(device, self.attention)

@@ -158,8 +158,10 @@ def _gemm_out_dtype(device: torch.device) -> torch.dtype:
     a = torch.zeros(16, 16, device=device).to(E4M3)
     scale_a = torch.ones(16, 1, device=device)
     scale_b = torch.ones(1, 16, device=device)
+    bias = torch.zeros(16, device=device, dtype=torch.float16)
     try:
-        torch._scaled_mm(a, a.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float16)
+        torch._scaled_mm(a, a.t(), scale_a=scale_a, scale_b=scale_b, bias=bias,
+                         out_dtype=torch.float16)
     except (RuntimeError, ValueError):
         return torch.bfloat16
     return torch.float16
