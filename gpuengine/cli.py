@@ -230,8 +230,9 @@ def predict(
                                        "\\[default: <input base>_merged/ next to the input]"),
     store: Optional[Path] = typer.Option(None, "--store", help="Embedding store. "
                                          "\\[default: <out>/embeddings.lmdb]"),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16 or bf16. "
-                                            "\\[default: fp32 on CPU, fp16 on GPU]"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32, fp16, bf16 or fp8 "
+                                            "(fp8: the ESM-2 stage, guarded; DNABERT-S stays "
+                                            "fp16). \\[default: fp32 on CPU, fp16 on GPU]"),
     gpus: str = typer.Option("auto", "--gpus", help="auto, all, cpu, or ordinals like 0,1."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Upper bound on tokens "
                                              "per batch. \\[default: from device memory]"),

@@ -30,17 +30,20 @@ import triton.language as tl
 
 from gpuengine.models.triton_support import launch_autotuned
 
-E4M3_MAX = 448.0
-AMAX_FLOOR = 1e-12
+E4M3_MAX = tl.constexpr(448.0)  # a kernel reads module globals only when they are constexpr
+AMAX_FLOOR = tl.constexpr(1e-12)
 
 
 @triton.jit
 def _quantize_store(v, q_ptrs, s_ptr, mask, amax):
+    """Quantize the row ``v`` whose largest magnitude is the scalar ``amax``; store the e4m3
+    values and the row's scale. Both divisions correctly rounded (``div_rn``: Triton's ``/``
+    on fp32 is the approximate ``div.full``)."""
+    limit = tl.full([], E4M3_MAX, tl.float32)
     amax = tl.maximum(amax, AMAX_FLOOR)
-    mult = tl.math.div_rn(tl.full(amax.shape, E4M3_MAX, tl.float32), amax)
-    q = tl.minimum(tl.maximum(v * mult, -E4M3_MAX), E4M3_MAX)
+    q = tl.minimum(tl.maximum(v * tl.math.div_rn(limit, amax), -E4M3_MAX), E4M3_MAX)
     tl.store(q_ptrs, q.to(tl.float8e4nv), mask=mask)
-    tl.store(s_ptr, tl.math.div_rn(amax, tl.full(amax.shape, E4M3_MAX, tl.float32)))
+    tl.store(s_ptr, tl.math.div_rn(amax, limit))
 
 
 # -- LayerNorm (after an optional residual add) → e4m3 ---------------------------------------------
@@ -92,8 +95,9 @@ def _rows_quant(x_ptr, q_ptr, s_ptr, x_stride, q_stride, n_cols: tl.constexpr,
         if GELU:
             v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
         peak = tl.maximum(peak, tl.abs(v))
+    limit = tl.full([], E4M3_MAX, tl.float32)
     amax = tl.maximum(tl.max(peak, axis=0), AMAX_FLOOR)
-    mult = tl.math.div_rn(tl.full(amax.shape, E4M3_MAX, tl.float32), amax)
+    mult = tl.math.div_rn(limit, amax)
     for chunk in range(0, tl.cdiv(n_cols, BLOCK)):  # pass 2 (the row is in L1/L2): scale, convert
         cols = chunk * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -102,7 +106,7 @@ def _rows_quant(x_ptr, q_ptr, s_ptr, x_stride, q_stride, n_cols: tl.constexpr,
             v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
         q = tl.minimum(tl.maximum(v * mult, -E4M3_MAX), E4M3_MAX)
         tl.store(q_row + cols, q.to(tl.float8e4nv), mask=mask)
-    tl.store(s_ptr + row, tl.math.div_rn(amax, tl.full(amax.shape, E4M3_MAX, tl.float32)))
+    tl.store(s_ptr + row, tl.math.div_rn(amax, limit))
 
 
 def _check(x: torch.Tensor, *others: torch.Tensor) -> None:

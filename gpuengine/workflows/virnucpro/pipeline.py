@@ -157,7 +157,8 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
                               counts["frames"], counts[column])
         embed_config = EmbedConfig(
             inputs=(config.reads,), model=model, out=config.store_path, layers=layers,
-            pools=("mean",), precision=config.precision, table=name, devices=config.devices,
+            pools=("mean",), precision=_stage_precision(config.precision, name),
+            table=name, devices=config.devices,
             max_tokens=config.max_tokens, allow_download=config.allow_download,
             max_residues=None, env=environment())
         with stage(name):
@@ -178,6 +179,12 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
     with stage("score"):
         summary.virus_chunks = _score(config, report, load_classifier, summary)
     return summary
+
+
+def _stage_precision(precision: str | None, stage: str) -> str | None:
+    """``--precision fp8`` runs the ESM-2 stage in FP8 (guarded, see gpuengine.fidelity); the
+    DNABERT-S stage, which FP8 does not cover, keeps its GPU default (fp16)."""
+    return None if precision == "fp8" and stage == "dnabert" else precision
 
 
 def _validate_reads(config: PredictConfig, alphabet: frozenset[str]) -> ValidationReport:
