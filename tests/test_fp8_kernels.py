@@ -180,3 +180,31 @@ def test_fused_quantization_kernels_match_eager_quantization():
 @pytest.mark.slow
 def test_fp8_triton_layers_match_eager_fp8_layers():
     run_interpreted(LAYERS)
+
+
+def test_fp8_kernels_compile_for_hopper():
+    """Compiled (not interpreted) for sm_90 without a GPU: what the interpreter does not check
+    (constexpr globals, types), and that the conversion is the hardware's round-to-nearest-even
+    ``cvt.rn.satfinite.e4m3x2.f32`` with correctly rounded divisions for the scales."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from gpuengine.models import fp8_triton as fq
+
+    def ptx(kernel, signature, constexprs):
+        source = ASTSource(fn=kernel.fn, signature=signature, constexprs=constexprs)
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 8}).asm["ptx"]
+
+    rows = {"x_ptr": "*fp16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "x_stride": "i32",
+            "q_stride": "i32", "n_cols": "constexpr", "GELU": "constexpr", "BLOCK": "constexpr"}
+    norm = {"x_ptr": "*fp16", "y_ptr": "*fp16", "res_ptr": "*fp16", "q_ptr": "*fp8e4nv",
+            "s_ptr": "*fp32", "w_ptr": "*fp16", "b_ptr": "*fp16", "rbias_ptr": "*fp16",
+            "n_cols": "i32", "stride": "i32", "q_stride": "i32", "eps": "fp32",
+            "HAS_Y": "constexpr", "HAS_RBIAS": "constexpr", "BLOCK": "constexpr"}
+    for code in (ptx(fq._rows_quant, rows, {"n_cols": 10240, "GELU": True, "BLOCK": 2048}),
+                 ptx(fq._layer_norm_quant, norm, {"HAS_Y": True, "HAS_RBIAS": True,
+                                                  "BLOCK": 4096})):
+        assert "cvt.rn.satfinite.e4m3x2.f32" in code
+        assert code.count("div.rn.f32") == 2  # 448 / amax and amax / 448
