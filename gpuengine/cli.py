@@ -27,6 +27,7 @@ HELP = """Exact, packed protein (ESM-2) and DNA (DNABERT-S) embeddings on every 
   gpuengine embed a.fa b.fa.gz -m esm2_t36_3B_UR50D.pt -o store.lmdb --layers 20,-1 --pool mean,bos
   gpuengine lookup proteins.lmdb P12345 --json
   gpuengine info proteins.lmdb
+  gpuengine merge all.lmdb out/shards --verify        (or: gpuengine merge all.lmdb a.lmdb b.lmdb)
   gpuengine export proteins.lmdb --format npz -o proteins.npz
   gpuengine export proteins.lmdb --format hdf5 -o embeddings.h5   (or fair-esm -o esm_out/)
   gpuengine predict reads.fasta --length 500 --classifier 500_model.pth
@@ -292,9 +293,11 @@ def _positional_length(text: str) -> int:
         raise UsageError(f"LENGTH {text!r}: expected the chunk length, 300 or 500") from None
 
 
-@app.command(epilog="Example: gpuengine lookup proteins.lmdb P12345 Q67890 --json")
+@app.command(epilog="Examples: gpuengine lookup proteins.lmdb P12345 Q67890 --json;  "
+                    "gpuengine lookup out/shards P12345")
 def lookup(
-    store: Path = typer.Argument(..., help="An LMDB store written by gpuengine embed."),
+    store: Path = typer.Argument(..., help="An LMDB store written by gpuengine embed, or a "
+                                 "directory of stores (such as out/shards/) read as one."),
     ids: List[str] = typer.Argument(..., help="Record ids (the FASTA header up to the first space)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per id on stdout."),
     table: Optional[str] = typer.Option(None, "--table", help="Table to read. "
@@ -328,16 +331,26 @@ def lookup(
                                    + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")))
 
 
-@app.command(epilog="Example: gpuengine info proteins.lmdb --json")
-def info(store: Path = typer.Argument(..., help="An LMDB store."),
+@app.command(epilog="Examples: gpuengine info proteins.lmdb --json;  gpuengine info "
+                    "out/shards;  gpuengine info a.lmdb b.lmdb")
+def info(stores: List[Path] = typer.Argument(..., help="An LMDB store; several stores, or a "
+                                             "directory of stores, are described as one "
+                                             "(counts summed over them).", show_default=False),
          table: Optional[str] = typer.Option(None, "--table", help="Describe only this table. "
                                              "\\[default: every table]"),
          as_json: bool = typer.Option(False, "--json", help="Print JSON on stdout.")) -> None:
     """Describe a store: schema, tables (model, layers, pooling, dtype), counts, size."""
     from gpuengine.store.reader import store_info
+    from gpuengine.store.sources import expand_stores
 
     try:
-        data = store_info(store, table=table)
+        several = stores if len(stores) > 1 else expand_stores(stores[0])
+        if several:
+            from gpuengine.store.multi import stores_info
+
+            data = stores_info(several, table=table)
+        else:
+            data = store_info(stores[0], table=table)
     except GpuEngineError as exc:
         raise _fail(exc) from None
     if as_json:
@@ -367,9 +380,12 @@ def _format_info(data: dict, indent: str = "") -> str:
 
 @app.command(epilog="Examples: gpuengine export proteins.lmdb --format npz -o proteins.npz;  "
                     "gpuengine export proteins.lmdb --format hdf5 -o reduced_embeddings_file.h5;  "
-                    "gpuengine export proteins.lmdb --format fair-esm -o esm_out/")
+                    "gpuengine export proteins.lmdb --format fair-esm -o esm_out/;  "
+                    "gpuengine export out/shards -o all.npz")
 def export(
-    store: Path = typer.Argument(..., help="An LMDB store."),
+    stores: List[Path] = typer.Argument(..., help="An LMDB store; several stores, or a "
+                                        "directory of stores, are exported as one (each id "
+                                        "once).", show_default=False),
     output: Path = typer.Option(..., "--output", "-o", help="File to write (a directory for "
                                 "fair-esm)."),
     fmt: str = typer.Option("npz", "--format", "-f", help="npz (ids, embeddings matrix), tsv, "
@@ -386,13 +402,57 @@ def export(
     from gpuengine.export import export_store
 
     try:
-        done = export_store(store, output, fmt, table=table, layer=layer, pool=pool)
+        done = export_store(stores[0] if len(stores) == 1 else stores, output, fmt,
+                            table=table, layer=layer, pool=pool)
     except GpuEngineError as exc:
         raise _fail(exc) from None
     from gpuengine.display import stderr
 
     stderr.print(f"exported {done.count:,} embeddings (table {done.table}, "
                  f"{', '.join(done.outputs)}) to {output}", markup=False, highlight=False)
+
+
+@app.command(epilog="Examples: gpuengine merge all.lmdb out/shards;  gpuengine merge "
+                    "all.lmdb a.lmdb b.lmdb c.lmdb --verify;  gpuengine merge proteins.lmdb "
+                    "new.lmdb --json > merge.json")
+def merge(
+    out: Path = typer.Argument(..., help="The merged store: created, or added to when it "
+                               "exists.", show_default=False),
+    stores: List[Path] = typer.Argument(..., help="Stores to merge, or directories of stores "
+                                        "(such as out/shards/), in order: the first copy of "
+                                        "an id or vector is kept.", show_default=False),
+    verify: bool = typer.Option(False, "--verify", help="Afterwards, read every vector and id "
+                                "of every input again and compare it with OUT (exit 1 on any "
+                                "difference)."),
+    transaction_mb: float = typer.Option(256.0, "--transaction-mb", help="Vector MiB per "
+                                         "write transaction: fewer, larger commits are faster; "
+                                         "a kill loses at most one."),
+    json_summary: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; warnings only."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging."),
+) -> None:
+    """Merge stores (the shards of a cluster run, or any stores of the same model and
+    options) into one. Exactly once and restartable: after a kill, run the same command."""
+    from gpuengine.display import MergeBar, print_merge_summary, setup_logging
+    from gpuengine.store.merge import merge_stores
+
+    setup_logging(verbose, quiet)
+    bar = MergeBar(enabled=not quiet)
+    try:
+        if not transaction_mb > 0:
+            raise UsageError(f"--transaction-mb {transaction_mb}: expected a positive size")
+        with _stop_on_signals() as stop:
+            summary = merge_stores(out, stores, verify=verify, progress=bar, stop=stop,
+                                   transaction_bytes=max(1, int(transaction_mb * (1 << 20))))
+    except GpuEngineError as exc:
+        bar.close()
+        raise _fail(exc) from None
+    bar.close()
+    if not quiet:
+        print_merge_summary(summary)
+    if json_summary:
+        typer.echo(json.dumps(summary.to_json(), indent=2, default=str))
+    raise typer.Exit(summary.exit_code)
 
 
 @app.command(epilog="Example: gpuengine devices --model esm2_t36_3B_UR50D")

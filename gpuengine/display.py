@@ -174,3 +174,101 @@ def print_summary(summary, console: Console | None = None) -> None:
     if summary.interrupted:
         console.print("[yellow]interrupted[/yellow]: everything committed so far is safe; "
                      "run the same command again to finish")
+
+
+class MergeBar:
+    """``gpuengine merge``'s progress (a :class:`~gpuengine.store.merge.MergeProgress`): one
+    bar per stage with vectors/s and MB/s; a log line every ``log_every`` seconds when
+    stderr is not a terminal."""
+
+    def __init__(self, enabled: bool = True, log_every: float = 30.0):
+        self.enabled = enabled
+        self.live = enabled and stderr.is_terminal
+        self._log_every = log_every
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+
+    def stage(self, message: str) -> None:
+        if self.enabled:
+            logging.getLogger("gpuengine").info(message)
+
+    def start(self, what: str, total: int) -> None:
+        import time
+
+        self._what, self._total, self._done, self._bytes = what, total, 0, 0
+        self._started = self._last_log = time.perf_counter()
+        if not self.live:
+            self.stage(f"{what}: {total:,}")
+            return
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=stderr, transient=False, refresh_per_second=4)
+            self._progress.start()
+        self._task = self._progress.add_task(what, total=total, rate="")
+
+    def advance(self, done: int, nbytes: int = 0) -> None:
+        import time
+
+        self._done += done
+        self._bytes += nbytes
+        now = time.perf_counter()
+        elapsed = max(now - self._started, 1e-9)
+        rate = f"{self._done / elapsed:,.0f}/s" + (f"  {self._bytes / elapsed / 1e6:,.0f} MB/s"
+                                                  if self._bytes else "")
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, completed=self._done, rate=rate)
+        elif self.enabled and now - self._last_log >= self._log_every:
+            self._last_log = now
+            logging.getLogger("gpuengine").info("%s: %d/%d, %s", self._what, self._done,
+                                                self._total, rate)
+
+    def close(self) -> None:
+        if self._progress:
+            self._progress.stop()
+            self._progress = None
+
+
+def print_merge_summary(summary) -> None:
+    """The closing summary of ``gpuengine merge`` (stderr)."""
+    how = ("already complete: nothing to do" if summary.already_complete
+           else "continued an interrupted merge" if summary.resumed
+           else "started over (an input changed since the interrupted merge)"
+           if summary.restarted else "new merge")
+    table = Table(title="gpuengine merge: summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [("output", f"{summary.out} ({how})"), ("inputs", f"{len(summary.stores)} stores"),
+            ("merge record", summary.run_id)]
+    for name, c in summary.tables.items():
+        rows.append((f"table {name}",
+                     f"{c.get('emb_added', 0):,} vectors and {c.get('ids_added', 0):,} ids "
+                     f"written; {c.get('emb_duplicates', 0):,} vectors and "
+                     f"{c.get('ids_duplicates', 0):,} ids already there (kept once)"))
+        if c.get("emb_differing"):
+            rows.append(("  same sequence, other bytes",
+                         f"{c['emb_differing']:,} (the first copy kept; "
+                         f"{c.get('emb_differing_existing', 0):,} of them OUT's own)"))
+    rows += [("run records carried", summary.runs_carried),
+             ("read this time", f"{summary.vectors_read:,} vectors, "
+                                f"{summary.bytes_read / 1e6:,.1f} MB, {summary.ids_read:,} ids "
+                                f"in {summary.transactions:,} transactions"),
+             ("wall time", f"{summary.seconds:.1f} s ({summary.merge_seconds:.1f} s merging)"
+                           + (f", verify {summary.verify_seconds:.1f} s"
+                              if summary.verify is not None else "")),
+             ("vectors/s (merging)", f"{summary.vectors_per_second:,.0f} "
+                                     f"({summary.megabytes_per_second:,.0f} MB/s)")]
+    verify = summary.verify
+    if verify is not None:
+        rows.append(("verify", f"{verify.vectors:,} vectors and {verify.ids:,} ids compared: "
+                               + ("identical" if verify.ok else
+                                  f"{verify.differences:,} differences")))
+    for name, value in rows:
+        table.add_row(name, Text(f"{value:,}" if isinstance(value, int) else str(value)))
+    stderr.print(table)
+    for example in (verify.examples if verify is not None else []):
+        stderr.print(Text.assemble(("difference", "red"), f" {example}"), highlight=False)
+    if summary.interrupted:
+        stderr.print("[yellow]interrupted[/yellow]: everything committed so far is safe; "
+                     "run the same command again to finish")

@@ -143,12 +143,18 @@ FAST = {
     "serve-predict-without-length": ("serve --watch {base}/w1 --store {new} --job predict", 2),
     "devices-bad-option": ("devices --frobnicate", 2),
     "status-no-argument": ("status", 2),
+    "merge-no-input": ("merge {new}", 2),
+    "merge-into-a-file": ("merge {file} {multi}", 1),
+    "merge-into-plain-lmdb": ("merge {lmdb} {multi}", 1),
+    "merge-into-itself": ("merge {multi} {multi}", 2),
+    "merge-bad-transaction-size": ("merge {new} {multi} --transaction-mb -1", 2),
 }
 for _target in TARGETS:
     FAST[f"info-{_target}"] = (f"info {{{_target}}}", 1)
     FAST[f"lookup-{_target}"] = (f"lookup {{{_target}}} r1", 1)
     FAST[f"export-{_target}"] = (f"export {{{_target}}} -o {{base}}/{_target}.npz", 1)
     FAST[f"status-{_target}"] = (f"status {{{_target}}}", 1)
+    FAST[f"merge-{_target}"] = (f"merge {{new}} {{{_target}}}", 1)
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,22 @@
-"""Shared by the benchmark scripts: drive the engine's device worker over prepared items, and
-profile a runner's kernels."""
+"""Shared by the benchmark scripts: the rows they append to a results.jsonl (the run's header
+and ``--commit``), driving the engine's device worker over prepared items, profiling a runner's
+kernels, the host pipeline with a no-op runner, and the GEMM ceiling with the clocks NVML reports
+meanwhile."""
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
 import json
+import os
 import queue
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gpuengine.budget import TokenBudget
@@ -18,15 +25,94 @@ from gpuengine.scheduler import Scheduler
 from gpuengine.worker import DeviceWorker, WorkerExit
 
 
+# -- results rows -------------------------------------------------------------------------------
+
+def add_commit_option(parser: argparse.ArgumentParser) -> None:
+    """``--commit``: the commit every row names (default ``$GPUENGINE_COMMIT``, else "unknown":
+    the device machine's copy of the tree has no git history)."""
+    parser.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
+
+
+def gpu_label() -> str:
+    """GPU 0's name, or ``none (CPU, N cores)`` on a machine without CUDA."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"none (CPU, {os.cpu_count()} cores)"
+
+
+def require_cuda(script: str) -> None:
+    """Stop with a message, before any work, where there is no CUDA GPU."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"tools/{Path(script).name} needs a CUDA GPU")
+
+
+class ResultsLog:
+    """One run's rows of a results.jsonl. Every row starts with the run's header (``date`` of
+    the row, ``commit``, ``gpu``, ``n_gpus``, ``command``: the script's command line, ``torch``:
+    its version), then the script's ``fields`` common to all its rows, then the measurement;
+    a later key replaces an earlier one. ``with_torch=False`` leaves ``torch`` out (the rows
+    of ``bench_predict.py`` have never carried it)."""
+
+    def __init__(self, out: Path, commit: str, script: str, *, n_gpus: int = 1,
+                 with_torch: bool = True, **fields):
+        self.out = Path(out)
+        self.header = {"commit": commit, "gpu": gpu_label(), "n_gpus": n_gpus,
+                       "command": f"python tools/{Path(script).name} " + " ".join(sys.argv[1:])}
+        if with_torch:
+            self.header["torch"] = torch.__version__
+        self.header.update(fields)
+
+    def row(self, **measurement) -> dict:
+        """The row for ``measurement``, dated now (not written)."""
+        row = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        row.update(self.header)
+        row.update(measurement)
+        return row
+
+    def append(self, **measurement) -> dict:
+        """Append the row for ``measurement`` to the file, one JSON line; returns the row."""
+        row = self.row(**measurement)
+        with open(self.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+
+# -- inputs and checks -------------------------------------------------------------------------
+
+def write_reads_fasta(path: Path, count: int, draw, block: int = 100_000) -> Path:
+    """A FASTA of ``count`` reads named ``read0``, ``read1``, …, drawn ``block`` at a time:
+    ``draw(n)`` returns an (n, length) uint8 array of bases, one read a row."""
+    with open(path, "w") as f:
+        for start in range(0, count, block):
+            rows = draw(min(block, count - start))
+            f.write("".join(f">read{start + i}\n{row.tobytes().decode()}\n"
+                            for i, row in enumerate(rows)))
+    return Path(path)
+
+
+def cosine_summary(a: np.ndarray, b: np.ndarray) -> dict:
+    """``min_cosine`` and ``mean_cosine`` between each row of ``a`` and the same row of ``b``."""
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+
+
+def closed_scheduler(items) -> Scheduler:
+    """A scheduler holding ``items`` and closed: its batches end when they run out."""
+    sched = Scheduler()
+    sched.submit(items)
+    sched.close()
+    return sched
+
+
+# -- the device worker and its kernels -----------------------------------------------------------
+
 def drive_worker(runner, items, budget: int, depth: int = 2, calibrate: bool = True) -> dict:
     """The engine's device pipeline without input parsing or the store: scheduler → worker
     thread (stage + launch batch k+1, then finish batch k) → results, after a warm-up batch at
     the full budget. Returns tokens, residues, sequences, seconds and the busy fraction."""
     if calibrate:
         runner.calibrate(budget)
-    sched = Scheduler()
-    sched.submit(items)
-    sched.close()
+    sched = closed_scheduler(items)
     outbox, halt = queue.Queue(), threading.Event()
     worker = DeviceWorker(0, runner, TokenBudget(budget, budget), sched, outbox, halt, depth=depth)
     torch.cuda.synchronize()
@@ -56,9 +142,7 @@ def profile_batches(runner, items, budget: int, path: Path, row_limit: int = 25)
     printed and written to ``path``."""
     from torch.profiler import ProfilerActivity, profile
 
-    sched = Scheduler()
-    sched.submit(items)
-    sched.close()
+    sched = closed_scheduler(items)
     batches = [sched.next_batch(0, budget).items for _ in range(3)]
     runner.embed(batches[0])
     torch.cuda.synchronize()
@@ -111,6 +195,65 @@ def kernel_timeline(runner, items, budget: int, path: Path | None = None, top: i
     print(text, flush=True)
     if path is not None:
         Path(path).write_text(text + "\n")
+    return summary
+
+
+# -- the host pipeline --------------------------------------------------------------------------
+
+class NoopRunner:
+    """Replaces the GPU step: returns zero vectors of width ``dim`` at once (measures the host
+    pipeline). :meth:`factory` makes the ``runner_factory`` that ``run_embed`` calls."""
+
+    cuda = False
+    padded = False
+    precision = "fp32"
+
+    def __init__(self, outputs, dim: int):
+        self.device, self.outputs, self.dim = torch.device("cpu"), outputs, dim
+
+    @classmethod
+    def factory(cls, dim: int):
+        """A ``runner_factory(device, precision, outputs)`` making no-op runners of width ``dim``."""
+        def make(device, precision, outputs):
+            return cls(outputs, dim)
+        return make
+
+    def stage(self, items):
+        return items
+
+    def launch(self, items):
+        return items
+
+    def finish(self, items):
+        from gpuengine.runner import EmbeddedBatch
+
+        zeros = np.zeros(self.dim, np.float32)
+        return EmbeddedBatch({o: [zeros] * len(items) for o in self.outputs},
+                             np.ones(len(items), bool), sum(i.n_tokens for i in items), 0.0)
+
+    def release_cached_memory(self):
+        pass
+
+    def calibrate(self, tokens):
+        return 0
+
+
+def run_e2e(model, fasta, budget, workdir, *, noop_dim: int | None = None):
+    """`gpuengine embed` in-process: FASTA → validate → plan → devices → LMDB commit, into a
+    store under ``workdir`` removed before and after. With ``noop_dim`` the GPU step is a
+    :class:`NoopRunner` of that width on the CPU (the host pipeline); else fp16 on every GPU."""
+    import shutil
+
+    from gpuengine.config import EmbedConfig
+    from gpuengine.engine import run_embed
+
+    noop = noop_dim is not None
+    store = Path(workdir) / ("host.lmdb" if noop else "e2e.lmdb")
+    shutil.rmtree(store, ignore_errors=True)
+    cfg = EmbedConfig(inputs=(Path(fasta),), model=str(model), out=store, max_tokens=budget,
+                      devices="cpu" if noop else "auto", precision=None if noop else "fp16")
+    summary = run_embed(cfg, runner_factory=NoopRunner.factory(noop_dim) if noop else None)
+    shutil.rmtree(store, ignore_errors=True)
     return summary
 
 
@@ -167,3 +310,29 @@ class GpuClocks:
                 "power_capped": round(sum(s[2] for s in self.samples) / n, 3),
                 "slowdown": round(sum(s[3] for s in self.samples) / n, 3),
                 "clock_samples": n}
+
+
+def gemm_rate(d: int, seconds: float = 0.0, *, products: int = 20,
+              warmup: int = 3) -> tuple[float, dict]:
+    """FLOP/s of a bf16 GEMM of 16384 × d by d × 4d (the ceiling's rate; DNABERT-S: 768 × 3072),
+    timed with CUDA events over ``products`` back-to-back products after ``warmup`` (the burst
+    rate, the ceiling the goals are stated against), or repeated for ``seconds`` (sustained);
+    with the SM clock and power NVML reported meanwhile (:class:`GpuClocks` summary)."""
+    a = torch.randn(16384, d, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(d, 4 * d, device="cuda", dtype=torch.bfloat16)
+    for _ in range(warmup):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    with GpuClocks(0.005) as clocks:
+        start.record()
+        while n == 0 or time.perf_counter() - t0 < seconds:
+            for _ in range(products):
+                a @ b
+            n += products
+            if seconds:
+                torch.cuda.synchronize()
+        end.record()
+        torch.cuda.synchronize()
+    return n * 2 * 16384 * d * 4 * d / (start.elapsed_time(end) / 1000), clocks.summary()

@@ -19,9 +19,7 @@ FLOPs per token: layers · (2·(d·3d + d² + d·2·I + I·d) + 4·L·d).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,7 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import drive_worker, kernel_timeline, profile_batches  # noqa: E402
+from bench_common import (ResultsLog, add_commit_option, cosine_summary, drive_worker,  # noqa: E402
+                          gemm_rate, kernel_timeline, profile_batches, require_cuda)
 from gpuengine.dna_tokenizer import DnaTokenizer  # noqa: E402
 from gpuengine.models.dnabert_s import alibi_slopes  # noqa: E402
 from gpuengine.models.dnabert_s_weights import build_dnabert_s, read_dnabert_s  # noqa: E402
@@ -53,19 +52,6 @@ def reads(length: int, n: int, rng) -> list[str]:
 def flops_per_token(cfg, mean_len: float) -> float:
     d, i = cfg.embed_dim, cfg.intermediate_size
     return cfg.num_layers * (2 * (d * 3 * d + d * d + d * 2 * i + i * d) + 4 * mean_len * d)
-
-
-def gemm_rate() -> float:
-    a = torch.randn(16384, 768, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(768, 3072, device="cuda", dtype=torch.bfloat16)
-    for _ in range(5):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(200):
-        a @ b
-    torch.cuda.synchronize()
-    return 200 * 2 * 16384 * 768 * 3072 / (time.perf_counter() - start)
 
 
 def padded_forward(sd, cfg, ids, mask, slopes):
@@ -126,7 +112,7 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=60000)
     ap.add_argument("--budget", type=int, default=65536)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
-    ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
+    add_commit_option(ap)
     ap.add_argument("--variants", action="store_true", help="also time the variants")
     ap.add_argument("--workloads", default="dna150,dna500")
     ap.add_argument("--no-cosine", action="store_true", help="skip the precision check")
@@ -136,16 +122,11 @@ def main() -> None:
     ap.add_argument("--timeline", action="store_true",
                     help="GPU idle gaps between kernels in the steady state (dna150/dna500, after timing)")
     args = ap.parse_args()
-    command = "python tools/bench_dnabert.py " + " ".join(sys.argv[1:])
-    gpu = torch.cuda.get_device_name(0)
+    require_cuda(__file__)
+    log = ResultsLog(args.out, args.commit, __file__, model="dnabert-s")
 
     def emit(**rec):
-        base = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "commit": args.commit, "gpu": gpu, "n_gpus": 1, "command": command,
-                "model": "dnabert-s", "torch": torch.__version__}
-        base.update(rec)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(base) + "\n")
+        log.append(**rec)
         print(json.dumps(rec), flush=True)
 
     directory = args.workdir / "DNABERT-S_random"
@@ -153,7 +134,7 @@ def main() -> None:
         write_dnabert_s(directory, seed=0)
     cfg, state, _ = read_dnabert_s(directory)
     tok = DnaTokenizer.from_directory(directory)
-    rate = gemm_rate()
+    rate, _ = gemm_rate(cfg.embed_dim, products=200, warmup=5)  # d 768: 16384 × 768 by 768 × 3072
     rng = np.random.default_rng(0)
     # precision check
     sample = reads(150, 48, rng) + reads(500, 16, rng)
@@ -174,9 +155,7 @@ def main() -> None:
             vecs[precision] = np.stack(runner.embed(items).vectors[OutputSpec(cfg.num_layers, "mean")])
         cos = {}
         for p in ("fp16", "bf16"):
-            a, b = vecs[p], vecs["fp32"]
-            c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-            cos[p] = {"min_cosine": float(c.min()), "mean_cosine": float(c.mean())}
+            cos[p] = cosine_summary(vecs[p], vecs["fp32"])
         # the same check for the plain padded forward (the baseline below): how far half precision
         # itself moves these random-weight embeddings, independently of our kernels
         slopes = torch.tensor(alibi_slopes(cfg.attention_heads), device="cuda")
@@ -195,9 +174,7 @@ def main() -> None:
                     rows.append(padded_forward(sd, cfg, ids, torch.ones_like(ids), slopes)[0].cpu().numpy())
             ref[name] = np.stack(rows)
         for p in ("fp16", "bf16", "bf16-weights"):
-            a, b = ref[p], ref["fp32"]
-            c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-            cos[f"padded_reference_{p}"] = {"min_cosine": float(c.min()), "mean_cosine": float(c.mean())}
+            cos[f"padded_reference_{p}"] = cosine_summary(ref[p], ref["fp32"])
         emit(workload="dna150+dna500", system="cosine-vs-fp32", precision="fp16/bf16",
              tokens_per_s=None, sequences_per_s=None, **cos)
     runner = make_runner("fp16")

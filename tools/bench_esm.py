@@ -28,7 +28,6 @@ unit: GEMM FLOP/s ÷ FLOPs per residue, where a sequence of L residues costs
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
@@ -42,12 +41,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import GpuClocks, drive_worker, profile_batches  # noqa: E402
+from bench_common import (GpuClocks, ResultsLog, add_commit_option, closed_scheduler,  # noqa: E402
+                          cosine_summary, drive_worker, gemm_rate, profile_batches, run_e2e)
 from gpuengine.models.esm2_weights import build_esm2  # noqa: E402
 from gpuengine.packing import WorkItem  # noqa: E402
 from gpuengine.pooling import PoolingRule  # noqa: E402
 from gpuengine.runner import Runner  # noqa: E402
-from gpuengine.scheduler import Scheduler  # noqa: E402
 from gpuengine.store.codec import sequence_digest  # noqa: E402
 from gpuengine.store.schema import OutputSpec  # noqa: E402
 from gpuengine.synthetic import ESM2_SHAPES, random_esm2_state  # noqa: E402
@@ -92,30 +91,6 @@ def timed(fn, sync=True) -> float:
 
 # -- systems ------------------------------------------------------------------------------------
 
-def gemm_rate(d: int, seconds: float = 0.0) -> tuple[float, dict]:
-    """bf16 GEMM of 16384 × d by d × 4d: TFLOP/s over 20 back-to-back products after a warm-up
-    (the burst rate, the ceiling the goals are stated against), or sustained for ``seconds``;
-    with the SM clock and power NVML reported meanwhile."""
-    a = torch.randn(16384, d, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(d, 4 * d, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 0
-    with GpuClocks(0.005) as clocks:
-        start.record()
-        while n == 0 or time.perf_counter() - t0 < seconds:
-            for _ in range(20):
-                a @ b
-            n += 20
-            if seconds:
-                torch.cuda.synchronize()
-        end.record()
-        torch.cuda.synchronize()
-    return n * 2 * 16384 * d * 4 * d / (start.elapsed_time(end) / 1000), clocks.summary()
-
-
 def make_runner(model, precision, compile_kernels=True, copy_stream=True, kernels=None,
                 attention=None):
     runner = Runner(model, torch.device("cuda"), precision, [OutputSpec(model.num_layers, "mean")],
@@ -149,9 +124,7 @@ def run_pipeline(runner, seqs, budget, depth=2):
 def run_sync(runner, seqs, budget):
     """Diagnostic: every batch staged, launched and finished in turn on the calling thread."""
     runner.calibrate(budget)
-    sched = Scheduler()
-    sched.submit(_items(seqs))
-    sched.close()
+    sched = closed_scheduler(_items(seqs))
     batches = []
     while (b := sched.next_batch(0, budget)) is not None:
         batches.append(b.items)
@@ -169,61 +142,9 @@ def write_fasta(path, seqs):
     return path
 
 
-def run_e2e(pt_path, fasta, budget, workdir, *, noop=False):
-    """`gpuengine embed` in-process: FASTA → validate → plan → devices → LMDB commit."""
-    import shutil
-
-    from gpuengine.config import EmbedConfig
-    from gpuengine.engine import run_embed
-
-    store = Path(workdir) / ("host.lmdb" if noop else "e2e.lmdb")
-    shutil.rmtree(store, ignore_errors=True)
-    cfg = EmbedConfig(inputs=(Path(fasta),), model=str(pt_path), out=store, max_tokens=budget,
-                      devices="cpu" if noop else "auto", precision=None if noop else "fp16")
-    summary = run_embed(cfg, runner_factory=NoopRunner.factory if noop else None)
-    shutil.rmtree(store, ignore_errors=True)
-    return summary
-
-
-class NoopRunner:
-    """Replaces the GPU step: returns zero vectors at once (measures the host pipeline)."""
-
-    cuda = False
-    padded = False
-    precision = "fp32"
-
-    def __init__(self, outputs, dim):
-        self.device, self.outputs, self.dim = torch.device("cpu"), outputs, dim
-
-    @classmethod
-    def factory(cls, device, precision, outputs):
-        return cls(outputs, NoopRunner.dim_hint)
-
-    def stage(self, items):
-        return items
-
-    def launch(self, items):
-        return items
-
-    def finish(self, items):
-        from gpuengine.runner import EmbeddedBatch
-
-        zeros = np.zeros(self.dim, np.float32)
-        return EmbeddedBatch({o: [zeros] * len(items) for o in self.outputs},
-                             np.ones(len(items), bool), sum(i.n_tokens for i in items), 0.0)
-
-    def release_cached_memory(self):
-        pass
-
-    def calibrate(self, tokens):
-        return 0
-
-
 def profile_batch(runner, seqs, budget, out_dir, name="profile"):
     """Kernel time breakdown of two batches (torch.profiler), printed and saved."""
-    tok = EsmTokenizer()
-    items = [WorkItem(sequence_digest(s), tok.encode(s), len(s)) for s in seqs]
-    profile_batches(runner, items, budget, Path(out_dir) / f"{name}.txt", row_limit=22)
+    profile_batches(runner, _items(seqs), budget, Path(out_dir) / f"{name}.txt", row_limit=22)
 
 
 def gemm_skeleton(layers, d, tokens, seconds=3.0):
@@ -348,8 +269,7 @@ def cosine_check(state, layers, d, heads, n=48):
     out = {}
     for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
         model = build_esm2(cfg, dict(state), dtype)
-        tok = EsmTokenizer()
-        items = [WorkItem(sequence_digest(s), tok.encode(s), len(s)) for s in seqs]
+        items = _items(seqs)
         # fp32: the eager layers (fair-esm's numbers); half precision: the engine's default kernels
         runner = Runner(model, torch.device("cuda"), precision, [OutputSpec(layers, "mean")],
                         PoolingRule(1, 1), compile=precision != "fp32")
@@ -363,9 +283,8 @@ def cosine_check(state, layers, d, heads, n=48):
     res = {}
     for p in ("fp16", "bf16"):
         a, b = out[p], out["fp32"]
-        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-        res[p] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
-                  "max_abs_diff": float(np.abs(a - b).max()), "kernels": out[f"{p}_kernels"]}
+        res[p] = {**cosine_summary(a, b), "max_abs_diff": float(np.abs(a - b).max()),
+                  "kernels": out[f"{p}_kernels"]}
     return res
 
 
@@ -390,30 +309,22 @@ def main() -> None:
     ap.add_argument("--fair-esm-seconds", type=float, default=15.0)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
+    add_commit_option(ap)
     args = ap.parse_args()
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval / 1000)
-    command = "python tools/bench_esm.py " + " ".join(sys.argv[1:])
     systems = args.systems.split(",")
     # every system but `host` runs the model on a GPU; `host` alone runs on any machine
     needs_gpu = bool(set(systems) - {"host"})
     if needs_gpu and not torch.cuda.is_available():
         raise SystemExit(f"systems {sorted(set(systems) - {'host'})} need a CUDA GPU; on this "
                          "machine only --systems host runs")
-    gpu = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-           else f"none (CPU, {os.cpu_count()} cores)")
+    log = ResultsLog(args.out, args.commit, __file__)
     args.workdir.mkdir(parents=True, exist_ok=True)
     records = []
 
     def emit(**rec):
-        base = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "commit": args.commit, "gpu": gpu, "n_gpus": 1, "command": command,
-                "torch": torch.__version__}
-        base.update(rec)
-        records.append(base)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(base) + "\n")
+        records.append(log.append(**rec))
         print(json.dumps(rec), flush=True)
 
     for short in args.models.split(","):
@@ -533,11 +444,10 @@ def main() -> None:
                 r = run_fair_esm(state, layers, d, heads, seqs[:4000], args.fair_esm_seconds)
                 report("fair-esm-fp32", "fp32", *r, budget=2048)
             if "host" in systems and wi == 0:
-                NoopRunner.dim_hint = d
                 hrng = np.random.default_rng(7)
                 hseqs = proteins(workload_lengths(wl, int(args.host_sequences * mean_len), hrng), hrng)
                 fasta = write_fasta(args.workdir / f"host-{wl}.fa", hseqs)
-                summ = run_e2e(pt_path, fasta, args.budget, args.workdir, noop=True)
+                summ = run_e2e(pt_path, fasta, args.budget, args.workdir, noop_dim=d)
                 emit(**common, system="gpuengine-host", precision="none", tokens_per_s=summ.residues / summ.embed_seconds,
                      sequences_per_s=summ.embedded / summ.embed_seconds, wall_s=summ.wall_seconds,
                      embed_s=summ.embed_seconds, sequences=summ.embedded,

@@ -9,19 +9,16 @@ vectors into LMDB). Runs on any machine; the DNA counterpart of ``bench_esm.py -
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_esm import NoopRunner, run_e2e  # noqa: E402
+from bench_common import ResultsLog, add_commit_option, run_e2e, write_reads_fasta  # noqa: E402
 from gpuengine.synthetic import write_dnabert_s  # noqa: E402
 
 
@@ -30,7 +27,7 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=400_000)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
-    ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
+    add_commit_option(ap)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = args.workdir / "DNABERT-S_host"  # one layer: the no-op runner never runs it
@@ -40,31 +37,19 @@ def main() -> None:
     if not fasta.exists():
         rng = np.random.default_rng(7)
         bases = np.frombuffer(b"ACGT", dtype=np.uint8)
-        with open(fasta, "w") as f:
-            for start in range(0, args.reads, 100_000):
-                block = bases[rng.integers(0, 4, (min(100_000, args.reads - start), 150))]
-                f.write("".join(f">read{start + i}\n{row.tobytes().decode()}\n"
-                                for i, row in enumerate(block)))
-    NoopRunner.dim_hint = 768
-    summary = run_e2e(model, fasta, None, args.workdir, noop=True)  # budget: the CPU default
-    rec = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "commit": args.commit,
-           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
-           else f"none (CPU, {os.cpu_count()} cores)", "n_gpus": 1,
-           "command": "python tools/bench_host_dna.py " + " ".join(sys.argv[1:]),
-           "torch": torch.__version__, "model": "dnabert-s", "workload": "dna150",
-           "system": "gpuengine-host", "precision": "none",
-           "tokens_per_s": summary.tokens / summary.embed_seconds,
-           "sequences_per_s": summary.embedded / summary.embed_seconds,
-           "wall_s": summary.wall_seconds, "embed_s": summary.embed_seconds,
-           "sequences": summary.embedded, "workdir": str(args.workdir),
-           "commit_transactions": summary.commit_transactions,
-           "commit_seconds": summary.commit_seconds,
-           "commit_wait_seconds": summary.commit_wait_seconds,
-           "note": "GPU step replaced by a no-op; parse+validate+BPE tokenize+plan+schedule+commit "
-                   "(tokens_per_s: model tokens, CLS/SEP included)"}
-    with open(args.out, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+        write_reads_fasta(fasta, args.reads, lambda n: bases[rng.integers(0, 4, (n, 150))])
+    summary = run_e2e(model, fasta, None, args.workdir, noop_dim=768)  # budget: the CPU default
+    rec = ResultsLog(args.out, args.commit, __file__).append(
+        model="dnabert-s", workload="dna150", system="gpuengine-host", precision="none",
+        tokens_per_s=summary.tokens / summary.embed_seconds,
+        sequences_per_s=summary.embedded / summary.embed_seconds,
+        wall_s=summary.wall_seconds, embed_s=summary.embed_seconds,
+        sequences=summary.embedded, workdir=str(args.workdir),
+        commit_transactions=summary.commit_transactions,
+        commit_seconds=summary.commit_seconds,
+        commit_wait_seconds=summary.commit_wait_seconds,
+        note="GPU step replaced by a no-op; parse+validate+BPE tokenize+plan+schedule+commit "
+             "(tokens_per_s: model tokens, CLS/SEP included)")
     print(json.dumps(rec))
 
 

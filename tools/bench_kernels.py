@@ -14,9 +14,7 @@ tables.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,7 +25,9 @@ import triton.language as tl
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import ResultsLog, add_commit_option, require_cuda  # noqa: E402
 from gpuengine.models import pointwise_triton as pt  # noqa: E402
 
 SHAPES = {  # model: (d, GELU width, GLU inner or None)
@@ -108,25 +108,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, default=65536)
-    ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
+    add_commit_option(ap)
     ap.add_argument("--gemm", action="store_true",
                     help="also time fc1 + activation: cuBLAS then the Triton kernel, against one fused kernel")
     ap.add_argument("--gemm-only", action="store_true", help="only that")
     args = ap.parse_args()
     args.gemm |= args.gemm_only
-    command = "python tools/bench_kernels.py " + " ".join(sys.argv[1:])
-    gpu = torch.cuda.get_device_name(0)
+    require_cuda(__file__)
     T, dtype = args.tokens, torch.float16
+    log = ResultsLog(args.out, args.commit, __file__, triton=triton.__version__, tokens=T)
 
     def emit(**rec):
-        base = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "commit": args.commit, "gpu": gpu, "n_gpus": 1, "command": command,
-                "torch": torch.__version__, "triton": triton.__version__, "tokens": T,
-                "system": "gemm-epilogue" if "tflops" in rec else "kernel-bandwidth",
-                "workload": f"{rec['kernel']}@{rec['width']}"}
-        base.update(rec)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(base) + "\n")
+        log.append(system="gemm-epilogue" if "tflops" in rec else "kernel-bandwidth",
+                   workload=f"{rec['kernel']}@{rec['width']}", **rec)
         print(json.dumps(rec), flush=True)
 
     def bench(fn) -> float:

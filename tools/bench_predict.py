@@ -11,9 +11,7 @@ stages include reading the checkpoints, hashing them, building and warming up th
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
 import shutil
 import sys
 import time
@@ -24,6 +22,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import ResultsLog, add_commit_option, write_reads_fasta  # noqa: E402
 
 
 class MLPClassifier(nn.Module):
@@ -49,7 +50,7 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=100_000)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
-    ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
+    add_commit_option(ap)
     ap.add_argument("--tiny", action="store_true", help="smoke test on the CPU with tiny models")
     args = ap.parse_args()
     work = args.workdir
@@ -70,13 +71,8 @@ def main() -> None:
     torch.save(MLPClassifier(3328, 512, 2).eval(), mlp_path)  # the original way
     rng = np.random.default_rng(1)
     bases = np.frombuffer(b"ACGTN", dtype=np.uint8)
-    fasta = work / f"reads150_{args.reads}.fa"
-    with open(fasta, "w") as f:
-        for start in range(0, args.reads, 100_000):
-            n = min(100_000, args.reads - start)
-            block = bases[rng.choice(5, (n, 150), p=[0.2495] * 4 + [0.002])]
-            f.write("".join(f">read{start + i}\n{row.tobytes().decode()}\n"
-                            for i, row in enumerate(block)))
+    fasta = write_reads_fasta(work / f"reads150_{args.reads}.fa", args.reads,
+                              lambda n: bases[rng.choice(5, (n, 150), p=[0.2495] * 4 + [0.002])])
     out = work / "predict_out"
     shutil.rmtree(out, ignore_errors=True)  # a cold run: nothing reused from an earlier one
     config = PredictConfig(reads=fasta, length=500, classifier=mlp_path, esm_model=str(esm_pt),
@@ -85,21 +81,18 @@ def main() -> None:
     start = time.perf_counter()
     summary = run_predict(config)
     wall = time.perf_counter() - start
-    rec = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "commit": args.commit,
-           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-           "n_gpus": torch.cuda.device_count() if torch.cuda.is_available() else 0, "model": "virnucpro",
-           "workload": "reads150-" + (f"{args.reads // 10**6}M" if args.reads % 10**6 == 0
-                                      else f"{args.reads // 1000}k"), "system": "gpuengine-predict",
-           "precision": "fp16", "tokens_per_s": summary.embed["esm"]["tokens_per_second"],
-           "sequences_per_s": args.reads / wall, "wall_s": wall,
-           "stage_seconds": summary.stage_seconds, "frames": summary.frames,
-           "chunks": summary.chunks, "reads": summary.reads,
-           "command": "python tools/bench_predict.py " + " ".join(sys.argv[1:]),
-           "note": "cold run: includes reading/hashing the checkpoints and warm-up in the "
-                   "dnabert/esm stages; tokens_per_s is the ESM-2 stage's (model tokens)"}
-    with open(args.out, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    log = ResultsLog(args.out, args.commit, __file__, n_gpus=torch.cuda.device_count(),
+                     with_torch=False)
+    rec = log.append(
+        model="virnucpro",
+        workload="reads150-" + (f"{args.reads // 10**6}M" if args.reads % 10**6 == 0
+                                else f"{args.reads // 1000}k"),
+        system="gpuengine-predict", precision="fp16",
+        tokens_per_s=summary.embed["esm"]["tokens_per_second"],
+        sequences_per_s=args.reads / wall, wall_s=wall, stage_seconds=summary.stage_seconds,
+        frames=summary.frames, chunks=summary.chunks, reads=summary.reads,
+        note="cold run: includes reading/hashing the checkpoints and warm-up in the "
+             "dnabert/esm stages; tokens_per_s is the ESM-2 stage's (model tokens)")
     print(json.dumps(rec, indent=1))
 
 

@@ -440,6 +440,27 @@ def markdown(recs, profile: list[Path] | None) -> str:
                    + table(["run", "workload", "GPU", "reads", "frames", "wall s", "validate s", "frames s",
                             "DNABERT-S s", "ESM-2 s", "score s", "ESM-2 tok/s"], rows))
 
+    # merge
+    rows = []
+    for r in recs:
+        if r["system"] == "gpuengine-merge":
+            st = r.get("stage_seconds", {})
+            by = {key.split(":")[-1].strip(): v for key, v in st.items()}
+            machine = "CPU only" if r["gpu"].startswith("none") else r["gpu"]
+            rows.append([f"`{r['commit']}`", f"{machine}, {r['cpus']} cores, {r['filesystem']}",
+                         fmt_int(r["vectors"]), str(r["shards"]), f"**{fmt_int(r['vectors_per_s'])}**",
+                         f"{r['mb_per_s']:.0f}", f"{r['wall_s']:.1f}",
+                         f"{by.get('checking ids of table default', 0):.1f}",
+                         f"{by.get('merging vectors', 0):.1f}", f"{by.get('merging ids', 0):.1f}",
+                         fmt_int(r["verify_vectors_per_s"]) if r.get("verify_vectors_per_s") else "—",
+                         ("sync" if r.get("sync", True) else "no sync")
+                         + (", read-ahead" if r.get("read_ahead") else "")])
+    if rows:
+        out.append("### `gpuengine merge` (ESM-2 650M mean vectors, 1280 × fp16, shards in the page "
+                   "cache)\n\n"
+                   + table(["run", "machine", "vectors", "shards", "vectors/s", "MB/s", "wall s",
+                            "id check s", "vectors s", "ids s", "verify vectors/s", "commits"], rows))
+
     # history
     esm_order = [c_ for c_ in order if any(r["commit"] == c_ and r["model"].startswith("esm2")
                                            and r["system"] in ("gpuengine", "gpuengine-compiled")

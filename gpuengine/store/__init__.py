@@ -1,6 +1,7 @@
 """The LMDB store: what embeddings mean (:mod:`.schema`), how they are encoded
 (:mod:`.codec`), the shared environment (:mod:`.environment`), transactional writes
-(:mod:`.writer`) and lookups (:mod:`.reader`). The layout is documented in ``docs/store.md``.
+(:mod:`.writer`) and lookups (:mod:`.reader`); several stores merged (:mod:`.merge`) or read
+as one (:mod:`.multi`). The layout is documented in ``docs/store.md``.
 
 This package needs only numpy, lmdb and the standard library (no torch).
 """

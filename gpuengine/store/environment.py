@@ -225,6 +225,30 @@ class StoreEnv:
                 raise StoreError(f"LMDB error reading store {self.path}: {exc}") from exc
         raise StoreError(f"store {self.path}: the map kept being resized; giving up")
 
+    @contextmanager
+    def snapshot(self) -> Iterator[lmdb.Transaction]:
+        """One long read transaction (``buffers=False``: values are bytes): a consistent view
+        of the whole store for as long as the block runs, for a merge or a verify reading a
+        closed store. Not for reading a store that a writer is filling (the file would grow
+        while it is held); the map cannot be resized in this process meanwhile."""
+        env = self.env
+        for _ in range(_MAX_RESIZE_RETRIES):
+            with self._entry.lock.shared():
+                try:
+                    txn = env.begin(buffers=False)
+                except lmdb.MapResizedError:
+                    txn = None
+                except lmdb.Error as exc:
+                    raise StoreError(f"LMDB error reading store {self.path}: {exc}") from exc
+                if txn is not None:
+                    try:
+                        yield txn
+                    finally:
+                        txn.abort()
+                    return
+            self._adopt_map_size()
+        raise StoreError(f"store {self.path}: the map kept being resized; giving up")
+
     def write(self, work: Callable[[lmdb.Transaction], T], *, size_hint: int = 0) -> T:
         """Run ``work`` in one write transaction, committed on return, aborted on error.
 

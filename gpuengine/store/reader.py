@@ -19,6 +19,7 @@ from gpuengine import __version__
 from gpuengine.errors import AmbiguousChoiceError, NotInStoreError, StoreError
 from gpuengine.store import codec
 from gpuengine.store.environment import StoreEnv, open_store
+from gpuengine.store.sources import stores_in
 from gpuengine.store.schema import (
     META_DB,
     RUNS_DB,
@@ -77,7 +78,18 @@ def _pick_output(spec: TableSpec, layer: int | None, pool: str | None) -> Output
 
 
 class EmbeddingStore:
-    """Read-only view on one table and one output of a store. Use as a context manager."""
+    """Read-only view on one table and one output of a store. Use as a context manager.
+
+    Given a list of stores or a directory of stores, it is a
+    :class:`~gpuengine.store.multi.MultiStore`: the stores read as one."""
+
+    def __new__(cls, path: Any = None, *args: Any, **kwargs: Any) -> EmbeddingStore:
+        if cls is EmbeddingStore and (not isinstance(path, (str, bytes, os.PathLike))
+                                      or stores_in(path)):
+            from gpuengine.store.multi import MultiStore
+
+            return super().__new__(MultiStore)
+        return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike[str], *, table: str | None = None,
                  layer: int | None = None, pool: str | None = None) -> None:

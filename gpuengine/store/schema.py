@@ -284,8 +284,10 @@ class TableSpec:
             f"max_residues {residues}, {computed}"
         )
 
-    def differences(self, other: TableSpec) -> list[str]:
-        """Human-readable differences (``self`` is the store's spec, ``other`` the run's).
+    def differences(self, other: TableSpec,
+                    labels: tuple[str, str] = ("store", "run")) -> list[str]:
+        """Human-readable differences (``self`` is the store's spec, ``other`` the run's;
+        ``labels`` name the two sides in the messages, e.g. two stores being merged).
 
         An empty list means compatible. The model's ``name`` and the order of ``outputs``
         are not compared (the order only picks the default output of lookups; the stored
@@ -293,11 +295,12 @@ class TableSpec:
         it (an old record) is the writer's to decide, from the store's run records.
         """
         diffs: list[str] = []
+        a, b = labels
 
         def differ(what: str, mine: object, theirs: object, plural: bool = False) -> None:
             if mine != theirs:
                 verb = "differ" if plural else "differs"
-                diffs.append(f"{what} {verb} (store: {mine}, run: {theirs})")
+                diffs.append(f"{what} {verb} ({a}: {mine}, {b}: {theirs})")
 
         differ("table name", self.name, other.name)
         differ("model family", self.model.family, other.model.family)
@@ -311,7 +314,7 @@ class TableSpec:
                    getattr(other.model, field_name))
         if set(self.outputs) != set(other.outputs):
             diffs.append(
-                f"outputs differ (store: {_labels(self.outputs)}, run: {_labels(other.outputs)})"
+                f"outputs differ ({a}: {_labels(self.outputs)}, {b}: {_labels(other.outputs)})"
             )
         differ("store dtype", self.store_dtype, other.store_dtype)
         differ("dim", self.dim, other.dim)

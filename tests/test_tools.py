@@ -1,0 +1,154 @@
+"""The scripts under tools/ on the CPU: every one imports and answers ``--help``; the
+benchmark scripts share one results-row header (``bench_common.ResultsLog``) and ``--commit``
+option; the no-op runner takes its width as an argument; and the host-pipeline benchmarks
+(``bench_esm.py --systems host``, ``bench_host_dna.py``) run end to end into a real LMDB
+store and append rows with the field names ``docs/benchmarks/results.jsonl`` has always had.
+The GPU paths of the benchmarks run only on the device machine (tools/device_check.sh)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+SCRIPTS = sorted(p.stem for p in TOOLS.glob("*.py"))
+HEADER = ["date", "commit", "gpu", "n_gpus", "command", "torch"]
+
+
+@pytest.fixture
+def tool(monkeypatch):
+    """Imports a script of tools/ as a module, as the scripts import each other."""
+    monkeypatch.syspath_prepend(str(TOOLS))
+
+    def load(name: str):
+        if name == "bench_kernels":
+            pytest.importorskip("triton", reason="bench_kernels defines Triton kernels at import")
+        return importlib.import_module(name)
+    return load
+
+
+def test_every_script_is_listed():
+    assert {"bench_common", "bench_dnabert", "bench_esm", "bench_host_dna", "bench_kernels",
+            "bench_predict", "make_checkpoint", "plot_benchmarks", "pyspy_summary"} == set(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", [s for s in SCRIPTS if s != "bench_common"])
+def test_help(name, tool, monkeypatch, capsys):
+    module = tool(name)
+    monkeypatch.setattr(sys, "argv", [f"tools/{name}.py", "--help"])
+    with pytest.raises(SystemExit) as done:
+        module.main()
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage:")
+    if name.startswith("bench_"):
+        assert "--commit COMMIT" in out
+
+
+def test_commit_option_default(tool, monkeypatch):
+    common = tool("bench_common")
+    for env, expected in (("abc1234", "abc1234"), (None, "unknown")):
+        if env is None:
+            monkeypatch.delenv("GPUENGINE_COMMIT", raising=False)
+        else:
+            monkeypatch.setenv("GPUENGINE_COMMIT", env)
+        ap = argparse.ArgumentParser()
+        common.add_commit_option(ap)
+        assert ap.parse_args([]).commit == expected
+        assert ap.parse_args(["--commit", "f00"]).commit == "f00"
+
+
+def test_results_row_header(tool, monkeypatch, tmp_path):
+    common = tool("bench_common")
+    monkeypatch.setattr(sys, "argv", ["tools/bench_esm.py", "--systems", "host", "--out", "r.jsonl"])
+    out = tmp_path / "r.jsonl"
+    log = common.ResultsLog(out, "abc1234", "/somewhere/tools/bench_esm.py", model="esm2-8M")
+    first = log.append(system="gpuengine-host", tokens_per_s=1.5)
+    second = log.append(system="gemm-ceiling", model="esm2-3B")  # a measurement wins over a field
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == [first, second]
+    assert list(first) == HEADER + ["model", "system", "tokens_per_s"]
+    assert first["command"] == "python tools/bench_esm.py --systems host --out r.jsonl"
+    assert (first["commit"], first["n_gpus"], first["model"]) == ("abc1234", 1, "esm2-8M")
+    assert first["gpu"] == common.gpu_label()
+    assert first["torch"] == torch.__version__
+    if not torch.cuda.is_available():
+        assert first["gpu"].startswith("none (CPU, ")
+    assert second["model"] == "esm2-3B"
+    bare = common.ResultsLog(out, "c", "bench_predict.py", n_gpus=0, with_torch=False).row(x=1)
+    assert list(bare) == ["date", "commit", "gpu", "n_gpus", "command", "x"]
+    assert bare["n_gpus"] == 0
+
+
+def test_noop_runner_width_is_an_argument(tool):
+    common = tool("bench_common")
+    assert not hasattr(common.NoopRunner, "dim_hint")
+    narrow, wide = common.NoopRunner.factory(8), common.NoopRunner.factory(768)
+    a, b = narrow("cpu", "fp32", ["o"]), wide("cpu", "fp32", ["o"])
+    assert (a.dim, b.dim) == (8, 768)
+
+    class Item:
+        n_tokens = 5
+    batch = b.finish(b.launch(b.stage([Item(), Item()])))
+    assert [v.shape for v in batch.vectors["o"]] == [(768,), (768,)]
+    assert not any(v.any() for v in batch.vectors["o"]) and batch.finite.all()
+    assert batch.n_tokens == 10
+
+
+def test_cosine_summary_and_reads(tool, tmp_path):
+    common = tool("bench_common")
+    a = np.array([[1.0, 0.0], [1.0, 1.0]])
+    s = common.cosine_summary(a, np.array([[1.0, 0.0], [1.0, 0.0]]))
+    assert s == pytest.approx({"min_cosine": 2 ** -0.5, "mean_cosine": (1 + 2 ** -0.5) / 2})
+    bases = np.frombuffer(b"ACGT", dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    path = common.write_reads_fasta(tmp_path / "r.fa", 5, lambda n: bases[rng.integers(0, 4, (n, 7))],
+                                    block=2)
+    lines = path.read_text().splitlines()
+    assert lines[::2] == [f">read{i}" for i in range(5)]
+    assert all(len(s) == 7 and set(s) <= set("ACGT") for s in lines[1::2])
+
+
+def _run(module, monkeypatch, *argv):
+    monkeypatch.setenv("GPUENGINE_COMMIT", "testcommit")
+    monkeypatch.setattr(sys, "argv", [f"tools/{module.__name__}.py", *argv])
+    module.main()
+
+
+HOST_FIELDS = ["model", "workload", "system", "precision", "tokens_per_s", "sequences_per_s",
+               "wall_s", "embed_s", "sequences", "workdir"]
+
+
+def test_host_pipeline_esm(tool, monkeypatch, tmp_path):
+    """``bench_esm.py --systems host`` with 8M-wide no-op vectors: every sequence committed,
+    one row with the header and the fields of earlier runs."""
+    out = tmp_path / "results.jsonl"
+    _run(tool("bench_esm"), monkeypatch, "--systems", "host", "--models", "8M", "--workloads",
+         "virnucpro150", "--host-sequences", "300", "--out", str(out), "--workdir", str(tmp_path))
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert list(row) == (HEADER + HOST_FIELDS[:2] + ["mean_residues"] + HOST_FIELDS[2:9]
+                         + ["switch_interval_ms", "workdir", "input_process", "note"])
+    assert (row["commit"], row["system"], row["model"]) == ("testcommit", "gpuengine-host", "esm2-8M")
+    fasta = tmp_path / "host-virnucpro150.fa"
+    assert row["sequences"] == fasta.read_text().count(">") > 200
+    assert not (tmp_path / "host.lmdb").exists()  # the store is removed after the run
+
+
+@pytest.mark.slow
+def test_host_pipeline_dna(tool, monkeypatch, tmp_path):
+    """``bench_host_dna.py`` on 300 reads: all committed, one row as before."""
+    out = tmp_path / "results.jsonl"
+    _run(tool("bench_host_dna"), monkeypatch, "--reads", "300", "--out", str(out),
+         "--workdir", str(tmp_path))
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert list(row) == HEADER + HOST_FIELDS + ["commit_transactions", "commit_seconds",
+                                                 "commit_wait_seconds", "note"]
+    assert (row["sequences"], row["model"], row["workload"]) == (300, "dnabert-s", "dna150")
+    assert row["tokens_per_s"] > row["sequences_per_s"] > 0
