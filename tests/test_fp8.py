@@ -9,7 +9,6 @@ moves them by far more."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest

@@ -35,7 +35,6 @@ import argparse
 import datetime as dt
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import GpuClocks, drive_worker  # noqa: E402
+from bench_common import (GpuClocks, ResultsLog, add_commit_option, drive_worker,  # noqa: E402
+                          gemm_rate, require_cuda)
 from bench_esm import (MODELS, flops_per_sequence, hf_model, proteins, run_hf,  # noqa: E402
                        workload_lengths, write_fasta)
 from gpuengine.fidelity import embed_items, item_cosines, measure  # noqa: E402
@@ -84,39 +84,48 @@ def free() -> None:
 
 # -- GEMM ceilings -------------------------------------------------------------------------------
 
-def gemm_rates(d: int, m: int, sustained: float) -> dict:
-    """bf16 and row-wise-scaled e4m3 GEMMs of m × d by d × 4d, burst and sustained, TFLOP/s."""
-    a = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(4 * d, d, device="cuda", dtype=torch.bfloat16)
-    a8, w8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
-    sa = torch.ones(m, 1, device="cuda")
-    sb = torch.ones(1, 4 * d, device="cuda")
-    kinds = {"bf16": lambda: a @ w.t(),
-             "fp8": lambda: torch._scaled_mm(a8, w8.t(), scale_a=sa, scale_b=sb,
-                                             out_dtype=torch.bfloat16)}
-    flops = 2.0 * m * d * 4 * d
+def gemm_rates(d: int, sustained: float) -> dict:
+    """TFLOP/s of the ceiling GEMM (16384 × d by d × 4d) in bf16 (bench_common.gemm_rate) and
+    in e4m3 with row-wise scales (``torch._scaled_mm``, bf16 out), burst and sustained."""
     out = {}
-    for name, fn in kinds.items():
-        for _ in range(3):
-            fn()
-        for mode, seconds in (("burst", 0.0), ("sustained", sustained)):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            t0, n = time.perf_counter(), 0
-            with GpuClocks(0.005) as clocks:
-                start.record()
-                while n == 0 or time.perf_counter() - t0 < seconds:
-                    for _ in range(20):
-                        fn()
-                    n += 20
-                    if seconds:
-                        torch.cuda.synchronize()
-                end.record()
-                torch.cuda.synchronize()
-            out[f"{name}_{mode}_tflops"] = n * flops / (start.elapsed_time(end) / 1000) / 1e12
-            out.update({f"{name}_{mode}_{k}": v for k, v in clocks.summary().items()
-                        if k in ("sm_clock_mhz", "power_w", "power_capped")})
+    for mode, seconds in (("burst", 0.0), ("sustained", sustained)):
+        rate, clocks = gemm_rate(d, seconds)
+        out[f"bf16_{mode}_tflops"] = rate / 1e12
+        out.update({f"bf16_{mode}_{k}": v for k, v in clocks.items() if k in CLOCK_KEYS})
+        rate, clocks = fp8_gemm_rate(d, seconds)
+        out[f"fp8_{mode}_tflops"] = rate / 1e12
+        out.update({f"fp8_{mode}_{k}": v for k, v in clocks.items() if k in CLOCK_KEYS})
     return out
+
+
+CLOCK_KEYS = ("sm_clock_mhz", "power_w", "power_capped")
+
+
+def fp8_gemm_rate(d: int, seconds: float = 0.0, products: int = 20) -> tuple[float, dict]:
+    """:func:`bench_common.gemm_rate` for e4m3 operands with row-wise fp32 scales."""
+    a = torch.randn(16384, d, device="cuda").to(torch.float8_e4m3fn)
+    w = torch.randn(4 * d, d, device="cuda").to(torch.float8_e4m3fn)
+    sa, sb = torch.ones(16384, 1, device="cuda"), torch.ones(1, 4 * d, device="cuda")
+
+    def product():
+        return torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+
+    for _ in range(3):
+        product()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    t0, n = time.perf_counter(), 0
+    with GpuClocks(0.005) as clocks:
+        start.record()
+        while n == 0 or time.perf_counter() - t0 < seconds:
+            for _ in range(products):
+                product()
+            n += products
+            if seconds:
+                torch.cuda.synchronize()
+        end.record()
+        torch.cuda.synchronize()
+    return n * 2 * 16384 * d * 4 * d / (start.elapsed_time(end) / 1000), clocks.summary()
 
 
 # -- runners and measurements --------------------------------------------------------------------
@@ -127,24 +136,19 @@ class Bench:
         self.cfg = Esm2Config(layers, d, heads)
         self.out = OutputSpec(layers, "mean")
         self.records: list[dict] = []
-        gpu = torch.cuda.get_device_name(0)
-        self.base = {"commit": args.commit, "gpu": gpu, "n_gpus": 1, "torch": torch.__version__,
-                     "command": "python tools/bench_fp8.py " + " ".join(sys.argv[1:]),
-                     "model": f"esm2-{args.model}"}
+        self.results = ResultsLog(args.out, args.commit, __file__, model=f"esm2-{args.model}")
 
     def emit(self, **record) -> dict:
-        row = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               **self.base, **record}
+        row = self.results.append(**record)
         self.records.append(row)
-        with open(self.args.out, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
         log("record " + json.dumps({k: v for k, v in record.items() if v is not None}))
         return row
 
-    def runner(self, state, precision: str, fp8: Fp8Config | None = None, compile: bool = True):
+    def runner(self, state, precision: str, fp8: Fp8Config | None = None, compile: bool = True,
+               kernels: str | None = None):
         model = build_esm2(self.cfg, dict(state), DTYPES[precision])
         return Runner(model, torch.device("cuda"), precision, [self.out], PoolingRule(1, 1),
-                      compile=compile and precision != "fp32", fp8=fp8)
+                      compile=compile and precision != "fp32", fp8=fp8, kernels=kernels)
 
     def vectors(self, runner, items) -> np.ndarray:
         return np.stack(embed_items(runner, items, 16384, warm_up=False).vectors[self.out])
@@ -184,7 +188,7 @@ def run(args) -> None:
     from gpuengine.models.fp8 import _gemm_out_dtype
     log(f"_scaled_mm row-wise output dtype on this device: {_gemm_out_dtype(torch.device('cuda'))}")
 
-    rates = gemm_rates(d, 16384, args.sustained)
+    rates = gemm_rates(d, args.sustained)
     bench.emit(workload="-", system="gemm-ceilings", precision="bf16/fp8", tokens_per_s=None,
                m=16384, **rates, fp8_over_bf16_sustained=rates["fp8_sustained_tflops"]
                / rates["bf16_sustained_tflops"])
@@ -252,6 +256,18 @@ def measure_fp16(bench, states, workloads, refs) -> dict:
         rows[wl] = bench.emit(**common(workloads, wl), system="gpuengine", precision="fp16",
                               kernels=kernels, budget=bench.args.budget, **s,
                               **percent(s, workloads[wl]["ceilings"]), **cos)
+    for kind in bench.args.fp16_variants.split(","):  # other fp16 kernel kinds, first workload
+        if not kind:
+            continue
+        wl = next(iter(workloads))
+        log(f"fp16 variant: kernels {kind}")
+        variant = bench.runner(states["plain"], "fp16", kernels=kind)
+        s = bench.throughput(variant, workloads[wl]["items"])
+        del variant
+        free()
+        bench.emit(**common(workloads, wl), system=f"gpuengine-variant:kernels-{kind}",
+                   precision="fp16", kernels=kind, budget=bench.args.budget, **s,
+                   **percent(s, workloads[wl]["ceilings"]))
     return rows
 
 
@@ -377,21 +393,25 @@ def main() -> None:
     ap.add_argument("--choices", default=None,
                     help="FP8 GEMM choices, the first is timed on every workload "
                          "(default all,-fc2,-out_proj,-qkv,-fc1,qkv+fc1,none; quick all,none)")
+    ap.add_argument("--fp16-variants", default=None,
+                    help="other fp16 kernel kinds timed on the first workload (default "
+                         "triton-fused-fc1; quick none)")
     ap.add_argument("--budget", type=int, default=65536)
     ap.add_argument("--sustained", type=float, default=None, help="seconds of the sustained GEMMs (3; quick 0.5)")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-e2e", action="store_true")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench-fp8"))
-    ap.add_argument("--commit", default=os.environ.get("GPUENGINE_COMMIT", "unknown"))
+    add_commit_option(ap)
     args = ap.parse_args()
     quick = args.quick
     args.model = args.model or ("150M" if quick else "3B")
     args.residues = args.residues or (20_000 if quick else 300_000)
     args.cos_sample = args.cos_sample or (16 if quick else 128)
     args.choices = args.choices or ("all,none" if quick else "all,-fc2,-out_proj,-qkv,-fc1,qkv+fc1,none")
+    if args.fp16_variants is None:
+        args.fp16_variants = "" if quick else "triton-fused-fc1"
     args.sustained = args.sustained if args.sustained is not None else (0.5 if quick else 3.0)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_fp8 needs a CUDA GPU")
+    require_cuda(__file__)
     reason = fp8_unsupported_reason(torch.device("cuda"))
     if reason:
         raise SystemExit(f"bench_fp8: {reason}")
