@@ -15,6 +15,7 @@ from gpuengine.errors import UsageError
 from gpuengine.fidelity import sample_evenly, sample_indices
 from gpuengine.models import fp8
 from test_cli_user_errors import run_cli
+from test_fp8 import needs_cpu_fp8
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,7 @@ def test_sample_is_spread_evenly_and_deterministic():
     assert sample_evenly(iter("abcdefghij"), 10, 4) == ["a", "d", "g", "j"]
 
 
+@needs_cpu_fp8
 def test_check_reports_each_precision(tiny_pt, proteins):
     report = run_check(config(tiny_pt, proteins, precisions=("bf16", "fp8"), sample=12))
     assert report.sequences == 12 and report.layer == 2 and report.device == "cpu"
@@ -51,6 +53,7 @@ def test_check_reports_each_precision(tiny_pt, proteins):
     assert "fp8-eager" in text and "lowest cosine: fp8" in text
 
 
+@needs_cpu_fp8
 def test_check_catches_a_broken_precision(tiny_pt, proteins, monkeypatch):
     """A wrong activation scale (each token's given to the next) in the fp8 path: check sees it
     and fails the threshold a correct fp8 passes."""

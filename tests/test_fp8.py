@@ -26,6 +26,18 @@ from gpuengine.store.schema import OutputSpec
 from gpuengine.synthetic import write_fair_esm_checkpoint
 from gpuengine.tokenization import EsmTokenizer
 
+
+
+def _cpu_fp8() -> bool:
+    """This torch runs row-wise scaled e4m3 GEMMs on the CPU (torch 2.13 does)."""
+    try:
+        fp8._gemm_out_dtype(torch.device("cpu"))
+    except DeviceError:
+        return False
+    return True
+
+
+needs_cpu_fp8 = pytest.mark.skipif(not _cpu_fp8(), reason="this torch has no CPU _scaled_mm")
 LENGTHS = [5, 23, 48, 50, 77, 120, 166, 210, 300, 33, 64, 90, 140, 250, 12, 49]
 OUT = OutputSpec(2, "mean")
 CPU = torch.device("cpu")
@@ -73,6 +85,7 @@ def fp32(weights, sample):
     return {kind: embed(runner(path, "fp32"), sample) for kind, path in weights.items()}
 
 
+@needs_cpu_fp8
 @pytest.mark.parametrize("kind, floor", [("plain", 0.9975), ("stress", 0.967)])
 def test_fp8_against_fp32(weights, sample, fp32, kind, floor):
     """Measured min (mean) cosine to fp32: plain 0.99803 (0.99926), stress 0.97052 (0.99432);
@@ -87,6 +100,7 @@ def test_fp8_against_fp32(weights, sample, fp32, kind, floor):
     assert cos.min() < fp16.min() - 1e-4, "fp8 must actually run in e4m3 (it is lossy)"
 
 
+@needs_cpu_fp8
 def test_a_wrong_scale_is_caught(weights, sample, fp32, monkeypatch):
     """The same measurement with each token's activation scale given to the next token (the
     weights quantized correctly): the cosine collapses far below the floor above, so that test
@@ -103,6 +117,7 @@ def test_a_wrong_scale_is_caught(weights, sample, fp32, monkeypatch):
     assert cos.min() < 0.99, cos.min()
 
 
+@needs_cpu_fp8
 def test_no_fp8_gemm_is_fp16(weights, sample, fp32):
     """With every GEMM in fp16 the FP8 layer is the fp16 layer (only the order of the last
     addition and the fp32 rounding of LayerNorm and GELU differ)."""
@@ -112,6 +127,7 @@ def test_no_fp8_gemm_is_fp16(weights, sample, fp32):
     assert np.abs(none - fp16).max() <= 2e-3
 
 
+@needs_cpu_fp8
 def test_weights_are_quantized_once(weights, sample, monkeypatch):
     """Quantized at load (the fp16 weights freed), never again: batches only quantize
     activations, and the e4m3 buffers stay the same tensors."""
@@ -215,6 +231,7 @@ def proteins(tmp_path_factory):
                        [(f"p{i}", s) for i, s in enumerate(seqs)])
 
 
+@needs_cpu_fp8
 def test_guard_passes_and_is_recorded(weights, proteins, tmp_path):
     from gpuengine.engine import run_embed
     from gpuengine.store.reader import EmbeddingStore
@@ -234,6 +251,7 @@ def test_guard_passes_and_is_recorded(weights, proteins, tmp_path):
     assert runs[0]["info"]["precision"] == "fp8"
 
 
+@needs_cpu_fp8
 def test_guard_refuses_below_the_threshold(weights, proteins, tmp_path):
     """fp8 against fp16 on this input (measured min cosine: plain 0.99922, stress 0.99083):
     with --fp8-min-cosine 0.995 the stress weights are refused before anything is written,
@@ -255,6 +273,7 @@ def test_guard_refuses_below_the_threshold(weights, proteins, tmp_path):
     assert summary.fidelity["min_cosine"] >= 0.995 and summary.embedded == 40
 
 
+@needs_cpu_fp8
 def test_a_table_holds_one_precision_fp8_included(weights, proteins, tmp_path):
     from gpuengine.config import EmbedConfig
     from gpuengine.engine import run_embed

@@ -154,17 +154,23 @@ def check_fp8_run(family: str, devices) -> None:
 
 def _gemm_out_dtype(device: torch.device) -> torch.dtype:
     """fp16 when the device's row-wise ``_scaled_mm`` writes fp16 (the CPU, and cuBLAS ≥ 12.9
-    on Hopper), else bf16 (CUTLASS's row-wise kernel of older builds)."""
+    on Hopper), else bf16 (CUTLASS's row-wise kernel of older builds); a DeviceError when this
+    torch runs no row-wise e4m3 GEMM on ``device`` at all."""
     a = torch.zeros(16, 16, device=device).to(E4M3)
     scale_a = torch.ones(16, 1, device=device)
     scale_b = torch.ones(1, 16, device=device)
-    bias = torch.zeros(16, device=device, dtype=torch.float16)
-    try:
-        torch._scaled_mm(a, a.t(), scale_a=scale_a, scale_b=scale_b, bias=bias,
-                         out_dtype=torch.float16)
-    except (RuntimeError, ValueError):
-        return torch.bfloat16
-    return torch.float16
+    failure = None
+    for dtype in (torch.float16, torch.bfloat16):
+        bias = torch.zeros(16, device=device, dtype=dtype)
+        try:
+            torch._scaled_mm(a, a.t(), scale_a=scale_a, scale_b=scale_b, bias=bias,
+                             out_dtype=dtype)
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            failure = exc
+            continue
+        return dtype
+    raise DeviceError(f"--precision fp8: torch {torch.__version__} runs no row-wise scaled e4m3 "
+                      f"GEMM on {device} ({str(failure).splitlines()[0][:200]}); use fp16")
 
 
 # -- the model -----------------------------------------------------------------------------------
