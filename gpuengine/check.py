@@ -244,7 +244,8 @@ def _embed(runner, items, budget: int) -> tuple[str, Embedded]:
     return kernels, embedded
 
 
-def _result(precision, kernels, test: Embedded, reference: Embedded, ids, output) -> PrecisionResult:
+def _result(precision, kernels, test: Embedded, reference: Embedded, ids,
+            output) -> PrecisionResult:
     cos, _ = compare(test, reference)
     a = np.stack(test.vectors[output]).astype(np.float64)
     b = np.stack(reference.vectors[output]).astype(np.float64)

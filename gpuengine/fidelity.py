@@ -223,7 +223,8 @@ def guard_run(precision: str, make_runner: Callable[[str], object], records: Ite
         seq = record.sequence[:max_residues] if max_residues else record.sequence
         items.append(WorkItem(sequence_digest(seq), encode(seq), len(seq)))
     if progress is not None:
-        progress.stage(f"fidelity guard: {len(items)} sequences at {GUARD_REFERENCE} and {precision}")
+        progress.stage(f"fidelity guard: {len(items)} sequences at {GUARD_REFERENCE} and "
+                       f"{precision}")
     report = measure(make_runner, items, precision=precision, threshold=threshold)
     log.info("fidelity guard: %s", report.describe())
     if not report.passed:

@@ -60,7 +60,8 @@ PRELUDE = FIX_INTERPRETER + textwrap.dedent("""
         else:  # LayerNorm / erf rounding may differ from torch's by an fp32 ulp
             assert torch.allclose(gs, ws, rtol=1e-6, atol=0), (what, (gs / ws - 1).abs().max())
             assert int(steps.max()) <= 1, (what, int(steps.max()))
-            assert float((steps > 0).float().mean()) <= max_fraction, (what, float((steps > 0).float().mean()))
+            moved = float((steps > 0).float().mean())
+            assert moved <= max_fraction, (what, moved)
 """)
 
 QUANT = PRELUDE + textwrap.dedent("""

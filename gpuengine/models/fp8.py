@@ -229,7 +229,7 @@ def _quantize_layer(layer: torch.nn.Module, layout: Fp8Layout) -> None:
     layer.fp8 = layout
 
 
-def layer_linear(layer: torch.nn.Module, name: str, x, fast_accum: bool | None = None) -> torch.Tensor:
+def layer_linear(layer: torch.nn.Module, name: str, x) -> torch.Tensor:
     """GEMM ``name`` of ``layer`` on ``x``: FP8 when ``x`` is :class:`QuantizedRows` (the GEMM
     is one of the FP8 ones), else the fp16 ``F.linear``."""
     layout: Fp8Layout = layer.fp8
@@ -310,7 +310,8 @@ class Fp8TritonKernels:
 
     def layer(self, layer, x: torch.Tensor, rope, layout, attention) -> torch.Tensor:
         if attention.prescale_q:
-            raise ValueError("the FP8 Triton kernels serve attention kernels that scale q themselves")
+            raise ValueError("the FP8 Triton kernels serve attention kernels that scale q "
+                             "themselves")
         gemms, fq, pt = layer.fp8.config.gemms, self.fq, self.pt
         total, d = x.shape
         norm = layer.attn_norm

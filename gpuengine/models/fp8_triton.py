@@ -114,7 +114,8 @@ def _check(x: torch.Tensor, *others: torch.Tensor) -> None:
         raise ValueError("FP8 quantization kernels take 2-D tensors with contiguous rows")
     for other in others:
         if other.shape != x.shape or other.stride() != x.stride() or other.dtype != x.dtype:
-            raise ValueError("the residual and the added tensor must have one shape, layout and dtype")
+            raise ValueError("the residual and the added tensor must have one shape, layout "
+                             "and dtype")
 
 
 def _outputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
