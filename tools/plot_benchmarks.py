@@ -670,10 +670,60 @@ def markdown(recs, profile: list[Path] | None) -> str:
                  "not measured: every record has n_gpus = 1 (no 2-GPU machine was lent)",
                  "not measured" if 2 not in multi else "see data"])
     out.append("### Goals (latest run of each measurement)\n\n" + table(["goal", "measured", "met?"], rows))
+    out.extend(fp8_tables(recs))
 
     for path in profile or []:
         out.append(f"### Where the time goes: `{path.name}`\n\n" + profile_summary(path))
     return "\n\n".join(out) + "\n"
+
+
+def fp8_tables(recs) -> list[str]:
+    """tools/bench_fp8.py's records: the GEMM ceilings burst and sustained (bf16 and e4m3), fp16
+    and each FP8 GEMM choice of the same run (speed against fidelity), the fidelity guard."""
+    ceilings = [r for r in recs if r["system"] == "gemm-ceilings"]
+    if not ceilings:
+        return []
+    out = []
+    rows = [[f"`{r['commit']}`", short_model(r["model"])]
+            + [f"{r[f'{p}_{m}_tflops']:.0f}" + (f" ({r[f'{p}_{m}_sm_clock_mhz']} MHz)"
+                                                 if r.get(f"{p}_{m}_sm_clock_mhz") else "")
+               for p in ("bf16", "fp8") for m in ("burst", "sustained")]
+            + [f"{r['fp8_over_bf16_sustained']:.2f}×"] for r in ceilings]
+    out.append("### GEMM ceilings, burst and sustained (16384 × d by d × 4d; TFLOP/s, mean SM "
+               "clock)\n\n" + table(["run", "model", "bf16 burst", "bf16 sustained ≥ 3 s",
+                                       "e4m3 burst", "e4m3 sustained ≥ 3 s",
+                                       "e4m3 ÷ bf16 sustained"], rows))
+    rows = []
+    for c in dict.fromkeys(r["commit"] for r in ceilings):
+        run = [r for r in recs if r["commit"] == c and "bench_fp8" in r.get("command", "")]
+        for r in run:
+            if r["system"] not in ("gpuengine", "gpuengine-fp8") and \
+                    not r["system"].startswith("gpuengine-variant:"):
+                continue
+            fp16 = next((g for g in run if g["system"] == "gpuengine"
+                         and g["workload"] == r["workload"]), None)
+            hf = next((g for g in run if g["system"] == "hf-sdpa-bf16"
+                       and g["workload"] == r["workload"]), None)
+            rows.append([f"`{c}`", short_model(r["model"]), r["workload"], f"`{r['system']}`",
+                         r.get("fp8_gemms", "—"), fmt_int(r["tokens_per_s"]),
+                         f"{r['tokens_per_s'] / fp16['tokens_per_s']:.2f}×" if fp16 else "—",
+                         f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}×" if hf else "—",
+                         f"{r.get('pct_of_sustained_ceiling', float('nan')):.1f} %",
+                         f"{r['cos_min_plain']:.6f}" if "cos_min_plain" in r else "—",
+                         f"{r['cos_min_stress']:.6f}" if "cos_min_stress" in r else "—"])
+    out.append("### FP8 against fp16 (`tools/bench_fp8.py`; cosines: min over the cosine sample "
+               "of every workload, mean embeddings against fp32)\n\n" + table(
+                   ["run", "model", "workload", "system", "GEMMs in e4m3", "residues/s",
+                    "÷ fp16", "÷ HF bf16", "of the sustained bf16 ceiling", "cos_min_plain",
+                    "cos_min_stress"], rows))
+    guards = [r for r in recs if r["system"] == "fidelity-guard"]
+    if guards:
+        out.append("### The fidelity guard (fp8 against fp16 on 256 sequences)\n\n" + table(
+            ["run", "model", "workload", "weights", "min cosine", "mean cosine", "at 0.99"],
+            [[f"`{r['commit']}`", short_model(r["model"]), r["workload"], r["weights"],
+              f"{r['min_cosine']:.5f}", f"{r['mean_cosine']:.5f}",
+              "passes" if r["passed"] else "refused"] for r in guards]))
+    return out
 
 
 FAMILIES = [

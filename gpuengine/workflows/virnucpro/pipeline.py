@@ -38,6 +38,7 @@ from gpuengine.fasta import ValidationReport, stream_valid, validate
 from gpuengine.progress import NullProgress, ProgressSink
 from gpuengine.records import FastaRecord
 from gpuengine.replicas import ReplicaPool
+from gpuengine.vocabulary import FP8_MIN_COSINE
 from gpuengine.workflows.virnucpro.frames import Frames, chunk_sequence, frames_for_batch
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ class PredictConfig:
     store: Path | None = None
     """Embedding store; default ``<out>/embeddings.lmdb``."""
     precision: str | None = None
+    """``fp8``: the ESM-2 stage in FP8 (guarded), DNABERT-S at its GPU default (fp16)."""
+    fp8_min_cosine: float = FP8_MIN_COSINE
+    """The ESM-2 stage's fidelity guard threshold with ``precision="fp8"``."""
     devices: str = "auto"
     max_tokens: int | None = None
     keep_intermediate: bool = False
@@ -158,9 +162,10 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
                               counts["frames"], counts[column])
         embed_config = EmbedConfig(
             inputs=(config.reads,), model=model, out=config.store_path, layers=layers,
-            pools=("mean",), precision=config.precision, table=name, devices=config.devices,
+            pools=("mean",), precision=_stage_precision(config.precision, name),
+            table=name, devices=config.devices,
             max_tokens=config.max_tokens, allow_download=config.allow_download,
-            max_residues=None, env=environment())
+            max_residues=None, fp8_min_cosine=config.fp8_min_cosine, env=environment())
         with stage(name):
             try:
                 result = run_embed(embed_config, progress, stop, records=source,
@@ -179,6 +184,12 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
     with stage("score"):
         summary.virus_chunks = _score(config, report, load_classifier, summary)
     return summary
+
+
+def _stage_precision(precision: str | None, stage: str) -> str | None:
+    """``--precision fp8`` runs the ESM-2 stage in FP8 (guarded, see gpuengine.fidelity); the
+    DNABERT-S stage, which FP8 does not cover, keeps its GPU default (fp16)."""
+    return None if precision == "fp8" and stage == "dnabert" else precision
 
 
 def _validate_reads(config: PredictConfig, alphabet: frozenset[str]) -> ValidationReport:
