@@ -307,7 +307,9 @@ class _Run:
             extra = None
             if completed and self.completion_records is not None:
                 # the caller's records (a job record) go into the same transaction as the
-                # run's last embeddings, with the summary those embeddings complete
+                # run's last embeddings, with the summary those embeddings complete: the
+                # groups handed over earlier committed first, so the counts hold them too
+                committer.wait_idle()
                 self._summarize(workers, committer, planner, time.perf_counter() - self.started,
                                 group_counts(self.group))
                 extra = dict(self.completion_records(self.summary))
