@@ -33,12 +33,13 @@ from typing import Iterator
 import numpy as np
 
 from gpuengine.config import EmbedConfig, environment
-from gpuengine.errors import GpuEngineError, InputError, ModelLoadError, StoreMismatchError
+from gpuengine.errors import (GpuEngineError, InputError, ModelLoadError, StoreMismatchError,
+                              UsageError)
 from gpuengine.fasta import ValidationReport, stream_valid, validate
 from gpuengine.progress import NullProgress, ProgressSink
 from gpuengine.records import FastaRecord
 from gpuengine.replicas import ReplicaPool
-from gpuengine.vocabulary import FP8_MIN_COSINE
+from gpuengine.vocabulary import FP8_MIN_COSINE, PRECISIONS
 from gpuengine.workflows.virnucpro.frames import Frames, chunk_sequence, frames_for_batch
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,11 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if self.length < 3:
             raise InputError(f"--length {self.length}: chunks must be at least 3 bp")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r} is not one of "
+                             f"{', '.join(PRECISIONS)}")
+        if not -1.0 <= self.fp8_min_cosine <= 1.0:
+            raise UsageError(f"--fp8-min-cosine {self.fp8_min_cosine}: a cosine lies in [-1, 1]")
 
     @property
     def out_dir(self) -> Path:
@@ -145,6 +151,11 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
     stage = _Stages(summary, progress)
     if config.length not in EXPECTED_LENGTHS:
         log.warning("--length %d: VirNucPro's classifiers expect 300 or 500", config.length)
+    if config.precision == "fp8":  # before the DNABERT-S stage, not after it
+        from gpuengine.devices import parse_devices
+        from gpuengine.models.fp8 import check_fp8_run
+
+        check_fp8_run("esm2", parse_devices(config.devices))
     with stage("validate"):
         report = _validate_reads(config, DNA_ALPHABET)
     with stage("frames"):
