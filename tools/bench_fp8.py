@@ -16,13 +16,19 @@ Steps (each prints a timestamped line; each record is appended to --out as it is
 3. ``gpuengine`` fp16 (the engine's default kernels): residues/s through the device worker,
    ``cos_min_plain`` / ``cos_min_stress`` to fp32, % of the burst and sustained bf16 ceilings.
 4. ``gpuengine-fp8`` for each FP8 GEMM choice of ``--choices`` (``all``; ``-qkv`` = all but
-   qkv; ``qkv+fc1``; ``none`` = the FP8 kernels with every GEMM in fp16): residues/s (every
-   workload for ``all``, the first one for the others), cosines plain and stress.
+   qkv; ``qkv+fc1``; ``none`` = the FP8 kernels with every GEMM in fp16; ``default`` = the run
+   default, gpuengine.models.fp8.DEFAULT_FP8): residues/s (every workload for the first choice
+   and the run default, the first workload for the others), cosines plain and stress; the
+   run default's rows carry ``fp8_default: true``.
 5. ``hf-sdpa-bf16``: transformers' EsmModel, SDPA, bf16 (tools/bench_esm.py's runner).
 6. ``fidelity-guard``: the guard a ``--precision fp8`` run performs (gpuengine.fidelity.measure:
-   fp8 against fp16, 256 sequences of the first workload), plain and stress.
+   fp8 with the run default's GEMMs against fp16, 256 sequences of the first workload), plain
+   and stress.
 7. ``gpuengine-e2e`` (unless --no-e2e): ``gpuengine embed --precision fp8`` in-process on the
-   first workload, FASTA → LMDB, the guard included.
+   first workload, FASTA → LMDB, the guard included (its measurement and seconds in the
+   record's ``fidelity``). The checkpoint is written once into ``--workdir`` as
+   ``esm2_t36_3B_UR50D.pt`` (3B), the name tools/bench_predict.py reuses from the same
+   ``--workdir``.
 
 The summary at the end prints what decides the open questions: the FP8 choice with the best
 speed whose plain-weights guard passes, fp8 ÷ fp16 and fp8 ÷ HF per workload (goals 1.35× and
@@ -52,7 +58,8 @@ from bench_esm import (MODELS, flops_per_sequence, hf_model, proteins, run_hf,  
 from gpuengine.fidelity import embed_items, item_cosines, measure  # noqa: E402
 from gpuengine.models.esm2 import Esm2Config  # noqa: E402
 from gpuengine.models.esm2_weights import build_esm2  # noqa: E402
-from gpuengine.models.fp8 import GEMMS, Fp8Config, fp8_unsupported_reason  # noqa: E402
+from gpuengine.models.fp8 import (DEFAULT_FP8, GEMMS, Fp8Config,  # noqa: E402
+                                  fp8_unsupported_reason)
 from gpuengine.packing import WorkItem  # noqa: E402
 from gpuengine.pooling import PoolingRule  # noqa: E402
 from gpuengine.runner import DTYPES, Runner  # noqa: E402
@@ -69,7 +76,10 @@ def log(message: str) -> None:
 
 
 def choice_config(name: str) -> Fp8Config:
-    """``all``, ``none``, ``-fc2`` (all but fc2), ``qkv+fc1`` (those)."""
+    """``all``, ``none``, ``default`` (the run default), ``-fc2`` (all but fc2), ``qkv+fc1``
+    (those)."""
+    if name == "default":
+        return DEFAULT_FP8
     if name in ("all", "none"):
         return Fp8Config.parse(name)
     if name.startswith("-"):
@@ -257,7 +267,7 @@ def measure_fp16(bench, states, workloads, refs) -> dict:
                               kernels=kernels, budget=bench.args.budget, **s,
                               **percent(s, workloads[wl]["ceilings"]), **cos)
     for kind in bench.args.fp16_variants.split(","):  # other fp16 kernel kinds, first workload
-        if not kind:
+        if kind in ("", "none"):
             continue
         wl = next(iter(workloads))
         log(f"fp16 variant: kernels {kind}")
@@ -278,7 +288,8 @@ def measure_fp8(bench, states, workloads, refs, choices) -> dict:
         config = choice_config(choice)
         log(f"fp8, GEMMs in FP8: {config.describe()} ({choice})")
         runner = bench.runner(states["plain"], "fp8", config)
-        timed = workloads if choice == choices[0] else {first: workloads[first]}
+        every = choice == choices[0] or config == DEFAULT_FP8
+        timed = workloads if every else {first: workloads[first]}
         speed = {wl: bench.throughput(runner, w["items"]) for wl, w in timed.items()}
         cos = cos_fields({wl: bench.vectors(runner, w["cos_items"]) for wl, w in workloads.items()},
                          refs["plain"], "plain")
@@ -293,7 +304,8 @@ def measure_fp8(bench, states, workloads, refs, choices) -> dict:
         for wl, s in speed.items():
             rows[(choice, wl)] = bench.emit(
                 **common(workloads, wl), system="gpuengine-fp8", precision="fp8",
-                fp8_gemms=config.describe(), fp8_choice=choice, kernels=kernels,
+                fp8_gemms=config.describe(), fp8_choice=choice,
+                fp8_default=config == DEFAULT_FP8, kernels=kernels,
                 gemm_out_dtype=out_dtype, budget=bench.args.budget, **s,
                 **percent(s, workloads[wl]["ceilings"]), **cos)
     return rows
@@ -375,7 +387,8 @@ def summarize(bench, workloads, fp16, fp8, hf) -> None:
     for speed, choice, row in sorted(candidates, reverse=True):
         print(f"choice {choice:10s} on {first}: {speed:>9,.0f} res/s, cos_min plain "
               f"{row['cos_min_plain']:.5f} (guard 0.99: {'pass' if row['cos_min_plain'] >= 0.99 else 'FAIL'})"
-              f", stress {row['cos_min_stress']:.5f}", flush=True)
+              f", stress {row['cos_min_stress']:.5f}"
+              + ("  <- the run default" if row.get("fp8_default") else ""), flush=True)
     guards = [r for r in bench.records if r["system"] == "fidelity-guard"]
     for r in guards:
         print(f"guard {r['weights']:6s}: min cosine {r['min_cosine']:.5f} mean {r['mean_cosine']:.5f} "
@@ -391,11 +404,12 @@ def main() -> None:
     ap.add_argument("--residues", type=int, default=None, help="per workload (default 300000; quick 20000)")
     ap.add_argument("--cos-sample", type=int, default=None, help="sequences per workload for cosines (128; quick 16)")
     ap.add_argument("--choices", default=None,
-                    help="FP8 GEMM choices, the first is timed on every workload "
-                         "(default all,-fc2,-out_proj,-qkv,-fc1,qkv+fc1,none; quick all,none)")
+                    help="FP8 GEMM choices; the first and the run default ('default', "
+                         f"{DEFAULT_FP8.describe()}) are timed on every workload (default "
+                         "all,-fc2,-out_proj,-qkv,-fc1,qkv+fc1,none; quick default,none)")
     ap.add_argument("--fp16-variants", default=None,
-                    help="other fp16 kernel kinds timed on the first workload (default "
-                         "triton-fused-fc1; quick none)")
+                    help="other fp16 kernel kinds timed on the first workload, or none "
+                         "(default triton-fused-fc1; quick none)")
     ap.add_argument("--budget", type=int, default=65536)
     ap.add_argument("--sustained", type=float, default=None, help="seconds of the sustained GEMMs (3; quick 0.5)")
     ap.add_argument("--no-hf", action="store_true")
@@ -407,7 +421,8 @@ def main() -> None:
     args.model = args.model or ("150M" if quick else "3B")
     args.residues = args.residues or (20_000 if quick else 300_000)
     args.cos_sample = args.cos_sample or (16 if quick else 128)
-    args.choices = args.choices or ("all,none" if quick else "all,-fc2,-out_proj,-qkv,-fc1,qkv+fc1,none")
+    args.choices = args.choices or ("default,none" if quick
+                                    else "all,-fc2,-out_proj,-qkv,-fc1,qkv+fc1,none")
     if args.fp16_variants is None:
         args.fp16_variants = "" if quick else "triton-fused-fc1"
     args.sustained = args.sustained if args.sustained is not None else (0.5 if quick else 3.0)
