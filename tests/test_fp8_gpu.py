@@ -155,3 +155,44 @@ def test_check_on_gpu_includes_fp8(checkpoints, tmp_path):
     assert [r.precision for r in report.results] == ["fp16", "bf16", "fp8"]
     fp16, bf16, f8 = report.results
     assert f8.kernels == "fp8-triton" and fp16.min_cosine > bf16.min_cosine > f8.min_cosine
+
+
+def test_embed_cli_fp8_end_to_end_on_gpu(checkpoints, tmp_path):
+    """``gpuengine embed --precision fp8`` as a user runs it (a child process, FASTA → LMDB):
+    exit 0, the guard's measurement in the JSON summary, the summary table and the run record;
+    a rerun computes nothing; a threshold above the measured cosine refuses with exit code 4
+    and leaves the store as it was."""
+    import json
+    import subprocess
+    import sys
+
+    from gpuengine.store.reader import EmbeddingStore
+
+    seqs = random_proteins([20 + 7 * i for i in range(400)], seed=7)
+    fasta = write_fasta(tmp_path / "p.fa", [(f"p{i}", s) for i, s in enumerate(seqs)])
+    out = tmp_path / "s.lmdb"
+
+    def embed_cli(*extra):
+        return subprocess.run([sys.executable, "-m", "gpuengine", "embed", str(fasta), "--model",
+                               str(checkpoints["plain"]), "--out", str(out), "--precision",
+                               "fp8", "--gpus", "0", "--json", *extra],
+                              capture_output=True, text=True, timeout=300)
+
+    done = embed_cli()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    summary = json.loads(done.stdout)
+    fid = summary["fidelity"]
+    assert summary["embedded"] == 400 and fid["passed"] and fid["sequences"] == 256, fid
+    assert 0.99 <= fid["min_cosine"] < 0.99999, fid
+    assert "fp8 fidelity" in done.stderr + done.stdout
+    with EmbeddingStore(out) as store:
+        assert store.spec.precision == "fp8" and len(store) == 400
+        runs = [r for r in store.runs().values() if r.get("info", {}).get("command") == "embed"]
+        assert runs[-1]["info"]["fidelity"]["min_cosine"] == fid["min_cosine"]
+    again = embed_cli()
+    assert again.returncode == 0 and json.loads(again.stdout)["embedded"] == 0, again.stderr[-2000:]
+    refused = embed_cli("--fp8-min-cosine", "0.999999")
+    assert refused.returncode == 4 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    with EmbeddingStore(out) as store:
+        assert len(store) == 400
