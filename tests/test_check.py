@@ -14,8 +14,7 @@ from gpuengine.check import CheckConfig, format_report, run_check
 from gpuengine.errors import UsageError
 from gpuengine.fidelity import sample_evenly, sample_indices
 from gpuengine.models import fp8
-from test_cli_user_errors import run_cli
-from test_fp8 import needs_cpu_fp8
+from fp8_helpers import cli_result, needs_cpu_fp8
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,7 @@ def test_check_catches_a_broken_precision(tiny_pt, proteins, monkeypatch):
 
 
 def test_check_with_a_classifier_on_the_model_embeddings(tiny_pt, proteins, tmp_path):
-    from test_virnucpro_classifier import random_original, save_original_way
+    from virnucpro_files import random_original, save_original_way
 
     save_original_way(random_original(input_dim=64, hidden=16, seed=4), tmp_path / "mlp.pth")
     report = run_check(config(tiny_pt, proteins, precisions=("bf16",), sample=30,
@@ -86,7 +85,7 @@ def test_check_virnucpro_reads(tiny_pt, tmp_path):
     """Reads → chunks → frames as predict makes them; ESM-2 checked at bf16, DNABERT-S (the
     partner) at fp32 once; the labels of the MLP on [DNABERT-S | ESM-2] compared."""
     from gpuengine.synthetic import write_dnabert_s
-    from test_virnucpro_classifier import random_original, save_original_way
+    from virnucpro_files import random_original, save_original_way
 
     dna = write_dnabert_s(tmp_path / "dna", num_layers=2, embed_dim=48, heads=4, intermediate=96,
                           vocab=64, seed=2)
@@ -119,21 +118,19 @@ def test_check_config_refuses_bad_values(tiny_pt, proteins):
 
 
 def test_check_cli(tiny_pt, proteins, tmp_path):
-    base = str(tmp_path)
     args = ["check", str(proteins), "-m", str(tiny_pt), "--gpus", "cpu", "--sample", "8",
             "--precision", "bf16"]
-    code, out, err = run_cli(args + ["--min-cosine", "0.999999999"], base)
+    code, out, err = cli_result(args + ["--min-cosine", "0.999999999"])
     assert code == 1 and "FAILED: bf16 below --min-cosine" in out, (out, err)
     assert "Traceback" not in err and "check: fp32 reference on cpu" in err
-    code, out, err = run_cli(args + ["--min-cosine", "0.99", "--json", "-q"], base)
+    code, out, err = cli_result(args + ["--min-cosine", "0.99", "--json", "-q"])
     assert code == 0, err
     data = json.loads(out)
     assert data["failed"] == [] and data["results"][0]["precision"] == "bf16"
     assert data["sequences"] == 8 and 0.9999 <= data["results"][0]["min_cosine"] < 1
-    code, out, err = run_cli(["check", str(proteins), "-m", str(tiny_pt), "--gpus", "cpu",
-                              "--precision", "fp4"], base)
+    code, out, err = cli_result(["check", str(proteins), "-m", str(tiny_pt), "--gpus", "cpu",
+                                 "--precision", "fp4"])
     assert code == 2 and "fp4" in err and "Traceback" not in err
-    code, out, err = run_cli(["embed", str(proteins), "-m", str(tiny_pt), "-o",
-                              str(tmp_path / "s.lmdb"), "--gpus", "cpu", "--precision", "fp8"],
-                             base)
+    code, out, err = cli_result(["embed", str(proteins), "-m", str(tiny_pt), "-o",
+                                 str(tmp_path / "s.lmdb"), "--gpus", "cpu", "--precision", "fp8"])
     assert code == 1 and "compute capability 8.9" in err and "Traceback" not in err, err

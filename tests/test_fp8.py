@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import random_proteins, write_fasta
+from fp8_helpers import cpu_fp8_factory, needs_cpu_fp8, weights  # noqa: F401  (fixture)
 from gpuengine.errors import EXIT_FIDELITY, DeviceError, UsageError
 from gpuengine.models import fp8
 from gpuengine.models.esm2_weights import build_esm2, read_fair_esm_checkpoint
@@ -23,32 +24,13 @@ from gpuengine.pooling import PoolingRule
 from gpuengine.runner import DTYPES, Runner
 from gpuengine.store.codec import sequence_digest
 from gpuengine.store.schema import OutputSpec
-from gpuengine.synthetic import write_fair_esm_checkpoint
 from gpuengine.tokenization import EsmTokenizer
 
 
 
-def _cpu_fp8() -> bool:
-    """This torch runs row-wise scaled e4m3 GEMMs on the CPU (torch 2.13 does)."""
-    try:
-        fp8._gemm_out_dtype(torch.device("cpu"))
-    except DeviceError:
-        return False
-    return True
-
-
-needs_cpu_fp8 = pytest.mark.skipif(not _cpu_fp8(), reason="this torch has no CPU _scaled_mm")
 LENGTHS = [5, 23, 48, 50, 77, 120, 166, 210, 300, 33, 64, 90, 140, 250, 12, 49]
 OUT = OutputSpec(2, "mean")
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fp8")
-    return {kind: write_fair_esm_checkpoint(root / f"esm2_t2_{kind}.pt", 2, 64, 4, seed=3,
-                                            stress=kind == "stress")
-            for kind in ("plain", "stress")}
 
 
 def items(seqs):
@@ -226,16 +208,6 @@ def test_fp8_is_for_esm2_only(tmp_path):
 
 
 # -- the fidelity guard in a real run -----------------------------------------------------------
-
-def cpu_fp8_factory(path):
-    """A runner factory for the engine that runs fp8 on the CPU (its eager reference path)."""
-    cfg, state, _ = read_fair_esm_checkpoint(path)
-
-    def make(device, precision, outputs):
-        return Runner(build_esm2(cfg, state, DTYPES[precision]), device, precision, outputs,
-                      PoolingRule(1, 1), fp8_on_cpu=True)
-    return make
-
 
 def embed_config(path, fasta, out, **kw):
     from gpuengine.config import EmbedConfig

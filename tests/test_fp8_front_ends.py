@@ -4,7 +4,7 @@ it before its first stage; the daemon fails a file its guard refuses at once (no
 same file is refused again) and records the guard's measurement of a file it accepts.
 
 The daemon runs the real engine (real LMDB store, real guard) with the CPU's eager FP8 path
-(``test_fp8.cpu_fp8_factory``); the measured guard cosines of this input are in test_fp8:
+(``fp8_helpers.cpu_fp8_factory``); the measured guard cosines of this input are in test_fp8:
 plain 0.99922, stress 0.99083, so a threshold of 0.995 separates them."""
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from gpuengine.config import EmbedConfig
 from gpuengine.daemon import Daemon, ServeConfig
 from gpuengine.errors import UsageError
 from gpuengine.workflows.virnucpro.pipeline import PredictConfig
-from test_cli_user_errors import run_cli
-from test_fp8 import cpu_fp8_factory, needs_cpu_fp8, weights  # noqa: F401  (fixture)
+from fp8_helpers import cli_result, cpu_fp8_factory, needs_cpu_fp8, weights  # noqa: F401  (fixture)
 
 
 @pytest.fixture
@@ -37,8 +36,8 @@ def test_fp8_min_cosine_is_checked_by_every_front_end_before_any_work(command, t
                         str(tmp_path / "300_model.pth"), "--out", str(tmp_path / "out")],
             "serve": ["serve", "--watch", str(tmp_path / "w"), "--store",
                       str(tmp_path / "s.lmdb"), "-m", str(tiny_pt)]}[command]
-    code, out, err = run_cli(args + ["--gpus", "cpu", "--precision", "fp8",
-                                     "--fp8-min-cosine", "1.5"], str(tmp_path))
+    code, out, err = cli_result(args + ["--gpus", "cpu", "--precision", "fp8",
+                                        "--fp8-min-cosine", "1.5"])
     assert code == 2, (code, err)
     assert "--fp8-min-cosine 1.5: a cosine lies in [-1, 1]" in err and "Traceback" not in err
     assert not any((tmp_path / name).exists() for name in ("s.lmdb", "out", "w")), \
@@ -57,10 +56,9 @@ def test_predict_config_checks_its_precision_and_threshold():
 def test_predict_refuses_fp8_on_the_cpu_before_its_first_stage(tmp_path):
     reads = tmp_path / "reads.fa"
     reads.write_text(">r1\n" + "ATG" + "GCT" * 60 + "\n")
-    code, out, err = run_cli(["predict", str(reads), "--length", "300", "--classifier",
-                              str(tmp_path / "300_model.pth"), "--gpus", "cpu",
-                              "--precision", "fp8", "--out", str(tmp_path / "out")],
-                             str(tmp_path))
+    code, out, err = cli_result(["predict", str(reads), "--length", "300", "--classifier",
+                                 str(tmp_path / "300_model.pth"), "--gpus", "cpu",
+                                 "--precision", "fp8", "--out", str(tmp_path / "out")])
     assert code == 1 and "not a GPU" in err and "--precision fp16" in err, err
     assert "Traceback" not in err and "predict: validate" not in err
     assert not (tmp_path / "out").exists(), "no stage ran"

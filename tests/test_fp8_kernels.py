@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from test_triton_kernels import run_interpreted
+from fp8_helpers import run_interpreted
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="Triton is not installed")
