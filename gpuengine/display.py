@@ -173,6 +173,9 @@ def print_summary(summary, console: Console | None = None) -> None:
          f"{summary.commit_transactions} transactions, {summary.commit_seconds:.1f} s; "
          f"{summary.commit_wait_seconds:.1f} s"),
     ]
+    if summary.shard:
+        rows.insert(4, ("shard", f"{summary.shard}: {summary.shard_records:,} of "
+                                 f"{summary.valid_records:,} records"))
     for name, value in rows:  # Text, not markup: paths and model names are user data
         table.add_row(name, Text(f"{value:,}" if isinstance(value, int) else str(value)))
     fidelity = getattr(summary, "fidelity", None)
@@ -298,8 +301,10 @@ def print_predict_summary(summary) -> None:
     """``predict``'s one-line summary on stderr: counts, stage times, where the outputs are,
     and the fidelity guard's measurement when the ESM-2 stage ran in fp8."""
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in summary.stage_seconds.items())
-    text = (f"predict: {summary.reads:,} reads, {summary.chunks:,} chunks, {summary.frames:,} "
-            f"frames, {summary.virus_chunks:,} chunks called virus; {stages}; outputs in "
+    reads = (f"shard {summary.shard}: {summary.reads:,} of {summary.valid_reads:,} reads"
+             if getattr(summary, "shard", "") else f"{summary.reads:,} reads")
+    text = (f"predict: {reads}, {summary.chunks:,} chunks, {summary.frames:,} frames, "
+            f"{summary.virus_chunks:,} chunks called virus; {stages}; outputs in "
             f"{summary.out_dir}")
     fidelity = summary.embed.get("esm", {}).get("fidelity")
     if fidelity:
