@@ -162,7 +162,7 @@ def plot_throughput(recs, out: Path):
     from matplotlib.patches import Patch
 
     best = latest_by_key([r for r in engine_series(recs) if r.get("n_gpus", 1) == 1])
-    newest = runs(recs)[-1]
+    newest = runs(list(best.values()))[-1]  # the newest run with a bar (not a CPU-only tool's)
     models = [m for m in model_order(recs)
               if any(k_[0] == m and k_[1] in WORKLOADS and k_[2] in SYSTEMS for k_ in best)]
     fig, axes = plt.subplots(len(models), 1, figsize=(13, 5.4 * len(models)), squeeze=False)
@@ -220,7 +220,8 @@ def plot_throughput(recs, out: Path):
     note = f"latest record per (model, workload, system); bars without a commit are from {newest}"
     if older:
         note += "; older runs named on their bars"
-    fig.suptitle(f"Embedding throughput on one {recs[-1]['gpu']} (random weights, real shapes)\n{note}",
+    gpu = next(r["gpu"] for r in best.values() if r["commit"] == newest)
+    fig.suptitle(f"Embedding throughput on one {gpu} (random weights, real shapes)\n{note}",
                  fontsize=11.5, y=0.995)
     fig.tight_layout(rect=(0, 0, 1, 0.925))
     fig.savefig(out, dpi=110)
@@ -232,12 +233,12 @@ def plot_by_gpu_count(recs, out: Path, workload: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best = latest_by_key(recs)
+    best = latest_by_key(engine_series(recs))
     counts = sorted({r.get("n_gpus", 1) for r in recs})
     models = [m for m in model_order(recs) if any(k_[0] == m and k_[1] == workload for k_ in best)]
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 6.2), squeeze=False)
     xs = [1, 2, 4, 8]
-    newest = runs(recs)[-1]
+    newest = runs(list(best.values()))[-1]
     for ax, model in zip(axes[0], models):
         labels = []
         for system, (label, colour) in SYSTEMS.items():
