@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpuengine.errors import UsageError
-from gpuengine.vocabulary import DEFAULT_TABLE, POOLS, PRECISIONS, STORE_DTYPES, check_table_name
+from gpuengine.vocabulary import (DEFAULT_TABLE, FP8_MIN_COSINE, POOLS, PRECISIONS, STORE_DTYPES,
+                                  check_table_name)
 
 if TYPE_CHECKING:  # a field's type only: configuration (layer 0) does not import shards
     from gpuengine.shards import Shard
@@ -113,6 +114,9 @@ class EmbedConfig:
     ``torch.compile``d ones (None: on for GPUs; the CPU always runs the eager layers)."""
     threads: int | None = None
     """CPU threads for a CPU run (None: torch's default)."""
+    fp8_min_cosine: float = FP8_MIN_COSINE
+    """``--precision fp8`` only: the lowest cosine to fp16, over a sample of the input measured
+    before the run (gpuengine.fidelity), below which the run is refused (exit code 4)."""
     input_process: bool | None = None
     """Read, normalise, hash and tokenize the FASTA input in a child process (off the engine's
     GIL) — True: always, False: never (in the planner thread), None: the environment's
@@ -144,6 +148,8 @@ class EmbedConfig:
         check_table_name(self.table)
         if self.max_tokens is not None and self.max_tokens < 8:
             raise UsageError(f"--max-tokens must be at least 8 (got {self.max_tokens})")
+        if not -1.0 <= self.fp8_min_cosine <= 1.0:
+            raise UsageError(f"--fp8-min-cosine {self.fp8_min_cosine}: a cosine lies in [-1, 1]")
         if self.commit_every < 1:
             raise UsageError("commit_every must be at least 1")
 
