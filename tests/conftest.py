@@ -16,6 +16,7 @@ Helpers shared by several test modules live here or in a helper module named for
 * ``scheduler_sim.py``: simulated devices around the scheduler on a virtual clock;
 * ``store_shards.py``: stores written and split into shards for the merge tests;
 * ``slurm_cluster.py``: a real SLURM (fixture ``slurm``).
+* ``worker_exits.py``: a device worker that lingers inside torch after its last report.
 """
 
 from __future__ import annotations
