@@ -1,7 +1,8 @@
 """The ``gpuengine`` command line. Each command parses, builds a config and makes one call.
 
 Heavy imports (torch, the models) happen inside the commands so that ``--help`` is instant.
-Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 130 interrupted.
+Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 4 refused (a lossy
+precision below its fidelity threshold), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ from typing import Annotated, List, Optional
 import typer
 
 from gpuengine import __version__
-from gpuengine.cli_options import (Gpus, JsonSummary, MaxAttempts, MaxTokens, Offline, Poll,
-                                   PollInterval, Precision, PrintJson, Quiet, QuietPeriod,
-                                   RetryDelay, ServeJob, ServeStore, Settle, StatusInterval,
-                                   StoreDtype, StoresArgument, Verbose, Watch)
+from gpuengine.cli_options import (CheckClassifier, CheckGpus, CheckLayer, CheckLength,
+                                   CheckMaxTokens, CheckPrecisions, CheckSample, Fp8Gemms,
+                                   Fp8MinCosine, Gpus, JsonSummary, MaxAttempts, MaxTokens,
+                                   MinCosine, Offline, PartnerModel, Poll, PollInterval, Precision,
+                                   PrintJson, Quiet, QuietPeriod, RetryDelay, ServeJob, ServeStore,
+                                   Settle, StatusInterval, StoreDtype, StoresArgument, Verbose,
+                                   Watch)
 from gpuengine.errors import EXIT_INTERRUPTED, GpuEngineError, UsageError
+from gpuengine.vocabulary import FP8_MIN_COSINE
 
 HELP = """Exact, packed protein (ESM-2) and DNA (DNABERT-S) embeddings on every GPU, into LMDB.
 
@@ -37,8 +42,10 @@ HELP = """Exact, packed protein (ESM-2) and DNA (DNABERT-S) embeddings on every 
   gpuengine serve --watch /srv/embed --store /srv/embed/store.lmdb --model esm2_t33_650M_UR50D
   gpuengine status /srv/embed
   gpuengine devices --model esm2_t36_3B_UR50D
+  gpuengine check proteins.fasta --model esm2_t36_3B_UR50D --precision fp16,fp8
 
-Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 130 interrupted.
+Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 4 refused (fp8 below
+--fp8-min-cosine), 130 interrupted.
 """
 
 
@@ -108,8 +115,8 @@ def _split(values: List[str]) -> list[str]:
 @app.command(epilog="Example: gpuengine embed proteins.fasta.gz --model esm2_t33_650M_UR50D "
                     "--out proteins.lmdb")
 def embed(
-    inputs: Annotated[List[Path], typer.Argument(help="FASTA files (plain or gzip).",
-                                                 show_default=False)],
+    inputs: Annotated[List[Path], typer.Argument(
+        help="FASTA or FASTQ files (plain or gzip; told by content).", show_default=False)],
     model: Annotated[str, typer.Option(
         "--model", "-m", help="Checkpoint file (esm2_*.pt), Hugging Face directory, or "
         "published name such as esm2_t33_650M_UR50D.")],
@@ -121,6 +128,7 @@ def embed(
     pool: Annotated[List[str], typer.Option(
         "--pool", help="mean, bos, per-token (repeat or comma-separate for several).")] = ["mean"],
     precision: Precision = None,
+    fp8_min_cosine: Fp8MinCosine = FP8_MIN_COSINE,
     store_dtype: StoreDtype = "float32",
     max_residues: Annotated[Optional[int], typer.Option(
         "--max-residues", help="Truncate longer sequences to this many residues (0: never). "
@@ -143,7 +151,7 @@ def embed(
     quiet: Quiet = False,
     verbose: Verbose = 0,
 ) -> None:
-    """Embed FASTA records into an LMDB store (resumable; identical sequences computed once)."""
+    """Embed FASTA or FASTQ records into an LMDB store (resumable; identical sequences computed once)."""
     from gpuengine.display import RichProgress, announce_stop, print_summary, setup_logging
     from gpuengine.signals import StopOnSignals
 
@@ -152,7 +160,7 @@ def embed(
         _check_table(table)
         config = _embed_config(tuple(inputs), model, out, layers, pool, precision, store_dtype,
                                max_residues, table, skip_invalid, gpus, max_tokens, offline,
-                               shard)
+                               fp8_min_cosine, shard)
         from gpuengine.engine import run_embed
 
         with StopOnSignals(on_stop=announce_stop) as stop:
@@ -177,7 +185,7 @@ def _check_table(name: str) -> None:
 def _embed_config(inputs: tuple[Path, ...], model: str, out: Path, layers: str, pool: List[str],
                   precision: Optional[str], store_dtype: str, max_residues: Optional[int],
                   table: str, skip_invalid: bool, gpus: str, max_tokens: Optional[int],
-                  offline: bool, shard: Optional[str] = None):
+                  offline: bool, fp8_min_cosine: float, shard: Optional[str] = None):
     """The :class:`~gpuengine.config.EmbedConfig` of ``embed``'s (and ``serve``'s) options."""
     from gpuengine.config import EmbedConfig
     from gpuengine.shards import Shard
@@ -187,7 +195,8 @@ def _embed_config(inputs: tuple[Path, ...], model: str, out: Path, layers: str, 
         pools=tuple(_split(pool)), precision=precision, store_dtype=store_dtype,
         max_residues=-1 if max_residues is None else (max_residues or None), table=table,
         skip_invalid=skip_invalid, devices=gpus, max_tokens=max_tokens,
-        allow_download=not offline, shard=None if shard is None else Shard.parse(shard))
+        allow_download=not offline, fp8_min_cosine=fp8_min_cosine,
+        shard=None if shard is None else Shard.parse(shard))
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
@@ -198,11 +207,11 @@ def _parse_layers(text: str) -> tuple[int, ...]:
 
 
 @app.command(epilog="Examples: gpuengine predict reads.fasta --length 500 --classifier "
-                    "500_model.pth;  gpuengine predict reads.fasta 500 500_model.pth")
+                    "500_model.pth;  gpuengine predict reads.fastq.gz 500 500_model.pth")
 def predict(
     args: Annotated[List[str], typer.Argument(
         help="reads.fasta [LENGTH CLASSIFIER] (the original tool's positional form is "
-        "accepted).", show_default=False)],
+        "accepted; FASTQ reads, plain or gzip, too).", show_default=False)],
     length: Annotated[Optional[int], typer.Option(
         "--length", "-l", help="Expected chunk length: 300 or 500, matching the "
         "classifier.")] = None,
@@ -223,6 +232,7 @@ def predict(
     store: Annotated[Optional[Path], typer.Option(
         "--store", help="Embedding store. \\[default: <out>/embeddings.lmdb]")] = None,
     precision: Precision = None,
+    fp8_min_cosine: Fp8MinCosine = FP8_MIN_COSINE,
     gpus: Gpus = "auto",
     max_tokens: MaxTokens = None,
     keep_intermediate: Annotated[bool, typer.Option(
@@ -263,7 +273,8 @@ def predict(
         config = PredictConfig(reads=Path(args[0]), length=length, classifier=classifier,
                                esm_model=esm_model, esm_layer=esm_layer,
                                dnabert_model=dnabert_model, out=out, store=store,
-                               precision=precision, devices=gpus, max_tokens=max_tokens,
+                               precision=precision, fp8_min_cosine=fp8_min_cosine,
+                               devices=gpus, max_tokens=max_tokens,
                                keep_intermediate=keep_intermediate, skip_invalid=skip_invalid,
                                allow_download=not offline, score_only=score_only,
                                shard=None if shard is None else Shard.parse(shard))
@@ -271,15 +282,10 @@ def predict(
             summary = run_predict(config, RichProgress(enabled=not quiet), stop)
     except GpuEngineError as exc:
         raise _fail(exc) from None
-    from gpuengine.display import stderr
-
     if not quiet:
-        stages = ", ".join(f"{k} {v:.1f} s" for k, v in summary.stage_seconds.items())
-        reads = (f"shard {summary.shard}: {summary.reads:,} of {summary.valid_reads:,} reads"
-                 if summary.shard else f"{summary.reads:,} reads")
-        stderr.print(f"predict: {reads}, {summary.chunks:,} chunks, "
-                     f"{summary.frames:,} frames, {summary.virus_chunks:,} chunks called virus; "
-                     f"{stages}; outputs in {summary.out_dir}", highlight=False)
+        from gpuengine.display import print_predict_summary
+
+        print_predict_summary(summary)
     if json_summary:
         data = asdict(summary)
         data["wall_seconds"] = summary.wall_seconds
@@ -361,26 +367,9 @@ def info(stores: StoresArgument,
     if as_json:
         typer.echo(json.dumps(data, indent=2, default=str))
         return
-    typer.echo(_format_info(data))
+    from gpuengine.display import format_info
 
-
-def _format_info(data: dict, indent: str = "") -> str:
-    """YAML-like text: nested dicts indented, a list of dicts as one "- " item per dict."""
-    lines = []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            lines.append(f"{indent}{key}:")
-            if value:
-                lines.append(_format_info(value, indent + "  "))
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            lines.append(f"{indent}{key}:")
-            for item in value:
-                body = _format_info(item, indent + "    ").splitlines() or [indent + "    {}"]
-                body[0] = indent + "  - " + body[0][len(indent) + 4:]
-                lines.extend(body)
-        else:
-            lines.append(f"{indent}{key}: {value}")
-    return "\n".join(lines)
+    typer.echo(format_info(data))
 
 
 @app.command(epilog="Examples: gpuengine export proteins.lmdb --format npz -o proteins.npz;  "
@@ -522,6 +511,7 @@ def serve(
     pool: Annotated[List[str], typer.Option(
         "--pool", help="mean, bos, per-token.")] = ["mean"],
     precision: Precision = None,
+    fp8_min_cosine: Fp8MinCosine = FP8_MIN_COSINE,
     store_dtype: StoreDtype = "float32",
     max_residues: Annotated[Optional[int], typer.Option(
         "--max-residues", help="Truncate longer sequences (0: never). "
@@ -562,8 +552,8 @@ def serve(
             predict_template = PredictConfig(
                 reads=watch / "inbox", length=length, classifier=classifier, esm_model=esm_model,
                 esm_layer=esm_layer, dnabert_model=dnabert_model, store=store,
-                precision=precision, devices=gpus, max_tokens=max_tokens,
-                skip_invalid=skip_invalid, allow_download=not offline)
+                precision=precision, fp8_min_cosine=fp8_min_cosine, devices=gpus,
+                max_tokens=max_tokens, skip_invalid=skip_invalid, allow_download=not offline)
             model = model or esm_model
         elif job != "embed":
             raise UsageError(f"--job {job!r}: choose embed or predict")
@@ -571,7 +561,7 @@ def serve(
             raise UsageError("--job embed needs --model")
         embed_config = _embed_config((watch / "inbox",), model, store, layers, pool, precision,
                                      store_dtype, max_residues, table, skip_invalid, gpus,
-                                     max_tokens, offline)
+                                     max_tokens, offline, fp8_min_cosine)
         config = ServeConfig(watch=watch, embed=embed_config, poll_interval=poll_interval,
                              force_poll=poll, quiet_period=quiet_period,
                              settle=settle, max_attempts=max_attempts, retry_delay=retry_delay,
@@ -590,6 +580,52 @@ def status(directory: Annotated[Path, typer.Argument(
     from gpuengine.daemon import status_command
 
     raise typer.Exit(status_command(directory, as_json))
+
+
+@app.command(epilog="Examples: gpuengine check proteins.fasta --model esm2_t36_3B_UR50D "
+                    "--precision fp16,fp8 --min-cosine 0.99;  gpuengine check reads.fasta -m "
+                    "esm2_t36_3B_UR50D --precision fp8 --classifier 500_model.pth")
+def check(
+    inputs: Annotated[List[Path], typer.Argument(
+        help="FASTA files (plain or gzip): your own sequences (reads, with a VirNucPro "
+        "classifier).", show_default=False)],
+    model: Annotated[str, typer.Option(
+        "--model", "-m", help="Checkpoint file, model directory or published name, as for "
+        "embed.")],
+    precision: CheckPrecisions = None,
+    sample: CheckSample = 512,
+    min_cosine: MinCosine = None,
+    classifier: CheckClassifier = None,
+    length: CheckLength = None,
+    partner_model: PartnerModel = None,
+    layer: CheckLayer = -1,
+    fp8_gemms: Fp8Gemms = None,
+    gpus: CheckGpus = "auto",
+    max_tokens: CheckMaxTokens = None,
+    offline: Offline = False,
+    as_json: PrintJson = False,
+    quiet: Quiet = False,
+    verbose: Verbose = 0,
+) -> None:
+    """Compare precisions against fp32 on a sample of your own sequences: cosine, max error,
+    tokens/s, classifier labels. Run it before a long fp16/bf16/fp8 run."""
+    from gpuengine.display import StageLog, setup_logging
+
+    setup_logging(verbose, quiet)
+    try:
+        from gpuengine.check import CheckConfig, format_report, run_check
+
+        config = CheckConfig(
+            inputs=tuple(inputs), model=model,
+            precisions=tuple(_split([precision])) if precision else None, sample=sample,
+            min_cosine=min_cosine, classifier=classifier, length=length,
+            partner_model=partner_model, devices=gpus, layer=layer, max_tokens=max_tokens,
+            fp8_gemms=fp8_gemms, allow_download=not offline)
+        report = run_check(config, None if quiet else StageLog("check"))
+    except GpuEngineError as exc:
+        raise _fail(exc) from None
+    typer.echo(json.dumps(report.to_json(), indent=2) if as_json else format_report(report))
+    raise typer.Exit(1 if report.failed else 0)
 
 
 for _info in app.registered_commands:  # every command's --help without <bool> (see _Command)

@@ -1,6 +1,6 @@
-"""Command-line options that several ``gpuengine`` commands share, declared once, and the
+"""Command-line options that several ``gpuengine`` commands share, declared once, the
 daemon's own settings (``serve``: each maps onto a field of
-:class:`~gpuengine.daemon.ServeConfig`).
+:class:`~gpuengine.daemon.ServeConfig`) and ``check``'s (:class:`~gpuengine.check.CheckConfig`).
 
 Each is a typer ``Annotated`` alias: the flags, the type and the help text live here, the
 default in the command's signature (``gpus: Gpus = "auto"``; typer takes defaults only from
@@ -18,11 +18,45 @@ import typer
 # -- how to run (embed, predict, serve) -----------------------------------------------------
 
 Precision = Annotated[Optional[str], typer.Option(
-    "--precision", help="fp32, fp16 or bf16. \\[default: fp32 on CPU, fp16 on GPU]")]
+    "--precision", help="fp32, fp16, bf16 or fp8 (fp8: ESM-2 on GPUs of compute capability "
+    ">= 8.9, lossy, measured on a sample of the input first: see --fp8-min-cosine; predict "
+    "runs its ESM-2 stage in fp8, DNABERT-S in fp16). \\[default: fp32 on CPU, fp16 on GPU]")]
+Fp8MinCosine = Annotated[float, typer.Option(
+    "--fp8-min-cosine", help="With --precision fp8: before anything is written, a sample of "
+    "the input is embedded at fp16 and fp8; below this min cosine the run is refused (exit "
+    "4). `gpuengine check` shows the numbers first.")]
 Gpus = Annotated[str, typer.Option("--gpus", help="auto, all, cpu, or ordinals like 0,1.")]
 MaxTokens = Annotated[Optional[int], typer.Option(
     "--max-tokens", help="Upper bound on tokens per batch. \\[default: from device memory]")]
 Offline = Annotated[bool, typer.Option("--offline", help="Never download weights.")]
+
+# -- comparing precisions (check) -------------------------------------------------------------
+
+CheckPrecisions = Annotated[Optional[str], typer.Option(
+    "--precision", help="Comma-separated: fp16, bf16, fp8. \\[default: fp16,bf16 (+fp8 where "
+    "the GPU runs it) on a GPU; bf16 on the CPU]")]
+CheckSample = Annotated[int, typer.Option(
+    "--sample", "-n", help="Sequences to compare, spread evenly over the input.")]
+MinCosine = Annotated[Optional[float], typer.Option(
+    "--min-cosine", help="Exit 1 when a precision's min cosine to fp32 is below this.")]
+CheckClassifier = Annotated[Optional[Path], typer.Option(
+    "--classifier", "-c", help="Also report how many labels stay the same: a VirNucPro MLP "
+    "(then the input holds reads) or one on this model's embeddings alone.")]
+PartnerModel = Annotated[Optional[str], typer.Option(
+    "--partner-model", help="VirNucPro's other model (run at fp32). \\[default: DNABERT-S for "
+    "ESM-2, esm2_t36_3B_UR50D for DNABERT-S]")]
+CheckLength = Annotated[Optional[int], typer.Option(
+    "--length", "-l", help="VirNucPro chunk length, 300 or 500. \\[default: from the "
+    "classifier's name]")]
+CheckLayer = Annotated[int, typer.Option("--layer", help="Layer to compare (-1: last).")]
+CheckGpus = Annotated[str, typer.Option(
+    "--gpus", help="auto, cpu, or an ordinal like 0 (check runs on one device: the first "
+    "given).")]
+CheckMaxTokens = Annotated[Optional[int], typer.Option(
+    "--max-tokens", help="Tokens per batch. \\[default: 16384 on a GPU, 4096 on the CPU]")]
+Fp8Gemms = Annotated[Optional[str], typer.Option(
+    "--fp8-gemms", help="Which GEMMs of each layer run in FP8: all, none, or some of "
+    "qkv,out_proj,fc1,fc2. \\[default: the run default]")]
 
 # -- what to store (embed, serve) -------------------------------------------------------------
 

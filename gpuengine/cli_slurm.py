@@ -145,7 +145,8 @@ def _check_embed(values: dict[str, Any]) -> Path:
     _embed_config(tuple(values["inputs"]), values["model"], out / "store.lmdb", values["layers"],
                   values["pool"], values["precision"], values["store_dtype"],
                   values["max_residues"], values["table"], values["skip_invalid"],
-                  values["gpus"], values["max_tokens"], values["offline"])
+                  values["gpus"], values["max_tokens"], values["offline"],
+                  values["fp8_min_cosine"])
     _check_files(values["inputs"], "input FASTA file")
     return (out / "store.lmdb").absolute()
 

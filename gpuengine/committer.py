@@ -73,12 +73,19 @@ class Committer(threading.Thread):
         self.inbox.put(None)
         self.join()
 
+    def wait_idle(self) -> None:
+        """Block until every group queued so far is committed (or, after a failure, dropped):
+        then :meth:`snapshot` counts all of them."""
+        self.inbox.join()
+
     def run(self) -> None:
         done = False
         while not done:
             item = self.inbox.get()
             if item is None:
+                self.inbox.task_done()
                 return
+            taken = 1
             group, extra_runs = list(item[0]), dict(item[1] or {})
             groups, nbytes = 1, group_nbytes(group)
             while nbytes < self.max_bytes:  # merge what else is waiting (group commit)
@@ -86,6 +93,7 @@ class Committer(threading.Thread):
                     item = self.inbox.get_nowait()
                 except queue.Empty:
                     break
+                taken += 1
                 if item is None:
                     done = True
                     break
@@ -94,6 +102,8 @@ class Committer(threading.Thread):
                 groups, nbytes = groups + 1, nbytes + group_nbytes(item[0])
             if self.error is None:  # after a failure, drain without writing
                 self._commit(group, extra_runs or None, groups)
+            for _ in range(taken):
+                self.inbox.task_done()
 
     def _commit(self, group: list[CommitPart], extra_runs: dict | None, groups: int) -> None:
         started = time.perf_counter()

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpuengine.errors import UsageError
-from gpuengine.vocabulary import DEFAULT_TABLE, POOLS, PRECISIONS, STORE_DTYPES, check_table_name
+from gpuengine.vocabulary import (DEFAULT_TABLE, FP8_MIN_COSINE, POOLS, PRECISIONS, STORE_DTYPES,
+                                  check_table_name)
 
 if TYPE_CHECKING:  # a field's type only: configuration (layer 0) does not import shards
     from gpuengine.shards import Shard
@@ -31,6 +32,26 @@ class Environment:
     input_process: bool | None = None
     """``GPUENGINE_INPUT_PROCESS=1`` / ``0``: read the input FASTA in a child process always /
     never, where :attr:`EmbedConfig.input_process` leaves it open (unset: by input size)."""
+    input_processes: int | None = None
+    """``GPUENGINE_INPUT_PROCESSES=N`` (1 to 32): how many input processes read the input
+    (unset: by cores, :func:`gpuengine.input_workers.process_count`)."""
+    input_block_bytes: int | None = None
+    """``GPUENGINE_INPUT_BLOCK_BYTES=N``: bytes of a block dealt to an input process (unset:
+    :data:`gpuengine.blocks.BLOCK_BYTES`; tests cut small files into many blocks with it)."""
+
+
+MAX_INPUT_PROCESSES = 32
+
+
+def _whole_number(name: str, low: int, high: int | None, unset: str) -> int | None:
+    """The environment variable ``name`` as a whole number from ``low`` to ``high``."""
+    choice = os.environ.get(name, "")
+    if not choice:
+        return None
+    if not choice.isdigit() or int(choice) < low or (high is not None and int(choice) > high):
+        span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise UsageError(f"{name}={choice!r}: give a whole number {span} (unset: {unset})")
+    return int(choice)
 
 
 def environment() -> Environment:
@@ -48,7 +69,11 @@ def environment() -> Environment:
                          "leave it unset (by input size)")
     return Environment(offline=offline, cache_dir=cache,
                        notify_socket=os.environ.get("NOTIFY_SOCKET", ""),
-                       input_process=None if not choice else choice == "1")
+                       input_process=None if not choice else choice == "1",
+                       input_processes=_whole_number("GPUENGINE_INPUT_PROCESSES", 1,
+                                                     MAX_INPUT_PROCESSES, "by cores"),
+                       input_block_bytes=_whole_number("GPUENGINE_INPUT_BLOCK_BYTES", 1, None,
+                                                       "512 KiB"))
 
 
 @dataclass(frozen=True)
@@ -89,6 +114,9 @@ class EmbedConfig:
     ``torch.compile``d ones (None: on for GPUs; the CPU always runs the eager layers)."""
     threads: int | None = None
     """CPU threads for a CPU run (None: torch's default)."""
+    fp8_min_cosine: float = FP8_MIN_COSINE
+    """``--precision fp8`` only: the lowest cosine to fp16, over a sample of the input measured
+    before the run (gpuengine.fidelity), below which the run is refused (exit code 4)."""
     input_process: bool | None = None
     """Read, normalise, hash and tokenize the FASTA input in a child process (off the engine's
     GIL) — True: always, False: never (in the planner thread), None: the environment's
@@ -120,6 +148,8 @@ class EmbedConfig:
         check_table_name(self.table)
         if self.max_tokens is not None and self.max_tokens < 8:
             raise UsageError(f"--max-tokens must be at least 8 (got {self.max_tokens})")
+        if not -1.0 <= self.fp8_min_cosine <= 1.0:
+            raise UsageError(f"--fp8-min-cosine {self.fp8_min_cosine}: a cosine lies in [-1, 1]")
         if self.commit_every < 1:
             raise UsageError("commit_every must be at least 1")
 

@@ -178,6 +178,12 @@ def print_summary(summary, console: Console | None = None) -> None:
                                  f"{summary.valid_records:,} records"))
     for name, value in rows:  # Text, not markup: paths and model names are user data
         table.add_row(name, Text(f"{value:,}" if isinstance(value, int) else str(value)))
+    fidelity = getattr(summary, "fidelity", None)
+    if fidelity:
+        table.add_row(f"{fidelity['precision']} fidelity (vs {fidelity['reference']}, "
+                      f"{fidelity['sequences']} sampled)",
+                      Text(f"min cosine {fidelity['min_cosine']:.5f}, mean "
+                           f"{fidelity['mean_cosine']:.5f}"))
     for dev in summary.devices:
         table.add_row(f"  {dev['device']}", Text(
             f"{dev['sequences']:,} seq, {dev['tokens']:,} tok, "
@@ -289,3 +295,49 @@ def print_merge_summary(summary) -> None:
     if summary.interrupted:
         stderr.print("[yellow]interrupted[/yellow]: everything committed so far is safe; "
                      "run the same command again to finish")
+
+
+def print_predict_summary(summary) -> None:
+    """``predict``'s one-line summary on stderr: counts, stage times, where the outputs are,
+    and the fidelity guard's measurement when the ESM-2 stage ran in fp8."""
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in summary.stage_seconds.items())
+    reads = (f"shard {summary.shard}: {summary.reads:,} of {summary.valid_reads:,} reads"
+             if getattr(summary, "shard", "") else f"{summary.reads:,} reads")
+    text = (f"predict: {reads}, {summary.chunks:,} chunks, {summary.frames:,} frames, "
+            f"{summary.virus_chunks:,} chunks called virus; {stages}; outputs in "
+            f"{summary.out_dir}")
+    fidelity = summary.embed.get("esm", {}).get("fidelity")
+    if fidelity:
+        text += (f"; ESM-2 {fidelity['precision']} against {fidelity['reference']} on "
+                 f"{fidelity['sequences']} frames: min cosine {fidelity['min_cosine']:.5f}")
+    stderr.print(Text(text), highlight=False)
+
+
+def format_info(data: dict, indent: str = "") -> str:
+    """YAML-like text: nested dicts indented, a list of dicts as one "- " item per dict."""
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key}:")
+            if value:
+                lines.append(format_info(value, indent + "  "))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            lines.append(f"{indent}{key}:")
+            for item in value:
+                body = format_info(item, indent + "    ").splitlines() or [indent + "    {}"]
+                body[0] = indent + "  - " + body[0][len(indent) + 4:]
+                lines.extend(body)
+        else:
+            lines.append(f"{indent}{key}: {value}")
+    return "\n".join(lines)
+
+
+class StageLog:
+    """Progress of a command made of a few stages (``gpuengine check``): one line per stage on
+    stderr, prefixed with the command's name."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def stage(self, text: str) -> None:
+        stderr.print(f"{self.prefix}: {text}", markup=False, highlight=False)

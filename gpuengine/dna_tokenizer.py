@@ -30,6 +30,8 @@ Characters (:data:`DNA_ALPHABET`, what validation accepts):
 
 from __future__ import annotations
 
+import json
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,6 +78,7 @@ class DnaTokenizer:
         self.path = path
         self.vocab_size = tok.get_vocab_size()
         self._tok = tok
+        self._bpe = tok.model if _plain_bpe(json.loads(tok.to_str())) else None
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> DnaTokenizer:
@@ -107,3 +110,49 @@ class DnaTokenizer:
         prepared = [self._prepare(s, max_residues) for s in sequences]
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         return [np.asarray(e.ids, dtype=np.int32) for e in encode(prepared)]
+
+    def encode_flat(self, sequences: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Every sequence's ids one after the other (int32) and where each one's ids end
+        (int64, cumulative): :meth:`encode` of each, without an array per sequence.
+
+        Where the file's pipeline adds nothing to a word of letters (no normaliser, a
+        whitespace pre-tokenizer, a plain BPE model, ``[CLS] $A [SEP]``), the BPE model
+        tokenizes each validated sequence directly: the same ids as the whole pipeline
+        (``tests/test_dnabert_s.py`` compares them) at about half its cost per sequence,
+        on this thread (the caller runs one tokenizer per input process)."""
+        if self._bpe is None:
+            ids = self.encode_batch(list(sequences))
+            ends = np.cumsum(np.fromiter((t.size for t in ids), np.int64, len(ids)))
+            flat = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+            return flat.astype(np.int32, copy=False), ends
+        joined = "".join(sequences).upper()
+        if joined.translate(_VALID):
+            bad = joined.translate(_VALID)[0]
+            raise InternalError(f"unvalidated character {bad!r} reached the DNA tokenizer")
+        tokenize, token_id = self._bpe.tokenize, _TOKEN_ID
+        flat: list[int] = []
+        extend, append = flat.extend, flat.append
+        ends = np.empty(len(sequences), np.int64)
+        for i, seq in enumerate(sequences):
+            append(DNABERT_CLS)
+            extend(map(token_id, tokenize(seq.upper())))
+            append(DNABERT_SEP)
+            ends[i] = len(flat)
+        return np.array(flat, dtype=np.int32), ends
+
+
+_TOKEN_ID = operator.attrgetter("id")
+
+
+def _plain_bpe(spec: dict) -> bool:
+    """Whether ``tokenizer.json`` turns a word of letters into ``[CLS]``, the BPE model's
+    pieces of the word, ``[SEP]``, and nothing else (so the model may be asked directly)."""
+    model, pre, post = spec.get("model") or {}, spec.get("pre_tokenizer"), spec.get("post_processor")
+    pres = (pre or {}).get("pretokenizers", [pre]) if (pre or {}).get("type") == "Sequence" else [pre]
+    single = [next(iter(piece.values())).get("id") for piece in (post or {}).get("single", [])]
+    return (model.get("type") == "BPE" and model.get("dropout") in (None, 0.0)
+            and not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix")
+            and spec.get("normalizer") is None
+            and all(p is None or p.get("type") in ("Whitespace", "WhitespaceSplit") for p in pres)
+            and (post or {}).get("type") == "TemplateProcessing"
+            and single == ["[CLS]", "A", "[SEP]"])

@@ -50,7 +50,8 @@ from gpuengine.models.registry import Weights
 from gpuengine.planner import Planner
 from gpuengine.progress import DeviceProgress, NullProgress, ProgressSink, ProgressSnapshot
 from gpuengine.replicas import (MemoryTelemetry, ModelChoice, ReplicaPool, RunnerFactory,
-                                build_replicas, run_precision, start_telemetry)
+                                build_replicas, check_precision, guard_fidelity, run_precision,
+                                start_telemetry)
 from gpuengine.run_store import RunStore, table_spec
 from gpuengine.scheduler import Scheduler
 from gpuengine.store.schema import TableSpec
@@ -104,6 +105,9 @@ class RunSummary:
     run_started: dict = field(default_factory=dict)
     """That record as this invocation found it (counts of earlier, interrupted attempts;
     ``resumes``)."""
+    fidelity: dict | None = None
+    """``--precision fp8``: the fidelity guard's measurement on a sample of this input
+    (:class:`gpuengine.fidelity.FidelityReport`), also in the run record."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -164,6 +168,8 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
     store = RunStore(config.out)
     try:
         precision, how = run_precision(config, model.fam)
+        if runner_factory is None:  # a simulated device runs what its factory makes
+            check_precision(precision, model.fam, config)
         lookup = store.check(config.table, precision, how, model.max_residues)
         if records is None:
             progress.stage("validating input")
@@ -209,6 +215,7 @@ class _Run:
                  runner_factory: RunnerFactory | None, pool: ReplicaPool | None,
                  completion_records: CompletionRecords[RunSummary] | None):
         self.config, self.model, self.weights, self.spec = config, model, weights, spec
+        self.tokenizer = model.fam.tokenizer(weights.source)
         self.store, self.writer = store, store.writer
         self.records, self.summary = records, summary
         self.progress, self.stop = progress, stop
@@ -232,14 +239,15 @@ class _Run:
         self.planner_thread: threading.Thread | None = None
 
     def execute(self) -> None:
-        tokenizer = self.model.fam.tokenizer(self.weights.source)
         try:
             choice = self.config.input_process
             if choice is None:
                 choice = self.config.env.input_process
             # started before the devices, so a reader process's start-up overlaps theirs
-            self.reader = open_input(self.records, tokenizer, self.spec.max_residues,
-                                     choice, _EitherEvent(self.stop, self.halt))
+            self.reader = open_input(self.records, self.tokenizer, self.spec.max_residues,
+                                     choice, _EitherEvent(self.stop, self.halt),
+                                     processes=self.config.env.input_processes,
+                                     block_bytes=self.config.env.input_block_bytes)
             self._execute()
         finally:
             self._stop_threads()
@@ -267,8 +275,8 @@ class _Run:
 
     def _execute(self) -> None:
         workers = self._start_workers()
-        run_id, self.summary.run_started = self.store.begin_run(self.config, self.spec,
-                                                                workers[0].runner.precision)
+        run_id, self.summary.run_started = self.store.begin_run(
+            self.config, self.spec, workers[0].runner.precision, fidelity=self.summary.fidelity)
         self.summary.run_id = run_id
         committer = self.committer = Committer(self.writer, self.spec.name, run_id, self.ledger)
         planner = Planner(ledger=self.ledger, lookup=self.writer.lookup(self.spec.name),
@@ -309,7 +317,9 @@ class _Run:
             extra = None
             if completed and self.completion_records is not None:
                 # the caller's records (a job record) go into the same transaction as the
-                # run's last embeddings, with the summary those embeddings complete
+                # run's last embeddings, with the summary those embeddings complete: the
+                # groups handed over earlier committed first, so the counts hold them too
+                committer.wait_idle()
                 self._summarize(workers, committer, planner, time.perf_counter() - self.started,
                                 group_counts(self.group))
                 extra = dict(self.completion_records(self.summary))
@@ -323,10 +333,17 @@ class _Run:
             self.progress.close()
 
     def _start_workers(self) -> list[DeviceWorker]:
-        """A warmed-up replica on every device, a worker thread on each, the telemetry."""
+        """A warmed-up replica on every device, the fidelity guard of a lossy precision on
+        the first (FidelityError before anything is written), a worker thread on each device,
+        the telemetry."""
         replicas = build_replicas(self.config, self.model.fam, self.weights, self.spec,
                                   self.progress, runner_factory=self.runner_factory,
                                   pool=self.pool)
+        report = guard_fidelity(self.config, self.model.fam, self.weights, self.spec,
+                                replicas[0], self.records, self.tokenizer.encode, self.progress,
+                                runner_factory=self.runner_factory)
+        if report is not None:
+            self.summary.fidelity = report.to_json()
         self.workers = [DeviceWorker(index, replica.runner, replica.budget, self.scheduler,
                                      self.inbox, self.halt)
                         for index, replica in enumerate(replicas)]

@@ -14,6 +14,8 @@ code meaning
      for the failing step, what was committed earlier is intact
 2    usage error (bad option or argument)
 3    partial: the run finished, but some sequences failed (reported)
+4    refused: a lossy precision (fp8) changed a sample of the input more
+     than ``--fp8-min-cosine`` allows; nothing was written
 130  interrupted (Ctrl-C / SIGTERM) after a clean drain; rerun to resume
 ==== =====================================================================
 """
@@ -24,6 +26,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
+EXIT_FIDELITY = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -49,6 +52,13 @@ class ModelLoadError(GpuEngineError):
 
 class DeviceError(GpuEngineError):
     """A device cannot be used (missing, out of memory beyond recovery, died)."""
+
+
+class FidelityError(GpuEngineError):
+    """A lossy precision (fp8) changes this run's embeddings more than the user accepts
+    (``--fp8-min-cosine``), measured on a sample of the input before anything was written."""
+
+    exit_code = EXIT_FIDELITY
 
 
 class StoreError(GpuEngineError):

@@ -1,6 +1,7 @@
-"""Streaming FASTA input: open, parse, normalise and validate.
+"""Streaming FASTA (and FASTQ) input: open, parse, normalise and validate.
 
-Files are read a line at a time, never whole. Plain and gzip files (told apart by the gzip
+Files are read a line at a time, never whole. A file whose first non-blank line starts with
+``@`` is FASTQ (:mod:`gpuengine.fastq`; qualities are checked, then ignored). Plain and gzip files (told apart by the gzip
 magic bytes, not the name; multi-member gzip and BGZF included) are read as UTF-8 with
 universal newlines, so ``\\r\\n`` files work.
 
@@ -151,27 +152,32 @@ def _read_error(path: str | os.PathLike, name: str, lines_read: int, exc: Except
 # ----------------------------------------------------------------------------- parsing
 
 
-def _raw_records(
-    path: str | os.PathLike, name: str, fh: io.TextIOBase
-) -> Iterator[tuple[str, int, list[str]]]:
-    """Yield ``(header line, its 1-based number, the record's other lines)`` per record.
-
-    Lines keep their ``\\n``. Blank lines before the first header are skipped; other text
-    there means the file is not FASTA.
-    """
+def _first_line(path: str | os.PathLike, name: str, fh: io.TextIOBase) -> tuple[str, int]:
+    """The first non-blank line (a FASTA header ``>`` or a FASTQ header ``@``) and its
+    1-based number. Blank lines before it are skipped; other text means neither format."""
     lineno = 0
     try:
         for line in fh:
             lineno += 1
-            if line[0] == ">":
-                header, start = line, lineno
-                break
+            if line[0] in ">@":
+                return line, lineno
             if not line.isspace():
                 raise InputError(f"{name}:{lineno}: not FASTA: the first non-blank line must be "
-                                 f"a header starting with '>', found {line.rstrip()[:60]!r}")
-        else:
-            what = "is empty" if lineno == 0 else "holds only blank lines"
-            raise InputError(f"{name}: no FASTA records: the file {what}")
+                                 f"a header starting with '>' (or '@' for FASTQ), found "
+                                 f"{line.rstrip()[:60]!r}")
+    except (UnicodeDecodeError, EOFError, zlib.error, OSError) as exc:
+        raise _read_error(path, name, lineno, exc) from exc
+    what = "is empty" if lineno == 0 else "holds only blank lines"
+    raise InputError(f"{name}: no FASTA records: the file {what}")
+
+
+def _raw_records(
+    path: str | os.PathLike, name: str, fh: io.TextIOBase, header: str, start: int
+) -> Iterator[tuple[str, int, list[str]]]:
+    """Yield ``(header line, its 1-based number, the record's other lines)`` per record,
+    from the first ``header`` (at line ``start``) on. Lines keep their ``\\n``."""
+    lineno = start
+    try:
         lines: list[str] = []
         append = lines.append
         for line in fh:
@@ -246,27 +252,51 @@ def _problem(
                          detail)
 
 
+def make_record(header: str, lines: list[str], name: str, lineno: int, index: int,
+                alphabet: frozenset[str] | None) -> tuple[FastaRecord, RecordProblem | None]:
+    """The normalised record of a header line (``>`` or ``@`` first) and its sequence lines,
+    with its first problem (see :func:`iter_records`)."""
+    words = header[1:].split(None, 1)
+    seq = "".join("".join(lines).split()).upper()
+    if seq[-1:] == "*":
+        seq = seq[:-1]
+    rec = FastaRecord(words[0] if words else "", seq, name, lineno, index)
+    fast = None if alphabet is None else _compile_alphabet(alphabet)[1]
+    if (not words or not seq or header[1:2].isspace()
+            or (alphabet is not None and (fast is None or seq.encode().translate(None, fast)))):
+        return rec, _problem(rec, header, lines, alphabet)
+    return rec, None
+
+
 def iter_records(
     path: str | os.PathLike, *, alphabet: frozenset[str] | None = None
 ) -> Iterator[tuple[FastaRecord, RecordProblem | None]]:
-    """Stream the records of one FASTA file, each with the first problem found in it.
+    """Stream the records of one FASTA or FASTQ file, each with the first problem found in it.
 
+    The format is told by the first non-blank line: ``>`` FASTA, ``@`` FASTQ (four lines a
+    record, qualities checked for framing and length, then ignored: :mod:`gpuengine.fastq`).
     Yields ``(record, problem)``: the normalised record, and ``None`` or a problem of kind
     ``empty-id``, ``empty-sequence`` or ``invalid-character`` (only with an ``alphabet``;
     its line and column point at the character in the file).
 
     Raises:
-        InputError: the file cannot be opened or read, is not UTF-8, is not FASTA, holds no
-            records, or is a truncated or corrupt gzip file; naming the file, and the line
-            where there is one.
+        InputError: the file cannot be opened or read, is not UTF-8, is neither FASTA nor
+            FASTQ, holds no records, is a malformed FASTQ file, or is a truncated or corrupt
+            gzip file; naming the file, and the line (and column) where there is one.
     """
     name = _name(path)
     alphabet = None if alphabet is None else frozenset(alphabet)
     fast = None if alphabet is None else _compile_alphabet(alphabet)[1]
     check_chars = alphabet is not None
     with open_text(path) as fh:
+        first, start = _first_line(path, name, fh)
+        if first[0] == "@":
+            from gpuengine.fastq import fastq_records
+
+            yield from fastq_records(path, name, fh, first, start, alphabet)
+            return
         index = 0
-        for header, lineno, lines in _raw_records(path, name, fh):
+        for header, lineno, lines in _raw_records(path, name, fh, first, start):
             words = header[1:].split(None, 1)
             seq = "".join("".join(lines).split()).upper()
             if seq[-1:] == "*":

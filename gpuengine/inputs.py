@@ -8,10 +8,14 @@ so the planner has one path whatever reads them. A sharded run (``--shard I/N``,
 :mod:`gpuengine.shards`) keeps only its shard's records there, right after hashing and before
 tokenizing, in whichever process reads. Where they are read is chosen once:
 
-* in a **child process** (:class:`InputProcess`, ``python -m gpuengine.inputs``), for FASTA
-  input of at least :data:`INPUT_PROCESS_MIN_RECORDS` records (or as ``input_process`` /
+* in **child processes** (:class:`~gpuengine.input_workers.InputPool`, ``python -m
+  gpuengine.inputs``: by default the cores this process may use less two, bounded as
+  :func:`~gpuengine.input_workers.process_count` says; ``GPUENGINE_INPUT_PROCESSES`` sets the
+  number), for FASTA or FASTQ input
+  of at least :data:`INPUT_PROCESS_MIN_RECORDS` records (or as ``input_process`` /
   ``GPUENGINE_INPUT_PROCESS`` say): reading, normalising, hashing and tokenizing hold the
   GIL, and in the engine's process they compete with the device workers and the committer;
+  the children share them out block by block (:mod:`gpuengine.input_workers`);
 * else **in the planner's thread** (:class:`InThreadInput`): a child's start-up (0.1-0.2 s)
   would cost more than it saves, and in-memory records cannot cross to a child.
 
@@ -19,24 +23,23 @@ Nothing crosses the process boundary as pickle. Both directions are frames: a 4-
 little-endian uint64 payload length, the payload.
 
 * parent → child: ``CONF`` (UTF-8 JSON: paths, alphabet, max_residues, tokenizer spec,
-  shard), then
-  one ``SKIP`` per file (uint64 record indices the second pass skips).
-* child → parent: ``CHNK`` per chunk (layout in :func:`encode_chunk`), then ``DONE``; or
-  ``FAIL`` (UTF-8 JSON: error class name and message) when reading failed.
+  shard), then one ``SKIP`` per file (uint64 record indices the second pass skips), then
+  ``BLCK`` blocks.
+* child → parent: ``CHNK`` per chunk (layout in :func:`encode_chunk`), ``BEND`` after each
+  block's, then ``DONE``; or ``FAIL`` (UTF-8 JSON: error class name and message) when
+  reading failed.
 
-The child ignores SIGINT and SIGTERM and runs in its own session: the engine decides when it
-stops (Ctrl-C drains the run; closing the reader kills the child). If the engine dies, the
-child's next write fails on the broken pipe and it exits.
+A child ignores SIGINT and SIGTERM and runs in its own session: the engine decides when it
+stops (Ctrl-C drains the run; closing the reader kills the children). If the engine dies, a
+child's next read or write fails on the broken pipe and it exits.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
 import struct
-import subprocess
 import sys
 import threading
 import traceback
@@ -46,7 +49,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 
 from gpuengine import errors
-from gpuengine.errors import GpuEngineError, InputError, InternalError
+from gpuengine.errors import GpuEngineError, InternalError
 from gpuengine.fasta import StoredRecords, ValidationReport, stream_valid, validate
 from gpuengine.records import FastaRecord
 from gpuengine.shards import Shard
@@ -62,8 +65,6 @@ child process costs a start-up of about 0.1-0.2 s)."""
 
 _FRAME = struct.Struct("<4sQ")
 _CHUNK_HEAD = struct.Struct("<IIQ")  # records, reserved, bytes of the id blob
-_PIPE_BYTES = 1 << 20
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -151,10 +152,16 @@ def prepare_chunk(records: Sequence, tokenizer, max_residues: int | None,
     """Truncate, hash and tokenize ``records`` (FastaRecord-like: ``.id``, ``.sequence``);
     with a ``shard``, only the records of that shard are kept (after hashing, before
     tokenizing)."""
+    return prepare_lists([r.id for r in records], [r.sequence for r in records], tokenizer,
+                         max_residues, shard)
+
+
+def prepare_lists(ids: list[str], seqs: list[str], tokenizer, max_residues: int | None,
+                  shard: Shard | None = None) -> PreparedChunk:
+    """:func:`prepare_chunk` of records given as their ids and sequences."""
     from gpuengine.store.codec import sequence_digests
 
-    n = len(records)
-    seqs = [r.sequence for r in records]
+    n = len(seqs)
     truncated = np.zeros(n, np.uint8)
     if max_residues is not None and n and max(map(len, seqs)) > max_residues:
         truncated = np.fromiter((len(s) > max_residues for s in seqs), np.uint8, n)
@@ -163,7 +170,7 @@ def prepare_chunk(records: Sequence, tokenizer, max_residues: int | None,
     if shard is not None:
         keep = shard.positions(digests)
         if len(keep) < n:
-            records = [records[i] for i in keep]
+            ids = [ids[i] for i in keep]
             seqs = [seqs[i] for i in keep]
             digests = [digests[i] for i in keep]
             truncated = truncated[keep]
@@ -179,7 +186,7 @@ def prepare_chunk(records: Sequence, tokenizer, max_residues: int | None,
         ends = np.cumsum(np.fromiter((t.size for t in token_ids), np.int64, n))
         tokens = (np.concatenate(token_ids).astype(np.int32, copy=False) if n
                   else np.zeros(0, np.int32))
-    return PreparedChunk([r.id for r in records], digests,
+    return PreparedChunk(ids, digests,
                          np.fromiter(map(len, seqs), np.uint32, n), truncated, tokens, ends)
 
 
@@ -314,12 +321,14 @@ def read_chunk(chunk_records: int, shard: Shard | None) -> int:
 
 
 def open_input(source: RecordSource, tokenizer, max_residues: int | None,
-               process: bool | None, stop: StopFlag | None = None) -> ChunkReader:
+               process: bool | None, stop: StopFlag | None = None, *,
+               processes: int | None = None, block_bytes: int | None = None) -> ChunkReader:
     """The reader of ``source``'s chunks: a child process when ``process`` is True (None: for
     FASTA input of at least :data:`INPUT_PROCESS_MIN_RECORDS` records) and the source is FASTA
     files and the child can rebuild ``tokenizer``; else in the planner's thread (which stops
-    reading once ``stop`` is set). A child is started now, so its start-up overlaps the
-    engine's."""
+    reading once ``stop`` is set). Children (``processes`` of them, None: by cores) are
+    started now, so their start-up overlaps the engine's; ``block_bytes`` (None: the default)
+    is the size of the blocks they are dealt."""
     if process is None:
         process = source.count >= INPUT_PROCESS_MIN_RECORDS
     spec = tokenizer_spec(tokenizer)
@@ -327,11 +336,22 @@ def open_input(source: RecordSource, tokenizer, max_residues: int | None,
     if not process or fasta is None or spec is None:
         return InThreadInput(source.iterate, tokenizer, max_residues, LOOKUP_CHUNK, stop,
                              source.shard)
+    from gpuengine.input_workers import InputPool, process_count
+
     skip: dict[str, list[int]] = {}
     for name, index in fasta.report.skip:
         skip.setdefault(name, []).append(index)
-    return InputProcess(fasta.paths, skip, fasta.alphabet, max_residues, spec, LOOKUP_CHUNK,
-                        source.shard)
+    return InputPool(fasta.paths, skip, fasta.alphabet, max_residues, spec, LOOKUP_CHUNK,
+                     process_count(processes, heavy=spec["kind"] == "dna"), block_bytes,
+                     source.shard)
+
+
+def __getattr__(name: str):
+    if name == "InputProcess":  # one child of the pool (gpuengine.input_workers)
+        from gpuengine.input_workers import InputProcess
+
+        return InputProcess
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -360,101 +380,6 @@ def _make_tokenizer(spec: dict):
     raise InternalError(f"unknown tokenizer spec {spec!r}")
 
 
-class InputProcess:
-    """The child process reading ``paths`` (minus ``skip``) into prepared chunks.
-
-    Start it early (its start-up overlaps the engine's); iterate :meth:`chunks` once; always
-    :meth:`close` it (kills and reaps the child, whatever state it is in)."""
-
-    command = [sys.executable, "-m", "gpuengine.inputs"]
-
-    def __init__(self, paths: Sequence[str | os.PathLike], skip: dict[str, Sequence[int]],
-                 alphabet: frozenset[str] | None, max_residues: int | None,
-                 tokenizer: dict, chunk_records: int, shard: Shard | None = None) -> None:
-        from gpuengine.fasta import _name
-
-        names = [_name(p) for p in paths]
-        conf = {"paths": [os.fsdecode(os.fspath(p)) for p in paths], "names": names,
-                "alphabet": None if alphabet is None else "".join(sorted(alphabet)),
-                "max_residues": max_residues, "tokenizer": tokenizer,
-                "chunk_records": chunk_records,
-                "shard": None if shard is None else [shard.index, shard.count]}
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        self._closing = False
-        self._lock = threading.Lock()
-        self.proc = subprocess.Popen(
-            self.command, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, bufsize=0, env=env, start_new_session=True)
-        try:
-            fcntl.fcntl(self.proc.stdout.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
-        except OSError:
-            pass  # a smaller pipe only costs more wake-ups
-        try:
-            _write_frame(self.proc.stdin, b"CONF", json.dumps(conf).encode("utf-8"))
-            for name in names:
-                indices = np.asarray(sorted(skip.get(name, ())), dtype="<u8")
-                _write_frame(self.proc.stdin, b"SKIP", indices.tobytes())
-            self.proc.stdin.close()
-        except BrokenPipeError:
-            pass  # the child died at once: chunks() reports how
-        except BaseException:  # nobody holds this object yet to close it: reap the child now
-            self.close()
-            raise
-
-    def chunks(self) -> Iterator[PreparedChunk]:
-        """Prepared chunks in input order; raises the child's error, or an InputError naming
-        its exit status when it died without finishing."""
-        while True:
-            try:
-                frame = _read_frame(self.proc.stdout)
-            except (EOFError, OSError, ValueError):
-                frame = None
-            if frame is None:
-                if self._closing:
-                    return
-                raise self._died()
-            tag, payload = frame
-            if tag == b"CHNK":
-                yield decode_chunk(payload)
-            elif tag == b"DONE":
-                return
-            elif tag == b"FAIL":
-                raise _error_from(payload)
-            else:
-                raise InternalError(f"input process sent an unknown frame {tag!r}")
-
-    def _died(self) -> GpuEngineError:
-        try:
-            code = self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            code = None
-        how = ("is still running" if code is None else f"was killed by signal "
-               f"{signal.Signals(-code).name}" if code < 0 else f"exited with status {code}")
-        return InputError(f"the input reader process (pid {self.proc.pid}) {how} before the end "
-                          "of the input; what was committed is intact, rerun to resume")
-
-    def close(self) -> None:
-        """Kill (if still running) and reap the child; idempotent."""
-        with self._lock:
-            self._closing = True
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait()
-            for pipe in (self.proc.stdin, self.proc.stdout):
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
-
-    def __enter__(self) -> InputProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 _RAISABLE = {name: cls for name, cls in vars(errors).items()
              if isinstance(cls, type) and issubclass(cls, GpuEngineError)}
 
@@ -474,40 +399,6 @@ def _error_from(payload: bytes) -> GpuEngineError:
 # ----------------------------------------------------------------------------- child side
 
 
-def _serve(inp: BinaryIO, out: BinaryIO) -> None:
-    frame = _read_frame(inp)
-    if frame is None or frame[0] != b"CONF":
-        raise InternalError("input process: no configuration received")
-    conf = json.loads(bytes(frame[1]).decode("utf-8"))
-    skip = set()
-    for name in conf["names"]:
-        frame = _read_frame(inp)
-        if frame is None or frame[0] != b"SKIP":
-            raise InternalError("input process: skip list missing")
-        skip.update((name, i) for i in np.frombuffer(frame[1], "<u8").tolist())
-    tokenizer = _make_tokenizer(conf["tokenizer"])
-    alphabet = None if conf["alphabet"] is None else frozenset(conf["alphabet"])
-    report = ValidationReport(files=tuple(conf["names"]), records=0, valid=0,
-                              duplicate_records=0, problems=(), problem_count=0,
-                              skip=frozenset(skip), residues=0)
-    shard = None if conf.get("shard") is None else Shard(*conf["shard"])
-    max_residues, size = conf["max_residues"], read_chunk(conf["chunk_records"], shard)
-    chunk = []
-    for record in stream_valid(conf["paths"], report, alphabet=alphabet):
-        chunk.append(record)
-        if len(chunk) >= size:
-            prepared = prepare_chunk(chunk, tokenizer, max_residues, shard)
-            if prepared.ids:
-                out.writelines(encode_chunk(prepared))
-            chunk = []
-    if chunk:
-        prepared = prepare_chunk(chunk, tokenizer, max_residues, shard)
-        if prepared.ids:
-            out.writelines(encode_chunk(prepared))
-    _write_frame(out, b"DONE", b"")
-    out.flush()
-
-
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine decides when this stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -515,7 +406,9 @@ def main() -> int:
     os.dup2(2, 1)  # a stray print must not corrupt the frames
     inp = os.fdopen(os.dup(0), "rb", buffering=0)
     try:
-        _serve(inp, out)
+        from gpuengine.input_workers import serve
+
+        serve(inp, out)
     except BrokenPipeError:
         return 1  # the engine is gone
     except BaseException as exc:  # noqa: BLE001 - reported to the engine, which raises it

@@ -15,6 +15,12 @@ While a run embeds, :class:`MemoryTelemetry` re-reads every GPU's memory once a 
 sets each budget's memory limit, from the largest batch the device worker reported to the
 budget since the last look (:meth:`~gpuengine.budget.TokenBudget.take_largest_batch`).
 
+A lossy precision (``fp8``, :data:`~gpuengine.vocabulary.GUARDED_PRECISIONS`) is checked
+twice: before anything is read, that the model family and every device run it
+(:func:`check_precision`); once the replicas are built and before any worker starts, what it
+does to a sample of the run's own input against fp16 (:func:`guard_fidelity`, the fidelity
+guard of :mod:`gpuengine.fidelity`), refusing the run below ``--fp8-min-cosine``.
+
 The daemon and the ``predict`` workflow hand one pool to every run, so models load once per
 process; a plain ``gpuengine embed`` uses none. Nothing here touches the store or the
 scheduler.
@@ -26,7 +32,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Hashable
+from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 import torch
 
@@ -39,7 +45,12 @@ from gpuengine.models.sources import ModelSource, resolve, weights_checksum
 from gpuengine.progress import ProgressSink
 from gpuengine.runner import DTYPES, Runner
 from gpuengine.store.schema import OutputSpec, TableSpec
-from gpuengine.vocabulary import PRECISION_BYTES
+from gpuengine.vocabulary import GUARDED_PRECISIONS, PRECISION_BYTES
+
+if TYPE_CHECKING:
+    from gpuengine.fidelity import FidelityReport
+    from gpuengine.inputs import RecordSource
+    from gpuengine.models.fp8 import Fp8Config
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +206,15 @@ def run_precision(config: EmbedConfig, fam: Family) -> tuple[str, str]:
     return fam.gpu_precision, " (the default on the GPU, as no --precision was given)"
 
 
+def check_precision(precision: str, fam: Family, config: EmbedConfig) -> None:
+    """Before anything is read: ``fp8`` is for ESM-2, on GPUs that run FP8 GEMMs (compute
+    capability 8.9 or newer); a UsageError or DeviceError that says why otherwise."""
+    if precision == "fp8":
+        from gpuengine.models.fp8 import check_fp8_run
+
+        check_fp8_run(fam.name, parse_devices(config.devices))
+
+
 def build_replicas(config: EmbedConfig, fam: Family, weights: Weights, spec: TableSpec,
                    progress: ProgressSink, *, runner_factory: RunnerFactory | None = None,
                    pool: ReplicaPool | None = None) -> list[Replica]:
@@ -228,9 +248,52 @@ def build_replicas(config: EmbedConfig, fam: Family, weights: Weights, spec: Tab
 
 def _make_runner(config: EmbedConfig, fam: Family, weights: Weights, device: torch.device,
                  precision: str, outputs: tuple[OutputSpec, ...]) -> Runner:
-    model = fam.build(weights, DTYPES[precision])
     compile_kernels = config.compile if config.compile is not None else device.type == "cuda"
-    return Runner(model, device, precision, outputs, fam.pooling_rule, compile=compile_kernels)
+    return make_runner(fam, weights, device, precision, outputs, compile=compile_kernels)
+
+
+def make_runner(fam: Family, weights: Weights, device: torch.device, precision: str,
+                outputs: Sequence[OutputSpec], *, compile: bool, fp8: Fp8Config | None = None,
+                fp8_on_cpu: bool = False) -> Runner:
+    """A model of ``fam`` built from the host-side ``weights`` in ``precision``'s dtype, on
+    ``device``, in a runner computing ``outputs``: the engine's fastest kernels where
+    ``compile``, else the exact eager layers. For ``fp8`` the runner quantizes the chosen
+    GEMMs' weights once (``fp8``: which GEMMs, default
+    :data:`~gpuengine.models.fp8.DEFAULT_FP8`); ``fp8_on_cpu`` allows FP8's eager reference
+    path on the CPU (``gpuengine check``, tests)."""
+    model = fam.build(weights, DTYPES[precision])
+    return Runner(model, device, precision, outputs, fam.pooling_rule, compile=compile,
+                  fp8=fp8, fp8_on_cpu=fp8_on_cpu)
+
+
+def guard_fidelity(config: EmbedConfig, fam: Family, weights: Weights, spec: TableSpec,
+                   replica: Replica, records: RecordSource, encode: Callable, progress:
+                   ProgressSink, *, runner_factory: RunnerFactory | None = None
+                   ) -> FidelityReport | None:
+    """For a guarded precision (fp8): the fidelity guard on ``replica`` (the run's first
+    device), against an fp16 runner built on the same device for the measurement and dropped
+    after it; FidelityError below ``config.fp8_min_cosine``. None (and nothing done) for any
+    other precision. Call it before any worker starts: the guard uses the replica's runner
+    from this thread, and the allocator's peak is reset after it so that the reference model
+    does not count in the device's bytes per token."""
+    if spec.precision not in GUARDED_PRECISIONS:
+        return None
+    from gpuengine.fidelity import GUARD_REFERENCE, guard_run
+
+    device = replica.runner.device
+
+    def reference() -> Runner:
+        progress.stage(f"fidelity guard: building the {GUARD_REFERENCE} reference on {device}")
+        if runner_factory is not None:
+            return runner_factory(device, GUARD_REFERENCE, spec.outputs)
+        return _make_runner(config, fam, weights, device, GUARD_REFERENCE, spec.outputs)
+
+    report = guard_run(spec.precision, replica.runner, reference, records.iterate(),
+                       records.count, encode, threshold=config.fp8_min_cosine,
+                       max_residues=spec.max_residues, progress=progress)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return report
 
 
 def _warm_up(runner: Runner, budget: TokenBudget, progress: ProgressSink) -> DeviceMemory:

@@ -109,16 +109,20 @@ class RunStore:
                 "NAME (or use another --out)")
         return lookup
 
-    def begin_run(self, config: EmbedConfig, spec: TableSpec,
-                  precision: str) -> tuple[str, dict[str, Any]]:
+    def begin_run(self, config: EmbedConfig, spec: TableSpec, precision: str, *,
+                  fidelity: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         """(run id, its progress record as this invocation found it): created, or reopened
-        by a rerun; ``precision`` is the one the replicas compute in."""
+        by a rerun; ``precision`` is the one the replicas compute in, ``fidelity`` the
+        guard's measurement of a lossy one (``info.fidelity``)."""
         key = run_id(config, spec)
-        info = {"command": "embed", "engine_version": __version__,
-                "inputs": [str(p) for p in config.inputs], "precision": precision,
-                "input_fingerprint": input_fingerprint(config.inputs)}
+        info: dict[str, Any] = {"command": "embed", "engine_version": __version__,
+                                "inputs": [str(p) for p in config.inputs],
+                                "precision": precision,
+                                "input_fingerprint": input_fingerprint(config.inputs)}
         if config.shard is not None:
             info["shard"] = config.shard.label
+        if fidelity is not None:
+            info["fidelity"] = fidelity
         started = self.writer.begin_run(key, info)
         return key, started
 

@@ -82,7 +82,8 @@ class Runner:
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str,
                  outputs: Sequence[OutputSpec], rule: PoolingRule, *, compile: bool = False,
-                 copy_stream: bool = True, kernels: str | None = None):
+                 copy_stream: bool = True, kernels: str | None = None, fp8=None,
+                 fp8_on_cpu: bool = False):
         self.device = device
         self.precision = precision
         self.dtype = DTYPES[precision]
@@ -99,7 +100,13 @@ class Runner:
             self.copy_stream = torch.cuda.Stream(device) if copy_stream else self.compute_stream
         # per-layer kernels: the model's fastest kind on a GPU when compiling (or ``kernels``)
         self.kernels = "eager"
-        if compile and self.cuda and hasattr(self.model, "set_kernels"):
+        if precision == "fp8":  # weights quantized once, here; fused kernels when compiling
+            from gpuengine.models.fp8 import DEFAULT_FP8, enable_fp8
+
+            fused = compile and not self.attention.prescale_q  # Triton: kernels that scale q
+            self.kernels = enable_fp8(self.model, device, fp8 or DEFAULT_FP8, fused=fused,
+                                      allow_cpu=fp8_on_cpu)
+        elif compile and self.cuda and hasattr(self.model, "set_kernels"):
             self.kernels = kernels or self.model.fastest_kernels(device, self.attention)
             self.model.set_kernels(self.kernels)
 

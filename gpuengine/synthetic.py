@@ -13,6 +13,9 @@ loudly that its embeddings mean nothing.
   ``model.safetensors``, per-layer ``inv_freq`` as in the hub checkpoints);
   :func:`write_hf_esm_with_transformers` — the same weights saved by the installed
   transformers' ``save_pretrained``, in whatever layout that version writes.
+* :func:`outlier_stress` — the same random ESM-2 with a few LayerNorm gain channels × 30 in
+  every layer, like the outlier dimensions of trained transformers (stress weights for reduced
+  precisions such as FP8, whose per-token scale is set by the largest value of a row).
 * :func:`write_virnucpro_mlp` — VirNucPro's MLP classifier as ``train.py`` saves it (a whole
   pickled ``__main__.MLPClassifier`` module, like the published ``300_model.pth``).
 
@@ -82,11 +85,36 @@ def random_esm2_state(num_layers: int, embed_dim: int, heads: int, *, seed: int 
     return {k: v.to(dtype) for k, v in state.items()}
 
 
+OUTLIER_CHANNELS = 4
+OUTLIER_GAIN = 30.0
+
+
+def outlier_stress(state: dict[str, torch.Tensor], *, channels: int = OUTLIER_CHANNELS,
+                   gain: float = OUTLIER_GAIN, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``state`` with the LayerNorm gains (``weight``) of ``channels`` fixed channels (chosen by
+    ``seed``) multiplied by ``gain`` in every layer's two LayerNorms: the LayerNorm outputs that
+    feed q/k/v and fc1 then carry a few values ~30× larger than the rest, as trained models'
+    outlier dimensions do. The final LayerNorm is left alone. Returns a new dict."""
+    dim = state["embed_tokens.weight"].shape[1]
+    picked = torch.randperm(dim, generator=torch.Generator().manual_seed(seed))[:channels]
+    out = dict(state)
+    for key, value in state.items():
+        if key.startswith("layers.") and key.endswith(("self_attn_layer_norm.weight",
+                                                       "final_layer_norm.weight")):
+            scaled = value.clone()
+            scaled[picked.to(value.device)] *= gain
+            out[key] = scaled
+    return out
+
+
 def write_fair_esm_checkpoint(path: str | Path, num_layers: int, embed_dim: int, heads: int, *,
                               seed: int = 0, dtype: torch.dtype = torch.float32,
-                              regression_file: bool = True) -> Path:
-    """Write ``path`` (its stem should start with ``esm2`` for fair-esm's own loader)."""
+                              regression_file: bool = True, stress: bool = False) -> Path:
+    """Write ``path`` (its stem should start with ``esm2`` for fair-esm's own loader);
+    ``stress``: with :func:`outlier_stress` applied."""
     state = random_esm2_state(num_layers, embed_dim, heads, seed=seed, dtype=dtype)
+    if stress:
+        state = outlier_stress(state, seed=seed)
     return write_fair_esm_checkpoint_from_state(path, state, num_layers, embed_dim, heads,
                                                 regression_file=regression_file)
 
@@ -159,7 +187,7 @@ def _hf_esm_config(num_layers: int, embed_dim: int, heads: int, dtype: torch.dty
 
 
 def write_hf_esm(directory: str | Path, num_layers: int, embed_dim: int, heads: int, *,
-                 seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+                 seed: int = 0, dtype: torch.dtype = torch.float32, stress: bool = False) -> Path:
     """Write a Hugging Face ``EsmModel`` directory with the same weights as
     :func:`write_fair_esm_checkpoint` for the same arguments, in the hub checkpoints' layout
     (per-layer ``inv_freq``, ``LayerNorm.weight/bias``)."""
@@ -168,6 +196,8 @@ def write_hf_esm(directory: str | Path, num_layers: int, embed_dim: int, heads: 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = random_esm2_state(num_layers, embed_dim, heads, seed=seed, dtype=dtype)
+    if stress:
+        state = outlier_stress(state, seed=seed)
     tensors = {k: v.contiguous().clone() for k, v in hf_esm_state(state).items()}
     save_file(tensors, directory / "model.safetensors")
     config = _hf_esm_config(num_layers, embed_dim, heads, dtype)

@@ -14,12 +14,21 @@ from datetime import datetime, timezone
 
 from gpuengine.errors import UsageError
 
-PRECISION_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-"""Compute precisions of the model forward and the torch dtype (by name) each computes in."""
+PRECISION_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
+                                    "fp8": "float16"}
+"""Compute precisions of the model forward and the torch dtype (by name) each computes in:
+the dtype the model is built in and its activations are kept in. ``fp8`` (ESM-2 on GPUs of
+compute capability 8.9 or newer) runs the layers' GEMMs on e4m3 operands around an fp16
+residual stream (:mod:`gpuengine.models.fp8`)."""
 PRECISIONS: tuple[str, ...] = tuple(PRECISION_DTYPES)
-"""``fp32``, ``fp16``, ``bf16`` (``TableSpec.precision``, ``--precision``)."""
-PRECISION_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
-"""Bytes of one value in each precision (token-budget estimates without torch)."""
+"""``fp32``, ``fp16``, ``bf16``, ``fp8`` (``TableSpec.precision``, ``--precision``)."""
+PRECISION_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 2}
+"""Bytes of one activation value in each precision (token-budget estimates without torch)."""
+GUARDED_PRECISIONS: tuple[str, ...] = ("fp8",)
+"""Lossy precisions (beyond rounding): a run first measures one against fp16 on a sample of
+its own input and refuses below ``--fp8-min-cosine`` (:mod:`gpuengine.fidelity`)."""
+FP8_MIN_COSINE = 0.99
+"""Default of ``--fp8-min-cosine``: the lowest min cosine to fp16 a guarded run accepts."""
 POOLS: tuple[str, ...] = ("mean", "bos", "per-token")
 """Pooling modes of an output (``OutputSpec.pool``, ``--pool``)."""
 STORE_DTYPES: tuple[str, ...] = ("float16", "float32")

@@ -309,7 +309,8 @@ TORCH_FREE = ("gpuengine.scheduler", "gpuengine.packing", "gpuengine.planner", "
               "gpuengine.budget", "gpuengine.committer", "gpuengine.inputs", "gpuengine.fasta",
               "gpuengine.tokenization", "gpuengine.dna_tokenizer", "gpuengine.store",
               "gpuengine.config", "gpuengine.errors", "gpuengine.vocabulary",
-              "gpuengine.records", "gpuengine.progress", "gpuengine.shards")
+              "gpuengine.records", "gpuengine.progress", "gpuengine.shards", "gpuengine.fastq",
+              "gpuengine.blocks", "gpuengine.input_workers")
 """Never import torch, lazily or not (a package: every module in it)."""
 
 TORCH_FREE_AT_IMPORT = ("gpuengine", "gpuengine.cli", "gpuengine.cli_options", "gpuengine.api",
@@ -370,7 +371,8 @@ def test_front_ends_import_without_torch(root):
 
 
 def test_the_planner_and_the_input_side_read_the_store_only_through_the_lookup():
-    for name in ("gpuengine.planner", "gpuengine.inputs", "gpuengine.fasta"):
+    for name in ("gpuengine.planner", "gpuengine.inputs", "gpuengine.fasta", "gpuengine.fastq",
+                 "gpuengine.blocks", "gpuengine.input_workers"):
         store = {n for n in project_imports(modules()[name]) if matches(n, ("gpuengine.store",))}
         assert store <= {"gpuengine.store.lookup", "gpuengine.store.codec"}, (
             f"{short(name)} imports {sorted(store)}: upstream code reads the store through "

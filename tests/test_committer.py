@@ -147,3 +147,29 @@ def test_commit_returns_the_counts_of_its_group(writer: StoreWriter) -> None:
     assert writer.commit("default", first) == group_counts(first) == (4, 4)
     aliases = [CommitEntry(sequence_digest("S1"), ("alias-a", "alias-b"), None), rows(ledger, 4, 2)]
     assert writer.commit("default", aliases) == group_counts(aliases) == (2, 4)
+
+
+def test_wait_idle_returns_once_every_queued_group_is_committed(writer: StoreWriter,
+                                                                 monkeypatch) -> None:
+    """The engine waits for this before it writes a caller's completion record (a daemon's
+    job record), so that record's counts hold the groups still in the queue: with a slow
+    disk (each transaction 50 ms here) the queue is not empty when the run ends."""
+    ledger = Ledger()
+    commit = writer.commit
+
+    def slow_commit(*args, **kwargs):
+        time.sleep(0.05)
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "commit", slow_commit)
+    committer = Committer(writer, "default", RUN, ledger, max_bytes=1)  # one group each
+    committer.start()
+    for g in range(4):
+        committer.put([rows(ledger, 10 * g, 10)])
+    assert committer.snapshot().sequences < 40
+    committer.wait_idle()
+    counts = committer.snapshot()
+    assert (counts.transactions, counts.sequences) == (4, 40)
+    committer.put([rows(ledger, 40, 5)])  # the committer is still running after the wait
+    committer.finish()
+    assert committer.snapshot().sequences == 45 and len(stored(writer)) == 45

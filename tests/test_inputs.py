@@ -8,7 +8,6 @@ thread."""
 from __future__ import annotations
 
 import gzip
-import os
 import signal
 import sys
 import time
@@ -21,6 +20,8 @@ from conftest import random_proteins, write_fasta
 from embed_processes import (check_store, command, interrupt, rerun_to_completion, run_records,
                              start, wait_for_first_commit)
 from gpuengine.errors import InputError
+from gpuengine.input_workers import process_count
+from process_tree import children, gone
 
 PROTEIN_IDS = [f"q{i}" for i in range(60)] + ["Ä-ünïcode", "sp|P1|X"]
 
@@ -139,7 +140,7 @@ def test_stores_what_the_in_process_planner_stores(tiny_pt, tmp_path, monkeypatc
     for mode in (False, True):
         summaries[mode] = _embed(tiny_pt, inputs, tmp_path / f"{mode}.lmdb",
                                  input_process=mode).to_json()
-    assert len(spawned) == 1
+    assert len(spawned) == process_count(heavy=False)
     for field in SUMMARY:
         assert summaries[True][field] == summaries[False][field], field
     assert summaries[True]["truncated"] > 0 and summaries[True]["deduplicated"] > 0
@@ -162,7 +163,7 @@ def test_resumes_a_store_exactly_once(tiny_pt, tmp_path, monkeypatch, spawned):
     assert again.committed_records == 0 and again.embedded == 0
     assert again.already_stored == full.committed_records
     _same(_contents(tmp_path / "resumed.lmdb"), _contents(tmp_path / "full.lmdb"))
-    assert len(spawned) == 2
+    assert len(spawned) == 2 * process_count(heavy=False)
 
 
 class _ChangeFileAfterValidation:
@@ -203,7 +204,7 @@ def test_input_error_in_the_child_names_file_record_and_position(tiny_pt, tmp_pa
     assert f"{fasta} changed since it was validated: {fasta}:26:4: record 'r12' (#13 in file): " \
            "invalid-character 'J'" in message
     assert caught.value.exit_code == 1
-    assert len(spawned) == 1
+    assert len(spawned) == process_count(heavy=False)
 
 
 def _crashing(monkeypatch, script):
@@ -228,7 +229,7 @@ def test_a_dead_child_fails_the_run_and_keeps_the_store(tiny_pt, tmp_path, monke
                                          "the end of the input"):
         _embed(tiny_pt, inputs, out, input_process=True)
     _same(_contents(out), before)
-    assert len(spawned) == 1
+    assert len(spawned) == process_count(heavy=False)
 
 
 def test_an_unexpected_child_error_is_reported_as_a_bug(tiny_pt, tmp_path, monkeypatch, spawned):
@@ -260,28 +261,6 @@ def test_chunk_frames_round_trip():
     assert back.tokens.flags.writeable
 
 
-def _children(pid):
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _gone(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
 @pytest.mark.slow
 def test_sigkill_of_the_engine_ends_the_child_and_rerun_completes(
         tiny_pt, tmp_path, resume_workload, monkeypatch):
@@ -291,14 +270,14 @@ def test_sigkill_of_the_engine_ends_the_child_and_rerun_completes(
     proc, _, stderr = start(cmd, tmp_path / "killed")
     try:
         wait_for_first_commit(proc, out, stderr)
-        children = _children(proc.pid)
+        kids = children(proc.pid)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     deadline = time.monotonic() + 30
-    while not all(map(_gone, children)) and time.monotonic() < deadline:
+    while not all(map(gone, kids)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert all(map(_gone, children)), "the input process outlived the engine"
+    assert all(map(gone, kids)), "the input process outlived the engine"
     stored = len(check_store(out, resume_workload))
     assert 0 < stored
     [run] = run_records(out)

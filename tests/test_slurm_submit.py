@@ -93,7 +93,9 @@ def test_without_sbatch_a_clear_error_and_nothing_recorded(tiny_pt, fasta, tmp_p
     (["--shards", "0"], 2, "--shards 0: at least 1"),
     (["--shards", "2", "--gpus-per-node", "-1"], 2, "--gpus-per-node -1"),
     (["--shards", "2", "--table", "bad name!"], 2, "bad name!"),
-    (["--shards", "2", "--precision", "fp8"], 2, "fp8"),
+    (["--shards", "2", "--precision", "fp4"], 2, "fp4"),
+    (["--shards", "2", "--precision", "fp8", "--fp8-min-cosine", "1.5"], 2,
+     "--fp8-min-cosine 1.5"),
     (["--shards"], 2, "--shards"),
 ])
 def test_usage_errors(tiny_pt, fasta, tmp_path, args, code, words):

@@ -67,7 +67,7 @@ def test_embedding_key_matches_documented_definition() -> None:
         (lambda: make_spec(outputs=(OutputSpec(7, "mean"),)), "out of range 0..6"),
         (lambda: make_spec(dim=0), "positive"),
         (lambda: make_spec(max_residues=0), "positive"),
-        (lambda: make_spec(precision="fp8"), "fp32, fp16, bf16"),
+        (lambda: make_spec(precision="fp4"), "fp32, fp16, bf16, fp8"),
         (lambda: make_model(sha256="XYZ"), "hex"),
         (lambda: make_model(family=""), "family"),
         (lambda: make_model(num_layers=True), "positive integer"),

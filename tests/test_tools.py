@@ -35,8 +35,9 @@ def tool(monkeypatch):
 
 
 def test_every_script_is_listed():
-    assert {"bench_common", "bench_dnabert", "bench_esm", "bench_host_dna", "bench_kernels", "bench_merge",
-            "bench_predict", "bench_shard_scan", "make_checkpoint", "plot_benchmarks", "pyspy_summary"} == set(SCRIPTS)
+    assert {"bench_common", "bench_dnabert", "bench_esm", "bench_fp8", "bench_host_dna",
+            "bench_kernels", "bench_merge", "bench_predict", "bench_shard_scan", "make_checkpoint",
+            "plot_benchmarks", "pyspy_summary"} == set(SCRIPTS)
 
 
 @pytest.mark.parametrize("name", [s for s in SCRIPTS if s != "bench_common"])
@@ -134,7 +135,8 @@ def test_host_pipeline_esm(tool, monkeypatch, tmp_path):
          "virnucpro150", "--host-sequences", "300", "--out", str(out), "--workdir", str(tmp_path))
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert list(row) == (HEADER + HOST_FIELDS[:2] + ["mean_residues"] + HOST_FIELDS[2:9]
-                         + ["switch_interval_ms", "workdir", "input_process", "note"])
+                         + ["switch_interval_ms", "workdir", "input_process", "devices", "cores",
+                            "input_processes", "note"])
     assert (row["commit"], row["system"], row["model"]) == ("testcommit", "gpuengine-host", "esm2-8M")
     fasta = tmp_path / "host-virnucpro150.fa"
     assert row["sequences"] == fasta.read_text().count(">") > 200
@@ -148,7 +150,8 @@ def test_host_pipeline_dna(tool, monkeypatch, tmp_path):
     _run(tool("bench_host_dna"), monkeypatch, "--reads", "300", "--out", str(out),
          "--workdir", str(tmp_path))
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert list(row) == HEADER + HOST_FIELDS + ["commit_transactions", "commit_seconds",
+    assert list(row) == HEADER + HOST_FIELDS + ["devices", "cores", "input_processes",
+                                                 "commit_transactions", "commit_seconds",
                                                  "commit_wait_seconds", "note"]
     assert (row["sequences"], row["model"], row["workload"]) == (300, "dnabert-s", "dna150")
     assert row["tokens_per_s"] > row["sequences_per_s"] > 0

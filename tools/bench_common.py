@@ -238,12 +238,15 @@ class NoopRunner:
         return 0
 
 
-def run_e2e(model, fasta, budget, workdir, *, noop_dim: int | None = None):
+def run_e2e(model, fasta, budget, workdir, *, noop_dim: int | None = None, devices: int = 1):
     """`gpuengine embed` in-process: FASTA → validate → plan → devices → LMDB commit, into a
     store under ``workdir`` removed before and after. With ``noop_dim`` the GPU step is a
-    :class:`NoopRunner` of that width on the CPU (the host pipeline); else fp16 on every GPU."""
+    :class:`NoopRunner` of that width on ``devices`` no-op devices (each its own worker thread
+    and budget, as a GPU's; the host pipeline); else fp16 on every GPU."""
     import shutil
+    from unittest import mock
 
+    from gpuengine import replicas
     from gpuengine.config import EmbedConfig
     from gpuengine.engine import run_embed
 
@@ -252,9 +255,63 @@ def run_e2e(model, fasta, budget, workdir, *, noop_dim: int | None = None):
     shutil.rmtree(store, ignore_errors=True)
     cfg = EmbedConfig(inputs=(Path(fasta),), model=str(model), out=store, max_tokens=budget,
                       devices="cpu" if noop else "auto", precision=None if noop else "fp16")
-    summary = run_embed(cfg, runner_factory=NoopRunner.factory(noop_dim) if noop else None)
+    cpus = [torch.device("cpu")] * devices
+    with mock.patch.object(replicas, "parse_devices", lambda spec: cpus) if noop else _nothing():
+        summary = run_embed(cfg, runner_factory=NoopRunner.factory(noop_dim) if noop else None)
     shutil.rmtree(store, ignore_errors=True)
     return summary
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+# -- host benches: devices, cores, curve ------------------------------------------------------
+
+def add_host_options(parser: argparse.ArgumentParser) -> None:
+    """``--devices``, ``--cores`` and ``--curve`` of the host benches."""
+    parser.add_argument("--devices", type=int, default=1,
+                        help="no-op devices (each a worker thread fed by the scheduler, as a GPU)")
+    parser.add_argument("--cores", type=int, default=None,
+                        help="cores the run (and its input processes) may use: the first N this "
+                             "process may run on (default: all); the input processes are as "
+                             "many as the engine picks for them (cores - 2; DNA at least "
+                             "min(cores, 2), ESM-2 1 to 4) unless GPUENGINE_INPUT_PROCESSES "
+                             "says")
+    parser.add_argument("--curve", default="",
+                        help="comma-separated core counts, e.g. 2,4,8,16: one run (a fresh "
+                             "process, one row) per count")
+
+
+def limit_cores(cores: int | None) -> int:
+    """Pin this process (and the children it starts later) to its first ``cores`` allowed
+    CPUs; returns the cores it may use now (fewer than asked where the machine has fewer)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if cores is not None:
+        allowed = allowed[:max(1, cores)]
+        os.sched_setaffinity(0, allowed)
+        torch.set_num_threads(len(allowed))
+    return len(allowed)
+
+
+def run_curve(script: str, curve: str) -> None:
+    """Run ``script`` again once per core count of ``curve`` (``--cores N``; the rest of this
+    command line as given), each in a fresh process that writes its own row."""
+    import subprocess
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg in ("--curve", "--cores"):
+            skip = True
+        elif not arg.startswith(("--curve=", "--cores=")):
+            argv.append(arg)
+    for cores in [int(c) for c in curve.split(",") if c.strip()]:
+        print(f"# --cores {cores}", flush=True)
+        subprocess.run([sys.executable, script, *argv, "--cores", str(cores)], check=True)
 
 
 class GpuClocks:

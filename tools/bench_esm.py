@@ -12,7 +12,9 @@ Systems (--systems, comma-separated)
                 per-layer kernels) over pre-tokenized items; --sweep measures several budgets
   e2e           `gpuengine embed` end to end: FASTA file → LMDB store (parse, validate, commit)
   host          the same with the GPU step replaced by a no-op (host-pipeline capacity); the
-                only system that runs without a GPU (alone, it builds no runner)
+                only system that runs without a GPU (alone, it builds no runner); with
+                --devices N (no-op devices), --cores N (cores used) or --curve 2,4,8,16 (one
+                fresh run and row per core count); rows carry devices, cores, input_processes
   hf            transformers EsmModel, SDPA, bf16, length-sorted padded batches (best of budgets)
   fair-esm      fair-esm ESM2 fp32, toks_per_batch 2048, as VirNucPro calls it (a capped sample)
   cosine        fp16 and bf16 mean embeddings against fp32 on the GPU (no timing)
@@ -41,8 +43,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import (GpuClocks, ResultsLog, add_commit_option, closed_scheduler,  # noqa: E402
+from bench_common import (GpuClocks, ResultsLog, add_commit_option, add_host_options,  # noqa: E402
+                          closed_scheduler, limit_cores, run_curve,
                           cosine_summary, drive_worker, gemm_rate, profile_batches, run_e2e)
+from gpuengine.config import environment  # noqa: E402
+from gpuengine.input_workers import process_count  # noqa: E402
 from gpuengine.models.esm2_weights import build_esm2  # noqa: E402
 from gpuengine.packing import WorkItem  # noqa: E402
 from gpuengine.pooling import PoolingRule  # noqa: E402
@@ -310,7 +315,11 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
     ap.add_argument("--out", type=Path, required=True)
     add_commit_option(ap)
+    add_host_options(ap)
     args = ap.parse_args()
+    if args.curve:
+        return run_curve(__file__, args.curve)
+    cores = limit_cores(args.cores)
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval / 1000)
     systems = args.systems.split(",")
@@ -447,12 +456,16 @@ def main() -> None:
                 hrng = np.random.default_rng(7)
                 hseqs = proteins(workload_lengths(wl, int(args.host_sequences * mean_len), hrng), hrng)
                 fasta = write_fasta(args.workdir / f"host-{wl}.fa", hseqs)
-                summ = run_e2e(pt_path, fasta, args.budget, args.workdir, noop_dim=d)
+                summ = run_e2e(pt_path, fasta, args.budget, args.workdir, noop_dim=d,
+                               devices=args.devices)
                 emit(**common, system="gpuengine-host", precision="none", tokens_per_s=summ.residues / summ.embed_seconds,
                      sequences_per_s=summ.embedded / summ.embed_seconds, wall_s=summ.wall_seconds,
                      embed_s=summ.embed_seconds, sequences=summ.embedded,
                      switch_interval_ms=sys.getswitchinterval() * 1000, workdir=str(args.workdir),
                      input_process=os.environ.get("GPUENGINE_INPUT_PROCESS", "auto"),
+                     devices=args.devices, cores=cores,
+                     input_processes=process_count(environment().input_processes,
+                                                   heavy=False),
                      note="GPU step replaced by a no-op; parse+validate+plan+schedule+commit")
         del runner, hf, state
         if torch.cuda.is_available():

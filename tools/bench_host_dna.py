@@ -4,6 +4,10 @@ step replaced by a no-op (FASTA → validate → BPE tokenize → plan → sched
 vectors into LMDB). Runs on any machine; the DNA counterpart of ``bench_esm.py --systems host``.
 
     python tools/bench_host_dna.py --reads 400000 --out results.jsonl
+    python tools/bench_host_dna.py --reads 2000000 --devices 8 --curve 2,4,8,16 --out r.jsonl
+
+Each row carries ``devices`` (no-op devices), ``cores`` (cores the run could use) and
+``input_processes`` (children reading, hashing and tokenizing the input).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import ResultsLog, add_commit_option, run_e2e, write_reads_fasta  # noqa: E402
+from bench_common import (ResultsLog, add_commit_option, add_host_options,  # noqa: E402
+                          limit_cores, run_curve, run_e2e, write_reads_fasta)
 from gpuengine.synthetic import write_dnabert_s  # noqa: E402
 
 
@@ -28,7 +33,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
     add_commit_option(ap)
+    add_host_options(ap)
     args = ap.parse_args()
+    if args.curve:
+        return run_curve(__file__, args.curve)
+    cores = limit_cores(args.cores)
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = args.workdir / "DNABERT-S_host"  # one layer: the no-op runner never runs it
     if not model.exists():
@@ -38,13 +47,19 @@ def main() -> None:
         rng = np.random.default_rng(7)
         bases = np.frombuffer(b"ACGT", dtype=np.uint8)
         write_reads_fasta(fasta, args.reads, lambda n: bases[rng.integers(0, 4, (n, 150))])
-    summary = run_e2e(model, fasta, None, args.workdir, noop_dim=768)  # budget: the CPU default
+    from gpuengine.config import environment
+    from gpuengine.input_workers import process_count
+
+    summary = run_e2e(model, fasta, None, args.workdir, noop_dim=768,  # budget: the CPU default
+                      devices=args.devices)
     rec = ResultsLog(args.out, args.commit, __file__).append(
         model="dnabert-s", workload="dna150", system="gpuengine-host", precision="none",
         tokens_per_s=summary.tokens / summary.embed_seconds,
         sequences_per_s=summary.embedded / summary.embed_seconds,
         wall_s=summary.wall_seconds, embed_s=summary.embed_seconds,
         sequences=summary.embedded, workdir=str(args.workdir),
+        devices=args.devices, cores=cores,
+        input_processes=process_count(environment().input_processes),
         commit_transactions=summary.commit_transactions,
         commit_seconds=summary.commit_seconds,
         commit_wait_seconds=summary.commit_wait_seconds,

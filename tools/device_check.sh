@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the device machine (through the device tool): installs the carried wheels, runs the
 # GPU tests (SKIP_TESTS=1 skips them), then the benchmarks whose arguments are given:
-# DNABERT_ARGS (tools/bench_dnabert.py), BENCH_ARGS (tools/bench_esm.py), PREDICT_ARGS
-# (tools/bench_predict.py). Results land in $OUT/results.jsonl, logs next to it.
+# DNABERT_ARGS (tools/bench_dnabert.py), BENCH_ARGS (tools/bench_esm.py), FP8_ARGS
+# (tools/bench_fp8.py), PREDICT_ARGS (tools/bench_predict.py). Results land in
+# $OUT/results.jsonl, logs next to it.
 #   carry: .whl      command: GPUENGINE_COMMIT=<hash> BENCH_ARGS="..." bash tools/device_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -21,6 +22,9 @@ if [ -n "${DNABERT_ARGS:-}" ]; then
 fi
 if [ -n "${BENCH_ARGS:-}" ]; then
   python3 tools/bench_esm.py $BENCH_ARGS --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/bench.log"
+fi
+if [ -n "${FP8_ARGS:-}" ]; then  # e.g. FP8_ARGS=--quick (1 min) or FP8_ARGS=' ' (the full run)
+  python3 tools/bench_fp8.py $FP8_ARGS --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/bench_fp8.log"
 fi
 if [ -n "${PREDICT_ARGS:-}" ]; then
   python3 tools/bench_predict.py $PREDICT_ARGS --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/bench_predict.log"

@@ -3,6 +3,7 @@
 
     python tools/make_checkpoint.py esm2_t33_650M_UR50D --out weights/          # real shape, fair-esm .pt
     python tools/make_checkpoint.py esm2 --layers 2 --dim 64 --heads 4 --out w/ --hf   # any small shape, + HF dir
+    python tools/make_checkpoint.py esm2_t36_3B_UR50D --outlier-stress --out w/  # outlier-stress weights
     python tools/make_checkpoint.py dnabert-s --out weights/        # DNABERT-S directory, real shape
     python tools/make_checkpoint.py dnabert-s --layers 2 --dim 64 --heads 4 --out w/   # small DNABERT-S
     python tools/make_checkpoint.py virnucpro-mlp --out weights/    # VirNucPro classifier, 3328 inputs
@@ -13,6 +14,10 @@ pickled ``__main__.MLPClassifier`` module (gpuengine reads it without running pi
 Its input size must be the DNABERT-S dimension plus the ESM-2 dimension of the models
 ``gpuengine predict`` runs with: 768 + 2560 = 3328 for DNABERT-S and ESM-2 3B (the default),
 e.g. 256 + 320 = 576 for a small random DNABERT-S (--dim 256) and esm2_t6_8M_UR50D.
+
+``--outlier-stress`` (ESM-2) multiplies the LayerNorm gains of a few fixed channels by 30 in
+every layer, as trained models' outlier dimensions (gpuengine.synthetic.outlier_stress): stress
+weights for reduced precisions such as FP8. The file name says ``_stress``.
 
 The files are marked as synthetic; gpuengine warns whenever it loads one. Random weights of the
 real shapes cost exactly the compute of the published ones, so they serve benchmarks too.
@@ -48,12 +53,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     parser.add_argument("--hf", action="store_true", help="also write a Hugging Face directory")
+    parser.add_argument("--outlier-stress", action="store_true",
+                        help="ESM-2: a few LayerNorm gain channels x30 in every layer (stress "
+                        "weights for reduced precisions such as fp8)")
     parser.add_argument("--input-dim", type=int, default=VIRNUCPRO_MLP_INPUT,
                         help="virnucpro-mlp: DNABERT-S dim + ESM-2 dim (default %(default)s = 768 + 2560)")
     parser.add_argument("--hidden", type=int, default=512, help="virnucpro-mlp: hidden size (default 512)")
     parser.add_argument("--length", type=int, choices=(300, 500), default=500,
                         help="virnucpro-mlp: the chunk length the name announces (300_ or 500_model)")
     args = parser.parse_args()
+    if args.outlier_stress and args.shape in ("dnabert-s", "virnucpro-mlp"):
+        parser.error("--outlier-stress is for ESM-2 checkpoints")
     if args.shape == "dnabert-s":
         write_dnabert(args)
         return
@@ -74,10 +84,15 @@ def main() -> None:
     else:
         parser.error("give a published ESM-2 name, or 'esm2' with --layers, --dim and --heads")
     dtype = getattr(torch, args.dtype)
-    pt = write_fair_esm_checkpoint(args.out / f"{name}.pt", layers, dim, heads, seed=args.seed, dtype=dtype)
-    print(f"wrote {pt} (RANDOM weights: {layers} layers, d={dim}, {heads} heads)")
+    stress = args.outlier_stress
+    name += "_stress" if stress else ""
+    pt = write_fair_esm_checkpoint(args.out / f"{name}.pt", layers, dim, heads, seed=args.seed,
+                                   dtype=dtype, stress=stress)
+    print(f"wrote {pt} (RANDOM weights: {layers} layers, d={dim}, {heads} heads"
+          + (", LayerNorm outlier channels x30" if stress else "") + ")")
     if args.hf:
-        hf = write_hf_esm(args.out / f"{name}_hf", layers, dim, heads, seed=args.seed, dtype=dtype)
+        hf = write_hf_esm(args.out / f"{name}_hf", layers, dim, heads, seed=args.seed, dtype=dtype,
+                          stress=stress)
         print(f"wrote {hf}/ (Hugging Face format, same RANDOM weights)")
 
 

@@ -8,11 +8,16 @@
 Writes
   docs/benchmarks/throughput.png    residue tokens/s by system for each (model, workload), from the
                                     latest record (by date) of each (model, workload, system); the
-                                    gpuengine bars carry their % of the GEMM ceiling, bars from an older
-                                    run than the newest carry that run's commit
+                                    gpuengine bars carry their % of the GEMM ceiling (burst), bars
+                                    from an older run than the newest carry that run's commit;
+                                    fp8 bars are the run default's GEMMs (tools/bench_fp8.py), and
+                                    lines mark the ceilings of the bf16 and e4m3 GEMMs sustained
+                                    for >= 3 s where a bench_fp8 run measured them
   docs/benchmarks/by_gpu_count.png  tokens/s against the number of GPUs, per model and system, for one
                                     workload (--gpu-workload), with an "ideal linear" line from the
                                     1-GPU point to 8 GPUs
+  docs/benchmarks/host_cores.png    host-pipeline sequences/s against cores used (bench --curve rows
+                                    of a GPU machine), per model and no-op device count, with goals
 
 Every number in docs/benchmarks.md comes from ``--markdown``; nothing there is typed by hand.
 Only the standard library and matplotlib (Agg backend) are used.
@@ -36,10 +41,14 @@ SYSTEMS = OrderedDict([
     ("gemm-ceiling", ("GEMM ceiling (bf16 GEMM rate ÷ FLOPs per residue)", "#a9a9a9")),
     ("gpuengine", ("gpuengine (packed runner, fp16; Triton kernels since 4ad83f1)", "#1f77b4")),
     ("gpuengine-e2e", ("gpuengine embed, FASTA → LMDB (tok/s over the embed phase)", "#6baed6")),
+    ("gpuengine-fp8", ("gpuengine --precision fp8 (qkv, fc1, fc2 in e4m3)", "#17becf")),
     ("hf-sdpa-bf16", ("HF EsmModel, SDPA, bf16, padded", "#ff7f0e")),
     ("fair-esm-fp32", ("fair-esm fp32, 2048 tokens/batch (VirNucPro)", "#2ca02c")),
     ("padded-sdpa-bf16", ("DNABERT-S read plainly: padded, SDPA + ALiBi bias, bf16", "#9467bd")),
 ])
+SUSTAINED_LINES = {"ceiling_bf16_sustained": (":", "#404040"), "ceiling_fp8_sustained": ("-.", "#17becf")}
+SUSTAINED_LABEL = {"ceiling_bf16_sustained": "ceiling, bf16 GEMM sustained ≥ 3 s",
+                   "ceiling_fp8_sustained": "ceiling, e4m3 GEMM sustained ≥ 3 s"}
 WORKLOADS = ["virnucpro150", "virnucpro500", "uniprot", "dna150", "dna500"]
 WORKLOAD_LABEL = {"virnucpro150": "150-bp reads (48–50 aa)", "virnucpro500": "500-bp chunks (164–166 aa)",
                   "uniprot": "UniProt-like (log-normal lengths)", "dna150": "150-bp reads",
@@ -58,12 +67,21 @@ RUN_LABEL = {"04ebd69": "run 1 (synchronous runner)", "249a66f": "run 2 (two-thr
              "f63df5b": "host-pipeline settings; clocks and power",
              "6655d34": "run 9 (group commit; clocks and power)",
              "4b624d4": "0.2 ms switch interval (backed out); predict 200k",
-             "34e63de": "DNA host pipeline; predict 500k"}
+             "34e63de": "DNA host pipeline; predict 500k",
+             "a380bbd": "merge 1 M vectors", "64d0a44": "merge 1 M vectors, verified",
+             "7b198c9": "FP8 GEMM choices (bench_fp8)"}
 GOAL_DNA_PCT = 60.0       # issue 4: DNABERT-S at 60 % of its GEMM ceiling
 GOAL_PCT = 75.0            # docs/performance: 75 % of the GEMM ceiling for ESM-2 3B
 GOAL_HF = 1.9              # ≥ 1.9× HF on every workload
 GOAL_HF_FIRST = 1.5        # what the first issue expected
 GOAL_HOST = 50_000         # host pipeline, sequences/s
+GOAL_FP8_FP16 = 1.35       # issue 17: fp8 ≥ 1.35× gpuengine fp16 (same run)
+GOAL_FP8_HF = 2.0          # issue 17: fp8 ≥ 2.0× HF SDPA bf16 (same run)
+GOAL_SUSTAINED = 90.0      # issue 17: fp16 ≥ 90 % of the sustained bf16 GEMM ceiling
+GOAL_PREDICT_FP8_S = 300   # issue 17: predict 1 M reads at fp8, cold, ≤ 300 s
+DEFAULT_FP8_GEMMS = "qkv,fc1,fc2"
+"""gpuengine.models.fp8.DEFAULT_FP8.describe() (this tool imports nothing of gpuengine); rows
+of tools/bench_fp8.py from before the default existed are matched by their GEMMs."""
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -75,8 +93,25 @@ def load(path: Path) -> list[dict]:
             r = json.loads(line)
             r["_t"] = dt.datetime.fromisoformat(r["date"])
             r["_i"] = i
+            r["_fp8_bench"] = "bench_fp8" in r.get("command", "")
+            if r.get("system") == "gpuengine-e2e" and r.get("precision") == "fp8":
+                r["system"] = "gpuengine-fp8-e2e"  # bench_fp8's embed run: not the fp16 series
+            if r.get("system") == "gpuengine-fp8" and not is_default_fp8(r):
+                r["system"] = "gpuengine-fp8-choice"  # other GEMM choices: the FP8 tables only
             recs.append(r)
     return recs
+
+
+def engine_series(recs) -> list[dict]:
+    """The records of the main tables and the figure: tools/bench_fp8.py's runs have their own
+    tables (their fp16, HF and ceilings compare within the run); the figure takes from them
+    only the default fp8 and the ceilings (for the sustained lines)."""
+    return [r for r in recs if not r["_fp8_bench"]
+            or r["system"] in ("gpuengine-fp8", "gemm-ceiling")]
+
+
+def is_default_fp8(r) -> bool:
+    return bool(r.get("fp8_default")) or r.get("fp8_gemms") == DEFAULT_FP8_GEMMS
 
 
 def model_order(recs):
@@ -128,8 +163,8 @@ def plot_throughput(recs, out: Path):
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    best = latest_by_key([r for r in recs if r.get("n_gpus", 1) == 1])
-    newest = runs(recs)[-1]
+    best = latest_by_key([r for r in engine_series(recs) if r.get("n_gpus", 1) == 1])
+    newest = runs(list(best.values()))[-1]  # the newest run with a bar (not a CPU-only tool's)
     models = [m for m in model_order(recs)
               if any(k_[0] == m and k_[1] in WORKLOADS and k_[2] in SYSTEMS for k_ in best)]
     fig, axes = plt.subplots(len(models), 1, figsize=(13, 5.4 * len(models)), squeeze=False)
@@ -138,12 +173,19 @@ def plot_throughput(recs, out: Path):
     for ax, model in zip(axes[:, 0], models):
         systems = [s for s in SYSTEMS if any((model, w, s, 1) in best for w in WORKLOADS)]
         wls = [w for w in WORKLOADS if any((model, w, s, 1) in best for s in systems)]
-        ymax = max(best[(model, w, s, 1)]["tokens_per_s"] for w in wls for s in systems if (model, w, s, 1) in best)
+        ymax = max([best[(model, w, s, 1)]["tokens_per_s"] for w in wls for s in systems if (model, w, s, 1) in best]
+                   + [best[(model, w, "gemm-ceiling", 1)].get(key) or 0 for w in wls for key in SUSTAINED_LINES
+                      if (model, w, "gemm-ceiling", 1) in best])
         for wi, wl in enumerate(wls):
             ceil = best.get((model, wl, "gemm-ceiling", 1))
             if ceil and model in GOAL_MODELS:
                 x0, x1 = wi - 2.6 * width, wi + 2.6 * width
                 ax.plot([x0, x1], [GOAL_PCT / 100 * ceil["tokens_per_s"]] * 2, ls="--", color="#d62728", lw=1.2)
+            for key, (style, colour) in SUSTAINED_LINES.items():  # tools/bench_fp8.py's runs
+                if ceil and ceil.get(key):
+                    x0, x1 = wi - 2.6 * width, wi + 2.6 * width
+                    ax.plot([x0, x1], [ceil[key]] * 2, ls=style, color=colour, lw=1.4)
+                    ax.text(x1, ceil[key], f" {k(ceil[key], 0)}", va="center", fontsize=7, color=colour)
             for si, system in enumerate(systems):
                 x = wi + (si - (len(systems) - 1) / 2) * width
                 r = best.get((model, wl, system, 1))
@@ -156,7 +198,7 @@ def plot_throughput(recs, out: Path):
                 if r["commit"] != newest:
                     label += f"\n({r['commit']})"
                     older.add(r["commit"])
-                if system in ("gpuengine", "gpuengine-e2e") and r.get("pct_of_ceiling"):
+                if system in ("gpuengine", "gpuengine-e2e", "gpuengine-fp8") and r.get("pct_of_ceiling"):
                     ax.text(x, v * 0.5, f"{r['pct_of_ceiling']:.0f} %\nof\nceiling", ha="center", va="center",
                             fontsize=8.5, color="white", fontweight="bold")
                 ax.text(x, v + ymax * 0.012, label, ha="center", va="bottom", fontsize=7.5)
@@ -174,11 +216,14 @@ def plot_throughput(recs, out: Path):
     handles = [Patch(facecolor=c, edgecolor="black", lw=0.5, label=lab) for lab, c in SYSTEMS.values()]
     handles.append(matplotlib.lines.Line2D([], [], ls="--", color="#d62728",
                                            label=f"goal for ESM-2 3B: {GOAL_PCT:.0f} % of the ceiling"))
+    handles += [matplotlib.lines.Line2D([], [], ls=style, color=colour, label=SUSTAINED_LABEL[key])
+                for key, (style, colour) in SUSTAINED_LINES.items()]
     fig.legend(handles=handles, loc="upper center", ncol=3, fontsize=9, bbox_to_anchor=(0.5, 0.945), frameon=False)
     note = f"latest record per (model, workload, system); bars without a commit are from {newest}"
     if older:
         note += "; older runs named on their bars"
-    fig.suptitle(f"Embedding throughput on one {recs[-1]['gpu']} (random weights, real shapes)\n{note}",
+    gpu = next(r["gpu"] for r in best.values() if r["commit"] == newest)
+    fig.suptitle(f"Embedding throughput on one {gpu} (random weights, real shapes)\n{note}",
                  fontsize=11.5, y=0.995)
     fig.tight_layout(rect=(0, 0, 1, 0.925))
     fig.savefig(out, dpi=110)
@@ -190,12 +235,12 @@ def plot_by_gpu_count(recs, out: Path, workload: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    best = latest_by_key(recs)
+    best = latest_by_key(engine_series(recs))
     counts = sorted({r.get("n_gpus", 1) for r in recs})
     models = [m for m in model_order(recs) if any(k_[0] == m and k_[1] == workload for k_ in best)]
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 6.2), squeeze=False)
     xs = [1, 2, 4, 8]
-    newest = runs(recs)[-1]
+    newest = runs(list(best.values()))[-1]
     for ax, model in zip(axes[0], models):
         labels = []
         for system, (label, colour) in SYSTEMS.items():
@@ -263,7 +308,56 @@ def host_setting(r) -> str:
         parts.append(f"switch interval {r['switch_interval_ms']:.2g} ms")
     if r.get("input_process") not in (None, "auto"):
         parts.append(f"GPUENGINE_INPUT_PROCESS={r['input_process']}")
+    if r.get("gpu", "").startswith("none"):
+        cores = re.search(r"(\d+) cores", r["gpu"])
+        parts.append(f"CPU-only machine, {cores.group(1) if cores else '?'} cores")
+    if r.get("devices", 1) != 1:
+        parts.append(f"{r['devices']} no-op devices")
+    if r.get("cores") is not None and not r.get("gpu", "").startswith("none"):
+        parts.append(f"{r['cores']} cores, {r.get('input_processes', '?')} input processes")
     return ", ".join(parts) or "default"
+
+
+GOAL_HOST_CORES = {"dnabert-s": 220_000, "esm2-650M": 60_000}
+"""Issue 16's host-pipeline goals on the device machine's 16 cores (sequences/s)."""
+
+
+def plot_host_cores(recs, out: Path):
+    """Host-pipeline sequences/s against the cores it used (``--curve`` rows of a GPU machine),
+    one line per (model, no-op devices) from its newest commit, with the goals."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in recs if r["system"] == "gpuengine-host" and r.get("cores")
+            and not r.get("gpu", "").startswith("none")]
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
+    lines: dict[tuple, list] = {}
+    for r in sorted(rows, key=lambda r: (r["_t"], r["_i"])):
+        lines.setdefault((r["model"], r.get("devices", 1)), []).append(r)
+    for (model, devices), group in sorted(lines.items()):
+        newest = group[-1]["commit"]
+        pts = {r["cores"]: r["sequences_per_s"] for r in group if r["commit"] == newest}
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] for x in xs], "o-", ms=6,
+                label=f"{short_model(model)} dims, {devices} no-op devices ({newest})")
+    for model, goal in GOAL_HOST_CORES.items():
+        ax.axhline(goal, ls="--", lw=1, color="gray")
+        ax.annotate(f"goal {short_model(model)}: {goal // 1000} k/s at 16 cores", (2, goal),
+                    xytext=(2, 3), textcoords="offset points", fontsize=8, color="gray")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([2, 4, 8, 16])
+    ax.set_xticklabels(["2", "4", "8", "16"])
+    ax.set_xlabel("cores used (input processes: as the rows say)")
+    ax.set_ylabel("sequences / s (host pipeline, GPU step a no-op)")
+    ax.grid(alpha=0.25)
+    ax.set_title("Host pipeline against cores" + ("" if rows else " — not yet measured"),
+                 fontsize=11, fontweight="bold")
+    if rows:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def clock_row(r, prefix, what, tflops=None):
@@ -280,7 +374,8 @@ def table(header, rows):
     return "\n".join(lines)
 
 
-def markdown(recs, profile: list[Path] | None) -> str:
+def markdown(every, profile: list[Path] | None) -> str:
+    recs = [r for r in every if not r["_fp8_bench"]]  # bench_fp8's runs: fp8_tables
     order = runs(recs)
     # the latest run that timed ESM-2 (DNABERT-S and predict runs have their own sections)
     newest = latest([r for r in recs if r["model"].startswith("esm2")], system="gpuengine")["commit"]
@@ -292,8 +387,8 @@ def markdown(recs, profile: list[Path] | None) -> str:
 
     # runs overview
     rows = []
-    for c in order:
-        rs = [r for r in recs if r["commit"] == c]
+    for c in runs(every):
+        rs = [r for r in every if r["commit"] == c]
         cmds = sorted({r.get("command", "") for r in rs})
         rows.append([f"`{c}`", RUN_LABEL.get(c, ""), rs[0]["date"][:16].replace("T", " ") + " UTC",
                      rs[0]["gpu"] + f" × {rs[0]['n_gpus']}", rs[0].get("torch", ""),
@@ -361,7 +456,7 @@ def markdown(recs, profile: list[Path] | None) -> str:
                 if f is None:
                     continue
                 h = one(c_, m, wl, "hf-sdpa-bf16")
-                g = one(newest, m, wl, "gpuengine")
+                g = latest(recs, model=m, workload=wl, system="gpuengine", n_gpus=1)
                 rows.append([short_model(m), wl, f"`{c_}`", fmt_int(f["tokens_per_s"]), f"{f['pct_of_ceiling']:.1f} %",
                              fmt_int(f["sequences"]), f"{f['seconds']:.1f}",
                              fmt_int(h["tokens_per_s"]) if h else "—",
@@ -369,7 +464,7 @@ def markdown(recs, profile: list[Path] | None) -> str:
                              f"{g['tokens_per_s'] / f['tokens_per_s']:.1f}×" if g else "—"])
     out.append("### fair-esm fp32 (as VirNucPro calls it)\n\n" + table(
         ["model", "workload", "run", "fair-esm tok/s", "of ceiling (same run)", "sequences timed", "seconds",
-         "HF tok/s (same run)", "HF ÷ fair-esm (same run)", f"gpuengine `{newest}` ÷ fair-esm (across runs)"], rows))
+         "HF tok/s (same run)", "HF ÷ fair-esm (same run)", "gpuengine (its latest run) ÷ fair-esm (across runs)"], rows))
 
     # host pipeline: every record (a run may measure settings side by side)
     rows = []
@@ -431,14 +526,19 @@ def markdown(recs, profile: list[Path] | None) -> str:
     for r in recs:
         if r["system"] == "gpuengine-predict":
             st = r.get("stage_seconds", {})
-            rows.append([f"`{r['commit']}`", r["workload"], r["gpu"] + f" × {r['n_gpus']}", fmt_int(r["reads"]),
+            agree = r.get("agreement")
+            rows.append([f"`{r['commit']}`", r["workload"], r.get("precision", "fp16"),
+                         r["gpu"] + f" × {r['n_gpus']}", fmt_int(r["reads"]),
                          fmt_int(r["frames"]), f"**{r['wall_s']:.0f}**"]
                         + [f"{st.get(k_, 0):.1f}" for k_ in ("validate", "frames", "dnabert", "esm", "score")]
-                        + [fmt_int(r["tokens_per_s"])])
+                        + [fmt_int(r["tokens_per_s"]),
+                           f"{100 * r['label_agreement']:.2f} % of {fmt_int(agree['frames'])} "
+                           f"frames ({agree['subset']}, {agree['reference']})" if agree else "—"])
     if rows:
         out.append("### `gpuengine predict` (cold: includes loading, hashing and warming the models)\n\n"
-                   + table(["run", "workload", "GPU", "reads", "frames", "wall s", "validate s", "frames s",
-                            "DNABERT-S s", "ESM-2 s", "score s", "ESM-2 tok/s"], rows))
+                   + table(["run", "workload", "ESM-2 precision", "GPU", "reads", "frames", "wall s",
+                            "validate s", "frames s", "DNABERT-S s", "ESM-2 s", "score s", "ESM-2 tok/s",
+                            "labels unchanged against the reference run"], rows))
 
     # merge
     rows = []
@@ -559,7 +659,7 @@ def markdown(recs, profile: list[Path] | None) -> str:
              "gpuengine's FLOP/s ÷ skeleton's (≈ share of its time in the linear layers)"], rows))
 
     # clocks and power (NVML, sampled during each measurement)
-    clocked = [r for r in recs if r.get("sm_clock_mhz") or r.get("burst_sm_clock_mhz")]
+    clocked = [r for r in every if r.get("sm_clock_mhz") or r.get("burst_sm_clock_mhz")]
     if clocked:
         rows = []
         for r in clocked:
@@ -571,7 +671,8 @@ def markdown(recs, profile: list[Path] | None) -> str:
                 rows.append(clock_row(r, "", "4 linear layers × all layers at T = 65 536, sustained 3 s",
                                       r["gemm_tflops"]))
             else:
-                rows.append(clock_row(r, "", f"`{r['system']}` on {r['workload']}: "
+                gemms = f" ({r['fp8_gemms']})" if r.get("fp8_gemms") else ""
+                rows.append(clock_row(r, "", f"`{r['system']}`{gemms} on {r['workload']}: "
                                       f"{fmt_int(r['tokens_per_s'])} tok/s = {r['pct_of_ceiling']:.1f} % of ceiling"))
         out.append("### SM clock and power (NVML, sampled every 5–10 ms during each measurement; limit 700 W)\n\n"
                    + table(["run", "model", "measurement", "TFLOP/s", "mean SM clock MHz (max 1980)",
@@ -665,15 +766,162 @@ def markdown(recs, profile: list[Path] | None) -> str:
                      + (f"; fp32 arithmetic on bf16-rounded weights: {floor['min_cosine']:.6f}" if floor else ""),
                      "fp16 yes; bf16 **no** (below the format's own floor on these weights)"
                      if cos["bf16"]["min_cosine"] < 0.9999 <= cos["fp16"]["min_cosine"] else "see data"])
-    multi = sorted({r.get("n_gpus", 1) for r in recs} - {1})
+    multi = sorted({r.get("n_gpus", 1) for r in recs} - {0, 1})  # 0: CPU-only tools
     rows.append(["two H200 ≥ 1.95× one", ", ".join(map(str, multi)) + "-GPU runs recorded" if multi else
                  "not measured: every record has n_gpus = 1 (no 2-GPU machine was lent)",
                  "not measured" if 2 not in multi else "see data"])
     out.append("### Goals (latest run of each measurement)\n\n" + table(["goal", "measured", "met?"], rows))
+    out.extend(fp8_tables(every))
 
     for path in profile or []:
         out.append(f"### Where the time goes: `{path.name}`\n\n" + profile_summary(path))
     return "\n\n".join(out) + "\n"
+
+
+def fp8_tables(recs) -> list[str]:
+    """tools/bench_fp8.py's records: the GEMM ceilings burst and sustained (bf16 and e4m3), the
+    engine against each ceiling, fp16 and each FP8 GEMM choice of the same run (speed against
+    fidelity), the fidelity guard, and issue 17's goals."""
+    ceilings = [r for r in recs if r["system"] == "gemm-ceilings"]
+    if not ceilings:
+        return []
+    out = []
+    rows = [[f"`{r['commit']}`", short_model(r["model"])]
+            + [f"{r[f'{p}_{m}_tflops']:.0f}" + (f" ({r[f'{p}_{m}_sm_clock_mhz']} MHz)"
+                                                 if r.get(f"{p}_{m}_sm_clock_mhz") else "")
+               for p in ("bf16", "fp8") for m in ("burst", "sustained")]
+            + [f"{r['bf16_sustained_tflops'] / r['bf16_burst_tflops'] * 100:.0f} %",
+               f"{r['fp8_over_bf16_sustained']:.2f}×"] for r in ceilings]
+    out.append("### GEMM ceilings, burst and sustained (16384 × d by d × 4d; TFLOP/s, mean SM "
+               "clock)\n\n" + table(["run", "model", "bf16 burst", "bf16 sustained ≥ 3 s",
+                                       "e4m3 burst", "e4m3 sustained ≥ 3 s",
+                                       "bf16 sustained ÷ burst", "e4m3 ÷ bf16 sustained"], rows))
+    out.append(ceiling_table(recs, ceilings))
+    rows = []
+    for c in dict.fromkeys(r["commit"] for r in ceilings):
+        run = fp8_run(recs, c)
+        for r in run:
+            if r["system"] not in ("gpuengine", "gpuengine-fp8", "gpuengine-fp8-choice") and \
+                    not r["system"].startswith("gpuengine-variant:"):
+                continue
+            fp16, hf = run_peer(run, r["workload"], "gpuengine"), run_peer(run, r["workload"],
+                                                                       "hf-sdpa-bf16")
+            gemms = r.get("fp8_gemms", "—") + (" (**default**)" if r["system"] == "gpuengine-fp8"
+                                               else "")
+            rows.append([f"`{c}`", short_model(r["model"]), r["workload"], f"`{r['system']}`",
+                         gemms, fmt_int(r["tokens_per_s"]),
+                         f"{r['tokens_per_s'] / fp16['tokens_per_s']:.2f}×" if fp16 else "—",
+                         f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}×" if hf else "—",
+                         f"{r.get('pct_of_sustained_ceiling', float('nan')):.1f} %",
+                         f"{r['cos_min_plain']:.6f}" if "cos_min_plain" in r else "—",
+                         f"{r['cos_min_stress']:.6f}" if "cos_min_stress" in r else "—"])
+    out.append("### FP8 against fp16 (`tools/bench_fp8.py`; cosines: min over the cosine sample "
+               "of every workload, mean embeddings against fp32)\n\n" + table(
+                   ["run", "model", "workload", "system", "GEMMs in e4m3", "residues/s",
+                    "÷ fp16", "÷ HF bf16", "of the sustained bf16 ceiling", "cos_min_plain",
+                    "cos_min_stress"], rows))
+    guards = [r for r in recs if r["system"] == "fidelity-guard"]
+    if guards:
+        out.append("### The fidelity guard (fp8 against fp16 on 256 sequences)\n\n" + table(
+            ["run", "model", "workload", "weights", "GEMMs in e4m3", "min cosine", "mean cosine",
+             "at 0.99"],
+            [[f"`{r['commit']}`", short_model(r["model"]), r["workload"], r["weights"],
+              r.get("fp8_gemms", "all (before the default)"),
+              f"{r['min_cosine']:.5f}", f"{r['mean_cosine']:.5f}",
+              "passes" if r["passed"] else "refused"] for r in guards]))
+    out.append(fp8_goals(recs, ceilings))
+    return out
+
+
+def fp8_run(recs, commit) -> list[dict]:
+    return [r for r in recs if r["commit"] == commit and "bench_fp8" in r.get("command", "")]
+
+
+def run_peer(run, workload, system):
+    return next((g for g in run if g["system"] == system and g["workload"] == workload), None)
+
+
+def ceiling_table(recs, ceilings) -> str:
+    """Per run and workload: the four ceilings in residues/s, and fp16 (and the default fp8)
+    as a share of each."""
+    rows = []
+    for c in dict.fromkeys(r["commit"] for r in ceilings):
+        run = fp8_run(recs, c)
+        for ceil in (r for r in run if r["system"] == "gemm-ceiling"):
+            wl = ceil["workload"]
+            values = [ceil[f"ceiling_{k_}"] for k_ in ("bf16_burst", "bf16_sustained",
+                                                       "fp8_burst", "fp8_sustained")]
+            for system, what in (("gpuengine", "fp16"), ("gpuengine-fp8", "fp8 (default)")):
+                g = run_peer(run, wl, system)
+                if g is None:
+                    continue
+                rows.append([f"`{c}`", short_model(ceil["model"]), wl, what,
+                             f"**{fmt_int(g['tokens_per_s'])}**"]
+                            + [f"{fmt_int(v)}: **{100 * g['tokens_per_s'] / v:.1f} %**"
+                               for v in values])
+    return ("### The engine against each ceiling (ceilings as residues/s: the GEMM rate ÷ the "
+            "workload's FLOPs per residue; same run)\n\n"
+            + table(["run", "model", "workload", "engine", "residues/s",
+                     "bf16 burst ceiling: share", "bf16 sustained ceiling: share",
+                     "e4m3 burst ceiling: share", "e4m3 sustained ceiling: share"], rows))
+
+
+def fp8_goals(recs, ceilings) -> str:
+    """Issue 17's goals, each from the latest bench_fp8 run that measured it."""
+    rows = []
+    for wl in ("virnucpro150", "uniprot"):
+        runs_ = [fp8_run(recs, c) for c in dict.fromkeys(r["commit"] for r in ceilings)]
+        timed = [run for run in runs_ if run_peer(run, wl, "gpuengine-fp8")]
+        if not timed:
+            allr = [run for run in runs_ if run_peer(run, wl, "gpuengine-fp8-choice")]
+            rows.append([f"3B {wl}: default fp8 ≥ {GOAL_FP8_FP16}× fp16 and ≥ {GOAL_FP8_HF}× HF",
+                         "the default (qkv, fc1, fc2) not timed on this workload yet"
+                         + ("; all four GEMMs in e4m3: " + ", ".join(
+                             f"{g['tokens_per_s'] / run_peer(run, wl, 'gpuengine')['tokens_per_s']:.2f}× "
+                             f"fp16, {g['tokens_per_s'] / run_peer(run, wl, 'hf-sdpa-bf16')['tokens_per_s']:.2f}× HF "
+                             f"(`{g['commit']}`)" for run in allr
+                             for g in [run_peer(run, wl, 'gpuengine-fp8-choice')]) if allr else ""),
+                         "not measured"])
+            continue
+        run = timed[-1]
+        g, f, h = (run_peer(run, wl, s_) for s_ in ("gpuengine-fp8", "gpuengine", "hf-sdpa-bf16"))
+        a, b = g["tokens_per_s"] / f["tokens_per_s"], g["tokens_per_s"] / h["tokens_per_s"]
+        rows.append([f"3B {wl}: default fp8 ≥ {GOAL_FP8_FP16}× fp16 and ≥ {GOAL_FP8_HF}× HF",
+                     f"{fmt_int(g['tokens_per_s'])} res/s = {a:.2f}× fp16, {b:.2f}× HF "
+                     f"(`{g['commit']}`)",
+                     "yes" if a >= GOAL_FP8_FP16 and b >= GOAL_FP8_HF else "**no**"])
+    cos = [r for r in recs if r["system"] == "gpuengine-fp8"]
+    if cos:
+        r = cos[-1]
+        rows.append(["3B default fp8: min cosine to fp32 published, plain and stress weights",
+                     f"cos_min_plain {r['cos_min_plain']:.5f}, cos_min_stress "
+                     f"{r['cos_min_stress']:.5f} (`{r['commit']}`)", "published"])
+    guards = [r for r in recs if r["system"] == "fidelity-guard" and r["weights"] == "plain"]
+    if guards:
+        r = guards[-1]
+        rows.append(["fidelity guard passes on plain weights (0.99)",
+                     f"min cosine {r['min_cosine']:.5f} (`{r['commit']}`, GEMMs "
+                     f"{r.get('fp8_gemms', 'all four')})", "yes" if r["passed"] else "**no**"])
+    fp16 = [r for r in recs if r["system"] == "gpuengine" and "pct_of_sustained_ceiling" in r]
+    if fp16:
+        last = [r for r in fp16 if r["commit"] == fp16[-1]["commit"]]
+        pcts = [r["pct_of_sustained_ceiling"] for r in last]
+        rows.append([f"fp16 ≥ {GOAL_SUSTAINED:.0f} % of the sustained bf16 GEMM ceiling",
+                     ", ".join(f"{r['pct_of_sustained_ceiling']:.1f} % ({r['workload']})"
+                               for r in last) + f" (`{last[0]['commit']}`)",
+                     "yes" if min(pcts) >= GOAL_SUSTAINED else "**no**"])
+    pred = [r for r in recs if r["system"] == "gpuengine-predict" and r.get("precision") == "fp8"
+            and r.get("reads") == 1_000_000]
+    rows.append([f"`predict` 1 M reads, cold, fp8 ≤ {GOAL_PREDICT_FP8_S} s, label agreement "
+                 "with fp16 reported",
+                 f"{pred[-1]['wall_s']:.0f} s, labels agree on "
+                 f"{100 * pred[-1]['label_agreement']:.2f} % of "
+                 f"{fmt_int(pred[-1]['agreement']['frames'])} frames "
+                 f"({pred[-1]['agreement']['subset']}; `{pred[-1]['commit']}`)" if pred
+                 else "not run yet", ("yes" if pred[-1]["wall_s"] <= GOAL_PREDICT_FP8_S
+                                      else "**no**") if pred else "not measured"])
+    return "### Issue 17's goals (fp8; latest run of each)\n\n" + table(
+        ["goal", "measured", "met?"], rows)
 
 
 FAMILIES = [
@@ -733,7 +981,9 @@ def main() -> None:
     recs = load(args.results)
     plot_throughput(recs, args.out_dir / "throughput.png")
     plot_by_gpu_count(recs, args.out_dir / "by_gpu_count.png", args.gpu_workload)
-    print(f"wrote {args.out_dir / 'throughput.png'} and {args.out_dir / 'by_gpu_count.png'}", flush=True)
+    plot_host_cores(recs, args.out_dir / "host_cores.png")
+    print(f"wrote {args.out_dir / 'throughput.png'}, {args.out_dir / 'by_gpu_count.png'} and "
+          f"{args.out_dir / 'host_cores.png'}", flush=True)
     if args.markdown:
         print(markdown(recs, args.profile))
 

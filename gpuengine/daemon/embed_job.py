@@ -110,7 +110,7 @@ class EmbedJob(Job):
             "sequences_per_second": seq_rate, "tokens_per_second": summary.tokens_per_second,
             "devices": summary.devices, "attempts": claim.attempt, "finished_at": utc_now(),
             "versions": versions(), "daemon_pid": os.getpid(),
-            "engine_run": engine_run(summary)}
+            "engine_run": engine_run(summary), "fidelity": getattr(summary, "fidelity", None)}
 
     def report(self, summary: Any, record: dict[str, Any], seconds: float) -> Report:
         failed = f", {len(summary.failed)} sequences failed" if summary.failed else ""
@@ -126,7 +126,8 @@ class EmbedJob(Job):
         return {"model": e.model, "table": e.table, "layers": list(e.layers),
                 "pools": list(e.pools), "precision": e.precision, "store_dtype": e.store_dtype,
                 "max_residues": e.max_residues, "skip_invalid": e.skip_invalid,
-                "gpus": e.devices, "max_tokens": e.max_tokens}
+                "gpus": e.devices, "max_tokens": e.max_tokens,
+                **({"fp8_min_cosine": e.fp8_min_cosine} if e.precision == "fp8" else {})}
 
 
 def engine_run(summary: Any) -> dict[str, Any]:

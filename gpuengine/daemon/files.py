@@ -156,7 +156,7 @@ def error_record(name: str, exc: BaseException, *, kind: str, attempts: int,
                 record["position"] = {"line": int(match.group(1)),
                                       "column": int(column) if column else None}
                 break
-    if kind != "input":
+    if kind not in ("input", "fidelity"):
         record["traceback"] = "".join(traceback.format_exception(type(exc), exc,
                                                                  exc.__traceback__))
     if errors:

@@ -87,6 +87,7 @@ class PredictJob(Job):
         return {"job": claim.key, "kind": "predict", "file": claim.name, "sha256": claim.sha256,
                 "status": "complete", "outputs": str(out.relative_to(self.directory)),
                 "counts": counts, "stage_seconds": summary.stage_seconds,
+                "fidelity": summary.embed.get("esm", {}).get("fidelity"),
                 "seconds": round(seconds, 3),
                 "sequences_per_second": summary.reads / seconds if seconds else 0.0,
                 "attempts": claim.attempt, "options": self.identity, "versions": versions(),

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from gpuengine import systemd
 from gpuengine.config import EmbedConfig
-from gpuengine.errors import (EXIT_ERROR, EXIT_OK, DeviceError,
+from gpuengine.errors import (EXIT_ERROR, EXIT_OK, DeviceError, FidelityError,
                               GpuEngineError, InputError, ModelLoadError, UsageError)
 from gpuengine.daemon.constants import ATTEMPTS_FILE, ERROR_SUFFIX, FOLDERS, JOB_PREFIX, JOB_SUFFIX, LOCK_FILE, WARMUP_PREFIX
 from gpuengine.daemon.files import atomic_write_json, error_record, file_sha256, free_name, is_ignored, marker_name, utc_now
@@ -366,6 +366,9 @@ class Daemon:
         except InputError as exc:
             self._fail(name, exc, kind="input", attempts=claim.attempt, sha256=claim.sha256)
             return None
+        except FidelityError as exc:  # this file's content at --precision fp8: no retry helps
+            self._fail(name, exc, kind="fidelity", attempts=claim.attempt, sha256=claim.sha256)
+            return None
         except KeyboardInterrupt:  # the engine's answer to a stop request during validation
             if not self.stop.is_set():
                 raise
@@ -424,7 +427,7 @@ class Daemon:
         self.board.add("files_failed")
         self.board.update(last_file={"file": name, "result": "failed", "at": utc_now()})
         self._record_error(name, exc)
-        if kind == "input":
+        if kind in ("input", "fidelity"):
             log.error("%s -> failed/%s: %s", name, target, exc)
 
     def _finish(self, claim: Claim, summary: Any) -> None:

@@ -209,6 +209,8 @@ class Esm2Layer(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 layout: PackedLayout, attention: PaddedAttention | VarlenAttention,
                 kernels: LayerKernels) -> torch.Tensor:
+        if getattr(kernels, "whole_layer", False):  # FP8 kernels (models/fp8.py) run the layer
+            return kernels.layer(self, x, rope, layout, attention)
         q_scale = self.scaling if attention.prescale_q else 1.0
         rows = getattr(attention, "rows", None)  # a flex binding's row bucket
         q, k, v = kernels.attention_inputs(x, self.attn_norm.weight, self.attn_norm.bias,
@@ -242,8 +244,12 @@ class Esm2(nn.Module):
         return self.cfg.embed_dim
 
     kernels = LayerKernels()
+    fp8 = None
+    """Set by :func:`gpuengine.models.fp8.enable_fp8` (then the FP8 kernels are installed)."""
 
     def set_kernels(self, kind: str) -> None:
+        if self.fp8 is not None:
+            raise ValueError("this model's GEMMs run in FP8: its kernels were chosen by enable_fp8")
         self.kernels = layer_kernels(kind)
 
     def fastest_kernels(self, device: torch.device, attention) -> str:

@@ -39,12 +39,14 @@ from typing import Iterator
 import numpy as np
 
 from gpuengine.config import EmbedConfig, environment
-from gpuengine.errors import GpuEngineError, InputError, ModelLoadError, StoreMismatchError
+from gpuengine.errors import (GpuEngineError, InputError, ModelLoadError, StoreMismatchError,
+                              UsageError)
 from gpuengine.fasta import ValidationReport, stream_valid, validate
 from gpuengine.progress import NullProgress, ProgressSink
 from gpuengine.records import FastaRecord
 from gpuengine.replicas import ReplicaPool
 from gpuengine.shards import Shard
+from gpuengine.vocabulary import FP8_MIN_COSINE, PRECISIONS
 from gpuengine.workflows.virnucpro.frames import Frames, chunk_sequence, frames_for_batch
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,9 @@ class PredictConfig:
     store: Path | None = None
     """Embedding store; default ``<out>/embeddings.lmdb``."""
     precision: str | None = None
+    """``fp8``: the ESM-2 stage in FP8 (guarded), DNABERT-S at its GPU default (fp16)."""
+    fp8_min_cosine: float = FP8_MIN_COSINE
+    """The ESM-2 stage's fidelity guard threshold with ``precision="fp8"``."""
     devices: str = "auto"
     max_tokens: int | None = None
     keep_intermediate: bool = False
@@ -81,6 +86,11 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if self.length < 3:
             raise InputError(f"--length {self.length}: chunks must be at least 3 bp")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r} is not one of "
+                             f"{', '.join(PRECISIONS)}")
+        if not -1.0 <= self.fp8_min_cosine <= 1.0:
+            raise UsageError(f"--fp8-min-cosine {self.fp8_min_cosine}: a cosine lies in [-1, 1]")
 
     @property
     def out_dir(self) -> Path:
@@ -95,7 +105,7 @@ def input_base(path: Path) -> str:
     """``reads.fasta.gz`` → ``reads`` (known FASTA/gzip suffixes only; the original's cut at the
     first ``.fa`` anywhere in the path is not copied)."""
     name = path.name
-    for suffix in (".gz", ".bgz", ".fasta", ".fas", ".fna", ".fa", ".ffn", ".fastq"):
+    for suffix in (".gz", ".bgz", ".fasta", ".fas", ".fna", ".fa", ".ffn", ".fastq", ".fq"):
         name = name.removesuffix(suffix)
     return name or path.name
 
@@ -157,6 +167,11 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
     stage = _Stages(summary, progress)
     if config.length not in EXPECTED_LENGTHS:
         log.warning("--length %d: VirNucPro's classifiers expect 300 or 500", config.length)
+    if config.precision == "fp8":  # before the DNABERT-S stage, not after it
+        from gpuengine.devices import parse_devices
+        from gpuengine.models.fp8 import check_fp8_run
+
+        check_fp8_run("esm2", parse_devices(config.devices))
     with stage("validate"):
         report = _validate_reads(config, DNA_ALPHABET)
     with stage("frames"):
@@ -180,9 +195,11 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
                               counts["frames"], counts[column])
         embed_config = EmbedConfig(
             inputs=(config.reads,), model=model, out=config.store_path, layers=layers,
-            pools=("mean",), precision=config.precision, table=name, devices=config.devices,
+            pools=("mean",), precision=_stage_precision(config.precision, name),
+            table=name, devices=config.devices,
             max_tokens=config.max_tokens, allow_download=config.allow_download,
-            max_residues=None, shard=config.shard, env=environment())
+            max_residues=None, fp8_min_cosine=config.fp8_min_cosine, shard=config.shard,
+            env=environment())
         with stage(name):
             try:
                 result = run_embed(embed_config, progress, stop, records=source,
@@ -201,6 +218,12 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
     with stage("score"):
         summary.virus_chunks = _score(config, report, load_classifier, summary)
     return summary
+
+
+def _stage_precision(precision: str | None, stage: str) -> str | None:
+    """``--precision fp8`` runs the ESM-2 stage in FP8 (guarded, see gpuengine.fidelity); the
+    DNABERT-S stage, which FP8 does not cover, keeps its GPU default (fp16)."""
+    return None if precision == "fp8" and stage == "dnabert" else precision
 
 
 def _validate_reads(config: PredictConfig, alphabet: frozenset[str]) -> ValidationReport:

@@ -1,0 +1,320 @@
+"""Input processes: the valid records of FASTA/FASTQ files read, hashed and tokenized by
+several child processes at once, delivered to the planner in input order.
+
+* A **feeder** thread in the engine reads each file as record-aligned blocks
+  (:func:`gpuengine.blocks.read_blocks`: a few C-level calls per half megabyte, the GIL
+  released while reading and decompressing) and deals them out in turn: block *b* goes to
+  child *b mod N*.
+* Each **child** (:class:`InputProcess`, ``python -m gpuengine.inputs``) parses its blocks
+  (:func:`gpuengine.blocks.parse_block`: the records the first pass did not skip, problems
+  re-read the first pass's exact way), truncates, hashes and tokenizes them
+  (:func:`gpuengine.inputs.prepare_lists`) and writes ``CHNK`` frames, then ``BEND`` for each
+  block.
+* The **planner** thread (:meth:`InputPool.chunks`) reads the children in the same turn, a
+  block's chunks up to its ``BEND``, so chunks come in input order whatever the number of
+  children: resume, deduplication and the store are as with one reader.
+
+Nothing crosses as pickle (frames as in :mod:`gpuengine.inputs`). Parent → child: ``CONF``,
+one ``SKIP`` per file, then ``BLCK`` frames (:data:`_BLOCK_HEAD`, then the block's bytes);
+closing the child's stdin ends its input (it answers ``DONE``). The order of the children
+cannot deadlock: the planner always waits on the earliest block not yet read, which the
+feeder has already sent, and whose child has nothing earlier left to write.
+
+A child ignores SIGINT and SIGTERM and runs in its own session; if the engine dies, its next
+read or write fails and it exits.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from typing import BinaryIO, Iterator, Sequence
+
+import numpy as np
+
+from gpuengine.blocks import BLOCK_BYTES, Block, parse_block, read_blocks
+from gpuengine.errors import GpuEngineError, InputError, InternalError
+from gpuengine.shards import Shard
+
+_BLOCK_HEAD = struct.Struct("<IQQIc")  # file number, first index, first line, records, format
+_PIPE_BYTES = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def process_count(choice: int | None = None, *, heavy: bool = True) -> int:
+    """Input processes to start: ``choice`` (``GPUENGINE_INPUT_PROCESSES``, read by
+    :mod:`gpuengine.config`), else by the cores this process may run on, keeping two for the
+    engine's own threads (planner, committer, devices, feeder):
+
+    * a ``heavy`` tokenizer (DNABERT-S's BPE, about 50 µs a 150-bp read on one core): the
+      cores less two, but as many as the cores up to two, at most 16 (2, 2, 6, 14 for 2, 4,
+      8, 16 cores); on the 2-core machine two children tokenize 2.4 times the reads per
+      second of the one child before, though the engine shares their cores;
+    * a light one (ESM-2's table lookup): the cores less two, at least 1, at most 4 (1, 2, 4,
+      4): a few children outrun the engine, and on a small machine more of them would only
+      take its cores.
+    """
+    if choice:
+        return choice
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    if heavy:
+        return min(16, max(cores - 2, min(cores, 2)))
+    return min(4, max(1, cores - 2))
+
+
+def _write_all(fd: int, data) -> None:
+    """Write all of ``data`` to a pipe (``os.write`` releases the GIL; a pipe may take less)."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+class InputProcess:
+    """One child process preparing the blocks it is sent. :meth:`send` blocks, :meth:`end_input`
+    when there are no more; read its answers with :meth:`block_chunks`; always :meth:`close`
+    it (kills and reaps the child, whatever state it is in)."""
+
+    command = [sys.executable, "-m", "gpuengine.inputs"]
+
+    def __init__(self, paths: Sequence[str | os.PathLike], skip: dict[str, Sequence[int]],
+                 alphabet: frozenset[str] | None, max_residues: int | None,
+                 tokenizer: dict, chunk_records: int, shard: Shard | None = None) -> None:
+        from gpuengine.fasta import _name
+        from gpuengine.inputs import _write_frame
+
+        names = [_name(p) for p in paths]
+        conf = {"paths": [os.fsdecode(os.fspath(p)) for p in paths], "names": names,
+                "alphabet": None if alphabet is None else "".join(sorted(alphabet)),
+                "max_residues": max_residues, "tokenizer": tokenizer,
+                "chunk_records": chunk_records,
+                "shard": None if shard is None else [shard.index, shard.count]}
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        self._closing = False
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     bufsize=0, env=env, start_new_session=True)
+        for pipe in (self.proc.stdout, self.proc.stdin):
+            try:
+                fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+            except OSError:
+                pass  # a smaller pipe only costs more wake-ups
+        try:
+            _write_frame(self.proc.stdin, b"CONF", json.dumps(conf).encode("utf-8"))
+            for name in names:
+                indices = np.asarray(sorted(skip.get(name, ())), dtype="<u8")
+                _write_frame(self.proc.stdin, b"SKIP", indices.tobytes())
+        except BrokenPipeError:
+            self.end_input()  # the child died at once: block_chunks() reports how
+        except BaseException:  # nobody holds this object yet to close it: reap the child now
+            self.close()
+            raise
+
+    def send(self, block: Block) -> None:
+        """Hand the child a block (waits while its pipe is full). Raises OSError (a broken
+        pipe) when the child is gone."""
+        head = _BLOCK_HEAD.pack(block.file, block.first_index, block.first_line, block.count,
+                                block.fmt[-1:].encode())  # a or q
+        fd = self.proc.stdin.fileno()
+        _write_all(fd, struct.pack("<4sQ", b"BLCK", len(head) + len(block.data)) + head)
+        _write_all(fd, block.data)
+
+    def end_input(self) -> None:
+        """No more blocks: the child answers ``DONE`` after the ones it has."""
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def block_chunks(self) -> Iterator:
+        """The prepared chunks of the child's next block, up to its ``BEND``; returns quietly
+        at ``DONE`` (no block left), with :attr:`done` set. Raises the child's error, or an
+        InputError naming its exit status when it died without finishing."""
+        from gpuengine.inputs import _error_from, _read_frame, decode_chunk
+
+        self.done = False
+        while True:
+            try:
+                frame = _read_frame(self.proc.stdout)
+            except (EOFError, OSError, ValueError):
+                frame = None
+            if frame is None:
+                if self._closing:
+                    self.done = True
+                    return
+                raise self._died()
+            tag, payload = frame
+            if tag == b"CHNK":
+                yield decode_chunk(payload)
+            elif tag == b"BEND":
+                return
+            elif tag == b"DONE":
+                self.done = True
+                return
+            elif tag == b"FAIL":
+                raise _error_from(payload)
+            else:
+                raise InternalError(f"input process sent an unknown frame {tag!r}")
+
+    def _died(self) -> GpuEngineError:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        how = ("is still running" if code is None else f"was killed by signal "
+               f"{signal.Signals(-code).name}" if code < 0 else f"exited with status {code}")
+        return InputError(f"the input reader process (pid {self.proc.pid}) {how} before the end "
+                          "of the input; what was committed is intact, rerun to resume")
+
+    def close(self) -> None:
+        """Kill (if still running) and reap the child; idempotent."""
+        with self._lock:
+            self._closing = True
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            for pipe in (self.proc.stdin, self.proc.stdout):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+
+    def __enter__(self) -> InputProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class InputPool:
+    """``processes`` children fed record-aligned blocks of ``paths`` in turn by a feeder
+    thread; :meth:`chunks` yields their prepared chunks in input order (a
+    :class:`~gpuengine.inputs.ChunkReader`). Children and the feeder start at once (their
+    start-up overlaps the engine's); always :meth:`close` it."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], skip: dict[str, Sequence[int]],
+                 alphabet: frozenset[str] | None, max_residues: int | None, tokenizer: dict,
+                 chunk_records: int, processes: int, block_size: int | None = None,
+                 shard: Shard | None = None) -> None:
+        self.paths = list(paths)
+        self.block_size = block_size or BLOCK_BYTES
+        self.children: list[InputProcess] = []
+        self._closing = threading.Event()
+        self._error: BaseException | None = None
+        try:
+            for _ in range(processes):
+                self.children.append(InputProcess(paths, skip, alphabet, max_residues,
+                                                  tokenizer, chunk_records, shard))
+        except BaseException:
+            self.close()
+            raise
+        self._feeder = threading.Thread(target=self._feed, name="gpuengine-input-feeder",
+                                        daemon=True)
+        self._feeder.start()
+
+    def _feed(self) -> None:
+        children, n, b = self.children, len(self.children), 0
+        try:
+            for number, path in enumerate(self.paths):
+                for block in read_blocks(path, number, self.block_size):
+                    if self._closing.is_set():
+                        return
+                    children[b % n].send(block)
+                    b += 1
+        except OSError as exc:
+            if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                self._error = exc  # a child gone: the reader meets its death in order
+        except BaseException as exc:  # noqa: BLE001 - raised in input order by chunks()
+            self._error = exc
+        finally:
+            for child in children:
+                child.end_input()
+
+    def chunks(self) -> Iterator:
+        """Prepared chunks in input order; raises a child's error, or the feeder's (a file
+        that cannot be read any more) where its input ends."""
+        children, n, b = self.children, len(self.children), 0
+        while True:
+            child = children[b % n]
+            yield from child.block_chunks()
+            if child.done:  # no block b: the input ended (or the feeder stopped) before it
+                self._feeder.join()
+                if self._error is not None and not self._closing.is_set():
+                    error = self._error
+                    if not isinstance(error, GpuEngineError):
+                        error = InputError(f"reading the input failed: {error}")
+                    raise error
+                return
+            b += 1
+
+    def close(self) -> None:
+        """Stop the feeder, kill and reap every child; idempotent."""
+        self._closing.set()
+        for child in self.children:
+            child.close()
+        feeder = getattr(self, "_feeder", None)
+        if feeder is not None:
+            feeder.join()
+
+    def __enter__(self) -> InputPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------- child side
+
+
+def serve(inp: BinaryIO, out: BinaryIO) -> None:
+    """The child's loop: configuration and skip lists, then each block's chunks and ``BEND``;
+    ``DONE`` when the engine closes the input."""
+    from gpuengine import inputs
+
+    frame = inputs._read_frame(inp)
+    if frame is None or frame[0] != b"CONF":
+        raise InternalError("input process: no configuration received")
+    conf = json.loads(bytes(frame[1]).decode("utf-8"))
+    skips = []
+    for _ in conf["names"]:
+        frame = inputs._read_frame(inp)
+        if frame is None or frame[0] != b"SKIP":
+            raise InternalError("input process: skip list missing")
+        skips.append(np.frombuffer(frame[1], "<u8"))
+    tokenizer = inputs._make_tokenizer(conf["tokenizer"])
+    alphabet = None if conf["alphabet"] is None else frozenset(conf["alphabet"])
+    shard = None if conf.get("shard") is None else Shard(*conf["shard"])
+    max_residues, names = conf["max_residues"], conf["names"]
+    size = inputs.read_chunk(conf["chunk_records"], shard)  # a shard keeps 1/N of them
+    while (frame := inputs._read_frame(inp)) is not None:
+        tag, payload = frame
+        if tag != b"BLCK":
+            raise InternalError(f"input process: unexpected frame {bytes(tag)!r}")
+        file, first, line, count, fmt = _BLOCK_HEAD.unpack_from(payload)
+        block = Block(file, "fastq" if fmt == b"q" else "fasta",
+                      bytes(payload[_BLOCK_HEAD.size:]), first, line, count)
+        skip = skips[file]
+        lo, hi = np.searchsorted(skip, [first, first + count])
+        ids, seqs = parse_block(block, names[file], alphabet, skip[lo:hi].tolist())
+        for at in range(0, len(ids), size):
+            text = [s.decode("utf-8") for s in seqs[at:at + size]]
+            chunk = inputs.prepare_lists(ids[at:at + size], text, tokenizer, max_residues, shard)
+            if chunk.ids:
+                out.writelines(inputs.encode_chunk(chunk))
+        inputs._write_frame(out, b"BEND", b"")
+        out.flush()
+    inputs._write_frame(out, b"DONE", b"")
+    out.flush()
