@@ -415,3 +415,13 @@ def test_the_shared_words_are_defined_once_in_the_vocabulary():
             wrong += [f"{short(module.name)} defines {name}: import it from gpuengine.vocabulary"
                       for name in names if name in SHARED_WORDS]
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_test_helper_module_is_listed_in_conftest():
+    tests = Path(__file__).resolve().parent
+    listed = ast.get_docstring(ast.parse((tests / "conftest.py").read_text(encoding="utf-8")))
+    missing = [f"tests/{path.name} is a helper module missing from conftest.py's docstring "
+               f"(add ``{path.name}``: what it holds)" for path in sorted(tests.glob("*.py"))
+               if not path.name.startswith("test_") and path.name != "conftest.py"
+               and f"``{path.name}``" not in (listed or "")]
+    assert not missing, "\n".join(missing)
