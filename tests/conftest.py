@@ -15,7 +15,12 @@ Helpers shared by several test modules live here or in a helper module named for
   its prediction files;
 * ``scheduler_sim.py``: simulated devices around the scheduler on a virtual clock;
 * ``store_shards.py``: stores written and split into shards for the merge tests;
-* ``slurm_cluster.py``: a real SLURM (fixture ``slurm``).
+* ``slurm_cluster.py``: a real SLURM (fixture ``slurm``);
+* ``worker_exits.py``: a device worker that lingers inside torch after its last report;
+* ``process_tree.py``: a process's children and whether a process is gone, from /proc;
+* ``fastq_files.py``: FASTQ and FASTA text of the same reads;
+* ``fp8_helpers.py``: whether this torch runs FP8 on the CPU, tiny and outlier-stress
+  checkpoints, an fp8 runner factory for the CPU, Triton's CPU interpreter.
 """
 
 from __future__ import annotations

@@ -309,15 +309,17 @@ TORCH_FREE = ("gpuengine.scheduler", "gpuengine.packing", "gpuengine.planner", "
               "gpuengine.budget", "gpuengine.committer", "gpuengine.inputs", "gpuengine.fasta",
               "gpuengine.tokenization", "gpuengine.dna_tokenizer", "gpuengine.store",
               "gpuengine.config", "gpuengine.errors", "gpuengine.vocabulary",
-              "gpuengine.records", "gpuengine.progress", "gpuengine.fastq", "gpuengine.blocks",
-              "gpuengine.input_workers")
+              "gpuengine.records", "gpuengine.progress", "gpuengine.shards", "gpuengine.fastq",
+              "gpuengine.blocks", "gpuengine.input_workers")
 """Never import torch, lazily or not (a package: every module in it)."""
 
 TORCH_FREE_AT_IMPORT = ("gpuengine", "gpuengine.cli", "gpuengine.cli_options", "gpuengine.api",
                         "gpuengine.export", "gpuengine.display", "gpuengine.signals",
                         "gpuengine.daemon", "gpuengine.workflows.virnucpro.frames",
-                        "gpuengine.workflows.virnucpro.outputs")
-"""Import without importing torch (torch comes inside the functions that need it)."""
+                        "gpuengine.workflows.virnucpro.outputs", "gpuengine.cli_slurm",
+                        "gpuengine.slurm")
+"""Import without importing torch (torch comes inside the functions that need it; a package:
+every module in it)."""
 
 
 def reachable(name: str) -> dict[str, str]:
@@ -360,11 +362,12 @@ def test_torch_free_modules_never_import_torch(root):
     assert not wrong, "\n".join(wrong)
 
 
-@pytest.mark.parametrize("name", TORCH_FREE_AT_IMPORT)
-def test_front_ends_import_without_torch(name):
-    imported = imported_at_import(name)
-    assert "torch" not in imported, (
-        f"importing {name} imports torch (import it inside the function that needs it)")
+@pytest.mark.parametrize("root", TORCH_FREE_AT_IMPORT)
+def test_front_ends_import_without_torch(root):
+    names = [root] if root == "gpuengine" else [n for n in modules() if matches(n, (root,))]
+    wrong = [f"importing {name} imports torch (import it inside the function that needs it)"
+             for name in names if "torch" in imported_at_import(name)]
+    assert not wrong, "\n".join(wrong)
 
 
 def test_the_planner_and_the_input_side_read_the_store_only_through_the_lookup():
@@ -412,3 +415,13 @@ def test_the_shared_words_are_defined_once_in_the_vocabulary():
             wrong += [f"{short(module.name)} defines {name}: import it from gpuengine.vocabulary"
                       for name in names if name in SHARED_WORDS]
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_test_helper_module_is_listed_in_conftest():
+    tests = Path(__file__).resolve().parent
+    listed = ast.get_docstring(ast.parse((tests / "conftest.py").read_text(encoding="utf-8")))
+    missing = [f"tests/{path.name} is a helper module missing from conftest.py's docstring "
+               f"(add ``{path.name}``: what it holds)" for path in sorted(tests.glob("*.py"))
+               if not path.name.startswith("test_") and path.name != "conftest.py"
+               and f"``{path.name}``" not in (listed or "")]
+    assert not missing, "\n".join(missing)

@@ -14,12 +14,12 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import random_proteins, write_fasta
+from worker_exits import slow_worker_exit
 from gpuengine.progress import ProgressSink
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,30 +123,13 @@ def test_input_process_that_fails_to_start_leaves_no_child(fasta, leftovers):
     assert leftovers() == ([], [])
 
 
-def _slow_worker_exit(seconds: float):
-    """DeviceWorker._run that stays inside torch for ``seconds`` after its last report (what a
-    worker descheduled while freeing its last batch's tensors looks like to the engine)."""
-    import torch
-
-    from gpuengine.worker import DeviceWorker
-
-    real_run = DeviceWorker._run
-
-    def run(self):
-        real_run(self)
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            torch.empty(8)
-    return run
-
-
 @pytest.mark.slow
 def test_run_embed_waits_for_a_worker_still_inside_torch(fasta, tiny_pt, tmp_path, leftovers,
                                                          monkeypatch):
     from gpuengine.engine import run_embed
     from gpuengine.worker import DeviceWorker
 
-    monkeypatch.setattr(DeviceWorker, "_run", _slow_worker_exit(0.5))
+    monkeypatch.setattr(DeviceWorker, "_run", slow_worker_exit(0.5))
     summary = run_embed(_config(fasta, tiny_pt, tmp_path / "s.lmdb"))
     assert summary.committed_records == N
     assert leftovers() == ([], [])
@@ -155,9 +138,9 @@ def test_run_embed_waits_for_a_worker_still_inside_torch(fasta, tiny_pt, tmp_pat
 INJECTED = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_clean_exit import _slow_worker_exit
+from worker_exits import slow_worker_exit
 from gpuengine.worker import DeviceWorker
-DeviceWorker._run = _slow_worker_exit(1.0)
+DeviceWorker._run = slow_worker_exit(1.0)
 sys.argv = ["gpuengine", *sys.argv[1:]]
 from gpuengine.cli import main
 main()

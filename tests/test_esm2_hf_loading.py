@@ -57,6 +57,7 @@ def transformers_mean(model, sequences):
     return np.stack(out)
 
 
+@pytest.mark.slow
 def test_save_pretrained_directory_embeds_like_transformers_forward(tmp_path):
     directory = tmp_path / "finetuned"
     model = transformers_saved_random_model(directory)

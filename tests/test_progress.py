@@ -180,8 +180,9 @@ def test_runner_cpu_time_of_a_batch_excludes_the_next_ones(tiny_pt):
     second = runner.launch(runner.stage(large))
     t2 = time.perf_counter()
     a, b = runner.finish(first), runner.finish(second)
+    # the large batch computed after t1 (a CPU launch is synchronous) and the first batch was
+    # finished after it: a time counted until finish would be at least t2 - t0 > t1 - t0
     assert 0 < a.seconds <= t1 - t0 and 0 < b.seconds <= t2 - t1
-    assert a.seconds < t2 - t1  # it did not take the large batch's time
 
 
 def test_summary_device_row_equals_the_headline_on_one_device(fasta, tiny_pt, tmp_path):

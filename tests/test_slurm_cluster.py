@@ -65,6 +65,7 @@ def test_array_then_afterok_join(slurm, tmp_path):
         assert set(done) == {f"{array}_{i}" for i in range(4)} | {join}
 
 
+@pytest.mark.slow
 def test_scancel_task_blocks_afterok_until_resubmitted(slurm, tmp_path):
     """scancel of a running array task: the task ends CANCELLED, the afterok join stays PENDING
     with reason DependencyNeverSatisfied (SLURM does not cancel it), and re-pointing the join's

@@ -105,6 +105,7 @@ def test_usage_errors(tiny_pt, fasta, tmp_path, args, code, words):
     assert not (tmp_path / "run" / "slurm").exists()
 
 
+@pytest.mark.slow  # two real processes, 5 s on an idle 2-core machine
 def test_missing_inputs_are_named(tiny_pt, tmp_path):
     proc = gpuengine("slurm", "embed", tmp_path / "nope.fa", "-m", tiny_pt, "--out",
                      tmp_path / "run", "--shards", "2", "--dry-run", code=1)
