@@ -16,8 +16,8 @@ import typer
 from gpuengine import __version__
 from gpuengine.cli_options import (Gpus, JsonSummary, MaxAttempts, MaxTokens, Offline, Poll,
                                    PollInterval, Precision, PrintJson, Quiet, QuietPeriod,
-                                   RetryDelay, ServeJob, ServeStore, Settle, StatusInterval,
-                                   StoreDtype, StoresArgument, Verbose, Watch)
+                                   ReplicasPerGpu, RetryDelay, ServeJob, ServeStore, Settle,
+                                   StatusInterval, StoreDtype, StoresArgument, Verbose, Watch)
 from gpuengine.errors import EXIT_INTERRUPTED, GpuEngineError, UsageError
 
 HELP = """Exact, packed protein (ESM-2) and DNA (DNABERT-S) embeddings on every GPU, into LMDB.
@@ -132,6 +132,7 @@ def embed(
         "model loads.")] = False,
     gpus: Gpus = "auto",
     max_tokens: MaxTokens = None,
+    replicas_per_gpu: ReplicasPerGpu = 1,
     offline: Offline = False,
     json_summary: JsonSummary = False,
     quiet: Quiet = False,
@@ -145,7 +146,8 @@ def embed(
     try:
         _check_table(table)
         config = _embed_config(tuple(inputs), model, out, layers, pool, precision, store_dtype,
-                               max_residues, table, skip_invalid, gpus, max_tokens, offline)
+                               max_residues, table, skip_invalid, gpus, max_tokens, offline,
+                               replicas_per_gpu)
         from gpuengine.engine import run_embed
 
         with StopOnSignals(on_stop=announce_stop) as stop:
@@ -170,7 +172,7 @@ def _check_table(name: str) -> None:
 def _embed_config(inputs: tuple[Path, ...], model: str, out: Path, layers: str, pool: List[str],
                   precision: Optional[str], store_dtype: str, max_residues: Optional[int],
                   table: str, skip_invalid: bool, gpus: str, max_tokens: Optional[int],
-                  offline: bool):
+                  offline: bool, replicas_per_gpu: int = 1):
     """The :class:`~gpuengine.config.EmbedConfig` of ``embed``'s (and ``serve``'s) options."""
     from gpuengine.config import EmbedConfig
 
@@ -179,7 +181,7 @@ def _embed_config(inputs: tuple[Path, ...], model: str, out: Path, layers: str, 
         pools=tuple(_split(pool)), precision=precision, store_dtype=store_dtype,
         max_residues=-1 if max_residues is None else (max_residues or None), table=table,
         skip_invalid=skip_invalid, devices=gpus, max_tokens=max_tokens,
-        allow_download=not offline)
+        replicas_per_gpu=replicas_per_gpu, allow_download=not offline)
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
@@ -217,6 +219,7 @@ def predict(
     precision: Precision = None,
     gpus: Gpus = "auto",
     max_tokens: MaxTokens = None,
+    replicas_per_gpu: ReplicasPerGpu = 1,
     keep_intermediate: Annotated[bool, typer.Option(
         "--keep-intermediate", help="Also write the chunked reads and the identified "
         "nucleotide/protein FASTA files.")] = False,
@@ -247,6 +250,7 @@ def predict(
                                esm_model=esm_model, esm_layer=esm_layer,
                                dnabert_model=dnabert_model, out=out, store=store,
                                precision=precision, devices=gpus, max_tokens=max_tokens,
+                               replicas_per_gpu=replicas_per_gpu,
                                keep_intermediate=keep_intermediate, skip_invalid=skip_invalid,
                                allow_download=not offline)
         with StopOnSignals(on_stop=announce_stop) as stop:
@@ -513,6 +517,7 @@ def serve(
         "failing the file.")] = False,
     gpus: Gpus = "auto",
     max_tokens: MaxTokens = None,
+    replicas_per_gpu: ReplicasPerGpu = 1,
     offline: Offline = False,
     poll: Poll = False,
     poll_interval: PollInterval = 2.0,
@@ -543,7 +548,8 @@ def serve(
                 reads=watch / "inbox", length=length, classifier=classifier, esm_model=esm_model,
                 esm_layer=esm_layer, dnabert_model=dnabert_model, store=store,
                 precision=precision, devices=gpus, max_tokens=max_tokens,
-                skip_invalid=skip_invalid, allow_download=not offline)
+                replicas_per_gpu=replicas_per_gpu, skip_invalid=skip_invalid,
+                allow_download=not offline)
             model = model or esm_model
         elif job != "embed":
             raise UsageError(f"--job {job!r}: choose embed or predict")
@@ -551,7 +557,7 @@ def serve(
             raise UsageError("--job embed needs --model")
         embed_config = _embed_config((watch / "inbox",), model, store, layers, pool, precision,
                                      store_dtype, max_residues, table, skip_invalid, gpus,
-                                     max_tokens, offline)
+                                     max_tokens, offline, replicas_per_gpu)
         config = ServeConfig(watch=watch, embed=embed_config, poll_interval=poll_interval,
                              force_poll=poll, quiet_period=quiet_period,
                              settle=settle, max_attempts=max_attempts, retry_delay=retry_delay,

@@ -23,6 +23,11 @@ Gpus = Annotated[str, typer.Option("--gpus", help="auto, all, cpu, or ordinals l
 MaxTokens = Annotated[Optional[int], typer.Option(
     "--max-tokens", help="Upper bound on tokens per batch. \\[default: from device memory]")]
 Offline = Annotated[bool, typer.Option("--offline", help="Never download weights.")]
+ReplicasPerGpu = Annotated[int, typer.Option(
+    "--replicas-per-gpu", min=1, max=16,
+    help="Model replicas per device, each with its own thread and CUDA streams, fed by one "
+    "scheduler; a GPU's replicas share its weights and split its free memory (the CPU: its "
+    "threads). Can keep a GPU busier with a small model.")]
 
 # -- what to store (embed, serve) -------------------------------------------------------------
 

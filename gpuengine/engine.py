@@ -320,7 +320,7 @@ class _Run:
                                   self.progress, runner_factory=self.runner_factory,
                                   pool=self.pool)
         self.workers = [DeviceWorker(index, replica.runner, replica.budget, self.scheduler,
-                                     self.inbox, self.halt)
+                                     self.inbox, self.halt, name=replica.name or None)
                         for index, replica in enumerate(replicas)]
         self.telemetry = start_telemetry(replicas)
         for worker in self.workers:
@@ -392,7 +392,7 @@ class _Run:
                 self._fail(item.digest, f"does not fit in device memory alone ({item.n_tokens} tokens)")
         else:
             self.scheduler.fail(batch.batch_id)
-            name = self.workers[outcome.device].runner.device
+            name = self.workers[outcome.device].stats.name
             raise DeviceError(f"device {outcome.device} ({name}) failed on a batch: "
                               f"{outcome.error.__class__.__name__}: {outcome.error}; what was "
                               "committed before is intact, rerun to resume") from outcome.error
@@ -406,7 +406,7 @@ class _Run:
         if message.error is None:
             return
         requeued = self.scheduler.device_lost(message.device)
-        name = self.workers[message.device].runner.device
+        name = self.workers[message.device].stats.name
         log.error("device %d (%s) stopped (%s: %s); %d sequences requeued on the other devices",
                   message.device, name, message.error.__class__.__name__, message.error, requeued)
         if not alive:
@@ -453,14 +453,23 @@ class _Run:
         s.tokens = sum(w.stats.tokens for w in workers)
         s.embed_seconds = seconds
         s.residues = planner.counts.residues_new
-        # one definition of tokens/s everywhere: tokens over the embedding time, so the
-        # devices' rates add up to the run's; busy is the device's compute time over it
-        s.devices = [{"device": w.stats.name, "batches": w.stats.batches,
-                      "sequences": w.stats.sequences, "tokens": w.stats.tokens,
-                      "busy_seconds": w.stats.busy_seconds,
-                      "busy_fraction": min(1.0, w.stats.busy_seconds / seconds) if seconds else 0.0,
-                      "tokens_per_second": w.stats.tokens / seconds if seconds else 0.0,
-                      "oom_events": w.stats.oom_events} for w in workers]
+        s.devices = device_rows(workers, seconds)
+
+
+def device_rows(workers: list[DeviceWorker], seconds: float) -> list[dict]:
+    """The summary's row per replica. One definition of tokens/s everywhere: tokens over
+    the embedding time, so the replicas' rates add up to the run's; busy is the replica's
+    compute time over it; share is its part of the run's tokens; budget its token budget
+    at the end (on a GPU: its share of the device's memory, or less after an OOM)."""
+    total = sum(w.stats.tokens for w in workers)
+    return [{"device": w.stats.name, "batches": w.stats.batches,
+             "sequences": w.stats.sequences, "tokens": w.stats.tokens,
+             "busy_seconds": w.stats.busy_seconds,
+             "busy_fraction": min(1.0, w.stats.busy_seconds / seconds) if seconds else 0.0,
+             "tokens_per_second": w.stats.tokens / seconds if seconds else 0.0,
+             "share": w.stats.tokens / total if total else 0.0,
+             "budget_tokens": w.budget.tokens(),
+             "oom_events": w.stats.oom_events} for w in workers]
 
 
 class _EitherEvent:

@@ -58,8 +58,12 @@ class WorkerExit:
 
 
 class DeviceWorker:
+    """One replica's thread; ``name`` labels it in stats and progress (``cuda:0``, or
+    ``cuda:0#1`` for the second replica on a device)."""
+
     def __init__(self, index: int, runner: Runner, budget: TokenBudget, scheduler: Scheduler,
-                 outbox: queue.Queue, halt: threading.Event, *, depth: int = 2):
+                 outbox: queue.Queue, halt: threading.Event, *, depth: int = 2,
+                 name: str | None = None):
         self.index = index
         self.runner = runner
         self.budget = budget
@@ -67,7 +71,7 @@ class DeviceWorker:
         self.outbox = outbox
         self.halt = halt
         self.depth = max(1, depth)
-        self.stats = DeviceStats(str(runner.device))
+        self.stats = DeviceStats(name or str(runner.device))
         # joined by the engine on every path; daemon only so that a bug cannot hang the exit
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"gpuengine-device-{index}")

@@ -126,7 +126,8 @@ class EmbedJob(Job):
         return {"model": e.model, "table": e.table, "layers": list(e.layers),
                 "pools": list(e.pools), "precision": e.precision, "store_dtype": e.store_dtype,
                 "max_residues": e.max_residues, "skip_invalid": e.skip_invalid,
-                "gpus": e.devices, "max_tokens": e.max_tokens}
+                "gpus": e.devices, "max_tokens": e.max_tokens,
+                "replicas_per_gpu": e.replicas_per_gpu}
 
 
 def engine_run(summary: Any) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Iterator
 
 import numpy as np
 
-from gpuengine.config import EmbedConfig, environment
+from gpuengine.config import EmbedConfig, check_replicas_per_gpu, environment
 from gpuengine.errors import GpuEngineError, InputError, ModelLoadError, StoreMismatchError
 from gpuengine.fasta import ValidationReport, stream_valid, validate
 from gpuengine.progress import NullProgress, ProgressSink
@@ -63,6 +63,8 @@ class PredictConfig:
     precision: str | None = None
     devices: str = "auto"
     max_tokens: int | None = None
+    replicas_per_gpu: int = 1
+    """Replicas of each model per device (``--replicas-per-gpu``)."""
     keep_intermediate: bool = False
     skip_invalid: bool = False
     allow_download: bool = True
@@ -70,6 +72,7 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if self.length < 3:
             raise InputError(f"--length {self.length}: chunks must be at least 3 bp")
+        check_replicas_per_gpu(self.replicas_per_gpu)
 
     @property
     def out_dir(self) -> Path:
@@ -159,8 +162,8 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
         embed_config = EmbedConfig(
             inputs=(config.reads,), model=model, out=config.store_path, layers=layers,
             pools=("mean",), precision=config.precision, table=name, devices=config.devices,
-            max_tokens=config.max_tokens, allow_download=config.allow_download,
-            max_residues=None, env=environment())
+            max_tokens=config.max_tokens, replicas_per_gpu=config.replicas_per_gpu,
+            allow_download=config.allow_download, max_residues=None, env=environment())
         with stage(name):
             try:
                 result = run_embed(embed_config, progress, stop, records=source,
