@@ -14,7 +14,8 @@ from typing import Annotated, List, Optional
 import typer
 
 from gpuengine import __version__
-from gpuengine.cli_options import (Gpus, JsonSummary, MaxAttempts, MaxTokens, Offline, Poll,
+from gpuengine.cli_options import (GroupFiles, Gpus, JsonSummary, MaxAttempts, MaxTokens,
+                                   Offline, Poll,
                                    PollInterval, Precision, PrintJson, Quiet, QuietPeriod,
                                    ReplicasPerGpu, RetryDelay, ServeJob, ServeStore, Settle,
                                    StatusInterval, StoreDtype, StoresArgument, Verbose, Watch)
@@ -525,6 +526,7 @@ def serve(
     quiet_period: QuietPeriod = 60.0,
     max_attempts: MaxAttempts = 3,
     retry_delay: RetryDelay = 10.0,
+    group_files: GroupFiles = 256,
     status_interval: StatusInterval = 5.0,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="Warnings and errors only.")] = False,
@@ -561,7 +563,8 @@ def serve(
         config = ServeConfig(watch=watch, embed=embed_config, poll_interval=poll_interval,
                              force_poll=poll, quiet_period=quiet_period,
                              settle=settle, max_attempts=max_attempts, retry_delay=retry_delay,
-                             status_interval=status_interval, predict=predict_template)
+                             status_interval=status_interval, predict=predict_template,
+                             group_files=group_files)
     except GpuEngineError as exc:
         raise _fail(exc) from None
     raise typer.Exit(run_daemon(config, verbose=verbose, quiet=quiet))

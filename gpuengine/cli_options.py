@@ -75,5 +75,10 @@ MaxAttempts = Annotated[int, typer.Option(
 RetryDelay = Annotated[float, typer.Option(
     "--retry-delay", help="Seconds before the first retry after an error (doubles each "
     "time).")]
+GroupFiles = Annotated[int, typer.Option(
+    "--group-files", min=1,
+    help="(--job embed) Up to this many small files waiting in inbox/ are embedded in one "
+    "run, sharing batches; each still moves to done/ on its own once its vectors and job "
+    "record are committed. 1: one run per file.")]
 StatusInterval = Annotated[float, typer.Option(
     "--status-interval", help="Seconds between status.json heartbeats.")]

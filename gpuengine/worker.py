@@ -149,6 +149,22 @@ class DeviceWorker:
         self.outbox.put(BatchOutcome("ok", self.index, batch, result))
 
 
+def device_rows(workers: list[DeviceWorker], seconds: float) -> list[dict]:
+    """The summary's row per replica. One definition of tokens/s everywhere: tokens over
+    the embedding time, so the replicas' rates add up to the run's; busy is the replica's
+    compute time over it; share is its part of the run's tokens; budget its token budget
+    at the end (on a GPU: its share of the device's memory, or less after an OOM)."""
+    total = sum(w.stats.tokens for w in workers)
+    return [{"device": w.stats.name, "batches": w.stats.batches,
+             "sequences": w.stats.sequences, "tokens": w.stats.tokens,
+             "busy_seconds": w.stats.busy_seconds,
+             "busy_fraction": min(1.0, w.stats.busy_seconds / seconds) if seconds else 0.0,
+             "tokens_per_second": w.stats.tokens / seconds if seconds else 0.0,
+             "share": w.stats.tokens / total if total else 0.0,
+             "budget_tokens": w.budget.tokens(),
+             "oom_events": w.stats.oom_events} for w in workers]
+
+
 def _is_oom(exc: BaseException) -> bool:
     import torch
 

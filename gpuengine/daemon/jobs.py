@@ -74,6 +74,9 @@ class Job(ABC):
     """True when :meth:`run` commits the job record in the transaction of the file's last
     embeddings (a crash after it never runs the file again); otherwise the daemon stores it
     after the run."""
+    groups: bool = False
+    """True when small files may share one run (``validator`` and ``run_group``:
+    :mod:`gpuengine.daemon.groups`)."""
 
     @abstractmethod
     def load(self, pool: Any, progress: ProgressSink,
