@@ -203,7 +203,8 @@ class GroupRun:
             "file": self.claims[0].name, "files": [c.name for c in self.claims[:LISTED_PENDING]],
             "group": {"files": len(self.claims), "done": 0, "pending": len(self.claims)},
             "attempt": max(c.attempt for c in self.claims), "since": self.since,
-            "committed_records": 0, "total_records": None, "stage": "validating"})
+            "done_records": 0, "committed_records": 0, "total_records": None,
+            "stage": "validating"})
         with d.job.validator() as validate_one:
             for index, claim in enumerate(self.claims):
                 if d.stop.is_set():

@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -68,19 +69,24 @@ class ServeConfig:
     (``--job embed``; :mod:`gpuengine.daemon.groups`); 1: one run per file."""
 
     def __post_init__(self) -> None:
-        if self.poll_interval <= 0:
-            raise UsageError(f"--poll-interval must be positive (got {self.poll_interval})")
-        if self.settle < 0:
-            raise UsageError(f"--settle must not be negative (got {self.settle})")
+        # ``not x > 0`` rather than ``x <= 0``: NaN compares false both ways, and must fail
+        if not 0 < self.poll_interval < math.inf:
+            raise UsageError(f"--poll-interval must be a positive number of seconds (got "
+                             f"{self.poll_interval})")
+        if not 0 <= self.settle < math.inf:
+            raise UsageError(f"--settle must be a non-negative number of seconds (got "
+                             f"{self.settle})")
         if not self.quiet_period >= self.settle:  # also refuses NaN
             raise UsageError(f"--quiet-period must be at least --settle ({self.settle} s; "
                              f"got {self.quiet_period})")
         if self.max_attempts < 1:
             raise UsageError(f"--max-attempts must be at least 1 (got {self.max_attempts})")
-        if self.status_interval <= 0:
-            raise UsageError(f"--status-interval must be positive (got {self.status_interval})")
-        if self.retry_delay < 0:
-            raise UsageError(f"--retry-delay must not be negative (got {self.retry_delay})")
+        if not 0 < self.status_interval < math.inf:
+            raise UsageError(f"--status-interval must be a positive number of seconds (got "
+                             f"{self.status_interval})")
+        if not 0 <= self.retry_delay < math.inf:
+            raise UsageError(f"--retry-delay must be a non-negative number of seconds (got "
+                             f"{self.retry_delay})")
         if self.group_files < 1:
             raise UsageError(f"--group-files must be at least 1 (got {self.group_files})")
 
@@ -394,8 +400,9 @@ class Daemon:
         here (failed, set for a retry, or left in processing/ after a stop request)."""
         name = claim.name
         self.board.update(processing={"file": name, "attempt": claim.attempt,
-                                      "since": utc_now(), "committed_records": 0,
-                                      "total_records": None, "stage": "starting"})
+                                      "since": utc_now(), "done_records": 0,
+                                      "committed_records": 0, "total_records": None,
+                                      "stage": "starting"})
         try:
             summary = self.job.run(claim, self.pool, _FileProgress(self.board), self.stop)
         except InputError as exc:

@@ -146,12 +146,18 @@ def _what(current: dict[str, Any]) -> str:
             f"({group.get('done', 0)} of {group.get('files', '?')} done)")
 
 
+def _done(current: dict[str, Any]) -> int:
+    """Records with nothing left to do (as the progress bar counts them); a status file of
+    an older daemon has only ``committed_records``."""
+    return current.get("done_records", current.get("committed_records", 0))
+
+
 def status_line(data: dict[str, Any]) -> str:
     """One line for ``systemctl status`` and logs."""
     parts = [data.get("state", "?")]
     current = data.get("processing")
     if current:
-        parts.append(f"embedding {_what(current)} ({current.get('committed_records', 0)}"
+        parts.append(f"embedding {_what(current)} ({_done(current)}"
                      f"/{current.get('total_records', '?')} records)")
     parts.append(f"queue {data.get('queue', 0)}")
     parts.append(f"{data.get('files_done', 0)} done, {data.get('files_failed', 0)} failed")
@@ -176,7 +182,14 @@ class _FileProgress(ProgressSink):
         self.board.update_processing(total_records=total_records, stage="embedding")
 
     def update(self, snapshot: ProgressSnapshot) -> None:
-        self.board.update_processing(committed_records=snapshot.committed_records,
+        """Counted as the progress bar counts (:class:`~gpuengine.display.RichProgress`):
+        ``done_records`` (stored before, committed now or failed) of ``total_records`` (every
+        valid record), so a resumed file starts where the stopped run left it and a finished
+        one ends at total/total; ``committed_records`` is this run's part of it."""
+        self.board.update_processing(done_records=snapshot.done_records,
+                                     committed_records=snapshot.committed_records,
+                                     stored_records=snapshot.stored_records,
+                                     failed_records=snapshot.failed_records,
                                      total_records=snapshot.total_records)
 
 
@@ -245,8 +258,8 @@ def format_status(data: dict[str, Any], verdict: str) -> str:
                  + (f", {len(data['retrying'])} to retry" if data.get("retrying") else ""))
     current = data.get("processing")
     if current:
-        lines.append(f"  embedding  {_what(current)}: {current.get('committed_records', 0)} "
-                     f"of {current.get('total_records', '?')} records (attempt "
+        lines.append(f"  embedding  {_what(current)}: {_done(current)} "
+                     f"of {current.get('total_records', '?')} records done (attempt "
                      f"{current.get('attempt')}, {current.get('stage')})")
     lines.append(f"  files      {data.get('files_done', 0)} done, {data.get('files_failed', 0)} "
                  "failed since the start")
