@@ -36,7 +36,8 @@ def tool(monkeypatch):
 
 def test_every_script_is_listed():
     assert {"bench_common", "bench_dnabert", "bench_esm", "bench_host_dna", "bench_kernels", "bench_merge",
-            "bench_predict", "make_checkpoint", "plot_benchmarks", "pyspy_summary"} == set(SCRIPTS)
+            "bench_predict", "bench_replicas", "bench_serve", "make_checkpoint", "plot_benchmarks",
+            "pyspy_summary"} == set(SCRIPTS)
 
 
 @pytest.mark.parametrize("name", [s for s in SCRIPTS if s != "bench_common"])
