@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from gpuengine.config import EmbedConfig
-from gpuengine.daemon import Daemon, ServeConfig
+from gpuengine.daemon import Daemon, ServeConfig, is_ignored
 from test_daemon import Served, fasta_bytes, store_counts, store_ids
 
 
@@ -53,7 +53,10 @@ def _job(daemon: Daemon, name: str) -> dict:
 
 
 def _done_files(directory: Path) -> list[str]:
-    return sorted(n for n in os.listdir(directory) if not n.endswith(".job.json"))
+    """The files in ``directory`` (not their job records, nor a temporary file a killed daemon
+    left behind, which the next start removes or ignores)."""
+    return sorted(n for n in os.listdir(directory)
+                  if not n.endswith(".job.json") and not is_ignored(n))
 
 
 def test_small_files_share_one_run_and_a_bad_one_fails_alone(tiny_pt, tmp_path):
@@ -130,10 +133,11 @@ def test_sigkill_while_files_share_batches_then_restart(tiny_pt, tmp_path):
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
     finally:
         first.close()
-    before = {n: (done / n).read_bytes() for n in os.listdir(done) if n.endswith(".job.json")}
     left = os.listdir(watch / "processing")
+    moved = [n for n in os.listdir(done) if not n.endswith(".job.json") and not is_ignored(n)]
+    before = {n: (done / f"{n}.job.json").read_bytes() for n in moved}  # written before the move
     assert len(left) > 10, f"only {left} were left at the kill: few files shared batches then"
-    assert len(before) + len(left) == N_FILES, (sorted(before), left)
+    assert sorted(moved + left) == sorted(files), (sorted(moved), left)
     second = Served(tmp_path, tiny_pt, "--max-tokens", "256", log="second")
     try:
         second.wait_for(lambda: all(second.in_done(n) for n in files),
@@ -143,8 +147,9 @@ def test_sigkill_while_files_share_batches_then_restart(tiny_pt, tmp_path):
         second.close()
     assert _done_files(done) == sorted(files)  # each once (no "name (1)" copies)
     assert not os.listdir(watch / "processing") and not os.listdir(watch / "failed")
+    assert not [n for n in os.listdir(done) if n.endswith(".tmp")]  # the restart removed them
     for name, record in before.items():  # finished before the kill: not run again
-        assert (done / name).read_bytes() == record
+        assert (done / f"{name}.job.json").read_bytes() == record
     shared = {json.loads((done / f"{n}.job.json").read_text())["engine_run"]["run_id"]
               for n in files}
     assert len(shared) <= 3, f"the files did not share runs: {len(shared)} runs"
@@ -157,3 +162,30 @@ def test_sigkill_while_files_share_batches_then_restart(tiny_pt, tmp_path):
         job = json.loads((done / f"{name}.job.json").read_text())
         counts = job["counts"]
         assert counts["committed_records"] + counts["already_stored"] == PER_FILE, (name, job)
+
+
+def test_a_pinned_lookup_answers_as_the_plain_one(tmp_path):
+    """The group's validation asks the store about every record from one read transaction
+    (:meth:`TableLookup.pinned`): the same answers as a transaction each."""
+    import numpy as np
+
+    from gpuengine.records import FastaRecord
+    from gpuengine.store import CommitEntry, ModelIdentity, OutputSpec, StoreWriter, TableSpec
+    from gpuengine.store.codec import sequence_digest
+
+    model = ModelIdentity(family="esm2", name="m", sha256="ab" * 32, num_layers=2,
+                          embed_dim=4, attention_heads=2, vocab_size=33)
+    spec = TableSpec(name="default", model=model, outputs=(OutputSpec(2, "mean"),),
+                     store_dtype="float32", dim=4, max_residues=None)
+    with StoreWriter(tmp_path / "s.lmdb") as writer:
+        writer.open_table(spec)
+        writer.commit("default", [CommitEntry(sequence_digest("MKV"), ("a",),
+                                              {spec.outputs[0]: np.ones(4, np.float32)})])
+        plain = writer.lookup("default")
+        records = [FastaRecord("a", "MKV", "x.fa", 2, 0), FastaRecord("a", "MKW", "x.fa", 4, 1),
+                   FastaRecord("b", "MKV", "x.fa", 6, 2)]
+        expected = [plain.conflict(r) for r in records]
+        with writer.lookup("default").pinned() as pinned:
+            assert [pinned.conflict(r) for r in records] == expected
+            assert pinned.record_digests(["a", "b"]) == plain.record_digests(["a", "b"])
+    assert [p is None for p in expected] == [True, False, True]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,14 +108,34 @@ class JobBook:
 
     def __init__(self, store: Path):
         self.store = Path(store)
+        self._open: Any = None
+        """The store while :meth:`reading` holds it open."""
 
     def get(self, key: str) -> dict[str, Any] | None:
+        if self._open is not None:
+            return self._open.run_record(key)
         if not (self.store / "data.mdb").exists():
             return None
         from gpuengine.store.writer import StoreWriter
 
         with StoreWriter(self.store) as writer:
             return writer.run_record(key)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Keep the store open for the :meth:`get` calls of the block (a group of files
+        asks once per file; opening the store for each costs more than the question)."""
+        if self._open is not None or not (self.store / "data.mdb").exists():
+            yield
+            return
+        from gpuengine.store.writer import StoreWriter
+
+        with StoreWriter(self.store) as writer:
+            self._open = writer
+            try:
+                yield
+            finally:
+                self._open = None
 
     @staticmethod
     def run_record(key: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -98,8 +98,8 @@ class EmbedJob(Job):
         from gpuengine.store.writer import StoreWriter
 
         alphabet = family(self.table_spec.model.family).alphabet
-        with StoreWriter(self.config.out) as writer:
-            lookup = writer.lookup(self.config.table)
+        with StoreWriter(self.config.out) as writer, \
+                writer.lookup(self.config.table).pinned() as lookup:  # one read transaction
             yield lambda claim: validate_member(claim, alphabet, self.config.skip_invalid,
                                                 lookup)
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +147,47 @@ def combined_source(files: list[GroupFile]):
 # ----------------------------------------------------------------------------- daemon side
 
 
+class Finisher:
+    """Moves the files of group runs to ``done/`` on a thread of its own.
+
+    A file handed here has its job record durable in the store already; what is left (the
+    job record beside it in done/, fsynced, then the rename, the status, the log line) is
+    bookkeeping that should hold up neither the engine loop nor the next group: with
+    thousands of small files, one fsync each on the loop thread would leave the GPU idle.
+    The daemon drains it before it exits; a file it had not moved when the process died
+    stays in processing/, and the next start finishes it from its job record, without a run.
+    """
+
+    def __init__(self, finish) -> None:
+        self._finish = finish
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def put(self, claim: Claim, summary: Any, record: dict) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gpuengine-finisher",
+                                            daemon=True)  # joined by drain()
+            self._thread.start()
+        self._queue.put((claim, summary, record))
+
+    def drain(self) -> None:
+        """Wait until every file handed in is moved (or its error logged)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            claim = item[0]
+            try:
+                self._finish(*item)
+            except Exception as exc:  # it stays in processing/; the next start finishes it
+                log.error("%s: its job is committed, but moving it to done/ failed (%s: %s); "
+                          "it stays in processing/ and is moved at the next start", claim.name,
+                          type(exc).__name__, exc)
+
+
 class GroupRun:
     """One group of claimed files through the daemon's rules (see the module docstring)."""
 
@@ -178,21 +221,22 @@ class GroupRun:
     def _claims(self) -> None:
         """Hash each file; settle the ones needing no run; count the others' attempts."""
         d, keys, todo = self.daemon, set(), []
-        for name in self.names:
-            if d.stop.is_set():
-                return  # the rest stay in processing/ for the next start
-            d.retry_at.pop(name, None)
-            sha256 = d._hash(name)
-            if sha256 is None:
-                continue
-            key = d.job_key(sha256)
-            if d._settled_without_run(name, sha256, key):
-                continue
-            if key in keys:
-                self.later.append(name)
-                continue
-            keys.add(key)
-            todo.append((name, sha256, key))
+        with d.jobs.reading():
+            for name in self.names:
+                if d.stop.is_set():
+                    return  # the rest stay in processing/ for the next start
+                d.retry_at.pop(name, None)
+                sha256 = d._hash(name)
+                if sha256 is None:
+                    continue
+                key = d.job_key(sha256)
+                if d._settled_without_run(name, sha256, key):
+                    continue
+                if key in keys:
+                    self.later.append(name)
+                    continue
+                keys.add(key)
+                todo.append((name, sha256, key))
         attempts = d.attempts.begin_many([(name, sha256) for name, sha256, _ in todo])
         self.claims = [Claim(name, d.processing / name, sha256, key, attempt, self.started)
                        for (name, sha256, key), attempt in zip(todo, attempts)]
@@ -263,10 +307,11 @@ class GroupRun:
                 self.later.extend(pending)
 
     def _finished(self, claim: Claim, summary: Any, record: dict) -> None:
-        """A file's job record is durable: to done/ (the run goes on with the others)."""
+        """A file's job record is durable: to done/ by the daemon's :class:`Finisher` (the
+        run goes on with the others)."""
         self.pending.pop(claim.name, None)
-        self.daemon._finish_with_record(claim, summary, record, clear_attempts=False)
         self.done.append(claim.name)
+        self.daemon.finisher.put(claim, summary, record)
         self._show("embedding")
 
     def _show(self, stage: str) -> None:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ from gpuengine.daemon.constants import ATTEMPTS_FILE, ERROR_SUFFIX, FOLDERS, JOB
 from gpuengine.daemon.files import atomic_write_json, error_record, file_sha256, free_name, is_ignored, marker_name, utc_now
 from gpuengine.daemon.embed_job import EmbedJob, RunFunction
 from gpuengine.daemon.events import Waker
-from gpuengine.daemon.groups import GROUP_MAX_BYTES, GroupRun, groupable, take_group
+from gpuengine.daemon.groups import GROUP_MAX_BYTES, Finisher, GroupRun, groupable, take_group
 from gpuengine.daemon.inbox import InboxWatcher
 from gpuengine.daemon.books import AttemptBook, JobBook
 from gpuengine.daemon.jobs import Claim, Job, versions
@@ -136,6 +137,9 @@ class Daemon:
         self.retry_at: dict[str, float] = {}
         self._lock_fd: int | None = None
         self._busy: set[str] = set()
+        self.finisher = Finisher(functools.partial(self._finish_with_record,
+                                                   clear_attempts=False))
+        """Moves the files of group runs to done/ (:class:`~gpuengine.daemon.groups.Finisher`)."""
 
     # -- whole life ----------------------------------------------------------------------
 
@@ -168,6 +172,7 @@ class Daemon:
                                           "message": f"{type(exc).__name__}: {exc}"})
             code = EXIT_ERROR
         finally:
+            self.finisher.drain()
             if self.waker is not None:
                 self.waker.close()
             if self._lock_fd is not None:  # never overwrite the status of another daemon
@@ -215,8 +220,9 @@ class Daemon:
                                  "on one filesystem (files move between them by rename)")
         for leftover in self.dir.glob(WARMUP_PREFIX + "*"):
             shutil.rmtree(leftover, ignore_errors=True)
-        for leftover in self.dir.glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
+        for folder in (self.dir, self.done, self.failed):  # a write cut short by a kill
+            for leftover in folder.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
         self.attempts.keep_only({n for n in os.listdir(self.processing) if not is_ignored(n)})
 
     def _lock(self) -> None:
@@ -262,6 +268,7 @@ class Daemon:
             group = take_group(names, self._group_limit(), self._shareable)
             names = names[len(group):]
             self.process_many(group)
+        self.finisher.drain()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -282,6 +289,7 @@ class Daemon:
                 self.process_many(claimed)  # then poll again: retries and fresher state first
             else:
                 self.waker.wait(self.config.poll_interval, self.stop)
+        self.finisher.drain()
 
     def _group_limit(self) -> int:
         return self.config.group_files if getattr(self.job, "groups", False) else 1
