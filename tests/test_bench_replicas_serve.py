@@ -30,7 +30,8 @@ def test_bench_replicas_quick(monkeypatch, tmp_path):
           "--sequences", "150", "--out", str(out), "--workdir", str(tmp_path / "w"))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["system"], r["replicas_per_gpu"]) for r in rows] == [
-        ("gpuengine-e2e", 1), ("gpuengine", 1), ("gpuengine-e2e", 2), ("gpuengine", 2)]
+        ("gpuengine-replicas-e2e", 1), ("gpuengine-replicas", 1),
+        ("gpuengine-replicas-e2e", 2), ("gpuengine-replicas", 2)]
     for row in rows:
         assert row["model"] == "esm2-8M" and row["workload"] == "virnucpro150"
         assert row["sequences"] == 150 and row["sequences_per_s"] > 0

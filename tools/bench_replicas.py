@@ -7,10 +7,10 @@
 
 For each model and R, two rows (``replicas_per_gpu`` = R):
 
-``gpuengine-e2e``
+``gpuengine-replicas-e2e``
     ``gpuengine embed --replicas-per-gpu R`` in-process: FASTA → validate → plan → R replicas
     → LMDB commit, into a fresh store on the work directory's disk; what a user sees.
-``gpuengine``
+``gpuengine-replicas``
     the same R replicas (the engine's own, kept in a :class:`~gpuengine.replicas.ReplicaPool`
     by the e2e run: shared weights, memory shares, warmed up) fed pre-tokenized items by one
     scheduler, no input parsing or store: what R changes on the GPU itself.
@@ -188,7 +188,7 @@ def bench_model(name: str, args, log: ResultsLog) -> list[dict]:
     count = args.sequences or (quick_count if args.quick else count)
     model = model_path(name, args.workdir, args.quick)
     fasta, seqs = workload(workload_name, count, args.workdir)
-    items = work_items(model, seqs) if "gpuengine" in args.systems else []
+    items = work_items(model, seqs) if "gpuengine-replicas" in args.systems else []
     devices = "cpu" if args.quick else "0"
     rows, base = [], {}
     for replicas in args.replicas:
@@ -197,18 +197,18 @@ def bench_model(name: str, args, log: ResultsLog) -> list[dict]:
         common = dict(model=name, workload=workload_name, replicas_per_gpu=replicas,
                       precision=precision)
         try:
-            if "gpuengine-e2e" in args.systems:
+            if "gpuengine-replicas-e2e" in args.systems:
                 rate = _rates(summary.tokens, summary.residues, summary.embedded,
                               summary.embed_seconds)
-                rows.append(_emit(log, base, common, "gpuengine-e2e", rate,
+                rows.append(_emit(log, base, common, "gpuengine-replicas-e2e", rate,
                                   wall_s=summary.wall_seconds, devices=summary.devices,
                                   exit_code=summary.exit_code))
-            if "gpuengine" in args.systems:
+            if "gpuengine-replicas" in args.systems:
                 for _ in range(args.repeats):
                     result = drive_replicas(pool, items)
                     rate = _rates(result["tokens"], result["residues"], result["sequences"],
                                   result["seconds"])
-                    rows.append(_emit(log, base, common, "gpuengine", rate,
+                    rows.append(_emit(log, base, common, "gpuengine-replicas", rate,
                                       devices=result["devices"]))
         finally:
             pool.clear()
@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS),
                     help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--replicas", default="1,2,4", help="R values (the first is the baseline)")
-    ap.add_argument("--systems", default="gpuengine-e2e,gpuengine")
+    ap.add_argument("--systems", default="gpuengine-replicas-e2e,gpuengine-replicas")
     ap.add_argument("--sequences", type=int, default=None,
                     help="sequences per model (default: a few seconds' worth on one H200)")
     ap.add_argument("--repeats", type=int, default=1, help="device-only passes per R")
