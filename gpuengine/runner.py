@@ -1,15 +1,16 @@
 """One model replica on one device: stage → launch → finish.
 
 The runner knows nothing about scheduling or stores. A batch goes through three calls, which
-the device worker spreads over two threads so that host work overlaps the GPU:
+the device worker's one thread interleaves over the batches in flight (it stages and launches
+batch k + 1 before it finishes batch k) so that host work overlaps the GPU:
 
-1. :meth:`Runner.stage` (prefetch thread) packs the items' token ids into a pinned host buffer
+1. :meth:`Runner.stage` packs the items' token ids into a pinned host buffer
    (PyTorch's caching host allocator reuses the blocks) and copies ids and lengths to the
    device on the *copy stream*, recording an event.
-2. :meth:`Runner.launch` (compute thread) makes the *compute stream* wait for that event, runs
+2. :meth:`Runner.launch` makes the *compute stream* wait for that event, runs
    the forward, pools in fp32, checks finiteness, and starts asynchronous copies of the pooled
    vectors into pinned host memory, bracketed by timing events. It returns at once.
-3. :meth:`Runner.finish` (any thread) waits for that batch's event only — never a device-wide
+3. :meth:`Runner.finish` waits for that batch's event only — never a device-wide
    sync — and copies the vectors out per item.
 
 On the CPU the same calls run synchronously. :meth:`Runner.embed` chains all three.

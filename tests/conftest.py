@@ -1,10 +1,31 @@
-"""Shared fixtures: tiny random-weight checkpoints in the official formats, and fair-esm's own
-model loaded from them as the reference."""
+"""Shared fixtures and helpers: tiny random-weight checkpoints in the official formats, fair-esm's
+own model loaded from them as the reference, random proteins, FASTA files and the fp32 parity
+check (``assert_close``, tolerance ``TOL``).
+
+Helpers shared by several test modules live here or in a helper module named for what it holds
+(test modules never import each other); conftest exposes their fixtures:
+
+* ``cli_runs.py``: ``gpuengine`` commands run in process (``cli``, ``embed``, ``fails``), the
+  standard six-protein input and ``snapshot`` of a store (fixtures ``reference``,
+  ``standard_store``);
+* ``embed_processes.py``: real ``gpuengine embed`` processes started, killed, interrupted and
+  rerun to completion (fixture ``resume_workload``);
+* ``dnabert_s_reference.py``: an independent reading of the DNABERT-S authors' model;
+* ``virnucpro_files.py``: VirNucPro's classifier file as its training script saves it, reads and
+  its prediction files;
+* ``scheduler_sim.py``: simulated devices around the scheduler on a virtual clock;
+* ``store_shards.py``: stores written and split into shards for the merge tests;
+* ``slurm_cluster.py``: a real SLURM (fixture ``slurm``).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import random
+import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -112,3 +133,135 @@ def embed_in_batches(runner, items, outputs, budget: int) -> dict:
                 results[o].extend(out.vectors[o])
         batch = [item] if item is not None else []
     return results
+
+
+TOL = 1e-5
+"""fp32 parity with the reference implementations: max |ours - reference| on every value."""
+
+
+def max_diff(a, b) -> float:
+    """max |a - b| in float64 (0 for empty arrays); the shapes must agree."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max()) if a.size else 0.0
+
+
+def assert_close(ours, ref, what: str, tol: float = TOL) -> None:
+    """Every value of ``ours`` within ``tol`` of ``ref``; on failure the first values of both."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
+    diff = max_diff(ours, ref)
+    assert diff <= tol, (f"{what}: max |diff| {diff:.3g} > {tol}\n ours {ours.ravel()[:6]}\n"
+                         f"  ref {ref.ravel()[:6]}")
+
+
+def embed_esm2_with_runner(model, sequences, outputs, budget: int = 4096) -> dict:
+    """``sequences`` through a fp32 CPU :class:`~gpuengine.runner.Runner` of the packed ESM-2
+    ``model`` (fair-esm's truncation at 1022), packed by :func:`embed_in_batches`."""
+    from gpuengine.packing import WorkItem
+    from gpuengine.pooling import PoolingRule
+    from gpuengine.runner import Runner
+    from gpuengine.store.codec import sequence_digest
+    from gpuengine.tokenization import EsmTokenizer
+
+    tok = EsmTokenizer()
+    items = [WorkItem(sequence_digest(s), tok.encode(s, 1022), min(len(s), 1022))
+             for s in sequences]
+    runner = Runner(model, torch.device("cpu"), "fp32", outputs, PoolingRule(1, 1))
+    return embed_in_batches(runner, items, outputs, budget)
+
+
+def make_item(tag: str, n_tokens: int):
+    """A :class:`~gpuengine.packing.WorkItem` of ``n_tokens`` zero tokens, its digest made of
+    ``tag`` (for the scheduler, the worker and the engine without a model)."""
+    from gpuengine.packing import WorkItem
+
+    digest = hashlib.blake2b(tag.encode(), digest_size=16).digest()
+    return WorkItem(digest, np.zeros(n_tokens, dtype=np.int32), max(0, n_tokens - 2))
+
+
+def digests(items) -> tuple[bytes, ...]:
+    return tuple(item.digest for item in items)
+
+
+def cost_of(items, padded: bool = False) -> int:
+    """What a batch of ``items`` costs against a token budget (padded: n x longest)."""
+    from gpuengine.packing import batch_cost
+
+    return batch_cost(len(items), sum(i.n_tokens for i in items), max(i.n_tokens for i in items),
+                      padded)
+
+
+def datagram_socket(address: str) -> socket.socket:
+    """A bound AF_UNIX datagram socket at a path or, for ``@name``, in the abstract namespace
+    (where systemd's NOTIFY_SOCKET points)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + address[1:] if address.startswith("@") else address)
+    sock.settimeout(5)
+    return sock
+
+
+def rename_without_evidence(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target`` the way a writer that renames in the same clock tick as
+    its last write looks to the daemon: ctime not later than mtime, mtime not older than the
+    previous poll (here: mtime set a minute ahead, as NFS clock skew does too)."""
+    ahead = time.time_ns() + 60 * 10**9
+    os.utime(source, ns=(ahead, ahead))
+    os.replace(source, target)
+    st = target.stat()
+    assert st.st_ctime_ns <= st.st_mtime_ns  # the daemon's rename evidence is absent
+
+
+# ----------------------------------------------------------------------------- shared fixtures
+
+
+@pytest.fixture
+def no_model_build(monkeypatch):
+    """Records every model build (the packed ESM-2 replica), which input errors must precede."""
+    import gpuengine.models.esm2_weights as weights
+
+    calls = []
+    real = weights.build_esm2
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(weights, "build_esm2", spy)
+    return calls
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_pt):
+    """fair-esm's outputs of the standard input (``cli_runs.SEQS``) at every layer of
+    ``tiny_pt`` (truncation 1022): {layer: {'mean', 'bos', 'per-token'}}."""
+    from cli_runs import LAST, SEQS
+
+    return fair_esm_reference(tiny_pt, SEQS, list(range(LAST + 1)))
+
+
+@pytest.fixture(scope="session")
+def standard_store(tiny_pt, tmp_path_factory) -> dict:
+    """The standard input embedded once by ``gpuengine embed`` with default options:
+    {'path', 'fasta', 'summary', 'stderr'}. Read-only: a test that writes copies it first."""
+    from cli_runs import embed_standard_input
+
+    return embed_standard_input(tiny_pt, tmp_path_factory.mktemp("standard-store"))
+
+
+@pytest.fixture(scope="session")
+def resume_workload(tiny_pt, tmp_path_factory) -> dict:
+    """The input of the kill-and-resume tests and every id's vector from one uninterrupted
+    run: {'fasta', 'ids', 'vectors'} (see ``embed_processes``)."""
+    from embed_processes import make_workload
+
+    return make_workload(tiny_pt, tmp_path_factory.mktemp("resume"))
+
+
+@pytest.fixture(scope="session")
+def predict_models(tmp_path_factory):
+    """The tiny ``gpuengine predict`` models: (esm, dna, mlp, mlp_path), see
+    ``virnucpro_files.write_predict_models``. Read-only."""
+    from virnucpro_files import write_predict_models
+
+    return write_predict_models(tmp_path_factory.mktemp("predict-models"))

@@ -151,7 +151,7 @@ def test_ctrl_c_in_a_notebook_drains_commits_and_raises(tiny_pt, tmp_path):
     import time
     from pathlib import Path
 
-    from test_predict import _committed
+    from embed_processes import committed_in_another_process
 
     store = tmp_path / "s.lmdb"
     tests = str(Path(__file__).parent)
@@ -161,14 +161,14 @@ def test_ctrl_c_in_a_notebook_drains_commits_and_raises(tiny_pt, tmp_path):
     child = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and child.poll() is None:
-        if _committed(store, "default") > 0:
+        if committed_in_another_process(store, "default") > 0:
             break
         time.sleep(0.05)
     assert child.poll() is None, "the run ended before it could be interrupted"
     child.send_signal(signal.SIGINT)
     out, _ = child.communicate(timeout=120)
     assert child.returncode == 0 and out.startswith("INTERRUPTED"), out
-    kept = _committed(store, "default")
+    kept = committed_in_another_process(store, "default")
     assert 0 < kept < 3000
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.stdout.startswith("COMPLETED (3000, 64)"), rerun.stdout + rerun.stderr

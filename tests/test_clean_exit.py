@@ -140,6 +140,7 @@ def _slow_worker_exit(seconds: float):
     return run
 
 
+@pytest.mark.slow
 def test_run_embed_waits_for_a_worker_still_inside_torch(fasta, tiny_pt, tmp_path, leftovers,
                                                          monkeypatch):
     from gpuengine.engine import run_embed
@@ -168,6 +169,7 @@ def _env() -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
+@pytest.mark.slow
 def test_cli_exits_0_when_a_worker_is_still_inside_torch_at_the_end(fasta, tiny_pt, tmp_path):
     """Before the engine joined its workers this aborted every time (exit 134)."""
     script = INJECTED.format(tests=str(ROOT / "tests"))

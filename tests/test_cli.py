@@ -3,133 +3,36 @@
 Every run goes through typer's CliRunner (in process, stdout and stderr captured apart) and the
 stored vectors are compared with fair-esm's own forward (max |diff| <= 1e-5 at fp32).
 
-Helpers here (``cli``, ``embed``, ``snapshot``, ...) are imported by test_engine.py and
-test_resume.py.
+The helpers (``cli``, ``embed``, ``fails``, ``snapshot``, the standard input) are in
+cli_runs.py; what ``embed`` does with bad input (records, files, ``--skip-invalid``) is in
+test_cli_inputs.py; every command's user errors, as real processes, in
+test_cli_user_errors.py.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
 import shutil
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from conftest import TINY, fair_esm_reference, isolated_cache, random_proteins, write_fasta
+from cli_runs import (DIM, IDS, LAST, SEQS, cli, embed, fails, info_outputs, snapshot,
+                      standard_fasta)
+from conftest import TINY, assert_close, fair_esm_reference, max_diff, write_fasta
 from gpuengine import EmbeddingStore, __version__
-from gpuengine.cli import app
 from gpuengine.synthetic import write_fair_esm_checkpoint
 
-TOL = 1e-5
-LAST = TINY[0]  # the tiny model's last layer
-DIM = TINY[1]
-
-# The standard input: ids with a description, a '|'-id, a non-ASCII id; lengths 5..300.
-IDS = ["P1", "sp|Q2|X_HUMAN", "Ä-unicode-id", "P4", "P5", "P6"]
-SEQS = random_proteins([5, 17, 40, 64, 120, 300], seed=7)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def cli(*args):
-    """Invoke the CLI in process. An exception the CLI did not turn into an exit code fails
-    the test with its traceback (CliRunner would otherwise report it as exit code 1)."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        tb = "".join(traceback.format_exception(*result.exc_info))
-        raise AssertionError(f"gpuengine {' '.join(map(str, args))} raised instead of exiting "
-                             f"with a code:\n{tb}\nstderr:\n{result.stderr}")
-    return result
-
-
-def embed(inputs, model, out, *extra, code: int = 0):
-    """``gpuengine embed ... --json``; returns the JSON summary (exit 0/3/130) or the result."""
-    inputs = inputs if isinstance(inputs, (list, tuple)) else [inputs]
-    result = cli("embed", *inputs, "--model", model, "--out", out, "--json", *extra)
-    assert result.exit_code == code, (f"exit {result.exit_code}, wanted {code}\n"
-                                      f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
-    if code in (0, 3, 130):
-        return json.loads(result.stdout)
-    assert result.stdout == "", "an error run must not print data on stdout"
-    return result
-
-
-def fails(inputs, model, out, *extra, code: int = 1) -> str:
-    """Run embed expecting an error exit; returns stderr."""
-    return embed(inputs, model, out, *extra, code=code).stderr
-
-
-def max_diff(a, b) -> float:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.abs(a - b).max()) if a.size else 0.0
-
-
-def assert_close(ours, ref, what: str, tol: float = TOL) -> None:
-    diff = max_diff(ours, ref)
-    assert diff <= tol, f"{what}: max |diff| {diff:.3g} > {tol}"
-
-
-def standard_fasta(path: Path, ids=IDS, seqs=SEQS) -> Path:
-    return write_fasta(path, [(f"{rid} some description {i}", s)
-                              for i, (rid, s) in enumerate(zip(ids, seqs))])
-
-
-def snapshot(path: Path) -> dict:
-    """Everything a user can read from a store: tables with specs and counts, runs, vectors."""
-    with EmbeddingStore(path) as store:
-        tables = store.info()["tables"]
-        runs = store.runs()
-    vectors = {}
-    for name, table in tables.items():
-        for output in table["spec"]["outputs"]:
-            with EmbeddingStore(path, table=name, layer=output["layer"],
-                                pool=output["pool"]) as view:
-                vectors[(name, output["layer"], output["pool"])] = {
-                    rid: array.tobytes() for rid, array in view.items()}
-    return {"tables": tables, "runs": runs, "vectors": vectors}
+# ----------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture
-def no_model_build(monkeypatch):
-    """Records every model build (the packed ESM-2 replica), which input errors must precede."""
-    import gpuengine.models.esm2_weights as weights
-
-    calls = []
-    real = weights.build_esm2
-
-    def spy(*args, **kwargs):
-        calls.append(args)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(weights, "build_esm2", spy)
-    return calls
-
-
-@pytest.fixture(scope="session")
-def reference(tiny_pt):
-    """fair-esm's outputs of SEQS at every layer of the tiny model (truncation 1022)."""
-    return fair_esm_reference(tiny_pt, SEQS, list(range(LAST + 1)))
-
-
-@pytest.fixture(scope="module")
-def store(tiny_pt, tmp_path_factory):
+def store(standard_store):
     """The standard input embedded once with default options (read-only for the tests)."""
-    base = tmp_path_factory.mktemp("cli-store")
-    with isolated_cache(base / "cache"):
-        fasta = standard_fasta(base / "proteins.fa")
-        result = cli("embed", fasta, "-m", tiny_pt, "-o", base / "store.lmdb", "--json")
-    assert result.exit_code == 0, result.stderr
-    summary = json.loads(result.stdout)
-    return {"path": base / "store.lmdb", "fasta": fasta, "summary": summary,
-            "stderr": result.stderr}
+    return standard_store
 
 
 # ----------------------------------------------------------------------------- basics
@@ -276,22 +179,6 @@ def test_info_json(store, tiny_pt):
     assert data["file_size"] > 0 and data["map_size"] >= data["file_size"]
 
 
-def info_outputs(text: str) -> list[list[str]]:
-    """The items listed under ``outputs:`` in ``gpuengine info``'s text, as lists of lines."""
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.strip() == "outputs:")
-    base = len(lines[start]) - len(lines[start].lstrip())
-    items: list[list[str]] = []
-    for line in lines[start + 1:]:
-        if len(line) - len(line.lstrip()) <= base:
-            break
-        if line.strip().startswith("- "):
-            items.append([line.strip()[2:]])
-        else:
-            items[-1].append(line.strip())
-    return items
-
-
 def test_info_text(store):
     result = cli("info", store["path"])
     assert result.exit_code == 0, result.stderr
@@ -359,238 +246,6 @@ def test_export_unknown_format_is_a_usage_error(store, tmp_path):
     assert not (tmp_path / "x.csv").exists()
 
 
-# ----------------------------------------------------------------------------- input rules
-
-# name: (files as {file name: text}, substrings the message must hold ({f} = path of a.fa,
-# {g} = path of b.fa), records skipped by --skip-invalid)
-BAD_RECORDS = {
-    "invalid-character": (
-        {"a.fa": ">ok\nACDE\n>bad1 text\nACDEF\nAC1E\n"},
-        ["{f}:5:3", "'bad1'", "invalid-character", "'1'"], {"bad1"}),
-    "empty-record": (
-        {"a.fa": ">e1 nothing here\n>ok\nACDE\n"},
-        ["{f}:1", "'e1'", "empty-sequence"], {"e1"}),
-    "empty-id": (
-        {"a.fa": ">ok\nACDE\n>\nACDEF\n"},
-        ["{f}:3", "<empty id>", "empty-id"], {""}),
-    "two-sequences-one-id": (
-        {"a.fa": ">d\nACDE\n>ok\nACDE\n>d\nACDEF\n"},
-        ["{f}:5", "'d'", "conflicting-duplicate", "first given at {f}:1"], {"d"}),
-    "two-sequences-one-id-two-files": (
-        {"a.fa": ">d\nACDE\n>ok\nACDE\n", "b.fa": ">x\nKKK\n>d\nACDEF\n"},
-        ["{g}:3", "'d'", "conflicting-duplicate", "first given at {f}:1"], {"d"}),
-}
-
-
-def write_inputs(tmp_path: Path, files: dict[str, str]) -> list[Path]:
-    paths = []
-    for name, text in files.items():
-        (tmp_path / name).write_text(text)
-        paths.append(tmp_path / name)
-    return paths
-
-
-def fill(parts, tmp_path):
-    return [p.format(f=tmp_path / "a.fa", g=tmp_path / "b.fa") for p in parts]
-
-
-@pytest.mark.parametrize("case", list(BAD_RECORDS))
-def test_bad_record_stops_before_the_model_loads(tiny_pt, tmp_path, case, no_model_build):
-    files, parts, _ = BAD_RECORDS[case]
-    inputs = write_inputs(tmp_path, files)
-    err = fails(inputs, tiny_pt, tmp_path / "s.lmdb")
-    for part in fill(parts, tmp_path):
-        assert part in err, f"{part!r} not in the message:\n{err}"
-    assert "--skip-invalid" in err
-    assert no_model_build == [], "a model was built before the input was rejected"
-    assert not (tmp_path / "s.lmdb").exists(), "a failed first run left a store behind"
-
-
-@pytest.mark.parametrize("case", list(BAD_RECORDS))
-def test_bad_record_leaves_an_existing_store_unchanged(tiny_pt, tmp_path, case, store):
-    out = tmp_path / "s.lmdb"
-    shutil.copytree(store["path"], out)
-    before = snapshot(out)
-    files, parts, _ = BAD_RECORDS[case]
-    err = fails(write_inputs(tmp_path, files), tiny_pt, out)
-    assert fill(parts, tmp_path)[0] in err
-    assert snapshot(out) == before
-
-
-@pytest.mark.parametrize("case", list(BAD_RECORDS))
-def test_skip_invalid_skips_and_counts(tiny_pt, tmp_path, case, no_model_build):
-    files, _, skipped = BAD_RECORDS[case]
-    inputs = write_inputs(tmp_path, files)
-    summary = embed(inputs, tiny_pt, tmp_path / "s.lmdb", "--skip-invalid")
-    assert summary["invalid_skipped"] >= 1
-    with EmbeddingStore(tmp_path / "s.lmdb") as emb:
-        stored = set(emb)
-    assert stored and not stored & skipped
-    assert summary["committed_records"] == len(stored) == summary["valid_records"]
-    assert "ok" in stored
-
-
-def test_skip_invalid_counts_every_kind(tiny_pt, tmp_path, reference):
-    text = (">bad1\nAC1E\n"
-            ">empty\n"
-            ">\nACDE\n"
-            ">sp|Q2|X_HUMAN\n" + SEQS[1] + "\n"
-            ">bad2\nACDE\nAC DE#\n"
-            ">P1\n" + SEQS[0] + "\n")
-    fasta = tmp_path / "mixed.fa"
-    fasta.write_text(text)
-    summary = embed(fasta, tiny_pt, tmp_path / "s.lmdb", "--skip-invalid")
-    assert summary["records_read"] == 6
-    assert summary["invalid_skipped"] == 4
-    assert summary["valid_records"] == summary["embedded"] == 2
-    with EmbeddingStore(tmp_path / "s.lmdb") as emb:
-        assert sorted(emb) == ["P1", "sp|Q2|X_HUMAN"]
-        assert_close(emb["P1"], reference[LAST]["mean"][0], "P1")
-        assert_close(emb["sp|Q2|X_HUMAN"], reference[LAST]["mean"][1], "Q2")
-
-
-def test_skip_invalid_counts_every_skipped_record(tiny_pt, tmp_path):
-    fasta = tmp_path / "a.fa"
-    fasta.write_text(">d\nACDE\n>ok\nACDE\n>d\nACDEF\n")
-    summary = embed(fasta, tiny_pt, tmp_path / "s.lmdb", "--skip-invalid")
-    assert summary["records_read"] == 3 and summary["valid_records"] == 1
-    # every record read is valid, a harmless repeat, or skipped as invalid
-    assert (summary["valid_records"] + summary["duplicate_records"]
-            + summary["invalid_skipped"]) == summary["records_read"]
-
-
-# file-level problems: not skippable
-BAD_FILES = {
-    "not-fasta": (lambda p: p.write_text("id\tsequence\nP1\tACDE\n"), ["{f}:1", "not FASTA"]),
-    "empty-file": (lambda p: p.write_bytes(b""), ["{f}", "empty"]),
-    "blank-file": (lambda p: p.write_text("\n\n  \n"), ["{f}", "no FASTA records"]),
-    "truncated-gzip": (lambda p: p.write_bytes(
-        gzip.compress(("".join(f">r{i}\n{'ACDEFGHIKL' * 20}\n" for i in range(500))).encode(),
-                      compresslevel=1)[:400]), ["{f}", "truncated or corrupt gzip"]),
-    "missing-file": (lambda p: None, ["{f}", "cannot open", "No such file"]),
-    "bzip2": (lambda p: p.write_bytes(__import__("bz2").compress(b">a\nACDE\n")), ["{f}", "bzip2"]),
-    "not-utf8": (lambda p: p.write_bytes(b">a\nAC\xffDE\n"), ["{f}:2:3", "UTF-8"]),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_FILES))
-@pytest.mark.parametrize("skip", [False, True], ids=["stop", "skip-invalid"])
-def test_bad_file_exits_1_naming_it(tiny_pt, tmp_path, case, skip, no_model_build):
-    make, parts = BAD_FILES[case]
-    good = standard_fasta(tmp_path / "good.fa")
-    bad = tmp_path / "a.fa"
-    make(bad)
-    err = fails([good, bad], tiny_pt, tmp_path / "s.lmdb", *(["--skip-invalid"] if skip else []))
-    for part in fill(parts, tmp_path):
-        assert part in err, f"{part!r} not in the message:\n{err}"
-    assert no_model_build == []
-    assert not (tmp_path / "s.lmdb").exists()
-
-
-def test_bad_file_leaves_an_existing_store_unchanged(tiny_pt, tmp_path, store):
-    out = tmp_path / "s.lmdb"
-    shutil.copytree(store["path"], out)
-    before = snapshot(out)
-    bad = tmp_path / "a.fa"
-    BAD_FILES["truncated-gzip"][0](bad)
-    fails([standard_fasta(tmp_path / "more.fa", ["N1"], ["ACDE"]), bad], tiny_pt, out)
-    assert snapshot(out) == before
-
-
-def test_same_input_file_twice_is_refused(tiny_pt, tmp_path):
-    fasta = standard_fasta(tmp_path / "p.fa")
-    err = fails([fasta, fasta], tiny_pt, tmp_path / "s.lmdb")
-    assert "given twice" in err and str(fasta) in err
-
-
-def test_bad_input_does_not_add_a_table_to_an_existing_store(tiny_pt, tmp_path, store):
-    out = tmp_path / "s.lmdb"
-    shutil.copytree(store["path"], out)
-    before = snapshot(out)
-    bad = tmp_path / "a.fa"
-    bad.write_text(">x\nAC1E\n")
-    fails(bad, tiny_pt, out, "--table", "other")
-    assert snapshot(out) == before
-
-
-def test_bad_input_is_reported_before_the_weights_are_read(tiny_pt, tmp_path, monkeypatch):
-    import gpuengine.models.esm2_weights as weights
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the checkpoint was read before the input was validated")
-
-    monkeypatch.setattr(weights, "read_fair_esm_checkpoint", refuse)
-    bad = tmp_path / "a.fa"
-    bad.write_text(">x\nAC1E\n")
-    err = fails(bad, tiny_pt, tmp_path / "s.lmdb")
-    assert "invalid-character" in err
-
-
-@pytest.mark.parametrize("rid", ["a[bold]b", "a[/]b", "x[red]y[/red]z"])
-def test_messages_show_ids_with_brackets_verbatim(tiny_pt, tmp_path, rid):
-    """Record ids, paths and file contents are data: never parsed as console markup."""
-    fasta = tmp_path / "a.fa"
-    fasta.write_text(f">{rid}\nAC1E\n")
-    err = fails(fasta, tiny_pt, tmp_path / "s.lmdb")
-    assert f"record {rid!r}" in err
-
-
-def test_summary_shows_paths_with_brackets_verbatim(tiny_pt, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # a short relative --out, so the summary table does not wrap it
-    Path("run[x]").mkdir()
-    fasta = standard_fasta(tmp_path / "p.fa", ["P1"], ["ACDE"])
-    result = cli("embed", fasta, "-m", tiny_pt, "-o", "run[x]/s.lmdb")
-    assert result.exit_code == 0, result.stderr
-    assert "run[x]" in result.stderr
-
-
-def test_store_conflict_stops_and_skip_invalid_keeps_the_stored_sequence(
-        tiny_pt, tmp_path, store, reference):
-    out = tmp_path / "s.lmdb"
-    shutil.copytree(store["path"], out)
-    before = snapshot(out)
-    fasta = write_fasta(tmp_path / "c.fa", [("new1", "ACDEFG"), ("P4", "KKKKLLLL")])
-    err = fails(fasta, tiny_pt, out)
-    assert f"{fasta}:3" in err and "'P4'" in err and "different sequence" in err
-    assert snapshot(out) == before
-    summary = embed(fasta, tiny_pt, out, "--skip-invalid")
-    assert summary["invalid_skipped"] == 1 and summary["embedded"] == 1
-    with EmbeddingStore(out) as emb:
-        assert len(emb) == len(IDS) + 1 and "new1" in emb
-        assert_close(emb["P4"], reference[LAST]["mean"][3], "P4 kept")
-
-
-def test_gzip_input_and_several_files(tiny_pt, tmp_path, reference):
-    half = len(IDS) // 2
-    plain = standard_fasta(tmp_path / "one.fa", IDS[:half], SEQS[:half])
-    packed = tmp_path / "two.fasta"  # gzip detected by content, not by name
-    text = standard_fasta(tmp_path / "two.txt", IDS[half:], SEQS[half:]).read_bytes()
-    packed.write_bytes(gzip.compress(text))
-    named = tmp_path / "three.fa.gz"
-    named.write_bytes(gzip.compress(b">Z1\n" + SEQS[0].encode() + b"*\n"))
-    summary = embed([plain, packed, named], tiny_pt, tmp_path / "s.lmdb")
-    assert summary["records_read"] == len(IDS) + 1
-    assert summary["embedded"] == len(IDS) and summary["deduplicated"] == 1
-    with EmbeddingStore(tmp_path / "s.lmdb") as emb:
-        assert len(emb) == len(IDS) + 1
-        got = emb.get_many(IDS)
-        assert_close(got, reference[LAST]["mean"], "gzip + plain inputs")
-        np.testing.assert_array_equal(emb["Z1"], emb["P1"])
-
-
-def test_same_id_same_sequence_twice_is_embedded_once(tiny_pt, tmp_path, reference):
-    a = write_fasta(tmp_path / "a.fa", [("P1", SEQS[0]), ("P4", SEQS[3]), ("P1", SEQS[0])])
-    b = write_fasta(tmp_path / "b.fa", [("P4 again", SEQS[3].lower())])
-    summary = embed([a, b], tiny_pt, tmp_path / "s.lmdb")
-    assert summary["records_read"] == 4 and summary["duplicate_records"] == 2
-    assert summary["valid_records"] == 2 and summary["embedded"] == 2
-    assert summary["committed_records"] == 2
-    assert summary["tokens"] == len(SEQS[0]) + len(SEQS[3]) + 4
-    with EmbeddingStore(tmp_path / "s.lmdb") as emb:
-        assert sorted(emb) == ["P1", "P4"]
-        assert_close(emb["P4"], reference[LAST]["mean"][3], "P4")
-
-
 # ----------------------------------------------------------------------------- usage errors
 
 
@@ -623,6 +278,7 @@ def test_layers_minus_one_as_a_separate_argument(tiny_pt, tmp_path, reference):
 # ----------------------------------------------------------------------------- models
 
 
+@pytest.mark.slow
 def test_hf_directory_gives_the_same_vectors_as_the_pt(tiny_pt, tiny_hf, tmp_path, store,
                                                         reference):
     fasta = standard_fasta(tmp_path / "p.fa")

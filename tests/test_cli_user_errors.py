@@ -1,5 +1,5 @@
 """A user error never prints a traceback: every command, run as a real process
-(``python -m gpuengine …``), pointed at what users point it at by mistake — a store with several
+(``python -m gpuengine …``; the fast commands also in process, see below), pointed at what users point it at by mistake — a store with several
 tables and none named ``default`` (every ``predict`` store), a missing path, an empty
 directory, a file that is not a store, a directory whose data.mdb is not LMDB, an LMDB that is
 not a gpuengine store, broken status files — and given bad options. Each run must exit with
@@ -7,7 +7,10 @@ its documented code (gpuengine/errors.py: 0 ok, 1 error, 2 usage), print no "Tra
 when it fails, say why on stderr and print nothing on stdout.
 
 The runs of a group go concurrently in one module fixture (each its own process); the commands
-that import torch and load the tiny model are marked slow.
+that import torch and load the tiny model are marked slow. The fast commands also run in
+process (typer's CliRunner in this test's process, with the same environment, working
+directory and terminal width; an exception that escapes the CLI fails the case with its
+traceback): that copy is the fast lane's, the real processes are marked slow.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ TARGETS = ("missing", "empty", "file", "garbage", "lmdb")
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory, tiny_pt) -> dict[str, str]:
+def paths(tmp_path_factory, tiny_pt, predict_models) -> dict[str, str]:
     """Everything the cases point at, made once."""
     base = tmp_path_factory.mktemp("user-errors")
     multi = base / "predict.lmdb"
@@ -58,20 +61,14 @@ def paths(tmp_path_factory, tiny_pt) -> dict[str, str]:
                        ("status-junk", "\x00\x01 not json")):
         (base / name).mkdir()
         (base / name / "status.json").write_text(text)
-    from gpuengine.synthetic import write_dnabert_s
-    from test_virnucpro_classifier import random_original, save_original_way
-
-    dna = write_dnabert_s(base / "dnabert", num_layers=2, embed_dim=48, heads=4, intermediate=96,
-                          vocab=64, seed=2)
-    save_original_way(random_original(input_dim=48 + 64, hidden=32, seed=3), base / "500.pth")
     proteins = write_fasta(base / "p.fa", [("p1", s) for s in random_proteins([12], seed=1)])
     reads = write_fasta(base / "reads.fa", [("read1", "ACGT" * 40)])
     return {"multi": str(multi), "missing": str(base / "missing.lmdb"),
             "empty": str(base / "empty"),
             "file": str(base / "file.txt"), "garbage": str(base / "garbage"),
             "lmdb": str(base / "plain.lmdb"), "tiny": str(tiny_pt), "fasta": str(proteins),
-            "reads": str(reads), "new": str(base / "new"), "base": str(base), "dna": str(dna),
-            "mlp": str(base / "500.pth")}
+            "reads": str(reads), "new": str(base / "new"), "base": str(base),
+            "dna": str(predict_models.dna), "mlp": str(predict_models.mlp_path)}
 
 
 def run_cli(args: list[str], base: str) -> tuple[int, str, str]:
@@ -164,9 +161,33 @@ for _target in TARGETS:
     FAST[f"merge-{_target}"] = (f"merge {{new}} {{{_target}}}", 1)
 
 
-@pytest.fixture(scope="module")
-def fast(paths):
-    return run_all(FAST, paths)
+def run_all_in_process(cases: dict[str, tuple[str, int]], paths: dict[str, str]) -> dict:
+    """Every case through the CLI in this process, one after another, in ``run_cli``'s
+    environment; {case: (code, stdout, stderr)}."""
+    from cli_runs import cli
+
+    base = paths["base"]
+    results = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in (("GPUENGINE_OFFLINE", "1"), ("COLUMNS", "200"),
+                            ("GPUENGINE_CACHE", os.path.join(base, "cache")),
+                            ("TORCH_HOME", os.path.join(base, "torch")),
+                            ("HF_HOME", os.path.join(base, "hf"))):
+            mp.setenv(name, value)
+        mp.chdir(base)
+        for name, (template, _) in cases.items():
+            result = cli(*[part.format(**paths) for part in template.split()])
+            results[name] = (result.exit_code, result.stdout, result.stderr)
+    return results
+
+
+@pytest.fixture(scope="module", params=["in-process",
+                                        pytest.param("process", marks=pytest.mark.slow)])
+def fast(paths, request):
+    """The fast commands' results, in process (fast lane) or as real processes (slow)."""
+    if request.param == "process":
+        return run_all(FAST, paths)
+    return run_all_in_process(FAST, paths)
 
 
 @pytest.mark.parametrize("name", sorted(FAST))

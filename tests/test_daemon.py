@@ -1,15 +1,19 @@
-"""``gpuengine serve`` (the watch-directory daemon) and ``gpuengine status``.
+"""``gpuengine serve`` (the watch-directory daemon).
 
-The pure parts (ignore rules, completeness and stability checks, markers, the attempt book,
-atomic status writes, sd_notify, error records) are tested in process. The daemon itself runs
-as a real process on the CPU with the tiny random-weight ESM-2 (``tiny_pt``), talking to the
-test through its status file, its folders and an AF_UNIX notify socket (as systemd would):
+The attempt book and the failure rules (a fake run in place of the engine) are tested in
+process. The daemon itself runs as a real process on the CPU with the tiny random-weight ESM-2
+(``tiny_pt``), talking to the test through its status file, its folders and an AF_UNIX notify
+socket (as systemd would):
 
 * one daemon takes files dropped by rename, by marker and by a slow in-place writer, sends
   bad files (invalid letter, truncated gzip) to failed/ with an error record and keeps going,
   finishes a duplicate without recomputing, reports a fresh status and drains on SIGTERM;
 * SIGTERM, and separately SIGKILL, in the middle of a big file, then a restart: the file is
-  finished and every sequence is in the store exactly once.
+  finished and every sequence is in the store exactly once;
+* ``--job predict`` writes VirNucPro's outputs per file and reuses the embeddings.
+
+How files arrive and when they are ready: test_daemon_inbox.py; the status file,
+``gpuengine status`` and sd_notify: test_daemon_status.py.
 """
 
 from __future__ import annotations
@@ -18,271 +22,25 @@ import gzip
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import random_proteins
+from cli_runs import cli
+from conftest import rename_without_evidence
 from gpuengine.config import EmbedConfig
-from gpuengine.daemon import (AttemptBook, Daemon, DaemonExit, InboxWatcher, ServeConfig,
-                              StatusBoard, atomic_write_json, check_status, error_record,
-                              file_sha256, free_name, gzip_complete, is_ignored, looks_complete)
-from gpuengine.errors import DeviceError, GpuEngineError, InputError, UsageError
-from gpuengine.config import environment
-from gpuengine.systemd import notify
+from gpuengine.daemon import (AttemptBook, Daemon, DaemonExit, ServeConfig, atomic_write_json,
+                              file_sha256)
+from gpuengine.errors import DeviceError, GpuEngineError
+from serve_processes import Served, child_env, fasta_bytes, store_counts, store_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ----------------------------------------------------------------------------- pure parts
-
-
-def test_ignore_rules():
-    for name in [".x.fa", ".hidden", "x.fa.part", "x.fa.tmp", "x.fa.fai", "x.fa.fxi",
-                 "x.fa.done", ".x.fa.done"]:
-        assert is_ignored(name), name
-    for name in ["x.fa", "x.fasta.gz", "reads", "x.part.fa", "done", "x.fa.gz"]:
-        assert not is_ignored(name), name
-
-
-def test_completeness_of_plain_and_gzip_files(tmp_path):
-    plain = tmp_path / "a.fa"
-    plain.write_text(">a\nMKV\n")
-    assert looks_complete(plain)
-    plain.write_text(">a\nMKV")
-    assert not looks_complete(plain)
-    plain.write_bytes(b"")
-    assert not looks_complete(plain)
-    data = gzip.compress(b">a\nMKV\n" * 5000)
-    whole = tmp_path / "a.fa.gz"
-    whole.write_bytes(data)
-    assert gzip_complete(whole) and looks_complete(whole)
-    whole.write_bytes(data + gzip.compress(b">b\nMK\n"))  # multi-member (as BGZF)
-    assert looks_complete(whole)
-    for cut in (len(data) - 1, len(data) - 8, len(data) // 2, 12):
-        whole.write_bytes(data[:cut])
-        assert not looks_complete(whole), cut
-    whole.write_bytes(data + b"\x00\x00")  # trailing garbage: fasta.py would reject it too
-    assert not looks_complete(whole)
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
-def test_marker_makes_a_file_ready_at_once(tmp_path):
-    watcher = InboxWatcher(tmp_path, settle=100, clock=Clock())
-    (tmp_path / "x.fa").write_text(">a\nMK")  # incomplete, just written: not by itself
-    assert watcher.poll() == []
-    (tmp_path / "x.fa.done").touch()
-    assert watcher.poll() == ["x.fa"]
-    (tmp_path / "orphan.fa.done").touch()  # a marker without its file is nothing
-    assert watcher.poll() == ["x.fa"] and watcher.depth == 1
-
-
-def test_in_place_file_is_ready_only_when_stable_for_settle_and_complete(tmp_path):
-    clock = Clock()
-    watcher = InboxWatcher(tmp_path, settle=5, clock=clock)
-    path = tmp_path / "x.fa"
-    path.write_text(">a\nMKV\n")
-    assert watcher.poll() == []
-    clock.now += 4
-    assert watcher.poll() == []  # unchanged, but not for 5 s yet
-    with open(path, "a") as fh:  # the writer goes on: the clock starts again
-        fh.write(">b\nMK\n")
-    clock.now += 4
-    assert watcher.poll() == []
-    clock.now += 4
-    assert watcher.poll() == []  # 4 s since the change
-    clock.now += 1.5
-    assert watcher.poll() == ["x.fa"]
-    with open(path, "a") as fh:  # no final newline: stable but incomplete, it waits
-        fh.write(">c\nMK")
-    for _ in range(3):
-        clock.now += 10
-        assert watcher.poll() == []
-    assert watcher.waiting == ["x.fa"]
-
-
-def test_renamed_file_is_ready_after_two_polls(tmp_path):
-    inbox, staging = tmp_path / "inbox", tmp_path / "staging"
-    inbox.mkdir()
-    staging.mkdir()
-    watcher = InboxWatcher(inbox, settle=1000, clock=Clock())
-    (staging / "x.fa").write_text(">a\nMKV")  # no final newline: only the rename vouches
-    time.sleep(0.03)  # past the timestamp tick: the rename stamps a later ctime
-    os.replace(staging / "x.fa", inbox / "x.fa")
-    assert watcher.poll() == []
-    assert watcher.poll() == ["x.fa"]
-
-
-def test_file_moved_in_with_an_old_mtime_is_ready_after_two_polls(tmp_path):
-    """A file appearing between two polls, last written before the earlier one, was written
-    elsewhere (here the earlier poll is made to look 10 s later than the write)."""
-    watcher = InboxWatcher(tmp_path, settle=1000, clock=Clock(),
-                           wall_ns=lambda: time.time_ns() + 10**10)
-    assert watcher.poll() == []
-    (tmp_path / "x.fa").write_text(">a\nMKV")
-    assert watcher.poll() == []
-    assert watcher.poll() == ["x.fa"]
-    control = InboxWatcher(tmp_path, settle=1000, clock=Clock())  # real clocks: no evidence
-    assert control.poll() == []
-    (tmp_path / "y.fa").write_text(">a\nMKV\n")
-    assert control.poll() == [] and control.poll() == []
-
-
-def rename_without_evidence(source: Path, target: Path) -> None:
-    """Rename ``source`` to ``target`` the way a writer that renames in the same clock tick as
-    its last write looks to the daemon: ctime not later than mtime, mtime not older than the
-    previous poll (here: mtime set a minute ahead, as NFS clock skew does too)."""
-    ahead = time.time_ns() + 60 * 10**9
-    os.utime(source, ns=(ahead, ahead))
-    os.replace(source, target)
-    st = target.stat()
-    assert st.st_ctime_ns <= st.st_mtime_ns  # the daemon's rename evidence is absent
-
-
-@pytest.mark.parametrize("delivery", ["in place", "renamed in the same tick"])
-def test_a_file_that_stays_incomplete_is_taken_after_the_quiet_period(tmp_path, delivery, caplog):
-    inbox, staging = tmp_path / "inbox", tmp_path / "staging"
-    inbox.mkdir()
-    staging.mkdir()
-    clock = Clock()
-    watcher = InboxWatcher(inbox, settle=5, quiet_period=30, clock=clock)
-    assert watcher.poll() == []
-    if delivery == "in place":
-        (inbox / "x.fa").write_text(">a\nMKV")  # no final newline
-    else:
-        (staging / "x.fa").write_text(">a\nMKV")
-        rename_without_evidence(staging / "x.fa", inbox / "x.fa")
-    assert watcher.poll() == []
-    for _ in range(5):  # 5 s .. 25 s unchanged: past --settle, waiting (listed as such)
-        clock.now += 5
-        assert watcher.poll() == [] and watcher.waiting == ["x.fa"]
-    clock.now += 4.5  # 29.5 s
-    assert watcher.poll() == []
-    with caplog.at_level("WARNING", logger="gpuengine.daemon"):
-        clock.now += 0.5  # 30 s: taken as it is
-        assert watcher.poll() == ["x.fa"] and watcher.waiting == []
-        assert watcher.poll() == ["x.fa"]  # still there (not claimed): still ready, one warning
-    assert [r.getMessage() for r in caplog.records if r.getMessage().endswith(": taking it as it is")] \
-        == ["inbox/x.fa has not changed for 30 s (--quiet-period) though it looks incomplete "
-            "(not whole gzip data or no final newline): taking it as it is"]
-
-
-def test_a_change_restarts_the_quiet_period(tmp_path):
-    clock = Clock()
-    watcher = InboxWatcher(tmp_path, settle=5, quiet_period=30, clock=clock)
-    path = tmp_path / "x.fa"
-    path.write_text(">a\nMKV")
-    watcher.poll()
-    clock.now += 25
-    assert watcher.poll() == [] and watcher.waiting == ["x.fa"]
-    with open(path, "a") as fh:  # the writer was only slow: 25 s more from now
-        fh.write("L")
-    clock.now += 25
-    assert watcher.poll() == []
-    clock.now += 25
-    assert watcher.poll() == []
-    clock.now += 5
-    assert watcher.poll() == ["x.fa"]
-
-
-def test_quiet_period_must_not_be_shorter_than_settle(tmp_path):
-    embed = EmbedConfig(inputs=(tmp_path,), model="m", out=tmp_path / "s.lmdb")
-    ServeConfig(watch=tmp_path, embed=embed, settle=5, quiet_period=5)
-    for bad in (4.9, float("nan")):
-        with pytest.raises(UsageError, match="--quiet-period must be at least --settle"):
-            ServeConfig(watch=tmp_path, embed=embed, settle=5, quiet_period=bad)
-
-
-def test_inbox_skips_ignored_names_directories_and_symlinks(tmp_path):
-    clock = Clock()
-    watcher = InboxWatcher(tmp_path, settle=1, clock=clock)
-    for name in [".x.fa", "x.fa.part", "x.fa.tmp", "x.fa.fai", "x.fa.fxi", "good.fa"]:
-        (tmp_path / name).write_text(">a\nMKV\n")
-    (tmp_path / "subdir").mkdir()
-    (tmp_path / "link.fa").symlink_to(tmp_path / "good.fa")
-    watcher.poll()
-    clock.now += 2
-    assert watcher.poll() == ["good.fa"] and watcher.depth == 1
-
-
-def test_atomic_write_json_replaces_whole_files_only(tmp_path):
-    path = tmp_path / "status.json"
-    atomic_write_json(path, {"a": 1})
-    atomic_write_json(path, {"a": 2, "text": "é"})
-    assert json.loads(path.read_text()) == {"a": 2, "text": "é"}
-
-    class Bad:
-        def __str__(self):
-            raise RuntimeError("cannot serialise")
-
-    with pytest.raises(RuntimeError):
-        atomic_write_json(path, {"a": Bad()})
-    assert json.loads(path.read_text()) == {"a": 2, "text": "é"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]  # no temporary left
-
-
-def test_free_name_never_overwrites(tmp_path):
-    assert free_name(tmp_path, "x.fa.gz") == "x.fa.gz"
-    (tmp_path / "x.fa.gz").touch()
-    assert free_name(tmp_path, "x.fa.gz") == "x~2.fa.gz"
-    (tmp_path / "x~2.fa.gz").touch()
-    assert free_name(tmp_path, "x.fa.gz") == "x~3.fa.gz"
-
-
-def datagram_socket(address: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind("\0" + address[1:] if address.startswith("@") else address)
-    sock.settimeout(5)
-    return sock
-
-
-def test_sd_notify_to_a_socket_file_and_to_the_abstract_namespace(tmp_path, monkeypatch):
-    path = str(tmp_path / "notify.sock")
-    with datagram_socket(path) as sock:
-        assert notify("READY=1\nSTATUS=ready", socket_path=path)
-        assert sock.recv(4096) == b"READY=1\nSTATUS=ready"
-        monkeypatch.setenv("NOTIFY_SOCKET", path)
-        assert notify("STOPPING=1", environment().notify_socket)
-        assert sock.recv(4096) == b"STOPPING=1"
-    abstract = f"@gpuengine-test-{uuid.uuid4().hex}"
-    with datagram_socket(abstract) as sock:
-        monkeypatch.setenv("NOTIFY_SOCKET", abstract)
-        assert notify("WATCHDOG=1", environment().notify_socket)
-        assert sock.recv(4096) == b"WATCHDOG=1"
-    monkeypatch.delenv("NOTIFY_SOCKET")
-    assert notify("READY=1", environment().notify_socket) is False  # not under systemd: a no-op
-    assert notify("READY=1", socket_path=str(tmp_path / "nobody")) is False  # never raises
-
-
-def test_error_record_names_file_line_record_and_character(tmp_path):
-    from gpuengine.fasta import validate
-    from gpuengine.models.registry import family
-
-    bad = tmp_path / "bad.fa"
-    bad.write_text(">ok\nMKV\n>broken desc\nMKVL\nMK1L\n")
-    with pytest.raises(InputError) as caught:
-        validate([bad], alphabet=family("esm2").alphabet)
-    record = error_record("bad.fa", caught.value, kind="input", attempts=1, sha256="x")
-    assert record["record"] == "broken" and record["character"] == "1"
-    assert record["position"] == {"line": 5, "column": 3}
-    assert record["problems"][0]["file"] == "bad.fa" and record["attempts"] == 1
-    gz = error_record("t.fa.gz", InputError("t.fa.gz: truncated or corrupt gzip data after line "
-                                            "7 (EOF)"), kind="input", attempts=1, sha256=None)
-    assert gz["position"] == {"line": 7, "column": None} and "truncated" in gz["reason"]
+# ----------------------------------------------------------------------------- attempt book
 
 
 def test_attempt_book_persists_and_restarts_for_new_content(tmp_path):
@@ -300,36 +58,6 @@ def test_attempt_book_persists_and_restarts_for_new_content(tmp_path):
     assert AttemptBook(path).get("x.fa")["attempts"] == 0
     path.write_text("{not json")
     assert AttemptBook(path).files == {}
-
-
-def cli(*args):
-    from gpuengine.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def test_status_command_fresh_stale_stopped_and_missing(tmp_path):
-    board = StatusBoard(tmp_path, interval=2.0, notify=lambda message: None)
-    board.update(state="ready", queue=3)
-    board.write()
-    result = cli("status", tmp_path)
-    assert result.exit_code == 0, result.output
-    assert "ready" in result.stdout and "3 in inbox" in result.stdout
-    data = json.loads((tmp_path / "status.json").read_text())
-    assert check_status(data, now=data["heartbeat_unix"] + 5.9)[0]
-    healthy, verdict = check_status(data, now=data["heartbeat_unix"] + 6.1)  # > 3 x 2 s
-    assert not healthy and "stale heartbeat" in verdict
-    data["heartbeat_unix"] -= 60
-    data["pid"] = 2**22 + 7  # no such process
-    atomic_write_json(tmp_path / "status.json", data)
-    result = cli("status", tmp_path, "--json")
-    assert result.exit_code == 1
-    assert json.loads(result.stdout)["healthy"] is False
-    assert "stale heartbeat" in result.stderr and "gone" in result.stderr
-    board.close(state="stopped", exit_code=0)
-    result = cli("status", tmp_path / "status.json")
-    assert result.exit_code == 1 and "not running" in result.stderr
-    assert cli("status", tmp_path / "nothing").exit_code == 1
 
 
 # ----------------------------------------------------------------------------- failure rules
@@ -488,131 +216,6 @@ def test_one_daemon_per_directory(tmp_path):
 
 
 # ----------------------------------------------------------------------------- real processes
-
-
-def child_env(tmp_path: Path, notify_address: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "GPUENGINE_OFFLINE": "1", "GPUENGINE_CACHE": str(tmp_path / "cache"),
-            "NOTIFY_SOCKET": notify_address}
-
-
-class Served:
-    """A ``gpuengine serve`` process and the notify socket it reports to."""
-
-    def __init__(self, tmp_path: Path, model: Path, *extra: str, log: str = "serve"):
-        self.dir = tmp_path / "watch"
-        self.store = tmp_path / "store.lmdb"
-        self.address = f"@gpuengine-test-{uuid.uuid4().hex}"
-        self.sock = datagram_socket(self.address)
-        self.sock.settimeout(0.2)
-        self.messages: list[str] = []
-        self.closed = threading.Event()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        self.stderr_path = tmp_path / f"{log}.err"
-        cmd = [sys.executable, "-m", "gpuengine", "serve", "--watch", str(self.dir),
-               "--store", str(self.store), "--model", str(model), "--poll-interval", "0.1",
-               "--settle", "1.0", "--status-interval", "0.3", "--retry-delay", "0", *extra]
-        with open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
-                                         env=child_env(tmp_path, self.address))
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def _read(self) -> None:
-        """Drain the socket as systemd does (an unread queue would stall the sender)."""
-        while not self.closed.is_set():
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-
-    def wait_for_message(self, wanted: str, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(wanted in m for m in list(self.messages)):
-                return
-            if self.proc.poll() is not None:
-                time.sleep(0.3)  # let the reader take what is queued
-                if any(wanted in m for m in list(self.messages)):
-                    return
-                pytest.fail(f"the daemon exited ({self.proc.returncode}) before {wanted}:\n"
-                            f"{self.stderr()}")
-            time.sleep(0.05)
-        pytest.fail(f"no {wanted} within {timeout} s:\n{self.stderr()}")
-
-    def wait_for(self, predicate, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            if self.proc.poll() is not None:
-                pytest.fail(f"the daemon exited ({self.proc.returncode}) waiting for {what}:\n"
-                            f"{self.stderr()}")
-            time.sleep(0.05)
-        pytest.fail(f"timed out waiting for {what}:\n{self.stderr()}")
-
-    def drop(self, name: str, data: bytes) -> None:
-        """The documented way: write elsewhere on the filesystem, rename into inbox/."""
-        staging = self.dir / "staging"
-        staging.mkdir(exist_ok=True)
-        (staging / name).write_bytes(data)
-        time.sleep(0.02)
-        os.replace(staging / name, self.dir / "inbox" / name)
-
-    def in_done(self, name: str) -> bool:
-        """The file and its job record are in done/ (the record is written first)."""
-        done = self.dir / "done"
-        return (done / name).exists() and (done / f"{name}.job.json").exists()
-
-    def in_failed(self, name: str) -> bool:
-        failed = self.dir / "failed"
-        return (failed / name).exists() and (failed / f"{name}.error.json").exists()
-
-    def status(self) -> dict:
-        return json.loads((self.dir / "status.json").read_text())
-
-    def job(self, name: str) -> dict:
-        return json.loads((self.dir / "done" / f"{name}.job.json").read_text())
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.closed.set()
-        self.reader.join(timeout=5)
-        self.sock.close()
-
-
-def fasta_bytes(prefix: str, n: int, seed: int, lengths=None) -> tuple[bytes, list[str], list[str]]:
-    lengths = lengths or [8 + (i * 13) % 40 for i in range(n)]
-    seqs = random_proteins(lengths, seed=seed)
-    ids = [f"{prefix}{i:05d}" for i in range(n)]
-    text = "".join(f">{rid} some description\n{seq}\n" for rid, seq in zip(ids, seqs))
-    return text.encode(), ids, seqs
-
-
-def store_ids(store: Path) -> list[str]:
-    from gpuengine import EmbeddingStore
-
-    with EmbeddingStore(store) as emb:
-        return list(emb)
-
-
-def store_counts(store: Path) -> tuple[int, int, int]:
-    """(record ids, embeddings, run records) of the default table."""
-    from gpuengine import EmbeddingStore
-
-    with EmbeddingStore(store) as emb:
-        table = emb.info()["tables"]["default"]
-        return table["records"], table["embeddings"], len(emb.runs())
 
 
 @pytest.mark.slow
@@ -838,65 +441,17 @@ def test_sigkill_mid_file_then_restart_finishes_it(tiny_pt, tmp_path, big_file):
     assert result["job"]["attempts"] == 2
 
 
-# -- filesystem events ---------------------------------------------------------------------------
-
-def test_network_filesystems_are_detected_from_mountinfo(tmp_path):
-    from gpuengine.daemon.events import filesystem_type, is_network_filesystem
-
-    info = ("22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
-            "40 22 0:50 / /data rw - nfs4 server:/export rw\n"
-            "41 40 0:51 / /data/local\\040disk rw - xfs /dev/sdb rw\n")
-    assert filesystem_type(Path("/data/runs/inbox"), info) == "nfs4"
-    assert filesystem_type(Path("/data/local disk/inbox"), info) == "xfs"
-    assert filesystem_type(Path("/home/x"), info) == "ext4"
-    assert is_network_filesystem("nfs4") and is_network_filesystem("fuse.sshfs")
-    assert not is_network_filesystem("ext4") and not is_network_filesystem(None)
-
-
-def test_inotify_wakes_the_loop_early_and_poll_mode_does_not(tmp_path):
-    import threading
-
-    from gpuengine.daemon.events import Waker
-
-    stop = threading.Event()
-    waker = Waker(tmp_path)
-    try:
-        if waker.fd is None:
-            pytest.skip(f"no inotify here: {waker.mode}")
-        timer = threading.Timer(0.1, lambda: (tmp_path / "x.fa.part").rename(tmp_path / "x.fa"))
-        (tmp_path / "x.fa.part").write_text(">a\nMK\n")
-        started = time.monotonic()
-        timer.start()
-        assert waker.wait(5.0, stop) is True
-        assert time.monotonic() - started < 2.0
-        timer.join()
-    finally:
-        waker.close()
-    polling = Waker(tmp_path, force_poll=True)
-    assert polling.fd is None and "poll" in polling.mode
-    started = time.monotonic()
-    assert polling.wait(0.3, stop) is False
-    assert time.monotonic() - started >= 0.29
-
-
 # -- --job predict ------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_predict_job_writes_outputs_per_file_and_reuses_embeddings(tmp_path):
+def test_predict_job_writes_outputs_per_file_and_reuses_embeddings(tmp_path, predict_models):
     """`serve --job predict`: each reads file gets VirNucPro outputs in predictions/<file>-<sha>/
     equal to a plain `gpuengine predict` of it; a second file repeating the reads computes
     nothing (the embeddings are in the daemon's store)."""
     import numpy as np
-    from test_predict import read_predictions, reads_fasta
-    from test_virnucpro_classifier import random_original, save_original_way
+    from virnucpro_files import read_predictions, reads_fasta
 
-    from gpuengine.synthetic import write_dnabert_s, write_fair_esm_checkpoint
-
-    esm = write_fair_esm_checkpoint(tmp_path / "esm2_t2_serve.pt", 2, 64, 4, seed=21)
-    dna = write_dnabert_s(tmp_path / "dnabert", num_layers=2, embed_dim=48, heads=4,
-                          intermediate=96, seed=22)
-    mlp_path = tmp_path / "500_model.pth"
-    save_original_way(random_original(input_dim=48 + 64, hidden=32, seed=3), mlp_path)
+    esm, dna, _, mlp_path = predict_models
     reads_fasta(tmp_path / "reads.fa", n=30, seed=5)
     data = (tmp_path / "reads.fa").read_bytes()
     options = ["--job", "predict", "--length", "500", "--classifier", str(mlp_path),

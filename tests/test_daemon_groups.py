@@ -23,7 +23,7 @@ import pytest
 
 from gpuengine.config import EmbedConfig
 from gpuengine.daemon import Daemon, ServeConfig, is_ignored
-from test_daemon import Served, fasta_bytes, store_counts, store_ids
+from serve_processes import Served, fasta_bytes, store_counts, store_ids
 
 
 def _files(n_files: int, per_file: int, prefix: str = "f") -> dict[str, tuple[bytes, list, list]]:

@@ -49,7 +49,7 @@ def test_budget_of_a_published_name_needs_no_weights(no_weights, name, dim):
 
 
 def test_devices_model_published_name_offline(no_weights):
-    from test_cli import cli
+    from cli_runs import cli
 
     result = cli("devices", "--model", "esm2_t48_15B_UR50D", "--json")
     assert result.exit_code == 0, result.stderr
@@ -61,7 +61,7 @@ def test_devices_model_published_name_offline(no_weights):
 
 
 def test_devices_model_unknown_name_still_refused(no_weights):
-    from test_cli import cli
+    from cli_runs import cli
 
     result = cli("devices", "--model", "esm2_t99_1T_UR50D")
     assert result.exit_code == 1 and "known names" in result.stderr

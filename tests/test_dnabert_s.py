@@ -1,9 +1,10 @@
 """DNABERT-S: packed forward against an independent line-by-line reading of the authors'
 ``bert_layers.py`` (fp32, CPU), loader rules, tokenizer behaviour, ALiBi slopes, registry.
 
-The reference below imports nothing from ``gpuengine.models``: it reads the safetensors file and
-config.json itself and runs the padded architecture as the original code does (−10000 key
-padding bias, ALiBi table, divide by √head_dim, fp32). Tolerance: max |ours − ref| ≤ 1e-5.
+The reference (dnabert_s_reference.py) imports nothing from ``gpuengine``: it reads the
+safetensors file and config.json itself and runs the padded architecture as the original code
+does (−10000 key padding bias, ALiBi table, divide by √head_dim, fp32). Tolerance: max |ours −
+ref| ≤ 1e-5.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import embed_in_batches
-import torch.nn.functional as F
-
+from conftest import assert_close, embed_in_batches
+from dnabert_s_reference import raw_tokenizer, reference_embeddings, reference_slopes
 from gpuengine.packing import WorkItem
 from gpuengine.pooling import PoolingRule
 from gpuengine.runner import Runner
@@ -29,7 +29,6 @@ from gpuengine.store.codec import sequence_digest
 from gpuengine.store.schema import OutputSpec
 from gpuengine.synthetic import write_dnabert_s
 
-TOL = 1e-5
 # head_dim 16; 6 heads: the non-power-of-two ALiBi slope branch runs end to end
 TINY = {"num_layers": 2, "embed_dim": 96, "heads": 6, "intermediate": 128, "vocab": 128}
 POOLS = ("mean", "bos", "per-token")
@@ -60,103 +59,6 @@ def copy_dir(src: Path, dst: Path) -> Path:
     return dst
 
 
-# -- the independent reference ------------------------------------------------------------------------
-def raw_tokenizer(directory: Path):
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
-
-
-def reference_slopes(n_heads: int) -> list[float]:
-    """MosaicBERT's ``_get_alibi_head_slopes``, restated."""
-    def power_of_2(n):
-        start = 2 ** (-2 ** -(math.log2(n) - 3))
-        ratio = start
-        return [start * ratio**i for i in range(n)]
-
-    if math.log2(n_heads).is_integer():
-        return power_of_2(n_heads)
-    closest = 2 ** math.floor(math.log2(n_heads))
-    return power_of_2(closest) + reference_slopes(2 * closest)[0::2][: n_heads - closest]
-
-
-def reference_forward(directory: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Hidden states [embeddings, layer 1, …, layer N], each (B, S, d), of the padded batch."""
-    from safetensors.torch import load_file
-
-    config = json.loads((directory / "config.json").read_text())
-    sd = {k.removeprefix("bert."): v.float() for k, v in load_file(directory / "model.safetensors").items()}
-    d, heads = config["hidden_size"], config["num_attention_heads"]
-    head_size, inner, eps = d // heads, config["intermediate_size"], config["layer_norm_eps"]
-    batch, seqlen = input_ids.shape
-
-    def ln(x, name):
-        return F.layer_norm(x, (d,), sd[name + ".weight"], sd[name + ".bias"], eps)
-
-    token_type_ids = torch.zeros_like(input_ids)
-    emb = sd["embeddings.word_embeddings.weight"][input_ids] \
-        + sd["embeddings.token_type_embeddings.weight"][token_type_ids]
-    hidden = ln(emb, "embeddings.LayerNorm")
-    ext = (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * -10000.0
-    ctx = torch.arange(seqlen)[:, None]
-    mem = torch.arange(seqlen)[None, :]
-    relative = torch.abs(mem - ctx).unsqueeze(0).expand(heads, -1, -1)
-    slopes = torch.Tensor(reference_slopes(heads))
-    alibi = (slopes.unsqueeze(1).unsqueeze(1) * -relative).unsqueeze(0)
-    bias = ext + alibi
-    out = [hidden]
-    for i in range(config["num_hidden_layers"]):
-        p = f"encoder.layer.{i}."
-        qkv = hidden @ sd[p + "attention.self.Wqkv.weight"].T + sd[p + "attention.self.Wqkv.bias"]
-        qkv = qkv.view(batch, seqlen, 3, heads, head_size)
-        q = qkv[:, :, 0].permute(0, 2, 1, 3)
-        k = qkv[:, :, 1].permute(0, 2, 3, 1)
-        v = qkv[:, :, 2].permute(0, 2, 1, 3)
-        scores = torch.matmul(q, k) / math.sqrt(head_size) + bias
-        probs = torch.softmax(scores, dim=-1)
-        attn = torch.matmul(probs, v).permute(0, 2, 1, 3).reshape(batch, seqlen, d)
-        attn = attn @ sd[p + "attention.output.dense.weight"].T + sd[p + "attention.output.dense.bias"]
-        hidden = ln(attn + hidden, p + "attention.output.LayerNorm")
-        residual = hidden
-        h = hidden @ sd[p + "mlp.gated_layers.weight"].T
-        gated, non_gated = h[..., :inner], h[..., inner:]
-        h = F.gelu(gated, approximate="none") * non_gated
-        h = h @ sd[p + "mlp.wo.weight"].T + sd[p + "mlp.wo.bias"]
-        hidden = ln(h + residual, p + "mlp.layernorm")
-        out.append(hidden)
-    return out
-
-
-def reference_embeddings(directory: Path, sequences, layers, *, batched: bool):
-    """{layer: {'mean', 'bos', 'per-token'}} pooled as the authors do (mean over all tokens,
-    CLS and SEP included; mask-weighted when batched)."""
-    tok = raw_tokenizer(directory)
-    ids = [tok.encode(s.upper()).ids for s in sequences]
-    out = {layer: {"mean": [], "bos": [], "per-token": []} for layer in layers}
-    groups = [list(range(len(ids)))] if batched else [[i] for i in range(len(ids))]
-    with torch.no_grad():
-        for group in groups:
-            width = max(len(ids[i]) for i in group)
-            input_ids = torch.zeros(len(group), width, dtype=torch.long)
-            mask = torch.zeros(len(group), width, dtype=torch.long)
-            for row, i in enumerate(group):
-                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                mask[row, : len(ids[i])] = 1
-            states = reference_forward(directory, input_ids, mask)
-            for layer in layers:
-                h = states[layer]
-                m = mask[..., None].float()
-                mean = (h * m).sum(1) / m.sum(1)
-                for row, i in enumerate(group):
-                    out[layer]["mean"].append(mean[row].numpy())
-                    out[layer]["bos"].append(h[row, 0].numpy())
-                    out[layer]["per-token"].append(h[row, : len(ids[i])].numpy())
-    return out
-
-
 # -- ours through the runner ---------------------------------------------------------------------------
 def load_ours(directory: Path, dtype=torch.float32):
     from gpuengine.models.dnabert_s_weights import build_dnabert_s, read_dnabert_s
@@ -180,14 +82,6 @@ def embed_with_runner(model, directory, sequences, outputs, budget=2048, attenti
     return embed_in_batches(runner, items, outputs, budget)
 
 
-def assert_close(ours, ref, what, tol=TOL):
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
-    diff = float(np.abs(ours - ref).max())
-    assert diff <= tol, (f"{what}: max |diff| {diff:.3g} > {tol}\n ours {ours.ravel()[:6]}\n"
-                         f"  ref {ref.ravel()[:6]}")
-
-
 def compare(ours, ref, outputs, what):
     for o in outputs:
         if o.pool == "per-token":
@@ -198,6 +92,7 @@ def compare(ours, ref, outputs, what):
 
 
 # -- parity ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_packed_matches_reference_one_sequence_at_a_time(dna_dir):
     sequences = random_dna(LENGTHS, seed=1) + ["ACGTNNNNACGTRYKMSWBDHVACGT", "acgtacgtnacgt"]
     layers = [0, 1, 2]
@@ -218,6 +113,7 @@ def test_packed_matches_padded_reference_batch_with_mask(dna_dir):
     assert max(tokens) >= 10 * min(tokens[:3]), tokens
 
 
+@pytest.mark.slow
 def test_batch_composition_does_not_change_results(dna_dir):
     model = load_ours(dna_dir)
     seqs = random_dna([50, 800, 120, 2000, 5], seed=3)
@@ -227,6 +123,7 @@ def test_batch_composition_does_not_change_results(dna_dir):
     assert_close(packed, alone, "packed vs alone")
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_model_with_flex_attention_matches_the_reference(dna_dir):
     """The whole model on the flex path (uncompiled on the CPU): q, k and v are projected into
@@ -311,7 +208,7 @@ def test_padded_alibi_attention_matches_dense_per_sequence():
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("block", [128, 64])
+@pytest.mark.parametrize("block", [pytest.param(128, marks=pytest.mark.slow), 64])
 def test_flex_mask_and_bias_match_padded_eager_cpu(block):
     """The flex path's score_mod, document mask and block mask, run uncompiled on the CPU."""
     from gpuengine.models.dnabert_s import (

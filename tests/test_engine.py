@@ -1,33 +1,29 @@
 """What ``gpuengine embed`` stores, end to end on the CPU: the Python reading API, truncation,
 deduplication and reruns, several layers and poolings, store dtype, batch-size independence
-and map growth. Values are compared with fair-esm's own forward (max |diff| <= 1e-5, fp32)."""
+and map growth; and the run's collector settings. Values are compared with fair-esm's own
+forward (max |diff| <= 1e-5, fp32). Faults injected into the engine: test_engine_faults.py."""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import numpy as np
 import pytest
 
-from conftest import fair_esm_reference, isolated_cache, random_proteins, write_fasta
-from test_cli import (DIM, IDS, LAST, SEQS, assert_close, cli, embed, fails, max_diff,
-                      snapshot, standard_fasta)
+from cli_runs import (DIM, IDS, LAST, SEQS, cli, embed, fails, info_outputs, snapshot,
+                      standard_fasta)
+from conftest import (assert_close, fair_esm_reference, isolated_cache, max_diff,
+                      random_proteins, write_fasta)
+from gpuengine.engine import relaxed_collector
 
 POOLS = ("mean", "bos", "per-token")
 
 
-@pytest.fixture(scope="session")
-def reference(tiny_pt):
-    return fair_esm_reference(tiny_pt, SEQS, list(range(LAST + 1)))
-
-
-@pytest.fixture(scope="module")
-def store(tiny_pt, tmp_path_factory):
-    base = tmp_path_factory.mktemp("engine-store")
-    with isolated_cache(base / "cache"):
-        fasta = standard_fasta(base / "proteins.fa")
-        embed(fasta, tiny_pt, base / "store.lmdb")
-    return base / "store.lmdb"
+@pytest.fixture
+def store(standard_store):
+    """The standard input embedded once with default options (read-only for the tests)."""
+    return standard_store["path"]
 
 
 # ----------------------------------------------------------------------------- Python API
@@ -286,7 +282,6 @@ def test_multi_output_table_spec_and_negative_layer(multi, reference):
     assert result.exit_code == 2 and "several outputs" in result.stderr
     result = cli("info", multi)
     assert result.exit_code == 0
-    from test_cli import info_outputs
     items = info_outputs(result.stdout)
     assert len(items) == 9 and all(len(item) == 2 for item in items)
 
@@ -364,6 +359,7 @@ def test_batch_size_does_not_change_stored_values(tiny_pt, tmp_path):
 # ----------------------------------------------------------------------------- map growth
 
 
+@pytest.mark.slow
 def test_map_grows_through_the_engine(tiny_pt, tmp_path, monkeypatch):
     """The engine does not expose StoreWriter's initial_map_size (EmbedConfig has no field for
     it), so the writer it creates is replaced by one starting from a 64 KiB map."""
@@ -553,16 +549,34 @@ def test_every_sequence_committed_once_fresh_resumed_and_rerun(tiny_pt, tmp_path
             np.testing.assert_array_equal(emb[rid], want)
 
 
-def test_digest_filter_has_no_false_negatives():
-    import os
+# ----------------------------------------------------------------------------- collector
+# The garbage-collector settings of a run are restored afterwards, also when runs overlap or
+# fail.
 
-    from gpuengine.planner import DigestFilter
 
-    added = [os.urandom(16) for _ in range(5000)]
-    others = [os.urandom(16) for _ in range(5000)]
-    f = DigestFilter(len(added))
-    assert not any(f.maybe_many(added))
-    f.add_many(added[:2500])
-    f.add_many(added[2500:])
-    assert all(f.maybe_many(added))
-    assert sum(f.maybe_many(others)) < 0.05 * len(others)
+def test_thresholds_and_freeze_are_restored():
+    before = gc.get_threshold()
+    with relaxed_collector(12_345):
+        assert gc.get_threshold()[0] == 12_345
+        assert gc.get_threshold()[1:] == before[1:]
+        assert gc.get_freeze_count() > 0
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+
+
+def test_overlapping_runs_restore_only_when_the_last_leaves():
+    before = gc.get_threshold()
+    outer = relaxed_collector(20_000)
+    outer.__enter__()
+    with relaxed_collector(30_000):  # a second run started meanwhile keeps the first's setting
+        assert gc.get_threshold()[0] == 20_000
+    assert gc.get_threshold()[0] == 20_000  # the first run is still going
+    outer.__exit__(None, None, None)
+    assert gc.get_threshold() == before
+
+
+def test_restored_after_an_error():
+    before = gc.get_threshold()
+    with pytest.raises(RuntimeError), relaxed_collector():
+        raise RuntimeError("boom")
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0

@@ -12,14 +12,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from conftest import TINY, fair_esm_reference, random_proteins, write_fasta
+from conftest import (TINY, assert_close, embed_esm2_with_runner, fair_esm_reference,
+                      random_proteins, write_fasta)
 from gpuengine import EmbeddingStore
 from gpuengine.cli import app
 from gpuengine.errors import ModelLoadError
 from gpuengine.models.esm2_weights import build_esm2, read_fair_esm_checkpoint, read_hf_esm
 from gpuengine.synthetic import write_hf_esm_with_transformers
 from gpuengine.tokenization import EsmTokenizer
-from test_esm2_parity import assert_close, embed_with_runner
 from gpuengine.store.schema import OutputSpec
 
 SEQUENCES = random_proteins([1, 7, 60, 250], seed=13) + ["XBZUO" * 4]
@@ -87,7 +87,7 @@ def test_save_pretrained_directory_equals_the_fair_esm_path(tmp_path, tiny_pt):
     for key, value in state_pt.items():
         assert torch.equal(state_hf[key], value), key  # inv_freq: the file's fp16-rounded values
     outputs = [OutputSpec(cfg_hf.num_layers, "mean"), OutputSpec(1, "per-token")]
-    ours = embed_with_runner(build_esm2(cfg_hf, state_hf, torch.float32), SEQUENCES, outputs)
+    ours = embed_esm2_with_runner(build_esm2(cfg_hf, state_hf, torch.float32), SEQUENCES, outputs)
     ref = fair_esm_reference(tiny_pt, SEQUENCES, [1, cfg_hf.num_layers])
     assert_close(np.stack(ours[outputs[0]]), ref[cfg_hf.num_layers]["mean"], "HF (transformers) vs fair-esm")
     for a, b in zip(ours[outputs[1]], ref[1]["per-token"]):

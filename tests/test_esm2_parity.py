@@ -9,35 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import embed_in_batches, fair_esm_reference, random_proteins
+from conftest import assert_close, embed_esm2_with_runner, fair_esm_reference, random_proteins
 from gpuengine.models.esm2_weights import build_esm2, read_fair_esm_checkpoint, read_hf_esm
-from gpuengine.packing import WorkItem
-from gpuengine.pooling import PoolingRule
-from gpuengine.runner import Runner
-from gpuengine.store.codec import sequence_digest
 from gpuengine.store.schema import OutputSpec
 from gpuengine.synthetic import write_fair_esm_checkpoint
-from gpuengine.tokenization import EsmTokenizer
 
-TOL = 1e-5
 LENGTHS = [1, 2, 3, 5, 17, 64, 129, 300, 1021, 1022, 1023, 1100]
 POOLS = ("mean", "bos", "per-token")
 
 
-def assert_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
-    diff = float(np.abs(ours - ref).max())
-    assert diff <= TOL, (f"{what}: max |diff| {diff:.3g} > {TOL}\n ours {ours.ravel()[:6]}\n "
-                         f" ref {ref.ravel()[:6]}")
-
-
-def embed_with_runner(model, sequences, outputs, budget=4096):
-    tok = EsmTokenizer()
-    items = [WorkItem(sequence_digest(s), tok.encode(s, 1022), min(len(s), 1022)) for s in sequences]
-    runner = Runner(model, torch.device("cpu"), "fp32", outputs, PoolingRule(1, 1))
-    return embed_in_batches(runner, items, outputs, budget)
-
-
-@pytest.mark.parametrize("shape", [(2, 64, 4), (3, 48, 2), (1, 32, 2)],
+@pytest.mark.parametrize("shape", [pytest.param((2, 64, 4), marks=pytest.mark.slow), (3, 48, 2),
+                                   (1, 32, 2)],
                          ids=["d64-h4-hd16", "d48-h2-hd24", "d32-h2-hd16-1layer"])
 def test_packed_matches_fair_esm(tmp_path, shape):
     layers_n = shape[0]
@@ -50,7 +32,7 @@ def test_packed_matches_fair_esm(tmp_path, shape):
     assert synthetic
     model = build_esm2(cfg, state, torch.float32)
     outputs = [OutputSpec(layer, pool) for layer in layers for pool in POOLS]
-    ours = embed_with_runner(model, sequences, outputs)
+    ours = embed_esm2_with_runner(model, sequences, outputs)
     for o in outputs:
         if o.pool == "per-token":
             for i, (a, b) in enumerate(zip(ours[o], ref[o.layer]["per-token"])):
@@ -66,8 +48,8 @@ def test_hf_directory_gives_the_same_embeddings(tiny_pt, tiny_hf):
     cfg_b, state_b = read_hf_esm(tiny_hf)
     assert cfg_a == cfg_b
     outputs = [OutputSpec(cfg_a.num_layers, "mean")]
-    a = embed_with_runner(build_esm2(cfg_a, state_a, torch.float32), sequences, outputs)
-    b = embed_with_runner(build_esm2(cfg_b, state_b, torch.float32), sequences, outputs)
+    a = embed_esm2_with_runner(build_esm2(cfg_a, state_a, torch.float32), sequences, outputs)
+    b = embed_esm2_with_runner(build_esm2(cfg_b, state_b, torch.float32), sequences, outputs)
     ref = fair_esm_reference(tiny_pt, sequences, [cfg_a.num_layers])
     assert_close(np.stack(b[outputs[0]]), ref[cfg_a.num_layers]["mean"], "HF dir vs fair-esm")
     assert_close(np.stack(a[outputs[0]]), np.stack(b[outputs[0]]), "pt vs HF dir")
@@ -102,8 +84,8 @@ def test_batch_composition_does_not_change_results(tiny_pt):
     model = build_esm2(cfg, state, torch.float32)
     seqs = random_proteins([10, 200, 33, 700], seed=9)
     out = [OutputSpec(2, "mean")]
-    packed = np.stack(embed_with_runner(model, seqs, out)[out[0]])
-    alone = np.stack([embed_with_runner(model, [s], out)[out[0]][0] for s in seqs])
+    packed = np.stack(embed_esm2_with_runner(model, seqs, out)[out[0]])
+    alone = np.stack([embed_esm2_with_runner(model, [s], out)[out[0]][0] for s in seqs])
     assert_close(packed, alone, "packed vs alone")
 
 
@@ -111,7 +93,7 @@ def test_intermediate_layer_stops_early_and_is_not_normalised(tiny_pt):
     cfg, state, _ = read_fair_esm_checkpoint(tiny_pt)
     seq = random_proteins([40], seed=2)
     ref = fair_esm_reference(tiny_pt, seq, [1, 2])
-    ours = embed_with_runner(build_esm2(cfg, state, torch.float32), seq,
+    ours = embed_esm2_with_runner(build_esm2(cfg, state, torch.float32), seq,
                              [OutputSpec(1, "mean"), OutputSpec(2, "mean")])
     assert_close(ours[OutputSpec(1, "mean")][0], ref[1]["mean"][0], "layer 1")
     assert not np.allclose(ref[1]["mean"][0], ref[2]["mean"][0])

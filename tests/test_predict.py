@@ -1,11 +1,10 @@
 """`gpuengine predict` end to end on the CPU with tiny random ESM-2 and DNABERT-S checkpoints and
 a random MLP saved the original way (a whole pickled module), against a plain reference
 pipeline written here: the per-read reference translation, fair-esm's own forward, the plain
-padded DNABERT-S reading of test_dnabert_s, and the original MLP."""
+padded DNABERT-S reading (dnabert_s_reference.py), and the original MLP loaded the original way
+(virnucpro_files.py)."""
 
 from __future__ import annotations
-
-import random
 
 import numpy as np
 import pytest
@@ -14,39 +13,20 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from conftest import fair_esm_reference
+from dnabert_s_reference import reference_embeddings
+from embed_processes import committed_in_another_process
 from gpuengine.cli import app
-from gpuengine.synthetic import write_dnabert_s, write_fair_esm_checkpoint
 from gpuengine.workflows.virnucpro.frames import chunk_sequence, translate_frames_reference
-from test_dnabert_s import reference_embeddings
-from test_virnucpro_classifier import random_original, save_original_way
+from virnucpro_files import (load_the_original_way, random_original, read_predictions,
+                             reads_fasta, save_original_way)
 
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("predict-models")
-    esm = write_fair_esm_checkpoint(root / "esm2_t2_predict.pt", 2, 64, 4, seed=21)
-    dna = write_dnabert_s(root / "dnabert", num_layers=2, embed_dim=48, heads=4,
-                          intermediate=96, seed=22)
-    mlp = random_original(input_dim=48 + 64, hidden=32, seed=3)
-    save_original_way(mlp, root / "500_model.pth")
-    return esm, dna, mlp, root / "500_model.pth"
-
-
-def reads_fasta(path, n=40, seed=5):
-    rng = random.Random(seed)
-    reads = []
-    for i in range(n):
-        length = rng.choice([150, 151, 174, 300, 501, 620, 1001, 2])
-        seq = "".join(rng.choice("ACGT") for _ in range(length))
-        if i % 7 == 3:  # ambiguous bases: codons dropped, frame kept
-            seq = seq[:40] + "NNRY" + seq[44:]
-        if i % 11 == 5:
-            seq = seq.lower()
-        reads.append((f"read{i}", seq))
-    path.write_text("".join(f">{rid} sample\n{seq}\n" for rid, seq in reads))
-    return reads
+@pytest.fixture
+def models(predict_models):
+    """(esm, dna, mlp, mlp_path): the tiny predict models (read-only)."""
+    return predict_models
 
 
 def reference_predictions(reads, esm, dna, mlp, length=500):
@@ -62,14 +42,6 @@ def reference_predictions(reads, esm, dna, mlp, length=500):
     with torch.no_grad():
         probs = F.softmax(mlp.eval()(features), dim=1).numpy()
     return ids, probs
-
-
-def read_predictions(path):
-    lines = path.read_text().splitlines()
-    assert lines[0] == "Sequence_ID\tPrediction\tscore1\tscore2"
-    rows = [line.split("\t") for line in lines[1:]]
-    return ([r[0] for r in rows], [r[1] for r in rows],
-            np.array([[float(r[2]), float(r[3])] for r in rows]))
 
 
 def run(args):
@@ -156,7 +128,7 @@ def test_predict_killed_with_sigkill_resumes_to_the_same_outputs(tmp_path, model
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and child.poll() is None:
-        if _committed(out / "embeddings.lmdb", "dnabert") > 0:  # the first groups are in
+        if committed_in_another_process(out / "embeddings.lmdb", "dnabert") > 0:  # groups are in
             break
         time.sleep(0.05)
     assert child.poll() is None, "the run ended before it could be killed"
@@ -182,37 +154,7 @@ def test_predict_killed_with_sigkill_resumes_to_the_same_outputs(tmp_path, model
             assert ours == ref
 
 
-def _committed(store, table: str) -> int:
-    """Record ids in ``table``, read from another process's store (0 while it does not exist)."""
-    import subprocess
-    import sys
-
-    code = ("import sys\nfrom gpuengine import EmbeddingStore\ntry:\n"
-            f"    s = EmbeddingStore({str(store)!r}, table={table!r}); print(len(s))\n"
-            "except Exception:\n    print(0)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    return int(result.stdout.strip() or 0)
-
-
-
-def load_the_original_way(path):
-    """The original prediction.py: ``torch.load`` of the whole pickled module, with the training
-    script's class defined in ``__main__`` (here for the duration of the call only)."""
-    import sys
-
-    from test_virnucpro_classifier import MLPClassifier
-
-    main = sys.modules["__main__"]
-    saved = MLPClassifier.__module__
-    MLPClassifier.__module__ = "__main__"
-    main.MLPClassifier = MLPClassifier
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False).eval()  # our own file
-    finally:
-        MLPClassifier.__module__ = saved
-        del main.MLPClassifier
-
-
+@pytest.mark.slow
 def test_make_checkpoint_mlp_runs_predict_on_the_bundled_reads(tmp_path, models):
     """tools/make_checkpoint.py virnucpro-mlp writes the published .pth format (the original
     tool loads it), gpuengine reads it without unpickling code, and predict runs end to end on

@@ -439,12 +439,12 @@ def test_cli_merge_json_and_verify(data, tmp_path):
     assert code == 1 and stdout == "" and "Traceback" not in err
 
 
-@pytest.mark.parametrize("case, code, words", [
-    ("mismatch", 1, ["model weights sha256 differ"]),
+@pytest.mark.parametrize("case, code, words", [  # real processes: one in the fast lane
+    pytest.param("mismatch", 1, ["model weights sha256 differ"], marks=pytest.mark.slow),
     ("conflict", 1, ["'P2'", "names different sequences"]),
-    ("missing", 1, ["no store at"]),
-    ("out-is-input", 2, ["also an input"]),
-    ("bad-size", 2, ["--transaction-mb"]),
+    pytest.param("missing", 1, ["no store at"], marks=pytest.mark.slow),
+    pytest.param("out-is-input", 2, ["also an input"], marks=pytest.mark.slow),
+    pytest.param("bad-size", 2, ["--transaction-mb"], marks=pytest.mark.slow),
 ])
 def test_cli_merge_user_errors(tmp_path, case, code, words):
     a = write_store(tmp_path / "a.lmdb", SPEC, [("P1", "MKV"), ("P2", "MKW")])

@@ -230,19 +230,12 @@ def test_an_old_table_nothing_shows_the_precision_of_takes_the_first_run_s(tmp_p
         writer.check_precision("other", "fp32")  # no such table: nothing to refuse
 
 
-def test_predict_tables_carry_the_precision(tmp_path):
-    from gpuengine.synthetic import write_dnabert_s, write_fair_esm_checkpoint
-    from test_virnucpro_classifier import random_original, save_original_way
-
-    esm = write_fair_esm_checkpoint(tmp_path / "esm2_t2_p.pt", 2, 64, 4, seed=21)
-    dna = write_dnabert_s(tmp_path / "dnabert", num_layers=2, embed_dim=48, heads=4,
-                          intermediate=96, seed=22)
-    save_original_way(random_original(input_dim=48 + 64, hidden=32, seed=3),
-                      tmp_path / "500_model.pth")
+def test_predict_tables_carry_the_precision(tmp_path, predict_models):
+    esm, dna, _, mlp_path = predict_models
     reads = tmp_path / "reads.fa"
     reads.write_text(">r1\n" + "ATGGCT" * 40 + "\n>r2\n" + "ATGAAACCC" * 30 + "\n")
     store = tmp_path / "store.lmdb"
-    args = ["predict", reads, "--length", "500", "--classifier", tmp_path / "500_model.pth",
+    args = ["predict", reads, "--length", "500", "--classifier", mlp_path,
             "--esm-model", esm, "--dnabert-model", dna, "--store", store, "--gpus", "cpu",
             "--offline", "-q"]
     result = cli(*args)

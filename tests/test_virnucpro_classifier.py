@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpuengine.errors import ModelLoadError
+from virnucpro_files import random_original, save_original_way
 from gpuengine.workflows.virnucpro.classifier import (
     FEATURE_SIZE,
     MLPClassifier as OurMLP,
@@ -23,56 +24,6 @@ from gpuengine.workflows.virnucpro.classifier import (
     read_classifier_state,
     score_features,
 )
-
-
-class MLPClassifier(nn.Module):
-    """A copy of the training script's class (train.py / prediction.py), saved from ``__main__``
-    by :func:`save_original_way`."""
-
-    def __init__(self, input_dim, hidden_dim, num_class):
-        super(MLPClassifier, self).__init__()
-        self.hidden_layer = nn.Linear(input_dim, hidden_dim)
-        self.bn1 = nn.BatchNorm1d(hidden_dim)
-        self.output_layer = nn.Linear(hidden_dim, num_class)
-        self.dropout = nn.Dropout(0.5)
-        nn.init.xavier_uniform_(self.hidden_layer.weight)
-        nn.init.xavier_uniform_(self.output_layer.weight)
-
-    def forward(self, x):
-        x = self.hidden_layer(x)
-        x = self.bn1(x)
-        x = F.relu(x)
-        x = self.dropout(x)
-        x = self.output_layer(x)
-        return x
-
-
-def random_original(input_dim=FEATURE_SIZE, hidden=512, seed=0) -> MLPClassifier:
-    torch.manual_seed(seed)
-    model = MLPClassifier(input_dim, hidden, 2)
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode matters
-        model.bn1.weight.uniform_(0.5, 1.5)
-        model.bn1.bias.uniform_(-0.2, 0.2)
-        model.bn1.running_mean.uniform_(-0.5, 0.5)
-        model.bn1.running_var.uniform_(0.2, 3.0)
-        model.bn1.num_batches_tracked.fill_(1234)
-        model.output_layer.weight.mul_(4.0)
-    return model.eval()
-
-
-def save_original_way(model: nn.Module, path) -> None:
-    """``torch.save(model)`` as train.py does it: the class lives in ``__main__``."""
-    main = sys.modules["__main__"]
-    cls = type(model)
-    saved_module = cls.__module__
-    assert not hasattr(main, cls.__name__)
-    cls.__module__ = "__main__"
-    setattr(main, cls.__name__, cls)
-    try:
-        torch.save(model, path)
-    finally:  # gone again: the loader must not need the class
-        cls.__module__ = saved_module
-        delattr(main, cls.__name__)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
-"""The input process (``EmbedConfig.input_process``): FASTA read, hashed and tokenized in a
-child that streams framed chunks to the planner. It must store exactly what the in-process
-planner stores, report the same input errors, fail clearly when the child dies, and leave no
-process behind."""
+"""``gpuengine.inputs``: records in, prepared chunks out, read in a child process or in the
+planner's thread. The input process (``EmbedConfig.input_process``: FASTA read, hashed and
+tokenized in a child that streams framed chunks to the planner) must store exactly what the
+in-thread path stores, report the same input errors, fail clearly when the child dies, and leave
+no process behind; its frames round-trip; records given in memory stay in the planner's
+thread."""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import time
 import numpy as np
 import pytest
 
+from cli_runs import LAST
 from conftest import random_proteins, write_fasta
-from test_resume import workload  # noqa: F401 - the resume tests' input and vectors (fixture)
+from embed_processes import (check_store, command, interrupt, rerun_to_completion, run_records,
+                             start, wait_for_first_commit)
 from gpuengine.errors import InputError
 
 PROTEIN_IDS = [f"q{i}" for i in range(60)] + ["Ä-ünïcode", "sp|P1|X"]
@@ -103,7 +107,6 @@ def _one_by_one(monkeypatch):
 
 def _contents(out):
     from gpuengine import EmbeddingStore
-    from test_cli import LAST
 
     found = {}
     for layer in (1, LAST):
@@ -281,13 +284,10 @@ def _gone(pid):
 
 @pytest.mark.slow
 def test_sigkill_of_the_engine_ends_the_child_and_rerun_completes(
-        tiny_pt, tmp_path, workload, monkeypatch):  # noqa: F811 - the fixture
-    from test_resume import check_store, command, rerun_to_completion, run_records, start, \
-        wait_for_first_commit
-
+        tiny_pt, tmp_path, resume_workload, monkeypatch):
     monkeypatch.setenv("GPUENGINE_INPUT_PROCESS", "1")
     out = tmp_path / "store.lmdb"
-    cmd = command(workload["fasta"], tiny_pt, out)
+    cmd = command(resume_workload["fasta"], tiny_pt, out)
     proc, _, stderr = start(cmd, tmp_path / "killed")
     try:
         wait_for_first_commit(proc, out, stderr)
@@ -299,27 +299,25 @@ def test_sigkill_of_the_engine_ends_the_child_and_rerun_completes(
     while not all(map(_gone, children)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert all(map(_gone, children)), "the input process outlived the engine"
-    stored = len(check_store(out, workload))
+    stored = len(check_store(out, resume_workload))
     assert 0 < stored
     [run] = run_records(out)
     assert run["status"] == "running" and run["committed_records"] == stored
-    if stored < len(workload["ids"]):
-        rerun_to_completion(cmd, out, stored, workload)
+    if stored < len(resume_workload["ids"]):
+        rerun_to_completion(cmd, out, stored, resume_workload)
 
 
 @pytest.mark.slow
-def test_sigint_drains_with_the_child(tiny_pt, tmp_path, workload, monkeypatch):  # noqa: F811
+def test_sigint_drains_with_the_child(tiny_pt, tmp_path, resume_workload, monkeypatch):
     import json
-
-    from test_resume import check_store, command, interrupt
 
     monkeypatch.setenv("GPUENGINE_INPUT_PROCESS", "1")
     out = tmp_path / "store.lmdb"
-    proc = interrupt(command(workload["fasta"], tiny_pt, out), out, tmp_path / "int",
+    proc = interrupt(command(resume_workload["fasta"], tiny_pt, out), out, tmp_path / "int",
                      [signal.SIGINT])
     summary = json.loads((tmp_path / "int.out").read_text())
     assert summary["interrupted"] is True and proc.returncode == 130
-    assert len(check_store(out, workload)) == summary["committed_records"] > 0
+    assert len(check_store(out, resume_workload)) == summary["committed_records"] > 0
     assert "Traceback" not in (tmp_path / "int.err").read_text()
 
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import gpuengine
+from cli_runs import cli
 from conftest import fair_esm_reference, isolated_cache, random_proteins, write_fasta
 from gpuengine import EmbeddingStore
 from gpuengine.export import hdf5_names
 from gpuengine.store import CommitEntry, ModelIdentity, OutputSpec, StoreWriter, TableSpec
 from gpuengine.store.codec import sequence_digest
-from test_cli import cli
 
 ESM_OUTPUTS = (OutputSpec(6, "mean"), OutputSpec(3, "mean"), OutputSpec(6, "bos"),
                OutputSpec(6, "per-token"))
