@@ -53,9 +53,9 @@ BASES = np.frombuffer(b"ACGT", dtype=np.uint8)
 
 MODELS = {
     # name: (workload, sequences on a GPU, sequences with --quick)
-    "dnabert-s": ("dna150", 240_000, 400),
-    "esm2-650M": ("virnucpro150", 36_000, 400),
-    "esm2-8M": ("virnucpro150", 300_000, 400),
+    "dnabert-s": ("dna150", 120_000, 400),
+    "esm2-650M": ("virnucpro150", 24_000, 400),
+    "esm2-8M": ("virnucpro150", 200_000, 400),
 }
 
 

@@ -17,7 +17,8 @@ Rows (system ``gpuengine-serve``): ``sequences_per_s`` over that span; ``file_la
 median (and 90th percentile) from a file's rename into inbox/ to its job record in done/,
 and ``claim_to_done_s``, the daemon's own median from claiming a file to moving it; the
 many-files row has ``ratio_vs_single`` (its rate over the single file's; the goal is
-≥ 0.8). Proteins are 48-50 residues (a 150-bp read's frame, as VirNucPro embeds them).
+≥ 0.8). Proteins are 48-50 residues (a 150-bp read's frame, as VirNucPro embeds them); the
+model is ESM-2 650M (random weights of the real shape) unless ``--model esm2-8M``.
 """
 
 from __future__ import annotations
@@ -150,7 +151,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--model", default="esm2-8M", choices=("esm2-8M", "esm2-650M"))
+    ap.add_argument("--model", default="esm2-650M", choices=("esm2-650M", "esm2-8M"),
+                    help="random weights of the real shape (default 650M; with 8M the host "
+                    "pipeline, not the GPU, sets the pace)")
     ap.add_argument("--files", type=int, default=2000, help="small files")
     ap.add_argument("--per-file", type=int, default=100, help="proteins per small file")
     ap.add_argument("--replicas", type=int, default=1, help="--replicas-per-gpu of the daemon")

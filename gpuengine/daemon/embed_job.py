@@ -128,7 +128,8 @@ class EmbedJob(Job):
         spec = self.table_spec
         return {
             "job": claim.key, "file": claim.name, "sha256": claim.sha256,
-            "size": os.path.getsize(claim.path), "status": status,
+            "size": claim.size if claim.size is not None else os.path.getsize(claim.path),
+            "status": status,
             "exit_code": summary.exit_code, "store": str(self.config.out),
             "table": summary.table,
             "model": {"name": spec.model.name if spec else summary.model,

@@ -68,6 +68,13 @@ def groupable(path: Path, attempts: int) -> tuple[bool, int]:
     return size <= GROUP_MAX_FILE_BYTES and attempts < SOLO_AFTER_ATTEMPTS, size
 
 
+def _size(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
 def take_group(names: list[str], limit: int, size_of) -> list[str]:
     """The leading names of ``names`` that form one group (``size_of(name)``: (groupable,
     size)); a name that may not share a run is taken alone when it comes first."""
@@ -238,7 +245,8 @@ class GroupRun:
                 keys.add(key)
                 todo.append((name, sha256, key))
         attempts = d.attempts.begin_many([(name, sha256) for name, sha256, _ in todo])
-        self.claims = [Claim(name, d.processing / name, sha256, key, attempt, self.started)
+        self.claims = [Claim(name, d.processing / name, sha256, key, attempt, self.started,
+                             _size(d.processing / name))
                        for (name, sha256, key), attempt in zip(todo, attempts)]
 
     def _validate(self) -> list[GroupFile]:

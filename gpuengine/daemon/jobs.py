@@ -41,6 +41,9 @@ class Claim:
     """This attempt's number (1 for the first)."""
     started: float
     """``time.perf_counter()`` when processing began (hashing included)."""
+    size: int | None = None
+    """The file's size in bytes when known at the claim (a group's files: read then, not on
+    the engine loop's thread when the job record is made)."""
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,12 @@ class TableLookup:
     def conflict(self, record: FastaRecord) -> RecordProblem | None:
         """A ``store-conflict`` problem when the table maps ``record.id`` to a different
         sequence than the record's (truncated as the table truncates), else None."""
-        stored = self.record_digests([record.id])[0]
+        pinned = self._pinned
+        if pinned is not None and self.spec is not None:  # one get, no list (a group's files)
+            value = pinned.get(codec.encode_id(record.id), db=self._db(ids_db_name(self.table)))
+            stored = None if value is None else codec.value_digest(value)
+        else:
+            stored = self.record_digests([record.id])[0]
         if stored is None:
             return None
         limit = self.spec.max_residues if self.spec is not None else None
