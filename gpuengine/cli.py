@@ -30,6 +30,8 @@ HELP = """Exact, packed protein (ESM-2) and DNA (DNABERT-S) embeddings on every 
   gpuengine lookup proteins.lmdb P12345 --json
   gpuengine info proteins.lmdb
   gpuengine merge all.lmdb out/shards --verify        (or: gpuengine merge all.lmdb a.lmdb b.lmdb)
+  gpuengine slurm embed big.fasta -m esm2_t33_650M_UR50D --out /shared/run --shards 16
+  gpuengine slurm status /shared/run
   gpuengine export proteins.lmdb --format npz -o proteins.npz
   gpuengine export proteins.lmdb --format hdf5 -o embeddings.h5   (or fair-esm -o esm_out/)
   gpuengine predict reads.fasta --length 500 --classifier 500_model.pth
@@ -131,6 +133,10 @@ def embed(
     skip_invalid: Annotated[bool, typer.Option(
         "--skip-invalid", help="Skip invalid records (counted) instead of stopping before the "
         "model loads.")] = False,
+    shard: Annotated[Optional[str], typer.Option(
+        "--shard", help="Embed only shard I of N (0-based, e.g. 3/8): the records whose "
+        "sequence's digest falls in it; the N shards' stores hold every record once "
+        "(merge them with gpuengine merge). See docs/cluster.md.")] = None,
     gpus: Gpus = "auto",
     max_tokens: MaxTokens = None,
     replicas_per_gpu: ReplicasPerGpu = 1,
@@ -148,7 +154,7 @@ def embed(
         _check_table(table)
         config = _embed_config(tuple(inputs), model, out, layers, pool, precision, store_dtype,
                                max_residues, table, skip_invalid, gpus, max_tokens, offline,
-                               replicas_per_gpu)
+                               replicas_per_gpu, shard)
         from gpuengine.engine import run_embed
 
         with StopOnSignals(on_stop=announce_stop) as stop:
@@ -173,16 +179,18 @@ def _check_table(name: str) -> None:
 def _embed_config(inputs: tuple[Path, ...], model: str, out: Path, layers: str, pool: List[str],
                   precision: Optional[str], store_dtype: str, max_residues: Optional[int],
                   table: str, skip_invalid: bool, gpus: str, max_tokens: Optional[int],
-                  offline: bool, replicas_per_gpu: int = 1):
+                  offline: bool, replicas_per_gpu: int = 1, shard: Optional[str] = None):
     """The :class:`~gpuengine.config.EmbedConfig` of ``embed``'s (and ``serve``'s) options."""
     from gpuengine.config import EmbedConfig
+    from gpuengine.shards import Shard
 
     return EmbedConfig(
         inputs=inputs, model=model, out=out, layers=_parse_layers(layers),
         pools=tuple(_split(pool)), precision=precision, store_dtype=store_dtype,
         max_residues=-1 if max_residues is None else (max_residues or None), table=table,
         skip_invalid=skip_invalid, devices=gpus, max_tokens=max_tokens,
-        replicas_per_gpu=replicas_per_gpu, allow_download=not offline)
+        replicas_per_gpu=replicas_per_gpu, allow_download=not offline,
+        shard=None if shard is None else Shard.parse(shard))
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:
@@ -227,6 +235,14 @@ def predict(
     skip_invalid: Annotated[bool, typer.Option(
         "--skip-invalid", help="Skip invalid reads (counted) instead of stopping before the "
         "models load.")] = False,
+    shard: Annotated[Optional[str], typer.Option(
+        "--shard", help="Predict only shard I of N (0-based, e.g. 3/8): the reads whose "
+        "sequence's digest falls in it, with all their chunks and frames. See "
+        "docs/cluster.md.")] = None,
+    score_only: Annotated[bool, typer.Option(
+        "--score-only", help="Load no embedding model: write the outputs from the features "
+        "already in --store (e.g. the merged stores of the shards); a missing one is an "
+        "error.")] = False,
     offline: Offline = False,
     json_summary: JsonSummary = False,
     quiet: Quiet = False,
@@ -245,6 +261,7 @@ def predict(
         if len(args) != 1 or length is None or classifier is None:
             raise UsageError("give reads.fasta with --length and --classifier (or the original "
                              "form: reads.fasta LENGTH CLASSIFIER)")
+        from gpuengine.shards import Shard
         from gpuengine.workflows.virnucpro.pipeline import PredictConfig, run_predict
 
         config = PredictConfig(reads=Path(args[0]), length=length, classifier=classifier,
@@ -253,7 +270,8 @@ def predict(
                                precision=precision, devices=gpus, max_tokens=max_tokens,
                                replicas_per_gpu=replicas_per_gpu,
                                keep_intermediate=keep_intermediate, skip_invalid=skip_invalid,
-                               allow_download=not offline)
+                               allow_download=not offline, score_only=score_only,
+                               shard=None if shard is None else Shard.parse(shard))
         with StopOnSignals(on_stop=announce_stop) as stop:
             summary = run_predict(config, RichProgress(enabled=not quiet), stop)
     except GpuEngineError as exc:
@@ -262,7 +280,9 @@ def predict(
 
     if not quiet:
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in summary.stage_seconds.items())
-        stderr.print(f"predict: {summary.reads:,} reads, {summary.chunks:,} chunks, "
+        reads = (f"shard {summary.shard}: {summary.reads:,} of {summary.valid_reads:,} reads"
+                 if summary.shard else f"{summary.reads:,} reads")
+        stderr.print(f"predict: {reads}, {summary.chunks:,} chunks, "
                      f"{summary.frames:,} frames, {summary.virus_chunks:,} chunks called virus; "
                      f"{stages}; outputs in {summary.out_dir}", highlight=False)
     if json_summary:
@@ -583,6 +603,10 @@ def status(directory: Annotated[Path, typer.Argument(
 
 for _info in app.registered_commands:  # every command's --help without <bool> (see _Command)
     _info.cls = _Command
+
+from gpuengine.cli_slurm import build_slurm_app  # noqa: E402 - built from embed's and predict's
+
+app.add_typer(build_slurm_app(embed, predict, _fail, _Group, _Command), name="slurm")
 
 
 def main() -> None:

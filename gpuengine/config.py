@@ -9,9 +9,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpuengine.errors import UsageError
 from gpuengine.vocabulary import DEFAULT_TABLE, POOLS, PRECISIONS, STORE_DTYPES, check_table_name
+
+if TYPE_CHECKING:  # a field's type only: configuration (layer 0) does not import shards
+    from gpuengine.shards import Shard
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,8 @@ class EmbedConfig:
     """Read, normalise, hash and tokenize the FASTA input in a child process (off the engine's
     GIL) — True: always, False: never (in the planner thread), None: the environment's
     choice, else only for inputs of at least ``inputs.INPUT_PROCESS_MIN_RECORDS`` records."""
+    shard: Shard | None = None
+    """``--shard I/N``: embed only the input's records of this shard (:mod:`gpuengine.shards`)."""
     env: Environment = field(default_factory=environment)
 
     def __post_init__(self) -> None:

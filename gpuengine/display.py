@@ -186,6 +186,9 @@ def print_summary(summary, console: Console | None = None) -> None:
          f"{summary.commit_transactions} transactions, {summary.commit_seconds:.1f} s; "
          f"{summary.commit_wait_seconds:.1f} s"),
     ]
+    if summary.shard:
+        rows.insert(4, ("shard", f"{summary.shard}: {summary.shard_records:,} of "
+                                 f"{summary.valid_records:,} records"))
     for name, value in rows:  # Text, not markup: paths and model names are user data
         table.add_row(name, Text(f"{value:,}" if isinstance(value, int) else str(value)))
     several = len(summary.devices) > 1

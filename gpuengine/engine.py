@@ -102,6 +102,10 @@ class RunSummary:
     """Time the run waited for the store writer after handing it the last group (long when
     the store's disk, not the devices, limits the run)."""
     interrupted: bool = False
+    shard: str = ""
+    """``I/N`` of a sharded run (``--shard``), else empty."""
+    shard_records: int = 0
+    """Valid records of the input in this shard (what a sharded run embeds)."""
     run_id: str = ""
     """Key of the run's progress record in the store's ``runs`` database."""
     run_started: dict = field(default_factory=dict)
@@ -181,8 +185,12 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
         if records is None:
             progress.stage("validating input")
             records = validated_fasta(config.inputs, model.fam.alphabet,
-                                      skip_invalid=config.skip_invalid, stored=lookup)
+                                      skip_invalid=config.skip_invalid, stored=lookup,
+                                      shard=config.shard, max_residues=model.max_residues)
         counts = records.counts()
+        if records.shard is not None:
+            progress.stage(f"shard {records.shard.label}: {records.count:,} of "
+                           f"{counts['valid_records']:,} records")
         if stop.is_set():  # Ctrl-C while validating: nothing loaded, nothing to drain
             summary = RunSummary(str(config.out), config.table, model.source.name, False,
                                  interrupted=True, **counts)

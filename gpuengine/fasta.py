@@ -295,6 +295,8 @@ class ValidationReport:
     problem_count: int  # all problems found
     skip: frozenset[tuple[str, int]] = field(repr=False)  # (path, index) the 2nd pass skips
     residues: int  # residues over the valid records
+    selected: int | None = None  # of the valid records, those ``select`` took (None: no select)
+    selected_residues: int = 0  # residues over the selected valid records
 
 
 def _check_paths(paths: Sequence[str | os.PathLike]) -> tuple[str, ...]:
@@ -330,6 +332,8 @@ class _Tally:
         self.ordinals = array("Q")  # records in earlier files + index in its file
         self.lengths = array("I")  # residues
         self.file_starts: list[int] = []  # per file: records in earlier files
+        self.selected: bytearray | None = None  # per hashed record: 1 if ``select`` took it
+        self.selected_count = self.selected_residues = 0
 
     def problem(self, problem: RecordProblem) -> None:
         self.problem_count += 1
@@ -344,10 +348,13 @@ class _Tally:
 
 
 def _first_pass(paths: Sequence[str | os.PathLike], tally: _Tally,
-                alphabet: frozenset[str] | None, stored: StoredRecords | None) -> None:
-    """Read every file once: note the problems, hash every otherwise valid record."""
+                alphabet: frozenset[str] | None, stored: StoredRecords | None,
+                select: Callable[[str], bool] | None = None) -> None:
+    """Read every file once: note the problems, hash every otherwise valid record (and note
+    which ones ``select`` takes)."""
     empty_hash = hashlib.blake2b(digest_size=8)  # copying it is faster than a new one
     ids, seqs, ordinals, lengths = tally.id_hashes, tally.seq_hashes, tally.ordinals, tally.lengths
+    selected = tally.selected = bytearray() if select is not None else None
     for name, path in zip(tally.names, paths):
         base = tally.records
         tally.file_starts.append(base)
@@ -369,6 +376,12 @@ def _first_pass(paths: Sequence[str | os.PathLike], tally: _Tally,
             ordinals.append(base + rec.index)
             lengths.append(len(rec.sequence))
             residues += len(rec.sequence)
+            if selected is not None:
+                took = select(rec.sequence)
+                selected.append(took)
+                if took:
+                    tally.selected_count += 1
+                    tally.selected_residues += len(rec.sequence)
         tally.records = base + count
         tally.residues += residues
 
@@ -464,6 +477,10 @@ def _judge_repeats(tally: _Tally, positions: np.ndarray, reads: _Repeats) -> Non
     tally.duplicates += int(np.count_nonzero(later & ~conflict))
     lengths = np.frombuffer(tally.lengths, dtype=np.uint32)[positions].astype(np.uint64)
     tally.residues -= int(lengths[skip].sum())
+    if tally.selected is not None:
+        took = np.frombuffer(tally.selected, dtype=np.uint8)[positions].astype(bool) & skip
+        tally.selected_count -= int(np.count_nonzero(took))
+        tally.selected_residues -= int(lengths[took].sum())
     ordinals = np.frombuffer(tally.ordinals, dtype=np.uint64)[positions]
     files, indices = tally.where(ordinals[skip])
     tally.skip.update(zip([tally.names[f] for f in files], indices))
@@ -502,6 +519,7 @@ def validate(
     skip_invalid: bool = False,
     max_problems: int = 1000,
     stored: StoredRecords | None = None,
+    select: Callable[[str], bool] | None = None,
 ) -> ValidationReport:
     """First pass over all input files: find the bad records and the ids given twice.
 
@@ -516,19 +534,25 @@ def validate(
     a false problem. Memory is 28 bytes per record (twice that while sorting), plus each
     repeated id and its first sequence (those re-read in batches of about 1 GiB).
 
+    ``select(sequence)`` (a shard's membership test) is asked of every otherwise valid
+    record; the report's ``selected`` and ``selected_residues`` count the valid records it
+    took (a repeat skipped here is not counted).
+
     Raises:
         InputError: no paths, a path given twice, an unreadable or non-FASTA file, or, unless
             ``skip_invalid``, any problem at all; then the report is its ``.report``.
     """
     names = _check_paths(paths)
     tally = _Tally(names, max_problems)
-    _first_pass(paths, tally, alphabet, stored)
+    _first_pass(paths, tally, alphabet, stored, select)
     for positions in _repeated_id_batches(tally):
         _judge_repeats(tally, positions, _reread(paths, tally, positions))
     report = ValidationReport(
         files=names, records=tally.records, valid=tally.records - len(tally.skip),
         duplicate_records=tally.duplicates, problems=tuple(tally.problems),
         problem_count=tally.problem_count, skip=frozenset(tally.skip), residues=tally.residues,
+        selected=None if select is None else tally.selected_count,
+        selected_residues=tally.selected_residues,
     )
     if report.problem_count and not skip_invalid:
         raise _failure(report)

@@ -4,7 +4,9 @@ A run's records come from a :class:`RecordSource`: the valid records of FASTA fi
 (:func:`validated_fasta`, the first pass over the input) or records a workflow derives
 (``predict``'s frames). :func:`open_input` turns them into prepared chunks: up to
 :data:`LOOKUP_CHUNK` records each, truncated, hashed and tokenized by :func:`prepare_chunk`,
-so the planner has one path whatever reads them. Where they are read is chosen once:
+so the planner has one path whatever reads them. A sharded run (``--shard I/N``,
+:mod:`gpuengine.shards`) keeps only its shard's records there, right after hashing and before
+tokenizing, in whichever process reads. Where they are read is chosen once:
 
 * in a **child process** (:class:`InputProcess`, ``python -m gpuengine.inputs``), for FASTA
   input of at least :data:`INPUT_PROCESS_MIN_RECORDS` records (or as ``input_process`` /
@@ -16,7 +18,8 @@ so the planner has one path whatever reads them. Where they are read is chosen o
 Nothing crosses the process boundary as pickle. Both directions are frames: a 4-byte tag, a
 little-endian uint64 payload length, the payload.
 
-* parent → child: ``CONF`` (UTF-8 JSON: paths, alphabet, max_residues, tokenizer spec), then
+* parent → child: ``CONF`` (UTF-8 JSON: paths, alphabet, max_residues, tokenizer spec,
+  shard), then
   one ``SKIP`` per file (uint64 record indices the second pass skips).
 * child → parent: ``CHNK`` per chunk (layout in :func:`encode_chunk`), then ``DONE``; or
   ``FAIL`` (UTF-8 JSON: error class name and message) when reading failed.
@@ -46,9 +49,13 @@ from gpuengine import errors
 from gpuengine.errors import GpuEngineError, InputError, InternalError
 from gpuengine.fasta import StoredRecords, ValidationReport, stream_valid, validate
 from gpuengine.records import FastaRecord
+from gpuengine.shards import Shard
 
 LOOKUP_CHUNK = 1024
 """Records per prepared chunk (the planner looks each chunk's ids up in the store at once)."""
+MAX_READ_CHUNK = 65_536
+"""Most records read for one chunk of a sharded run (which reads LOOKUP_CHUNK × N records
+to keep about LOOKUP_CHUNK of them)."""
 INPUT_PROCESS_MIN_RECORDS = 20_000
 """Smaller FASTA inputs are read in the planner thread when the config leaves it open (the
 child process costs a start-up of about 0.1-0.2 s)."""
@@ -82,25 +89,41 @@ class RecordSource:
     fasta: FastaInput | None = None
     """Set when the records are the valid ones of FASTA files: the input process can read
     them itself."""
+    shard: Shard | None = None
+    """Only this shard's records are embedded (``count`` and ``residues`` are the shard's);
+    ``iterate`` still gives every record, the chunk reader keeps the shard's."""
 
-    def counts(self) -> dict[str, int]:
-        """The run summary's input counts (records read, valid, skipped, repeated)."""
+    def counts(self) -> dict:
+        """The run summary's input counts (records read, valid, skipped, repeated; a
+        sharded run's shard and its records)."""
         if self.fasta is None:
-            return dict(records_read=self.count, valid_records=self.count)
-        report = self.fasta.report
-        return dict(records_read=report.records, valid_records=report.valid,
-                    invalid_skipped=len(report.skip) - report.duplicate_records,
-                    duplicate_records=report.duplicate_records)
+            counts = dict(records_read=self.count, valid_records=self.count)
+        else:
+            report = self.fasta.report
+            counts = dict(records_read=report.records, valid_records=report.valid,
+                          invalid_skipped=len(report.skip) - report.duplicate_records,
+                          duplicate_records=report.duplicate_records)
+        if self.shard is not None:
+            counts.update(shard=self.shard.label, shard_records=self.count)
+        return counts
 
 
 def validated_fasta(paths: Sequence[str | os.PathLike], alphabet: frozenset[str] | None, *,
-                    skip_invalid: bool, stored: StoredRecords | None) -> RecordSource:
+                    skip_invalid: bool, stored: StoredRecords | None,
+                    shard: Shard | None = None, max_residues: int | None = None) -> RecordSource:
     """Validate ``paths`` (InputError on a problem unless ``skip_invalid``; a record whose id
-    ``stored`` maps to another sequence is one) and return their valid records."""
+    ``stored`` maps to another sequence is one) and return their valid records. With a
+    ``shard``, the whole input is still validated (every shard judges it alike) and the
+    source counts the records of the shard (sequences truncated to ``max_residues``)."""
     paths = list(paths)
-    report = validate(paths, alphabet=alphabet, skip_invalid=skip_invalid, stored=stored)
-    return RecordSource(lambda: stream_valid(paths, report, alphabet=alphabet), report.valid,
-                        report.residues, FastaInput(tuple(paths), report, alphabet))
+    select = None if shard is None else shard.selector(max_residues)
+    report = validate(paths, alphabet=alphabet, skip_invalid=skip_invalid, stored=stored,
+                      select=select)
+    count, residues = report.valid, report.residues
+    if shard is not None:
+        count, residues = report.selected or 0, report.selected_residues
+    return RecordSource(lambda: stream_valid(paths, report, alphabet=alphabet), count,
+                        residues, FastaInput(tuple(paths), report, alphabet), shard)
 
 
 @dataclass(frozen=True)
@@ -123,8 +146,11 @@ class PreparedChunk:
         return self.tokens[(self.ends[i - 1] if i else 0):self.ends[i]]
 
 
-def prepare_chunk(records: Sequence, tokenizer, max_residues: int | None) -> PreparedChunk:
-    """Truncate, hash and tokenize ``records`` (FastaRecord-like: ``.id``, ``.sequence``)."""
+def prepare_chunk(records: Sequence, tokenizer, max_residues: int | None,
+                  shard: Shard | None = None) -> PreparedChunk:
+    """Truncate, hash and tokenize ``records`` (FastaRecord-like: ``.id``, ``.sequence``);
+    with a ``shard``, only the records of that shard are kept (after hashing, before
+    tokenizing)."""
     from gpuengine.store.codec import sequence_digests
 
     n = len(records)
@@ -133,6 +159,18 @@ def prepare_chunk(records: Sequence, tokenizer, max_residues: int | None) -> Pre
     if max_residues is not None and n and max(map(len, seqs)) > max_residues:
         truncated = np.fromiter((len(s) > max_residues for s in seqs), np.uint8, n)
         seqs = [s[:max_residues] for s in seqs]
+    digests = sequence_digests(seqs)
+    if shard is not None:
+        keep = shard.positions(digests)
+        if len(keep) < n:
+            records = [records[i] for i in keep]
+            seqs = [seqs[i] for i in keep]
+            digests = [digests[i] for i in keep]
+            truncated = truncated[keep]
+            n = len(keep)
+        if n == 0:
+            return PreparedChunk([], [], np.zeros(0, np.uint32), np.zeros(0, np.uint8),
+                                 np.zeros(0, np.int32), np.zeros(0, np.int64))
     encode_flat = getattr(tokenizer, "encode_flat", None)
     if encode_flat is not None:  # the ESM tokenizer: one buffer, no array per sequence
         tokens, ends = encode_flat(seqs)
@@ -141,7 +179,7 @@ def prepare_chunk(records: Sequence, tokenizer, max_residues: int | None) -> Pre
         ends = np.cumsum(np.fromiter((t.size for t in token_ids), np.int64, n))
         tokens = (np.concatenate(token_ids).astype(np.int32, copy=False) if n
                   else np.zeros(0, np.int32))
-    return PreparedChunk([r.id for r in records], sequence_digests(seqs),
+    return PreparedChunk([r.id for r in records], digests,
                          np.fromiter(map(len, seqs), np.uint32, n), truncated, tokens, ends)
 
 
@@ -238,9 +276,10 @@ class InThreadInput:
 
     def __init__(self, records: Callable[[], Iterable[FastaRecord]], tokenizer,
                  max_residues: int | None, chunk_records: int,
-                 stop: StopFlag | None = None) -> None:
+                 stop: StopFlag | None = None, shard: Shard | None = None) -> None:
         self._records, self._tokenizer = records, tokenizer
-        self._max_residues, self._size = max_residues, chunk_records
+        self._max_residues, self._size = max_residues, read_chunk(chunk_records, shard)
+        self._shard = shard
         self._stop = stop if stop is not None else threading.Event()
         self._closed = threading.Event()
 
@@ -252,13 +291,26 @@ class InThreadInput:
                 return
             chunk.append(record)
             if len(chunk) >= size:
-                yield prepare_chunk(chunk, self._tokenizer, self._max_residues)
+                prepared = prepare_chunk(chunk, self._tokenizer, self._max_residues, self._shard)
+                if prepared.ids:
+                    yield prepared
                 chunk = []
         if chunk and not (stop.is_set() or closed.is_set()):
-            yield prepare_chunk(chunk, self._tokenizer, self._max_residues)
+            prepared = prepare_chunk(chunk, self._tokenizer, self._max_residues, self._shard)
+            if prepared.ids:
+                yield prepared
 
     def close(self) -> None:
         self._closed.set()
+
+
+def read_chunk(chunk_records: int, shard: Shard | None) -> int:
+    """Records to read for one prepared chunk: ``chunk_records``, times N for a shard of N
+    (so that a chunk still holds about ``chunk_records`` records), at most
+    :data:`MAX_READ_CHUNK`."""
+    if shard is None:
+        return chunk_records
+    return max(chunk_records, min(MAX_READ_CHUNK, chunk_records * shard.count))
 
 
 def open_input(source: RecordSource, tokenizer, max_residues: int | None,
@@ -273,11 +325,13 @@ def open_input(source: RecordSource, tokenizer, max_residues: int | None,
     spec = tokenizer_spec(tokenizer)
     fasta = source.fasta
     if not process or fasta is None or spec is None:
-        return InThreadInput(source.iterate, tokenizer, max_residues, LOOKUP_CHUNK, stop)
+        return InThreadInput(source.iterate, tokenizer, max_residues, LOOKUP_CHUNK, stop,
+                             source.shard)
     skip: dict[str, list[int]] = {}
     for name, index in fasta.report.skip:
         skip.setdefault(name, []).append(index)
-    return InputProcess(fasta.paths, skip, fasta.alphabet, max_residues, spec, LOOKUP_CHUNK)
+    return InputProcess(fasta.paths, skip, fasta.alphabet, max_residues, spec, LOOKUP_CHUNK,
+                        source.shard)
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -316,14 +370,15 @@ class InputProcess:
 
     def __init__(self, paths: Sequence[str | os.PathLike], skip: dict[str, Sequence[int]],
                  alphabet: frozenset[str] | None, max_residues: int | None,
-                 tokenizer: dict, chunk_records: int) -> None:
+                 tokenizer: dict, chunk_records: int, shard: Shard | None = None) -> None:
         from gpuengine.fasta import _name
 
         names = [_name(p) for p in paths]
         conf = {"paths": [os.fsdecode(os.fspath(p)) for p in paths], "names": names,
                 "alphabet": None if alphabet is None else "".join(sorted(alphabet)),
                 "max_residues": max_residues, "tokenizer": tokenizer,
-                "chunk_records": chunk_records}
+                "chunk_records": chunk_records,
+                "shard": None if shard is None else [shard.index, shard.count]}
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
@@ -435,15 +490,20 @@ def _serve(inp: BinaryIO, out: BinaryIO) -> None:
     report = ValidationReport(files=tuple(conf["names"]), records=0, valid=0,
                               duplicate_records=0, problems=(), problem_count=0,
                               skip=frozenset(skip), residues=0)
-    max_residues, size = conf["max_residues"], conf["chunk_records"]
+    shard = None if conf.get("shard") is None else Shard(*conf["shard"])
+    max_residues, size = conf["max_residues"], read_chunk(conf["chunk_records"], shard)
     chunk = []
     for record in stream_valid(conf["paths"], report, alphabet=alphabet):
         chunk.append(record)
         if len(chunk) >= size:
-            out.writelines(encode_chunk(prepare_chunk(chunk, tokenizer, max_residues)))
+            prepared = prepare_chunk(chunk, tokenizer, max_residues, shard)
+            if prepared.ids:
+                out.writelines(encode_chunk(prepared))
             chunk = []
     if chunk:
-        out.writelines(encode_chunk(prepare_chunk(chunk, tokenizer, max_residues)))
+        prepared = prepare_chunk(chunk, tokenizer, max_residues, shard)
+        if prepared.ids:
+            out.writelines(encode_chunk(prepared))
     _write_frame(out, b"DONE", b"")
     out.flush()
 

@@ -58,13 +58,26 @@ def table_spec(config: EmbedConfig, fam: Family, weights: Weights, sha256: str,
                      max_residues=max_residues, precision=precision)
 
 
-def run_id(config: EmbedConfig, spec: TableSpec) -> str:
-    """The key of the run's progress record: the table's spec and each input's path, size
-    and modification time (a rerun of the same files resumes the same record)."""
-    parts: list[Any] = [spec.to_json()]
-    for path in config.inputs:
+def _input_stats(inputs) -> list[list[Any]]:
+    parts: list[list[Any]] = []
+    for path in inputs:
         stat = os.stat(path)
         parts.append([os.path.abspath(path), stat.st_size, stat.st_mtime_ns])
+    return parts
+
+
+def input_fingerprint(inputs) -> str:
+    """24 hex digits naming the input files as they are now: each one's absolute path, size
+    and modification time (the shards of one cluster run all record the same one)."""
+    return hashlib.blake2b(json.dumps(_input_stats(inputs)).encode(), digest_size=12).hexdigest()
+
+
+def run_id(config: EmbedConfig, spec: TableSpec) -> str:
+    """The key of the run's progress record: the table's spec, each input's path, size and
+    modification time, and the shard (a rerun of the same files resumes the same record)."""
+    parts: list[Any] = [spec.to_json(), *_input_stats(config.inputs)]
+    if config.shard is not None:
+        parts.append({"shard": config.shard.label})
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(),
                            digest_size=12).hexdigest()
 
@@ -101,9 +114,12 @@ class RunStore:
         """(run id, its progress record as this invocation found it): created, or reopened
         by a rerun; ``precision`` is the one the replicas compute in."""
         key = run_id(config, spec)
-        started = self.writer.begin_run(key, {
-            "command": "embed", "engine_version": __version__,
-            "inputs": [str(p) for p in config.inputs], "precision": precision})
+        info = {"command": "embed", "engine_version": __version__,
+                "inputs": [str(p) for p in config.inputs], "precision": precision,
+                "input_fingerprint": input_fingerprint(config.inputs)}
+        if config.shard is not None:
+            info["shard"] = config.shard.label
+        started = self.writer.begin_run(key, info)
         return key, started
 
     def close(self, *, remove_if_empty: bool) -> None:

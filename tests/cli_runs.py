@@ -2,7 +2,8 @@
 
 ``cli`` runs any command (stdout and stderr captured apart; an exception the CLI did not turn
 into an exit code fails the test with its traceback); ``embed`` and ``fails`` run ``gpuengine
-embed`` expecting success or an error exit. The standard input is six proteins (ids with a
+embed`` expecting success or an error exit, ``predict`` runs ``gpuengine predict`` on the tiny
+predict models. The standard input is six proteins (ids with a
 description, a '|'-id, a non-ASCII id; lengths 5..300) for the tiny ESM-2 (``tiny_pt``);
 conftest's ``reference`` fixture holds fair-esm's outputs for it and ``standard_store`` the store
 ``gpuengine embed`` makes of it. ``snapshot`` is everything a user can read from a store.
@@ -59,6 +60,23 @@ def embed(inputs, model, out, *extra, code: int = 0):
         return json.loads(result.stdout)
     assert result.stdout == "", "an error run must not print data on stdout"
     return result
+
+
+PREDICT_OUTPUTS = ("prediction_results.txt", "prediction_results_highestscore.csv",
+                   "prediction_results_reads.tsv")
+"""The three files one ``gpuengine predict`` run writes."""
+
+
+def predict(reads, models, out, *extra, code: int = 0):
+    """``gpuengine predict READS --length 500`` on the tiny predict models (conftest's
+    ``predict_models``) into ``out``, on the CPU, ``--json``: the summary (exit 0) or the
+    result."""
+    esm, dna, _, mlp_path = models
+    result = cli("predict", reads, "--length", "500", "--classifier", mlp_path,
+                 "--esm-model", esm, "--dnabert-model", dna, "--out", out, "--gpus", "cpu",
+                 "--offline", "-q", "--json", *extra)
+    assert result.exit_code == code, result.output
+    return json.loads(result.stdout) if code == 0 else result
 
 
 def fails(inputs, model, out, *extra, code: int = 1) -> str:

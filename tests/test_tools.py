@@ -36,8 +36,8 @@ def tool(monkeypatch):
 
 def test_every_script_is_listed():
     assert {"bench_common", "bench_dnabert", "bench_esm", "bench_host_dna", "bench_kernels", "bench_merge",
-            "bench_predict", "bench_replicas", "bench_serve", "make_checkpoint", "plot_benchmarks",
-            "pyspy_summary"} == set(SCRIPTS)
+            "bench_predict", "bench_replicas", "bench_serve", "bench_shard_scan", "make_checkpoint",
+            "plot_benchmarks", "pyspy_summary"} == set(SCRIPTS)
 
 
 @pytest.mark.parametrize("name", [s for s in SCRIPTS if s != "bench_common"])
@@ -153,3 +153,16 @@ def test_host_pipeline_dna(tool, monkeypatch, tmp_path):
                                                  "commit_wait_seconds", "note"]
     assert (row["sequences"], row["model"], row["workload"]) == (300, "dnabert-s", "dna150")
     assert row["tokens_per_s"] > row["sequences_per_s"] > 0
+
+
+def test_shard_scan(tool, monkeypatch, tmp_path):
+    """``bench_shard_scan.py``: both passes over the input, shard 0 keeps its records (about
+    1/N of them), one row."""
+    out = tmp_path / "results.jsonl"
+    _run(tool("bench_shard_scan"), monkeypatch, "--records", "3000", "--shards", "4",
+         "--workdir", str(tmp_path), "--out-row", str(out))
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (row["commit"], row["system"], row["records"]) == ("testcommit", "gpuengine-shard-scan",
+                                                             3000)
+    assert 600 < row["shard_records"] < 900 and row["records_per_s"] > 0
+    assert (tmp_path / "proteins-short-3000.fa").read_text().count(">") == 3000

@@ -19,6 +19,12 @@ Stages (each timed in :class:`PredictSummary`):
    summary ``prediction_results_reads.tsv``.
 
 Memory is bounded by the block of reads and the per-chunk consensus table, not by the input.
+
+``--shard I/N`` keeps the reads of one shard (by the read's sequence digest,
+:mod:`gpuengine.shards`: all chunks and frames of a read in one shard) from stage 2 on; the
+input is still validated whole. ``--score-only`` skips stages 3 and 4: the features must all
+be in the store already (the merge step of a cluster run writes the outputs of the whole input
+from the merged shards this way, in the same order as one run).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from gpuengine.fasta import ValidationReport, stream_valid, validate
 from gpuengine.progress import NullProgress, ProgressSink
 from gpuengine.records import FastaRecord
 from gpuengine.replicas import ReplicaPool
+from gpuengine.shards import Shard
 from gpuengine.workflows.virnucpro.frames import Frames, chunk_sequence, frames_for_batch
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,10 @@ class PredictConfig:
     keep_intermediate: bool = False
     skip_invalid: bool = False
     allow_download: bool = True
+    shard: Shard | None = None
+    """``--shard I/N``: only the reads of this shard."""
+    score_only: bool = False
+    """Load no embedding model: score from the features already in the store."""
 
     def __post_init__(self) -> None:
         if self.length < 3:
@@ -95,7 +106,12 @@ def input_base(path: Path) -> str:
 @dataclass
 class PredictSummary:
     reads: int = 0
+    """Reads read (a sharded run: the valid reads of its shard)."""
     empty_reads: int = 0
+    shard: str = ""
+    """``I/N`` of a sharded run, else empty."""
+    valid_reads: int = 0
+    """Valid reads of the whole input."""
     chunks: int = 0
     frames: int = 0
     virus_chunks: int = 0
@@ -150,20 +166,27 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
         counts = _count_frames(config, report)
         summary.reads, summary.empty_reads = counts["reads"], counts["empty"]
         summary.chunks, summary.frames = counts["chunks"], counts["frames"]
+        summary.valid_reads = report.valid
+    if config.shard is not None:
+        summary.shard = config.shard.label
+        progress.stage(f"shard {config.shard.label}: {summary.reads:,} of {report.valid:,} "
+                       "reads")
     try:
         config.out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GpuEngineError(f"cannot create the output folder {config.out_dir}: "
                              f"{exc.strerror or exc}") from None
-    for name, model, layers, column in (("dnabert", config.dnabert_model, (-1,), "nucleotides"),
-                                        ("esm", config.esm_model, (config.esm_layer,), "proteins")):
+    stages = (("dnabert", config.dnabert_model, (-1,), "nucleotides"),
+              ("esm", config.esm_model, (config.esm_layer,), "proteins"))
+    for name, model, layers, column in () if config.score_only else stages:
         source = RecordSource(lambda c=column: _frame_records(config, report, c),
                               counts["frames"], counts[column])
         embed_config = EmbedConfig(
             inputs=(config.reads,), model=model, out=config.store_path, layers=layers,
             pools=("mean",), precision=config.precision, table=name, devices=config.devices,
             max_tokens=config.max_tokens, replicas_per_gpu=config.replicas_per_gpu,
-            allow_download=config.allow_download, max_residues=None, env=environment())
+            allow_download=config.allow_download, max_residues=None, shard=config.shard,
+            env=environment())
         with stage(name):
             try:
                 result = run_embed(embed_config, progress, stop, records=source,
@@ -201,10 +224,13 @@ def _validate_reads(config: PredictConfig, alphabet: frozenset[str]) -> Validati
 
 def _frame_blocks(config: PredictConfig, report: ValidationReport
                   ) -> Iterator[tuple[list[str], list[str], Frames]]:
-    """(read ids, read sequences, their kept frames) per block of reads."""
+    """(read ids, read sequences, their kept frames) per block of reads (of the shard)."""
     ids: list[str] = []
     seqs: list[str] = []
+    keep = config.shard.holds_sequence if config.shard is not None else None
     for record in stream_valid([config.reads], report, alphabet=None):
+        if keep is not None and not keep(record.sequence):
+            continue
         ids.append(record.id)
         seqs.append(record.sequence)
         if len(ids) >= READ_BLOCK:
@@ -217,7 +243,11 @@ def _frame_blocks(config: PredictConfig, report: ValidationReport
 def _count_frames(config: PredictConfig, report: ValidationReport) -> dict[str, int]:
     counts = {"reads": report.records, "empty": report.problem_count, "chunks": 0, "frames": 0,
               "nucleotides": 0, "proteins": 0}
-    for _, _, frames in _frame_blocks(config, report):
+    if config.shard is not None:
+        counts["reads"] = 0
+    for ids, _, frames in _frame_blocks(config, report):
+        if config.shard is not None:
+            counts["reads"] += len(ids)
         counts["chunks"] += int(frames.chunks_per_read.sum())
         counts["frames"] += len(frames)
         counts["nucleotides"] += sum(map(len, frames.nucleotides))
@@ -275,7 +305,7 @@ def _features(store, frame_ids: list[str], what: str) -> np.ndarray:
     except KeyError as exc:
         raise ModelLoadError(f"frame {exc.args[0]!r} has no {what} embedding in the store; "
                              "features are joined by frame id and a missing side is an "
-                             "error (rerun predict to compute it)") from None
+                             "error (rerun predict without --score-only to compute it)") from None
 
 
 class _Intermediates:
