@@ -9,10 +9,11 @@ For each model and R, two rows (``replicas_per_gpu`` = R):
 
 ``gpuengine-replicas-e2e``
     ``gpuengine embed --replicas-per-gpu R`` in-process: FASTA → validate → plan → R replicas
-    → LMDB commit, into a fresh store on the work directory's disk; what a user sees.
+    → LMDB commit, into a fresh store on the work directory's disk; what a user sees (its
+    replicas built and warmed up by a short run before, as a daemon's are).
 ``gpuengine-replicas``
-    the same R replicas (the engine's own, kept in a :class:`~gpuengine.replicas.ReplicaPool`
-    by the e2e run: shared weights, memory shares, warmed up) fed pre-tokenized items by one
+    the same R replicas (the engine's own, kept in a :class:`~gpuengine.replicas.ReplicaPool`:
+    shared weights, memory shares, warmed up) fed pre-tokenized items by one
     scheduler, no input parsing or store: what R changes on the GPU itself.
 
 Each row has the per-replica ``devices`` rows (share of the tokens, busy fraction, budget)
@@ -42,12 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import ResultsLog, add_commit_option, write_reads_fasta  # noqa: E402
 from gpuengine.packing import WorkItem  # noqa: E402
+from gpuengine.replicas import ReplicaPool  # noqa: E402
 from gpuengine.scheduler import Scheduler  # noqa: E402
 from gpuengine.store.codec import sequence_digest  # noqa: E402
 from gpuengine.synthetic import (ESM2_SHAPES, random_esm2_state, write_dnabert_s,  # noqa: E402
                                  write_fair_esm_checkpoint_from_state)
 from gpuengine.worker import DeviceWorker, WorkerExit, device_rows  # noqa: E402
 
+WARM_SEQUENCES = 512
+"""A short run per R before the timed ones: builds, warms up and compiles the replicas."""
 AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", dtype=np.uint8)
 BASES = np.frombuffer(b"ACGT", dtype=np.uint8)
 
@@ -114,23 +118,20 @@ def work_items(model: Path, seqs: list[str]) -> list[WorkItem]:
 
 # -- measurements ---------------------------------------------------------------------------------
 
-def run_e2e(model: Path, fasta: Path, replicas: int, workdir: Path, devices: str):
-    """``gpuengine embed --replicas-per-gpu R`` in-process into a fresh store; returns the
-    summary and the :class:`ReplicaPool` holding the run's replicas."""
+def run_e2e(model: Path, fasta: Path, replicas: int, workdir: Path, devices: str, pool):
+    """``gpuengine embed --replicas-per-gpu R`` in-process into a fresh store (removed after),
+    building its replicas into ``pool`` or reusing the ones there; returns the summary."""
     from gpuengine.config import EmbedConfig
     from gpuengine.engine import run_embed
-    from gpuengine.replicas import ReplicaPool
 
     store = workdir / f"replicas-{replicas}.lmdb"
     shutil.rmtree(store, ignore_errors=True)
-    pool = ReplicaPool()
     config = EmbedConfig(inputs=(fasta,), model=str(model), out=store, devices=devices,
                          replicas_per_gpu=replicas, allow_download=False)
     try:
-        summary = run_embed(config, replicas=pool)
+        return run_embed(config, replicas=pool)
     finally:
         shutil.rmtree(store, ignore_errors=True)
-    return summary, pool
 
 
 def drive_replicas(pool, items: list[WorkItem]) -> dict:
@@ -190,14 +191,17 @@ def bench_model(name: str, args, log: ResultsLog) -> list[dict]:
     fasta, seqs = workload(workload_name, count, args.workdir)
     items = work_items(model, seqs) if "gpuengine-replicas" in args.systems else []
     devices = "cpu" if args.quick else "0"
+    warm, _ = workload(workload_name, min(WARM_SEQUENCES, count), args.workdir)
     rows, base = [], {}
     for replicas in args.replicas:
-        summary, pool = run_e2e(model, fasta, replicas, args.workdir, devices)
-        precision = next(r.runner.precision for g in pool._replicas.values() for r in g)
-        common = dict(model=name, workload=workload_name, replicas_per_gpu=replicas,
-                      precision=precision)
-        try:
+        pool = ReplicaPool()
+        try:  # the replicas built, warmed up and compiled by a short run; then the timed ones
+            run_e2e(model, warm, replicas, args.workdir, devices, pool)
+            precision = next(r.runner.precision for g in pool._replicas.values() for r in g)
+            common = dict(model=name, workload=workload_name, replicas_per_gpu=replicas,
+                          precision=precision)
             if "gpuengine-replicas-e2e" in args.systems:
+                summary = run_e2e(model, fasta, replicas, args.workdir, devices, pool)
                 rate = _rates(summary.tokens, summary.residues, summary.embedded,
                               summary.embed_seconds)
                 rows.append(_emit(log, base, common, "gpuengine-replicas-e2e", rate,
