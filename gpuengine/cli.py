@@ -546,7 +546,7 @@ def serve(
     quiet_period: QuietPeriod = 60.0,
     max_attempts: MaxAttempts = 3,
     retry_delay: RetryDelay = 10.0,
-    group_files: GroupFiles = 256,
+    group_files: GroupFiles = 1024,
     status_interval: StatusInterval = 5.0,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="Warnings and errors only.")] = False,

@@ -157,7 +157,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=2000, help="small files")
     ap.add_argument("--per-file", type=int, default=100, help="proteins per small file")
     ap.add_argument("--replicas", type=int, default=1, help="--replicas-per-gpu of the daemon")
-    ap.add_argument("--group-files", type=int, default=256, help="--group-files of the daemon")
+    ap.add_argument("--group-files", type=int, default=1024, help="--group-files of the daemon")
     ap.add_argument("--quick", action="store_true",
                     help="the tiny model on the CPU, 40 files of 25 (checks the tool)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per workload")

@@ -65,7 +65,7 @@ class ServeConfig:
     """``--job predict``: a :class:`~gpuengine.workflows.virnucpro.pipeline.PredictConfig`
     template (its reads, out and store are set per file); None: ``--job embed``. Read once,
     by :func:`job_for`."""
-    group_files: int = 256
+    group_files: int = 1024
     """``--group-files``: up to this many small files waiting in inbox/ share one run
     (``--job embed``; :mod:`gpuengine.daemon.groups`); 1: one run per file."""
 
