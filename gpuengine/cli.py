@@ -17,11 +17,11 @@ import typer
 from gpuengine import __version__
 from gpuengine.cli_options import (CheckClassifier, CheckGpus, CheckLayer, CheckLength,
                                    CheckMaxTokens, CheckPrecisions, CheckSample, Fp8Gemms,
-                                   Fp8MinCosine, Gpus, JsonSummary, MaxAttempts, MaxTokens,
-                                   MinCosine, Offline, PartnerModel, Poll, PollInterval, Precision,
-                                   PrintJson, Quiet, QuietPeriod, RetryDelay, ServeJob, ServeStore,
-                                   Settle, StatusInterval, StoreDtype, StoresArgument, Verbose,
-                                   Watch)
+                                   Fp8MinCosine, Gpus, GroupFiles, JsonSummary, MaxAttempts,
+                                   MaxTokens, MinCosine, Offline, PartnerModel, Poll,
+                                   PollInterval, Precision, PrintJson, Quiet, QuietPeriod,
+                                   ReplicasPerGpu, RetryDelay, ServeJob, ServeStore, Settle,
+                                   StatusInterval, StoreDtype, StoresArgument, Verbose, Watch)
 from gpuengine.errors import EXIT_INTERRUPTED, GpuEngineError, UsageError
 from gpuengine.vocabulary import FP8_MIN_COSINE
 
@@ -146,6 +146,7 @@ def embed(
         "(merge them with gpuengine merge). See docs/cluster.md.")] = None,
     gpus: Gpus = "auto",
     max_tokens: MaxTokens = None,
+    replicas_per_gpu: ReplicasPerGpu = 1,
     offline: Offline = False,
     json_summary: JsonSummary = False,
     quiet: Quiet = False,
@@ -160,7 +161,7 @@ def embed(
         _check_table(table)
         config = _embed_config(tuple(inputs), model, out, layers, pool, precision, store_dtype,
                                max_residues, table, skip_invalid, gpus, max_tokens, offline,
-                               fp8_min_cosine, shard)
+                               fp8_min_cosine, replicas_per_gpu, shard)
         from gpuengine.engine import run_embed
 
         with StopOnSignals(on_stop=announce_stop) as stop:
@@ -185,7 +186,8 @@ def _check_table(name: str) -> None:
 def _embed_config(inputs: tuple[Path, ...], model: str, out: Path, layers: str, pool: List[str],
                   precision: Optional[str], store_dtype: str, max_residues: Optional[int],
                   table: str, skip_invalid: bool, gpus: str, max_tokens: Optional[int],
-                  offline: bool, fp8_min_cosine: float, shard: Optional[str] = None):
+                  offline: bool, fp8_min_cosine: float, replicas_per_gpu: int = 1,
+                  shard: Optional[str] = None):
     """The :class:`~gpuengine.config.EmbedConfig` of ``embed``'s (and ``serve``'s) options."""
     from gpuengine.config import EmbedConfig
     from gpuengine.shards import Shard
@@ -195,7 +197,8 @@ def _embed_config(inputs: tuple[Path, ...], model: str, out: Path, layers: str, 
         pools=tuple(_split(pool)), precision=precision, store_dtype=store_dtype,
         max_residues=-1 if max_residues is None else (max_residues or None), table=table,
         skip_invalid=skip_invalid, devices=gpus, max_tokens=max_tokens,
-        allow_download=not offline, fp8_min_cosine=fp8_min_cosine,
+        replicas_per_gpu=replicas_per_gpu, allow_download=not offline,
+        fp8_min_cosine=fp8_min_cosine,
         shard=None if shard is None else Shard.parse(shard))
 
 
@@ -235,6 +238,7 @@ def predict(
     fp8_min_cosine: Fp8MinCosine = FP8_MIN_COSINE,
     gpus: Gpus = "auto",
     max_tokens: MaxTokens = None,
+    replicas_per_gpu: ReplicasPerGpu = 1,
     keep_intermediate: Annotated[bool, typer.Option(
         "--keep-intermediate", help="Also write the chunked reads and the identified "
         "nucleotide/protein FASTA files.")] = False,
@@ -275,6 +279,7 @@ def predict(
                                dnabert_model=dnabert_model, out=out, store=store,
                                precision=precision, fp8_min_cosine=fp8_min_cosine,
                                devices=gpus, max_tokens=max_tokens,
+                               replicas_per_gpu=replicas_per_gpu,
                                keep_intermediate=keep_intermediate, skip_invalid=skip_invalid,
                                allow_download=not offline, score_only=score_only,
                                shard=None if shard is None else Shard.parse(shard))
@@ -523,6 +528,7 @@ def serve(
         "failing the file.")] = False,
     gpus: Gpus = "auto",
     max_tokens: MaxTokens = None,
+    replicas_per_gpu: ReplicasPerGpu = 1,
     offline: Offline = False,
     poll: Poll = False,
     poll_interval: PollInterval = 2.0,
@@ -530,6 +536,7 @@ def serve(
     quiet_period: QuietPeriod = 60.0,
     max_attempts: MaxAttempts = 3,
     retry_delay: RetryDelay = 10.0,
+    group_files: GroupFiles = 1024,
     status_interval: StatusInterval = 5.0,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="Warnings and errors only.")] = False,
@@ -553,7 +560,8 @@ def serve(
                 reads=watch / "inbox", length=length, classifier=classifier, esm_model=esm_model,
                 esm_layer=esm_layer, dnabert_model=dnabert_model, store=store,
                 precision=precision, fp8_min_cosine=fp8_min_cosine, devices=gpus,
-                max_tokens=max_tokens, skip_invalid=skip_invalid, allow_download=not offline)
+                max_tokens=max_tokens, replicas_per_gpu=replicas_per_gpu,
+                skip_invalid=skip_invalid, allow_download=not offline)
             model = model or esm_model
         elif job != "embed":
             raise UsageError(f"--job {job!r}: choose embed or predict")
@@ -561,11 +569,12 @@ def serve(
             raise UsageError("--job embed needs --model")
         embed_config = _embed_config((watch / "inbox",), model, store, layers, pool, precision,
                                      store_dtype, max_residues, table, skip_invalid, gpus,
-                                     max_tokens, offline, fp8_min_cosine)
+                                     max_tokens, offline, fp8_min_cosine, replicas_per_gpu)
         config = ServeConfig(watch=watch, embed=embed_config, poll_interval=poll_interval,
                              force_poll=poll, quiet_period=quiet_period,
                              settle=settle, max_attempts=max_attempts, retry_delay=retry_delay,
-                             status_interval=status_interval, predict=predict_template)
+                             status_interval=status_interval, predict=predict_template,
+                             group_files=group_files)
     except GpuEngineError as exc:
         raise _fail(exc) from None
     raise typer.Exit(run_daemon(config, verbose=verbose, quiet=quiet))

@@ -29,6 +29,11 @@ Gpus = Annotated[str, typer.Option("--gpus", help="auto, all, cpu, or ordinals l
 MaxTokens = Annotated[Optional[int], typer.Option(
     "--max-tokens", help="Upper bound on tokens per batch. \\[default: from device memory]")]
 Offline = Annotated[bool, typer.Option("--offline", help="Never download weights.")]
+ReplicasPerGpu = Annotated[int, typer.Option(
+    "--replicas-per-gpu", min=1, max=16,
+    help="Model replicas per device, each with its own thread and CUDA streams, fed by one "
+    "scheduler; a GPU's replicas share its weights and split its free memory (the CPU: its "
+    "threads). Can keep a GPU busier with a small model.")]
 
 # -- comparing precisions (check) -------------------------------------------------------------
 
@@ -104,5 +109,10 @@ MaxAttempts = Annotated[int, typer.Option(
 RetryDelay = Annotated[float, typer.Option(
     "--retry-delay", help="Seconds before the first retry after an error (doubles each "
     "time).")]
+GroupFiles = Annotated[int, typer.Option(
+    "--group-files", min=1,
+    help="(--job embed) Up to this many small files waiting in inbox/ are embedded in one "
+    "run, sharing batches; each still moves to done/ on its own once its vectors and job "
+    "record are committed. 1: one run per file.")]
 StatusInterval = Annotated[float, typer.Option(
     "--status-interval", help="Seconds between status.json heartbeats.")]

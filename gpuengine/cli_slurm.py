@@ -146,7 +146,7 @@ def _check_embed(values: dict[str, Any]) -> Path:
                   values["pool"], values["precision"], values["store_dtype"],
                   values["max_residues"], values["table"], values["skip_invalid"],
                   values["gpus"], values["max_tokens"], values["offline"],
-                  values["fp8_min_cosine"])
+                  values["fp8_min_cosine"], values["replicas_per_gpu"])
     _check_files(values["inputs"], "input FASTA file")
     return (out / "store.lmdb").absolute()
 

@@ -113,10 +113,15 @@ class EmbedConfig:
     """Fast per-layer kernels on GPUs — the model's Triton kernels where Triton runs, else
     ``torch.compile``d ones (None: on for GPUs; the CPU always runs the eager layers)."""
     threads: int | None = None
-    """CPU threads for a CPU run (None: torch's default)."""
+    """CPU threads for a CPU run (None: torch's default); split among the CPU's replicas."""
     fp8_min_cosine: float = FP8_MIN_COSINE
     """``--precision fp8`` only: the lowest cosine to fp16, over a sample of the input measured
     before the run (gpuengine.fidelity), below which the run is refused (exit code 4)."""
+    replicas_per_gpu: int = 1
+    """Model replicas per device (``--replicas-per-gpu``), each with its own worker thread,
+    CUDA streams and pinned buffers, all fed by the one scheduler; the replicas of one GPU
+    share its read-only weights (at fp8: quantized once) and split its free memory (on the
+    CPU: its threads)."""
     input_process: bool | None = None
     """Read, normalise, hash and tokenize the FASTA input in a child process (off the engine's
     GIL) — True: always, False: never (in the planner thread), None: the environment's
@@ -152,6 +157,17 @@ class EmbedConfig:
             raise UsageError(f"--fp8-min-cosine {self.fp8_min_cosine}: a cosine lies in [-1, 1]")
         if self.commit_every < 1:
             raise UsageError("commit_every must be at least 1")
+        check_replicas_per_gpu(self.replicas_per_gpu)
 
     def effective_max_residues(self, family_default: int | None) -> int | None:
         return family_default if self.max_residues == -1 else self.max_residues
+
+
+MAX_REPLICAS_PER_GPU = 16
+
+
+def check_replicas_per_gpu(value: int) -> None:
+    """``--replicas-per-gpu`` must be 1 to :data:`MAX_REPLICAS_PER_GPU`."""
+    if not isinstance(value, int) or not 1 <= value <= MAX_REPLICAS_PER_GPU:
+        raise UsageError(f"--replicas-per-gpu must be 1 to {MAX_REPLICAS_PER_GPU} "
+                         f"(got {value!r})")

@@ -117,22 +117,25 @@ class RichProgress(ProgressSink):
             if self.enabled and snapshot.elapsed - self._last_log >= self._log_every:
                 self._last_log = snapshot.elapsed
                 logging.getLogger("gpuengine").info(
-                    "%d/%d records done (%d already stored), %.0f tok/s%s",
+                    "%d/%d records done (%d already stored), %.0f tok/s%s%s",
                     snapshot.done_records, snapshot.total_records, snapshot.stored_records,
-                    rate, f", {eta}" if eta else "")
+                    rate, _shares(snapshot), f", {eta}" if eta else "")
             return
         description = "records" + (f" ({snapshot.stored_records:,} already stored)"
                                    if snapshot.stored_records else "")
         self._progress.update(self._main, completed=snapshot.done_records, rate=f"{rate:,.0f} tok/s",
                               eta=eta, description=description)
         if len(snapshot.devices) > 1 or any(d.name != "cpu" for d in snapshot.devices):
+            total = sum(d.tokens_per_second for d in snapshot.devices)
             for dev in snapshot.devices:
                 if dev.name not in self._devices:
                     self._devices[dev.name] = self._progress.add_task(
                         f"  {dev.name}", total=None, rate="", eta="")
+                share = (f"  share {dev.tokens_per_second / total:.0%}"
+                         if len(snapshot.devices) > 1 and total else "")
                 self._progress.update(self._devices[dev.name], rate=(
                     f"{dev.tokens_per_second:,.0f} tok/s  budget {dev.budget_tokens:,}  "
-                    f"busy {dev.busy_fraction:.0%}"))
+                    f"busy {dev.busy_fraction:.0%}{share}"))
 
     def close(self) -> None:
         """The last frame stays on screen, without an ETA (the run is over, complete or not)."""
@@ -142,9 +145,19 @@ class RichProgress(ProgressSink):
             self._progress = None
 
 
+def _shares(snapshot: ProgressSnapshot) -> str:
+    """`` (cuda:0#0 12,345 tok/s, cuda:0#1 ...)`` when several devices or replicas run."""
+    if len(snapshot.devices) < 2:
+        return ""
+    return " (" + ", ".join(f"{d.name} {d.tokens_per_second:,.0f} tok/s"
+                            for d in snapshot.devices) + ")"
+
+
 SUMMARY_RATES = ("tokens/s is tokens ÷ embedding time, for the run and for each device (the "
                  "devices' rates add up to the run's); busy is the share of that time the device "
-                 "spent computing (GPU: CUDA events; CPU: the forward's wall time).")
+                 "spent computing (GPU: CUDA events; CPU: the forward's wall time); share is "
+                 "its part of the tokens; budget its tokens per batch at the end (cuda:0#1: "
+                 "the second replica on GPU 0).")
 
 
 def print_summary(summary, console: Console | None = None) -> None:
@@ -184,10 +197,14 @@ def print_summary(summary, console: Console | None = None) -> None:
                       f"{fidelity['sequences']} sampled)",
                       Text(f"min cosine {fidelity['min_cosine']:.5f}, mean "
                            f"{fidelity['mean_cosine']:.5f}"))
+    several = len(summary.devices) > 1
     for dev in summary.devices:
+        share = f", share {dev['share']:.0%}" if several and "share" in dev else ""
+        budget = f", budget {dev['budget_tokens']:,}" if "budget_tokens" in dev else ""
         table.add_row(f"  {dev['device']}", Text(
             f"{dev['sequences']:,} seq, {dev['tokens']:,} tok, "
-            f"{dev['tokens_per_second']:,.0f} tok/s, busy {dev['busy_fraction']:.0%}"))
+            f"{dev['tokens_per_second']:,.0f} tok/s, busy {dev['busy_fraction']:.0%}"
+            f"{share}{budget}"))
     console = console or stderr
     console.print(table)
     for record_id, reason in summary.failed[:20]:

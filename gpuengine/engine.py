@@ -27,17 +27,23 @@ The engine loop, in numbered steps:
 5. Stop when the planner is done and the scheduler is drained (or on a stop request, once no
    batch is in flight); flush the last group (with the caller's :data:`CompletionRecords`
    when the run completed), wait for the committer, close the run record.
+
+A run whose input is split into *parts* (the daemon's small files, :mod:`gpuengine.run_parts`)
+also, in steps 2-4, resolves each part's ids; a part whose last id is resolved has its
+completion records added to the open group, and the caller hears once that group is committed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -52,12 +58,13 @@ from gpuengine.progress import DeviceProgress, NullProgress, ProgressSink, Progr
 from gpuengine.replicas import (MemoryTelemetry, ModelChoice, ReplicaPool, RunnerFactory,
                                 build_replicas, check_precision, guard_fidelity, run_precision,
                                 start_telemetry)
+from gpuengine.run_parts import INPUT_COUNTS, PartCompletion, PartLookup, PartTracker, RunPart
 from gpuengine.run_store import RunStore, table_spec
 from gpuengine.scheduler import Scheduler
 from gpuengine.store.schema import TableSpec
 from gpuengine.store.writer import (CommitEntry, CommitPart, CommitRows, CompletionRecords,
                                     group_counts)
-from gpuengine.worker import BatchOutcome, DeviceWorker, WorkerExit
+from gpuengine.worker import BatchOutcome, DeviceWorker, WorkerExit, device_rows
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +115,11 @@ class RunSummary:
     fidelity: dict | None = None
     """``--precision fp8``: the fidelity guard's measurement on a sample of this input
     (:class:`gpuengine.fidelity.FidelityReport`), also in the run record."""
+    group: dict = field(default_factory=dict)
+    """In the summary of one part of a run (:mod:`gpuengine.run_parts`): ``parts`` (how many
+    the run has), ``part`` (this one), ``run_embedded`` (sequences the run embedded so far)
+    and ``run_records`` (its input records); the counts above are the part's own, the model,
+    devices and times the run's so far."""
 
     @property
     def tokens_per_second(self) -> float:
@@ -152,14 +164,19 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
               runner_factory: RunnerFactory | None = None,
               records: RecordSource | None = None,
               replicas: ReplicaPool | None = None,
-              completion_records: CompletionRecords[RunSummary] | None = None) -> RunSummary:
+              completion_records: CompletionRecords[RunSummary] | None = None,
+              parts: Sequence[RunPart] | None = None,
+              part_completion: PartCompletion[RunSummary] | None = None) -> RunSummary:
     """Embed ``config.inputs`` (or ``records``) into ``config.out``; see the module docstring.
 
     ``runner_factory(device, precision, outputs)`` replaces the model runner (tests simulate
     devices with it; the benchmark measures the host pipeline with a no-op runner).
     ``replicas`` keeps built replicas across runs (the daemon, ``predict``).
     ``completion_records(summary)`` gives run records (a daemon's job record) to commit in the
-    same transaction as the run's last embeddings, when the run completes."""
+    same transaction as the run's last embeddings, when the run completes.
+    ``parts`` split the input (``records``: the daemon's small files) into parts that each
+    complete on their own: ``part_completion`` gives each part's records, committed with its
+    last embeddings, and hears when they are durable (:mod:`gpuengine.run_parts`)."""
     progress = progress or NullProgress()
     stop = stop or threading.Event()
     started = time.perf_counter()
@@ -196,8 +213,12 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
         store.writer.open_table(spec)
         summary = RunSummary(str(config.out), spec.name, model.source.name, weights.synthetic,
                              **counts)
-        _Run(config, model, weights, spec, store, records, summary, progress, stop,
-             runner_factory, replicas, completion_records).execute()
+        run = _Run(config, model, weights, spec, store, records, summary, progress, stop,
+                   runner_factory, replicas, completion_records)
+        if parts is not None:
+            run.parts = PartTracker(parts)
+            run.part_completion = part_completion
+        run.execute()
     except BaseException:
         store.close(remove_if_empty=True)
         raise
@@ -237,6 +258,12 @@ class _Run:
         self.workers: list[DeviceWorker] = []
         self.committer: Committer | None = None
         self.planner_thread: threading.Thread | None = None
+        self.parts: PartTracker[RunSummary] | None = None
+        self.part_completion: PartCompletion[RunSummary] | None = None
+        self.group_extra: dict[str, dict] = {}
+        """Run records (the parts' completion records) to commit with the open group."""
+        self.groups_put = 0
+        """Commit groups handed to the committer (it counts the ones it committed)."""
 
     def execute(self) -> None:
         try:
@@ -279,7 +306,9 @@ class _Run:
             self.config, self.spec, workers[0].runner.precision, fidelity=self.summary.fidelity)
         self.summary.run_id = run_id
         committer = self.committer = Committer(self.writer, self.spec.name, run_id, self.ledger)
-        planner = Planner(ledger=self.ledger, lookup=self.writer.lookup(self.spec.name),
+        lookup = self.writer.lookup(self.spec.name)
+        planner = Planner(ledger=self.ledger,
+                          lookup=lookup if self.parts is None else PartLookup(lookup, self.parts),
                           submit=self.scheduler.submit,
                           alias=lambda pairs: self.inbox.put(Aliases(pairs)),
                           stop=_EitherEvent(self.stop, self.halt),
@@ -323,19 +352,23 @@ class _Run:
                 self._summarize(workers, committer, planner, time.perf_counter() - self.started,
                                 group_counts(self.group))
                 extra = dict(self.completion_records(self.summary))
-            committer.put(self.group, extra_runs=extra)
-            self.group, self.group_rows = [], 0
+            if completed and self.parts is not None:
+                self._complete_parts(workers, committer, planner, last=True)
+            self._put(committer, extra)
             waited = time.perf_counter()
             committer.finish()
             self.summary.commit_wait_seconds = time.perf_counter() - waited
+            if self.parts is not None and (completed or self.summary.interrupted) \
+                    and committer.error is None:
+                self._announce_durable(committer)
             self._report_progress(workers, committer, planner)
         finally:
             self.progress.close()
 
     def _start_workers(self) -> list[DeviceWorker]:
-        """A warmed-up replica on every device, the fidelity guard of a lossy precision on
-        the first (FidelityError before anything is written), a worker thread on each device,
-        the telemetry."""
+        """``--replicas-per-gpu`` warmed-up replicas on every device, the fidelity guard of a
+        lossy precision on the first (FidelityError before anything is written, before any
+        worker starts), a worker thread per replica, the telemetry."""
         replicas = build_replicas(self.config, self.model.fam, self.weights, self.spec,
                                   self.progress, runner_factory=self.runner_factory,
                                   pool=self.pool)
@@ -345,7 +378,7 @@ class _Run:
         if report is not None:
             self.summary.fidelity = report.to_json()
         self.workers = [DeviceWorker(index, replica.runner, replica.budget, self.scheduler,
-                                     self.inbox, self.halt)
+                                     self.inbox, self.halt, name=replica.name or None)
                         for index, replica in enumerate(replicas)]
         self.telemetry = start_telemetry(replicas)
         for worker in self.workers:
@@ -355,7 +388,8 @@ class _Run:
     def _plan(self, planner: Planner) -> None:
         error = None
         try:
-            planner.run(self.reader.chunks())
+            chunks = self.reader.chunks()
+            planner.run(chunks if self.parts is None else self.parts.observe(chunks))
         except BaseException as exc:
             error = exc
         finally:
@@ -378,13 +412,19 @@ class _Run:
             elif isinstance(message, Aliases):
                 self.group.extend(CommitEntry(d, (rid,), None) for d, rid in message.pairs)
                 self.group_rows += len(message.pairs)
+                if self.parts is not None:
+                    self.parts.aliased(rid for _, rid in message.pairs)
             elif isinstance(message, Planned):
                 planned = True
                 if message.error is not None:
                     raise message.error
             if committer.error is not None:
                 raise committer.error
+            if self.parts is not None:
+                self._complete_parts(workers, committer, planner)
             self._flush(committer)
+            if self.parts is not None:
+                self._announce_durable(committer)
             self._report_progress(workers, committer, planner)
             if self.stop.is_set():
                 self.halt.set()
@@ -410,6 +450,8 @@ class _Run:
                 vectors = {o: [v[i] for i in rows] for o, v in vectors.items()}
             if digests:
                 ids = self.ledger.to_committing_many(digests)
+                if self.parts is not None:
+                    self.parts.committed(ids)
                 self.group.append(CommitRows(digests, ids, {o: vectors[o] for o in self.spec.outputs}))
                 self.group_rows += len(digests)
         elif outcome.kind == "oom":
@@ -417,21 +459,24 @@ class _Run:
                 self._fail(item.digest, f"does not fit in device memory alone ({item.n_tokens} tokens)")
         else:
             self.scheduler.fail(batch.batch_id)
-            name = self.workers[outcome.device].runner.device
+            name = self.workers[outcome.device].stats.name
             raise DeviceError(f"device {outcome.device} ({name}) failed on a batch: "
                               f"{outcome.error.__class__.__name__}: {outcome.error}; what was "
                               "committed before is intact, rerun to resume") from outcome.error
 
     def _fail(self, digest: bytes, reason: str) -> None:
-        for record_id in self.ledger.drop(digest):
+        ids = self.ledger.drop(digest)
+        for record_id in ids:
             self.summary.failed.append((record_id, reason))
             log.error("sequence %r failed: %s", record_id, reason)
+        if self.parts is not None:
+            self.parts.failed(ids, reason)
 
     def _on_worker_exit(self, message: WorkerExit, alive: set[int]) -> None:
         if message.error is None:
             return
         requeued = self.scheduler.device_lost(message.device)
-        name = self.workers[message.device].runner.device
+        name = self.workers[message.device].stats.name
         log.error("device %d (%s) stopped (%s: %s); %d sequences requeued on the other devices",
                   message.device, name, message.error.__class__.__name__, message.error, requeued)
         if not alive:
@@ -443,10 +488,60 @@ class _Run:
         due = self.group_rows >= self.config.commit_every or (
             time.monotonic() - self.group_started >= GROUP_SECONDS)
         if due:
-            if self.group:
-                committer.put(self.group)
-                self.group, self.group_rows = [], 0
+            self._put(committer)
             self.group_started = time.monotonic()
+
+    def _put(self, committer: Committer, extra: dict[str, dict] | None = None) -> None:
+        """Hand the open group (and the run records that go with it) to the committer."""
+        extra = {**self.group_extra, **(extra or {})}
+        if self.group or extra:
+            committer.put(self.group, extra_runs=extra or None)
+            self.groups_put += 1
+        self.group, self.group_rows, self.group_extra = [], 0, {}
+
+    def _complete_parts(self, workers: list[DeviceWorker], committer: Committer,
+                        planner: Planner, last: bool = False) -> None:
+        """Each part whose last id was resolved: its completion records join the open group.
+        ``last`` (the run completed): a part still missing ids is a bug of the accounting;
+        its records are committed anyway (every record of a completed run is), loudly."""
+        done = self.parts.take_complete()
+        if last:
+            stragglers = self.parts.incomplete()
+            for part in stragglers:
+                log.error("part %s: %d of its ids were never accounted for; its records are "
+                          "committed with the run's last group", self.parts.parts[part].name,
+                          self.parts.remaining(part))
+            done += stragglers
+        for part in done:
+            summary = self._part_summary(part, workers, committer, planner)
+            if self.part_completion is not None:
+                self.group_extra.update(self.part_completion.records(part, summary))
+            self.parts.waiting.append((part, summary, self.groups_put + 1))
+
+    def _announce_durable(self, committer: Committer) -> None:
+        """Tell the caller about each part whose group the committer has committed."""
+        for part, summary in self.parts.take_durable(committer.snapshot().groups):
+            if self.part_completion is not None:
+                self.part_completion.committed(part, summary)
+
+    def _part_summary(self, part: int, workers: list[DeviceWorker], committer: Committer,
+                      planner: Planner) -> RunSummary:
+        """A part's summary: its own counts; the run's model, store, devices and times so far
+        (``group``: the run's parts and embedded sequences so far)."""
+        info, counts = self.parts.parts[part], self.parts.counts[part]
+        seconds = time.perf_counter() - self.started
+        run = committer.snapshot()
+        summary = dataclasses.replace(
+            self.summary, **{k: info.counts.get(k, 0) for k in INPUT_COUNTS},
+            truncated=counts.truncated, already_stored=counts.already_stored,
+            embedded=counts.embedded, deduplicated=counts.deduplicated,
+            committed_records=counts.committed_records, failed=list(counts.failed),
+            tokens=sum(w.stats.tokens for w in workers), embed_seconds=seconds,
+            devices=device_rows(workers, seconds), interrupted=False)
+        summary.group = {"parts": len(self.parts.parts), "part": part,
+                         "run_embedded": run.sequences + group_counts(self.group)[0],
+                         "run_records": self.records.count}
+        return summary
 
     def _report_progress(self, workers: list[DeviceWorker], committer: Committer,
                          planner: Planner) -> None:
@@ -478,14 +573,7 @@ class _Run:
         s.tokens = sum(w.stats.tokens for w in workers)
         s.embed_seconds = seconds
         s.residues = planner.counts.residues_new
-        # one definition of tokens/s everywhere: tokens over the embedding time, so the
-        # devices' rates add up to the run's; busy is the device's compute time over it
-        s.devices = [{"device": w.stats.name, "batches": w.stats.batches,
-                      "sequences": w.stats.sequences, "tokens": w.stats.tokens,
-                      "busy_seconds": w.stats.busy_seconds,
-                      "busy_fraction": min(1.0, w.stats.busy_seconds / seconds) if seconds else 0.0,
-                      "tokens_per_second": w.stats.tokens / seconds if seconds else 0.0,
-                      "oom_events": w.stats.oom_events} for w in workers]
+        s.devices = device_rows(workers, seconds)
 
 
 class _EitherEvent:

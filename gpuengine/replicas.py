@@ -1,25 +1,37 @@
 """Model replicas: built and warmed up on every device of a run, kept across runs, watched.
 
-A :class:`Replica` is one model on one device (its :class:`~gpuengine.runner.Runner`), the
-device's :class:`~gpuengine.budget.TokenBudget` and, on a GPU, its :class:`DeviceMemory`.
-:func:`build_replicas` makes one per device of a run:
+A :class:`Replica` is one model on one device (its :class:`~gpuengine.runner.Runner`) and its
+:class:`~gpuengine.budget.TokenBudget`; on a GPU also the device's :class:`DeviceMemory`.
+:func:`build_replicas` makes ``--replicas-per-gpu`` R of them per device of a run (Triton
+Inference Server's *instance groups*), each later driven by its own device worker thread
+with its own CUDA streams and pinned buffers, all fed by the one scheduler:
 
 1. the run's precision (:func:`run_precision`) and the device list (``--gpus``);
-2. per device, a replica from the :class:`ReplicaPool` when one fits (same weights, outputs,
-   device, precision, ``--max-tokens`` and runner factory), else a new one: the model is
-   built from the host-side weights, the budget starts from the device's free memory, and on
-   a GPU one batch at the full budget runs before any input is claimed (memory problems show
-   at start, kernels compile now) and calibrates bytes per token from the allocator's peak.
+2. per device, its replicas from the :class:`ReplicaPool` when they fit (same weights,
+   outputs, device, precision, ``--max-tokens``, R and runner factory), else new ones: the
+   model is built once from the host-side weights and its device copy is shared by the
+   device's R runners (the forward only reads it; at ``fp8`` the first runner quantizes its
+   weights, once, and the others run that quantized copy); on the CPU each replica gets a fixed
+   budget and 1/R of the threads (:func:`split_cpu_threads`); on a GPU the replicas' budgets
+   are equal shares of one :class:`DeviceMemory`, and each replica in turn runs one batch at
+   its full share before any input is claimed (memory problems show at start, kernels
+   compile now), calibrating bytes per token from the allocator's peak.
 
 While a run embeds, :class:`MemoryTelemetry` re-reads every GPU's memory once a second and
-sets each budget's memory limit, from the largest batch the device worker reported to the
-budget since the last look (:meth:`~gpuengine.budget.TokenBudget.take_largest_batch`).
+sets each share, from the largest batches the device workers reported to the budgets since
+the last look (:meth:`~gpuengine.budget.TokenBudget.take_largest_batch`). An out-of-memory
+error lowers only the budget of the replica that hit it (its learned cap, in the device
+worker): the others keep theirs, and the next look at the device's memory resizes every share
+(an OOM caused by another process shows there; one caused by a bad estimate is learned by
+each replica that meets it, once, instead of every replica halving at the first).
 
 A lossy precision (``fp8``, :data:`~gpuengine.vocabulary.GUARDED_PRECISIONS`) is checked
 twice: before anything is read, that the model family and every device run it
 (:func:`check_precision`); once the replicas are built and before any worker starts, what it
 does to a sample of the run's own input against fp16 (:func:`guard_fidelity`, the fidelity
-guard of :mod:`gpuengine.fidelity`), refusing the run below ``--fp8-min-cosine``.
+guard of :mod:`gpuengine.fidelity`), refusing the run below ``--fp8-min-cosine``. The guard
+runs once, on the first replica (a device's R replicas share its quantized model), against an
+fp16 model of its own that is dropped after the measurement.
 
 The daemon and the ``predict`` workflow hand one pool to every run, so models load once per
 process; a plain ``gpuengine embed`` uses none. Nothing here touches the store or the
@@ -30,13 +42,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 import torch
 
-from gpuengine.budget import TokenBudget, activation_bytes_per_token, memory_budget
+from gpuengine.budget import (DEFAULT_GPU_MAX_TOKENS, MIN_TOKENS, TokenBudget,
+                              activation_bytes_per_token, memory_budget)
 from gpuengine.config import EmbedConfig
 from gpuengine.devices import GPU_MARGIN_BYTES, MemoryProbe, initial_budget, parse_devices
 from gpuengine.errors import DeviceError
@@ -59,41 +72,99 @@ RunnerFactory = Callable[[torch.device, str, tuple[OutputSpec, ...]], Runner]
 devices with it; the host benchmark measures the pipeline with a no-op runner)."""
 
 
+class CudaAllocator:
+    """The caching allocator's figures for one device (one per process: every replica and
+    stream of the device shares it)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    def reserved(self) -> int:
+        return torch.cuda.memory_reserved(self.device)
+
+    def peak_allocated(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+
 @dataclass
 class DeviceMemory:
-    """What the telemetry thread knows about one GPU's memory."""
+    """One GPU's memory as the telemetry thread sees it, and the token budgets of the
+    replicas on it: each replica gets an equal share of what is usable, so the budgets of a
+    device's replicas never count the same free bytes twice.
+
+    usable = free (NVML) + reserved by this process's allocator − baseline − margin: our own
+    cached blocks are usable by the next batch (blocks cached for another replica's stream
+    are released by the allocator when an allocation needs them), memory another process
+    takes is not. Each of the R shares is usable / R over bytes per token."""
 
     device: torch.device
-    budget: TokenBudget
     probe: MemoryProbe
     baseline_bytes: int
-    """Allocated after the replica loaded: weights and fixed buffers."""
+    """Allocated once the device's replicas were loaded: weights and fixed buffers."""
     bytes_per_token: int
-    """Calibrated at start-up, raised when the allocator's peaks show more."""
+    """The estimate, then the largest warm-up calibration, raised when the allocator's peaks
+    show more."""
+    allocator: CudaAllocator | None = None
+    budgets: list[TokenBudget] = field(default_factory=list)
+    """One per replica, in replica order."""
+    names: list[str] = field(default_factory=list)
     free_bytes: int = 0
     total_bytes: int = 0
+    usable_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.allocator is None:
+            self.allocator = CudaAllocator(self.device)
+
+    def add_share(self, name: str, maximum: int) -> TokenBudget:
+        """A new replica's budget (its share is set by the next :meth:`refresh`)."""
+        budget = TokenBudget(MIN_TOKENS, maximum)
+        self.budgets.append(budget)
+        self.names.append(name)
+        return budget
 
     def refresh(self, margin: int = GPU_MARGIN_BYTES) -> None:
-        """Re-read free memory and the allocator's peak; set the budget's memory limit.
+        """Re-read free memory and the allocator's peak; set every replica's memory share.
 
-        usable = free (NVML) + reserved by our allocator − baseline − margin: our own cached
-        blocks are usable by the next batch, memory another process takes is not."""
+        The peak since the last look over the sum of the replicas' largest batches since
+        then is at most the true bytes per token (batches that did not run at the same time
+        are counted together), so it only ever raises the figure on evidence."""
         self.total_bytes, self.free_bytes = self.probe.total_and_free()
-        reserved = torch.cuda.memory_reserved(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - self.baseline_bytes
-        largest = self.budget.take_largest_batch()
+        reserved = self.allocator.reserved()
+        largest = sum(budget.take_largest_batch() for budget in self.budgets)
         if largest:
             # with up to `depth` batches in flight the peak is an upper bound: budgets only shrink
+            peak = self.allocator.peak_allocated() - self.baseline_bytes
             self.bytes_per_token = max(self.bytes_per_token, peak // largest)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        usable = self.free_bytes + reserved - self.baseline_bytes - margin
-        self.budget.set_memory_tokens(memory_budget(usable, self.bytes_per_token, 0))
+            self.allocator.reset_peak()
+        self.usable_bytes = max(0, self.free_bytes + reserved - self.baseline_bytes - margin)
+        share = self.share_tokens()
+        for budget in self.budgets:
+            budget.set_memory_tokens(share)
+
+    def share_tokens(self) -> int:
+        """Tokens one replica's share of the usable memory holds."""
+        return memory_budget(self.usable_bytes // max(1, len(self.budgets)),
+                             self.bytes_per_token, 0)
 
     def describe(self) -> dict:
-        return {"device": str(self.device), "memory_source": self.probe.source,
-                "free_bytes": self.free_bytes, "total_bytes": self.total_bytes,
-                "bytes_per_token": self.bytes_per_token, **self.budget.describe(),
-                "budget_tokens": self.budget.tokens()}
+        replicas = [{"name": name, **budget.describe(), "budget_tokens": budget.tokens()}
+                    for name, budget in zip(self.names, self.budgets)]
+        out = {"device": str(self.device), "memory_source": self.probe.source,
+               "free_bytes": self.free_bytes, "total_bytes": self.total_bytes,
+               "usable_bytes": self.usable_bytes, "bytes_per_token": self.bytes_per_token}
+        if len(replicas) == 1:  # one replica: its budget's fields, as before replicas
+            out.update(replicas[0])
+            del out["name"]
+        out["budget_tokens"] = sum(r["budget_tokens"] for r in replicas)
+        out["replicas"] = replicas
+        return out
 
 
 class MemoryTelemetry(threading.Thread):
@@ -126,7 +197,9 @@ class Replica:
     runner: Runner
     budget: TokenBudget
     memory: DeviceMemory | None = None
-    """The device's memory telemetry (GPUs only)."""
+    """The device's memory telemetry (GPUs only), shared by the device's replicas."""
+    name: str = ""
+    """``cuda:0``, or ``cuda:0#1`` for the second of several replicas on one device."""
 
 
 class ReplicaPool:
@@ -134,7 +207,7 @@ class ReplicaPool:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._replicas: dict[Hashable, Replica] = {}
+        self._replicas: dict[Hashable, list[Replica]] = {}
         self._weights: dict[Hashable, Weights] = {}
 
     def weights(self, key: Hashable, read: Callable[[], Weights]) -> Weights:
@@ -144,17 +217,21 @@ class ReplicaPool:
                 self._weights[key] = read()
             return self._weights[key]
 
-    def get(self, key: Hashable) -> Replica | None:
+    def get(self, key: Hashable) -> list[Replica] | None:
+        """The replicas of one device built for ``key``, or None."""
         with self._lock:
             return self._replicas.get(key)
 
-    def put(self, key: Hashable, replica: Replica) -> None:
+    def put(self, key: Hashable, replicas: list[Replica]) -> None:
         with self._lock:
-            self._replicas[key] = replica
+            self._replicas[key] = replicas
 
     def memories(self) -> list[DeviceMemory]:
+        """Each GPU's memory telemetry once (its replicas share it)."""
         with self._lock:
-            return [r.memory for r in self._replicas.values() if r.memory is not None]
+            found = {id(r.memory): r.memory for group in self._replicas.values()
+                     for r in group if r.memory is not None}
+        return list(found.values())
 
     def clear(self) -> None:
         """Drop every replica (their device memory is freed once nothing else holds them)."""
@@ -218,38 +295,90 @@ def check_precision(precision: str, fam: Family, config: EmbedConfig) -> None:
 def build_replicas(config: EmbedConfig, fam: Family, weights: Weights, spec: TableSpec,
                    progress: ProgressSink, *, runner_factory: RunnerFactory | None = None,
                    pool: ReplicaPool | None = None) -> list[Replica]:
-    """A warmed-up replica on every device of ``config`` computing ``spec``'s outputs in its
-    precision (see the module docstring)."""
+    """``config.replicas_per_gpu`` warmed-up replicas on every device of ``config``, computing
+    ``spec``'s outputs in its precision (see the module docstring)."""
     outputs, precision = spec.outputs, spec.precision
     devices = parse_devices(config.devices)
-    if devices[0].type == "cpu" and config.threads:
-        torch.set_num_threads(config.threads)
+    count = config.replicas_per_gpu
+    if devices[0].type == "cpu":
+        split_cpu_threads(config.threads, count)
     estimate = activation_bytes_per_token(weights.embed_dim, PRECISION_BYTES[precision],
                                           len(outputs))
     replicas = []
     for device in devices:
-        key = (spec.model.sha256, outputs, str(device), precision, config.max_tokens,
+        key = (spec.model.sha256, outputs, str(device), precision, config.max_tokens, count,
                runner_factory)
-        replica = pool.get(key) if pool is not None else None
-        if replica is None:
-            progress.stage(f"loading {weights.source.name} on {device} ({precision})")
-            if runner_factory is not None:
-                runner = runner_factory(device, precision, outputs)
-            else:
-                runner = _make_runner(config, fam, weights, device, precision, outputs)
-            budget = initial_budget(device, estimate, config.max_tokens)
-            memory = _warm_up(runner, budget, progress) if device.type == "cuda" else None
-            replica = Replica(runner, budget, memory)
+        group = pool.get(key) if pool is not None else None
+        if group is None:
+            names = [str(device)] if count == 1 else [f"{device}#{r}" for r in range(count)]
+            runners, model = [], None
+            for name in names:
+                progress.stage(f"loading {weights.source.name} on {name} ({precision})")
+                if runner_factory is not None:
+                    runners.append(runner_factory(device, precision, outputs))
+                else:  # the replicas of a device share one copy of the (read-only) weights;
+                    # at fp8 the first runner quantizes it, the others run that quantized copy
+                    if model is None:
+                        model = fam.build(weights, DTYPES[precision])
+                    runners.append(_make_runner(config, fam, model, device, precision, outputs))
+            group = _device_group(runners, names, device, estimate, config.max_tokens, progress)
             if pool is not None:
-                pool.put(key, replica)
-        replicas.append(replica)
+                pool.put(key, group)
+        replicas.extend(group)
     return replicas
 
 
-def _make_runner(config: EmbedConfig, fam: Family, weights: Weights, device: torch.device,
-                 precision: str, outputs: tuple[OutputSpec, ...]) -> Runner:
+def _device_group(runners: list[Runner], names: list[str], device: torch.device,
+                  estimate: int, max_tokens: int | None,
+                  progress: ProgressSink) -> list[Replica]:
+    """The replicas of one device: fixed budgets on the CPU; on a GPU, shares of one
+    :class:`DeviceMemory`, each replica warmed up in turn (so each calibration runs alone and
+    sees the memory the others hold: weights, cached blocks)."""
+    if device.type != "cuda":
+        return [Replica(runner, initial_budget(device, estimate, max_tokens), None, name)
+                for runner, name in zip(runners, names)]
+    allocator = CudaAllocator(device)
+    memory = DeviceMemory(device, MemoryProbe(device), allocator.allocated(), estimate,
+                          allocator)
+    budgets = [memory.add_share(name, max_tokens or DEFAULT_GPU_MAX_TOKENS) for name in names]
+    memory.refresh()  # shares from the estimate
+    calibrated = 0
+    for runner, budget, name in zip(runners, budgets, names):
+        calibrated = max(calibrated, _warm_up(runner, budget, name, progress))
+        memory.bytes_per_token = calibrated
+        memory.refresh()  # the next replica's share sees this one's memory
+    log.info("%s: %s", device, memory.describe())
+    return [Replica(runner, budget, memory, name)
+            for runner, budget, name in zip(runners, budgets, names)]
+
+
+_cpu_split: tuple[int, int] | None = None
+"""(threads per replica set by :func:`split_cpu_threads`, the total they were split from)."""
+
+
+def split_cpu_threads(threads: int | None, replicas: int) -> None:
+    """Give each of ``replicas`` CPU replicas its share of ``threads`` (None: torch's current
+    count). torch's intra-op thread count is process-wide, and each worker thread runs its
+    own OpenMP team of that size, so R replicas of total // R threads use the total."""
+    global _cpu_split
+    current = torch.get_num_threads()
+    ours = _cpu_split is not None and _cpu_split[0] == current
+    if threads is None and replicas == 1 and not ours:
+        return  # torch's (or the caller's) setting, untouched
+    total = threads or (_cpu_split[1] if ours else current)
+    per = max(1, total // replicas)
+    torch.set_num_threads(per)
+    _cpu_split = (per, total)
+
+
+def _make_runner(config: EmbedConfig, fam: Family, model: torch.nn.Module,
+                 device: torch.device, precision: str, outputs: tuple[OutputSpec, ...], *,
+                 fp8_on_cpu: bool = False) -> Runner:
+    """A runner of ``model`` (built by the caller; at ``fp8`` quantized by the first runner of
+    it, see :class:`~gpuengine.runner.Runner`) with the run's kernel choice."""
     compile_kernels = config.compile if config.compile is not None else device.type == "cuda"
-    return make_runner(fam, weights, device, precision, outputs, compile=compile_kernels)
+    return Runner(model, device, precision, outputs, fam.pooling_rule, compile=compile_kernels,
+                  fp8_on_cpu=fp8_on_cpu)
 
 
 def make_runner(fam: Family, weights: Weights, device: torch.device, precision: str,
@@ -286,7 +415,9 @@ def guard_fidelity(config: EmbedConfig, fam: Family, weights: Weights, spec: Tab
         progress.stage(f"fidelity guard: building the {GUARD_REFERENCE} reference on {device}")
         if runner_factory is not None:
             return runner_factory(device, GUARD_REFERENCE, spec.outputs)
-        return _make_runner(config, fam, weights, device, GUARD_REFERENCE, spec.outputs)
+        # its own model, never the replicas' (at fp8 those weights are quantized in place)
+        model = fam.build(weights, DTYPES[GUARD_REFERENCE])
+        return _make_runner(config, fam, model, device, GUARD_REFERENCE, spec.outputs)
 
     report = guard_run(spec.precision, replica.runner, reference, records.iterate(),
                        records.count, encode, threshold=config.fp8_min_cosine,
@@ -296,35 +427,30 @@ def guard_fidelity(config: EmbedConfig, fam: Family, weights: Weights, spec: Tab
     return report
 
 
-def _warm_up(runner: Runner, budget: TokenBudget, progress: ProgressSink) -> DeviceMemory:
+def _warm_up(runner: Runner, budget: TokenBudget, name: str, progress: ProgressSink) -> int:
     """Run one batch at the full budget before any input is claimed (memory problems show
-    now, kernels compile now) and calibrate bytes per token from the allocator's peak."""
-    baseline = torch.cuda.memory_allocated(runner.device)
-    tokens = budget.tokens()
+    now, kernels compile now); returns the batch's bytes per token (the allocator's peak)."""
     while True:
-        progress.stage(f"warming up {runner.device} at {tokens:,} tokens")
+        tokens = budget.tokens()
+        progress.stage(f"warming up {name} at {tokens:,} tokens")
         failed = False
         try:
             bytes_per_token = runner.calibrate(tokens)
         except torch.cuda.OutOfMemoryError:
             failed = True  # recover outside the except block (its frame pins tensors)
         if not failed:
-            break
+            return bytes_per_token
         runner.release_cached_memory()
         if tokens <= 1024:
-            raise DeviceError(f"{runner.device} cannot run even {tokens} tokens")
+            raise DeviceError(f"{name} cannot run even {tokens} tokens")
         budget.after_oom(tokens)
-        tokens //= 2
-    memory = DeviceMemory(runner.device, budget, MemoryProbe(runner.device), baseline,
-                          bytes_per_token)
-    memory.refresh()
-    log.info("%s: %s", runner.device, memory.describe())
-    return memory
+        budget.set_memory_tokens(tokens // 2)
 
 
 def start_telemetry(replicas: list[Replica]) -> MemoryTelemetry | None:
-    """The telemetry thread over the GPU replicas, started (None when there is none)."""
-    memories = [r.memory for r in replicas if r.memory is not None]
+    """The telemetry thread over the GPUs of ``replicas`` (each device once), started (None
+    when there is none)."""
+    memories = list({id(r.memory): r.memory for r in replicas if r.memory is not None}.values())
     if not memories:
         return None
     telemetry = MemoryTelemetry(memories)

@@ -78,7 +78,12 @@ class Launched:
 
 
 class Runner:
-    """Holds one replica. ``stage`` and ``launch`` must each be called from one thread."""
+    """Holds one replica. ``stage`` and ``launch`` must each be called from one thread.
+
+    The model may be shared with the device's other replicas (``--replicas-per-gpu``): the
+    forward only reads it. At ``fp8`` the first runner of a model quantizes its weights
+    (:func:`~gpuengine.models.fp8.enable_fp8`); a later runner of the same model runs that
+    quantized copy (:func:`~gpuengine.models.fp8.shared_fp8`) and quantizes nothing."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str,
                  outputs: Sequence[OutputSpec], rule: PoolingRule, *, compile: bool = False,
@@ -100,12 +105,15 @@ class Runner:
             self.copy_stream = torch.cuda.Stream(device) if copy_stream else self.compute_stream
         # per-layer kernels: the model's fastest kind on a GPU when compiling (or ``kernels``)
         self.kernels = "eager"
-        if precision == "fp8":  # weights quantized once, here; fused kernels when compiling
-            from gpuengine.models.fp8 import DEFAULT_FP8, enable_fp8
+        if precision == "fp8":  # weights quantized once per model; fused kernels when compiling
+            from gpuengine.models.fp8 import DEFAULT_FP8, enable_fp8, shared_fp8
 
-            fused = compile and not self.attention.prescale_q  # Triton: kernels that scale q
-            self.kernels = enable_fp8(self.model, device, fp8 or DEFAULT_FP8, fused=fused,
-                                      allow_cpu=fp8_on_cpu)
+            if getattr(self.model, "fp8", None) is not None:  # a device's later replica
+                self.kernels = shared_fp8(self.model, fp8 or DEFAULT_FP8)
+            else:
+                fused = compile and not self.attention.prescale_q  # Triton: kernels scaling q
+                self.kernels = enable_fp8(self.model, device, fp8 or DEFAULT_FP8, fused=fused,
+                                          allow_cpu=fp8_on_cpu)
         elif compile and self.cuda and hasattr(self.model, "set_kernels"):
             self.kernels = kernels or self.model.fastest_kernels(device, self.attention)
             self.model.set_kernels(self.kernels)

@@ -58,8 +58,12 @@ class WorkerExit:
 
 
 class DeviceWorker:
+    """One replica's thread; ``name`` labels it in stats and progress (``cuda:0``, or
+    ``cuda:0#1`` for the second replica on a device)."""
+
     def __init__(self, index: int, runner: Runner, budget: TokenBudget, scheduler: Scheduler,
-                 outbox: queue.Queue, halt: threading.Event, *, depth: int = 2):
+                 outbox: queue.Queue, halt: threading.Event, *, depth: int = 2,
+                 name: str | None = None):
         self.index = index
         self.runner = runner
         self.budget = budget
@@ -67,7 +71,7 @@ class DeviceWorker:
         self.outbox = outbox
         self.halt = halt
         self.depth = max(1, depth)
-        self.stats = DeviceStats(str(runner.device))
+        self.stats = DeviceStats(name or str(runner.device))
         # joined by the engine on every path; daemon only so that a bug cannot hang the exit
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"gpuengine-device-{index}")
@@ -143,6 +147,22 @@ class DeviceWorker:
         stats.busy_seconds += result.seconds
         self.budget.after_success(result.n_tokens)  # the budget also keeps the largest batch
         self.outbox.put(BatchOutcome("ok", self.index, batch, result))
+
+
+def device_rows(workers: list[DeviceWorker], seconds: float) -> list[dict]:
+    """The summary's row per replica. One definition of tokens/s everywhere: tokens over
+    the embedding time, so the replicas' rates add up to the run's; busy is the replica's
+    compute time over it; share is its part of the run's tokens; budget its token budget
+    at the end (on a GPU: its share of the device's memory, or less after an OOM)."""
+    total = sum(w.stats.tokens for w in workers)
+    return [{"device": w.stats.name, "batches": w.stats.batches,
+             "sequences": w.stats.sequences, "tokens": w.stats.tokens,
+             "busy_seconds": w.stats.busy_seconds,
+             "busy_fraction": min(1.0, w.stats.busy_seconds / seconds) if seconds else 0.0,
+             "tokens_per_second": w.stats.tokens / seconds if seconds else 0.0,
+             "share": w.stats.tokens / total if total else 0.0,
+             "budget_tokens": w.budget.tokens(),
+             "oom_events": w.stats.oom_events} for w in workers]
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -138,6 +138,13 @@ FAST = {
     "serve-watch-a-file": ("serve --watch {file} --store {new} -m {tiny}", 2),
     "serve-bad-job": ("serve --watch {base}/w1 --store {new} -m {tiny} --job dance", 2),
     "serve-predict-without-length": ("serve --watch {base}/w1 --store {new} --job predict", 2),
+    "serve-poll-interval-nan": ("serve --watch {base}/w1 --store {new} -m {tiny} "
+                                "--poll-interval nan", 2),
+    "serve-settle-nan": ("serve --watch {base}/w1 --store {new} -m {tiny} --settle nan", 2),
+    "serve-group-files-zero": ("serve --watch {base}/w1 --store {new} -m {tiny} "
+                               "--group-files 0", 2),
+    "serve-replicas-zero": ("serve --watch {base}/w1 --store {new} -m {tiny} "
+                            "--replicas-per-gpu 0", 2),
     "devices-bad-option": ("devices --frobnicate", 2),
     "status-no-argument": ("status", 2),
     "merge-no-input": ("merge {new}", 2),

@@ -399,3 +399,38 @@ def test_engine_requeues_the_batches_of_a_dead_device(corpus, tmp_path, two_cpu_
     stored = read_store(tmp_path / "s")
     assert set(stored) == set(corpus.clean)
     assert_matches_clean(corpus, stored)
+
+
+class ReplicaOneOOM(Faults):
+    """The first ``k`` launches of replica 1 holding at least two items run out of memory."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def before_launch(self, runner, staged):
+        with self.lock:
+            hit = runner.index == 1 and self.ooms < self.k and len(staged.items) >= 2
+            if hit:
+                self.ooms += 1
+        if hit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated, replica 1)")
+
+
+def test_an_oom_in_one_replica_is_recovered_and_lowers_only_its_budget(corpus, tmp_path):
+    faults = ReplicaOneOOM(k=3)
+    make = factory(corpus, faults)
+    summary = run_embed(corpus.config(tmp_path / "s", replicas_per_gpu=2, threads=2),
+                        runner_factory=make)
+    assert len(make.made) == 2 and faults.ooms == 3
+    first, second = summary.devices
+    assert (first["device"], second["device"]) == ("cpu#0", "cpu#1")
+    assert (first["oom_events"], second["oom_events"]) == (0, 3)
+    assert first["budget_tokens"] == 512 > second["budget_tokens"]  # the other kept its budget
+    assert_counts(corpus, summary)
+    stored = read_store(tmp_path / "s")
+    assert set(stored) == set(corpus.clean)
+    assert_matches_clean(corpus, stored)
+    finished = [d for batch in faults.finished_batches for d in batch]
+    assert sorted(finished) == sorted(corpus.digest_ids)  # each sequence finished once
+    assert all(d["batches"] > 0 for d in summary.devices)

@@ -36,7 +36,8 @@ def tool(monkeypatch):
 
 def test_every_script_is_listed():
     assert {"bench_common", "bench_dnabert", "bench_esm", "bench_fp8", "bench_host_dna",
-            "bench_kernels", "bench_merge", "bench_predict", "bench_shard_scan", "make_checkpoint",
+            "bench_kernels", "bench_merge", "bench_predict", "bench_replicas", "bench_serve",
+            "bench_shard_scan", "make_checkpoint",
             "plot_benchmarks", "pyspy_summary"} == set(SCRIPTS)
 
 

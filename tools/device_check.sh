@@ -2,7 +2,8 @@
 # Runs on the device machine (through the device tool): installs the carried wheels, runs the
 # GPU tests (SKIP_TESTS=1 skips them), then the benchmarks whose arguments are given:
 # DNABERT_ARGS (tools/bench_dnabert.py), BENCH_ARGS (tools/bench_esm.py), FP8_ARGS
-# (tools/bench_fp8.py), PREDICT_ARGS (tools/bench_predict.py). Results land in
+# (tools/bench_fp8.py), PREDICT_ARGS (tools/bench_predict.py), REPLICAS_ARGS
+# (tools/bench_replicas.py), SERVE_ARGS (tools/bench_serve.py). Results land in
 # $OUT/results.jsonl, logs next to it.
 #   carry: .whl      command: GPUENGINE_COMMIT=<hash> BENCH_ARGS="..." bash tools/device_check.sh
 set -uo pipefail
@@ -28,4 +29,10 @@ if [ -n "${FP8_ARGS:-}" ]; then  # e.g. FP8_ARGS=--quick (1 min) or FP8_ARGS=' '
 fi
 if [ -n "${PREDICT_ARGS:-}" ]; then
   python3 tools/bench_predict.py $PREDICT_ARGS --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/bench_predict.log"
+fi
+if [ -n "${REPLICAS_ARGS:-}" ]; then
+  python3 tools/bench_replicas.py $REPLICAS_ARGS --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/bench_replicas.log"
+fi
+if [ -n "${SERVE_ARGS:-}" ]; then
+  python3 tools/bench_serve.py $SERVE_ARGS --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/bench_serve.log"
 fi

@@ -561,6 +561,8 @@ def markdown(every, profile: list[Path] | None) -> str:
                    + table(["run", "machine", "vectors", "shards", "vectors/s", "MB/s", "wall s",
                             "id check s", "vectors s", "ids s", "verify vectors/s", "commits"], rows))
 
+    out.extend(scale_sections(recs))
+
     # history
     esm_order = [c_ for c_ in order if any(r["commit"] == c_ and r["model"].startswith("esm2")
                                            and r["system"] in ("gpuengine", "gpuengine-compiled")
@@ -922,6 +924,41 @@ def fp8_goals(recs, ceilings) -> str:
                                       else "**no**") if pred else "not measured"])
     return "### Issue 17's goals (fp8; latest run of each)\n\n" + table(
         ["goal", "measured", "met?"], rows)
+
+
+def scale_sections(recs) -> list[str]:
+    """Issue 16's tables, always present (``not measured yet`` until device rows land):
+    ``--replicas-per-gpu`` R = 1, 2, 4 (``tools/bench_replicas.py``) and many small files
+    through ``gpuengine serve`` against one large file (``tools/bench_serve.py``); rows of the
+    tools' ``--quick`` CPU mode are left out."""
+    real = [r for r in recs if not r.get("quick")]
+    out = []
+    rows = []
+    reps = [r for r in real if "replicas_per_gpu" in r
+            and r["system"] in ("gpuengine-replicas", "gpuengine-replicas-e2e")]
+    for key in sorted({(r["commit"], r["model"], r["system"]) for r in reps}):
+        commit, model, system = key
+        by_r = {r["replicas_per_gpu"]: r for r in reps if (r["commit"], r["model"], r["system"]) == key}
+        cells = [f"{fmt_int(by_r[n]['sequences_per_s'])} ({by_r[n]['speedup_vs_r1']:.2f}×)"
+                 if n in by_r else "—" for n in (1, 2, 4)]
+        rows.append([f"`{commit}`", model, by_r[min(by_r)]["workload"], system, *cells])
+    body = (table(["run", "model", "workload", "system", "R = 1 seq/s", "R = 2", "R = 4"], rows)
+            if rows else "not measured yet (`tools/bench_replicas.py` on the device machine)")
+    out.append("### Replicas per GPU (`--replicas-per-gpu R`, one GPU; × R = 1)\n\n" + body)
+    rows = []
+    serve = [r for r in real if r["system"] == "gpuengine-serve"]
+    for r in sorted(serve, key=lambda r: (r["date"], r["files"])):
+        rows.append([f"`{r['commit']}`", r["model"], r["workload"], str(r.get("replicas_per_gpu", 1)),
+                     f"**{fmt_int(r['sequences_per_s'])}**",
+                     f"{r['ratio_vs_single']:.0%}" if "ratio_vs_single" in r else "—",
+                     f"{r['file_latency_s']['median']:.2f}", f"{r['claim_to_done_s']['median']:.2f}",
+                     str(r.get("engine_runs", "—"))])
+    body = (table(["run", "model", "workload", "R", "seq/s", "of one file", "median latency s",
+                   "claim → done s", "engine runs"], rows)
+            if rows else "not measured yet (`tools/bench_serve.py` on the device machine)")
+    out.append("### Many small files through `gpuengine serve` (goal: ≥ 80 % of one file)\n\n"
+               + body)
+    return out
 
 
 FAMILIES = [

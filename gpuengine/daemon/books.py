@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,30 +42,55 @@ class AttemptBook:
     def begin(self, name: str, sha256: str) -> int:
         """Count a new attempt for ``name`` (a different file under the same name starts over);
         returns the attempt's number (1 for the first)."""
-        entry = self.files.get(name)
-        if entry is None or entry.get("sha256") != sha256:
-            entry = self.files[name] = {"sha256": sha256, "attempts": 0, "errors": []}
-        entry["attempts"] = int(entry.get("attempts", 0)) + 1
-        entry["last_started_at"] = utc_now()
-        self._save()
-        return entry["attempts"]
+        return self.begin_many([(name, sha256)])[0]
+
+    def begin_many(self, files: list[tuple[str, str]]) -> list[int]:
+        """:meth:`begin` for several (name, sha256), written once (a group of files)."""
+        numbers = []
+        for name, sha256 in files:
+            entry = self.files.get(name)
+            if entry is None or entry.get("sha256") != sha256:
+                entry = self.files[name] = {"sha256": sha256, "attempts": 0, "errors": []}
+            entry["attempts"] = int(entry.get("attempts", 0)) + 1
+            entry["last_started_at"] = utc_now()
+            numbers.append(entry["attempts"])
+        if files:
+            self._save()
+        return numbers
 
     def undo(self, name: str) -> None:
         """The attempt was stopped on request, not failed: take it back."""
-        entry = self.files.get(name)
-        if entry is not None:
-            entry["attempts"] = max(0, int(entry.get("attempts", 0)) - 1)
+        self.undo_many([name])
+
+    def undo_many(self, names: list[str]) -> None:
+        changed = False
+        for name in names:
+            entry = self.files.get(name)
+            if entry is not None:
+                entry["attempts"] = max(0, int(entry.get("attempts", 0)) - 1)
+                changed = True
+        if changed:
             self._save()
 
     def error(self, name: str, exc: BaseException) -> None:
-        entry = self.files.setdefault(name, {"attempts": 0, "errors": []})
-        entry.setdefault("errors", []).append({"at": utc_now(), "error": type(exc).__name__,
-                                               "message": str(exc)[:2000]})
-        entry["errors"] = entry["errors"][-5:]
-        self._save()
+        self.error_many([name], exc)
+
+    def error_many(self, names: list[str], exc: BaseException) -> None:
+        """Note ``exc`` against each file (written once)."""
+        for name in names:
+            entry = self.files.setdefault(name, {"attempts": 0, "errors": []})
+            entry.setdefault("errors", []).append({"at": utc_now(), "error": type(exc).__name__,
+                                                   "message": str(exc)[:2000]})
+            entry["errors"] = entry["errors"][-5:]
+        if names:
+            self._save()
 
     def clear(self, name: str) -> None:
-        if self.files.pop(name, None) is not None:
+        self.clear_many([name])
+
+    def clear_many(self, names: list[str]) -> None:
+        """Forget finished files (written once)."""
+        if [self.files.pop(name, None) for name in names if name in self.files]:
             self._save()
 
     def keep_only(self, names: set[str]) -> None:
@@ -81,14 +108,34 @@ class JobBook:
 
     def __init__(self, store: Path):
         self.store = Path(store)
+        self._open: Any = None
+        """The store while :meth:`reading` holds it open."""
 
     def get(self, key: str) -> dict[str, Any] | None:
+        if self._open is not None:
+            return self._open.run_record(key)
         if not (self.store / "data.mdb").exists():
             return None
         from gpuengine.store.writer import StoreWriter
 
         with StoreWriter(self.store) as writer:
             return writer.run_record(key)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Keep the store open for the :meth:`get` calls of the block (a group of files
+        asks once per file; opening the store for each costs more than the question)."""
+        if self._open is not None or not (self.store / "data.mdb").exists():
+            yield
+            return
+        from gpuengine.store.writer import StoreWriter
+
+        with StoreWriter(self.store) as writer:
+            self._open = writer
+            try:
+                yield
+            finally:
+                self._open = None
 
     @staticmethod
     def run_record(key: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,9 @@ class Claim:
     """This attempt's number (1 for the first)."""
     started: float
     """``time.perf_counter()`` when processing began (hashing included)."""
+    size: int | None = None
+    """The file's size in bytes when known at the claim (a group's files: read then, not on
+    the engine loop's thread when the job record is made)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class Job(ABC):
     """True when :meth:`run` commits the job record in the transaction of the file's last
     embeddings (a crash after it never runs the file again); otherwise the daemon stores it
     after the run."""
+    groups: bool = False
+    """True when small files may share one run (``validator`` and ``run_group``:
+    :mod:`gpuengine.daemon.groups`)."""
 
     @abstractmethod
     def load(self, pool: Any, progress: ProgressSink,

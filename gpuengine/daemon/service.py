@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -24,6 +26,7 @@ from gpuengine.daemon.constants import ATTEMPTS_FILE, ERROR_SUFFIX, FOLDERS, JOB
 from gpuengine.daemon.files import atomic_write_json, error_record, file_sha256, free_name, is_ignored, marker_name, utc_now
 from gpuengine.daemon.embed_job import EmbedJob, RunFunction
 from gpuengine.daemon.events import Waker
+from gpuengine.daemon.groups import GROUP_MAX_BYTES, Finisher, GroupRun, groupable, take_group
 from gpuengine.daemon.inbox import InboxWatcher
 from gpuengine.daemon.books import AttemptBook, JobBook
 from gpuengine.daemon.jobs import Claim, Job, versions
@@ -62,21 +65,31 @@ class ServeConfig:
     """``--job predict``: a :class:`~gpuengine.workflows.virnucpro.pipeline.PredictConfig`
     template (its reads, out and store are set per file); None: ``--job embed``. Read once,
     by :func:`job_for`."""
+    group_files: int = 1024
+    """``--group-files``: up to this many small files waiting in inbox/ share one run
+    (``--job embed``; :mod:`gpuengine.daemon.groups`); 1: one run per file."""
 
     def __post_init__(self) -> None:
-        if self.poll_interval <= 0:
-            raise UsageError(f"--poll-interval must be positive (got {self.poll_interval})")
-        if self.settle < 0:
-            raise UsageError(f"--settle must not be negative (got {self.settle})")
+        # ``not x > 0`` rather than ``x <= 0``: NaN compares false both ways, and must fail
+        if not 0 < self.poll_interval < math.inf:
+            raise UsageError(f"--poll-interval must be a positive number of seconds (got "
+                             f"{self.poll_interval})")
+        if not 0 <= self.settle < math.inf:
+            raise UsageError(f"--settle must be a non-negative number of seconds (got "
+                             f"{self.settle})")
         if not self.quiet_period >= self.settle:  # also refuses NaN
             raise UsageError(f"--quiet-period must be at least --settle ({self.settle} s; "
                              f"got {self.quiet_period})")
         if self.max_attempts < 1:
             raise UsageError(f"--max-attempts must be at least 1 (got {self.max_attempts})")
-        if self.status_interval <= 0:
-            raise UsageError(f"--status-interval must be positive (got {self.status_interval})")
-        if self.retry_delay < 0:
-            raise UsageError(f"--retry-delay must not be negative (got {self.retry_delay})")
+        if not 0 < self.status_interval < math.inf:
+            raise UsageError(f"--status-interval must be a positive number of seconds (got "
+                             f"{self.status_interval})")
+        if not 0 <= self.retry_delay < math.inf:
+            raise UsageError(f"--retry-delay must be a non-negative number of seconds (got "
+                             f"{self.retry_delay})")
+        if self.group_files < 1:
+            raise UsageError(f"--group-files must be at least 1 (got {self.group_files})")
 
 
 class DaemonExit(Exception):
@@ -124,6 +137,9 @@ class Daemon:
         self.retry_at: dict[str, float] = {}
         self._lock_fd: int | None = None
         self._busy: set[str] = set()
+        self.finisher = Finisher(functools.partial(self._finish_with_record,
+                                                   clear_attempts=False))
+        """Moves the files of group runs to done/ (:class:`~gpuengine.daemon.groups.Finisher`)."""
 
     # -- whole life ----------------------------------------------------------------------
 
@@ -156,6 +172,7 @@ class Daemon:
                                           "message": f"{type(exc).__name__}: {exc}"})
             code = EXIT_ERROR
         finally:
+            self.finisher.drain()
             if self.waker is not None:
                 self.waker.close()
             if self._lock_fd is not None:  # never overwrite the status of another daemon
@@ -203,8 +220,9 @@ class Daemon:
                                  "on one filesystem (files move between them by rename)")
         for leftover in self.dir.glob(WARMUP_PREFIX + "*"):
             shutil.rmtree(leftover, ignore_errors=True)
-        for leftover in self.dir.glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
+        for folder in (self.dir, self.done, self.failed):  # a write cut short by a kill
+            for leftover in folder.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
         self.attempts.keep_only({n for n in os.listdir(self.processing) if not is_ignored(n)})
 
     def _lock(self) -> None:
@@ -239,15 +257,18 @@ class Daemon:
         log.info("%s in %.1f s", loaded.message, time.perf_counter() - started)
 
     def recover(self) -> None:
-        """Finish every file a previous daemon left in ``processing/``."""
+        """Finish every file a previous daemon left in ``processing/`` (in groups, as new
+        files are)."""
         names = sorted(n for n in os.listdir(self.processing) if not is_ignored(n))
         if names:
             log.info("recovering %d file(s) left in processing/", len(names))
         for name in names:
-            if self.stop.is_set():
-                return
             (self.inbox / marker_name(name)).unlink(missing_ok=True)
-            self.process(name)
+        while names and not self.stop.is_set():
+            group = take_group(names, self._group_limit(), self._shareable)
+            names = names[len(group):]
+            self.process_many(group)
+        self.finisher.drain()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -263,16 +284,44 @@ class Daemon:
             ready = self.watcher.poll()
             self.board.update(queue=self.watcher.depth, waiting=self.watcher.waiting,
                               retrying=sorted(self.retry_at))
-            worked = False
-            for name in ready:
-                if self.stop.is_set():
-                    break
-                if self.claim(name):
-                    self.process(name)
-                    worked = True
-                    break  # poll again: retries and fresher state first
-            if not worked:
+            claimed = self.claim_group(ready)
+            if claimed:
+                self.process_many(claimed)  # then poll again: retries and fresher state first
+            else:
                 self.waker.wait(self.config.poll_interval, self.stop)
+        self.finisher.drain()
+
+    def _group_limit(self) -> int:
+        return self.config.group_files if getattr(self.job, "groups", False) else 1
+
+    def _shareable(self, name: str) -> tuple[bool, int]:
+        """(may ``processing/name`` share a run, its size)."""
+        return groupable(self.processing / name, self.attempts.get(name).get("attempts", 0))
+
+    def claim_group(self, ready: list[str]) -> list[str]:
+        """Claim the ready files that form the next group (one file when it may not share
+        a run, or with ``--group-files 1``); [] when none could be claimed."""
+        limit, claimed, total = self._group_limit(), [], 0
+        for name in ready:
+            if self.stop.is_set() or len(claimed) >= limit:
+                break
+            shareable, size = groupable(self.inbox / name, self.attempts.get(name).get(
+                "attempts", 0))
+            if claimed and (not shareable or total + size > GROUP_MAX_BYTES):
+                break
+            if self.claim(name):
+                claimed.append(name)
+                total += size
+                if not shareable:
+                    break
+        return claimed
+
+    def process_many(self, names: list[str]) -> None:
+        """One file as before; several in one run (:class:`~gpuengine.daemon.groups.GroupRun`)."""
+        if len(names) == 1:
+            self.process(names[0])
+        elif names:
+            GroupRun(self, names).process()
 
     def claim(self, name: str) -> bool:
         """``os.replace(inbox/x, processing/x)``; False if it is gone or the name is busy."""
@@ -359,8 +408,9 @@ class Daemon:
         here (failed, set for a retry, or left in processing/ after a stop request)."""
         name = claim.name
         self.board.update(processing={"file": name, "attempt": claim.attempt,
-                                      "since": utc_now(), "committed_records": 0,
-                                      "total_records": None, "stage": "starting"})
+                                      "since": utc_now(), "done_records": 0,
+                                      "committed_records": 0, "total_records": None,
+                                      "stage": "starting"})
         try:
             summary = self.job.run(claim, self.pool, _FileProgress(self.board), self.stop)
         except InputError as exc:
@@ -398,10 +448,12 @@ class Daemon:
         self.board.update(last_error={"at": utc_now(), "file": name,
                                       "message": f"{type(exc).__name__}: {exc}"[:4000]})
 
-    def _retry_or_fail(self, name: str, exc: Exception, attempt: int, sha256: str) -> None:
-        self.attempts.error(name, exc)
-        self._record_error(name, exc)
-        if self.pool is not None:
+    def _retry_or_fail(self, name: str, exc: Exception, attempt: int, sha256: str, *,
+                       clear_pool: bool = True, noted: bool = False) -> None:
+        if not noted:
+            self.attempts.error(name, exc)
+            self._record_error(name, exc)
+        if self.pool is not None and clear_pool:
             self.pool.clear()  # a broken replica is rebuilt by the next run
         if attempt >= self.config.max_attempts:
             log.error("%s: %s: %s (attempt %d of %d): giving up", name, type(exc).__name__, exc,
@@ -414,6 +466,18 @@ class Daemon:
                   type(exc).__name__, exc, attempt, self.config.max_attempts, delay,
                   exc_info=log.isEnabledFor(logging.DEBUG))
         self.retry_at[name] = time.monotonic() + delay
+
+    def _retry_or_fail_many(self, claims: list[Claim], exc: Exception, *,
+                            clear_pool: bool = True) -> None:
+        """:meth:`_retry_or_fail` for the files of a failed group (the error noted once)."""
+        self.attempts.error_many([c.name for c in claims], exc)
+        if claims:
+            self._record_error(claims[0].name, exc)
+        if self.pool is not None and clear_pool:
+            self.pool.clear()
+        for claim in claims:
+            self._retry_or_fail(claim.name, exc, claim.attempt, claim.sha256, clear_pool=False,
+                                noted=True)
 
     def _fail(self, name: str, exc: BaseException, *, kind: str, attempts: int,
               sha256: str | None, errors: list | None = None) -> None:
@@ -440,23 +504,33 @@ class Daemon:
             self.jobs.put(claim.key, record)
         else:
             record = stored["info"]
-        target = self._move_to_done(claim.name, record)
+        self._finish_with_record(claim, summary, record)
+
+    def _finish_with_record(self, claim: Claim, summary: Any, record: dict[str, Any], *,
+                            clear_attempts: bool = True) -> None:
+        """The file's job record is in the store: beside the file in done/, the move, the
+        status and the log."""
+        seconds = time.perf_counter() - claim.started
+        target = self._move_to_done(claim.name, record, clear_attempts=clear_attempts)
         report = self.job.report(summary, record, seconds)
         self.board.update(last_file={"file": claim.name, "result": record["status"],
                                      "at": utc_now()},
                           last_run={"file": claim.name, "seconds": round(seconds, 3),
                                     **report.last_run},
                           sequences_per_second=record["sequences_per_second"], **report.board)
+        self.board.file_latency(seconds)
         log.info("%s -> done/%s: %s", claim.name, target, report.message)
 
-    def _move_to_done(self, name: str, record: dict[str, Any]) -> str:
+    def _move_to_done(self, name: str, record: dict[str, Any], *,
+                      clear_attempts: bool = True) -> str:
         """The job record beside the file's place in done/ (``done_as`` added), then the move
         out of processing/; returns the name the file got there."""
         target = free_name(self.done, name)
         record["done_as"] = f"done/{target}"
         atomic_write_json(self.done / (target + JOB_SUFFIX), record)
         os.replace(self.processing / name, self.done / target)
-        self.attempts.clear(name)
+        if clear_attempts:
+            self.attempts.clear(name)
         self.board.add("files_done")
         return target
 

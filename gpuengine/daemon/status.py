@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import sys
 import threading
 import time
+from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +19,9 @@ from gpuengine.errors import (EXIT_ERROR, EXIT_OK, GpuEngineError)
 from gpuengine.progress import ProgressSink, ProgressSnapshot
 from gpuengine.daemon.constants import STALE_FACTOR, STATUS_FILE
 from gpuengine.daemon.files import atomic_write_json, utc_now
+
+LATENCY_WINDOW = 1000
+"""Files the latency figures of ``status.json`` cover."""
 
 log = logging.getLogger("gpuengine.daemon")
 
@@ -41,13 +46,15 @@ class StatusBoard:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_line = ""
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.data: dict[str, Any] = {
             "pid": os.getpid(), "version": __version__, "state": "loading",
             "started_at": utc_now(), "watch": str(directory), "store": None, "model": None,
             "status_interval": interval, "stale_after_seconds": STALE_FACTOR * interval,
             "queue": 0, "waiting": [], "processing": None, "retrying": [],
             "files_done": 0, "files_failed": 0, "last_file": None, "last_run": None,
-            "sequences_per_second": None, "devices": [], "gpu_memory": [],
+            "sequences_per_second": None, "file_latency_seconds": None,
+            "devices": [], "gpu_memory": [],
             "last_error": None, "exit_code": None, "progress_at": utc_now()}
 
     @property
@@ -63,6 +70,17 @@ class StatusBoard:
     def add(self, key: str, n: int = 1) -> None:
         with self._lock:
             self.data[key] += n
+
+    def file_latency(self, seconds: float) -> None:
+        """A file went to done/ ``seconds`` after it was claimed: ``file_latency_seconds``
+        shows the median and 90th percentile over the last :data:`LATENCY_WINDOW` files."""
+        with self._lock:
+            self._latencies.append(seconds)
+            ordered = sorted(self._latencies)
+            n = len(ordered)
+            self.data["file_latency_seconds"] = {
+                "median": round(statistics.median(ordered), 3),
+                "p90": round(ordered[min(n - 1, int(0.9 * n))], 3), "files": n}
 
     def update_processing(self, **fields: Any) -> None:
         with self._lock:
@@ -119,12 +137,27 @@ class StatusBoard:
             log.warning("cannot write %s: %s", self.path, exc)
 
 
+def _what(current: dict[str, Any]) -> str:
+    """The file being embedded, or a group: ``a.fa and 199 more files (37 of 200 done)``."""
+    group = current.get("group")
+    if not isinstance(group, dict):
+        return str(current.get("file"))
+    return (f"{current.get('file')} and {max(0, group.get('pending', 1) - 1)} more files "
+            f"({group.get('done', 0)} of {group.get('files', '?')} done)")
+
+
+def _done(current: dict[str, Any]) -> int:
+    """Records with nothing left to do (as the progress bar counts them); a status file of
+    an older daemon has only ``committed_records``."""
+    return current.get("done_records", current.get("committed_records", 0))
+
+
 def status_line(data: dict[str, Any]) -> str:
     """One line for ``systemctl status`` and logs."""
     parts = [data.get("state", "?")]
     current = data.get("processing")
     if current:
-        parts.append(f"embedding {current.get('file')} ({current.get('committed_records', 0)}"
+        parts.append(f"embedding {_what(current)} ({_done(current)}"
                      f"/{current.get('total_records', '?')} records)")
     parts.append(f"queue {data.get('queue', 0)}")
     parts.append(f"{data.get('files_done', 0)} done, {data.get('files_failed', 0)} failed")
@@ -149,7 +182,14 @@ class _FileProgress(ProgressSink):
         self.board.update_processing(total_records=total_records, stage="embedding")
 
     def update(self, snapshot: ProgressSnapshot) -> None:
-        self.board.update_processing(committed_records=snapshot.committed_records,
+        """Counted as the progress bar counts (:class:`~gpuengine.display.RichProgress`):
+        ``done_records`` (stored before, committed now or failed) of ``total_records`` (every
+        valid record), so a resumed file starts where the stopped run left it and a finished
+        one ends at total/total; ``committed_records`` is this run's part of it."""
+        self.board.update_processing(done_records=snapshot.done_records,
+                                     committed_records=snapshot.committed_records,
+                                     stored_records=snapshot.stored_records,
+                                     failed_records=snapshot.failed_records,
                                      total_records=snapshot.total_records)
 
 
@@ -218,13 +258,18 @@ def format_status(data: dict[str, Any], verdict: str) -> str:
                  + (f", {len(data['retrying'])} to retry" if data.get("retrying") else ""))
     current = data.get("processing")
     if current:
-        lines.append(f"  embedding  {current.get('file')}: {current.get('committed_records', 0)} "
-                     f"of {current.get('total_records', '?')} records (attempt "
+        lines.append(f"  embedding  {_what(current)}: {_done(current)} "
+                     f"of {current.get('total_records', '?')} records done (attempt "
                      f"{current.get('attempt')}, {current.get('stage')})")
     lines.append(f"  files      {data.get('files_done', 0)} done, {data.get('files_failed', 0)} "
                  "failed since the start")
     if data.get("sequences_per_second") is not None:
         lines.append(f"  last run   {data['sequences_per_second']:.1f} sequences/s")
+    latency = data.get("file_latency_seconds")
+    if isinstance(latency, dict):
+        lines.append(f"  latency    median {latency.get('median')} s, 90th percentile "
+                     f"{latency.get('p90')} s from claim to done/ (last {latency.get('files')} "
+                     "files)")
     for gpu in data.get("gpu_memory", []):
         lines.append(f"  {gpu.get('device')}  {gpu.get('free_bytes', 0) / 2**30:.1f} GiB free of "
                      f"{gpu.get('total_bytes', 0) / 2**30:.1f} GiB, budget "

@@ -219,6 +219,18 @@ def enable_fp8(model: torch.nn.Module, device: torch.device, config: Fp8Config =
     return kernels.kind
 
 
+def shared_fp8(model: torch.nn.Module, config: Fp8Config) -> str:
+    """The kernel kind of a model whose weights :func:`enable_fp8` already quantized for
+    ``config``: the second and later replicas of a device (``--replicas-per-gpu``) run the first
+    one's quantized copy and kernels (the forward only reads them), so nothing is quantized
+    twice. A UsageError when the model was quantized for other GEMMs."""
+    layout: Fp8Layout = model.fp8
+    if layout.config != config:
+        raise UsageError(f"this model's weights are quantized to FP8 for "
+                         f"{layout.config.describe()}, not {config.describe()}")
+    return model.kernels.kind
+
+
 def _quantize_layer(layer: torch.nn.Module, layout: Fp8Layout) -> None:
     if getattr(layer, "fp8", None) is not None:
         raise UsageError("this model's weights are already quantized to FP8")

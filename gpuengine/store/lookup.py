@@ -14,7 +14,8 @@ answers as for an empty table.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lmdb
@@ -46,6 +47,23 @@ class TableLookup:
                                        else parse_table_record(raw, table, env.path))
         """The table's stored spec; None when the store had no such table."""
         self._dbs: dict[str, Any] = {}
+        self._pinned: lmdb.Transaction | None = None
+
+    @contextmanager
+    def pinned(self) -> Iterator[TableLookup]:
+        """This lookup answering :meth:`record_digests` and :meth:`conflict` from one read
+        transaction until the block ends, instead of one each: for many questions in a row
+        between runs (the daemon validating a group of small files against the store). Only
+        while nothing in this process writes the store (the map cannot grow meanwhile), and
+        from one thread."""
+        if self.spec is not None:  # a handle opened after the transaction began is not in it
+            self._db(ids_db_name(self.table))
+        with self._env.snapshot() as txn:
+            self._pinned = txn
+            try:
+                yield self
+            finally:
+                self._pinned = None
 
     @property
     def path(self) -> str:
@@ -68,6 +86,8 @@ class TableLookup:
             values = (txn.get(key, db=ids_db) for key in keys)
             return [None if v is None else codec.value_digest(v) for v in values]
 
+        if self._pinned is not None:
+            return work(self._pinned)
         return self._env.read(work)
 
     def has_embeddings(self, seq_digests: Sequence[bytes]) -> list[bool]:
@@ -101,7 +121,12 @@ class TableLookup:
     def conflict(self, record: FastaRecord) -> RecordProblem | None:
         """A ``store-conflict`` problem when the table maps ``record.id`` to a different
         sequence than the record's (truncated as the table truncates), else None."""
-        stored = self.record_digests([record.id])[0]
+        pinned = self._pinned
+        if pinned is not None and self.spec is not None:  # one get, no list (a group's files)
+            value = pinned.get(codec.encode_id(record.id), db=self._db(ids_db_name(self.table)))
+            stored = None if value is None else codec.value_digest(value)
+        else:
+            stored = self.record_digests([record.id])[0]
         if stored is None:
             return None
         limit = self.spec.max_residues if self.spec is not None else None

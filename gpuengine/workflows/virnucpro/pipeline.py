@@ -38,7 +38,7 @@ from typing import Iterator
 
 import numpy as np
 
-from gpuengine.config import EmbedConfig, environment
+from gpuengine.config import EmbedConfig, check_replicas_per_gpu, environment
 from gpuengine.errors import (GpuEngineError, InputError, ModelLoadError, StoreMismatchError,
                               UsageError)
 from gpuengine.fasta import ValidationReport, stream_valid, validate
@@ -75,6 +75,8 @@ class PredictConfig:
     """The ESM-2 stage's fidelity guard threshold with ``precision="fp8"``."""
     devices: str = "auto"
     max_tokens: int | None = None
+    replicas_per_gpu: int = 1
+    """Replicas of each model per device (``--replicas-per-gpu``)."""
     keep_intermediate: bool = False
     skip_invalid: bool = False
     allow_download: bool = True
@@ -91,6 +93,7 @@ class PredictConfig:
                              f"{', '.join(PRECISIONS)}")
         if not -1.0 <= self.fp8_min_cosine <= 1.0:
             raise UsageError(f"--fp8-min-cosine {self.fp8_min_cosine}: a cosine lies in [-1, 1]")
+        check_replicas_per_gpu(self.replicas_per_gpu)
 
     @property
     def out_dir(self) -> Path:
@@ -196,8 +199,8 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
         embed_config = EmbedConfig(
             inputs=(config.reads,), model=model, out=config.store_path, layers=layers,
             pools=("mean",), precision=_stage_precision(config.precision, name),
-            table=name, devices=config.devices,
-            max_tokens=config.max_tokens, allow_download=config.allow_download,
+            table=name, devices=config.devices, max_tokens=config.max_tokens,
+            replicas_per_gpu=config.replicas_per_gpu, allow_download=config.allow_download,
             max_residues=None, fp8_min_cosine=config.fp8_min_cosine, shard=config.shard,
             env=environment())
         with stage(name):
