@@ -20,7 +20,9 @@ Helpers shared by several test modules live here or in a helper module named for
 * ``process_tree.py``: a process's children and whether a process is gone, from /proc;
 * ``fastq_files.py``: FASTQ and FASTA text of the same reads;
 * ``fp8_helpers.py``: whether this torch runs FP8 on the CPU, tiny and outlier-stress
-  checkpoints, an fp8 runner factory for the CPU, Triton's CPU interpreter.
+  checkpoints, an fp8 runner factory for the CPU, Triton's CPU interpreter;
+* ``serve_processes.py``: a real ``gpuengine serve`` process (its folders, status file and
+  notify socket) and the inputs and store checks the daemon's process tests share.
 """
 
 from __future__ import annotations
