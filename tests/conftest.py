@@ -18,6 +18,8 @@ Helpers shared by several test modules live here or in a helper module named for
 * ``slurm_cluster.py``: a real SLURM (fixture ``slurm``);
 * ``worker_exits.py``: a device worker that lingers inside torch after its last report;
 * ``process_tree.py``: a process's children and whether a process is gone, from /proc;
+* ``digest_runner.py``: a stand-in for the model whose vectors come from the digest and
+  that lists what it computed;
 * ``fastq_files.py``: FASTQ and FASTA text of the same reads;
 * ``fp8_helpers.py``: whether this torch runs FP8 on the CPU, tiny and outlier-stress
   checkpoints, an fp8 runner factory for the CPU, Triton's CPU interpreter.
