@@ -13,6 +13,8 @@ Helpers shared by several test modules live here or in a helper module named for
 * ``dnabert_s_reference.py``: an independent reading of the DNABERT-S authors' model;
 * ``virnucpro_files.py``: VirNucPro's classifier file as its training script saves it, reads and
   its prediction files;
+* ``serve_processes.py``: a real ``gpuengine serve`` process (``Served``) and the inputs
+  and store checks the daemon's process tests share;
 * ``scheduler_sim.py``: simulated devices around the scheduler on a virtual clock;
 * ``store_shards.py``: stores written and split into shards for the merge tests;
 * ``slurm_cluster.py``: a real SLURM (fixture ``slurm``);
