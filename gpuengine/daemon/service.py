@@ -351,14 +351,11 @@ class Daemon:
     def process(self, name: str) -> None:
         """Run the job on ``processing/name`` and move it to done/ or failed/ (or leave it
         there for a retry or after a stop request)."""
-        self.retry_at.pop(name, None)
         started = time.perf_counter()
-        sha256 = self._hash(name)
-        if sha256 is None:
+        unsettled = self._unsettled(name)
+        if unsettled is None:
             return
-        key = self.job_key(sha256)
-        if self._settled_without_run(name, sha256, key):
-            return
+        sha256, key = unsettled
         if self.stop.is_set():
             return  # a stop request: leave it in processing/ for the next start
         attempt = self.attempts.begin(name, sha256)
@@ -370,6 +367,19 @@ class Daemon:
             self._finish(claim, summary)
         except Exception as exc:
             self._retry_or_fail(name, exc, attempt, sha256)
+
+    def _unsettled(self, name: str) -> tuple[str, str] | None:
+        """The sha256 and job key of ``processing/name`` when it still needs a run; None when
+        it needs none (gone, unreadable and failed, settled without running, or a stop request
+        came while hashing). Drops a retry scheduled for it (it is being processed now)."""
+        self.retry_at.pop(name, None)
+        sha256 = self._hash(name)
+        if sha256 is None:
+            return None
+        key = self.job_key(sha256)
+        if self._settled_without_run(name, sha256, key):
+            return None
+        return sha256, key
 
     def _hash(self, name: str) -> str | None:
         """The file's sha256; None when there is nothing to process (it is gone, unreadable
