@@ -24,7 +24,8 @@ Helpers shared by several test modules live here or in a helper module named for
   that lists what it computed;
 * ``fastq_files.py``: FASTQ and FASTA text of the same reads;
 * ``fp8_helpers.py``: whether this torch runs FP8 on the CPU, tiny and outlier-stress
-  checkpoints, an fp8 runner factory for the CPU, Triton's CPU interpreter.
+  checkpoints, an fp8 runner factory for the CPU, a daemon whose runs use it, Triton's CPU
+  interpreter.
 """
 
 from __future__ import annotations
