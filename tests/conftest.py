@@ -13,16 +13,19 @@ Helpers shared by several test modules live here or in a helper module named for
 * ``dnabert_s_reference.py``: an independent reading of the DNABERT-S authors' model;
 * ``virnucpro_files.py``: VirNucPro's classifier file as its training script saves it, reads and
   its prediction files;
+* ``serve_processes.py``: a real ``gpuengine serve`` process (``Served``) and the inputs
+  and store checks the daemon's process tests share;
 * ``scheduler_sim.py``: simulated devices around the scheduler on a virtual clock;
 * ``store_shards.py``: stores written and split into shards for the merge tests;
 * ``slurm_cluster.py``: a real SLURM (fixture ``slurm``);
 * ``worker_exits.py``: a device worker that lingers inside torch after its last report;
 * ``process_tree.py``: a process's children and whether a process is gone, from /proc;
+* ``digest_runner.py``: a stand-in for the model whose vectors come from the digest and
+  that lists what it computed;
 * ``fastq_files.py``: FASTQ and FASTA text of the same reads;
 * ``fp8_helpers.py``: whether this torch runs FP8 on the CPU, tiny and outlier-stress
-  checkpoints, an fp8 runner factory for the CPU, Triton's CPU interpreter;
-* ``serve_processes.py``: a real ``gpuengine serve`` process (its folders, status file and
-  notify socket) and the inputs and store checks the daemon's process tests share.
+  checkpoints, an fp8 runner factory for the CPU, a daemon whose runs use it, Triton's CPU
+  interpreter.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from cli_runs import embed
 from conftest import isolated_cache, random_proteins, write_fasta
 from gpuengine import EmbeddingStore
 from gpuengine.errors import StoreError
+from process_tree import children
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 3000
@@ -99,6 +101,20 @@ def wait_for_first_commit(proc: subprocess.Popen, out: Path, stderr: Path) -> in
     proc.kill()
     proc.wait()
     pytest.fail("no commit within 180 s")
+
+
+def kill_after_first_commit(cmd: list[str], out: Path,
+                            logs: Path) -> tuple[subprocess.Popen, list[int]]:
+    """Start ``cmd``, send it SIGKILL once its first commit is seen and reap it; the process
+    and the pids of the children it had just before the kill."""
+    proc, _, stderr = start(cmd, logs)
+    try:
+        wait_for_first_commit(proc, out, stderr)
+        kids = children(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    return proc, kids
 
 
 def check_store(out: Path, workload) -> list[str]:

@@ -51,6 +51,28 @@ def cpu_fp8_factory(path):
     return make
 
 
+def fp8_daemon(tmp_path, checkpoint, threshold: float):
+    """A daemon watching ``tmp_path/w`` (prepared, not started) over a real store, whose runs
+    are the real engine with the CPU's FP8 path and a fidelity guard at ``threshold``."""
+    from gpuengine.config import EmbedConfig
+    from gpuengine.daemon import Daemon, ServeConfig
+    from gpuengine.engine import run_embed
+
+    factory = cpu_fp8_factory(checkpoint)
+
+    def run(config, progress, stop, replicas=None, **options):
+        return run_embed(config, progress, stop, runner_factory=factory, replicas=replicas,
+                         **options)
+
+    embed = EmbedConfig(inputs=(tmp_path / "w" / "inbox",), model=str(checkpoint),
+                        out=tmp_path / "store.lmdb", devices="cpu", precision="fp8",
+                        max_tokens=512, fp8_min_cosine=threshold)
+    daemon = Daemon(ServeConfig(watch=tmp_path / "w", embed=embed, retry_delay=0), run=run,
+                    notify=lambda message: None)
+    daemon.prepare()
+    return daemon
+
+
 def run_interpreted(script: str) -> None:
     """Run ``script`` in a child Python with Triton's interpreter; it must print ``ok`` last."""
     env = dict(os.environ, TRITON_INTERPRET="1")  # read when triton.jit decorates a kernel

@@ -4,6 +4,7 @@ kill an engine and check that its input processes did not outlive it)."""
 from __future__ import annotations
 
 import os
+import time
 
 
 def children(pid: int) -> list[int]:
@@ -28,3 +29,11 @@ def gone(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def wait_gone(pids: list[int], seconds: float = 30.0) -> bool:
+    """Wait up to ``seconds`` for every one of ``pids`` to exit; whether they all did."""
+    deadline = time.monotonic() + seconds
+    while not all(map(gone, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return all(map(gone, pids))

@@ -15,6 +15,7 @@ from cli_runs import (DIM, IDS, LAST, SEQS, cli, embed, fails, info_outputs, sna
                       standard_fasta)
 from conftest import (assert_close, fair_esm_reference, isolated_cache, max_diff,
                       random_proteins, write_fasta)
+from digest_runner import DigestRunner
 from gpuengine.engine import relaxed_collector
 
 POOLS = ("mean", "bos", "per-token")
@@ -440,35 +441,6 @@ def test_completion_records_commit_with_the_last_embeddings(tiny_pt, tmp_path):
 # ----------------------------------------------------------------------------- exactly once
 
 
-class _CountingRunner:
-    """Replaces the model: a vector derived from the digest, and a count of computations."""
-
-    cuda = padded = False
-    precision = "fp32"
-
-    def __init__(self, outputs, computed):
-        import torch
-
-        self.device, self.outputs, self.computed = torch.device("cpu"), outputs, computed
-
-    def stage(self, items):
-        return items
-
-    def launch(self, items):
-        return items
-
-    def finish(self, items):
-        from gpuengine.runner import EmbeddedBatch
-
-        self.computed.extend(item.digest for item in items)
-        rows = [np.frombuffer(item.digest * 4, np.uint8).astype(np.float32) for item in items]
-        return EmbeddedBatch({o: rows for o in self.outputs}, np.ones(len(items), bool),
-                             sum(i.n_tokens for i in items), 0.0)
-
-    def release_cached_memory(self):
-        pass
-
-
 def _slow_records(records, every=25, stop=None, stop_after=None):
     """A RecordSource that pauses now and then, so that earlier groups become durable before
     their sequences come again (and that can request a stop part way)."""
@@ -522,7 +494,7 @@ def test_every_sequence_committed_once_fresh_resumed_and_rerun(tiny_pt, tmp_path
         config = EmbedConfig(inputs=(fasta,), model=str(tiny_pt), out=out,
                              max_tokens=64, commit_every=4)
         return run_embed(config, stop=stop, records=records,
-                         runner_factory=lambda d, p, o: _CountingRunner(o, computed))
+                         runner_factory=lambda d, p, o: DigestRunner(o, computed))
 
     summary = run(_slow_records(first))
     assert summary.embedded == 20 and summary.committed_records == 300

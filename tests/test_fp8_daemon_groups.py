@@ -15,9 +15,8 @@ import json
 import os
 
 from conftest import random_proteins
-from gpuengine.config import EmbedConfig
-from gpuengine.daemon import Daemon, ServeConfig, is_ignored
-from fp8_helpers import cpu_fp8_factory, needs_cpu_fp8, weights  # noqa: F401  (fixture)
+from gpuengine.daemon import Daemon, is_ignored
+from fp8_helpers import fp8_daemon, needs_cpu_fp8, weights  # noqa: F401  (fixture)
 
 THRESHOLD = 0.995
 
@@ -30,20 +29,7 @@ def _files() -> dict[str, str]:
 
 
 def _daemon(tmp_path, checkpoint) -> Daemon:
-    from gpuengine.engine import run_embed
-
-    factory = cpu_fp8_factory(checkpoint)
-
-    def run(config, progress, stop, replicas=None, **options):
-        return run_embed(config, progress, stop, runner_factory=factory, replicas=replicas,
-                         **options)
-
-    embed = EmbedConfig(inputs=(tmp_path / "w" / "inbox",), model=str(checkpoint),
-                        out=tmp_path / "store.lmdb", devices="cpu", precision="fp8",
-                        max_tokens=512, fp8_min_cosine=THRESHOLD)
-    daemon = Daemon(ServeConfig(watch=tmp_path / "w", embed=embed, retry_delay=0), run=run,
-                    notify=lambda message: None)
-    daemon.prepare()
+    daemon = fp8_daemon(tmp_path, checkpoint, THRESHOLD)
     daemon.warm_up()  # the replicas every run reuses (its one record passes the guard)
     daemon.job.check_store()
     return daemon

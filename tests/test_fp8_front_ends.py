@@ -14,11 +14,11 @@ import json
 import pytest
 
 from conftest import random_proteins, write_fasta
-from gpuengine.config import EmbedConfig
-from gpuengine.daemon import Daemon, ServeConfig
+from gpuengine.daemon import Daemon
 from gpuengine.errors import UsageError
 from gpuengine.workflows.virnucpro.pipeline import PredictConfig
-from fp8_helpers import cli_result, cpu_fp8_factory, needs_cpu_fp8, weights  # noqa: F401  (fixture)
+from fp8_helpers import (cli_result, cpu_fp8_factory, fp8_daemon, needs_cpu_fp8,
+                         weights)  # noqa: F401  (fixture)
 
 
 @pytest.fixture
@@ -66,22 +66,8 @@ def test_predict_refuses_fp8_on_the_cpu_before_its_first_stage(tmp_path):
 
 # -- the daemon ---------------------------------------------------------------------------------
 
-def fp8_daemon(tmp_path, checkpoint, threshold: float) -> Daemon:
-    """A daemon over a real store whose runs are the real engine with the CPU's FP8 path."""
-    from gpuengine.engine import run_embed
-
-    factory = cpu_fp8_factory(checkpoint)
-
-    def run(config, progress, stop, replicas=None, completion_records=None):
-        return run_embed(config, progress, stop, runner_factory=factory, replicas=replicas,
-                         completion_records=completion_records)
-
-    embed = EmbedConfig(inputs=(tmp_path / "w" / "inbox",), model=str(checkpoint),
-                        out=tmp_path / "store.lmdb", devices="cpu", precision="fp8",
-                        max_tokens=512, fp8_min_cosine=threshold)
-    daemon = Daemon(ServeConfig(watch=tmp_path / "w", embed=embed, retry_delay=0), run=run,
-                    notify=lambda message: None)
-    daemon.prepare()
+def _daemon(tmp_path, checkpoint, threshold: float) -> Daemon:
+    daemon = fp8_daemon(tmp_path, checkpoint, threshold)
     daemon.identity = {"test": True}
     return daemon
 
@@ -91,7 +77,7 @@ def test_daemon_fails_a_file_the_guard_refuses_at_once(weights, proteins_text,  
                                                        tmp_path):
     from gpuengine.store.reader import EmbeddingStore
 
-    daemon = fp8_daemon(tmp_path, weights["stress"], 0.995)
+    daemon = _daemon(tmp_path, weights["stress"], 0.995)
     try:
         (daemon.processing / "x.fa").write_text(proteins_text)
         daemon.process("x.fa")
@@ -110,7 +96,7 @@ def test_daemon_fails_a_file_the_guard_refuses_at_once(weights, proteins_text,  
 @needs_cpu_fp8
 def test_daemon_records_the_guard_of_a_file_it_accepts(weights, proteins_text,  # noqa: F811
                                                        tmp_path):
-    daemon = fp8_daemon(tmp_path, weights["plain"], 0.995)
+    daemon = _daemon(tmp_path, weights["plain"], 0.995)
     try:
         (daemon.processing / "x.fa").write_text(proteins_text)
         daemon.process("x.fa")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import os
 import signal
-import time
 
 import pytest
 
@@ -20,7 +19,7 @@ from gpuengine.input_workers import InputPool, process_count
 from gpuengine.inputs import InThreadInput, tokenizer_spec
 from gpuengine.tokenization import ESM_RESIDUES, EsmTokenizer
 from fastq_files import fastq_text
-from process_tree import children as _children, gone as _gone
+from process_tree import wait_gone
 
 ALPHABET = frozenset(ESM_RESIDUES)
 
@@ -158,8 +157,8 @@ def test_process_count(monkeypatch):
 @pytest.mark.slow
 def test_sigkill_with_three_input_processes_resumes_exactly_once(
         tiny_pt, tmp_path, resume_workload, monkeypatch):
-    from embed_processes import check_store, command, rerun_to_completion, run_records, start, \
-        wait_for_first_commit
+    from embed_processes import check_store, command, kill_after_first_commit, \
+        rerun_to_completion, run_records
 
     workload = resume_workload
 
@@ -168,18 +167,9 @@ def test_sigkill_with_three_input_processes_resumes_exactly_once(
     monkeypatch.setenv("GPUENGINE_INPUT_BLOCK_BYTES", "2000")  # about 20 records a block
     out = tmp_path / "store.lmdb"
     cmd = command(workload["fasta"], tiny_pt, out)
-    proc, _, stderr = start(cmd, tmp_path / "killed")
-    try:
-        wait_for_first_commit(proc, out, stderr)
-        children = _children(proc.pid)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+    _, children = kill_after_first_commit(cmd, out, tmp_path / "killed")
     assert len(children) == 3
-    deadline = time.monotonic() + 30
-    while not all(map(_gone, children)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert all(map(_gone, children)), "an input process outlived the engine"
+    assert wait_gone(children), "an input process outlived the engine"
     stored = len(check_store(out, workload))
     [run] = run_records(out)
     assert run["status"] == "running" and run["committed_records"] == stored > 0

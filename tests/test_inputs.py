@@ -10,18 +10,17 @@ from __future__ import annotations
 import gzip
 import signal
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from cli_runs import LAST
 from conftest import random_proteins, write_fasta
-from embed_processes import (check_store, command, interrupt, rerun_to_completion, run_records,
-                             start, wait_for_first_commit)
+from embed_processes import (check_store, command, interrupt, kill_after_first_commit,
+                             rerun_to_completion, run_records)
 from gpuengine.errors import InputError
 from gpuengine.input_workers import process_count
-from process_tree import children, gone
+from process_tree import wait_gone
 
 PROTEIN_IDS = [f"q{i}" for i in range(60)] + ["Ä-ünïcode", "sp|P1|X"]
 
@@ -267,17 +266,8 @@ def test_sigkill_of_the_engine_ends_the_child_and_rerun_completes(
     monkeypatch.setenv("GPUENGINE_INPUT_PROCESS", "1")
     out = tmp_path / "store.lmdb"
     cmd = command(resume_workload["fasta"], tiny_pt, out)
-    proc, _, stderr = start(cmd, tmp_path / "killed")
-    try:
-        wait_for_first_commit(proc, out, stderr)
-        kids = children(proc.pid)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while not all(map(gone, kids)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert all(map(gone, kids)), "the input process outlived the engine"
+    _, kids = kill_after_first_commit(cmd, out, tmp_path / "killed")
+    assert wait_gone(kids), "the input process outlived the engine"
     stored = len(check_store(out, resume_workload))
     assert 0 < stored
     [run] = run_records(out)

@@ -30,8 +30,8 @@ from gpuengine.config import EmbedConfig
 from gpuengine.engine import run_embed
 from gpuengine.errors import UsageError
 from gpuengine.store.reader import EmbeddingStore
-from embed_processes import (N, check_store, command, rerun_to_completion, run_records, start,
-                             wait_for_first_commit)
+from embed_processes import (N, check_store, command, kill_after_first_commit,
+                             rerun_to_completion, run_records)
 
 
 @pytest.fixture(autouse=True)
@@ -121,12 +121,7 @@ def test_sigkill_with_two_replicas_then_rerun_stores_each_sequence_once(tiny_pt,
     out = tmp_path / "store.lmdb"
     workload = resume_workload
     cmd = command(workload["fasta"], tiny_pt, out) + ["--gpus", "cpu", "--replicas-per-gpu", "2"]
-    proc, _, stderr = start(cmd, tmp_path / "killed")
-    try:
-        wait_for_first_commit(proc, out, stderr)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+    proc, _ = kill_after_first_commit(cmd, out, tmp_path / "killed")
     assert proc.returncode == -signal.SIGKILL
     stored = len(check_store(out, workload))
     assert 0 < stored < N, f"{stored} of {N} records stored at the kill"

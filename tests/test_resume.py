@@ -16,8 +16,8 @@ import signal
 
 import pytest
 
-from embed_processes import (N, check_store, command, interrupt, rerun_to_completion,
-                             run_records, start, wait_for_first_commit)
+from embed_processes import (N, check_store, command, interrupt, kill_after_first_commit,
+                             rerun_to_completion, run_records)
 
 pytestmark = pytest.mark.slow
 
@@ -25,12 +25,7 @@ pytestmark = pytest.mark.slow
 def test_sigkill_mid_run_then_rerun(tiny_pt, tmp_path, resume_workload):
     out = tmp_path / "store.lmdb"
     cmd = command(resume_workload["fasta"], tiny_pt, out)
-    proc, _, stderr = start(cmd, tmp_path / "killed")
-    try:
-        wait_for_first_commit(proc, out, stderr)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+    proc, _ = kill_after_first_commit(cmd, out, tmp_path / "killed")
     assert proc.returncode == -signal.SIGKILL
 
     ids = check_store(out, resume_workload)

@@ -7,12 +7,12 @@ computation and every transaction can be checked."""
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
 
 from conftest import random_proteins
+from digest_runner import DigestRunner
 from gpuengine.config import EmbedConfig
 from gpuengine.engine import run_embed
 from gpuengine.inputs import RecordSource
@@ -43,45 +43,13 @@ def _source(parts):
     return RecordSource(iterate, len(records), sum(len(s) for _, s in records))
 
 
-class _PacedRunner:
-    """Replaces the model: a vector derived from the digest, a list of what was computed, at
-    a device's pace (a few ms a batch, so that the committer keeps up and each part's
-    transaction is its own rather than merged into the last one)."""
-
-    cuda = padded = False
-    precision = "fp32"
-
-    def __init__(self, outputs, computed):
-        import torch
-
-        self.device, self.outputs, self.computed = torch.device("cpu"), outputs, computed
-
-    def stage(self, items):
-        return items
-
-    def launch(self, items):
-        return items
-
-    def finish(self, items):
-        from gpuengine.runner import EmbeddedBatch
-
-        time.sleep(0.005)
-        self.computed.extend(item.digest for item in items)
-        rows = [np.frombuffer(item.digest * 4, np.uint8).astype(np.float32) for item in items]
-        return EmbeddedBatch({o: rows for o in self.outputs}, np.ones(len(items), bool),
-                             sum(i.n_tokens for i in items), 0.0)
-
-    def release_cached_memory(self):
-        pass
-
-
 def _run_parts(tmp_path, parts, completion, stop=None, computed=None, runner=None, **kw):
     fasta = tmp_path / "names-the-run.fa"
     fasta.touch()
     config = EmbedConfig(inputs=(fasta,), model=str(kw.pop("model")), out=tmp_path / "s.lmdb",
                          max_tokens=kw.pop("max_tokens", 96), commit_every=4)
     computed = [] if computed is None else computed
-    make = runner or (lambda d, p, o: _PacedRunner(o, computed))
+    make = runner or (lambda d, p, o: DigestRunner(o, computed, pace=0.005))
     run_parts = [RunPart(f"part{k}", frozenset(r for r, _ in part), len(part),
                          {"records_read": len(part), "valid_records": len(part)})
                  for k, part in enumerate(parts)]
@@ -186,7 +154,7 @@ def test_a_failed_sequence_is_listed_in_its_part_which_still_completes(tiny_pt, 
     parts = _parts()
     bad = sequence_digest(parts[1][4][1])
 
-    class NonFinite(_PacedRunner):
+    class NonFinite(DigestRunner):
         def finish(self, items):
             result = super().finish(items)
             result.finite = np.array([item.digest != bad for item in items])
@@ -194,7 +162,7 @@ def test_a_failed_sequence_is_listed_in_its_part_which_still_completes(tiny_pt, 
 
     completion = Completion(transactions)
     summary = _run_parts(tmp_path, parts, completion, model=tiny_pt,
-                         runner=lambda d, p, o: NonFinite(o, []))
+                         runner=lambda d, p, o: NonFinite(o, [], pace=0.005))
     assert summary.exit_code == 3 and [rid for rid, _ in summary.failed] == ["p1_4"]
     part = completion.summaries[1]
     assert [rid for rid, _ in part.failed] == ["p1_4"] and part.committed_records == 29

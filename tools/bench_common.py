@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -377,8 +378,17 @@ def gemm_rate(d: int, seconds: float = 0.0, *, products: int = 20,
     with the SM clock and power NVML reported meanwhile (:class:`GpuClocks` summary)."""
     a = torch.randn(16384, d, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(d, 4 * d, device="cuda", dtype=torch.bfloat16)
+    return product_rate(lambda: a @ b, 2 * 16384 * d * 4 * d, seconds, products=products,
+                        warmup=warmup)
+
+
+def product_rate(product: Callable[[], object], flops: int, seconds: float = 0.0, *,
+                 products: int = 20, warmup: int = 3) -> tuple[float, dict]:
+    """FLOP/s of ``product`` (a CUDA computation of ``flops``), timed as :func:`gemm_rate`
+    says: CUDA events over ``products`` back-to-back calls after ``warmup``, or repeated for
+    ``seconds``; with the :class:`GpuClocks` summary of the time."""
     for _ in range(warmup):
-        a @ b
+        product()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     t0, n = time.perf_counter(), 0
@@ -386,10 +396,10 @@ def gemm_rate(d: int, seconds: float = 0.0, *, products: int = 20,
         start.record()
         while n == 0 or time.perf_counter() - t0 < seconds:
             for _ in range(products):
-                a @ b
+                product()
             n += products
             if seconds:
                 torch.cuda.synchronize()
         end.record()
         torch.cuda.synchronize()
-    return n * 2 * 16384 * d * 4 * d / (start.elapsed_time(end) / 1000), clocks.summary()
+    return n * flops / (start.elapsed_time(end) / 1000), clocks.summary()

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (GpuClocks, ResultsLog, add_commit_option, drive_worker,  # noqa: E402
-                          gemm_rate, require_cuda)
+                          gemm_rate, product_rate, require_cuda)
 from bench_esm import (MODELS, flops_per_sequence, hf_model, proteins, run_hf,  # noqa: E402
                        workload_lengths, write_fasta)
 from gpuengine.fidelity import embed_items, item_cosines, measure  # noqa: E402
@@ -113,7 +113,8 @@ CLOCK_KEYS = ("sm_clock_mhz", "power_w", "power_capped")
 
 
 def fp8_gemm_rate(d: int, seconds: float = 0.0, products: int = 20) -> tuple[float, dict]:
-    """:func:`bench_common.gemm_rate` for e4m3 operands with row-wise fp32 scales."""
+    """:func:`bench_common.gemm_rate` for e4m3 operands with row-wise fp32 scales (timed by
+    :func:`bench_common.product_rate`)."""
     a = torch.randn(16384, d, device="cuda").to(torch.float8_e4m3fn)
     w = torch.randn(4 * d, d, device="cuda").to(torch.float8_e4m3fn)
     sa, sb = torch.ones(16384, 1, device="cuda"), torch.ones(1, 4 * d, device="cuda")
@@ -121,22 +122,7 @@ def fp8_gemm_rate(d: int, seconds: float = 0.0, products: int = 20) -> tuple[flo
     def product():
         return torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
 
-    for _ in range(3):
-        product()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    t0, n = time.perf_counter(), 0
-    with GpuClocks(0.005) as clocks:
-        start.record()
-        while n == 0 or time.perf_counter() - t0 < seconds:
-            for _ in range(products):
-                product()
-            n += products
-            if seconds:
-                torch.cuda.synchronize()
-        end.record()
-        torch.cuda.synchronize()
-    return n * 2 * 16384 * d * 4 * d / (start.elapsed_time(end) / 1000), clocks.summary()
+    return product_rate(product, 2 * 16384 * d * 4 * d, seconds, products=products)
 
 
 # -- runners and measurements --------------------------------------------------------------------

@@ -234,13 +234,10 @@ class GroupRun:
             for name in self.names:
                 if d.stop.is_set():
                     return  # the rest stay in processing/ for the next start
-                d.retry_at.pop(name, None)
-                sha256 = d._hash(name)
-                if sha256 is None:
+                unsettled = d._unsettled(name)
+                if unsettled is None:
                     continue
-                key = d.job_key(sha256)
-                if d._settled_without_run(name, sha256, key):
-                    continue
+                sha256, key = unsettled
                 if key in keys:
                     self.later.append(name)
                     continue

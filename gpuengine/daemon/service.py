@@ -70,26 +70,26 @@ class ServeConfig:
     (``--job embed``; :mod:`gpuengine.daemon.groups`); 1: one run per file."""
 
     def __post_init__(self) -> None:
-        # ``not x > 0`` rather than ``x <= 0``: NaN compares false both ways, and must fail
-        if not 0 < self.poll_interval < math.inf:
-            raise UsageError(f"--poll-interval must be a positive number of seconds (got "
-                             f"{self.poll_interval})")
-        if not 0 <= self.settle < math.inf:
-            raise UsageError(f"--settle must be a non-negative number of seconds (got "
-                             f"{self.settle})")
+        _check_seconds("--poll-interval", self.poll_interval)
+        _check_seconds("--settle", self.settle, zero_ok=True)
         if not self.quiet_period >= self.settle:  # also refuses NaN
             raise UsageError(f"--quiet-period must be at least --settle ({self.settle} s; "
                              f"got {self.quiet_period})")
         if self.max_attempts < 1:
             raise UsageError(f"--max-attempts must be at least 1 (got {self.max_attempts})")
-        if not 0 < self.status_interval < math.inf:
-            raise UsageError(f"--status-interval must be a positive number of seconds (got "
-                             f"{self.status_interval})")
-        if not 0 <= self.retry_delay < math.inf:
-            raise UsageError(f"--retry-delay must be a non-negative number of seconds (got "
-                             f"{self.retry_delay})")
+        _check_seconds("--status-interval", self.status_interval)
+        _check_seconds("--retry-delay", self.retry_delay, zero_ok=True)
         if self.group_files < 1:
             raise UsageError(f"--group-files must be at least 1 (got {self.group_files})")
+
+
+def _check_seconds(option: str, value: float, *, zero_ok: bool = False) -> None:
+    """Refuse ``option`` unless ``value`` is a finite number of seconds above 0 (at least 0
+    with ``zero_ok``). ``not 0 < x`` rather than ``x <= 0``: NaN compares false both ways,
+    and must fail."""
+    if not ((0 <= value) if zero_ok else (0 < value)) or not value < math.inf:
+        kind = "non-negative" if zero_ok else "positive"
+        raise UsageError(f"{option} must be a {kind} number of seconds (got {value})")
 
 
 class DaemonExit(Exception):
@@ -351,14 +351,11 @@ class Daemon:
     def process(self, name: str) -> None:
         """Run the job on ``processing/name`` and move it to done/ or failed/ (or leave it
         there for a retry or after a stop request)."""
-        self.retry_at.pop(name, None)
         started = time.perf_counter()
-        sha256 = self._hash(name)
-        if sha256 is None:
+        unsettled = self._unsettled(name)
+        if unsettled is None:
             return
-        key = self.job_key(sha256)
-        if self._settled_without_run(name, sha256, key):
-            return
+        sha256, key = unsettled
         if self.stop.is_set():
             return  # a stop request: leave it in processing/ for the next start
         attempt = self.attempts.begin(name, sha256)
@@ -370,6 +367,19 @@ class Daemon:
             self._finish(claim, summary)
         except Exception as exc:
             self._retry_or_fail(name, exc, attempt, sha256)
+
+    def _unsettled(self, name: str) -> tuple[str, str] | None:
+        """The sha256 and job key of ``processing/name`` when it still needs a run; None when
+        it needs none (gone, unreadable and failed, settled without running, or a stop request
+        came while hashing). Drops a retry scheduled for it (it is being processed now)."""
+        self.retry_at.pop(name, None)
+        sha256 = self._hash(name)
+        if sha256 is None:
+            return None
+        key = self.job_key(sha256)
+        if self._settled_without_run(name, sha256, key):
+            return None
+        return sha256, key
 
     def _hash(self, name: str) -> str | None:
         """The file's sha256; None when there is nothing to process (it is gone, unreadable
