@@ -30,6 +30,8 @@ shards (one gpuengine per node, on all its GPUs, writing on node-local disk) and
   gpuengine slurm embed uniprot.fasta.gz -m esm2_t33_650M_UR50D --out /shared/uniprot \\
       --shards 64 --gpus-per-node 8 --partition gpu --time 12:00:00 --sbatch-arg=--account=lab
   gpuengine slurm status /shared/uniprot
+  gpuengine slurm embed uniprot.fasta.gz -m esm2_t33_650M_UR50D --out /shared/uniprot \\
+      --shards 64 --no-merge     [dim]# no merge job: read /shared/uniprot/shards as one store[/dim]
   gpuengine slurm predict reads.fasta -l 500 -c 500_model.pth --out /shared/run1 --shards 16
 
 Submitting the same command again runs only the shards without a done marker (after a
@@ -37,7 +39,7 @@ preemption, a failed node, a cancelled task) and a new merge. See docs/cluster.m
 """
 
 SLURM_ONLY = ("shards", "gpus_per_node", "partition", "time", "mem", "cpus_per_task",
-              "sbatch_arg", "local_dir", "dry_run")
+              "sbatch_arg", "local_dir", "no_merge", "dry_run")
 NOT_PASSED_ON = {"embed": ("out", "json_summary", "verbose", "quiet"),
                  "predict": ("out", "store", "json_summary", "verbose", "quiet")}
 """The plain command's options the tasks set themselves, or that only change this process's
@@ -69,6 +71,10 @@ def _cluster_options(
         "--local-dir", help="Node-local directory where a task writes its store (LMDB must not "
         "be written on a network filesystem); a $VARIABLE is expanded on the node. "
         "\\[default: $TMPDIR, else /tmp]", show_default=False)] = None,
+    no_merge: Annotated[bool, typer.Option(
+        "--no-merge", help="embed only: submit the array alone, no merge job; OUT/shards/ is "
+        "the result (gpuengine lookup/info/export read it as one store; gpuengine merge "
+        "merges it later). Part of the run: a resubmission must repeat it.")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Write the sbatch scripts and print the sbatch commands; submit "
         "nothing.")] = False,
@@ -189,6 +195,10 @@ def _submit(command: str, values: dict[str, Any]) -> None:
         raise UsageError(f"--shards {values['shards']}: at least 1")
     if values["gpus_per_node"] < 0:
         raise UsageError(f"--gpus-per-node {values['gpus_per_node']}: 0 or more")
+    if values["no_merge"] and command == "predict":
+        raise UsageError("--no-merge: slurm predict writes its prediction files in the merge "
+                         "job (from the merged embeddings of the whole input), so it cannot "
+                         "skip it; use it with slurm embed")
     if command == "embed":
         out, merged = values["out"].absolute(), _check_embed(values)
     else:
@@ -196,7 +206,7 @@ def _submit(command: str, values: dict[str, Any]) -> None:
     argv = plain_argv(values["ctx"], values, command)
     manifest = Manifest(command=command, argv=tuple(argv), shards=values["shards"],
                         out=str(out), merged=str(merged), python=sys.executable,
-                        engine_version=__version__)
+                        engine_version=__version__, merge=not values["no_merge"])
     options = SbatchOptions(gpus_per_node=values["gpus_per_node"], partition=values["partition"],
                             time=values["time"], mem=values["mem"],
                             cpus_per_task=values["cpus_per_task"],
@@ -213,7 +223,12 @@ def _report(result, merged: str) -> str:
     from gpuengine.slurm.submit import index_ranges
 
     lines = [f"gpuengine slurm {result.command}: {result.shards} shards into {result.out}",
-             f"  scripts: {result.array_script}", f"           {result.merge_script}"]
+             f"  scripts: {result.array_script}"]
+    if result.merge:
+        lines.append(f"           {result.merge_script}")
+    if result.complete and not result.merge:
+        lines.append("  complete already: every shard is done; nothing submitted")
+        return "\n".join(lines + _no_merge_lines(result, merged))
     if result.complete:
         lines.append(f"  complete already: every shard is done and merged into {merged}; "
                      "nothing submitted")
@@ -221,7 +236,7 @@ def _report(result, merged: str) -> str:
     if result.dry_run:
         lines.append("  dry run, nothing submitted; to submit:")
         lines += [f"    {' '.join(cmd)}" for cmd in result.sbatch]
-        return "\n".join(lines)
+        return "\n".join(lines + ([] if result.merge else _no_merge_lines(result, merged)))
     if result.cancelled:
         lines.append(f"  cancelled the stale merge job {', '.join(result.cancelled)} "
                      "of an earlier submission")
@@ -229,13 +244,22 @@ def _report(result, merged: str) -> str:
     if result.array_job:
         lines.append(f"  array job {result.array_job}: shards {index_ranges(result.missing)}"
                      f" ({len(result.missing)} of {result.shards})")
-    lines.append(f"  merge job {result.merge_job}"
-                 + (f" (afterok:{result.array_job})" if result.array_job else "")
-                 + f": merges into {merged}")
+    if result.merge:
+        lines.append(f"  merge job {result.merge_job}"
+                     + (f" (afterok:{result.array_job})" if result.array_job else "")
+                     + f": merges into {merged}")
     lines.append(f"  follow: squeue -j {','.join(jobs)}  |  sacct -j {','.join(jobs)}  |  "
                  f"gpuengine slurm status {result.out}")
     lines.append(f"  logs:   {Path(result.out) / 'slurm' / 'logs'}/")
-    return "\n".join(lines)
+    return "\n".join(lines + ([] if result.merge else _no_merge_lines(result, merged)))
+
+
+def _no_merge_lines(result, merged: str) -> list[str]:
+    shards = Path(result.out) / "shards"
+    return ["  no merge job (--no-merge): once the shards are done, read them as one store:",
+            f"    gpuengine lookup {shards} ID  |  gpuengine info {shards}  |  "
+            f"gpuengine export {shards} ...",
+            f"  or merge them later: gpuengine merge {merged} {shards}"]
 
 
 def _make(command: str, plain: Callable, fail: Callable) -> Callable:

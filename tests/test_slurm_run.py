@@ -1,7 +1,8 @@
 """``gpuengine slurm embed|predict|status`` on a real SLURM (the one-host cluster of
 tools/slurm_local.sh in CI): a 4-shard run equals one process's store; an array task cancelled
 mid-run and the same command submitted again leaves every sequence exactly once (the shard
-resumes what it had committed); ``slurm predict`` writes one run's three files; the scripts
+resumes what it had committed); ``--no-merge`` runs the array alone, its shards read as one
+store; ``slurm predict`` writes one run's three files; the scripts
 are accepted by ``sbatch --test-only``. Each test submits jobs that start Python on the node,
 so they take tens of seconds (slow)."""
 
@@ -122,6 +123,26 @@ def test_four_shards_equal_one_run_and_a_resubmission_does_nothing(slurm, tiny_p
     other[other.index("--shards") + 1] = "3"
     refused = gpuengine("slurm", *other, code=2)
     assert "--shards 4 → 3" in refused.stderr
+
+
+def test_no_merge_runs_the_array_alone_and_the_shards_read_as_one(slurm, tiny_pt, tmp_path):
+    fasta = proteins(tmp_path, 120, seed=5)
+    reference = single_run(fasta, tiny_pt, tmp_path / "single.lmdb")
+    out = tmp_path / "run"
+    args = ["embed", fasta, "-m", tiny_pt, "--out", out, "--shards", "2", "--gpus", "cpu",
+            "--gpus-per-node", gpus(slurm), "--time", "10:00", "--no-merge"]
+    submitted = submit(slurm, *args)
+    assert submitted["merge_job"] is None and len(submitted["sbatch"]) == 1
+    jobs = wait(slurm, submitted)
+    assert {j.state for j in jobs.values()} == {"COMPLETED"}, jobs
+    assert not (out / "store.lmdb").exists() and not (out / "slurm" / "merge.sbatch").exists()
+    found = status(out)  # exit 0: the merge is skipped, not missing
+    assert found["counts"]["done"] == 2 and found["merge"]["state"] == "skipped"
+    assert_same_store(out / "shards", reference)  # the directory read as one store
+    again = submit(slurm, *args)
+    assert again["complete"] and again["array_job"] is None
+    gpuengine("merge", out / "store.lmdb", out / "shards", "-q")  # merged later, by hand
+    assert_same_store(out / "store.lmdb", reference)
 
 
 def test_cancelled_task_then_resubmitted_every_sequence_once(slurm, tiny_pt, tmp_path):

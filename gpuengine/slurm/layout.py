@@ -5,7 +5,7 @@
     OUT/slurm/job.json                 the manifest: command, arguments, shard count
     OUT/slurm/submissions.jsonl        one line per submission: array and merge job ids
     OUT/slurm/<command>-array.sbatch   the array of N shard tasks
-    OUT/slurm/merge.sbatch             the merge job (afterok on the array)
+    OUT/slurm/merge.sbatch             the merge job (afterok on the array; not with --no-merge)
     OUT/slurm/logs/                    the jobs' logs
     OUT/slurm/merge.done               written when the merge step finished
     OUT/shards/shard-IIII-of-NNNN.lmdb the published shard stores
@@ -18,7 +18,9 @@ A store is written only on node-local disk (LMDB must not be written on a networ
 filesystem); :func:`publish_store` copies a *closed* store into OUT under a hidden temporary
 name, fsyncs it and renames it into place, and :func:`write_marker` then writes the marker
 the same way. A marker is the only proof that a shard is complete: a store without one (a
-task that died between the rename and the marker) is replaced by the next attempt.
+task that died between the rename and the marker) is replaced by the next attempt. The hidden
+temporaries a task killed mid-copy leaves next to its shard's files are removed by the next
+attempt of that shard (:func:`remove_temporaries`, scoped to that shard's names).
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ class Manifest:
     engine_version: str = ""
     created_at: str = ""
     version: int = MANIFEST_VERSION
+    merge: bool = True
+    """False: submitted with ``--no-merge`` (the array only; OUT/shards is read as one store
+    or merged later)."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -80,6 +85,10 @@ class Manifest:
             found.append(f"arguments {' '.join(self.argv)!r} → {' '.join(other.argv)!r}")
         if self.merged != other.merged:
             found.append(f"merged store {self.merged} → {other.merged}")
+        if self.merge != other.merge:
+            found.append("--no-merge given now (the run was submitted with a merge job)"
+                         if self.merge else
+                         "--no-merge missing (the run was submitted with --no-merge)")
         return found
 
 
@@ -225,6 +234,36 @@ def publish_store(src: Path, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(dest.parent)
+
+
+def remove_temporaries(layout: RunLayout, index: int, count: int) -> list[str]:
+    """Remove the hidden temporaries (``.NAME.tmp-HOST-PID``, ``.NAME.old-HOST-PID``) that an
+    attempt of shard ``index`` killed mid-copy left next to its store, marker and partial store;
+    only this shard's names, so another task's copy in progress is never touched. An ``old``
+    partial store whose replacement never arrived (killed between the two renames) is put back,
+    not removed: the next attempt resumes from it. Returns the names handled."""
+    handled = []
+    try:
+        entries = list(layout.shards_dir.iterdir())
+    except FileNotFoundError:
+        return handled
+    partial = layout.partial_store(index, count)
+    dests = (layout.shard_store(index, count), layout.shard_marker(index, count), partial)
+    for entry in sorted(entries):
+        dest = next((d for d in dests if entry.name.startswith(f".{d.name}.tmp-")
+                     or entry.name.startswith(f".{d.name}.old-")), None)
+        if dest is None:
+            continue
+        if dest == partial and ".old-" in entry.name and not partial.exists():
+            os.rename(entry, partial)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        handled.append(entry.name)
+    if handled:
+        _fsync_dir(layout.shards_dir)
+    return handled
 
 
 def copy_store(src: Path, dest: Path) -> None:

@@ -4,7 +4,8 @@ The done markers say which shards are finished (the only proof); for the others,
 merge, SLURM says what their latest submission's job is doing (``squeue``, ``sacct`` when
 accounting works). Without the SLURM commands (on a machine outside the cluster) only the
 markers are read. A task cancelled before it started leaves no record in SLURM: such a shard is
-``missing``. torch-free.
+``missing``. A run submitted with ``--no-merge`` has no merge job: its merge is ``skipped``,
+never a failure. torch-free.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class Part:
 
     name: str
     state: str
-    """done, running, pending, failed, missing, not submitted (or unknown without SLURM)."""
+    """done, running, pending, failed, missing, not submitted (or unknown without SLURM);
+    the merge of a ``--no-merge`` run: skipped."""
     job: str = ""
     detail: str = ""
     log: str = ""
@@ -82,12 +84,16 @@ def collect(out: Path, slurm: Slurm | None = None) -> dict[str, Any]:
         if part.state != "done" and (layout.partial_store(i, n) / "data.mdb").exists():
             part.detail += "; partial store saved (the next attempt resumes it)"
         shards.append(part)
-    merge = _merge_part(layout, states, known)
+    merged = manifest.merge or layout.merged_marker.exists()  # slurm merge run by hand
+    merge = _merge_part(layout, states, known) if merged else Part(
+        "merge", "skipped", detail=f"--no-merge: read {layout.shards_dir} as one store, or "
+        f"gpuengine merge {manifest.merged} {layout.shards_dir}")
     counts = {s: sum(1 for p in shards if p.state == s)
               for s in ("done", "running", "pending", "failed", "missing", "not submitted",
                         "unknown")}
     return {"out": str(layout.out), "command": manifest.command, "shards": n,
-            "merged": manifest.merged, "counts": counts, "slurm": known,
+            "merged": manifest.merged, "no_merge": not manifest.merge, "counts": counts,
+            "slurm": known,
             "shard_states": [asdict(p) for p in shards], "merge": asdict(merge)}
 
 
@@ -122,8 +128,8 @@ def render(status: dict[str, Any]) -> str:
     """The status as text: a line per shard not done, the done ones as ranges."""
     counts = status["counts"]
     n = status["shards"]
-    lines = [f"gpuengine slurm {status['command']}: {status['out']} ({n} shards; merged store "
-             f"{status['merged']})",
+    merged = ("--no-merge" if status.get("no_merge") else f"merged store {status['merged']}")
+    lines = [f"gpuengine slurm {status['command']}: {status['out']} ({n} shards; {merged})",
              "shards: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v or k == "done")]
     done = [i for i, p in enumerate(status["shard_states"]) if p["state"] == "done"]
     if done:
@@ -139,8 +145,9 @@ def render(status: dict[str, Any]) -> str:
     stuck = [p["name"] for p in status["shard_states"]
              if p["state"] in ("failed", "missing", "not submitted")]
     if stuck or merge["state"] in ("failed", "missing", "not submitted"):
+        then = "" if status.get("no_merge") else ", then the merge"
         lines.append(f"next: submit the same gpuengine slurm {status['command']} command again "
-                     f"(it runs only the {len(stuck)} shards without a done marker, then the merge)")
+                     f"(it runs only the {len(stuck)} shards without a done marker{then})")
     if not status["slurm"]:
         lines.append("(no SLURM commands here: states from the done markers only)")
     return "\n".join(lines)

@@ -13,8 +13,13 @@ still pending or running: wait, or scancel it) and cancels a merge job of an ear
 submission that is still pending (it waits on tasks that failed or were cancelled — SLURM
 keeps such a job pending for ever unless it cancels it itself — or on nothing that will still
 come); the new merge job replaces it. A merge job that is running is left alone and nothing is
-submitted. A resubmission must give the same command, arguments and ``--shards`` as the
-manifest (the shards already done depend on them); the sbatch options may change.
+submitted. A resubmission must give the same command, arguments, ``--shards`` and
+``--no-merge`` (or its absence) as the manifest (the shards already done depend on them, and
+status reads the run by them); the sbatch options may change.
+
+With ``--no-merge`` (``Manifest.merge`` False; embed only) no merge script is written and only
+the array is submitted: OUT/shards is the result, read as one store or merged later with
+``gpuengine merge``; the run is complete when every shard has its marker.
 """
 
 from __future__ import annotations
@@ -49,7 +54,10 @@ class Submission:
     """The sbatch command lines (run, or to run)."""
     dry_run: bool = False
     complete: bool = False
-    """Everything was done and merged already: nothing submitted."""
+    """Everything was done and merged already (with ``--no-merge``: every shard done):
+    nothing submitted."""
+    merge: bool = True
+    """False: ``--no-merge``, no merge job (``merge_script`` is empty)."""
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -121,19 +129,22 @@ def submit(manifest: Manifest, options: SbatchOptions, *, dry_run: bool = False,
     layout.logs_dir.mkdir(parents=True, exist_ok=True)
     layout.shards_dir.mkdir(parents=True, exist_ok=True)
     layout.array_script.write_text(array_script(manifest, layout, options))
-    layout.merge_script.write_text(merge_script(manifest, layout, options))
+    if manifest.merge:
+        layout.merge_script.write_text(merge_script(manifest, layout, options))
     result = Submission(str(layout.out), manifest.command, n, missing, str(layout.array_script),
-                        str(layout.merge_script), dry_run=dry_run)
+                        str(layout.merge_script) if manifest.merge else "", dry_run=dry_run,
+                        merge=manifest.merge)
     array_cmd = ["sbatch", "--parsable", f"--array={index_ranges(missing)}",
                  str(layout.array_script)]
     merge_cmd = ["sbatch", "--parsable", "--dependency=afterok:<array job>",
                  str(layout.merge_script)]
     if not missing:
         merge_cmd.remove("--dependency=afterok:<array job>")
-    if not missing and layout.merged_marker.exists():
+    if not missing and (layout.merged_marker.exists() or not manifest.merge):
         result.complete = True
         return result
-    result.sbatch = ([array_cmd] if missing else []) + [merge_cmd]
+    merge_cmds = [merge_cmd] if manifest.merge else []
+    result.sbatch = ([array_cmd] if missing else []) + merge_cmds
     if dry_run:
         return result
     busy, pending, running = _live(layout, slurm, missing)
@@ -162,14 +173,15 @@ def submit(manifest: Manifest, options: SbatchOptions, *, dry_run: bool = False,
         merge_cmd[2] = f"--dependency=afterok:{result.array_job}"
     entry = {"submitted_at": utc_now(), "array_job": result.array_job, "shards": missing,
              "cancelled": result.cancelled}
-    try:
-        result.merge_job = slurm.sbatch(layout.merge_script, *merge_cmd[2:-1])
-    except SlurmError:
-        layout.add_submission(entry)  # the array runs: its tasks must be known to status
-        raise
-    entry["merge_job"] = result.merge_job
+    if manifest.merge:
+        try:
+            result.merge_job = slurm.sbatch(layout.merge_script, *merge_cmd[2:-1])
+        except SlurmError:
+            layout.add_submission(entry)  # the array runs: its tasks must be known to status
+            raise
+        entry["merge_job"] = result.merge_job
     layout.add_submission(entry)
-    result.sbatch = ([array_cmd] if missing else []) + [merge_cmd]
+    result.sbatch = ([array_cmd] if missing else []) + merge_cmds
     return result
 
 

@@ -5,7 +5,9 @@
 **A shard task**
 
 1. A done marker already there: nothing to do (a requeued task whose shard was published).
-2. The shard's store is written in ``LOCAL/gpuengine-<OUT tag>-shard-IIII-of-NNNN/`` on
+2. Hidden temporaries an earlier attempt killed mid-copy left in OUT/shards/ under this
+   shard's names are removed (:func:`~gpuengine.slurm.layout.remove_temporaries`). The
+   shard's store is written in ``LOCAL/gpuengine-<OUT tag>-shard-IIII-of-NNNN/`` on
    node-local disk. It resumes what is there (the same node ran it before), else a partial
    store an interrupted attempt saved in ``OUT/shards/.shard-…partial.lmdb``, else starts
    empty.
@@ -44,7 +46,7 @@ from typing import Any
 from gpuengine.errors import EXIT_OK, EXIT_PARTIAL, GpuEngineError
 from gpuengine.shards import Shard
 from gpuengine.slurm.layout import (Manifest, RunLayout, copy_store, layout_for, publish_store,
-                                    read_marker, write_marker)
+                                    read_marker, remove_temporaries, write_marker)
 
 log = logging.getLogger("gpuengine.slurm")
 
@@ -134,6 +136,10 @@ def run_shard(out: Path, index: int, local_dir: Path) -> int:
     if marker.exists():
         log.info("shard %s is done already (%s): nothing to do", shard.label, marker)
         return EXIT_OK
+    left = remove_temporaries(layout, index, n)
+    if left:
+        log.info("an earlier attempt of shard %s was killed mid-copy: handled %s", shard.label,
+                 ", ".join(left))
     work = _work_dir(Path(local_dir), layout, shard.name)
     work.mkdir(parents=True, exist_ok=True)
     store, partial = work / "shard.lmdb", layout.partial_store(index, n)
