@@ -179,7 +179,8 @@ def main() -> None:
     single = serve_workload(f"files-1x{total}", seqs, 1, model, args)
     many = serve_workload(f"files-{args.files}x{args.per_file}", seqs, args.files, model, args)
     many["ratio_vs_single"] = many["sequences_per_s"] / single["sequences_per_s"]
-    log = ResultsLog(args.out, args.commit, __file__, model=args.model,
+    label = f"tiny stand-in for {args.model}" if args.quick else args.model
+    log = ResultsLog(args.out, args.commit, __file__, model=label,
                      system="gpuengine-serve", replicas_per_gpu=args.replicas,
                      group_files=args.group_files, quick=args.quick)
     for row in (single, many):
