@@ -17,11 +17,12 @@ import typer
 from gpuengine import __version__
 from gpuengine.cli_options import (CheckClassifier, CheckGpus, CheckLayer, CheckLength,
                                    CheckMaxTokens, CheckPrecisions, CheckSample, Fp8Gemms,
-                                   Fp8MinCosine, Gpus, GroupFiles, JsonSummary, MaxAttempts,
-                                   MaxTokens, MinCosine, Offline, PartnerModel, Poll,
-                                   PollInterval, Precision, PrintJson, Quiet, QuietPeriod,
-                                   ReplicasPerGpu, RetryDelay, ServeJob, ServeStore, Settle,
-                                   StatusInterval, StoreDtype, StoresArgument, Verbose, Watch)
+                                   Fp8MinCosine, Gpus, GroupFiles, JsonSummary, Layers,
+                                   MaxAttempts, MaxResidues, MaxTokens, MinCosine, Offline,
+                                   PartnerModel, Poll, PollInterval, Pools, Precision,
+                                   PrintJson, Quiet, QuietPeriod, ReplicasPerGpu, RetryDelay,
+                                   ServeJob, ServeStore, Settle, StatusInterval, StoreDtype,
+                                   StoresArgument, Verbose, Watch)
 from gpuengine.errors import EXIT_INTERRUPTED, GpuEngineError, UsageError
 from gpuengine.vocabulary import FP8_MIN_COSINE
 
@@ -122,18 +123,12 @@ def embed(
         "published name such as esm2_t33_650M_UR50D.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="LMDB store (directory); resumed if "
                                       "it exists.")],
-    layers: Annotated[str, typer.Option(
-        "--layers", help="Comma-separated layers; negative counts from the end (-1 = last, "
-        "final-LayerNorm output). Use --layers=-1.")] = "-1",
-    pool: Annotated[List[str], typer.Option(
-        "--pool", help="mean, bos, per-token (repeat or comma-separate for several).")] = ["mean"],
+    layers: Layers = "-1",
+    pool: Pools = ["mean"],
     precision: Precision = None,
     fp8_min_cosine: Fp8MinCosine = FP8_MIN_COSINE,
     store_dtype: StoreDtype = "float32",
-    max_residues: Annotated[Optional[int], typer.Option(
-        "--max-residues", help="Truncate longer sequences to this many residues (0: never). "
-        "\\[default: 1022 for ESM-2, as fair-esm's extract.py; none for DNA models]",
-        show_default=False)] = None,
+    max_residues: MaxResidues = None,
     table: Annotated[str, typer.Option(
         "--table", help="Named table in the store; a new name adds another model/layer/pooling "
         "to an existing store.")] = "default",
@@ -510,17 +505,12 @@ def serve(
     esm_layer: Annotated[int, typer.Option("--esm-layer", help="(--job predict)")] = -1,
     dnabert_model: Annotated[str, typer.Option(
         "--dnabert-model", help="(--job predict)")] = "zhihan1996/DNABERT-S",
-    layers: Annotated[str, typer.Option(
-        "--layers", help="Comma-separated layers; negative counts from the end (-1 = last). "
-        "Use --layers=-1.")] = "-1",
-    pool: Annotated[List[str], typer.Option(
-        "--pool", help="mean, bos, per-token.")] = ["mean"],
+    layers: Layers = "-1",
+    pool: Pools = ["mean"],
     precision: Precision = None,
     fp8_min_cosine: Fp8MinCosine = FP8_MIN_COSINE,
     store_dtype: StoreDtype = "float32",
-    max_residues: Annotated[Optional[int], typer.Option(
-        "--max-residues", help="Truncate longer sequences (0: never). "
-        "\\[default: 1022 for ESM-2]", show_default=False)] = None,
+    max_residues: MaxResidues = None,
     table: Annotated[str, typer.Option(
         "--table", help="Named table in the store.")] = "default",
     skip_invalid: Annotated[bool, typer.Option(

@@ -28,6 +28,15 @@ Fp8MinCosine = Annotated[float, typer.Option(
 Gpus = Annotated[str, typer.Option("--gpus", help="auto, all, cpu, or ordinals like 0,1.")]
 MaxTokens = Annotated[Optional[int], typer.Option(
     "--max-tokens", help="Upper bound on tokens per batch. \\[default: from device memory]")]
+Layers = Annotated[str, typer.Option(
+    "--layers", help="Comma-separated layers; negative counts from the end (-1 = last, "
+    "final-LayerNorm output). Use --layers=-1.")]
+Pools = Annotated[List[str], typer.Option(
+    "--pool", help="mean, bos, per-token (repeat or comma-separate for several).")]
+MaxResidues = Annotated[Optional[int], typer.Option(
+    "--max-residues", help="Truncate longer sequences to this many residues (0: never). "
+    "\\[default: 1022 for ESM-2, as fair-esm's extract.py; none for DNA models]",
+    show_default=False)]
 Offline = Annotated[bool, typer.Option("--offline", help="Never download weights.")]
 ReplicasPerGpu = Annotated[int, typer.Option(
     "--replicas-per-gpu", min=1, max=16,
