@@ -226,16 +226,17 @@ class StoreEnv:
         raise StoreError(f"store {self.path}: the map kept being resized; giving up")
 
     @contextmanager
-    def snapshot(self) -> Iterator[lmdb.Transaction]:
-        """One long read transaction (``buffers=False``: values are bytes): a consistent view
-        of the whole store for as long as the block runs, for a merge or a verify reading a
-        closed store. Not for reading a store that a writer is filling (the file would grow
-        while it is held); the map cannot be resized in this process meanwhile."""
+    def snapshot(self, buffers: bool = False) -> Iterator[lmdb.Transaction]:
+        """One long read transaction (values are bytes, or with ``buffers`` memoryviews of
+        the map, valid until the block ends): a consistent view of the whole store for as
+        long as the block runs, for a merge or a verify reading a closed store. Not for
+        reading a store that a writer is filling (the file would grow while it is held); the
+        map cannot be resized in this process meanwhile."""
         env = self.env
         for _ in range(_MAX_RESIZE_RETRIES):
             with self._entry.lock.shared():
                 try:
-                    txn = env.begin(buffers=False)
+                    txn = env.begin(buffers=buffers)
                 except lmdb.MapResizedError:
                     txn = None
                 except lmdb.Error as exc:

@@ -18,8 +18,11 @@ import bisect
 import operator
 from collections.abc import Iterator
 from itertools import islice
+from typing import Any
 
 import lmdb
+
+from gpuengine.errors import InternalError
 
 first = operator.itemgetter(0)
 
@@ -28,27 +31,46 @@ MAX_BLOCK = 1 << 16
 
 
 class _Source:
-    """One cursor positioned after the resume point, with its buffered block."""
+    """One cursor positioned after the resume point, with its buffered block. With a second
+    cursor ``values`` (on the same database, in a transaction yielding memoryviews) the keys
+    are read as bytes from ``cursor`` and the values as views from ``values``: a value is then
+    copied once, by the put that writes it, instead of into a bytes object first."""
 
-    def __init__(self, cursor: lmdb.Cursor, after: bytes | None, block: int) -> None:
+    def __init__(self, cursor: lmdb.Cursor, after: bytes | None, block: int,
+                 values: lmdb.Cursor | None = None) -> None:
         self.block = block
-        self.buffer: list[tuple[bytes, bytes]] = []
-        self.exhausted = False
-        if after is None:
-            ok = cursor.first()
+        self.buffer: list[tuple[bytes, Any]] = []
+        self.exhausted = not _position(cursor, after)
+        self.values = None
+        if self.exhausted:  # iternext() on an unpositioned cursor would start again
+            self.items: Iterator = iter(())
+        elif values is None:
+            self.items = cursor.iternext()
         else:
-            ok = cursor.set_range(after)
-            if ok and cursor.key() == after:
-                ok = cursor.next()
-        # iternext() on an unpositioned cursor would start again at the first key
-        self.items = cursor.iternext() if ok else iter(())
-        if not ok:
-            self.exhausted = True
+            if not _position(values, after):
+                raise InternalError("two cursors of one snapshot disagree")
+            self.items = cursor.iternext(values=False)
+            self.values = values.iternext(keys=False)
 
     def fill(self) -> None:
-        if not self.buffer and not self.exhausted:
+        if self.buffer or self.exhausted:
+            return
+        if self.values is None:
             self.buffer = list(islice(self.items, self.block))
-            self.exhausted = len(self.buffer) < self.block
+        else:
+            keys = list(islice(self.items, self.block))
+            self.buffer = list(zip(keys, islice(self.values, len(keys))))
+        self.exhausted = len(self.buffer) < self.block
+
+
+def _position(cursor: lmdb.Cursor, after: bytes | None) -> bool:
+    """Put ``cursor`` on the first key (after ``after``); False when there is none."""
+    if after is None:
+        return cursor.first()
+    ok = cursor.set_range(after)
+    if ok and cursor.key() == after:
+        ok = cursor.next()
+    return ok
 
 
 def block_items(chunk_bytes: int, sources: int, entry_bytes: float) -> int:
@@ -57,12 +79,14 @@ def block_items(chunk_bytes: int, sources: int, entry_bytes: float) -> int:
     return max(MIN_BLOCK, min(MAX_BLOCK, wanted))
 
 
-def merged_chunks(cursors: list[tuple[lmdb.Cursor, int]], after: bytes | None,
-                  chunk_items: int) -> Iterator[list[tuple[bytes, bytes]]]:
+def merged_chunks(cursors: list[tuple], after: bytes | None,
+                  chunk_items: int) -> Iterator[list[tuple[bytes, Any]]]:
     """Lists of ``(key, value)`` in key order (equal keys adjacent, in source order), each
     of at least ``chunk_items`` items but the last. ``cursors`` are ``(cursor, block
-    items)`` pairs; reading starts after the key ``after`` (None: at the first key)."""
-    sources = [_Source(cursor, after, block) for cursor, block in cursors]
+    items)`` pairs, or ``(cursor, block items, value cursor)`` triples (values as the value
+    cursor yields them: see :class:`_Source`); reading starts after the key ``after``
+    (None: at the first key)."""
+    sources = [_Source(cursor, after, *rest) for cursor, *rest in cursors]
     pending: list[tuple[bytes, bytes]] = []
     while True:
         for source in sources:
