@@ -274,6 +274,17 @@ class StoreEnv:
                 raise StoreError(f"LMDB error writing store {self.path}: {exc}") from exc
         raise StoreError(f"store {self.path}: could not commit after repeated map resizes")
 
+    def sync(self) -> None:
+        """Flush every committed page to the disk (fdatasync): for an environment opened
+        with ``sync=False``. Safe while another thread writes: the map cannot be resized
+        meanwhile."""
+        env = self.env
+        with self._entry.lock.shared():
+            try:
+                env.sync(True)
+            except lmdb.Error as exc:
+                raise StoreError(f"cannot flush store {self.path} to disk: {exc}") from exc
+
     def _adopt_map_size(self) -> None:
         """Pick up a map grown by another process (never shrink below our own size)."""
         with self._entry.lock.exclusive():

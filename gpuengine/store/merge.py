@@ -37,11 +37,14 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import lmdb
 
 from gpuengine.errors import EXIT_ERROR, EXIT_INTERRUPTED, UsageError
+from gpuengine.store.deferred import (Flusher, boot_id, discard_damaged, remove_marker,
+                                      write_marker)
 from gpuengine.store.environment import StoreEnv, open_store
 from gpuengine.store.kway import Prefetch, block_items, first, merged_chunks
 from gpuengine.store.merge_plan import (
@@ -171,14 +174,22 @@ def merge_stores(out: str | os.PathLike[str], stores: Iterable[str | os.PathLike
                  verify: bool = False, progress: MergeProgress | None = None,
                  transaction_bytes: int = TRANSACTION_BYTES,
                  stop: threading.Event | None = None, sync: bool = True,
-                 read_ahead: bool = False) -> MergeSummary:
+                 read_ahead: bool = False, deferred: bool = True) -> MergeSummary:
     """Merge ``stores`` (paths, or directories of stores) into ``out`` (new or existing).
 
     Restartable: the same call after a kill continues where the last commit left off. With
     ``verify``, every vector and id mapping of every input is read again and compared with
     OUT (``summary.verify``). ``stop`` (set by a signal handler) ends the merge after the
-    current transaction (``summary.interrupted``). ``sync=False`` commits without fsync (a
-    kill is harmless, an OS crash may corrupt OUT); ``read_ahead`` reads the next chunk of
+    current transaction (``summary.interrupted``).
+
+    ``deferred`` (the default) applies where OUT holds nothing of its own (new, empty, or
+    left by an unfinished deferred merge): the passes commit without fsync, a second thread
+    flushes each commit while the next is prepared, and everything is flushed before the
+    merge is recorded complete or returns
+    (:mod:`gpuengine.store.deferred` says why an OS crash cannot leave a damaged OUT behind
+    unnoticed). Into a store with data of its own every commit is flushed before the next.
+    ``sync=False`` never flushes (for measuring the disk's share: a kill is harmless, an OS
+    crash may corrupt OUT); ``read_ahead`` reads the next chunk of
     the inputs on a second thread while one is written (off by default: py-lmdb releases
     the GIL around every get and put, so two threads hand it over once per vector, and on
     a 2-core machine that cost more than the overlap saved; tools/bench_merge.py measures
@@ -191,6 +202,7 @@ def merge_stores(out: str | os.PathLike[str], stores: Iterable[str | os.PathLike
         raise UsageError(f"the transaction size must be positive, got {transaction_bytes}")
     paths = input_paths(out, stores)
     began = time.perf_counter()
+    discard_damaged(Path(out))  # before anything reads it
     with ExitStack() as stack:
         snaps = [stack.enter_context(Snapshot(p)) for p in paths]
         try:
@@ -202,8 +214,8 @@ def merge_stores(out: str | os.PathLike[str], stores: Iterable[str | os.PathLike
                                resumed=plan.mode == "resume", restarted=plan.mode == "restart",
                                already_complete=plan.mode == "complete")
         if plan.mode != "complete":
-            _Merge(plan, snaps, summary, progress, transaction_bytes, stop, sync,
-                   read_ahead).run()
+            _Merge(plan, snaps, summary, progress, transaction_bytes, stop,
+                   WriteModes(sync, read_ahead, deferred)).run()
         summary.tables = {t: _flat(c) for t, c in plan.progress.items()}
         summary.seconds = time.perf_counter() - began
         if verify and not summary.interrupted:
@@ -244,15 +256,26 @@ def _dump(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, default=str).encode("utf-8")
 
 
+@dataclass
+class WriteModes:
+    """How a merge writes OUT (see :func:`merge_stores`)."""
+
+    sync: bool = True
+    read_ahead: bool = False
+    deferred: bool = True
+
+
 class _Merge:
     """The writing half of a merge (steps 4 and 5 of the module docstring)."""
 
     def __init__(self, plan: Plan, snaps: list[Snapshot], summary: MergeSummary,
                  progress: MergeProgress, transaction_bytes: int,
-                 stop: threading.Event | None, sync: bool, read_ahead: bool) -> None:
+                 stop: threading.Event | None, modes: WriteModes) -> None:
         self.plan, self.snaps, self.summary = plan, snaps, summary
         self.progress, self.chunk_bytes, self.stop = progress, transaction_bytes, stop
-        self.sync, self.read_ahead = sync, read_ahead
+        self.sync, self.read_ahead = modes.sync, modes.read_ahead
+        self.deferred = modes.deferred
+        self.flusher: Flusher | None = None
         self.key = plan.run_id.encode("ascii")
 
     def run(self) -> None:
@@ -260,17 +283,40 @@ class _Merge:
         with StoreWriter(plan.out, initial_map_size=plan.estimate, sync=self.sync) as writer:
             for table in plan.tables:  # creates them, or checks them once more
                 writer.open_table(plan.specs[table])
-        self.env: StoreEnv = open_store(plan.out, writer=True, sync=self.sync)
+        deferred = self.deferred and self.sync and plan.deferrable and boot_id() is not None
+        if deferred:
+            write_marker(Path(plan.out), "unsynced")  # before the first unflushed commit
+        completed = self._bulk(deferred)
+        if deferred:  # flushed by _bulk: OUT is whole on any boot
+            write_marker(Path(plan.out), "synced")
+        if completed:
+            self.env = open_store(plan.out, writer=True, sync=self.sync)
+            try:
+                self.runs_db = self.env.db(RUNS_DB)
+                self.env.write(self._finish)  # flushed at commit (unless sync=False)
+            finally:
+                self.env.close()
+            if deferred:
+                remove_marker(Path(plan.out))
+
+    def _bulk(self, deferred: bool) -> bool:
+        """The merge record and both passes of every table (deferred: commits unflushed, a
+        second thread flushing each one while the next is made; then one flush of everything
+        before returning, whatever happened). True when every pass is done."""
+        plan = self.plan
+        self.env = open_store(plan.out, writer=True, sync=self.sync and not deferred)
+        self.flusher = Flusher(self.env) if deferred else None
         try:
             self.env.ensure_map_size(plan.estimate)
             self.runs_db = self.env.db(RUNS_DB)
             self.env.write(self._begin)
             try:
                 self._merge_tables()
-                self.env.write(self._finish)
+                return True
             except Interrupted:
                 self.summary.interrupted = True
                 self.env.write(lambda txn: self._set_status(txn, "interrupted"))
+                return False
             except BaseException as exc:
                 status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
                 try:
@@ -279,7 +325,12 @@ class _Merge:
                     pass
                 raise
         finally:
-            self.env.close()
+            try:
+                if self.flusher is not None:
+                    self.flusher.close()
+                    self.env.sync()
+            finally:
+                self.env.close()
 
     def _merge_tables(self) -> None:
         started = time.perf_counter()
@@ -365,6 +416,8 @@ class _Merge:
             lambda txn: self._commit(txn, table, kind, db, chunk),
             size_hint=int(len(chunk) * entry) + (1 << 20))
         self.summary.transactions += 1
+        if self.flusher is not None:
+            self.flusher.committed()
         if kind == "emb":
             self.summary.vectors_read += len(chunk)
             self.summary.bytes_read += nbytes
