@@ -413,6 +413,8 @@ def test_kill_9_mid_merge_then_rerun_gives_the_same_bytes(big, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     killed = merge_progress(out, run_id)
     assert killed["status"] == "running"
+    marker = json.loads((out / "merge-unsynced.json").read_text())  # killed mid-deferred
+    assert marker["state"] == "unsynced" and marker["pid"] == proc.pid
     assert 0 < killed["progress"]["default"]["emb"]["added"] < len(dump(big["reference"])["emb"])
     code, stdout, err = run_cli("merge", out, *big["shards"], "--transaction-mb", "0.02",
                                 "--json", "-q")
