@@ -37,7 +37,7 @@ class _Source:
     copied once, by the put that writes it, instead of into a bytes object first."""
 
     def __init__(self, cursor: lmdb.Cursor, after: bytes | None, block: int,
-                 values: lmdb.Cursor | None = None) -> None:
+                 values: lmdb.Cursor | None = None, keys_only: bool = False) -> None:
         self.block = block
         self.buffer: list[tuple[bytes, Any]] = []
         self.exhausted = not _position(cursor, after)
@@ -45,7 +45,7 @@ class _Source:
         if self.exhausted:  # iternext() on an unpositioned cursor would start again
             self.items: Iterator = iter(())
         elif values is None:
-            self.items = cursor.iternext()
+            self.items = cursor.iternext(values=not keys_only)
         else:
             if not _position(values, after):
                 raise InternalError("two cursors of one snapshot disagree")
@@ -79,14 +79,16 @@ def block_items(chunk_bytes: int, sources: int, entry_bytes: float) -> int:
     return max(MIN_BLOCK, min(MAX_BLOCK, wanted))
 
 
-def merged_chunks(cursors: list[tuple], after: bytes | None,
-                  chunk_items: int) -> Iterator[list[tuple[bytes, Any]]]:
+def merged_chunks(cursors: list[tuple], after: bytes | None, chunk_items: int,
+                  keys_only: bool = False) -> Iterator[list[Any]]:
     """Lists of ``(key, value)`` in key order (equal keys adjacent, in source order), each
     of at least ``chunk_items`` items but the last. ``cursors`` are ``(cursor, block
     items)`` pairs, or ``(cursor, block items, value cursor)`` triples (values as the value
     cursor yields them: see :class:`_Source`); reading starts after the key ``after``
-    (None: at the first key)."""
-    sources = [_Source(cursor, after, *rest) for cursor, *rest in cursors]
+    (None: at the first key). ``keys_only``: lists of keys instead (pairs only)."""
+    sources = [_Source(cursor, after, *rest, keys_only=keys_only) for cursor, *rest in cursors]
+    key = None if keys_only else first
+    last = operator.itemgetter(-1) if keys_only else _last_key
     pending: list[tuple[bytes, bytes]] = []
     while True:
         for source in sources:
@@ -94,19 +96,19 @@ def merged_chunks(cursors: list[tuple], after: bytes | None,
         live = [s for s in sources if s.buffer]
         if not live:
             break
-        bound = min((s.buffer[-1][0] for s in live if not s.exhausted), default=None)
-        run: list[tuple[bytes, bytes]] = []
+        bound = min((last(s.buffer) for s in live if not s.exhausted), default=None)
+        run: list[Any] = []
         for source in live:
             buffer = source.buffer
-            if bound is None or buffer[-1][0] <= bound:
+            if bound is None or last(buffer) <= bound:
                 run += buffer
                 source.buffer = []
             else:
-                cut = bisect.bisect_right(buffer, bound, key=first)
+                cut = bisect.bisect_right(buffer, bound, key=key)
                 run += buffer[:cut]
                 source.buffer = buffer[cut:]
         if len(live) > 1:
-            run.sort(key=first)
+            run.sort(key=key)
         pending += run
         if len(pending) >= chunk_items:
             yield pending
@@ -115,9 +117,12 @@ def merged_chunks(cursors: list[tuple], after: bytes | None,
         yield pending
 
 
-def has_equal_neighbours(chunk: list[tuple[bytes, bytes]]) -> bool:
-    """Whether two adjacent items of a sorted chunk share a key (a C-speed scan)."""
-    keys = list(map(first, chunk))
+def _last_key(buffer: list[tuple[bytes, Any]]) -> bytes:
+    return buffer[-1][0]
+
+
+def has_equal_neighbours(keys: list[bytes]) -> bool:
+    """Whether two adjacent keys of a sorted list are equal (a C-speed scan)."""
     return any(map(operator.eq, keys, islice(keys, 1, None)))
 
 

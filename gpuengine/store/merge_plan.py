@@ -162,18 +162,17 @@ def _check_ids(table: str, holders: list[Snapshot], progress: Progress) -> None:
     """StoreMismatchError for the first id that two stores map to different sequences."""
     total = sum(s.counts[table]["ids"] for s in holders)
     progress.start(f"checking ids of table {table}", total)
-    cursors = [(s.cursor(table, "ids"), block_items(_CHECK_ITEMS * 64, len(holders), 64))
+    cursors = [(s.cursor(table, "ids"), block_items(_CHECK_ITEMS * 32, len(holders), 32))
                for s in holders]
-    try:
-        for chunk in merged_chunks(cursors, None, _CHECK_ITEMS):
-            if has_equal_neighbours(chunk):
-                for i in range(1, len(chunk)):
-                    if chunk[i][0] == chunk[i - 1][0] and chunk[i][1][:16] != chunk[i - 1][1][:16]:
-                        key = chunk[i][0]
-                        raise id_conflict(table, key, [(s.label, s.get(table, "ids", key))
-                                                        for s in holders],
-                                           "Nothing was written.")
-            progress.advance(len(chunk))
+    try:  # keys only: the values of a key held twice are fetched when one is found
+        for keys in merged_chunks(cursors, None, _CHECK_ITEMS, keys_only=True):
+            if has_equal_neighbours(keys):
+                for i in range(1, len(keys)):
+                    if keys[i] == keys[i - 1]:
+                        copies = [(s.label, s.get(table, "ids", keys[i])) for s in holders]
+                        if len({bytes(v[:16]) for _, v in copies if v is not None}) > 1:
+                            raise id_conflict(table, keys[i], copies, "Nothing was written.")
+            progress.advance(len(keys))
     finally:
         for cursor, _ in cursors:
             cursor.close()
