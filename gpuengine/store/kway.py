@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import bisect
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
 
@@ -80,17 +80,21 @@ def block_items(chunk_bytes: int, sources: int, entry_bytes: float) -> int:
 
 
 def merged_chunks(cursors: list[tuple], after: bytes | None, chunk_items: int,
-                  keys_only: bool = False) -> Iterator[list[Any]]:
+                  keys_only: bool = False,
+                  pause: Callable[[], object] | None = None) -> Iterator[list[Any]]:
     """Lists of ``(key, value)`` in key order (equal keys adjacent, in source order), each
     of at least ``chunk_items`` items but the last. ``cursors`` are ``(cursor, block
     items)`` pairs, or ``(cursor, block items, value cursor)`` triples (values as the value
     cursor yields them: see :class:`_Source`); reading starts after the key ``after``
-    (None: at the first key). ``keys_only``: lists of keys instead (pairs only)."""
+    (None: at the first key). ``keys_only``: lists of keys instead (pairs only). ``pause``
+    is called before each round of reads (it may block: see ``merge``'s read-ahead)."""
     sources = [_Source(cursor, after, *rest, keys_only=keys_only) for cursor, *rest in cursors]
     key = None if keys_only else first
     last = operator.itemgetter(-1) if keys_only else _last_key
     pending: list[tuple[bytes, bytes]] = []
     while True:
+        if pause is not None:
+            pause()
         for source in sources:
             source.fill()
         live = [s for s in sources if s.buffer]

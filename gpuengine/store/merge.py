@@ -189,12 +189,14 @@ def merge_stores(out: str | os.PathLike[str], stores: Iterable[str | os.PathLike
     (:mod:`gpuengine.store.deferred` says why an OS crash cannot leave a damaged OUT behind
     unnoticed). Into a store with data of its own every commit is flushed before the next.
     ``sync=False`` never flushes (for measuring the disk's share: a kill is harmless, an OS
-    crash may corrupt OUT); ``read_ahead`` reads the next chunk of
-    the inputs on a second thread while one is written (off by default: py-lmdb releases
-    the GIL around every get and put, so two threads hand it over once per vector, and on
-    a 2-core machine that cost more than the overlap saved; tools/bench_merge.py measures
-    both). Raises StoreMismatchError (tables that differ, an id naming two sequences:
-    nothing written), StoreError, UsageError.
+    crash may corrupt OUT); ``read_ahead`` reads the next chunk of the inputs on a second
+    thread while a chunk is committed (LMDB's commit releases the GIL), and holds it back
+    while the chunk is put: py-lmdb releases the GIL around every get and put, so two
+    threads reading and putting at once hand it over once per vector (ungated, that was
+    slower on the device: 118 k vs 141 k vectors/s unflushed). Off by default until the
+    device measures the gated form (tools/bench_merge.py --read-ahead). Raises
+    StoreMismatchError (tables that differ, an id naming two sequences: nothing written),
+    StoreError, UsageError.
     """
     progress = _Stoppable(progress or NoProgress(), stop)
     out = os.fspath(out)
@@ -276,6 +278,7 @@ class _Merge:
         self.sync, self.read_ahead = modes.sync, modes.read_ahead
         self.deferred = modes.deferred
         self.flusher: Flusher | None = None
+        self.gate: threading.Event | None = None
         self.key = plan.run_id.encode("ascii")
 
     def run(self) -> None:
@@ -387,14 +390,22 @@ class _Merge:
                                                     if views else []))
                    for s in holders]
         after = None if state["after"] is None else bytes.fromhex(state["after"])
-        chunks = Prefetch(merged_chunks(cursors, after, max(1, int(self.chunk_bytes / entry))),
+        gate = self.gate = threading.Event() if self.read_ahead else None
+        if gate is not None:
+            gate.set()
+        chunks = Prefetch(merged_chunks(cursors, after, max(1, int(self.chunk_bytes / entry)),
+                                        pause=gate.wait if gate is not None else None),
                           threaded=self.read_ahead)
         try:
             for chunk in chunks:
+                if gate is not None:
+                    gate.clear()  # reopened by _commit once the puts are done
                 if self.stop is not None and self.stop.is_set():
                     raise Interrupted
                 self._write_chunk(table, kind, db, chunk, entry)
         except _Conflict as conflict:
+            if gate is not None:
+                gate.set()
             chunks.close()  # the inputs' transactions are this thread's again
             raise id_conflict(table, conflict.key, [
                 *((s.label, s.get(table, "ids", conflict.key)) for s in holders),
@@ -402,6 +413,8 @@ class _Merge:
                 "The merge stopped before this transaction; what it committed is "
                 "consistent.") from None
         finally:
+            if gate is not None:
+                gate.set()  # a reader waiting at the gate must see the stop
             chunks.close()
             for cursor, _, *view in cursors:
                 cursor.close()
@@ -431,6 +444,8 @@ class _Merge:
         after a map growth: depends only on its arguments and the transaction)."""
         with txn.cursor(db=db) as cursor:
             added, split = _put_sorted(cursor, chunk)
+        if self.gate is not None:  # the commit releases the GIL: read the next chunk now
+            self.gate.set()
         counts = {"added": added, "duplicates": len(chunk) - added}
         if added < len(chunk):
             if kind == "emb":
