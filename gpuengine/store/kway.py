@@ -87,15 +87,15 @@ def merged_chunks(cursors: list[tuple], after: bytes | None, chunk_items: int,
     items)`` pairs, or ``(cursor, block items, value cursor)`` triples (values as the value
     cursor yields them: see :class:`_Source`); reading starts after the key ``after``
     (None: at the first key). ``keys_only``: lists of keys instead (pairs only). ``pause``
-    is called before each round of reads (it may block: see ``merge``'s read-ahead)."""
+    is called before each block is read (it may block: see ``merge``'s read-ahead)."""
     sources = [_Source(cursor, after, *rest, keys_only=keys_only) for cursor, *rest in cursors]
     key = None if keys_only else first
     last = operator.itemgetter(-1) if keys_only else _last_key
     pending: list[tuple[bytes, bytes]] = []
     while True:
-        if pause is not None:
-            pause()
         for source in sources:
+            if pause is not None and not source.buffer and not source.exhausted:
+                pause()
             source.fill()
         live = [s for s in sources if s.buffer]
         if not live:
