@@ -12,7 +12,10 @@ says they are complete). Each run merges them into a fresh ``WORKDIR/merged.lmdb
 ``merge_stores`` (what the command calls) and reports the time of each stage (id check,
 vectors, ids, and with --verify the re-read), vectors/s and MB/s over the whole merge. The
 shards were just written or read, so they are mostly in the page cache (a cluster's merge job
-reads them from disk: see the note in the row). --profile runs the merge under cProfile and
+reads them from disk: see the note in the row); everything dirty is flushed (``sync``) before
+the timed merge, so that the shards' writeback does not share the disk with it.
+--synced-commits flushes every commit before the next (how a merge into a store with data of
+its own runs) instead of the deferred flushing of a new OUT; --no-sync never flushes. --profile runs the merge under cProfile and
 adds the functions that took the most time to the row (LMDB's puts and commits, the reads of
 the inputs, the sort, Python per-item work).
 """
@@ -210,6 +213,7 @@ def main() -> None:
     shards = make_shards(args.workdir, args.vectors, args.shards, args.seed)
     out = args.workdir / "merged.lmdb"
     shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # the shards' (or an earlier output's) writeback does not compete with this run
     clock = StageClock()
     memory = AnonMemory()
     profiler = cProfile.Profile() if args.profile else None
