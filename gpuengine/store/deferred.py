@@ -30,6 +30,7 @@ import os
 import threading
 from pathlib import Path
 
+from gpuengine.errors import StoreError
 from gpuengine.store.environment import StoreEnv
 
 log = logging.getLogger(__name__)
@@ -68,23 +69,30 @@ def read_marker(store: Path) -> dict | None:
 
 
 def write_marker(store: Path, state: str) -> None:
-    """Write the marker durably (a temporary file, fsync, rename, fsync of the directory)."""
+    """Write the marker durably (a temporary file, fsync, rename, fsync of the directory).
+    Raises StoreError."""
     store = Path(store)
     temp = store / (MARKER + ".tmp")
-    with open(temp, "w") as f:
-        json.dump({"state": state, "boot_id": boot_id(), "pid": os.getpid()}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, store / MARKER)
-    _fsync_dir(store)
+    try:
+        with open(temp, "w") as f:
+            json.dump({"state": state, "boot_id": boot_id(), "pid": os.getpid()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, store / MARKER)
+        _fsync_dir(store)
+    except OSError as exc:
+        raise StoreError(f"cannot write {store / MARKER}: {exc.strerror or exc}") from exc
 
 
 def remove_marker(store: Path) -> None:
-    """The store is an ordinary one again (everything in it flushed)."""
+    """The store is an ordinary one again (everything in it flushed). Raises StoreError."""
     path = Path(store) / MARKER
-    if path.exists():
-        path.unlink()
-        _fsync_dir(Path(store))
+    try:
+        if path.exists():
+            path.unlink()
+            _fsync_dir(Path(store))
+    except OSError as exc:
+        raise StoreError(f"cannot remove {path}: {exc.strerror or exc}") from exc
 
 
 def may_be_damaged(marker: dict | None) -> bool:
@@ -105,12 +113,11 @@ def discard_damaged(store: Path) -> bool:
     log.warning("%s holds the output of a merge that was not flushed to disk before the "
                 "system restarted (boot %s); it may be damaged, so the merge starts over",
                 store, (marker or {}).get("boot_id"))
-    for name in ("data.mdb", "lock.mdb"):
-        try:
-            (store / name).unlink()
-        except FileNotFoundError:
-            pass
-    (store / (MARKER + ".tmp")).unlink(missing_ok=True)
+    try:
+        for name in ("data.mdb", "lock.mdb", MARKER + ".tmp"):
+            (store / name).unlink(missing_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot empty {store}: {exc.strerror or exc}") from exc
     remove_marker(store)
     return True
 
