@@ -16,9 +16,14 @@ What happens, in order (nothing is written before step 4):
    everything in OUT, plain puts without overwriting otherwise) in transactions of about
    ``transaction_bytes``. Each transaction also moves the record's resume point (the last
    key written) and counters, so after a kill a rerun of the same command continues after
-   that key and ends with exactly what an uninterrupted merge writes.
+   that key and ends with exactly what an uninterrupted merge writes. Into a store that
+   holds nothing of its own these commits are flushed late (:mod:`.deferred`); everything is
+   flushed before step 5 and before the merge returns.
 5. The last transaction copies every input's run records (as ``<run id>@<store tag>``) and
    marks the merge record complete.
+
+Before step 1 an output that an OS crash may have damaged (an unflushed deferred merge of an
+earlier boot) is emptied, so that nothing reads it.
 
 The first copy of a key wins: OUT's own, then the inputs in the order given. Embedding values
 are copied as stored (no decoding); an embedding of the same sequence held by several stores
