@@ -24,10 +24,10 @@ from gpuengine.errors import StoreMismatchError, UsageError
 from gpuengine.store import EmbeddingStore
 from gpuengine.store import merge as merge_module
 from gpuengine.store import merge_plan
-from gpuengine.store.merge import NoProgress, merge_run_id, merge_stores
+from gpuengine.store.merge import merge_run_id, merge_stores
 from gpuengine.store.schema import OutputSpec, emb_db_name, ids_db_name
-from store_shards import (MEAN, dump, make_spec, records, run_records, shard_of, write_shards,
-                          write_store)
+from store_shards import (MEAN, StopAfter, dump, make_spec, records, run_records, shard_of,
+                          write_shards, write_store)
 
 ROOT = Path(gpuengine.__file__).resolve().parent.parent
 SPEC = make_spec()
@@ -252,22 +252,6 @@ def test_differing_copies_of_one_sequence_keep_the_first(tmp_path):
     summary = merge_stores(out, [a], verify=True)
     assert summary.tables["default"]["emb_differing_existing"] == 1
     assert summary.verify.ok and summary.verify.kept_existing == 1
-
-
-class StopAfter(NoProgress):
-    """Sets ``stop`` after ``n`` chunks of the stage whose name contains ``what``."""
-
-    def __init__(self, stop: threading.Event, what: str, n: int):
-        self.stop, self.what, self.n, self.current = stop, what, n, ""
-
-    def start(self, what, total):
-        self.current = what
-
-    def advance(self, done, nbytes=0):
-        if self.what in self.current:
-            self.n -= 1
-            if self.n <= 0:
-                self.stop.set()
 
 
 @pytest.mark.parametrize("what", ["vectors", "ids"])

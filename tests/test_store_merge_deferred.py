@@ -17,8 +17,8 @@ from gpuengine.store import deferred
 from gpuengine.store import merge as merge_module
 from gpuengine.store.environment import StoreEnv
 from gpuengine.store.merge import merge_stores
-from store_shards import dump, make_spec, records, run_records, write_shards, write_store
-from test_store_merge import StopAfter
+from store_shards import (StopAfter, dump, make_spec, records, run_records, write_shards,
+                          write_store)
 
 SPEC = make_spec()
 
