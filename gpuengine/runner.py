@@ -39,8 +39,9 @@ DTYPES = {precision: getattr(torch, name) for precision, name in PRECISION_DTYPE
 class EmbeddedBatch:
     """Host results of one batch, in the order of its items."""
 
-    vectors: dict[OutputSpec, list[np.ndarray]]
-    """Per output: one fp32 array per item ((d,) pooled, (L, d) per-token)."""
+    vectors: dict[OutputSpec, np.ndarray | list[np.ndarray]]
+    """Per output, in fp32: pooled, one (items, d) array (a row per item); per-token, one
+    (L, d) array per item."""
     finite: np.ndarray
     """bool (N,): every value of the item's outputs is finite."""
     n_tokens: int
@@ -178,8 +179,8 @@ class Runner:
             array = tensor.numpy()
             if output.pool == "per-token":
                 vectors[output] = [a.copy() for a in np.split(array, np.cumsum(launched.body_lengths)[:-1])]
-            else:
-                vectors[output] = list(array.copy())
+            else:  # one (items, dim) array: the committer encodes it in one call
+                vectors[output] = array.copy()
         return EmbeddedBatch(vectors, launched.finite.numpy().copy(), launched.staged.total, seconds)
 
     def embed(self, items: Sequence[WorkItem]) -> EmbeddedBatch:

@@ -26,6 +26,7 @@ lost or duplicated whatever order the reports come in.
 from __future__ import annotations
 
 import threading
+from operator import attrgetter
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -104,7 +105,7 @@ class Scheduler:
 
     def _flush_intake(self) -> None:
         if self._intake:
-            self._intake.sort(key=lambda item: item.n_tokens)
+            self._intake.sort(key=_n_tokens)
             self._ready.extend(self._intake)
             self._intake = []
 
@@ -250,6 +251,9 @@ class Scheduler:
     def in_flight(self, device: int | None = None) -> list[int]:
         with self._cv:
             return [bid for bid, (dev, _) in self._in_flight.items() if device is None or dev == device]
+
+
+_n_tokens = attrgetter("n_tokens")
 
 
 def _prefix_within(items: Sequence[WorkItem], budget: int, padded: bool) -> int:
