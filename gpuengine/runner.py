@@ -18,6 +18,7 @@ On the CPU the same calls run synchronously. :meth:`Runner.embed` chains all thr
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -121,10 +122,10 @@ class Runner:
 
     # -- the three steps ------------------------------------------------------------------------
     def stage(self, items: Sequence[WorkItem]) -> Staged:
-        lengths = np.fromiter((it.n_tokens for it in items), dtype=np.int64, count=len(items))
+        lengths = np.fromiter(map(_n_tokens, items), dtype=np.int64, count=len(items))
         total = int(lengths.sum())
         ids = torch.empty(total, dtype=torch.int32, pin_memory=self.cuda)
-        np.concatenate([it.token_ids for it in items], out=ids.numpy())
+        np.concatenate(list(map(_token_ids, items)), out=ids.numpy())
         lens = torch.from_numpy(lengths)
         if not self.cuda:
             return Staged(items, ids, lens, lengths, total, int(lengths.max()), None)
@@ -227,3 +228,6 @@ class Runner:
         self.embed(items)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         return max(1, peak // sum(i.n_tokens for i in items))
+
+
+_n_tokens, _token_ids = operator.attrgetter("n_tokens"), operator.attrgetter("token_ids")

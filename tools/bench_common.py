@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import operator
 import os
 import queue
 import sys
@@ -202,6 +203,9 @@ def kernel_timeline(runner, items, budget: int, path: Path | None = None, top: i
 
 # -- the host pipeline --------------------------------------------------------------------------
 
+_n_tokens = operator.attrgetter("n_tokens")
+
+
 class NoopRunner:
     """Replaces the GPU step: returns zero vectors of width ``dim`` at once (measures the host
     pipeline). :meth:`factory` makes the ``runner_factory`` that ``run_embed`` calls."""
@@ -231,7 +235,7 @@ class NoopRunner:
 
         zeros = np.zeros((len(items), self.dim), np.float32)  # as the runner: one 2-D array
         return EmbeddedBatch({o: zeros for o in self.outputs},
-                             np.ones(len(items), bool), sum(i.n_tokens for i in items), 0.0)
+                             np.ones(len(items), bool), sum(map(_n_tokens, items)), 0.0)
 
     def release_cached_memory(self):
         pass
