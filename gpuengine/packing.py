@@ -12,20 +12,28 @@ tokens, or 3 × 102 = 306 padded tokens.
 
 from __future__ import annotations
 
+from collections import namedtuple
 from itertools import repeat
-from operator import itemgetter
 from typing import Iterable
 
 import numpy as np
 
 
-class WorkItem(tuple):
+class WorkItem(namedtuple("WorkItem", "digest token_ids residues n_tokens keys")):
     """One distinct sequence to embed: ``WorkItem(digest, token_ids, residues[, keys])``.
 
-    An immutable tuple (digest, token_ids, residues, n_tokens, keys) whose fields read by name at C
-    speed: the planner makes one per new sequence and the scheduler reads ``n_tokens`` of each
-    when it sorts and packs, so neither may cost interpreter work per field
-    (:meth:`many` builds a chunk's items without running Python code per item)."""
+    An immutable tuple (digest, token_ids, residues, n_tokens, keys) whose fields read by
+    name at C speed: the planner makes one per new sequence, the scheduler reads ``n_tokens``
+    of each when it sorts and packs and the engine loop the digests and keys of each batch,
+    so none of that may cost interpreter work per field (:meth:`many` builds a chunk's items
+    without running Python code per item).
+
+    * ``digest``: blake2b-16 of the embedded (possibly truncated) sequence;
+    * ``token_ids``: int32 ids, specials included; ``n_tokens``: their number;
+    * ``residues``: residues embedded (after truncation);
+    * ``keys``: its embedding key per output of the table, when the input side computed them
+      (``blake2b-16(prefix + digest)``); else ().
+    """
 
     __slots__ = ()
 
@@ -40,13 +48,6 @@ class WorkItem(tuple):
         """Items from parallel columns (``n_tokens[i]`` must be ``token_ids[i].size``)."""
         columns = zip(digests, token_ids, residues, n_tokens, repeat(()) if keys is None else keys)
         return list(map(tuple.__new__, repeat(cls), columns))
-
-    digest = property(itemgetter(0), doc="blake2b-16 of the embedded (possibly truncated) sequence.")
-    token_ids = property(itemgetter(1), doc="int32 ids, specials included.")
-    residues = property(itemgetter(2), doc="Residues embedded (after truncation).")
-    n_tokens = property(itemgetter(3), doc="Tokens of the item (``token_ids.size``).")
-    keys = property(itemgetter(4), doc="Its embedding key per output of the table, when the "
-                    "input side computed them (``blake2b-16(prefix + digest)``); else ().")
 
     def __repr__(self) -> str:
         return (f"WorkItem(digest={self.digest.hex()}, n_tokens={self.n_tokens}, "

@@ -216,6 +216,7 @@ class NoopRunner:
 
     def __init__(self, outputs, dim: int):
         self.device, self.outputs, self.dim = torch.device("cpu"), outputs, dim
+        self._zeros: dict[int, np.ndarray] = {}
 
     @classmethod
     def factory(cls, dim: int):
@@ -233,7 +234,9 @@ class NoopRunner:
     def finish(self, items):
         from gpuengine.runner import EmbeddedBatch
 
-        zeros = np.zeros((len(items), self.dim), np.float32)  # as the runner: one 2-D array
+        zeros = self._zeros.get(len(items))  # as the runner: one (items, dim) array
+        if zeros is None:  # made once per batch size, as the list of one row was before
+            zeros = self._zeros[len(items)] = np.zeros((len(items), self.dim), np.float32)
         return EmbeddedBatch({o: zeros for o in self.outputs},
                              np.ones(len(items), bool), sum(map(_n_tokens, items)), 0.0)
 
