@@ -281,7 +281,7 @@ def cosine_check(state, layers, d, heads, n=48):
         out[f"{precision}_kernels"] = runner.kernels
         vecs = []
         for i in range(0, n, 8):
-            vecs += runner.embed(items[i:i + 8]).vectors[OutputSpec(layers, "mean")]
+            vecs.extend(runner.embed(items[i:i + 8]).vectors[OutputSpec(layers, "mean")])
         out[precision] = np.stack(vecs)
         del model, runner
         torch.cuda.empty_cache()
