@@ -106,3 +106,24 @@ def test_store_bytes_equal_the_per_record_encoding(tmp_path, tiny_pt, monkeypatc
         assert stored[name].keys() == expected[name].keys(), name
         assert stored[name] == expected[name], name
     assert codec.LONG_ID_PREFIX + codec.blake2b16(b"L" * 600 + b"2") in stored[ids_db_name(summary.table)]
+
+
+def test_sorted_by_key_is_the_stable_sort_of_bytes():
+    rng = np.random.default_rng(5)
+    keys = [rng.bytes(16) for _ in range(300)]
+    keys += [b"\x00" * 16, b"\xff" * 16, b"\x00" * 15 + b"\x01", b"\x01" + b"\x00" * 15]
+    keys += keys[:50]  # equal keys keep their order
+    pairs = [(k, i) for i, k in enumerate(keys)]
+    assert codec.sorted_by_key(pairs) == sorted(pairs, key=lambda p: p[0])
+    mixed = [(b"b", 1), (b"a" * 20, 2), (b"a", 3)]  # not all 16 bytes: the plain sort
+    assert codec.sorted_by_key(mixed) == sorted(mixed, key=lambda p: p[0])
+
+
+def test_encode_id_pairs_is_encode_id_pair_of_each():
+    digests = [bytes([i]) * 16 for i in range(5)]
+    ids = ["a", "séq", "x" * 600, "b" * 511, "c" * 512]
+    assert codec.encode_id_pairs(ids, digests) == [
+        codec.encode_id_pair(i, d) for i, d in zip(ids, digests)]
+    assert codec.encode_id_pairs(["a", "b"], digests[:2]) == [(b"a", digests[0]), (b"b", digests[1])]
+    with pytest.raises(ValueError, match="non-empty string"):
+        codec.encode_id_pairs(["a", ""], digests[:2])

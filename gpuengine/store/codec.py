@@ -52,6 +52,21 @@ _blake2b16_of = functools.partial(hashlib.blake2b, digest_size=16)
 _digest_of = operator.methodcaller("digest")
 
 
+def sorted_by_key(pairs: list[tuple[bytes, object]]) -> list[tuple[bytes, object]]:
+    """``pairs`` sorted by key, stably, as ``sorted(pairs, key=itemgetter(0))``; 16-byte keys
+    (embedding keys) are sorted by numpy as two big-endian words, with no comparison in the
+    interpreter."""
+    keys = list(map(_key, pairs))
+    if len(pairs) < 2 or set(map(len, keys)) != {16}:
+        return sorted(pairs, key=_key)
+    words = np.frombuffer(b"".join(keys), ">u8").reshape(-1, 2)
+    order = np.lexsort((words[:, 1], words[:, 0]))  # stable: equal keys keep their order
+    return list(map(pairs.__getitem__, order.tolist()))
+
+
+_key = operator.itemgetter(0)
+
+
 def _id_bytes(record_id: str) -> bytes:
     if not isinstance(record_id, str) or not record_id:
         raise ValueError(f"a record id must be a non-empty string, got {record_id!r}")

@@ -297,24 +297,12 @@ def _encode_group(spec: TableSpec, entries: Sequence[CommitPart]) -> _Group:
                            for prefix, o in zip(prefixes, spec.outputs))
     nbytes += (sum(map(len, map(_first, ids))) + sum(map(len, map(_second, ids)))
                + len(ids) * _ENTRY_OVERHEAD + len(arrays) * (16 + _ENTRY_OVERHEAD))
-    arrays = _sorted_by_key(arrays)
+    arrays = codec.sorted_by_key(arrays)
     ids.sort(key=_first)
     return _Group(arrays, ids, aliases, group_counts(entries)[0], nbytes)
 
 
 _first, _second = operator.itemgetter(0), operator.itemgetter(1)
-
-
-def _sorted_by_key(pairs: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
-    """``pairs`` sorted by key, stably, as ``sorted(pairs, key=_first)``; 16-byte keys
-    (embedding keys) are sorted by numpy as two big-endian words, with no comparison in the
-    interpreter."""
-    keys = list(map(_first, pairs))
-    if len(pairs) < 2 or set(map(len, keys)) != {16}:
-        return sorted(pairs, key=_first)
-    words = np.frombuffer(b"".join(keys), ">u8").reshape(-1, 2)
-    order = np.lexsort((words[:, 1], words[:, 0]))  # stable: equal keys keep their order
-    return list(map(pairs.__getitem__, order.tolist()))
 
 
 class StoreWriter:
