@@ -20,7 +20,6 @@ import pytest
 
 from conftest import random_proteins, write_fasta
 from worker_exits import slow_worker_exit
-from gpuengine.progress import ProgressSink
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 40
@@ -66,15 +65,6 @@ def _config(fasta, model, out, **extra):
                        commit_every=4, input_process=True, **extra)
 
 
-class _StopAfterFirstCommit(ProgressSink):
-    def __init__(self, stop):
-        self.stop = stop
-
-    def update(self, snapshot):
-        if snapshot.committed_records:
-            self.stop.set()
-
-
 @pytest.mark.parametrize("path", ["complete", "interrupted", "device error", "input error"])
 def test_no_thread_or_child_process_outlives_run_embed(fasta, tiny_pt, tmp_path, leftovers,
                                                         monkeypatch, path):
@@ -83,7 +73,17 @@ def test_no_thread_or_child_process_outlives_run_embed(fasta, tiny_pt, tmp_path,
     from gpuengine.errors import DeviceError, InputError
 
     stop = threading.Event()
-    progress = _StopAfterFirstCommit(stop) if path == "interrupted" else None
+    progress = None
+    if path == "interrupted":  # stopped from the committer itself: progress is shown at most
+        from gpuengine.committer import Committer  # every 0.1 s, after a small run may be done
+
+        real_commit = Committer._commit
+
+        def commit_then_stop(self, *args, **kwargs):
+            real_commit(self, *args, **kwargs)
+            stop.set()
+
+        monkeypatch.setattr(Committer, "_commit", commit_then_stop)
     if path == "device error":
         launches = iter(range(1_000_000))
         real_launch = runner_module.Runner.launch
