@@ -1,4 +1,6 @@
 """The ``gpuengine`` command line. Each command parses, builds a config and makes one call.
+The store commands (lookup, info, export, merge) are in :mod:`gpuengine.cli_store`, ``slurm``
+in :mod:`gpuengine.cli_slurm`; both are added to :data:`app` here.
 
 Heavy imports (torch, the models) happen inside the commands so that ``--help`` is instant.
 Exit codes: 0 ok, 1 error, 2 usage, 3 partial (some sequences failed), 4 refused (a lossy
