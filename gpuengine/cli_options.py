@@ -6,6 +6,8 @@ Each is a typer ``Annotated`` alias: the flags, the type and the help text live 
 default in the command's signature (``gpus: Gpus = "auto"``; typer takes defaults only from
 there). An option whose help says something particular to one command (``serve``'s
 ``--skip-invalid`` fails a file, ``embed``'s stops the run) is declared in that command.
+
+Also how every command reports a :class:`~gpuengine.errors.GpuEngineError` (:func:`fail`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
+
+from gpuengine.errors import GpuEngineError
 
 # -- how to run (embed, predict, serve) -----------------------------------------------------
 
@@ -125,3 +129,18 @@ GroupFiles = Annotated[int, typer.Option(
     "record are committed. 1: one run per file.")]
 StatusInterval = Annotated[float, typer.Option(
     "--status-interval", help="Seconds between status.json heartbeats.")]
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+def fail(exc: GpuEngineError) -> typer.Exit:
+    """Print ``error: <message>`` on stderr; the exit to raise, with the error's exit code."""
+    from rich.text import Text
+
+    from gpuengine.display import stderr
+
+    # The message holds user data (paths, record ids, file contents): print it as plain text,
+    # never as console markup ("[/]" in an id would crash rich, "[bold]" would vanish).
+    stderr.print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False,
+                 soft_wrap=True)
+    return typer.Exit(exc.exit_code)

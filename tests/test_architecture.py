@@ -313,7 +313,8 @@ TORCH_FREE = ("gpuengine.scheduler", "gpuengine.packing", "gpuengine.planner", "
               "gpuengine.blocks", "gpuengine.input_workers")
 """Never import torch, lazily or not (a package: every module in it)."""
 
-TORCH_FREE_AT_IMPORT = ("gpuengine", "gpuengine.cli", "gpuengine.cli_options", "gpuengine.api",
+TORCH_FREE_AT_IMPORT = ("gpuengine", "gpuengine.cli", "gpuengine.cli_options",
+                        "gpuengine.cli_store", "gpuengine.api",
                         "gpuengine.export", "gpuengine.display", "gpuengine.signals",
                         "gpuengine.daemon", "gpuengine.workflows.virnucpro.frames",
                         "gpuengine.workflows.virnucpro.outputs", "gpuengine.cli_slurm",

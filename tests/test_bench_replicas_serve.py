@@ -24,7 +24,7 @@ def _main(monkeypatch, name: str, *argv: str) -> None:
 
 
 @pytest.mark.slow
-def test_bench_replicas_quick(monkeypatch, tmp_path):
+def test_bench_replicas_quick(monkeypatch, tmp_path, capsys):
     out = tmp_path / "rows.jsonl"
     _main(monkeypatch, "bench_replicas", "--quick", "--models", "esm2-8M", "--replicas", "1,2",
           "--sequences", "150", "--out", str(out), "--workdir", str(tmp_path / "w"))
@@ -33,12 +33,18 @@ def test_bench_replicas_quick(monkeypatch, tmp_path):
         ("gpuengine-replicas-e2e", 1), ("gpuengine-replicas", 1),
         ("gpuengine-replicas-e2e", 2), ("gpuengine-replicas", 2)]
     for row in rows:
-        assert row["model"] == "esm2-8M" and row["workload"] == "virnucpro150"
+        # the tiny model that ran, not the esm2-8M it stands in for
+        assert row["model"] == "tiny stand-in for esm2-8M" and row["workload"] == "virnucpro150"
         assert row["sequences"] == 150 and row["sequences_per_s"] > 0
         assert [d["device"] for d in row["devices"]] == (
             ["cpu"] if row["replicas_per_gpu"] == 1 else ["cpu#0", "cpu#1"])
         assert sum(d["sequences"] for d in row["devices"]) == 150
     assert rows[0]["speedup_vs_r1"] == 1.0
+    summary = capsys.readouterr().out.split("# model, system")[1].splitlines()[1:]
+    assert [line.split(" R=")[0].split() for line in summary] == [
+        ["tiny", "stand-in", "for", "esm2-8M", system]
+        for system in ("gpuengine-replicas-e2e", "gpuengine-replicas")]
+    assert all(line.count("R=") == 2 for line in summary), summary  # R = 1 and 2 of that model
 
 
 @pytest.mark.slow
@@ -51,6 +57,7 @@ def test_bench_serve_quick(monkeypatch, tmp_path):
         "gpuengine-serve", "files-1x80", 1)
     assert (many["workload"], many["files"], many["sequences"]) == ("files-8x10", 8, 80)
     assert single["sequences"] == 80 and single["replicas_per_gpu"] == 1
+    assert single["model"] == many["model"] == "tiny stand-in for esm2-650M"  # what ran
     assert many["ratio_vs_single"] == pytest.approx(
         many["sequences_per_s"] / single["sequences_per_s"])
     assert 0 < many["file_latency_s"]["median"] <= many["seconds"] + 1

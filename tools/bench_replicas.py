@@ -183,6 +183,12 @@ def _rates(tokens: int, residues: int, sequences: int, seconds: float) -> dict:
             "sequences": sequences}
 
 
+def model_label(name: str, quick: bool) -> str:
+    """The ``model`` of a row: what ran (``--quick`` runs a tiny model of the family, not the
+    one it stands in for)."""
+    return f"tiny stand-in for {name}" if quick else name
+
+
 def bench_model(name: str, args, log: ResultsLog) -> list[dict]:
     """R = each of ``args.replicas`` for one model: its e2e row and its device row."""
     workload_name, count, quick_count = MODELS[name]
@@ -198,7 +204,7 @@ def bench_model(name: str, args, log: ResultsLog) -> list[dict]:
         try:  # the replicas built, warmed up and compiled by a short run; then the timed ones
             run_e2e(model, warm, replicas, args.workdir, devices, pool)
             precision = next(r.runner.precision for g in pool._replicas.values() for r in g)
-            common = dict(model=name, workload=workload_name, replicas_per_gpu=replicas,
+            common = dict(model=model_label(name, args.quick), workload=workload_name, replicas_per_gpu=replicas,
                           precision=precision)
             if "gpuengine-replicas-e2e" in args.systems:
                 summary = run_e2e(model, fasta, replicas, args.workdir, devices, pool)
@@ -264,11 +270,12 @@ def main() -> None:
         rows += bench_model(name, args, log)
     print("\n# model, system: sequences/s by R (speed-up over R = 1)")
     for name in args.models.split(","):
+        label = model_label(name, args.quick)
         for system in args.systems:
             cells = [f"R={r['replicas_per_gpu']}: {r['sequences_per_s']:,.0f} "
                      f"({r['speedup_vs_r1']:.2f}x)" for r in rows
-                     if r["model"] == name and r["system"] == system]
-            print(f"{name:10s} {system:14s} " + "  ".join(cells))
+                     if r["model"] == label and r["system"] == system]
+            print(f"{label:10s} {system:14s} " + "  ".join(cells))
 
 
 if __name__ == "__main__":

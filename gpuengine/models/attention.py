@@ -19,14 +19,21 @@ Both take q, k, v of shape ``(T, H, D)`` and return ``(T, H, D)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 
-try:  # torch >= 2.10
-    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
-except ImportError:  # pragma: no cover - depends on the installed torch
-    _varlen_attn = None
+
+@cache
+def _varlen_attn():
+    """``varlen_attn``, or None on a torch without it (< 2.10). Imported on first use: the
+    module imports torch._dynamo (about 1.5 s of CPU), which a CPU or fp32 run never needs."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # pragma: no cover - depends on the installed torch
+        return None
+    return varlen_attn
 
 
 class HeadShape:
@@ -122,16 +129,16 @@ class VarlenAttention:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  layout: PackedLayout) -> torch.Tensor:
         cu, m = layout.cu_seqlens, layout.max_len
-        return _varlen_attn(q, k, v, cu, cu, m, m)
+        return _varlen_attn()(q, k, v, cu, cu, m, m)
 
 
 def select_attention(device: torch.device, dtype: torch.dtype) -> PaddedAttention | VarlenAttention:
     """The fastest implementation that is exact enough for this device and dtype."""
     if (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and _varlen_attn is not None):
+            and _varlen_attn() is not None):
         return VarlenAttention()
     return PaddedAttention()
 
 
 def varlen_available() -> bool:
-    return _varlen_attn is not None
+    return _varlen_attn() is not None

@@ -330,7 +330,9 @@ class DnabertS(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.embed_dim
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, d)
+        # No random init (see Esm2): built on the meta device, the weights assigned after.
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, d,
+                                            _weight=torch.empty(cfg.vocab_size, d))
         self.token_type0 = nn.Parameter(torch.zeros(d))
         """Row 0 of ``token_type_embeddings`` (every token has type 0)."""
         self.emb_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)

@@ -231,7 +231,10 @@ class Esm2(nn.Module):
     def __init__(self, cfg: Esm2Config):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        # No random init (_weight): the loaders build on the meta device and assign the weights;
+        # normal_ on a meta tensor would import torch._dynamo, ~1.5 s of CPU at every start.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.embed_dim))
         self.layers = nn.ModuleList(Esm2Layer(cfg) for _ in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
 
