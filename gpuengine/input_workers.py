@@ -90,7 +90,8 @@ class InputProcess:
 
     def __init__(self, paths: Sequence[str | os.PathLike], skip: dict[str, Sequence[int]],
                  alphabet: frozenset[str] | None, max_residues: int | None,
-                 tokenizer: dict, chunk_records: int, shard: Shard | None = None) -> None:
+                 tokenizer: dict, chunk_records: int, shard: Shard | None = None,
+                 derive: dict | None = None) -> None:
         from gpuengine.fasta import _name
         from gpuengine.inputs import _write_frame
 
@@ -99,7 +100,8 @@ class InputProcess:
                 "alphabet": None if alphabet is None else "".join(sorted(alphabet)),
                 "max_residues": max_residues, "tokenizer": tokenizer,
                 "chunk_records": chunk_records,
-                "shard": None if shard is None else [shard.index, shard.count]}
+                "shard": None if shard is None else [shard.index, shard.count],
+                "derive": derive}
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
@@ -208,7 +210,7 @@ class InputPool:
     def __init__(self, paths: Sequence[str | os.PathLike], skip: dict[str, Sequence[int]],
                  alphabet: frozenset[str] | None, max_residues: int | None, tokenizer: dict,
                  chunk_records: int, processes: int, block_size: int | None = None,
-                 shard: Shard | None = None) -> None:
+                 shard: Shard | None = None, derive: dict | None = None) -> None:
         self.paths = list(paths)
         self.block_size = block_size or BLOCK_BYTES
         self.children: list[InputProcess] = []
@@ -217,7 +219,7 @@ class InputPool:
         try:
             for _ in range(processes):
                 self.children.append(InputProcess(paths, skip, alphabet, max_residues,
-                                                  tokenizer, chunk_records, shard))
+                                                  tokenizer, chunk_records, shard, derive))
         except BaseException:
             self.close()
             raise
@@ -298,6 +300,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     alphabet = None if conf["alphabet"] is None else frozenset(conf["alphabet"])
     shard = None if conf.get("shard") is None else Shard(*conf["shard"])
     max_residues, names = conf["max_residues"], conf["names"]
+    derive = inputs.derive_function(conf.get("derive"))
     size = inputs.read_chunk(conf["chunk_records"], shard)  # a shard keeps 1/N of them
     while (frame := inputs._read_frame(inp)) is not None:
         tag, payload = frame
@@ -309,8 +312,12 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         skip = skips[file]
         lo, hi = np.searchsorted(skip, [first, first + count])
         ids, seqs = parse_block(block, names[file], alphabet, skip[lo:hi].tolist())
+        if derive is not None:  # the block's records become the ones derived from them
+            ids, seqs = derive(ids, [s.decode("utf-8") for s in seqs])
         for at in range(0, len(ids), size):
-            text = [s.decode("utf-8") for s in seqs[at:at + size]]
+            text = seqs[at:at + size]
+            if derive is None:
+                text = [s.decode("utf-8") for s in text]
             chunk = inputs.prepare_lists(ids[at:at + size], text, tokenizer, max_residues, shard)
             if chunk.ids:
                 out.writelines(inputs.encode_chunk(chunk))

@@ -161,7 +161,6 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
                 replicas: ReplicaPool | None = None) -> PredictSummary:
     from gpuengine.dna_tokenizer import DNA_ALPHABET
     from gpuengine.engine import run_embed
-    from gpuengine.inputs import RecordSource
     from gpuengine.workflows.virnucpro.classifier import load_classifier
 
     progress = progress or NullProgress()
@@ -194,8 +193,7 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
     stages = (("dnabert", config.dnabert_model, (-1,), "nucleotides"),
               ("esm", config.esm_model, (config.esm_layer,), "proteins"))
     for name, model, layers, column in () if config.score_only else stages:
-        source = RecordSource(lambda c=column: _frame_records(config, report, c),
-                              counts["frames"], counts[column])
+        source = _frame_source(config, report, column, counts)
         embed_config = EmbedConfig(
             inputs=(config.reads,), model=model, out=config.store_path, layers=layers,
             pools=("mean",), precision=_stage_precision(config.precision, name),
@@ -275,6 +273,21 @@ def _count_frames(config: PredictConfig, report: ValidationReport) -> dict[str, 
         counts["nucleotides"] += sum(map(len, frames.nucleotides))
         counts["proteins"] += sum(map(len, frames.proteins))
     return counts
+
+
+def _frame_source(config: PredictConfig, report: ValidationReport, column: str,
+                  counts: dict[str, int]):
+    """The frames of one embedding stage as the engine's input: derived from the reads by
+    whichever reader parses them (input processes, for a large input: the frames are made,
+    hashed and tokenized there, not in this process; else the planner's thread)."""
+    from gpuengine.inputs import Derivation, FastaInput, RecordSource
+
+    shard = None if config.shard is None else [config.shard.index, config.shard.count]
+    derive = Derivation("gpuengine.workflows.virnucpro.frames:frame_records",
+                        {"length": config.length, "column": column, "shard": shard})
+    return RecordSource(lambda: _frame_records(config, report, column), counts["frames"],
+                        counts[column], FastaInput((config.reads,), report, None),
+                        derive=derive)
 
 
 def _frame_records(config: PredictConfig, report: ValidationReport, column: str) -> Iterator[FastaRecord]:
