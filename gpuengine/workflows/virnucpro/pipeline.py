@@ -315,6 +315,8 @@ def _score(config: PredictConfig, report: ValidationReport, load_classifier,
                         classifier.expected_length, config.length)
         collector = ConsensusCollector()
         intermediates = _Intermediates(config) if config.keep_intermediate else None
+        # one feature buffer for every block: [DNABERT-S | ESM-2] rows read straight into it
+        buffer = np.empty((0, feature_size), np.float32)
         with PredictionWriter(out / "prediction_results.txt") as writer:
             for ids, seqs, frames in _frame_blocks(config, report):
                 collector.add_reads(ids, frames.chunks_per_read)
@@ -322,8 +324,11 @@ def _score(config: PredictConfig, report: ValidationReport, load_classifier,
                     intermediates.write(ids, seqs, frames)
                 for start in range(0, len(frames), SCORE_BLOCK):
                     frame_ids = frames.frame_ids[start:start + SCORE_BLOCK]
-                    features = np.concatenate([_features(dna, frame_ids, "DNABERT-S"),
-                                               _features(esm, frame_ids, "ESM-2")], axis=1)
+                    if len(buffer) < len(frame_ids):
+                        buffer = np.empty((SCORE_BLOCK, feature_size), np.float32)
+                    features = buffer[:len(frame_ids)]
+                    features[:, :dna.spec.dim] = _features(dna, frame_ids, "DNABERT-S")
+                    features[:, dna.spec.dim:] = _features(esm, frame_ids, "ESM-2")
                     scores = classifier.score(features)
                     writer.write(frame_ids, scores.scores, scores.virus)
                     collector.add_frames(frame_ids, scores.scores)
@@ -336,7 +341,7 @@ def _score(config: PredictConfig, report: ValidationReport, load_classifier,
 
 def _features(store, frame_ids: list[str], what: str) -> np.ndarray:
     try:
-        return store.get_many(frame_ids).astype(np.float32, copy=False)
+        return store.get_many(frame_ids)  # cast to float32 where the caller puts it
     except KeyError as exc:
         raise ModelLoadError(f"frame {exc.args[0]!r} has no {what} embedding in the store; "
                              "features are joined by frame id and a missing side is an "
