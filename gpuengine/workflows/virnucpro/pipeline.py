@@ -41,7 +41,7 @@ import numpy as np
 from gpuengine.config import EmbedConfig, check_replicas_per_gpu, environment
 from gpuengine.errors import (GpuEngineError, InputError, ModelLoadError, StoreMismatchError,
                               UsageError)
-from gpuengine.fasta import ValidationReport, stream_valid, validate
+from gpuengine.fasta import ValidationReport, validate
 from gpuengine.progress import NullProgress, ProgressSink
 from gpuengine.records import FastaRecord
 from gpuengine.replicas import ReplicaPool
@@ -248,16 +248,35 @@ def _frame_blocks(config: PredictConfig, report: ValidationReport
     ids: list[str] = []
     seqs: list[str] = []
     keep = config.shard.holds_sequence if config.shard is not None else None
-    for record in stream_valid([config.reads], report, alphabet=None):
-        if keep is not None and not keep(record.sequence):
-            continue
-        ids.append(record.id)
-        seqs.append(record.sequence)
+    for block_ids, block_seqs in _valid_reads(config, report):
+        if keep is not None:
+            kept = [i for i, seq in enumerate(block_seqs) if keep(seq)]
+            block_ids, block_seqs = [block_ids[i] for i in kept], [block_seqs[i] for i in kept]
+        ids += block_ids
+        seqs += block_seqs
         if len(ids) >= READ_BLOCK:
             yield ids, seqs, frames_for_batch(ids, seqs, config.length)
             ids, seqs = [], []
     if ids:
         yield ids, seqs, frames_for_batch(ids, seqs, config.length)
+
+
+def _valid_reads(config: PredictConfig, report: ValidationReport
+                 ) -> Iterator[tuple[list[str], list[str]]]:
+    """The valid reads (ids, normalised sequences), a block of the file at a time, read as the
+    input processes read them (:mod:`gpuengine.blocks`: a few C-level calls a block, not a
+    few Python lines a record); the records validation skipped are left out."""
+    from bisect import bisect_left
+
+    from gpuengine.blocks import parse_block, read_blocks
+
+    name = report.files[0]
+    skip = sorted(index for file, index in report.skip if file == name)
+    for block in read_blocks(config.reads):
+        lo = bisect_left(skip, block.first_index)
+        hi = bisect_left(skip, block.first_index + block.count)
+        ids, seqs = parse_block(block, name, None, skip[lo:hi])
+        yield ids, [seq.decode("utf-8") for seq in seqs]
 
 
 def _count_frames(config: PredictConfig, report: ValidationReport) -> dict[str, int]:
