@@ -7,13 +7,19 @@ Stages (each timed in :class:`PredictSummary`):
    reported.
 2. **frames**: chunk to the expected length and translate in six frames
    (:mod:`~gpuengine.workflows.virnucpro.frames`), streamed in blocks of reads and regenerated
-   when needed rather than written to split files (it costs about 2.5 s per million reads).
+   when needed rather than written to split files; this pass counts them. The reads are read
+   as the input processes read them (record-aligned blocks, :mod:`gpuengine.blocks`).
 3. **dnabert**: DNABERT-S mean (CLS/SEP included) of every kept frame's nucleotide slice, and
 4. **esm**: ESM-2 mean over residues of every kept frame's protein, both through the embedding
    engine on every GPU, committed into one LMDB store (tables ``dnabert`` and ``esm``; keyed by
    frame id, deduplicated by sequence) — so a rerun (after kill -9, or with another classifier)
-   recomputes nothing that is stored.
-5. **score**: features ``[DNABERT | ESM]`` joined **by frame id** (a missing side is an error that
+   recomputes nothing that is stored. For a large input (at least 20 000 frames) the frames
+   are made, hashed and tokenized in the engine's input processes, from the reads they parse
+   (:class:`~gpuengine.inputs.Derivation` naming :func:`~gpuengine.workflows.virnucpro.frames.frame_records`),
+   not in this process, where that work held the GIL against the device threads; the
+   frames and their order are the same either way.
+5. **score**: features ``[DNABERT | ESM]`` joined **by frame id** (read in bulk, one
+   ``get_many`` per block and table, into one reused float32 buffer) (a missing side is an error that
    names the frame, never a silent shift), the MLP, and the outputs: ``prediction_results.txt``,
    ``prediction_results_highestscore.csv`` (tab-separated, per chunk), and the new per-read
    summary ``prediction_results_reads.tsv``.
