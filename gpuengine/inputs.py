@@ -2,7 +2,8 @@
 
 A run's records come from a :class:`RecordSource`: the valid records of FASTA files
 (:func:`validated_fasta`, the first pass over the input) or records a workflow derives
-(``predict``'s frames). :func:`open_input` turns them into prepared chunks: up to
+(``predict``'s frames; with a :class:`Derivation` the input processes derive them from the
+FASTA records they parse). :func:`open_input` turns them into prepared chunks: up to
 :data:`LOOKUP_CHUNK` records each, truncated, hashed and tokenized by :func:`prepare_chunk`,
 so the planner has one path whatever reads them. A sharded run (``--shard I/N``,
 :mod:`gpuengine.shards`) keeps only its shard's records there, right after hashing and before
@@ -23,7 +24,7 @@ Nothing crosses the process boundary as pickle. Both directions are frames: a 4-
 little-endian uint64 payload length, the payload.
 
 * parent → child: ``CONF`` (UTF-8 JSON: paths, alphabet, max_residues, tokenizer spec,
-  shard), then one ``SKIP`` per file (uint64 record indices the second pass skips), then
+  shard, derivation), then one ``SKIP`` per file (uint64 record indices the second pass skips), then
   ``BLCK`` blocks.
 * child → parent: ``CHNK`` per chunk (layout in :func:`encode_chunk`), ``BEND`` after each
   block's, then ``DONE``; or ``FAIL`` (UTF-8 JSON: error class name and message) when
