@@ -116,3 +116,31 @@ def test_bulk_get_many_equals_lookups_and_names_a_missing_id(tmp_path, predict_m
         assert np.array_equal(skipped, many[:2])
         with pytest.raises(KeyError, match="no-such-frame"):
             esm.get_many([ids[0], "no-such-frame"])
+
+
+def test_read_summary_written_in_bulk_equals_its_rows_and_refuses_a_repeated_read(tmp_path):
+    """ConsensusCollector registers a block of reads at once and writes the per-read summary
+    line by line: the same text as its rows joined with tabs (scores as numpy float32 str(),
+    tiny and exact ones included); a read id given twice, in one block or two, is refused
+    naming it."""
+    from gpuengine.workflows.virnucpro.outputs import ConsensusCollector
+
+    rng = np.random.default_rng(4)
+    collector = ConsensusCollector()
+    reads = [f"r{i}" for i in range(3000)]
+    chunks = rng.integers(0, 4, len(reads))
+    collector.add_reads(reads[:1000], chunks[:1000])
+    collector.add_reads(reads[1000:], chunks[1000:])
+    frames = [f"{r}_chunk_{k}{f}" for r, n in zip(reads, chunks) for k in range(1, n + 1)
+              for f in ("F1", "R2") if rng.random() < 0.4]
+    virus = rng.random(len(frames)).astype(np.float32)
+    virus[:4] = [1e-5, 1e-30, 1.0, 0.1]
+    collector.add_frames(frames, np.stack([1 - virus, virus], axis=1))
+    assert collector.write_read_summary(tmp_path / "reads.tsv") == len(reads)
+    lines = (tmp_path / "reads.tsv").read_text().splitlines()
+    assert lines[1:] == ["\t".join(map(str, row)) for row in collector.read_rows()]
+    assert {line.split("\t")[5] for line in lines[1:]} == {"virus", "others", "unscored"}
+    with pytest.raises(ValueError, match="'r5' registered twice"):
+        collector.add_reads(["new1", "r5"], [1, 1])
+    with pytest.raises(ValueError, match="'dup' registered twice"):
+        collector.add_reads(["dup", "dup"], [1, 1])
