@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import operator
 import queue
 import threading
 import time
@@ -69,6 +70,8 @@ from gpuengine.worker import BatchOutcome, DeviceWorker, WorkerExit, device_rows
 log = logging.getLogger(__name__)
 
 GROUP_SECONDS = 0.5
+PROGRESS_SECONDS = 0.1
+"""The loop shows progress at most this often (and once more at the end)."""
 
 
 @dataclass
@@ -264,6 +267,8 @@ class _Run:
         """Run records (the parts' completion records) to commit with the open group."""
         self.groups_put = 0
         """Commit groups handed to the committer (it counts the ones it committed)."""
+        self.progress_shown = 0.0
+        """When the loop last showed progress (``time.monotonic``)."""
 
     def execute(self) -> None:
         try:
@@ -274,7 +279,9 @@ class _Run:
             self.reader = open_input(self.records, self.tokenizer, self.spec.max_residues,
                                      choice, _EitherEvent(self.stop, self.halt),
                                      processes=self.config.env.input_processes,
-                                     block_bytes=self.config.env.input_block_bytes)
+                                     block_bytes=self.config.env.input_block_bytes,
+                                     key_prefixes=[self.spec.embedding_key_prefix(o)
+                                                   for o in self.spec.outputs])
             self._execute()
         finally:
             self._stop_threads()
@@ -425,7 +432,10 @@ class _Run:
             self._flush(committer)
             if self.parts is not None:
                 self._announce_durable(committer)
-            self._report_progress(workers, committer, planner)
+            now = time.monotonic()
+            if now - self.progress_shown >= PROGRESS_SECONDS:  # not per batch: it reads
+                self.progress_shown = now  # every worker's and the committer's counters
+                self._report_progress(workers, committer, planner)
             if self.stop.is_set():
                 self.halt.set()
                 self.summary.interrupted = True
@@ -439,20 +449,23 @@ class _Run:
         if outcome.kind == "ok":
             self.scheduler.complete(batch.batch_id)
             result = outcome.result
-            digests = [item.digest for item in batch.items]
+            items = batch.items
             vectors = result.vectors
-            if not result.finite.all():
+            if np.count_nonzero(result.finite) != len(result.finite):
                 rows = np.flatnonzero(result.finite).tolist()
                 for i in np.flatnonzero(~result.finite).tolist():
-                    self._fail(digests[i], "its embedding has non-finite values (overflow at "
-                               "this precision); rerun it with --precision fp32")
-                digests = [digests[i] for i in rows]
+                    self._fail(items[i].digest, "its embedding has non-finite values (overflow "
+                               "at this precision); rerun it with --precision fp32")
+                items = [items[i] for i in rows]
                 vectors = {o: [v[i] for i in rows] for o, v in vectors.items()}
-            if digests:
+            if items:
+                digests = list(map(_digest, items))
                 ids = self.ledger.to_committing_many(digests)
                 if self.parts is not None:
                     self.parts.committed(ids)
-                self.group.append(CommitRows(digests, ids, {o: vectors[o] for o in self.spec.outputs}))
+                keys = list(map(_keys, items))  # per item, its embedding key per output
+                self.group.append(CommitRows(digests, ids, {o: vectors[o] for o in self.spec.outputs},
+                                             tuple(zip(*keys)) if all(keys) else ()))
                 self.group_rows += len(digests)
         elif outcome.kind == "oom":
             for item in self.scheduler.out_of_memory(batch.batch_id):
@@ -574,6 +587,9 @@ class _Run:
         s.embed_seconds = seconds
         s.residues = planner.counts.residues_new
         s.devices = device_rows(workers, seconds)
+
+
+_digest, _keys = operator.attrgetter("digest"), operator.attrgetter("keys")
 
 
 class _EitherEvent:

@@ -66,7 +66,7 @@ INPUT_PROCESS_MIN_RECORDS = 20_000
 child process costs a start-up of about 0.1-0.2 s)."""
 
 _FRAME = struct.Struct("<4sQ")
-_CHUNK_HEAD = struct.Struct("<IIQ")  # records, reserved, bytes of the id blob
+_CHUNK_HEAD = struct.Struct("<IIQ")  # records, outputs with embedding keys, bytes of the ids
 
 
 # ----------------------------------------------------------------------------- sources
@@ -177,24 +177,28 @@ class PreparedChunk:
     """int32: every record's token ids, specials included, one after the other."""
     ends: np.ndarray
     """int64: where each record's ids end in ``tokens``."""
+    embedding_keys: tuple[list[bytes], ...] = ()
+    """Per output of the table (when the reader was given its key prefixes), each record's
+    embedding key (``blake2b-16(prefix + digest)``): computed where the chunk is prepared, so
+    the store writer does not hash in the engine's process. Empty: not computed."""
 
     def token_ids(self, i: int) -> np.ndarray:
         return self.tokens[(self.ends[i - 1] if i else 0):self.ends[i]]
 
 
 def prepare_chunk(records: Sequence, tokenizer, max_residues: int | None,
-                  shard: Shard | None = None) -> PreparedChunk:
+                  shard: Shard | None = None, key_prefixes: Sequence[bytes] = ()) -> PreparedChunk:
     """Truncate, hash and tokenize ``records`` (FastaRecord-like: ``.id``, ``.sequence``);
     with a ``shard``, only the records of that shard are kept (after hashing, before
-    tokenizing)."""
+    tokenizing); with ``key_prefixes`` (one per output), their embedding keys too."""
     return prepare_lists([r.id for r in records], [r.sequence for r in records], tokenizer,
-                         max_residues, shard)
+                         max_residues, shard, key_prefixes)
 
 
 def prepare_lists(ids: list[str], seqs: list[str], tokenizer, max_residues: int | None,
-                  shard: Shard | None = None) -> PreparedChunk:
+                  shard: Shard | None = None, key_prefixes: Sequence[bytes] = ()) -> PreparedChunk:
     """:func:`prepare_chunk` of records given as their ids and sequences."""
-    from gpuengine.store.codec import sequence_digests
+    from gpuengine.store.codec import embedding_keys, sequence_digests
 
     n = len(seqs)
     truncated = np.zeros(n, np.uint8)
@@ -221,29 +225,34 @@ def prepare_lists(ids: list[str], seqs: list[str], tokenizer, max_residues: int 
         ends = np.cumsum(np.fromiter((t.size for t in token_ids), np.int64, n))
         tokens = (np.concatenate(token_ids).astype(np.int32, copy=False) if n
                   else np.zeros(0, np.int32))
+    keys = tuple(embedding_keys(prefix, digests) for prefix in key_prefixes)
     return PreparedChunk(ids, digests,
-                         np.fromiter(map(len, seqs), np.uint32, n), truncated, tokens, ends)
+                         np.fromiter(map(len, seqs), np.uint32, n), truncated, tokens, ends, keys)
 
 
 # ----------------------------------------------------------------------------- wire format
 
 
 def encode_chunk(chunk: PreparedChunk) -> list[bytes | memoryview]:
-    """A ``CHNK`` frame as parts to write: head, ends (int64), residues (uint32), tokens
-    (int32), digests (16 bytes each), truncated (uint8), ids joined by ``\\n`` (UTF-8; an
-    id never holds whitespace). Each array starts at a multiple of its item size."""
+    """A ``CHNK`` frame as parts to write: head (records, outputs with embedding keys, bytes
+    of ids), ends (int64), residues (uint32), tokens (int32), digests (16 bytes each),
+    truncated (uint8), the embedding keys output by output (16 bytes each), ids joined by
+    ``\\n`` (UTF-8; an id never holds whitespace). Each array starts at a multiple of its
+    item size."""
     n = len(chunk.ids)
     ids = "\n".join(chunk.ids).encode("utf-8")
-    parts = [_CHUNK_HEAD.pack(n, 0, len(ids)), chunk.ends.astype("<i8").data,
-             chunk.residues.astype("<u4").data, chunk.tokens.astype("<i4").data,
-             b"".join(chunk.digests), chunk.truncated.astype(np.uint8).data, ids]
+    parts = [_CHUNK_HEAD.pack(n, len(chunk.embedding_keys), len(ids)),
+             chunk.ends.astype("<i8").data, chunk.residues.astype("<u4").data,
+             chunk.tokens.astype("<i4").data, b"".join(chunk.digests),
+             chunk.truncated.astype(np.uint8).data,
+             *(b"".join(keys) for keys in chunk.embedding_keys), ids]
     size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
     return [_FRAME.pack(b"CHNK", size), *parts]
 
 
 def decode_chunk(buf: bytearray) -> PreparedChunk:
     """The inverse of :func:`encode_chunk` (arrays are views of ``buf``)."""
-    n, _, ids_len = _CHUNK_HEAD.unpack_from(buf)
+    n, outputs, ids_len = _CHUNK_HEAD.unpack_from(buf)
     at = _CHUNK_HEAD.size
     ends = np.frombuffer(buf, "<i8", n, at)
     at += 8 * n
@@ -252,16 +261,25 @@ def decode_chunk(buf: bytearray) -> PreparedChunk:
     total = int(ends[-1]) if n else 0
     tokens = np.frombuffer(buf, "<i4", total, at)
     at += 4 * total
-    blob = bytes(buf[at:at + 16 * n])
-    digests = [blob[i:i + 16] for i in range(0, 16 * n, 16)]
+    digests = _sixteen_byte_items(buf, n, at)
     at += 16 * n
     truncated = np.frombuffer(buf, np.uint8, n, at)
     at += n
+    keys = []
+    for _ in range(outputs):
+        keys.append(_sixteen_byte_items(buf, n, at))
+        at += 16 * n
     ids = buf[at:at + ids_len].decode("utf-8").split("\n") if n else []
     if len(ids) != n or at + ids_len != len(buf):
         raise InternalError(f"input process sent a malformed chunk ({n} records, {len(ids)} ids, "
                             f"{len(buf)} bytes)")
-    return PreparedChunk(ids, digests, residues, truncated, tokens, ends)
+    return PreparedChunk(ids, digests, residues, truncated, tokens, ends, tuple(keys))
+
+
+def _sixteen_byte_items(buf: bytearray, n: int, at: int) -> list[bytes]:
+    """``n`` 16-byte strings (digests, keys) from ``buf`` at ``at``, made by one numpy call
+    (an opaque 16-byte item keeps its trailing zero bytes, unlike a numpy string)."""
+    return np.frombuffer(buf, "V16", n, at).tolist()
 
 
 def _write_frame(out: BinaryIO, tag: bytes, payload: bytes) -> None:
@@ -318,8 +336,10 @@ class InThreadInput:
 
     def __init__(self, records: Callable[[], Iterable[FastaRecord]], tokenizer,
                  max_residues: int | None, chunk_records: int,
-                 stop: StopFlag | None = None, shard: Shard | None = None) -> None:
+                 stop: StopFlag | None = None, shard: Shard | None = None,
+                 key_prefixes: Sequence[bytes] = ()) -> None:
         self._records, self._tokenizer = records, tokenizer
+        self._key_prefixes = tuple(key_prefixes)
         self._max_residues, self._size = max_residues, read_chunk(chunk_records, shard)
         self._shard = shard
         self._stop = stop if stop is not None else threading.Event()
@@ -333,12 +353,14 @@ class InThreadInput:
                 return
             chunk.append(record)
             if len(chunk) >= size:
-                prepared = prepare_chunk(chunk, self._tokenizer, self._max_residues, self._shard)
+                prepared = prepare_chunk(chunk, self._tokenizer, self._max_residues, self._shard,
+                                         self._key_prefixes)
                 if prepared.ids:
                     yield prepared
                 chunk = []
         if chunk and not (stop.is_set() or closed.is_set()):
-            prepared = prepare_chunk(chunk, self._tokenizer, self._max_residues, self._shard)
+            prepared = prepare_chunk(chunk, self._tokenizer, self._max_residues, self._shard,
+                                     self._key_prefixes)
             if prepared.ids:
                 yield prepared
 
@@ -357,20 +379,22 @@ def read_chunk(chunk_records: int, shard: Shard | None) -> int:
 
 def open_input(source: RecordSource, tokenizer, max_residues: int | None,
                process: bool | None, stop: StopFlag | None = None, *,
-               processes: int | None = None, block_bytes: int | None = None) -> ChunkReader:
+               processes: int | None = None, block_bytes: int | None = None,
+               key_prefixes: Sequence[bytes] = ()) -> ChunkReader:
     """The reader of ``source``'s chunks: a child process when ``process`` is True (None: for
     FASTA input of at least :data:`INPUT_PROCESS_MIN_RECORDS` records) and the source is FASTA
     files and the child can rebuild ``tokenizer``; else in the planner's thread (which stops
     reading once ``stop`` is set). Children (``processes`` of them, None: by cores) are
     started now, so their start-up overlaps the engine's; ``block_bytes`` (None: the default)
-    is the size of the blocks they are dealt."""
+    is the size of the blocks they are dealt. ``key_prefixes`` (one per output of the table):
+    the chunks carry their records' embedding keys."""
     if process is None:
         process = source.count >= INPUT_PROCESS_MIN_RECORDS
     spec = tokenizer_spec(tokenizer)
     fasta = source.fasta
     if not process or fasta is None or spec is None:
         return InThreadInput(source.iterate, tokenizer, max_residues, LOOKUP_CHUNK, stop,
-                             source.shard)
+                             source.shard, key_prefixes)
     from gpuengine.input_workers import InputPool, process_count
 
     skip: dict[str, list[int]] = {}
@@ -379,7 +403,7 @@ def open_input(source: RecordSource, tokenizer, max_residues: int | None,
     derive = None if source.derive is None else dataclasses.asdict(source.derive)
     return InputPool(fasta.paths, skip, fasta.alphabet, max_residues, spec, LOOKUP_CHUNK,
                      process_count(processes, heavy=spec["kind"] == "dna"), block_bytes,
-                     source.shard, derive)
+                     source.shard, key_prefixes, derive)
 
 
 def __getattr__(name: str):

@@ -12,23 +12,46 @@ tokens, or 3 × 102 = 306 padded tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import namedtuple
+from itertools import repeat
+from typing import Iterable
 
 import numpy as np
 
 
-@dataclass(frozen=True, slots=True)
-class WorkItem:
-    digest: bytes
-    """blake2b-16 of the embedded (possibly truncated) sequence."""
-    token_ids: np.ndarray
-    """int32 ids, specials included."""
-    residues: int
-    """Residues embedded (after truncation)."""
+class WorkItem(namedtuple("WorkItem", "digest token_ids residues n_tokens keys")):
+    """One distinct sequence to embed: ``WorkItem(digest, token_ids, residues[, keys])``.
 
-    @property
-    def n_tokens(self) -> int:
-        return int(self.token_ids.size)
+    An immutable tuple (digest, token_ids, residues, n_tokens, keys) whose fields read by
+    name at C speed: the planner makes one per new sequence, the scheduler reads ``n_tokens``
+    of each when it sorts and packs and the engine loop the digests and keys of each batch,
+    so none of that may cost interpreter work per field (:meth:`many` builds a chunk's items
+    without running Python code per item).
+
+    * ``digest``: blake2b-16 of the embedded (possibly truncated) sequence;
+    * ``token_ids``: int32 ids, specials included; ``n_tokens``: their number;
+    * ``residues``: residues embedded (after truncation);
+    * ``keys``: its embedding key per output of the table, when the input side computed them
+      (``blake2b-16(prefix + digest)``); else ().
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, digest: bytes, token_ids: np.ndarray, residues: int,
+                keys: tuple[bytes, ...] = ()) -> WorkItem:
+        return tuple.__new__(cls, (digest, token_ids, residues, int(token_ids.size), keys))
+
+    @classmethod
+    def many(cls, digests: Iterable[bytes], token_ids: Iterable[np.ndarray],
+             residues: Iterable[int], n_tokens: Iterable[int],
+             keys: Iterable[tuple[bytes, ...]] | None = None) -> list[WorkItem]:
+        """Items from parallel columns (``n_tokens[i]`` must be ``token_ids[i].size``)."""
+        columns = zip(digests, token_ids, residues, n_tokens, repeat(()) if keys is None else keys)
+        return list(map(tuple.__new__, repeat(cls), columns))
+
+    def __repr__(self) -> str:
+        return (f"WorkItem(digest={self.digest.hex()}, n_tokens={self.n_tokens}, "
+                f"residues={self.residues})")
 
 
 def batch_cost(n_items: int, total_tokens: int, max_len: int, padded: bool) -> int:

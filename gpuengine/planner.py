@@ -98,18 +98,38 @@ class Planner:
 
     def _plan_chunk(self, chunk: PreparedChunk) -> None:
         todo = self._unstored(chunk.ids)
-        if not todo:
+        if not len(todo):
             return
-        truncated = chunk.truncated if self.fresh else chunk.truncated[todo]
+        every = len(todo) == len(chunk.ids)
+        truncated = chunk.truncated if every else chunk.truncated[todo]
         self.counts.truncated += int(np.count_nonzero(truncated))
-        digests = [chunk.digests[i] for i in todo]
-        new, aliases = self._claim(digests, [chunk.ids[i] for i in todo])
-        # chunk.token_ids(i) with Python ints: a numpy scalar index per item costs
-        residues, tokens, ends = chunk.residues.tolist(), chunk.tokens, chunk.ends.tolist()
-        starts = [0, *ends[:-1]]
-        items = [WorkItem(digests[j], tokens[starts[i]:ends[i]], residues[i])
-                 for j, i in zip(new, map(todo.__getitem__, new))]
-        self._hand_over(items, aliases)
+        digests = chunk.digests if every else [chunk.digests[i] for i in todo]
+        new, aliases = self._claim(digests, chunk.ids if every else
+                                   [chunk.ids[i] for i in todo])
+        rows = np.arange(len(chunk.ids)) if every else np.asarray(todo, np.int64)
+        if new is not None:  # else every record is new: no per-record choice
+            rows, digests = rows[new], [digests[j] for j in new]
+        self._hand_over(self._items(chunk, rows, digests), aliases)
+
+    def _items(self, chunk: PreparedChunk, rows: np.ndarray,
+               digests: list[bytes]) -> list[WorkItem]:
+        """Work items of the chunk's records at ``rows`` (with their ``digests``): slices of
+        the chunk's one token buffer, built column-wise (no interpreter work per field);
+        counts their residues and tokens."""
+        ends = chunk.ends[rows]
+        starts = ends - np.diff(chunk.ends, prepend=0)[rows]
+        sizes, residues = ends - starts, chunk.residues[rows]
+        self.counts.residues_new += int(residues.sum(dtype=np.int64))
+        self.counts.tokens_new += int(sizes.sum(dtype=np.int64))
+        slices = map(chunk.tokens.__getitem__, map(slice, starts.tolist(), ends.tolist()))
+        keys = None
+        if chunk.embedding_keys:  # per item, its key per output
+            if len(rows) == len(chunk.ids):
+                keys = zip(*chunk.embedding_keys)
+            else:
+                at = rows.tolist()
+                keys = zip(*(list(map(column.__getitem__, at)) for column in chunk.embedding_keys))
+        return WorkItem.many(digests, slices, residues.tolist(), sizes.tolist(), keys)
 
     def _unstored(self, ids: Sequence[str]) -> Sequence[int]:
         """Positions of the records whose id the table does not hold yet (all of them on a
@@ -123,12 +143,15 @@ class Planner:
         return todo
 
     def _claim(self, digests: list[bytes],
-               ids: list[str]) -> tuple[list[int], list[tuple[bytes, str]]]:
-        """The ledger's decision for each (digest, id): positions to compute, and the aliases
-        of sequences being committed or already stored (others wait for an earlier claim)."""
+               ids: list[str]) -> tuple[list[int] | None, list[tuple[bytes, str]]]:
+        """The ledger's decision for each (digest, id): positions to compute (None: all of
+        them), and the aliases of sequences being committed or already stored (others wait
+        for an earlier claim)."""
+        decisions = self.ledger.claim_many(list(zip(digests, ids)), self._stored)
+        if decisions.count("new") == len(decisions):
+            return None, []
         new: list[int] = []
         aliases: list[tuple[bytes, str]] = []
-        decisions = self.ledger.claim_many(list(zip(digests, ids)), self._stored)
         for j, decision in enumerate(decisions):
             if decision == "new":
                 new.append(j)
@@ -142,8 +165,6 @@ class Planner:
         """New work to the scheduler, then the aliases (which commit after it)."""
         if items:
             self.counts.new += len(items)
-            self.counts.residues_new += sum(item.residues for item in items)
-            self.counts.tokens_new += sum(int(item.token_ids.size) for item in items)
             self.submit(items)
         if aliases:
             self.alias(aliases)

@@ -18,6 +18,7 @@ On the CPU the same calls run synchronously. :meth:`Runner.embed` chains all thr
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -39,8 +40,9 @@ DTYPES = {precision: getattr(torch, name) for precision, name in PRECISION_DTYPE
 class EmbeddedBatch:
     """Host results of one batch, in the order of its items."""
 
-    vectors: dict[OutputSpec, list[np.ndarray]]
-    """Per output: one fp32 array per item ((d,) pooled, (L, d) per-token)."""
+    vectors: dict[OutputSpec, np.ndarray | list[np.ndarray]]
+    """Per output, in fp32: pooled, one (items, d) array (a row per item); per-token, one
+    (L, d) array per item."""
     finite: np.ndarray
     """bool (N,): every value of the item's outputs is finite."""
     n_tokens: int
@@ -120,10 +122,10 @@ class Runner:
 
     # -- the three steps ------------------------------------------------------------------------
     def stage(self, items: Sequence[WorkItem]) -> Staged:
-        lengths = np.fromiter((it.n_tokens for it in items), dtype=np.int64, count=len(items))
+        lengths = np.fromiter(map(_n_tokens, items), dtype=np.int64, count=len(items))
         total = int(lengths.sum())
         ids = torch.empty(total, dtype=torch.int32, pin_memory=self.cuda)
-        np.concatenate([it.token_ids for it in items], out=ids.numpy())
+        np.concatenate(list(map(_token_ids, items)), out=ids.numpy())
         lens = torch.from_numpy(lengths)
         if not self.cuda:
             return Staged(items, ids, lens, lengths, total, int(lengths.max()), None)
@@ -178,8 +180,8 @@ class Runner:
             array = tensor.numpy()
             if output.pool == "per-token":
                 vectors[output] = [a.copy() for a in np.split(array, np.cumsum(launched.body_lengths)[:-1])]
-            else:
-                vectors[output] = list(array.copy())
+            else:  # one (items, dim) array: the committer encodes it in one call
+                vectors[output] = array.copy()
         return EmbeddedBatch(vectors, launched.finite.numpy().copy(), launched.staged.total, seconds)
 
     def embed(self, items: Sequence[WorkItem]) -> EmbeddedBatch:
@@ -226,3 +228,6 @@ class Runner:
         self.embed(items)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         return max(1, peak // sum(i.n_tokens for i in items))
+
+
+_n_tokens, _token_ids = operator.attrgetter("n_tokens"), operator.attrgetter("token_ids")

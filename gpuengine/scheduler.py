@@ -26,7 +26,10 @@ lost or duplicated whatever order the reports come in.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_right
 from collections import deque
+from itertools import accumulate
+from operator import attrgetter, mul
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -77,7 +80,7 @@ class Scheduler:
         self._max_solo = max_solo_attempts
         self._cv = threading.Condition()
         self._intake: list[WorkItem] = []
-        self._ready: deque[WorkItem] = deque()
+        self._ready = _Ready()
         self._retry: deque[_Retry] = deque()
         self._in_flight: dict[int, tuple[int, _Retry]] = {}
         self._lost: set[int] = set()
@@ -104,7 +107,7 @@ class Scheduler:
 
     def _flush_intake(self) -> None:
         if self._intake:
-            self._intake.sort(key=lambda item: item.n_tokens)
+            self._intake.sort(key=_n_tokens)
             self._ready.extend(self._intake)
             self._intake = []
 
@@ -164,17 +167,7 @@ class Scheduler:
             return retry
         if not self._ready:
             return None
-        ready = self._ready
-        taken: list[WorkItem] = [ready.popleft()]
-        total = longest = taken[0].n_tokens
-        while ready:
-            tokens = ready[0].n_tokens  # read once per item: this loop runs per sequence
-            grown_total, grown_longest = total + tokens, max(longest, tokens)
-            if batch_cost(len(taken) + 1, grown_total, grown_longest, padded) > budget:
-                break
-            taken.append(ready.popleft())
-            total, longest = grown_total, grown_longest
-        return _Retry(tuple(taken), attempt=0)
+        return _Retry(self._ready.take(budget, padded), attempt=0)
 
     def complete(self, batch_id: int) -> ScheduledBatch:
         """The batch's results were handed on; returns it."""
@@ -250,6 +243,52 @@ class Scheduler:
     def in_flight(self, device: int | None = None) -> list[int]:
         with self._cv:
             return [bid for bid, (dev, _) in self._in_flight.items() if device is None or dev == device]
+
+
+_n_tokens = attrgetter("n_tokens")
+
+
+class _Ready:
+    """The ready queue: items in the order they are handed out, taken from the front by
+    :meth:`take` with the batch's cut found by C-level running sums, not a step per item
+    (a list and the position of its front, compacted as it is consumed)."""
+
+    _FIRST_LOOK = 256
+    """Items looked at first when cutting a batch (doubled while they all fit)."""
+
+    def __init__(self) -> None:
+        self._items: list[WorkItem] = []
+        self._head = 0
+
+    def __len__(self) -> int:
+        return len(self._items) - self._head
+
+    def __bool__(self) -> bool:
+        return self._head < len(self._items)
+
+    def extend(self, items: list[WorkItem]) -> None:
+        if self._head > 4096 and self._head * 2 > len(self._items):
+            del self._items[:self._head]
+            self._head = 0
+        self._items.extend(items)
+
+    def take(self, budget: int, padded: bool) -> tuple[WorkItem, ...]:
+        """The longest prefix whose :func:`batch_cost` fits ``budget`` (at least one item)."""
+        items, head = self._items, self._head
+        look, end = self._FIRST_LOOK, len(items)
+        while True:
+            stop = min(end, head + look)
+            sizes = list(map(_n_tokens, items[head:stop]))
+            # batch_cost of each prefix, which only grows: N × the longest when padded,
+            # else the tokens
+            costs = (list(map(mul, range(1, len(sizes) + 1), accumulate(sizes, max)))
+                     if padded else list(accumulate(sizes)))
+            fits = max(1, bisect_right(costs, budget))
+            if fits < len(sizes) or stop == end:
+                break
+            look *= 2
+        self._head = head + fits
+        return tuple(items[head:head + fits])
 
 
 def _prefix_within(items: Sequence[WorkItem], budget: int, padded: bool) -> int:

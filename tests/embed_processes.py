@@ -127,7 +127,35 @@ def check_store(out: Path, workload) -> list[str]:
         for rid, vector in store.items():
             worst = max(worst, float(np.abs(vector - workload["vectors"][rid]).max()))
         assert worst <= TOL, f"stored vectors differ from the uninterrupted run by {worst:.3g}"
+    assert_no_orphan_vectors(out)
     return ids
+
+
+def assert_no_orphan_vectors(out: Path) -> None:
+    """Every table's vectors are exactly those of the sequences its ids name, one per output,
+    under the keys the table's spec gives (a vector under any other key is an orphan)."""
+    import lmdb
+
+    from gpuengine.store.writer import StoreWriter
+
+    env = lmdb.open(str(out), readonly=True, lock=False, max_dbs=64)
+    try:
+        with env.begin() as txn:
+            names = [bytes(k)[4:].decode() for k, _ in txn.cursor() if bytes(k).startswith(b"ids:")]
+            found = {}
+            for name in names:
+                ids = env.open_db(f"ids:{name}".encode(), txn=txn, create=False)
+                emb = env.open_db(f"emb:{name}".encode(), txn=txn, create=False)
+                found[name] = ({bytes(v[:16]) for _, v in txn.cursor(db=ids)},
+                               {bytes(k) for k, _ in txn.cursor(db=emb)})
+    finally:
+        env.close()
+    with StoreWriter(out) as writer:
+        for name, (sequences, keys) in found.items():
+            spec = writer.stored_spec(name)
+            wanted = {spec.embedding_key(o, d) for o in spec.outputs for d in sequences}
+            assert keys == wanted, (f"table {name}: {len(keys - wanted)} vectors under keys no "
+                                    f"id names, {len(wanted - keys)} missing")
 
 
 def rerun_to_completion(cmd: list[str], out: Path, stored_before: int, workload) -> dict:

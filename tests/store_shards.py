@@ -5,12 +5,14 @@ and raw dumps of a store's databases for byte-for-byte comparisons."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from gpuengine.store import CommitEntry, ModelIdentity, OutputSpec, StoreWriter, TableSpec
 from gpuengine.store.codec import sequence_digest
+from gpuengine.store.merge import NoProgress
 from gpuengine.store.sources import Snapshot
 
 MEAN = OutputSpec(6, "mean")
@@ -98,3 +100,19 @@ def dump(path: Path, table: str = "default") -> dict[str, list[tuple[bytes, byte
 def run_records(path: Path) -> dict[str, dict]:
     with Snapshot(path) as snap:
         return {k: json.loads(v) for k, v in snap.runs.items()}
+
+
+class StopAfter(NoProgress):
+    """Sets ``stop`` after ``n`` chunks of the stage whose name contains ``what``."""
+
+    def __init__(self, stop: threading.Event, what: str, n: int):
+        self.stop, self.what, self.n, self.current = stop, what, n, ""
+
+    def start(self, what, total):
+        self.current = what
+
+    def advance(self, done, nbytes=0):
+        if self.what in self.current:
+            self.n -= 1
+            if self.n <= 0:
+                self.stop.set()

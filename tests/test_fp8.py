@@ -49,7 +49,7 @@ def embed(r, work):
     for i in range(0, len(work), 8):
         result = r.embed(work[i:i + 8])
         assert result.finite.all()
-        out += result.vectors[OUT]
+        out.extend(result.vectors[OUT])
     return np.stack(out)
 
 

@@ -24,10 +24,10 @@ from gpuengine.errors import StoreMismatchError, UsageError
 from gpuengine.store import EmbeddingStore
 from gpuengine.store import merge as merge_module
 from gpuengine.store import merge_plan
-from gpuengine.store.merge import NoProgress, merge_run_id, merge_stores
+from gpuengine.store.merge import merge_run_id, merge_stores
 from gpuengine.store.schema import OutputSpec, emb_db_name, ids_db_name
-from store_shards import (MEAN, dump, make_spec, records, run_records, shard_of, write_shards,
-                          write_store)
+from store_shards import (MEAN, StopAfter, dump, make_spec, records, run_records, shard_of,
+                          write_shards, write_store)
 
 ROOT = Path(gpuengine.__file__).resolve().parent.parent
 SPEC = make_spec()
@@ -254,22 +254,6 @@ def test_differing_copies_of_one_sequence_keep_the_first(tmp_path):
     assert summary.verify.ok and summary.verify.kept_existing == 1
 
 
-class StopAfter(NoProgress):
-    """Sets ``stop`` after ``n`` chunks of the stage whose name contains ``what``."""
-
-    def __init__(self, stop: threading.Event, what: str, n: int):
-        self.stop, self.what, self.n, self.current = stop, what, n, ""
-
-    def start(self, what, total):
-        self.current = what
-
-    def advance(self, done, nbytes=0):
-        if self.what in self.current:
-            self.n -= 1
-            if self.n <= 0:
-                self.stop.set()
-
-
 @pytest.mark.parametrize("what", ["vectors", "ids"])
 def test_a_stopped_merge_resumes_to_the_same_bytes(data, tmp_path, what):
     out = tmp_path / "all.lmdb"
@@ -413,6 +397,8 @@ def test_kill_9_mid_merge_then_rerun_gives_the_same_bytes(big, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     killed = merge_progress(out, run_id)
     assert killed["status"] == "running"
+    marker = json.loads((out / "merge-unsynced.json").read_text())  # killed mid-deferred
+    assert marker["state"] == "unsynced" and marker["pid"] == proc.pid
     assert 0 < killed["progress"]["default"]["emb"]["added"] < len(dump(big["reference"])["emb"])
     code, stdout, err = run_cli("merge", out, *big["shards"], "--transaction-mb", "0.02",
                                 "--json", "-q")

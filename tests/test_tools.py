@@ -37,7 +37,7 @@ def tool(monkeypatch):
 def test_every_script_is_listed():
     assert {"bench_common", "bench_dnabert", "bench_esm", "bench_fp8", "bench_host_dna",
             "bench_kernels", "bench_merge", "bench_predict", "bench_replicas", "bench_serve",
-            "bench_shard_scan", "make_checkpoint",
+            "bench_shard_scan", "host_stage_costs", "make_checkpoint",
             "plot_benchmarks", "pyspy_summary"} == set(SCRIPTS)
 
 
@@ -137,11 +137,24 @@ def test_host_pipeline_esm(tool, monkeypatch, tmp_path):
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert list(row) == (HEADER + HOST_FIELDS[:2] + ["mean_residues"] + HOST_FIELDS[2:9]
                          + ["switch_interval_ms", "workdir", "input_process", "devices", "cores",
-                            "input_processes", "note"])
+                            "main_cpu_us_per_seq", "input_processes", "note"])
     assert (row["commit"], row["system"], row["model"]) == ("testcommit", "gpuengine-host", "esm2-8M")
     fasta = tmp_path / "host-virnucpro150.fa"
     assert row["sequences"] == fasta.read_text().count(">") > 200
     assert not (tmp_path / "host.lmdb").exists()  # the store is removed after the run
+
+
+def test_host_stage_costs(tool, monkeypatch, tmp_path, capsys):
+    """``host_stage_costs.py`` on 3 000 proteins: every read committed through the engine's
+    stages, a positive cost for each."""
+    _run(tool("host_stage_costs"), monkeypatch, "--kind", "esm", "--reads", "3000",
+         "--store", str(tmp_path / "s.lmdb"))
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["reads"] == 3000 and row["budget"] == 65536
+    stages = row["us_per_read"]
+    assert set(stages) == {"decode", "planner", "scheduler", "device", "engine loop",
+                           "(of which encoding)", "committer", "total"}
+    assert all(v > 0 for v in stages.values()) and not (tmp_path / "s.lmdb").exists()
 
 
 @pytest.mark.slow
@@ -153,7 +166,8 @@ def test_host_pipeline_dna(tool, monkeypatch, tmp_path):
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert list(row) == HEADER + HOST_FIELDS + ["devices", "cores", "input_processes",
                                                  "commit_transactions", "commit_seconds",
-                                                 "commit_wait_seconds", "note"]
+                                                 "commit_wait_seconds", "main_cpu_us_per_seq",
+                                                 "note"]
     assert (row["sequences"], row["model"], row["workload"]) == (300, "dnabert-s", "dna150")
     assert row["tokens_per_s"] > row["sequences_per_s"] > 0
 

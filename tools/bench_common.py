@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import operator
 import os
 import queue
 import sys
@@ -22,6 +23,7 @@ import torch
 
 from gpuengine.budget import TokenBudget
 from gpuengine.devices import MemoryProbe
+from gpuengine.progress import ProgressSink
 from gpuengine.scheduler import Scheduler
 from gpuengine.worker import DeviceWorker, WorkerExit
 
@@ -201,6 +203,9 @@ def kernel_timeline(runner, items, budget: int, path: Path | None = None, top: i
 
 # -- the host pipeline --------------------------------------------------------------------------
 
+_n_tokens = operator.attrgetter("n_tokens")
+
+
 class NoopRunner:
     """Replaces the GPU step: returns zero vectors of width ``dim`` at once (measures the host
     pipeline). :meth:`factory` makes the ``runner_factory`` that ``run_embed`` calls."""
@@ -211,6 +216,7 @@ class NoopRunner:
 
     def __init__(self, outputs, dim: int):
         self.device, self.outputs, self.dim = torch.device("cpu"), outputs, dim
+        self._zeros: dict[int, np.ndarray] = {}
 
     @classmethod
     def factory(cls, dim: int):
@@ -228,9 +234,11 @@ class NoopRunner:
     def finish(self, items):
         from gpuengine.runner import EmbeddedBatch
 
-        zeros = np.zeros(self.dim, np.float32)
-        return EmbeddedBatch({o: [zeros] * len(items) for o in self.outputs},
-                             np.ones(len(items), bool), sum(i.n_tokens for i in items), 0.0)
+        zeros = self._zeros.get(len(items))  # as the runner: one (items, dim) array
+        if zeros is None:  # made once per batch size, as the list of one row was before
+            zeros = self._zeros[len(items)] = np.zeros((len(items), self.dim), np.float32)
+        return EmbeddedBatch({o: zeros for o in self.outputs},
+                             np.ones(len(items), bool), sum(map(_n_tokens, items)), 0.0)
 
     def release_cached_memory(self):
         pass
@@ -257,10 +265,38 @@ def run_e2e(model, fasta, budget, workdir, *, noop_dim: int | None = None, devic
     cfg = EmbedConfig(inputs=(Path(fasta),), model=str(model), out=store, max_tokens=budget,
                       devices="cpu" if noop else "auto", precision=None if noop else "fp16")
     cpus = [torch.device("cpu")] * devices
+    clock = MainProcessCpu()
     with mock.patch.object(replicas, "parse_devices", lambda spec: cpus) if noop else _nothing():
-        summary = run_embed(cfg, runner_factory=NoopRunner.factory(noop_dim) if noop else None)
+        summary = run_embed(cfg, progress=clock,
+                            runner_factory=NoopRunner.factory(noop_dim) if noop else None)
     shutil.rmtree(store, ignore_errors=True)
+    summary.main_cpu_seconds = clock.seconds  # not a RunSummary field: the benches' own
     return summary
+
+
+class MainProcessCpu(ProgressSink):
+    """A progress sink that measures the CPU time of this process (all its threads, not the
+    input children) from the start of embedding to the end of the run: the engine's own
+    work, which one interpreter lock limits; unlike a py-spy ``--gil`` profile it does not
+    count the time a thread holding the lock waits for a core another process uses."""
+
+    def __init__(self) -> None:
+        self._start: float | None = None
+        self.seconds = 0.0
+
+    @staticmethod
+    def _cpu() -> float:
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def start(self, total_records: int, total_residues: int) -> None:
+        self._start = self._cpu()
+
+    def close(self) -> None:
+        if self._start is not None:
+            self.seconds = self._cpu() - self._start
 
 
 def _nothing():

@@ -281,7 +281,7 @@ def cosine_check(state, layers, d, heads, n=48):
         out[f"{precision}_kernels"] = runner.kernels
         vecs = []
         for i in range(0, n, 8):
-            vecs += runner.embed(items[i:i + 8]).vectors[OutputSpec(layers, "mean")]
+            vecs.extend(runner.embed(items[i:i + 8]).vectors[OutputSpec(layers, "mean")])
         out[precision] = np.stack(vecs)
         del model, runner
         torch.cuda.empty_cache()
@@ -464,6 +464,7 @@ def main() -> None:
                      switch_interval_ms=sys.getswitchinterval() * 1000, workdir=str(args.workdir),
                      input_process=os.environ.get("GPUENGINE_INPUT_PROCESS", "auto"),
                      devices=args.devices, cores=cores,
+                     main_cpu_us_per_seq=1e6 * summ.main_cpu_seconds / max(1, summ.embedded),
                      input_processes=process_count(environment().input_processes,
                                                    heavy=False),
                      note="GPU step replaced by a no-op; parse+validate+plan+schedule+commit")

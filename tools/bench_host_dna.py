@@ -63,6 +63,7 @@ def main() -> None:
         commit_transactions=summary.commit_transactions,
         commit_seconds=summary.commit_seconds,
         commit_wait_seconds=summary.commit_wait_seconds,
+        main_cpu_us_per_seq=1e6 * summary.main_cpu_seconds / max(1, summary.embedded),
         note="GPU step replaced by a no-op; parse+validate+BPE tokenize+plan+schedule+commit "
              "(tokens_per_s: model tokens, CLS/SEP included)")
     print(json.dumps(rec))

@@ -12,7 +12,10 @@ says they are complete). Each run merges them into a fresh ``WORKDIR/merged.lmdb
 ``merge_stores`` (what the command calls) and reports the time of each stage (id check,
 vectors, ids, and with --verify the re-read), vectors/s and MB/s over the whole merge. The
 shards were just written or read, so they are mostly in the page cache (a cluster's merge job
-reads them from disk: see the note in the row). --profile runs the merge under cProfile and
+reads them from disk: see the note in the row); everything dirty is flushed (``sync``) before
+the timed merge, so that the shards' writeback does not share the disk with it.
+--synced-commits flushes every commit before the next (how a merge into a store with data of
+its own runs) instead of the deferred flushing of a new OUT; --no-sync never flushes. --profile runs the merge under cProfile and
 adds the functions that took the most time to the row (LMDB's puts and commits, the reads of
 the inputs, the sort, Python per-item work).
 """
@@ -194,7 +197,10 @@ def main() -> None:
     ap.add_argument("--transaction-mb", type=float, default=256.0)
     ap.add_argument("--verify", action="store_true", help="also time merge --verify")
     ap.add_argument("--no-sync", action="store_true",
-                    help="OUT without fsync per commit (shows how much the disk costs)")
+                    help="OUT never flushed (shows how much the disk costs; not durable)")
+    ap.add_argument("--synced-commits", action="store_true",
+                    help="flush every commit before the next (the mode of a merge into a store "
+                    "with data of its own) instead of the deferred flushing of a new OUT")
     ap.add_argument("--profile", action="store_true", help="run the merge under cProfile")
     ap.add_argument("--read-ahead", action="store_true",
                     help="read the inputs on a second thread while the output is written")
@@ -207,18 +213,21 @@ def main() -> None:
     shards = make_shards(args.workdir, args.vectors, args.shards, args.seed)
     out = args.workdir / "merged.lmdb"
     shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # the shards' (or an earlier output's) writeback does not compete with this run
     clock = StageClock()
     memory = AnonMemory()
     profiler = cProfile.Profile() if args.profile else None
+    cpu = os.times()
     started = time.perf_counter()
     if profiler:
         profiler.enable()
     summary = merge_stores(out, shards, progress=clock, sync=not args.no_sync,
-                           read_ahead=args.read_ahead,
+                           read_ahead=args.read_ahead, deferred=not args.synced_commits,
                            transaction_bytes=int(args.transaction_mb * (1 << 20)))
     if profiler:
         profiler.disable()
     wall = time.perf_counter() - started
+    cpu_s = sum(os.times()[:2]) - sum(cpu[:2])
     clock.close()
     peak_anon = memory.stop()
     merged = summary.tables["default"]
@@ -238,12 +247,15 @@ def main() -> None:
            f"merge {args.shards} shards, {args.vectors:,} mean vectors dim {DIM} float16",
            "vectors": args.vectors, "shards": args.shards, "vector_bytes": DIM * 2,
            "vectors_per_s": args.vectors / wall, "mb_per_s": nbytes / wall / 1e6,
-           "wall_s": wall, "merge_vectors_per_s": summary.vectors_per_second,
+           "wall_s": wall, "cpu_s": round(cpu_s, 3),
+           "merge_vectors_per_s": summary.vectors_per_second,
            "stage_seconds": {k: round(v, 3) for k, v in clock.stages.items()},
            "verify_s": verify_s,
            "verify_vectors_per_s": args.vectors / verify_s if verify_s else None,
            "transactions": summary.transactions, "transaction_mb": args.transaction_mb,
            "sync": not args.no_sync, "read_ahead": args.read_ahead,
+           "flush": ("never" if args.no_sync else "every commit" if args.synced_commits
+                     else "deferred"),
            "filesystem": filesystem(args.workdir),
            "input_bytes": du(args.workdir / f"merge-shards-{args.vectors}-{args.shards}"),
            "output_bytes": du(out), "peak_anon_mib": peak_anon,

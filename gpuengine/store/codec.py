@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,6 +38,33 @@ def sequence_digests(seqs: Sequence[str]) -> list[bytes]:
     """:func:`sequence_digest` of many sequences, in one loop."""
     blake2b = hashlib.blake2b
     return [blake2b(seq.encode("utf-8"), digest_size=16).digest() for seq in seqs]
+
+
+def embedding_keys(prefix: bytes, seq_digests: Sequence[bytes]) -> list[bytes]:
+    """Embedding keys of many digests, ``blake2b-16(prefix + digest)`` each (the prefix is
+    :meth:`~gpuengine.store.schema.TableSpec.embedding_key_prefix`), with no interpreter
+    step per key: the input processes compute them for the store writer."""
+    hashes = map(_blake2b16_of, map(prefix.__add__, seq_digests))
+    return list(map(_digest_of, hashes))
+
+
+_blake2b16_of = functools.partial(hashlib.blake2b, digest_size=16)
+_digest_of = operator.methodcaller("digest")
+
+
+def sorted_by_key(pairs: list[tuple[bytes, object]]) -> list[tuple[bytes, object]]:
+    """``pairs`` sorted by key, stably, as ``sorted(pairs, key=itemgetter(0))``; 16-byte keys
+    (embedding keys) are sorted by numpy as two big-endian words, with no comparison in the
+    interpreter."""
+    keys = list(map(_key, pairs))
+    if len(pairs) < 2 or set(map(len, keys)) != {16}:
+        return sorted(pairs, key=_key)
+    words = np.frombuffer(b"".join(keys), ">u8").reshape(-1, 2)
+    order = np.lexsort((words[:, 1], words[:, 0]))  # stable: equal keys keep their order
+    return list(map(pairs.__getitem__, order.tolist()))
+
+
+_key = operator.itemgetter(0)
 
 
 def _id_bytes(record_id: str) -> bytes:
@@ -71,6 +100,19 @@ def encode_id_pair(record_id: str, seq_digest: bytes) -> tuple[bytes, bytes]:
     if len(raw) <= MAX_KEY_SIZE:
         return raw, seq_digest
     return LONG_ID_PREFIX + blake2b16(raw), bytes(seq_digest) + raw
+
+
+def encode_id_pairs(record_ids: Sequence[str],
+                    seq_digests: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
+    """:func:`encode_id_pair` of each (id, digest), with no interpreter step per id when
+    every id is a non-empty string whose UTF-8 fits a key (the usual case)."""
+    try:
+        raw = list(map(str.encode, record_ids))  # UTF-8, strict
+    except (TypeError, UnicodeEncodeError):
+        raw = None
+    if raw is None or (raw and (min(map(len, raw)) == 0 or max(map(len, raw)) > MAX_KEY_SIZE)):
+        return list(map(encode_id_pair, record_ids, seq_digests))
+    return list(zip(raw, seq_digests))
 
 
 def value_digest(value: bytes | memoryview) -> bytes:

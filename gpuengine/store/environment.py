@@ -226,16 +226,17 @@ class StoreEnv:
         raise StoreError(f"store {self.path}: the map kept being resized; giving up")
 
     @contextmanager
-    def snapshot(self) -> Iterator[lmdb.Transaction]:
-        """One long read transaction (``buffers=False``: values are bytes): a consistent view
-        of the whole store for as long as the block runs, for a merge or a verify reading a
-        closed store. Not for reading a store that a writer is filling (the file would grow
-        while it is held); the map cannot be resized in this process meanwhile."""
+    def snapshot(self, buffers: bool = False) -> Iterator[lmdb.Transaction]:
+        """One long read transaction (values are bytes, or with ``buffers`` memoryviews of
+        the map, valid until the block ends): a consistent view of the whole store for as
+        long as the block runs, for a merge or a verify reading a closed store. Not for
+        reading a store that a writer is filling (the file would grow while it is held); the
+        map cannot be resized in this process meanwhile."""
         env = self.env
         for _ in range(_MAX_RESIZE_RETRIES):
             with self._entry.lock.shared():
                 try:
-                    txn = env.begin(buffers=False)
+                    txn = env.begin(buffers=buffers)
                 except lmdb.MapResizedError:
                     txn = None
                 except lmdb.Error as exc:
@@ -272,6 +273,17 @@ class StoreEnv:
             except lmdb.Error as exc:
                 raise StoreError(f"LMDB error writing store {self.path}: {exc}") from exc
         raise StoreError(f"store {self.path}: could not commit after repeated map resizes")
+
+    def sync(self) -> None:
+        """Flush every committed page to the disk (fdatasync): for an environment opened
+        with ``sync=False``. Safe while another thread writes: the map cannot be resized
+        meanwhile."""
+        env = self.env
+        with self._entry.lock.shared():
+            try:
+                env.sync(True)
+            except lmdb.Error as exc:
+                raise StoreError(f"cannot flush store {self.path} to disk: {exc}") from exc
 
     def _adopt_map_size(self) -> None:
         """Pick up a map grown by another process (never shrink below our own size)."""

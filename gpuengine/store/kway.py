@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import bisect
 import operator
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
+from typing import Any
 
 import lmdb
+
+from gpuengine.errors import InternalError
 
 first = operator.itemgetter(0)
 
@@ -28,27 +31,46 @@ MAX_BLOCK = 1 << 16
 
 
 class _Source:
-    """One cursor positioned after the resume point, with its buffered block."""
+    """One cursor positioned after the resume point, with its buffered block. With a second
+    cursor ``values`` (on the same database, in a transaction yielding memoryviews) the keys
+    are read as bytes from ``cursor`` and the values as views from ``values``: a value is then
+    copied once, by the put that writes it, instead of into a bytes object first."""
 
-    def __init__(self, cursor: lmdb.Cursor, after: bytes | None, block: int) -> None:
+    def __init__(self, cursor: lmdb.Cursor, after: bytes | None, block: int,
+                 values: lmdb.Cursor | None = None, keys_only: bool = False) -> None:
         self.block = block
-        self.buffer: list[tuple[bytes, bytes]] = []
-        self.exhausted = False
-        if after is None:
-            ok = cursor.first()
+        self.buffer: list[tuple[bytes, Any]] = []
+        self.exhausted = not _position(cursor, after)
+        self.values = None
+        if self.exhausted:  # iternext() on an unpositioned cursor would start again
+            self.items: Iterator = iter(())
+        elif values is None:
+            self.items = cursor.iternext(values=not keys_only)
         else:
-            ok = cursor.set_range(after)
-            if ok and cursor.key() == after:
-                ok = cursor.next()
-        # iternext() on an unpositioned cursor would start again at the first key
-        self.items = cursor.iternext() if ok else iter(())
-        if not ok:
-            self.exhausted = True
+            if not _position(values, after):
+                raise InternalError("two cursors of one snapshot disagree")
+            self.items = cursor.iternext(values=False)
+            self.values = values.iternext(keys=False)
 
     def fill(self) -> None:
-        if not self.buffer and not self.exhausted:
+        if self.buffer or self.exhausted:
+            return
+        if self.values is None:
             self.buffer = list(islice(self.items, self.block))
-            self.exhausted = len(self.buffer) < self.block
+        else:
+            keys = list(islice(self.items, self.block))
+            self.buffer = list(zip(keys, islice(self.values, len(keys))))
+        self.exhausted = len(self.buffer) < self.block
+
+
+def _position(cursor: lmdb.Cursor, after: bytes | None) -> bool:
+    """Put ``cursor`` on the first key (after ``after``); False when there is none."""
+    if after is None:
+        return cursor.first()
+    ok = cursor.set_range(after)
+    if ok and cursor.key() == after:
+        ok = cursor.next()
+    return ok
 
 
 def block_items(chunk_bytes: int, sources: int, entry_bytes: float) -> int:
@@ -57,32 +79,40 @@ def block_items(chunk_bytes: int, sources: int, entry_bytes: float) -> int:
     return max(MIN_BLOCK, min(MAX_BLOCK, wanted))
 
 
-def merged_chunks(cursors: list[tuple[lmdb.Cursor, int]], after: bytes | None,
-                  chunk_items: int) -> Iterator[list[tuple[bytes, bytes]]]:
+def merged_chunks(cursors: list[tuple], after: bytes | None, chunk_items: int,
+                  keys_only: bool = False,
+                  pause: Callable[[], object] | None = None) -> Iterator[list[Any]]:
     """Lists of ``(key, value)`` in key order (equal keys adjacent, in source order), each
     of at least ``chunk_items`` items but the last. ``cursors`` are ``(cursor, block
-    items)`` pairs; reading starts after the key ``after`` (None: at the first key)."""
-    sources = [_Source(cursor, after, block) for cursor, block in cursors]
+    items)`` pairs, or ``(cursor, block items, value cursor)`` triples (values as the value
+    cursor yields them: see :class:`_Source`); reading starts after the key ``after``
+    (None: at the first key). ``keys_only``: lists of keys instead (pairs only). ``pause``
+    is called before each block is read (it may block: see ``merge``'s read-ahead)."""
+    sources = [_Source(cursor, after, *rest, keys_only=keys_only) for cursor, *rest in cursors]
+    key = None if keys_only else first
+    last = operator.itemgetter(-1) if keys_only else _last_key
     pending: list[tuple[bytes, bytes]] = []
     while True:
         for source in sources:
+            if pause is not None and not source.buffer and not source.exhausted:
+                pause()
             source.fill()
         live = [s for s in sources if s.buffer]
         if not live:
             break
-        bound = min((s.buffer[-1][0] for s in live if not s.exhausted), default=None)
-        run: list[tuple[bytes, bytes]] = []
+        bound = min((last(s.buffer) for s in live if not s.exhausted), default=None)
+        run: list[Any] = []
         for source in live:
             buffer = source.buffer
-            if bound is None or buffer[-1][0] <= bound:
+            if bound is None or last(buffer) <= bound:
                 run += buffer
                 source.buffer = []
             else:
-                cut = bisect.bisect_right(buffer, bound, key=first)
+                cut = bisect.bisect_right(buffer, bound, key=key)
                 run += buffer[:cut]
                 source.buffer = buffer[cut:]
         if len(live) > 1:
-            run.sort(key=first)
+            run.sort(key=key)
         pending += run
         if len(pending) >= chunk_items:
             yield pending
@@ -91,9 +121,12 @@ def merged_chunks(cursors: list[tuple[lmdb.Cursor, int]], after: bytes | None,
         yield pending
 
 
-def has_equal_neighbours(chunk: list[tuple[bytes, bytes]]) -> bool:
-    """Whether two adjacent items of a sorted chunk share a key (a C-speed scan)."""
-    keys = list(map(first, chunk))
+def _last_key(buffer: list[tuple[bytes, Any]]) -> bytes:
+    return buffer[-1][0]
+
+
+def has_equal_neighbours(keys: list[bytes]) -> bool:
+    """Whether two adjacent keys of a sorted list are equal (a C-speed scan)."""
     return any(map(operator.eq, keys, islice(keys, 1, None)))
 
 

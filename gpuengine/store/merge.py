@@ -16,9 +16,14 @@ What happens, in order (nothing is written before step 4):
    everything in OUT, plain puts without overwriting otherwise) in transactions of about
    ``transaction_bytes``. Each transaction also moves the record's resume point (the last
    key written) and counters, so after a kill a rerun of the same command continues after
-   that key and ends with exactly what an uninterrupted merge writes.
+   that key and ends with exactly what an uninterrupted merge writes. Into a store that
+   holds nothing of its own these commits are flushed late (:mod:`.deferred`); everything is
+   flushed before step 5 and before the merge returns.
 5. The last transaction copies every input's run records (as ``<run id>@<store tag>``) and
    marks the merge record complete.
+
+Before step 1 an output that an OS crash may have damaged (an unflushed deferred merge of an
+earlier boot) is emptied, so that nothing reads it.
 
 The first copy of a key wins: OUT's own, then the inputs in the order given. Embedding values
 are copied as stored (no decoding); an embedding of the same sequence held by several stores
@@ -28,19 +33,23 @@ with different bytes is counted (``differing``) and the first copy kept.
 from __future__ import annotations
 
 import bisect
+import gc
 import json
 import operator
 import os
 import threading
 import time
-from collections.abc import Iterable
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import lmdb
 
 from gpuengine.errors import EXIT_ERROR, EXIT_INTERRUPTED, UsageError
+from gpuengine.store.deferred import (Flusher, boot_id, discard_damaged, remove_marker,
+                                      write_marker)
 from gpuengine.store.environment import StoreEnv, open_store
 from gpuengine.store.kway import Prefetch, block_items, first, merged_chunks
 from gpuengine.store.merge_plan import (
@@ -170,19 +179,29 @@ def merge_stores(out: str | os.PathLike[str], stores: Iterable[str | os.PathLike
                  verify: bool = False, progress: MergeProgress | None = None,
                  transaction_bytes: int = TRANSACTION_BYTES,
                  stop: threading.Event | None = None, sync: bool = True,
-                 read_ahead: bool = False) -> MergeSummary:
+                 read_ahead: bool = False, deferred: bool = True) -> MergeSummary:
     """Merge ``stores`` (paths, or directories of stores) into ``out`` (new or existing).
 
     Restartable: the same call after a kill continues where the last commit left off. With
     ``verify``, every vector and id mapping of every input is read again and compared with
     OUT (``summary.verify``). ``stop`` (set by a signal handler) ends the merge after the
-    current transaction (``summary.interrupted``). ``sync=False`` commits without fsync (a
-    kill is harmless, an OS crash may corrupt OUT); ``read_ahead`` reads the next chunk of
-    the inputs on a second thread while one is written (off by default: py-lmdb releases
-    the GIL around every get and put, so two threads hand it over once per vector, and on
-    a 2-core machine that cost more than the overlap saved; tools/bench_merge.py measures
-    both). Raises StoreMismatchError (tables that differ, an id naming two sequences:
-    nothing written), StoreError, UsageError.
+    current transaction (``summary.interrupted``).
+
+    ``deferred`` (the default) applies where OUT holds nothing of its own (new, empty, or
+    left by an unfinished deferred merge): the passes commit without fsync, a second thread
+    flushes each commit while the next is prepared, and everything is flushed before the
+    merge is recorded complete or returns
+    (:mod:`gpuengine.store.deferred` says why an OS crash cannot leave a damaged OUT behind
+    unnoticed). Into a store with data of its own every commit is flushed before the next.
+    ``sync=False`` never flushes (for measuring the disk's share: a kill is harmless, an OS
+    crash may corrupt OUT); ``read_ahead`` reads the next chunk of the inputs on a second
+    thread while a chunk is committed (LMDB's commit releases the GIL), and holds it back
+    while the chunk is put: py-lmdb releases the GIL around every get and put, so two
+    threads reading and putting at once hand it over once per vector (ungated, that was
+    slower on the device: 118 k vs 141 k vectors/s unflushed). Off by default until the
+    device measures the gated form (tools/bench_merge.py --read-ahead). Raises
+    StoreMismatchError (tables that differ, an id naming two sequences: nothing written),
+    StoreError, UsageError.
     """
     progress = _Stoppable(progress or NoProgress(), stop)
     out = os.fspath(out)
@@ -190,6 +209,7 @@ def merge_stores(out: str | os.PathLike[str], stores: Iterable[str | os.PathLike
         raise UsageError(f"the transaction size must be positive, got {transaction_bytes}")
     paths = input_paths(out, stores)
     began = time.perf_counter()
+    discard_damaged(Path(out))  # before anything reads it
     with ExitStack() as stack:
         snaps = [stack.enter_context(Snapshot(p)) for p in paths]
         try:
@@ -201,8 +221,8 @@ def merge_stores(out: str | os.PathLike[str], stores: Iterable[str | os.PathLike
                                resumed=plan.mode == "resume", restarted=plan.mode == "restart",
                                already_complete=plan.mode == "complete")
         if plan.mode != "complete":
-            _Merge(plan, snaps, summary, progress, transaction_bytes, stop, sync,
-                   read_ahead).run()
+            _Merge(plan, snaps, summary, progress, transaction_bytes, stop,
+                   WriteModes(sync, read_ahead, deferred)).run()
         summary.tables = {t: _flat(c) for t, c in plan.progress.items()}
         summary.seconds = time.perf_counter() - began
         if verify and not summary.interrupted:
@@ -214,6 +234,21 @@ def merge_stores(out: str | os.PathLike[str], stores: Iterable[str | os.PathLike
                 summary.interrupted = True
             summary.verify_seconds = time.perf_counter() - began - summary.seconds
     return summary
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (restored after). A merge pass
+    holds hundreds of thousands of tuples of memoryviews, which the collector would scan
+    again and again (on the 2-core VM it tripled the time to read the inputs); they hold no
+    reference cycles, so reference counting frees them all the same."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _flat(state: dict[str, Any]) -> dict[str, int]:
@@ -228,15 +263,27 @@ def _dump(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, default=str).encode("utf-8")
 
 
+@dataclass
+class WriteModes:
+    """How a merge writes OUT (see :func:`merge_stores`)."""
+
+    sync: bool = True
+    read_ahead: bool = False
+    deferred: bool = True
+
+
 class _Merge:
     """The writing half of a merge (steps 4 and 5 of the module docstring)."""
 
     def __init__(self, plan: Plan, snaps: list[Snapshot], summary: MergeSummary,
                  progress: MergeProgress, transaction_bytes: int,
-                 stop: threading.Event | None, sync: bool, read_ahead: bool) -> None:
+                 stop: threading.Event | None, modes: WriteModes) -> None:
         self.plan, self.snaps, self.summary = plan, snaps, summary
         self.progress, self.chunk_bytes, self.stop = progress, transaction_bytes, stop
-        self.sync, self.read_ahead = sync, read_ahead
+        self.sync, self.read_ahead = modes.sync, modes.read_ahead
+        self.deferred = modes.deferred
+        self.flusher: Flusher | None = None
+        self.gate: threading.Event | None = None
         self.key = plan.run_id.encode("ascii")
 
     def run(self) -> None:
@@ -244,17 +291,40 @@ class _Merge:
         with StoreWriter(plan.out, initial_map_size=plan.estimate, sync=self.sync) as writer:
             for table in plan.tables:  # creates them, or checks them once more
                 writer.open_table(plan.specs[table])
-        self.env: StoreEnv = open_store(plan.out, writer=True, sync=self.sync)
+        deferred = self.deferred and self.sync and plan.deferrable and boot_id() is not None
+        if deferred:
+            write_marker(Path(plan.out), "unsynced")  # before the first unflushed commit
+        completed = self._bulk(deferred)
+        if deferred:  # flushed by _bulk: OUT is whole on any boot
+            write_marker(Path(plan.out), "synced")
+        if completed:
+            self.env = open_store(plan.out, writer=True, sync=self.sync)
+            try:
+                self.runs_db = self.env.db(RUNS_DB)
+                self.env.write(self._finish)  # flushed at commit (unless sync=False)
+            finally:
+                self.env.close()
+            if deferred:
+                remove_marker(Path(plan.out))
+
+    def _bulk(self, deferred: bool) -> bool:
+        """The merge record and both passes of every table (deferred: commits unflushed, a
+        second thread flushing each one while the next is made; then one flush of everything
+        before returning, whatever happened). True when every pass is done."""
+        plan = self.plan
+        self.env = open_store(plan.out, writer=True, sync=self.sync and not deferred)
+        self.flusher = Flusher(self.env) if deferred else None
         try:
             self.env.ensure_map_size(plan.estimate)
             self.runs_db = self.env.db(RUNS_DB)
             self.env.write(self._begin)
             try:
                 self._merge_tables()
-                self.env.write(self._finish)
+                return True
             except Interrupted:
                 self.summary.interrupted = True
                 self.env.write(lambda txn: self._set_status(txn, "interrupted"))
+                return False
             except BaseException as exc:
                 status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
                 try:
@@ -263,19 +333,25 @@ class _Merge:
                     pass
                 raise
         finally:
-            self.env.close()
+            try:
+                if self.flusher is not None:
+                    self.flusher.close()
+                    self.env.sync()
+            finally:
+                self.env.close()
 
     def _merge_tables(self) -> None:
         started = time.perf_counter()
         try:
-            for table in self.plan.tables:
-                for kind in KINDS:
-                    if not self.plan.progress[table][kind]["done"]:
-                        total = sum(s.counts[table][kind] for s in self.snaps
-                                    if table in s.counts)
-                        what = "vectors" if kind == "emb" else "ids"
-                        self.progress.start(f"table {table}: merging {what}", total)
-                        self._pass(table, kind)
+            with gc_paused():
+                for table in self.plan.tables:
+                    for kind in KINDS:
+                        if not self.plan.progress[table][kind]["done"]:
+                            total = sum(s.counts[table][kind] for s in self.snaps
+                                        if table in s.counts)
+                            what = "vectors" if kind == "emb" else "ids"
+                            self.progress.start(f"table {table}: merging {what}", total)
+                            self._pass(table, kind)
         finally:
             self.summary.merge_seconds += time.perf_counter() - started
 
@@ -313,17 +389,28 @@ class _Merge:
         holders = [s for s in self.snaps if table in s.specs]
         db = self.env.db(emb_db_name(table) if kind == "emb" else ids_db_name(table))
         entry = max(s.entry_bytes(table, kind) for s in holders)
-        cursors = [(s.cursor(table, kind), block_items(self.chunk_bytes, len(holders), entry))
+        block = block_items(self.chunk_bytes, len(holders), entry)
+        views = kind == "emb"  # vectors are copied by the put, not into bytes first
+        cursors = [(s.cursor(table, kind), block, *([s.cursor(table, kind, views=True)]
+                                                    if views else []))
                    for s in holders]
         after = None if state["after"] is None else bytes.fromhex(state["after"])
-        chunks = Prefetch(merged_chunks(cursors, after, max(1, int(self.chunk_bytes / entry))),
+        gate = self.gate = threading.Event() if self.read_ahead else None
+        if gate is not None:
+            gate.set()
+        chunks = Prefetch(merged_chunks(cursors, after, max(1, int(self.chunk_bytes / entry)),
+                                        pause=gate.wait if gate is not None else None),
                           threaded=self.read_ahead)
         try:
             for chunk in chunks:
+                if gate is not None:
+                    gate.clear()  # reopened by _commit once the puts are done
                 if self.stop is not None and self.stop.is_set():
                     raise Interrupted
                 self._write_chunk(table, kind, db, chunk, entry)
         except _Conflict as conflict:
+            if gate is not None:
+                gate.set()
             chunks.close()  # the inputs' transactions are this thread's again
             raise id_conflict(table, conflict.key, [
                 *((s.label, s.get(table, "ids", conflict.key)) for s in holders),
@@ -331,9 +418,13 @@ class _Merge:
                 "The merge stopped before this transaction; what it committed is "
                 "consistent.") from None
         finally:
+            if gate is not None:
+                gate.set()  # a reader waiting at the gate must see the stop
             chunks.close()
-            for cursor, _ in cursors:
+            for cursor, _, *view in cursors:
                 cursor.close()
+                for other in view:
+                    other.close()
         self.plan.progress = self.env.write(lambda txn: self._mark_done(txn, table, kind))
 
     def _write_chunk(self, table: str, kind: str, db: Any, chunk: list[tuple[bytes, bytes]],
@@ -343,6 +434,8 @@ class _Merge:
             lambda txn: self._commit(txn, table, kind, db, chunk),
             size_hint=int(len(chunk) * entry) + (1 << 20))
         self.summary.transactions += 1
+        if self.flusher is not None:
+            self.flusher.committed()
         if kind == "emb":
             self.summary.vectors_read += len(chunk)
             self.summary.bytes_read += nbytes
@@ -356,6 +449,8 @@ class _Merge:
         after a map growth: depends only on its arguments and the transaction)."""
         with txn.cursor(db=db) as cursor:
             added, split = _put_sorted(cursor, chunk)
+        if self.gate is not None:  # the commit releases the GIL: read the next chunk now
+            self.gate.set()
         counts = {"added": added, "duplicates": len(chunk) - added}
         if added < len(chunk):
             if kind == "emb":

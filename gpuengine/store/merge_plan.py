@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from gpuengine import __version__
 from gpuengine.errors import StoreError, StoreMismatchError
 from gpuengine.store import codec
 from gpuengine.store.compat import TableCopy, combined_spec
+from gpuengine.store.deferred import read_marker
 from gpuengine.store.kway import block_items, has_equal_neighbours, merged_chunks
 from gpuengine.store.schema import MAX_TABLES, TableSpec, blake2b16, canonical_json
 from gpuengine.store.sources import EmptyEnvironment, Snapshot, is_store_dir
@@ -53,6 +55,9 @@ class Plan:
     info: dict[str, Any]
     estimate: int
     """Bytes OUT may need: its own size plus the inputs'."""
+    deferrable: bool = False
+    """OUT holds nothing of its own (new, empty, or an unfinished deferred merge's output):
+    its commits may be flushed late (:mod:`gpuengine.store.deferred`)."""
 
 
 def _fresh_progress(tables: list[str]) -> dict[str, dict[str, Any]]:
@@ -81,9 +86,12 @@ def make_plan(out: str, snaps: list[Snapshot], progress: Progress) -> Plan:
             if not state[table]["checked"] and len(holders) > 1:
                 _check_ids(table, holders, progress)
             state[table]["checked"] = True
-        size = sum(_file_size(s.path) for s in snaps) + (_file_size(out) if target else 0)
+        size = sum(map(_used_size, snaps)) + (_used_size(target) if target else 0)
+        deferrable = (target is None or read_marker(Path(out)) is not None
+                      or (not target.runs and not any(n for c in target.counts.values()
+                                                      for n in c.values())))
     return Plan(out, run_id, tables, specs, mode, state, info,
-                 estimate=int(size * 1.15) + (64 << 20))
+                 estimate=int(size * 1.15) + (64 << 20), deferrable=deferrable)
 
 
 def _open_target(out: str, stack: ExitStack) -> Snapshot | None:
@@ -104,11 +112,10 @@ def _copies(table: str, target: Snapshot | None, snaps: list[Snapshot]) -> list[
             for s in holders]
 
 
-def _file_size(path: str) -> int:
-    try:
-        return os.path.getsize(os.path.join(path, "data.mdb"))
-    except OSError:
-        return 0
+def _used_size(snap: Snapshot) -> int:
+    """Bytes of a store's pages in use (its data.mdb may be longer)."""
+    env = snap.env.env
+    return (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
 
 
 def _info(snaps: list[Snapshot], out_existed: bool) -> dict[str, Any]:
@@ -155,18 +162,17 @@ def _check_ids(table: str, holders: list[Snapshot], progress: Progress) -> None:
     """StoreMismatchError for the first id that two stores map to different sequences."""
     total = sum(s.counts[table]["ids"] for s in holders)
     progress.start(f"checking ids of table {table}", total)
-    cursors = [(s.cursor(table, "ids"), block_items(_CHECK_ITEMS * 64, len(holders), 64))
+    cursors = [(s.cursor(table, "ids"), block_items(_CHECK_ITEMS * 32, len(holders), 32))
                for s in holders]
-    try:
-        for chunk in merged_chunks(cursors, None, _CHECK_ITEMS):
-            if has_equal_neighbours(chunk):
-                for i in range(1, len(chunk)):
-                    if chunk[i][0] == chunk[i - 1][0] and chunk[i][1][:16] != chunk[i - 1][1][:16]:
-                        key = chunk[i][0]
-                        raise id_conflict(table, key, [(s.label, s.get(table, "ids", key))
-                                                        for s in holders],
-                                           "Nothing was written.")
-            progress.advance(len(chunk))
+    try:  # keys only: the values of a key held twice are fetched when one is found
+        for keys in merged_chunks(cursors, None, _CHECK_ITEMS, keys_only=True):
+            if has_equal_neighbours(keys):
+                for i in range(1, len(keys)):
+                    if keys[i] == keys[i - 1]:
+                        copies = [(s.label, s.get(table, "ids", keys[i])) for s in holders]
+                        if len({bytes(v[:16]) for _, v in copies if v is not None}) > 1:
+                            raise id_conflict(table, keys[i], copies, "Nothing was written.")
+            progress.advance(len(keys))
     finally:
         for cursor, _ in cursors:
             cursor.close()

@@ -70,8 +70,9 @@ def embedding_key_from_prefix(prefix: bytes, seq_digest: bytes) -> bytes:
 
 def embedding_keys_from_prefix(prefix: bytes, seq_digests: Sequence[bytes]) -> list[bytes]:
     """:func:`embedding_key_from_prefix` of many digests (bytes), in one loop."""
-    blake2b = hashlib.blake2b
-    return [blake2b(prefix + digest, digest_size=16).digest() for digest in seq_digests]
+    from gpuengine.store.codec import embedding_keys  # codec imports this module
+
+    return embedding_keys(prefix, seq_digests)
 
 
 def _positive_int(owner: str, field_name: str, value: object, *, zero_ok: bool = False) -> None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import lmdb
@@ -42,6 +42,7 @@ from gpuengine.store.schema import (
 DATA_FILE = "data.mdb"
 RUN_KEY_LIMIT = 200
 """Run ids are at most 200 printable ASCII characters (the writer's rule)."""
+_TWIN_TRIES = 16
 
 
 class EmptyEnvironment(StoreError):
@@ -155,7 +156,7 @@ class Snapshot:
         dbs = {name: (self.env.db(ids_db_name(name)), self.env.db(emb_db_name(name)))
                for name in names}
         runs_db = self.env.db(RUNS_DB)
-        self.txn: lmdb.Transaction = self._stack.enter_context(self.env.snapshot())
+        self.txn, self.view_txn = self._stack.enter_context(_twin_snapshots(self.env))
         self.specs: dict[str, TableSpec] = {}
         self.dbs: dict[str, dict[str, Any]] = {}
         self.counts: dict[str, dict[str, int]] = {}
@@ -181,9 +182,11 @@ class Snapshot:
     def tag(self) -> str:
         return store_tag(self.path, self.record.get("created_at"))
 
-    def cursor(self, table: str, kind: str) -> lmdb.Cursor:
-        """A cursor on ``ids:<table>`` (``kind="ids"``) or ``emb:<table>`` (``"emb"``)."""
-        return self.txn.cursor(db=self.dbs[table][kind])
+    def cursor(self, table: str, kind: str, views: bool = False) -> lmdb.Cursor:
+        """A cursor on ``ids:<table>`` (``kind="ids"``) or ``emb:<table>`` (``"emb"``); with
+        ``views`` its keys and values are memoryviews of the map (no copy), valid until
+        :meth:`close`, the same snapshot as the other cursors'."""
+        return (self.view_txn if views else self.txn).cursor(db=self.dbs[table][kind])
 
     def get(self, table: str, kind: str, key: bytes) -> bytes | None:
         return self.txn.get(key, db=self.dbs[table][kind])
@@ -234,6 +237,23 @@ class Snapshot:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def _twin_snapshots(env: StoreEnv) -> Iterator[tuple[lmdb.Transaction, lmdb.Transaction]]:
+    """Two read transactions of the same snapshot (LMDB transaction id): one yielding bytes,
+    one yielding memoryviews of the map (a merge copies values without making bytes of
+    them). A commit between the two begins (a store being written) makes them differ: begin
+    both again."""
+    for _ in range(_TWIN_TRIES):
+        with ExitStack() as stack:
+            txn = stack.enter_context(env.snapshot())
+            views = stack.enter_context(env.snapshot(buffers=True))
+            if txn.id() == views.id():
+                yield txn, views
+                return
+    raise StoreError(f"store {env.path} kept changing while it was being opened for reading; "
+                     "is a process writing it?")
 
 
 def _copy(value: bytes | memoryview | None) -> bytes | None:

@@ -16,6 +16,7 @@ import json
 import operator
 import os
 import re
+from itertools import chain, repeat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -87,14 +88,22 @@ class CommitRows:
     """Per row, the ids to map to its sequence (at least one)."""
     vectors: Mapping[OutputSpec, Sequence[np.ndarray]]
     """Per output of the table, one array per row (a list of arrays or one stacked array)."""
+    embedding_keys: Sequence[Sequence[bytes]] = ()
+    """Per output of the table, in the table's order, each row's embedding key as the input
+    side computed it (``blake2b-16(prefix + digest)``; the writer checks the first of each);
+    empty: the writer computes them."""
 
     def __post_init__(self) -> None:
         n = len(self.seq_digests)
+        if self.embedding_keys and any(len(k) != n for k in self.embedding_keys):
+            raise InternalError(f"CommitRows: {n} digests but embedding keys of "
+                                f"{[len(k) for k in self.embedding_keys]} rows")
         if len(self.record_ids) != n or any(len(v) != n for v in self.vectors.values()):
             raise InternalError(
                 f"CommitRows: {n} digests, {len(self.record_ids)} id tuples and vectors of "
                 f"{[len(v) for v in self.vectors.values()]} rows must all be as many")
-        if not all(type(d) is bytes and len(d) == codec.DIGEST_SIZE for d in self.seq_digests):
+        if n and not (set(map(type, self.seq_digests)) == {bytes}  # no step per row
+                      and set(map(len, self.seq_digests)) == {codec.DIGEST_SIZE}):
             raise InternalError("CommitRows.seq_digests must all be 16-byte digests")
         if not all(self.record_ids):
             raise InternalError("CommitRows: a row names no record id")
@@ -207,22 +216,44 @@ def _encode_rows(spec: TableSpec, rows: CommitRows, prefixes: list[bytes],
         first = f"sequence {digests[0].hex()}: " if len(digests) == 1 else "rows of "
         raise InternalError(f"{first}vectors for [{got}], table {spec.name!r} stores "
                             f"[{', '.join(o.label for o in outputs)}]")
+    flat = list(chain.from_iterable(rows.record_ids))
+    named = digests if len(flat) == len(digests) else list(
+        chain.from_iterable(map(repeat, digests, map(len, rows.record_ids))))
     try:
-        ids.extend([codec.encode_id_pair(rid, digest)
-                    for digest, rids in zip(digests, rows.record_ids) for rid in rids])
+        ids.extend(codec.encode_id_pairs(flat, named))
     except ValueError as exc:
         raise InternalError(f"bad record id in a commit: {exc}") from exc
     dtype, shape = codec.numpy_dtype(spec.store_dtype), (spec.dim,)
     nbytes = 0
-    for prefix, output in zip(prefixes, outputs):
+    given = rows.embedding_keys
+    if given and len(given) != len(outputs):
+        raise InternalError(f"rows carry embedding keys of {len(given)} outputs, table "
+                            f"{spec.name!r} stores {len(outputs)}")
+    for j, (prefix, output) in enumerate(zip(prefixes, outputs)):
         vectors = rows.vectors[output]
-        keys = embedding_keys_from_prefix(prefix, digests)
+        if given and digests:  # computed by the input side: the first must be this table's
+            keys = given[j]
+            if keys[0] != embedding_key_from_prefix(prefix, digests[0]):
+                raise InternalError(f"sequence {digests[0].hex()}: the embedding key the input "
+                                    f"side computed is not table {spec.name!r}'s for "
+                                    f"{output.label}")
+        else:
+            keys = embedding_keys_from_prefix(prefix, digests)
         if output.per_token:
             data = []
             for array, digest in zip(vectors, digests):
                 _check_vector(spec, output, array, digest)
                 data.append(codec.encode_array(array, spec.store_dtype))
             nbytes += sum(map(len, data))
+        elif type(vectors) is np.ndarray:  # one (rows, dim) array: checked and cast at once
+            if vectors.shape != (len(digests), spec.dim):
+                raise InternalError(f"rows of {len(digests)} sequences: {output.label} array "
+                                    f"has shape {vectors.shape}, expected "
+                                    f"({len(digests)}, {spec.dim})")
+            if vectors.dtype.kind not in "fiu":
+                raise ValueError(f"an embedding must hold numbers, got dtype {vectors.dtype}")
+            data = list(np.ascontiguousarray(vectors, dtype=dtype))  # row views: LMDB copies
+            nbytes += len(digests) * dtype.itemsize * spec.dim
         elif all(type(a) is np.ndarray and a.dtype == dtype and a.shape == shape
                  and a.flags.c_contiguous for a in vectors):
             data = vectors
@@ -264,14 +295,14 @@ def _encode_group(spec: TableSpec, entries: Sequence[CommitPart]) -> _Group:
                 raise InternalError(f"bad record id in a commit: {exc}") from exc
             aliases.extend((embedding_key_from_prefix(prefix, digest), o.label, digest)
                            for prefix, o in zip(prefixes, spec.outputs))
-    nbytes += (sum(len(key) + len(value) for key, value in ids) + len(ids) * _ENTRY_OVERHEAD
-               + len(arrays) * (16 + _ENTRY_OVERHEAD))
-    arrays.sort(key=_first)
+    nbytes += (sum(map(len, map(_first, ids))) + sum(map(len, map(_second, ids)))
+               + len(ids) * _ENTRY_OVERHEAD + len(arrays) * (16 + _ENTRY_OVERHEAD))
+    arrays = codec.sorted_by_key(arrays)
     ids.sort(key=_first)
     return _Group(arrays, ids, aliases, group_counts(entries)[0], nbytes)
 
 
-_first = operator.itemgetter(0)
+_first, _second = operator.itemgetter(0), operator.itemgetter(1)
 
 
 class StoreWriter:

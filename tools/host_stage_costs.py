@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""The engine process's work per read, stage by stage, on one thread: what the interpreter
+lock has to carry for the host pipeline (``bench_host_dna.py`` / ``bench_esm.py --systems
+host``) without the noise of a shared machine.
+
+Chunks are prepared first, untimed, as an input process does (parse, truncate, hash,
+tokenize, embedding keys when the code computes them) and encoded as the ``CHNK`` frames
+the engine reads. Then each stage of the engine's process runs the engine's own code on one
+thread (with the engine's garbage-collector settings), timed with ``time.thread_time`` (CPU time of this thread only: another process on
+the same core does not count): decoding the frames, the planner (``Planner.run``: ledger,
+scheduler intake), the scheduler handing out batches to ``--devices`` no-op devices, the
+no-op device, the engine loop's handling of each outcome (``_Run._on_outcome``), and the
+committer (``Committer._commit``: encoding, LMDB puts and the commit with fsync, the ledger
+release) in groups of ``--commit-every``; the committer's encoding (pure interpreter work) is
+timed once more on its own. It prints one JSON row: µs per read per stage (CPU time, so
+the LMDB part counts the kernel's copying of pages, not the wait for the disk).
+
+    python tools/host_stage_costs.py --kind dna --reads 200000
+    python tools/host_stage_costs.py --kind esm --reads 200000   # 650M dims (1280)
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import NoopRunner  # noqa: E402
+from gpuengine import inputs  # noqa: E402
+from gpuengine.committer import Committer  # noqa: E402
+from gpuengine.engine import _Run, relaxed_collector  # noqa: E402
+from gpuengine.ledger import Ledger  # noqa: E402
+from gpuengine.planner import Planner  # noqa: E402
+from gpuengine.scheduler import Scheduler  # noqa: E402
+from gpuengine.store.schema import ModelIdentity, OutputSpec, TableSpec  # noqa: E402
+from gpuengine.store import writer as writer_module  # noqa: E402
+from gpuengine.store.writer import StoreWriter  # noqa: E402
+from gpuengine.worker import BatchOutcome  # noqa: E402
+
+
+def _sequences(kind: str, n: int) -> tuple[list[str], object]:
+    rng = np.random.default_rng(7)
+    if kind == "dna":
+        from gpuengine.dna_tokenizer import DnaTokenizer
+        from gpuengine.synthetic import write_dnabert_s
+
+        model = Path("/tmp/gpuengine-stage-costs/DNABERT-S")
+        if not model.exists():
+            write_dnabert_s(model, seed=0, num_layers=1)
+        letters = np.frombuffer(b"ACGT", np.uint8)[rng.integers(0, 4, (n, 150))]
+        return [row.tobytes().decode() for row in letters], DnaTokenizer(model / "tokenizer.json")
+    from gpuengine.tokenization import EsmTokenizer
+
+    alphabet = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
+    lengths = rng.integers(30, 51, n)  # 150-bp reads' frames: up to 50 residues
+    return [alphabet[rng.integers(0, 20, k)].tobytes().decode() for k in lengths], EsmTokenizer()
+
+
+def _frames(seqs: list[str], tokenizer, prefixes: list[bytes]) -> list[bytearray]:
+    """The CHNK payloads input processes would send (as much as this code's version puts in)."""
+    keyed = "key_prefixes" in inspect.signature(inputs.prepare_lists).parameters
+    frames = []
+    for at in range(0, len(seqs), inputs.LOOKUP_CHUNK):
+        part = seqs[at:at + inputs.LOOKUP_CHUNK]
+        ids = [f"read{at + i}" for i in range(len(part))]
+        extra = {"key_prefixes": prefixes} if keyed else {}
+        chunk = inputs.prepare_lists(ids, part, tokenizer, None, None, **extra)
+        frames.append(bytearray(b"".join(bytes(p) for p in inputs.encode_chunk(chunk)[1:])))
+    return frames
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def time(self, stage: str, work, *args):
+        start = time.thread_time()
+        try:
+            return work(*args)
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.thread_time() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kind", choices=("dna", "esm"), default="dna")
+    ap.add_argument("--reads", type=int, default=200_000)
+    ap.add_argument("--devices", type=int, default=8)
+    ap.add_argument("--budget", type=int, default=None,
+                    help="tokens per batch (default: as the host bench of the kind: 4096, "
+                         "the CPU default, for dna; 65536 for esm)")
+    ap.add_argument("--store-dtype", default="float32", choices=("float32", "float16"))
+    ap.add_argument("--commit-every", type=int, default=8192)
+    ap.add_argument("--store", type=Path, default=Path("/tmp/gpuengine-stage-costs/store.lmdb"))
+    args = ap.parse_args()
+    dim = 768 if args.kind == "dna" else 1280
+    if args.budget is None:
+        args.budget = 4096 if args.kind == "dna" else 65536
+    seqs, tokenizer = _sequences(args.kind, args.reads)
+    output = OutputSpec(1, "mean")
+    spec = TableSpec("default", ModelIdentity(args.kind, "stage-costs", "0" * 64, 1, dim, 1, 32),
+                     (output,), args.store_dtype, dim, None)
+    frames = _frames(seqs, tokenizer, [spec.embedding_key_prefix(output)])
+    shutil.rmtree(args.store, ignore_errors=True)
+    clock = _Clock()
+    with StoreWriter(args.store) as writer, relaxed_collector():  # as the engine's run
+        writer.open_table(spec)
+        writer.begin_run("stage-costs", {})
+        ledger, scheduler = Ledger(), Scheduler()
+        chunks = [clock.time("decode", inputs.decode_chunk, f) for f in frames]
+        planner = Planner(ledger=ledger, lookup=writer.lookup(spec.name), submit=scheduler.submit,
+                          alias=lambda pairs: None, stop=threading.Event(),
+                          expected_records=len(seqs))
+        clock.time("planner", planner.run, chunks)
+        scheduler.close()
+        runner = NoopRunner((output,), dim)
+        loop = SimpleNamespace(scheduler=scheduler, ledger=ledger, parts=None, group=[],
+                               group_rows=0, spec=spec)
+        committer = Committer(writer, spec.name, "stage-costs", ledger)  # not started: its
+        device = 0                                                      # _commit, timed here
+        while (batch := clock.time("scheduler", scheduler.next_batch, device, args.budget)):
+            device = (device + 1) % args.devices
+            result = clock.time("device", runner.finish, runner.launch(runner.stage(batch.items)))
+            clock.time("engine loop", _Run._on_outcome, loop,
+                       BatchOutcome("ok", batch.device, batch, result))
+            if loop.group_rows >= args.commit_every or scheduler.finished:
+                clock.time("(of which encoding)", writer_module._encode_group, spec, loop.group)
+                clock.time("committer", committer._commit, loop.group, None, 1)
+                loop.group, loop.group_rows = [], 0
+        if committer.error is not None:
+            raise committer.error
+        assert committer.counts.records == len(seqs), committer.counts
+    shutil.rmtree(args.store, ignore_errors=True)
+    per_read = {stage: round(1e6 * s / len(seqs), 2) for stage, s in clock.seconds.items()}
+    per_read["total"] = round(sum(v for k, v in per_read.items() if not k.startswith("(")), 2)
+    print(json.dumps({"kind": args.kind, "reads": len(seqs), "devices": args.devices,
+                      "budget": args.budget, "us_per_read": per_read}))
+
+
+if __name__ == "__main__":
+    main()
