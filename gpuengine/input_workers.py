@@ -91,7 +91,7 @@ class InputProcess:
     def __init__(self, paths: Sequence[str | os.PathLike], skip: dict[str, Sequence[int]],
                  alphabet: frozenset[str] | None, max_residues: int | None,
                  tokenizer: dict, chunk_records: int, shard: Shard | None = None,
-                 key_prefixes: Sequence[bytes] = ()) -> None:
+                 key_prefixes: Sequence[bytes] = (), derive: dict | None = None) -> None:
         from gpuengine.fasta import _name
         from gpuengine.inputs import _write_frame
 
@@ -101,7 +101,8 @@ class InputProcess:
                 "max_residues": max_residues, "tokenizer": tokenizer,
                 "chunk_records": chunk_records,
                 "shard": None if shard is None else [shard.index, shard.count],
-                "key_prefixes": [bytes(p).hex() for p in key_prefixes]}
+                "key_prefixes": [bytes(p).hex() for p in key_prefixes],
+                "derive": derive}
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
@@ -210,7 +211,8 @@ class InputPool:
     def __init__(self, paths: Sequence[str | os.PathLike], skip: dict[str, Sequence[int]],
                  alphabet: frozenset[str] | None, max_residues: int | None, tokenizer: dict,
                  chunk_records: int, processes: int, block_size: int | None = None,
-                 shard: Shard | None = None, key_prefixes: Sequence[bytes] = ()) -> None:
+                 shard: Shard | None = None, key_prefixes: Sequence[bytes] = (),
+                 derive: dict | None = None) -> None:
         self.paths = list(paths)
         self.block_size = block_size or BLOCK_BYTES
         self.children: list[InputProcess] = []
@@ -220,7 +222,7 @@ class InputPool:
             for _ in range(processes):
                 self.children.append(InputProcess(paths, skip, alphabet, max_residues,
                                                   tokenizer, chunk_records, shard,
-                                                  key_prefixes))
+                                                  key_prefixes, derive))
         except BaseException:
             self.close()
             raise
@@ -302,6 +304,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     shard = None if conf.get("shard") is None else Shard(*conf["shard"])
     max_residues, names = conf["max_residues"], conf["names"]
     prefixes = [bytes.fromhex(p) for p in conf.get("key_prefixes", ())]
+    derive = inputs.derive_function(conf.get("derive"))
     size = inputs.read_chunk(conf["chunk_records"], shard)  # a shard keeps 1/N of them
     while (frame := inputs._read_frame(inp)) is not None:
         tag, payload = frame
@@ -313,8 +316,12 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         skip = skips[file]
         lo, hi = np.searchsorted(skip, [first, first + count])
         ids, seqs = parse_block(block, names[file], alphabet, skip[lo:hi].tolist())
+        if derive is not None:  # the block's records become the ones derived from them
+            ids, seqs = derive(ids, [s.decode("utf-8") for s in seqs])
         for at in range(0, len(ids), size):
-            text = [s.decode("utf-8") for s in seqs[at:at + size]]
+            text = seqs[at:at + size]
+            if derive is None:
+                text = [s.decode("utf-8") for s in text]
             chunk = inputs.prepare_lists(ids[at:at + size], text, tokenizer, max_residues, shard,
                                          prefixes)
             if chunk.ids:

@@ -2,7 +2,8 @@
 
 A run's records come from a :class:`RecordSource`: the valid records of FASTA files
 (:func:`validated_fasta`, the first pass over the input) or records a workflow derives
-(``predict``'s frames). :func:`open_input` turns them into prepared chunks: up to
+(``predict``'s frames; with a :class:`Derivation` the input processes derive them from the
+FASTA records they parse). :func:`open_input` turns them into prepared chunks: up to
 :data:`LOOKUP_CHUNK` records each, truncated, hashed and tokenized by :func:`prepare_chunk`,
 so the planner has one path whatever reads them. A sharded run (``--shard I/N``,
 :mod:`gpuengine.shards`) keeps only its shard's records there, right after hashing and before
@@ -23,7 +24,7 @@ Nothing crosses the process boundary as pickle. Both directions are frames: a 4-
 little-endian uint64 payload length, the payload.
 
 * parent → child: ``CONF`` (UTF-8 JSON: paths, alphabet, max_residues, tokenizer spec,
-  shard), then one ``SKIP`` per file (uint64 record indices the second pass skips), then
+  shard, derivation), then one ``SKIP`` per file (uint64 record indices the second pass skips), then
   ``BLCK`` blocks.
 * child → parent: ``CHNK`` per chunk (layout in :func:`encode_chunk`), ``BEND`` after each
   block's, then ``DONE``; or ``FAIL`` (UTF-8 JSON: error class name and message) when
@@ -36,6 +37,7 @@ child's next read or write fails on the broken pipe and it exits.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -80,6 +82,35 @@ class FastaInput:
 
 
 @dataclass(frozen=True)
+class Derivation:
+    """Records a workflow derives from the valid records of FASTA files (``predict``'s frames
+    from its reads), made by whichever reader parses the records: ``function``
+    (``"gpuengine.<module>:<name>"``, a torch-free function of gpuengine) is called on each block's
+    ``(ids, sequences)`` with ``args`` (JSON values) and returns the ``(ids, sequences)`` to
+    embed in their place. The input side knows only this name, not the workflow: an input
+    process imports the module itself (:func:`derive_function`)."""
+
+    function: str
+    args: dict
+
+
+def derive_function(derivation: dict | None) -> Callable | None:
+    """``(ids, seqs) -> (ids, seqs)`` of a :class:`Derivation` given as a dict (how the
+    ``CONF`` frame carries it); None for none. Only functions of gpuengine are taken."""
+    if derivation is None:
+        return None
+    import importlib
+
+    module, _, name = derivation["function"].partition(":")
+    if not module.startswith("gpuengine.") or not name:
+        raise InternalError(f"input derivation {derivation['function']!r} is not a function "
+                            "of gpuengine")
+    function = getattr(importlib.import_module(module), name)
+    args = dict(derivation["args"])
+    return lambda ids, seqs: function(ids, seqs, **args)
+
+
+@dataclass(frozen=True)
 class RecordSource:
     """Already-valid records to embed; ``iterate`` must give the same records, in the same
     order, every call (workflows such as ``predict`` derive them)."""
@@ -93,11 +124,15 @@ class RecordSource:
     shard: Shard | None = None
     """Only this shard's records are embedded (``count`` and ``residues`` are the shard's);
     ``iterate`` still gives every record, the chunk reader keeps the shard's."""
+    derive: Derivation | None = None
+    """With ``fasta``: the records are derived from the files' valid records
+    (``iterate`` gives the derived ones, in the same order, for a reader in the planner's
+    thread); ``count`` and ``residues`` are the derived records'."""
 
     def counts(self) -> dict:
         """The run summary's input counts (records read, valid, skipped, repeated; a
         sharded run's shard and its records)."""
-        if self.fasta is None:
+        if self.fasta is None or self.derive is not None:
             counts = dict(records_read=self.count, valid_records=self.count)
         else:
             report = self.fasta.report
@@ -365,9 +400,10 @@ def open_input(source: RecordSource, tokenizer, max_residues: int | None,
     skip: dict[str, list[int]] = {}
     for name, index in fasta.report.skip:
         skip.setdefault(name, []).append(index)
+    derive = None if source.derive is None else dataclasses.asdict(source.derive)
     return InputPool(fasta.paths, skip, fasta.alphabet, max_residues, spec, LOOKUP_CHUNK,
                      process_count(processes, heavy=spec["kind"] == "dna"), block_bytes,
-                     source.shard, key_prefixes)
+                     source.shard, key_prefixes, derive)
 
 
 def __getattr__(name: str):

@@ -104,9 +104,12 @@ def test_positional_form_and_classifier_size_check(tmp_path, models):
 
 
 @pytest.mark.slow
-def test_predict_killed_with_sigkill_resumes_to_the_same_outputs(tmp_path, models):
+@pytest.mark.parametrize("input_process", ["0", "1"], ids=["thread", "input-processes"])
+def test_predict_killed_with_sigkill_resumes_to_the_same_outputs(tmp_path, models,
+                                                                 input_process):
     """A real `gpuengine predict` process killed with SIGKILL while embedding; the rerun
-    finishes from the store and writes exactly the outputs of an uninterrupted run."""
+    finishes from the store and writes exactly the outputs of an uninterrupted run (frames
+    made in the planner thread, or in input processes that a SIGKILL leaves orphaned)."""
     import json
     import os
     import signal
@@ -119,7 +122,8 @@ def test_predict_killed_with_sigkill_resumes_to_the_same_outputs(tmp_path, model
     args = [str(tmp_path / "reads.fasta"), "--length", "500", "--classifier", str(mlp_path),
             "--esm-model", str(esm), "--dnabert-model", str(dna), "--gpus", "cpu", "--offline",
             "-q", "--max-tokens", "64"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPUENGINE_OFFLINE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPUENGINE_OFFLINE": "1",
+           "GPUENGINE_INPUT_PROCESS": input_process}
     reference = tmp_path / "reference"
     subprocess.run([sys.executable, "-m", "gpuengine", "predict", *args, "--out", str(reference)],
                    check=True, env=env, capture_output=True)

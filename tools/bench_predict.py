@@ -4,6 +4,7 @@ weights of the real shapes and a random MLP saved the original way (a whole pick
 
     python tools/bench_predict.py --reads 100000 --out results.jsonl
     python tools/bench_predict.py --reads 1000000 --precision fp8 --out results.jsonl
+    python tools/bench_predict.py --tiny --noop --reads 100000 --agreement-reads 0 --out x.jsonl
 
 Reports wall time and per-stage seconds (validate, frames, dnabert, esm, score), cold: the
 stages include reading the checkpoints, hashing them, building and warming up the replicas.
@@ -161,6 +162,21 @@ def fp16_subset(args, fasta: Path, mlp_path: Path, esm_pt: Path, dna_dir: Path, 
                      f"in wall_s), a subset to keep one device call under 9 minutes"}
 
 
+def noop_devices() -> None:
+    """Every ``run_embed`` of this process runs no-op devices of the model's width (the
+    tables are 768 and 2560 wide, as the real models')."""
+    from gpuengine import engine
+    from bench_common import NoopRunner
+
+    real = engine.run_embed
+
+    def run_embed(config, *args, **kwargs):
+        width = 768 if config.table == "dnabert" else 2560
+        return real(config, *args, runner_factory=NoopRunner.factory(width), **kwargs)
+
+    engine.run_embed = run_embed
+
+
 def main() -> None:
     from gpuengine.replicas import ReplicaPool
     from gpuengine.workflows.virnucpro.pipeline import PredictConfig, run_predict
@@ -176,7 +192,15 @@ def main() -> None:
                     "the CPU's fp32) to compare the outputs (0: none); default %(default)s")
     add_commit_option(ap)
     ap.add_argument("--tiny", action="store_true", help="smoke test on the CPU with tiny models")
+    ap.add_argument("--noop", action="store_true",
+                    help="with --tiny: each model's forward replaced by a no-op of its width "
+                    "(768, 2560): times predict's host side (frames, input processes, "
+                    "planning, commits, scoring and outputs) at the real feature sizes")
     args = ap.parse_args()
+    if args.noop and not args.tiny:
+        ap.error("--noop runs on the CPU: give --tiny too")
+    if args.noop:
+        noop_devices()
     esm_pt, dna_dir, mlp_path, fasta = prepare(args)
     work = args.workdir
     out = work / "predict_out"
@@ -202,13 +226,16 @@ def main() -> None:
         model="virnucpro",
         workload="reads150-" + (f"{args.reads // 10**6}M" if args.reads % 10**6 == 0
                                 else f"{args.reads // 1000}k"),
-        system="gpuengine-predict", precision=args.precision,
+        system="gpuengine-predict-noop" if args.noop else "gpuengine-predict",
+        precision=args.precision,
         tokens_per_s=summary.embed["esm"]["tokens_per_second"],
         sequences_per_s=args.reads / wall, wall_s=wall, stage_seconds=summary.stage_seconds,
         frames=summary.frames, chunks=summary.chunks, reads=summary.reads, **extra,
         note="cold run: includes reading/hashing the checkpoints and warm-up in the "
              "dnabert/esm stages (and, at fp8, the ESM-2 stage's fidelity guard); tokens_per_s "
-             "is the ESM-2 stage's (model tokens)" + note)
+             "is the ESM-2 stage's (model tokens)" + note
+             + ("; --noop: every forward a no-op of the model's width on the CPU (predict's "
+                "host side only)" if args.noop else ""))
     print(json.dumps(rec, indent=1))
 
 

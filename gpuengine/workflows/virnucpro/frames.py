@@ -51,6 +51,7 @@ __all__ = [
     "TranslatedFrame",
     "chunk_bounds",
     "chunk_sequence",
+    "frame_records",
     "frames_for_batch",
     "reverse_complement",
     "translate_frames_reference",
@@ -403,3 +404,23 @@ def frames_for_batch(ids: Sequence[str], seqs: Sequence[str], chunk_size: int) -
         frame=frame,
         chunks_per_read=chunks_per_read,
     )
+
+
+def frame_records(ids: Sequence[str], seqs: Sequence[str], *, length: int, column: str,
+                  shard: Sequence[int] | None = None) -> tuple[list[str], list[str]]:
+    """What ``predict`` embeds of a block of reads: the kept frames' ids and their
+    ``column`` (``"nucleotides"`` or ``"proteins"``), in :func:`frames_for_batch`'s order.
+    ``shard`` ``(I, N)``: only the reads of shard I of N (by the read's sequence digest,
+    :meth:`gpuengine.shards.Shard.holds_sequence`). An input process calls this on each block
+    it reads (a :class:`gpuengine.inputs.Derivation` names it), so the frames are made where
+    the reads are parsed, not in the engine's process."""
+    if column not in ("nucleotides", "proteins"):
+        raise ValueError(f"column must be 'nucleotides' or 'proteins', not {column!r}")
+    if shard is not None:
+        from gpuengine.shards import Shard
+
+        keep = Shard(*shard).holds_sequence
+        kept = [i for i, seq in enumerate(seqs) if keep(seq)]
+        ids, seqs = [ids[i] for i in kept], [seqs[i] for i in kept]
+    frames = frames_for_batch(ids, seqs, length)
+    return frames.frame_ids, getattr(frames, column)

@@ -166,7 +166,15 @@ class ConsensusCollector:
         """:meth:`add_read` for a batch (``Frames.chunks_per_read`` of the same batch)."""
         if len(read_ids) != len(chunks_per_read):
             raise ValueError(f"{len(read_ids)} reads but {len(chunks_per_read)} chunk counts")
-        for read_id, n_chunks in zip(read_ids, np.asarray(chunks_per_read).tolist()):
+        counts = np.asarray(chunks_per_read).tolist()
+        start = len(self._read_ids)
+        slots = dict(zip(read_ids, range(start, start + len(read_ids))))
+        if len(slots) == len(read_ids) and self._read_slot.keys().isdisjoint(slots):
+            self._read_slot.update(slots)  # the whole batch at once: no id seen twice
+            self._read_ids.extend(read_ids)
+            self._read_chunks.extend(int(c) for c in counts)
+            return
+        for read_id, n_chunks in zip(read_ids, counts):  # one by one, to name the repeated id
             self.add_read(read_id, n_chunks)
 
     def add_frames(self, frame_ids: Sequence[str], scores) -> None:
@@ -207,16 +215,17 @@ class ConsensusCollector:
             writer.writerows(calls)
         return len(calls)
 
-    def read_rows(self) -> list[tuple[str, int, int, int, str, str]]:
-        """The per-read summary rows, in registration order."""
+    def _read_counts(self) -> tuple[list[int], list[int], list[float]]:
+        """Per registered read: scored chunks, virus chunks, highest score2 (-inf: none)."""
         n = len(self._read_ids)
         scored = [0] * n
         virus = [0] * n
         best = [-math.inf] * n
         unknown = []
         max1, max2 = self._max1, self._max2
+        read_slot = self._read_slot.get
         for chunk, slot in self._chunk_slot.items():
-            read = self._read_slot.get(chunk.rpartition(_CHUNK_MARK)[0])
+            read = read_slot(chunk.rpartition(_CHUNK_MARK)[0])
             if read is None:
                 unknown.append(chunk)
                 continue
@@ -228,6 +237,11 @@ class ConsensusCollector:
         if unknown:
             raise ValueError(f"{len(unknown)} scored chunks belong to no registered read, e.g. "
                              f"{sorted(unknown)[:3]}")
+        return scored, virus, best
+
+    def read_rows(self) -> list[tuple[str, int, int, int, str, str]]:
+        """The per-read summary rows, in registration order."""
+        scored, virus, best = self._read_counts()
         rows = []
         for i, read_id in enumerate(self._read_ids):
             if scored[i] == 0:
@@ -238,9 +252,20 @@ class ConsensusCollector:
         return rows
 
     def write_read_summary(self, path: str | Path) -> int:
-        """Write the per-read summary; returns the number of rows."""
-        rows = self.read_rows()
+        """Write the per-read summary (:meth:`read_rows`, tab-separated, built line by line
+        without the row tuples); returns the number of rows."""
+        scored, virus, best = self._read_counts()
+        # str() of each numpy float32 maximum, as format_score, for the scored reads at once
+        texts = iter(map(str, np.array([b for b, s in zip(best, scored) if s], np.float32)))
+        chunks = self._read_chunks
+        lines = []
+        for i, read_id in enumerate(self._read_ids):
+            if scored[i] == 0:
+                lines.append(f"{read_id}\t{chunks[i]}\t0\t0\tNA\tunscored\n")
+            else:
+                lines.append(f"{read_id}\t{chunks[i]}\t{scored[i]}\t{virus[i]}\t{next(texts)}\t"
+                             f"{'virus' if virus[i] else 'others'}\n")
         with open(path, "w", encoding="utf-8", newline="\n") as handle:
             handle.write("\t".join(READ_SUMMARY_HEADER) + "\n")
-            handle.write("".join("\t".join(map(str, row)) + "\n" for row in rows))
-        return len(rows)
+            handle.write("".join(lines))
+        return len(lines)

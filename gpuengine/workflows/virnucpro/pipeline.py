@@ -7,13 +7,19 @@ Stages (each timed in :class:`PredictSummary`):
    reported.
 2. **frames**: chunk to the expected length and translate in six frames
    (:mod:`~gpuengine.workflows.virnucpro.frames`), streamed in blocks of reads and regenerated
-   when needed rather than written to split files (it costs about 2.5 s per million reads).
+   when needed rather than written to split files; this pass counts them. The reads are read
+   as the input processes read them (record-aligned blocks, :mod:`gpuengine.blocks`).
 3. **dnabert**: DNABERT-S mean (CLS/SEP included) of every kept frame's nucleotide slice, and
 4. **esm**: ESM-2 mean over residues of every kept frame's protein, both through the embedding
    engine on every GPU, committed into one LMDB store (tables ``dnabert`` and ``esm``; keyed by
    frame id, deduplicated by sequence) — so a rerun (after kill -9, or with another classifier)
-   recomputes nothing that is stored.
-5. **score**: features ``[DNABERT | ESM]`` joined **by frame id** (a missing side is an error that
+   recomputes nothing that is stored. For a large input (at least 20 000 frames) the frames
+   are made, hashed and tokenized in the engine's input processes, from the reads they parse
+   (:class:`~gpuengine.inputs.Derivation` naming :func:`~gpuengine.workflows.virnucpro.frames.frame_records`),
+   not in this process, where that work held the GIL against the device threads; the
+   frames and their order are the same either way.
+5. **score**: features ``[DNABERT | ESM]`` joined **by frame id** (read in bulk, one
+   ``get_many`` per block and table, into one reused float32 buffer) (a missing side is an error that
    names the frame, never a silent shift), the MLP, and the outputs: ``prediction_results.txt``,
    ``prediction_results_highestscore.csv`` (tab-separated, per chunk), and the new per-read
    summary ``prediction_results_reads.tsv``.
@@ -41,7 +47,7 @@ import numpy as np
 from gpuengine.config import EmbedConfig, check_replicas_per_gpu, environment
 from gpuengine.errors import (GpuEngineError, InputError, ModelLoadError, StoreMismatchError,
                               UsageError)
-from gpuengine.fasta import ValidationReport, stream_valid, validate
+from gpuengine.fasta import ValidationReport, validate
 from gpuengine.progress import NullProgress, ProgressSink
 from gpuengine.records import FastaRecord
 from gpuengine.replicas import ReplicaPool
@@ -161,7 +167,6 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
                 replicas: ReplicaPool | None = None) -> PredictSummary:
     from gpuengine.dna_tokenizer import DNA_ALPHABET
     from gpuengine.engine import run_embed
-    from gpuengine.inputs import RecordSource
     from gpuengine.workflows.virnucpro.classifier import load_classifier
 
     progress = progress or NullProgress()
@@ -194,8 +199,7 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
     stages = (("dnabert", config.dnabert_model, (-1,), "nucleotides"),
               ("esm", config.esm_model, (config.esm_layer,), "proteins"))
     for name, model, layers, column in () if config.score_only else stages:
-        source = RecordSource(lambda c=column: _frame_records(config, report, c),
-                              counts["frames"], counts[column])
+        source = _frame_source(config, report, column, counts)
         embed_config = EmbedConfig(
             inputs=(config.reads,), model=model, out=config.store_path, layers=layers,
             pools=("mean",), precision=_stage_precision(config.precision, name),
@@ -250,16 +254,35 @@ def _frame_blocks(config: PredictConfig, report: ValidationReport
     ids: list[str] = []
     seqs: list[str] = []
     keep = config.shard.holds_sequence if config.shard is not None else None
-    for record in stream_valid([config.reads], report, alphabet=None):
-        if keep is not None and not keep(record.sequence):
-            continue
-        ids.append(record.id)
-        seqs.append(record.sequence)
+    for block_ids, block_seqs in _valid_reads(config, report):
+        if keep is not None:
+            kept = [i for i, seq in enumerate(block_seqs) if keep(seq)]
+            block_ids, block_seqs = [block_ids[i] for i in kept], [block_seqs[i] for i in kept]
+        ids += block_ids
+        seqs += block_seqs
         if len(ids) >= READ_BLOCK:
             yield ids, seqs, frames_for_batch(ids, seqs, config.length)
             ids, seqs = [], []
     if ids:
         yield ids, seqs, frames_for_batch(ids, seqs, config.length)
+
+
+def _valid_reads(config: PredictConfig, report: ValidationReport
+                 ) -> Iterator[tuple[list[str], list[str]]]:
+    """The valid reads (ids, normalised sequences), a block of the file at a time, read as the
+    input processes read them (:mod:`gpuengine.blocks`: a few C-level calls a block, not a
+    few Python lines a record); the records validation skipped are left out."""
+    from bisect import bisect_left
+
+    from gpuengine.blocks import parse_block, read_blocks
+
+    name = report.files[0]
+    skip = sorted(index for file, index in report.skip if file == name)
+    for block in read_blocks(config.reads):
+        lo = bisect_left(skip, block.first_index)
+        hi = bisect_left(skip, block.first_index + block.count)
+        ids, seqs = parse_block(block, name, None, skip[lo:hi])
+        yield ids, [seq.decode("utf-8") for seq in seqs]
 
 
 def _count_frames(config: PredictConfig, report: ValidationReport) -> dict[str, int]:
@@ -275,6 +298,21 @@ def _count_frames(config: PredictConfig, report: ValidationReport) -> dict[str, 
         counts["nucleotides"] += sum(map(len, frames.nucleotides))
         counts["proteins"] += sum(map(len, frames.proteins))
     return counts
+
+
+def _frame_source(config: PredictConfig, report: ValidationReport, column: str,
+                  counts: dict[str, int]):
+    """The frames of one embedding stage as the engine's input: derived from the reads by
+    whichever reader parses them (input processes, for a large input: the frames are made,
+    hashed and tokenized there, not in this process; else the planner's thread)."""
+    from gpuengine.inputs import Derivation, FastaInput, RecordSource
+
+    shard = None if config.shard is None else [config.shard.index, config.shard.count]
+    derive = Derivation("gpuengine.workflows.virnucpro.frames:frame_records",
+                        {"length": config.length, "column": column, "shard": shard})
+    return RecordSource(lambda: _frame_records(config, report, column), counts["frames"],
+                        counts[column], FastaInput((config.reads,), report, None),
+                        derive=derive)
 
 
 def _frame_records(config: PredictConfig, report: ValidationReport, column: str) -> Iterator[FastaRecord]:
@@ -302,6 +340,8 @@ def _score(config: PredictConfig, report: ValidationReport, load_classifier,
                         classifier.expected_length, config.length)
         collector = ConsensusCollector()
         intermediates = _Intermediates(config) if config.keep_intermediate else None
+        # one feature buffer for every block: [DNABERT-S | ESM-2] rows read straight into it
+        buffer = np.empty((0, feature_size), np.float32)
         with PredictionWriter(out / "prediction_results.txt") as writer:
             for ids, seqs, frames in _frame_blocks(config, report):
                 collector.add_reads(ids, frames.chunks_per_read)
@@ -309,8 +349,11 @@ def _score(config: PredictConfig, report: ValidationReport, load_classifier,
                     intermediates.write(ids, seqs, frames)
                 for start in range(0, len(frames), SCORE_BLOCK):
                     frame_ids = frames.frame_ids[start:start + SCORE_BLOCK]
-                    features = np.concatenate([_features(dna, frame_ids, "DNABERT-S"),
-                                               _features(esm, frame_ids, "ESM-2")], axis=1)
+                    if len(buffer) < len(frame_ids):
+                        buffer = np.empty((SCORE_BLOCK, feature_size), np.float32)
+                    features = buffer[:len(frame_ids)]
+                    features[:, :dna.spec.dim] = _features(dna, frame_ids, "DNABERT-S")
+                    features[:, dna.spec.dim:] = _features(esm, frame_ids, "ESM-2")
                     scores = classifier.score(features)
                     writer.write(frame_ids, scores.scores, scores.virus)
                     collector.add_frames(frame_ids, scores.scores)
@@ -323,7 +366,7 @@ def _score(config: PredictConfig, report: ValidationReport, load_classifier,
 
 def _features(store, frame_ids: list[str], what: str) -> np.ndarray:
     try:
-        return store.get_many(frame_ids).astype(np.float32, copy=False)
+        return store.get_many(frame_ids)  # cast to float32 where the caller puts it
     except KeyError as exc:
         raise ModelLoadError(f"frame {exc.args[0]!r} has no {what} embedding in the store; "
                              "features are joined by frame id and a missing side is an "
