@@ -202,8 +202,9 @@ def main() -> None:
                     help="flush every commit before the next (the mode of a merge into a store "
                     "with data of its own) instead of the deferred flushing of a new OUT")
     ap.add_argument("--profile", action="store_true", help="run the merge under cProfile")
-    ap.add_argument("--read-ahead", action="store_true",
-                    help="read the inputs on a second thread while the output is written")
+    ap.add_argument("--no-read-ahead", dest="read_ahead", action="store_false",
+                    help="read the inputs on the writer's thread only (the default reads "
+                    "the next chunk on a second thread while a chunk is committed)")
     ap.add_argument("--keep", action="store_true", help="keep the merged store")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="")
