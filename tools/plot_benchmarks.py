@@ -17,7 +17,8 @@ Writes
                                     workload (--gpu-workload), with an "ideal linear" line from the
                                     1-GPU point to 8 GPUs
   docs/benchmarks/host_cores.png    host-pipeline sequences/s against cores used (bench --curve rows
-                                    of a GPU machine), per model and no-op device count, with goals
+                                    of a GPU machine, not under a profiler), per model and no-op
+                                    device count (newest commit; the one before dashed), with goals
 
 Every number in docs/benchmarks.md comes from ``--markdown``; nothing there is typed by hand.
 Only the standard library and matplotlib (Agg backend) are used.
@@ -74,7 +75,12 @@ RUN_LABEL = {"04ebd69": "run 1 (synchronous runner)", "249a66f": "run 2 (two-thr
              "c9772e1": "several input processes (VM A/B)", "6f054af": "shard input pass (VM)",
              "03ef061": "input processes by tokenizer cost (VM A/B)",
              "84965ee": "predict 1 M fp8; host against cores; shard input pass",
-             "a28865b": "replicas per GPU R = 1, 2, 4"}
+             "a28865b": "replicas per GPU R = 1, 2, 4",
+             "a19e72e": "serve smoke test (CPU, --quick)",
+             "e23f4ea": "merge before merge-fast; fp8 default on UniProt; host under py-spy",
+             "59414a5": "merge-fast on the VM (after)", "d00f484": "merge on the VM (main, before)",
+             "5da4772": "host per chunk, deferred merge flush, predict frames in input processes; serve",
+             "58d11b2": "merge read-ahead by default"}
 GOAL_DNA_PCT = 60.0       # issue 4: DNABERT-S at 60 % of its GEMM ceiling
 GOAL_PCT = 75.0            # docs/performance: 75 % of the GEMM ceiling for ESM-2 3B
 GOAL_HF = 1.9              # ≥ 1.9× HF on every workload
@@ -84,6 +90,8 @@ GOAL_FP8_FP16 = 1.35       # issue 17: fp8 ≥ 1.35× gpuengine fp16 (same run)
 GOAL_FP8_HF = 2.0          # issue 17: fp8 ≥ 2.0× HF SDPA bf16 (same run)
 GOAL_SUSTAINED = 90.0      # issue 17: fp16 ≥ 90 % of the sustained bf16 GEMM ceiling
 GOAL_PREDICT_FP8_S = 300   # issue 17: predict 1 M reads at fp8, cold, ≤ 300 s
+GOAL_MERGE = 200_000       # issue 15: merge 1 M 650M vectors from 8 shards, vectors/s (GPU machine's disk)
+GOAL_SERVE = 0.8           # issue 16: 2 000 files × 100 through serve ≥ 80 % of one file's rate
 DEFAULT_FP8_GEMMS = "qkv,fc1,fc2"
 """gpuengine.models.fp8.DEFAULT_FP8.describe() (this tool imports nothing of gpuengine); rows
 of tools/bench_fp8.py from before the default existed are matched by their GEMMs."""
@@ -325,7 +333,16 @@ def host_setting(r) -> str:
         parts.append(f"{r['devices']} no-op devices")
     if r.get("cores") is not None and not r.get("gpu", "").startswith("none"):
         parts.append(f"{r['cores']} cores, {r.get('input_processes', '?')} input processes")
+    if r.get("profiled"):
+        parts.append(f"under {r['profiled']} (sampling slows it)")
     return ", ".join(parts) or "default"
+
+
+def host_curve_rows(recs) -> list[dict]:
+    """Host-pipeline rows of a GPU machine that name their cores (``--curve``/``--cores``), not
+    run under a profiler: what the curve and issue 16's goals are judged on."""
+    return [r for r in recs if r["system"] == "gpuengine-host" and r.get("cores")
+            and not r.get("gpu", "").startswith("none") and not r.get("profiled")]
 
 
 GOAL_HOST_CORES = {"dnabert-s": 220_000, "esm2-650M": 60_000}
@@ -334,23 +351,29 @@ GOAL_HOST_CORES = {"dnabert-s": 220_000, "esm2-650M": 60_000}
 
 def plot_host_cores(recs, out: Path):
     """Host-pipeline sequences/s against the cores it used (``--curve`` rows of a GPU machine),
-    one line per (model, no-op devices) from its newest commit, with the goals."""
+    one line per (model, no-op devices) from its newest commit (the commit before it dashed, where
+    it measured a curve), with the goals; rows run under a profiler are left out."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in recs if r["system"] == "gpuengine-host" and r.get("cores")
-            and not r.get("gpu", "").startswith("none")]
+    rows = host_curve_rows(recs)
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
     lines: dict[tuple, list] = {}
     for r in sorted(rows, key=lambda r: (r["_t"], r["_i"])):
         lines.setdefault((r["model"], r.get("devices", 1)), []).append(r)
-    for (model, devices), group in sorted(lines.items()):
-        newest = group[-1]["commit"]
-        pts = {r["cores"]: r["sequences_per_s"] for r in group if r["commit"] == newest}
-        xs = sorted(pts)
-        ax.plot(xs, [pts[x] for x in xs], "o-", ms=6,
-                label=f"{short_model(model)} dims, {devices} no-op devices ({newest})")
+    for i, ((model, devices), group) in enumerate(sorted(lines.items())):
+        commits = list(dict.fromkeys(r["commit"] for r in group))
+        # the newest commit solid; the one before it (where it measured a curve) thin and dashed
+        shown = [commits[-1]] + [c for c in commits[-2::-1]
+                                 if sum(r["commit"] == c for r in group) > 1][:1]
+        for commit in shown:
+            pts = {r["cores"]: r["sequences_per_s"] for r in group if r["commit"] == commit}
+            xs = sorted(pts)
+            newest = commit == commits[-1]
+            ax.plot(xs, [pts[x] for x in xs], "o-" if newest else "o--", ms=6 if newest else 4,
+                    lw=1.5 if newest else 0.8, alpha=1 if newest else 0.55, color=f"C{i}",
+                    label=f"{short_model(model)} dims, {devices} no-op devices ({commit})")
     for model, goal in GOAL_HOST_CORES.items():
         ax.axhline(goal, ls="--", lw=1, color="gray")
         ax.annotate(f"goal {short_model(model)}: {goal // 1000} k/s at 16 cores", (2, goal),
@@ -567,8 +590,7 @@ def markdown(every, profile: list[Path] | None) -> str:
                          f"{by.get('checking ids of table default', 0):.1f}",
                          f"{by.get('merging vectors', 0):.1f}", f"{by.get('merging ids', 0):.1f}",
                          fmt_int(r["verify_vectors_per_s"]) if r.get("verify_vectors_per_s") else "—",
-                         ("sync" if r.get("sync", True) else "no sync")
-                         + (", read-ahead" if r.get("read_ahead") else "")])
+                         merge_flushing(r)])
     if rows:
         out.append("### `gpuengine merge` (ESM-2 650M mean vectors, 1280 × fp16, shards in the page "
                    "cache)\n\n"
@@ -767,17 +789,21 @@ def markdown(every, profile: list[Path] | None) -> str:
                   "for " + ", ".join(f"{short_model(h['model'])} dims" for h in hosts if h["sequences_per_s"] >= GOAL_HOST)
                   + "; **not** for " + ", ".join(f"{short_model(h['model'])} dims" for h in hosts
                                                 if h["sequences_per_s"] < GOAL_HOST))])
-    curve = [r for r in recs if r["system"] == "gpuengine-host" and r.get("cores") == 16
-             and not r.get("gpu", "").startswith("none")]
+    curve = [r for r in host_curve_rows(recs) if r["cores"] == 16]
     for m, goal in GOAL_HOST_CORES.items():
         h = latest(curve, model=m)
         if h:
+            earlier = [r for r in sorted(curve, key=lambda r: (r["_t"], r["_i"]), reverse=True)
+                       if r["model"] == m and r is not h and r.get("devices") == h.get("devices")]
             rows.append([f"host pipeline, {short_model(m)} dims, 16 cores of the GPU machine: ≥ {goal // 1000} k "
                          "sequences/s (issue 16)",
                          f"{fmt_int(h['sequences_per_s'])} seq/s ({h.get('devices', 1)} no-op devices, "
-                         f"{h.get('input_processes', '?')} input processes, `{h['commit']}`)",
+                         f"{h.get('input_processes', '?')} input processes, `{h['commit']}`)"
+                         + ("; earlier " + ", ".join(f"{fmt_int(r['sequences_per_s'])} (`{r['commit']}`)"
+                                                     for r in earlier) if earlier else ""),
                          "yes" if h["sequences_per_s"] >= goal else
                          f"**no** ({100 * (1 - h['sequences_per_s'] / goal):.0f} % short)"])
+    rows.extend(scale_goals(recs))
     dna = [latest(recs, model="dnabert-s", workload=wl, system="gpuengine") for wl in ("dna150", "dna500")]
     dna = [d for d in dna if d]
     if dna:
@@ -805,6 +831,47 @@ def markdown(every, profile: list[Path] | None) -> str:
     for path in profile or []:
         out.append(f"### Where the time goes: `{path.name}`\n\n" + profile_summary(path))
     return "\n\n".join(out) + "\n"
+
+
+def merge_flushing(r) -> str:
+    """How a ``gpuengine-merge`` row's commits reached the disk, and what else ran."""
+    what = ("never flushed (`--no-sync`)" if not r.get("sync", True)
+            else "deferred flush" if r.get("flush") == "deferred" else "flush per commit")
+    if r.get("read_ahead"):
+        what += ", read-ahead"
+    if r.get("profile"):
+        what += ", under cProfile"
+    return what
+
+
+def scale_goals(recs) -> list[list[str]]:
+    """Issue 15's merge goal (the latest commit's merges on a GPU machine's disk with their
+    commits flushed and no profiler: their median) and issue 16's serve goal (the latest
+    2 000-file run against one file)."""
+    rows = []
+    merges = [r for r in recs if r["system"] == "gpuengine-merge" and not r["gpu"].startswith("none")
+              and r.get("sync", True) and not r.get("profile")]
+    if merges:
+        last = max(merges, key=lambda r: (r["_t"], r["_i"]))["commit"]
+        rates = [r["vectors_per_s"] for r in merges if r["commit"] == last]
+        median = sorted(rates)[len(rates) // 2] if len(rates) % 2 else \
+            sum(sorted(rates)[len(rates) // 2 - 1:len(rates) // 2 + 1]) / 2
+        rows.append([f"`gpuengine merge`, 1 M ESM-2 650M fp16 vectors from 8 shards, GPU machine's disk: "
+                     f"≥ {GOAL_MERGE // 1000} k vectors/s (issue 15)",
+                     ", ".join(fmt_int(x) for x in rates) + f" vectors/s (`{last}`"
+                     + (f", median {fmt_int(median)})" if len(rates) > 1 else ")"),
+                     "yes" if median >= GOAL_MERGE else
+                     f"**no** ({100 * (1 - median / GOAL_MERGE):.0f} % short)"])
+    serve = [r for r in recs if r["system"] == "gpuengine-serve" and not r.get("quick")
+             and "ratio_vs_single" in r]
+    if serve:
+        r = max(serve, key=lambda r: (r["_t"], r["_i"]))
+        rows.append([f"`gpuengine serve`: {fmt_int(r['files'])} files × {r['sequences'] // r['files']} ≥ "
+                     f"{100 * GOAL_SERVE:.0f} % of one file's rate (issue 16)",
+                     f"{fmt_int(r['sequences_per_s'])} seq/s = {100 * r['ratio_vs_single']:.0f} % "
+                     f"({r['model']}, `{r['commit']}`)",
+                     "yes" if r["ratio_vs_single"] >= GOAL_SERVE else "**no**"])
+    return rows
 
 
 def fp8_tables(recs) -> list[str]:
@@ -860,6 +927,15 @@ def fp8_tables(recs) -> list[str]:
               "passes" if r["passed"] else "refused"] for r in guards]))
     out.append(fp8_goals(recs, ceilings))
     return out
+
+
+def latest_per_workload(rows) -> list[dict]:
+    """The latest row of each workload, in the order of WORKLOADS."""
+    by = {}
+    for r in rows:
+        if r["workload"] not in by or (r["_t"], r["_i"]) > (by[r["workload"]]["_t"], by[r["workload"]]["_i"]):
+            by[r["workload"]] = r
+    return [by[wl] for wl in WORKLOADS if wl in by]
 
 
 def fp8_run(recs, commit) -> list[dict]:
@@ -919,25 +995,24 @@ def fp8_goals(recs, ceilings) -> str:
                      f"{fmt_int(g['tokens_per_s'])} res/s = {a:.2f}× fp16, {b:.2f}× HF "
                      f"(`{g['commit']}`)",
                      "yes" if a >= GOAL_FP8_FP16 and b >= GOAL_FP8_HF else "**no**"])
-    cos = [r for r in recs if r["system"] == "gpuengine-fp8"]
+    cos = latest_per_workload(r for r in recs if r["system"] == "gpuengine-fp8")
     if cos:
-        r = cos[-1]
         rows.append(["3B default fp8: min cosine to fp32 published, plain and stress weights",
-                     f"cos_min_plain {r['cos_min_plain']:.5f}, cos_min_stress "
-                     f"{r['cos_min_stress']:.5f} (`{r['commit']}`)", "published"])
+                     "; ".join(f"{r['workload']}: cos_min_plain {r['cos_min_plain']:.5f}, cos_min_stress "
+                               f"{r['cos_min_stress']:.5f} (`{r['commit']}`)" for r in cos), "published"])
     guards = [r for r in recs if r["system"] == "fidelity-guard" and r["weights"] == "plain"]
     if guards:
         r = guards[-1]
         rows.append(["fidelity guard passes on plain weights (0.99)",
                      f"min cosine {r['min_cosine']:.5f} (`{r['commit']}`, GEMMs "
                      f"{r.get('fp8_gemms', 'all four')})", "yes" if r["passed"] else "**no**"])
-    fp16 = [r for r in recs if r["system"] == "gpuengine" and "pct_of_sustained_ceiling" in r]
-    if fp16:
-        last = [r for r in fp16 if r["commit"] == fp16[-1]["commit"]]
+    last = latest_per_workload(r for r in recs if r["system"] == "gpuengine"
+                               and "pct_of_sustained_ceiling" in r)
+    if last:
         pcts = [r["pct_of_sustained_ceiling"] for r in last]
         rows.append([f"fp16 ≥ {GOAL_SUSTAINED:.0f} % of the sustained bf16 GEMM ceiling",
-                     ", ".join(f"{r['pct_of_sustained_ceiling']:.1f} % ({r['workload']})"
-                               for r in last) + f" (`{last[0]['commit']}`)",
+                     ", ".join(f"{r['pct_of_sustained_ceiling']:.1f} % ({r['workload']}, `{r['commit']}`)"
+                               for r in last),
                      "yes" if min(pcts) >= GOAL_SUSTAINED else "**no**"])
     pred = [r for r in recs if r["system"] == "gpuengine-predict" and r.get("precision") == "fp8"
             and r.get("reads") == 1_000_000]
@@ -977,11 +1052,12 @@ def scale_sections(recs) -> list[str]:
     for r in sorted(serve, key=lambda r: (r["date"], r["files"])):
         rows.append([f"`{r['commit']}`", r["model"], r["workload"], str(r.get("replicas_per_gpu", 1)),
                      f"**{fmt_int(r['sequences_per_s'])}**",
-                     f"{r['ratio_vs_single']:.0%}" if "ratio_vs_single" in r else "—",
-                     f"{r['file_latency_s']['median']:.2f}", f"{r['claim_to_done_s']['median']:.2f}",
+                     f"{100 * r['ratio_vs_single']:.0f} %" if "ratio_vs_single" in r else "—",
+                     f"{r['file_latency_s']['median']:.2f}", f"{r['file_latency_s']['p90']:.2f}",
+                     f"{r['claim_to_done_s']['median']:.2f}",
                      str(r.get("engine_runs", "—"))])
     body = (table(["run", "model", "workload", "R", "seq/s", "of one file", "median latency s",
-                   "claim → done s", "engine runs"], rows)
+                   "p90 latency s", "median claim → done s", "engine runs"], rows)
             if rows else "not measured on a GPU yet (`tools/bench_serve.py` on the device machine)")
     out.append("### Many small files through `gpuengine serve` (goal: ≥ 80 % of one file)\n\n"
                + body)
