@@ -31,6 +31,9 @@ The engine loop, in numbered steps:
 A run whose input is split into *parts* (the daemon's small files, :mod:`gpuengine.run_parts`)
 also, in steps 2-4, resolves each part's ids; a part whose last id is resolved has its
 completion records added to the open group, and the caller hears once that group is committed.
+
+What a run returns, :class:`~gpuengine.run_summary.RunSummary`, is defined in
+:mod:`gpuengine.run_summary` (and importable from here).
 """
 
 from __future__ import annotations
@@ -43,14 +46,14 @@ import operator
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from gpuengine.committer import Committer
 from gpuengine.config import EmbedConfig
-from gpuengine.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, DeviceError
+from gpuengine.errors import DeviceError
 from gpuengine.inputs import ChunkReader, RecordSource, open_input, validated_fasta
 from gpuengine.ledger import Ledger
 from gpuengine.models.registry import Weights
@@ -61,6 +64,7 @@ from gpuengine.replicas import (MemoryTelemetry, ModelChoice, ReplicaPool, Runne
                                 start_telemetry)
 from gpuengine.run_parts import INPUT_COUNTS, PartCompletion, PartLookup, PartTracker, RunPart
 from gpuengine.run_store import RunStore, table_spec
+from gpuengine.run_summary import RunSummary  # also imported from here by callers
 from gpuengine.scheduler import Scheduler
 from gpuengine.store.schema import TableSpec
 from gpuengine.store.writer import (CommitEntry, CommitPart, CommitRows, CompletionRecords,
@@ -72,74 +76,6 @@ log = logging.getLogger(__name__)
 GROUP_SECONDS = 0.5
 PROGRESS_SECONDS = 0.1
 """The loop shows progress at most this often (and once more at the end)."""
-
-
-@dataclass
-class RunSummary:
-    """What a run did; printed by the CLI, returned to library callers."""
-
-    store: str
-    table: str
-    model: str
-    synthetic_weights: bool
-    records_read: int = 0
-    valid_records: int = 0
-    invalid_skipped: int = 0
-    duplicate_records: int = 0
-    truncated: int = 0
-    already_stored: int = 0
-    deduplicated: int = 0
-    embedded: int = 0
-    committed_records: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    tokens: int = 0
-    residues: int = 0
-    wall_seconds: float = 0.0
-    """Whole run: model resolution, reading, validation, loading, warm-up, embedding, commit."""
-    embed_seconds: float = 0.0
-    """From the first batch claimed to the last commit (the steady-state part)."""
-    devices: list[dict] = field(default_factory=list)
-    commit_transactions: int = 0
-    commit_seconds: float = 0.0
-    """Time the store writer spent encoding, writing and syncing transactions."""
-    commit_wait_seconds: float = 0.0
-    """Time the run waited for the store writer after handing it the last group (long when
-    the store's disk, not the devices, limits the run)."""
-    interrupted: bool = False
-    shard: str = ""
-    """``I/N`` of a sharded run (``--shard``), else empty."""
-    shard_records: int = 0
-    """Valid records of the input in this shard (what a sharded run embeds)."""
-    run_id: str = ""
-    """Key of the run's progress record in the store's ``runs`` database."""
-    run_started: dict = field(default_factory=dict)
-    """That record as this invocation found it (counts of earlier, interrupted attempts;
-    ``resumes``)."""
-    fidelity: dict | None = None
-    """``--precision fp8``: the fidelity guard's measurement on a sample of this input
-    (:class:`gpuengine.fidelity.FidelityReport`), also in the run record."""
-    group: dict = field(default_factory=dict)
-    """In the summary of one part of a run (:mod:`gpuengine.run_parts`): ``parts`` (how many
-    the run has), ``part`` (this one), ``run_embedded`` (sequences the run embedded so far)
-    and ``run_records`` (its input records); the counts above are the part's own, the model,
-    devices and times the run's so far."""
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Tokens (BOS/EOS included) per second of embedding time."""
-        return self.tokens / self.embed_seconds if self.embed_seconds else 0.0
-
-    @property
-    def exit_code(self) -> int:
-        if self.interrupted:
-            return EXIT_INTERRUPTED
-        return EXIT_PARTIAL if self.failed else EXIT_OK
-
-    def to_json(self) -> dict:
-        data = asdict(self)
-        data["tokens_per_second"] = self.tokens_per_second
-        data["exit_code"] = self.exit_code
-        return data
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The LMDB store: what embeddings mean (:mod:`.schema`), how they are encoded
 (:mod:`.codec`), the shared environment (:mod:`.environment`), transactional writes
-(:mod:`.writer`), the lookups a run makes in the table it writes (:mod:`.lookup`) and
-reading (:mod:`.reader`); several stores merged (:mod:`.merge`) or read as one
-(:mod:`.multi`). The layout is documented in ``docs/store.md``.
+(:mod:`.writer`) of commit groups (:mod:`.commit_group`), the lookups a run makes in the
+table it writes (:mod:`.lookup`) and reading (:mod:`.reader`); several stores merged
+(:mod:`.merge`) or read as one (:mod:`.multi`). The layout is documented in ``docs/store.md``.
 
 This package needs only numpy, lmdb and the standard library (no torch).
 """
