@@ -65,9 +65,16 @@ class TokenBudget:
                 self._learned = min(self._maximum, int(self._learned * 1.05) + 1)
                 self._successes = 0
 
+    def launched(self, batch_tokens: int) -> None:
+        """A batch of ``batch_tokens`` was launched (the device worker's thread): its memory is
+        allocated now, so it counts for :meth:`take_largest_batch` from now on, not only once
+        it finishes (the allocator's peak already holds it)."""
+        with self._lock:
+            self._largest = max(self._largest, batch_tokens)
+
     def take_largest_batch(self) -> int:
-        """The largest batch that ran since the last call (0: none), and forget it: the
-        telemetry thread sets the memory limit from it and the allocator's peak."""
+        """The largest batch launched or finished since the last call (0: none), and forget
+        it: the telemetry thread sets the memory limit from it and the allocator's peak."""
         with self._lock:
             largest, self._largest = self._largest, 0
             return largest

@@ -141,12 +141,30 @@ class DeviceMemory:
         if largest:
             # with up to `depth` batches in flight the peak is an upper bound: budgets only shrink
             peak = self.allocator.peak_allocated() - self.baseline_bytes
-            self.bytes_per_token = max(self.bytes_per_token, peak // largest)
+            measured = peak // largest
+            if measured > self.bytes_per_token * 5 // 4:  # a budget falls by a fifth or more
+                log.info("%s: %d bytes per token, was %d (allocator peak %d bytes over the "
+                         "largest batches since the last look, %d tokens)", self.device,
+                         measured, self.bytes_per_token, peak, largest)
+            self.bytes_per_token = max(self.bytes_per_token, measured)
             self.allocator.reset_peak()
         self.usable_bytes = max(0, self.free_bytes + reserved - self.baseline_bytes - margin)
         share = self.share_tokens()
         for budget in self.budgets:
             budget.set_memory_tokens(share)
+
+    def start_window(self) -> None:
+        """Start the telemetry's first look of a run: forget the replicas' largest batches and
+        reset the allocator's peak, so that the first :meth:`refresh` compares the peak and
+        the batches of the same span. Without it the first look of a run divided the peak of
+        the warm-up calibration (a full-budget batch) by the largest batch of the run before
+        (in the daemon, its one-record start-up run: 18 tokens) whenever no batch of the new
+        run had finished within its first second, which raised bytes per token some
+        thousandfold and cut every budget to a few hundred tokens for the rest of the
+        process's life (bytes per token only rises)."""
+        for budget in self.budgets:
+            budget.take_largest_batch()
+        self.allocator.reset_peak()
 
     def share_tokens(self) -> int:
         """Tokens one replica's share of the usable memory holds."""
@@ -348,6 +366,7 @@ def _device_group(runners: list[Runner], names: list[str], device: torch.device,
         memory.bytes_per_token = calibrated
         memory.refresh()  # the next replica's share sees this one's memory
     log.info("%s: %s", device, memory.describe())
+    memory.start_window()  # the calibrations' peak is no run's
     return [Replica(runner, budget, memory, name)
             for runner, budget, name in zip(runners, budgets, names)]
 
@@ -453,6 +472,8 @@ def start_telemetry(replicas: list[Replica]) -> MemoryTelemetry | None:
     memories = list({id(r.memory): r.memory for r in replicas if r.memory is not None}.values())
     if not memories:
         return None
+    for memory in memories:  # before any worker of the run starts
+        memory.start_window()
     telemetry = MemoryTelemetry(memories)
     telemetry.start()
     return telemetry

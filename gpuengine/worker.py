@@ -124,7 +124,9 @@ class DeviceWorker:
     def _launch(self, batch: ScheduledBatch):
         oom = False
         try:
-            return self.runner.launch(self.runner.stage(batch.items))
+            launched = self.runner.launch(self.runner.stage(batch.items))
+            self.budget.launched(batch.n_tokens)  # in the allocator's peak from now on
+            return launched
         except Exception as exc:
             if not _is_oom(exc):
                 self.outbox.put(BatchOutcome("error", self.index, batch, error=exc))
