@@ -18,8 +18,11 @@ with its own CUDA streams and pinned buffers, all fed by the one scheduler:
    compile now), calibrating bytes per token from the allocator's peak.
 
 While a run embeds, :class:`MemoryTelemetry` re-reads every GPU's memory once a second and
-sets each share, from the largest batches the device workers reported to the budgets since
-the last look (:meth:`~gpuengine.budget.TokenBudget.take_largest_batch`). An out-of-memory
+sets each share, from the allocator's peak and the largest batches the device workers
+launched or finished since the last look
+(:meth:`~gpuengine.budget.TokenBudget.take_largest_batch`); both restart after the warm-up and
+when a run starts its telemetry (:meth:`DeviceMemory.start_window`), so a run's first look
+never holds a calibration's or an earlier run's peak against its own batches. An out-of-memory
 error lowers only the budget of the replica that hit it (its learned cap, in the device
 worker): the others keep theirs, and the next look at the device's memory resizes every share
 (an OOM caused by another process shows there; one caused by a bad estimate is learned by
@@ -468,7 +471,8 @@ def _warm_up(runner: Runner, budget: TokenBudget, name: str, progress: ProgressS
 
 def start_telemetry(replicas: list[Replica]) -> MemoryTelemetry | None:
     """The telemetry thread over the GPUs of ``replicas`` (each device once), started (None
-    when there is none)."""
+    when there is none), each device's look window restarted first (call it before any
+    worker of the run starts)."""
     memories = list({id(r.memory): r.memory for r in replicas if r.memory is not None}.values())
     if not memories:
         return None

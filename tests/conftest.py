@@ -25,7 +25,9 @@ Helpers shared by several test modules live here or in a helper module named for
 * ``fastq_files.py``: FASTQ and FASTA text of the same reads;
 * ``fp8_helpers.py``: whether this torch runs FP8 on the CPU, tiny and outlier-stress
   checkpoints, an fp8 runner factory for the CPU, a daemon whose runs use it, Triton's CPU
-  interpreter.
+  interpreter;
+* ``fake_gpu.py``: a simulated GPU (NVML probe, caching allocator, calibrating runner) for
+  the replicas' memory telemetry.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ and it only ever rises. A run's first look used to divide the peak of the warm-u
 (a full 65,536-token batch) or of the previous run's last batches by a stale "largest batch"
 (the daemon's one-record start-up run: 18 tokens) whenever no batch of the new run had finished
 within its first second: bytes per token rose some thousandfold and every budget fell to a few
-hundred tokens for the rest of the daemon's life. Simulated devices (the fakes of
-test_replicas_per_gpu.py), no GPU needed.
+hundred tokens for the rest of the daemon's life. Simulated devices (tests/fake_gpu.py), no
+GPU needed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_replicas_per_gpu import FakeAllocator, FakeGpu, FakeProbe, _group
+from fake_gpu import device_group as _group, install
 
 PER_TOKEN = 30_000
 FULL = 65_536
@@ -28,12 +28,7 @@ STARTUP_RECORD_TOKENS = 18
 
 @pytest.fixture
 def gpu(monkeypatch):
-    import gpuengine.replicas as replicas
-
-    device = FakeGpu()
-    monkeypatch.setattr(replicas, "MemoryProbe", lambda d: FakeProbe(device))
-    monkeypatch.setattr(replicas, "CudaAllocator", lambda d: FakeAllocator(device))
-    return device
+    return install(monkeypatch)
 
 
 def _first_look_of_a_run(group) -> None:

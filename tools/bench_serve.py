@@ -94,6 +94,23 @@ class Daemon:
                 raise SystemExit(f"gpuengine serve did not get ready:\n{self.err.read_text()}")
             time.sleep(0.1)
 
+    def diagnosis(self) -> str:
+        """Why a workload did not finish: the daemon's status (progress, budgets, GPU memory)
+        and, while it runs and py-spy is installed, every thread's stack."""
+        status = self.status()
+        keep = {k: status.get(k) for k in ("state", "processing", "devices", "gpu_memory",
+                                           "last_error", "heartbeat")}
+        text = "\n--- status.json ---\n" + json.dumps(keep, indent=1, default=str)
+        spy = shutil.which("py-spy")
+        if self.proc.poll() is None and spy:
+            try:
+                dump = subprocess.run([spy, "dump", "--pid", str(self.proc.pid)],
+                                      capture_output=True, text=True, timeout=60)
+                text += f"\n--- py-spy dump ---\n{dump.stdout}{dump.stderr}"
+            except (OSError, subprocess.SubprocessError) as exc:
+                text += f"\n(py-spy dump failed: {exc})"
+        return text
+
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -121,7 +138,8 @@ def serve_workload(label: str, seqs: list[str], n_files: int, model: Path, args)
         deadline = time.monotonic() + args.timeout
         while sum(1 for n in os.listdir(done) if n.endswith(".job.json")) < len(files):
             if daemon.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{label}: not every file was done:\n{daemon.err.read_text()}")
+                raise SystemExit(f"{label}: not every file was done:\n{daemon.err.read_text()}"
+                                 f"{daemon.diagnosis()}")
             time.sleep(0.05)
         finished = {n: os.stat(done / f"{n}.job.json").st_mtime for n in files}
         records = [json.loads((done / f"{n}.job.json").read_text()) for n in files]
