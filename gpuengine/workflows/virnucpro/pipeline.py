@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 
 from gpuengine.config import EmbedConfig, check_replicas_per_gpu, environment
 from gpuengine.errors import (GpuEngineError, InputError, ModelLoadError, StoreMismatchError,
@@ -58,7 +57,6 @@ from gpuengine.workflows.virnucpro.frames import Frames, chunk_sequence, frames_
 log = logging.getLogger(__name__)
 
 READ_BLOCK = 20_000
-SCORE_BLOCK = 32_768
 EXPECTED_LENGTHS = (300, 500)
 
 
@@ -90,6 +88,9 @@ class PredictConfig:
     """``--shard I/N``: only the reads of this shard."""
     score_only: bool = False
     """Load no embedding model: score from the features already in the store."""
+    score_workers: int | None = None
+    """Processes scoring blocks of reads (0: in this process; None: one per two cores for an
+    input of several blocks, see :func:`~gpuengine.workflows.virnucpro.scoring.score_workers`)."""
 
     def __post_init__(self) -> None:
         if self.length < 3:
@@ -134,6 +135,8 @@ class PredictSummary:
     out_dir: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)
     embed: dict[str, dict] = field(default_factory=dict)
+    score_workers: int = 0
+    """Worker processes the score stage used (0: it scored in this process)."""
 
     @property
     def wall_seconds(self) -> float:
@@ -251,6 +254,15 @@ def _validate_reads(config: PredictConfig, alphabet: frozenset[str]) -> Validati
 def _frame_blocks(config: PredictConfig, report: ValidationReport
                   ) -> Iterator[tuple[list[str], list[str], Frames]]:
     """(read ids, read sequences, their kept frames) per block of reads (of the shard)."""
+    for ids, seqs in _read_blocks(config, report):
+        yield ids, seqs, frames_for_batch(ids, seqs, config.length)
+
+
+def _read_blocks(config: PredictConfig, report: ValidationReport
+                 ) -> Iterator[tuple[list[str], list[str]]]:
+    """(read ids, read sequences) per block of at least READ_BLOCK reads (of the shard): the
+    blocks every pass makes its frames from (the score stage's blocks are the same, whether
+    scored here or in worker processes)."""
     ids: list[str] = []
     seqs: list[str] = []
     keep = config.shard.holds_sequence if config.shard is not None else None
@@ -261,10 +273,10 @@ def _frame_blocks(config: PredictConfig, report: ValidationReport
         ids += block_ids
         seqs += block_seqs
         if len(ids) >= READ_BLOCK:
-            yield ids, seqs, frames_for_batch(ids, seqs, config.length)
+            yield ids, seqs
             ids, seqs = [], []
     if ids:
-        yield ids, seqs, frames_for_batch(ids, seqs, config.length)
+        yield ids, seqs
 
 
 def _valid_reads(config: PredictConfig, report: ValidationReport
@@ -326,51 +338,51 @@ def _frame_records(config: PredictConfig, report: ValidationReport, column: str)
 
 def _score(config: PredictConfig, report: ValidationReport, load_classifier,
            summary: PredictSummary) -> int:
+    """Stage 5 (:mod:`~gpuengine.workflows.virnucpro.scoring`): blocks of reads scored in
+    worker processes for an input of several blocks (``config.score_workers``), else here;
+    the outputs are written here, in block order, the same bytes either way."""
     from gpuengine.store.reader import EmbeddingStore
     from gpuengine.workflows.virnucpro.outputs import ConsensusCollector, PredictionWriter
+    from gpuengine.workflows.virnucpro.scoring import BlockScorer, ScorePool, score_workers
 
     out = config.out_dir
     with EmbeddingStore(config.store_path, table="dnabert") as dna, \
             EmbeddingStore(config.store_path, table="esm") as esm:
         feature_size = dna.spec.dim + esm.spec.dim
-        classifier = load_classifier(config.classifier, feature_size=feature_size)
-        if classifier.expected_length and classifier.expected_length != config.length:
-            log.warning("classifier %s was trained on %d-bp chunks but --length is %d: the "
-                        "scores will be off (use the matching model)", config.classifier,
-                        classifier.expected_length, config.length)
-        collector = ConsensusCollector()
-        intermediates = _Intermediates(config) if config.keep_intermediate else None
-        # one feature buffer for every block: [DNABERT-S | ESM-2] rows read straight into it
-        buffer = np.empty((0, feature_size), np.float32)
-        with PredictionWriter(out / "prediction_results.txt") as writer:
-            for ids, seqs, frames in _frame_blocks(config, report):
-                collector.add_reads(ids, frames.chunks_per_read)
-                if intermediates:
-                    intermediates.write(ids, seqs, frames)
-                for start in range(0, len(frames), SCORE_BLOCK):
-                    frame_ids = frames.frame_ids[start:start + SCORE_BLOCK]
-                    if len(buffer) < len(frame_ids):
-                        buffer = np.empty((SCORE_BLOCK, feature_size), np.float32)
-                    features = buffer[:len(frame_ids)]
-                    features[:, :dna.spec.dim] = _features(dna, frame_ids, "DNABERT-S")
-                    features[:, dna.spec.dim:] = _features(esm, frame_ids, "ESM-2")
-                    scores = classifier.score(features)
-                    writer.write(frame_ids, scores.scores, scores.virus)
-                    collector.add_frames(frame_ids, scores.scores)
-        if intermediates:
-            intermediates.close()
+    classifier = load_classifier(config.classifier, feature_size=feature_size)
+    if classifier.expected_length and classifier.expected_length != config.length:
+        log.warning("classifier %s was trained on %d-bp chunks but --length is %d: the "
+                    "scores will be off (use the matching model)", config.classifier,
+                    classifier.expected_length, config.length)
+    del classifier  # checked and warned about here; each scorer loads its own
+    workers = 0 if config.keep_intermediate else score_workers(
+        config.score_workers, -(-summary.reads // READ_BLOCK))
+    summary.score_workers = workers
+    collector = ConsensusCollector()
+    blocks = _read_blocks(config, report)
+    with PredictionWriter(out / "prediction_results.txt") as writer:
+        if workers:
+            with ScorePool(workers, config.store_path, config.classifier, config.length) as pool:
+                for scored in pool.map(blocks):
+                    collector.add_reads(scored.read_ids, scored.chunks_per_read)
+                    writer.write_rows(scored.rows, len(scored.frame_ids))
+                    collector.add_frames(scored.frame_ids, scored.scores)
+        else:
+            intermediates = _Intermediates(config) if config.keep_intermediate else None
+            with BlockScorer(config.store_path, config.classifier, config.length) as scorer:
+                for ids, seqs in blocks:
+                    frames = frames_for_batch(ids, seqs, config.length)
+                    scored = scorer.score_block(ids, seqs, frames)
+                    collector.add_reads(ids, scored.chunks_per_read)
+                    if intermediates:
+                        intermediates.write(ids, seqs, frames)
+                    writer.write_rows(scored.rows, len(scored.frame_ids))
+                    collector.add_frames(scored.frame_ids, scored.scores)
+            if intermediates:
+                intermediates.close()
     collector.write_consensus(out / "prediction_results_highestscore.csv")
     collector.write_read_summary(out / "prediction_results_reads.tsv")
     return sum(1 for _, virus in collector.chunk_calls() if virus)
-
-
-def _features(store, frame_ids: list[str], what: str) -> np.ndarray:
-    try:
-        return store.get_many(frame_ids)  # cast to float32 where the caller puts it
-    except KeyError as exc:
-        raise ModelLoadError(f"frame {exc.args[0]!r} has no {what} embedding in the store; "
-                             "features are joined by frame id and a missing side is an "
-                             "error (rerun predict without --score-only to compute it)") from None
 
 
 class _Intermediates:
