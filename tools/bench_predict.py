@@ -248,6 +248,8 @@ def main() -> None:
     extra["stage_setup_seconds"] = {  # load, hash, build, warm-up (and guard) of each model
         name: embed["wall_seconds"] - embed["embed_seconds"] for name, embed in summary.embed.items()}
     extra["score_workers"] = summary.score_workers
+    extra["preload_seconds"] = summary.preload_seconds  # alongside earlier stages, not in wall_s
+    extra["preload_wait_seconds"] = summary.preload_wait_seconds  # inside the stage's seconds
     if args.score_check:
         extra["score_check"] = score_check(config, out, work)
     if args.precision != "fp16" and args.agreement_reads > 0:
@@ -268,7 +270,10 @@ def main() -> None:
              "dnabert/esm stages (and, at fp8, the ESM-2 stage's fidelity guard); tokens_per_s "
              "is the ESM-2 stage's (model tokens)" + note
              + "; stage_setup_seconds: each embedding stage's time before its first batch "
-             "(reading, hashing, building, warming up the model; at fp8 the guard)"
+             "(reading, hashing, building, warming up the model; at fp8 the guard); "
+             "preload_seconds: reading/hashing/building each model ahead, in a thread "
+             "alongside the earlier stages (ESM-2's during DNABERT-S; not part of wall_s), "
+             "preload_wait_seconds: the part of each stage spent waiting for it"
              + ("; --noop: every forward a no-op of the model's width on the CPU (predict's "
                 "host side only)" if args.noop else ""))
     print(json.dumps(rec, indent=1))

@@ -18,11 +18,19 @@ Stages (each timed in :class:`PredictSummary`):
    (:class:`~gpuengine.inputs.Derivation` naming :func:`~gpuengine.workflows.virnucpro.frames.frame_records`),
    not in this process, where that work held the GIL against the device threads; the
    frames and their order are the same either way.
-5. **score**: features ``[DNABERT | ESM]`` joined **by frame id** (read in bulk, one
-   ``get_many`` per block and table, into one reused float32 buffer) (a missing side is an error that
-   names the frame, never a silent shift), the MLP, and the outputs: ``prediction_results.txt``,
+5. **score** (:mod:`~gpuengine.workflows.virnucpro.scoring`; blocks of reads scored in worker
+   processes on a machine of 4 or more cores, the same bytes): features ``[DNABERT | ESM]``
+   joined **by frame id** (read in bulk, one ``get_many`` per block and table, into one reused
+   float32 buffer) (a missing side is an error that names the frame, never a silent shift),
+   the MLP, and the outputs: ``prediction_results.txt``,
    ``prediction_results_highestscore.csv`` (tab-separated, per chunk), and the new per-read
    summary ``prediction_results_reads.tsv``.
+
+Both models are read ahead (:mod:`gpuengine.preload`, a thread each, started after the
+frames stage): the 3B ESM-2 checkpoint is read, hashed and built on the host while the
+DNABERT-S stage runs. ``stage_seconds`` stay each stage's own wall time (they do not overlap
+each other, and their sum is the wall time); the preloads' own seconds, which overlap, are in
+``preload_seconds``, and what a stage waited for its preload in ``preload_wait_seconds``.
 
 Memory is bounded by the block of reads and the per-chunk consensus table, not by the input.
 
@@ -137,6 +145,11 @@ class PredictSummary:
     embed: dict[str, dict] = field(default_factory=dict)
     score_workers: int = 0
     """Worker processes the score stage used (0: it scored in this process)."""
+    preload_seconds: dict[str, float] = field(default_factory=dict)
+    """How long reading each model ahead took (:mod:`gpuengine.preload`; ESM-2's runs
+    alongside the earlier stages, so it is not part of ``wall_seconds``)."""
+    preload_wait_seconds: dict[str, float] = field(default_factory=dict)
+    """How long each embedding stage waited for its model's preload (part of the stage)."""
 
     @property
     def wall_seconds(self) -> float:
@@ -201,33 +214,64 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
                              f"{exc.strerror or exc}") from None
     stages = (("dnabert", config.dnabert_model, (-1,), "nucleotides"),
               ("esm", config.esm_model, (config.esm_layer,), "proteins"))
-    for name, model, layers, column in () if config.score_only else stages:
-        source = _frame_source(config, report, column, counts)
-        embed_config = EmbedConfig(
-            inputs=(config.reads,), model=model, out=config.store_path, layers=layers,
-            pools=("mean",), precision=_stage_precision(config.precision, name),
-            table=name, devices=config.devices, max_tokens=config.max_tokens,
-            replicas_per_gpu=config.replicas_per_gpu, allow_download=config.allow_download,
-            max_residues=None, fp8_min_cosine=config.fp8_min_cosine, shard=config.shard,
-            env=environment())
-        with stage(name):
-            try:
-                result = run_embed(embed_config, progress, stop, records=source,
-                                   replicas=replicas)
-            except StoreMismatchError as exc:  # predict has no --table: say what to do instead
-                raise StoreMismatchError(
-                    f"{str(exc).split('; to keep both')[0]}; predict keeps its features in the "
-                    "tables 'dnabert' and 'esm': use another --store (or --out)") from None
-        summary.embed[name] = result.to_json()
-        if result.interrupted:
-            return summary
-        if result.failed:
-            raise InputError(f"{len(result.failed)} frames could not be embedded by {model} "
-                             f"(first: {result.failed[0][0]}: {result.failed[0][1]}); no "
-                             "prediction is written with missing features")
+    configs = {name: _stage_config(config, name, model, layers)
+               for name, model, layers, _ in stages}
+    preloads = {} if config.score_only else _start_preloads(config, configs, replicas)
+    try:
+        for name, model, layers, column in () if config.score_only else stages:
+            source = _frame_source(config, report, column, counts)
+            with stage(name):
+                summary.preload_wait_seconds[name] = preloads[name].wait()
+                try:
+                    result = run_embed(configs[name], progress, stop, records=source,
+                                       replicas=replicas)
+                except StoreMismatchError as exc:  # predict has no --table: say what to do
+                    raise StoreMismatchError(
+                        f"{str(exc).split('; to keep both')[0]}; predict keeps its features in "
+                        "the tables 'dnabert' and 'esm': use another --store (or --out)") from None
+            summary.embed[name] = result.to_json()
+            if result.interrupted:
+                return summary
+            if result.failed:
+                raise InputError(f"{len(result.failed)} frames could not be embedded by {model} "
+                                 f"(first: {result.failed[0][0]}: {result.failed[0][1]}); no "
+                                 "prediction is written with missing features")
+    finally:
+        for name, preload in preloads.items():
+            preload.wait()
+            summary.preload_seconds[name] = preload.seconds
+        if preloads:
+            replicas.drop_built()
     with stage("score"):
         summary.virus_chunks = _score(config, report, load_classifier, summary)
     return summary
+
+
+def _stage_config(config: PredictConfig, name: str, model: str,
+                  layers: tuple[int, ...]) -> EmbedConfig:
+    return EmbedConfig(
+        inputs=(config.reads,), model=model, out=config.store_path, layers=layers,
+        pools=("mean",), precision=_stage_precision(config.precision, name),
+        table=name, devices=config.devices, max_tokens=config.max_tokens,
+        replicas_per_gpu=config.replicas_per_gpu, allow_download=config.allow_download,
+        max_residues=None, fp8_min_cosine=config.fp8_min_cosine, shard=config.shard,
+        env=environment())
+
+
+def _start_preloads(config: PredictConfig, configs: dict[str, EmbedConfig],
+                    replicas: ReplicaPool) -> dict:
+    """Both models read ahead (:mod:`gpuengine.preload`), one thread each, started once the
+    input is known good (an input error still shows at once): the DNABERT-S stage waits for
+    its own; ESM-2's (the 3B checkpoint: read, hashed, built on the host; at fp8 a second
+    build for the guard's fp16 reference) runs alongside the DNABERT-S stage."""
+    from gpuengine.preload import ModelPreload
+
+    preloads = {"dnabert": ModelPreload(configs["dnabert"], replicas),
+                "esm": ModelPreload(configs["esm"], replicas,
+                                    builds=2 if config.precision == "fp8" else 1)}
+    for preload in preloads.values():
+        preload.start()
+    return preloads
 
 
 def _stage_precision(precision: str | None, stage: str) -> str | None:
