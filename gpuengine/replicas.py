@@ -462,8 +462,15 @@ def guard_fidelity(config: EmbedConfig, fam: Family, weights: Weights, spec: Tab
         model = build_model(fam, weights, DTYPES[GUARD_REFERENCE], pool)
         return _make_runner(config, fam, model, device, GUARD_REFERENCE, spec.outputs)
 
-    report = guard_run(spec.precision, replica.runner, reference, records.iterate(),
-                       records.count, encode, threshold=config.fp8_min_cosine,
+    if records.pick is not None:  # the sample's records found directly, not by a full pass
+        from gpuengine.fidelity import GUARD_SAMPLE, sample_indices
+
+        picked = records.pick(sample_indices(records.count, GUARD_SAMPLE))
+        sample, count = picked, len(picked)
+    else:
+        sample, count = records.iterate(), records.count
+    report = guard_run(spec.precision, replica.runner, reference, sample,
+                       count, encode, threshold=config.fp8_min_cosine,
                        max_residues=spec.max_residues, progress=progress)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 
 from gpuengine.config import EmbedConfig, check_replicas_per_gpu, environment
 from gpuengine.errors import (GpuEngineError, InputError, ModelLoadError, StoreMismatchError,
@@ -341,11 +342,14 @@ def _valid_reads(config: PredictConfig, report: ValidationReport
         yield ids, [seq.decode("utf-8") for seq in seqs]
 
 
-def _count_frames(config: PredictConfig, report: ValidationReport) -> dict[str, int]:
+def _count_frames(config: PredictConfig, report: ValidationReport) -> dict:
+    """The counts of stage 2, and ``frames_per_read`` (int32, one per read of the shard, 4
+    bytes a read) for finding a frame by its position (:func:`_pick_frames`)."""
     counts = {"reads": report.records, "empty": report.problem_count, "chunks": 0, "frames": 0,
               "nucleotides": 0, "proteins": 0}
     if config.shard is not None:
         counts["reads"] = 0
+    per_read = []
     for ids, _, frames in _frame_blocks(config, report):
         if config.shard is not None:
             counts["reads"] += len(ids)
@@ -353,11 +357,13 @@ def _count_frames(config: PredictConfig, report: ValidationReport) -> dict[str, 
         counts["frames"] += len(frames)
         counts["nucleotides"] += sum(map(len, frames.nucleotides))
         counts["proteins"] += sum(map(len, frames.proteins))
+        per_read.append(np.bincount(frames.read_index, minlength=len(ids)).astype(np.int32))
+    counts["frames_per_read"] = np.concatenate(per_read) if per_read else np.zeros(0, np.int32)
     return counts
 
 
 def _frame_source(config: PredictConfig, report: ValidationReport, column: str,
-                  counts: dict[str, int]):
+                  counts: dict):
     """The frames of one embedding stage as the engine's input: derived from the reads by
     whichever reader parses them (input processes, for a large input: the frames are made,
     hashed and tokenized there, not in this process; else the planner's thread)."""
@@ -368,7 +374,42 @@ def _frame_source(config: PredictConfig, report: ValidationReport, column: str,
                         {"length": config.length, "column": column, "shard": shard})
     return RecordSource(lambda: _frame_records(config, report, column), counts["frames"],
                         counts[column], FastaInput((config.reads,), report, None),
-                        derive=derive)
+                        derive=derive,
+                        pick=lambda positions: _pick_frames(config, report, column,
+                                                            counts["frames_per_read"],
+                                                            positions))
+
+
+def _pick_frames(config: PredictConfig, report: ValidationReport, column: str,
+                 frames_per_read: np.ndarray, positions) -> list[FastaRecord]:
+    """The records :func:`_frame_records` gives at ``positions`` (sorted), made from the reads
+    that hold them only: one pass that parses the reads but translates just those (the fp8
+    guard's sample of 256 frames, not all of them again)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if not len(positions):
+        return []
+    ends = np.cumsum(frames_per_read, dtype=np.int64)  # frames up to and including each read
+    reads = np.searchsorted(ends, positions, side="right")
+    if reads[-1] >= len(frames_per_read):
+        raise IndexError(f"frame {int(positions[-1])} is past the last of {int(ends[-1])}")
+    offsets = positions - (ends[reads] - frames_per_read[reads])
+    wanted: dict[int, list[tuple[int, int]]] = {}
+    for position, read, offset in zip(positions.tolist(), reads.tolist(), offsets.tolist()):
+        wanted.setdefault(read, []).append((offset, position))
+    path = str(config.reads)
+    picked: list[FastaRecord] = []
+    first = 0  # the shard's read index of the block's first read
+    last = int(reads[-1])
+    for ids, seqs in _read_blocks(config, report):
+        for read in sorted(r for r in wanted if first <= r < first + len(ids)):
+            frames = frames_for_batch([ids[read - first]], [seqs[read - first]], config.length)
+            for offset, position in wanted[read]:
+                picked.append(FastaRecord(frames.frame_ids[offset],
+                                          getattr(frames, column)[offset], path, 0, position))
+        first += len(ids)
+        if first > last:
+            break
+    return picked
 
 
 def _frame_records(config: PredictConfig, report: ValidationReport, column: str) -> Iterator[FastaRecord]:
