@@ -416,10 +416,13 @@ def split_cpu_threads(threads: int | None, replicas: int) -> None:
 
 def _make_runner(config: EmbedConfig, fam: Family, model: torch.nn.Module,
                  device: torch.device, precision: str, outputs: tuple[OutputSpec, ...], *,
-                 fp8_on_cpu: bool = False) -> Runner:
+                 fp8_on_cpu: bool = False, compile: bool | None = None) -> Runner:
     """A runner of ``model`` (built by the caller; at ``fp8`` quantized by the first runner of
-    it, see :class:`~gpuengine.runner.Runner`) with the run's kernel choice."""
+    it, see :class:`~gpuengine.runner.Runner`) with the run's kernel choice (``compile``:
+    another one)."""
     compile_kernels = config.compile if config.compile is not None else device.type == "cuda"
+    if compile is not None:
+        compile_kernels = compile
     return Runner(model, device, precision, outputs, fam.pooling_rule, compile=compile_kernels,
                   fp8_on_cpu=fp8_on_cpu)
 
@@ -441,13 +444,19 @@ def make_runner(fam: Family, weights: Weights, device: torch.device, precision: 
 def guard_fidelity(config: EmbedConfig, fam: Family, weights: Weights, spec: TableSpec,
                    replica: Replica, records: RecordSource, encode: Callable, progress:
                    ProgressSink, *, runner_factory: RunnerFactory | None = None,
-                   pool: ReplicaPool | None = None) -> FidelityReport | None:
+                   pool: ReplicaPool | None = None,
+                   reference_compiled: bool = False) -> FidelityReport | None:
     """For a guarded precision (fp8): the fidelity guard on ``replica`` (the run's first
     device), against an fp16 runner built on the same device for the measurement and dropped
     after it; FidelityError below ``config.fp8_min_cosine``. None (and nothing done) for any
     other precision. Call it before any worker starts: the guard uses the replica's runner
     from this thread, and the allocator's peak is reset after it so that the reference model
-    does not count in the device's bytes per token."""
+    does not count in the device's bytes per token.
+
+    The fp16 reference runs the model's exact eager layers (``reference_compiled``: the run's
+    kernel choice instead, for comparison): it embeds 256 sequences once, and the compiled
+    kernels' compilation and autotuning for a precision the run does not otherwise use would
+    be most of its time."""
     if spec.precision not in GUARDED_PRECISIONS:
         return None
     from gpuengine.fidelity import GUARD_REFERENCE, guard_run
@@ -460,7 +469,8 @@ def guard_fidelity(config: EmbedConfig, fam: Family, weights: Weights, spec: Tab
             return runner_factory(device, GUARD_REFERENCE, spec.outputs)
         # its own model, never the replicas' (at fp8 those weights are quantized in place)
         model = build_model(fam, weights, DTYPES[GUARD_REFERENCE], pool)
-        return _make_runner(config, fam, model, device, GUARD_REFERENCE, spec.outputs)
+        return _make_runner(config, fam, model, device, GUARD_REFERENCE, spec.outputs,
+                            compile=None if reference_compiled else False)
 
     if records.pick is not None:  # the sample's records found directly, not by a full pass
         from gpuengine.fidelity import GUARD_SAMPLE, sample_indices

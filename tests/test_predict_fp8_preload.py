@@ -31,9 +31,9 @@ def test_fp8_predict_uses_the_preloaded_models_and_the_picked_sample(
     made, built, picks = [], [], []
     real_make = functools.partial(replicas._make_runner, fp8_on_cpu=True)
 
-    def make(config, fam, model, device, precision, outputs):
+    def make(config, fam, model, device, precision, outputs, **options):
         made.append((config.table, precision, id(model)))
-        return real_make(config, fam, model, device, precision, outputs)
+        return real_make(config, fam, model, device, precision, outputs, **options)
 
     real_put, real_pick = ReplicaPool.put_built, pipeline._pick_frames
     monkeypatch.setattr(replicas, "_make_runner", make)
