@@ -320,7 +320,8 @@ class _Run:
         if choice is None:
             choice = self.records.count >= INPUT_PROCESS_MIN_RECORDS
         if choice:
-            return CommitterProcess(self.writer.path, self.spec, run_id, self.ledger)
+            return CommitterProcess(self.writer.path, self.spec, run_id, self.ledger,
+                                    map_size=self.writer.map_size)
         return Committer(self.writer, self.spec.name, run_id, self.ledger)
 
     def _start_workers(self) -> list[DeviceWorker]:

@@ -20,7 +20,7 @@ interface of :class:`~gpuengine.committer.Committer` (``start``, ``put``, ``wait
   committed it durably.
 
 Frames are a 4-byte tag and a little-endian uint64 length, as the input processes'. Parent →
-child: ``CONF`` (JSON: store path, table spec, run id, max_bytes), ``GRUP`` frames, ``FINI``
+child: ``CONF`` (JSON: store path, table spec, run id, max_bytes, map size), ``GRUP`` frames, ``FINI``
 (commit what is queued, answer ``DONE``, exit). Child → parent: ``ACKD``, ``FAIL``, ``DONE``.
 
 The child ignores SIGINT and SIGTERM (the engine drains and then finishes it), runs in its own
@@ -140,8 +140,10 @@ class CommitterProcess:
     command = [sys.executable, "-m", "gpuengine.writer_process"]
 
     def __init__(self, path: str | os.PathLike[str], spec: TableSpec, run_id: str, ledger, *,
-                 max_bytes: int = MAX_TRANSACTION_BYTES):
+                 max_bytes: int = MAX_TRANSACTION_BYTES, map_size: int = 1 << 30):
         self.path = os.fspath(path)
+        self.map_size = map_size
+        """The map the child opens the store with (it grows it as the writer thread would)."""
         self.spec, self.run_id, self.ledger, self.max_bytes = spec, run_id, ledger, max_bytes
         import queue
 
@@ -179,7 +181,7 @@ class CommitterProcess:
             except OSError:
                 pass  # a smaller pipe only costs more wake-ups
         conf = json.dumps({"path": self.path, "spec": self.spec.to_json(), "run_id": self.run_id,
-                           "max_bytes": self.max_bytes}).encode("utf-8")
+                           "max_bytes": self.max_bytes, "map_size": self.map_size}).encode("utf-8")
         try:
             _write_all(self.proc.stdin.fileno(), _frame(b"CONF", [conf]))
         except OSError:
@@ -412,7 +414,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         raise InternalError("store writer process: no configuration received")
     conf = json.loads(bytes(frame[1]).decode("utf-8"))
     spec = TableSpec.from_json(conf["spec"])
-    with StoreWriter(conf["path"]) as writer:
+    with StoreWriter(conf["path"], initial_map_size=conf["map_size"]) as writer:
         writer.open_table(spec)
         child = _ChildWriter(writer, spec, conf["run_id"], conf["max_bytes"], out)
         thread = threading.Thread(target=child.run, name="gpuengine-writer", daemon=True)

@@ -192,3 +192,28 @@ def test_a_child_that_cannot_open_the_store_says_why(tmp_path):
     process.finish()
     assert isinstance(process.error, StoreError)
     assert "not a gpuengine store" in str(process.error)
+
+
+def test_the_child_grows_the_map_and_the_engine_reads_on(tmp_path):
+    wide = TableSpec(name="default", model=ModelIdentity(
+        family="esm2", name="esm2_t6_8M_UR50D", sha256="ab" * 32, num_layers=6, embed_dim=1024,
+        attention_heads=4, vocab_size=33), outputs=(MEAN,), store_dtype="float32", dim=1024,
+        max_residues=1022)
+    with StoreWriter(tmp_path / "small.lmdb", initial_map_size=1 << 20) as writer:
+        writer.open_table(wide)
+        writer.begin_run(RUN, {"command": "test"})
+        lookup = writer.lookup("default")
+        assert lookup.record_count() == 0
+        process = CommitterProcess(writer.path, wide, RUN, Ledger(), map_size=writer.map_size)
+        process.start()
+        for g in range(8):  # 8 x 256 x 4 KiB: 8 MiB, the map was 1 MiB
+            digests = [sequence_digest(f"W{g}-{i}") for i in range(256)]
+            process.put([CommitRows(digests, [(f"w{g}-{i}",) for i in range(256)],
+                                    {MEAN: np.full((256, 1024), g, np.float32)})])
+        process.finish()
+        assert process.error is None and process.snapshot().records == 2048
+        assert lookup.record_count() == 2048  # a map grown by another process is adopted
+        assert writer.map_size > 8 << 20
+        writer.finish_run(RUN, "complete", {})  # and written to
+    with EmbeddingStore(tmp_path / "small.lmdb") as store:
+        assert float(store["w7-255"][0]) == 7.0 and len(store) == 2048
