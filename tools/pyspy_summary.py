@@ -27,7 +27,7 @@ def parse(path: str):
         stack, _, count = line.rstrip("\n").rpartition(" ")
         parts = stack.split(";")
         process = thread = ""
-        if parts and (m := _PROCESS.match(parts[0])):
+        while parts and (m := _PROCESS.match(parts[0])):  # a child's stacks: parent;child
             process, parts = m["cmd"], parts[1:]
         if parts and (m := _THREAD.match(parts[0])):
             thread, parts = m["name"], parts[1:]
