@@ -55,8 +55,9 @@ _ACK = struct.Struct("<IQQd")  # groups, sequences, records, seconds
 _PIPE_BYTES = 1 << 20
 _F_SETPIPE_SZ = 1031
 _PR_SET_PDEATHSIG = 1
-_CHILD_GROUPS = 64
-"""Groups the child holds read but not committed (then the pipe, then the sender's queue)."""
+_CHILD_GROUPS = 16
+"""Groups the child holds read but not committed (then the pipe, then the sender's queue of as
+many): at most 32 groups wait in all, fewer than the writer thread's queue of 64 held."""
 _RAISABLE = {name: cls for name, cls in vars(errors).items()
              if isinstance(cls, type) and issubclass(cls, GpuEngineError)}
 _RAISABLE.update(ValueError=ValueError, TypeError=TypeError)
