@@ -121,14 +121,14 @@ def test_no_thread_or_child_outlives_a_run_with_the_writer_process(tmp_path, tin
     fasta = write_fasta(tmp_path / "p.fa", [(f"p{i}", s) for i, s in enumerate(seqs)])
     threads, kids = set(threading.enumerate()), _child_pids()
     stop = threading.Event()
-    if path == "interrupted":  # stopped once the writer has acknowledged a commit
-        real = CommitterProcess._acknowledged
+    if path == "interrupted":  # stopped as the first group goes to the writer: the loop
+        real = CommitterProcess.put  # sees the stop before it can see the end of the input
 
-        def acknowledged(self, *args):
-            real(self, *args)
+        def put(self, *args, **kwargs):
+            real(self, *args, **kwargs)
             stop.set()
 
-        monkeypatch.setattr(CommitterProcess, "_acknowledged", acknowledged)
+        monkeypatch.setattr(CommitterProcess, "put", put)
     if path == "device error":
         launches = iter(range(1_000_000))
         real_launch = runner_module.Runner.launch
