@@ -35,6 +35,10 @@ class Environment:
     input_processes: int | None = None
     """``GPUENGINE_INPUT_PROCESSES=N`` (1 to 32): how many input processes read the input
     (unset: by cores, :func:`gpuengine.input_workers.process_count`)."""
+    writer_process: bool | None = None
+    """``GPUENGINE_WRITER_PROCESS=1`` / ``0``: commit to the store from a child process always /
+    never (unset: for inputs of at least 20 000 records, as input processes;
+    :mod:`gpuengine.writer_process`)."""
     input_block_bytes: int | None = None
     """``GPUENGINE_INPUT_BLOCK_BYTES=N``: bytes of a block dealt to an input process (unset:
     :data:`gpuengine.blocks.BLOCK_BYTES`; tests cut small files into many blocks with it)."""
@@ -67,7 +71,12 @@ def environment() -> Environment:
     if choice not in ("", "0", "1"):
         raise UsageError(f"GPUENGINE_INPUT_PROCESS={choice!r}: use 1 (always), 0 (never) or "
                          "leave it unset (by input size)")
+    writer = os.environ.get("GPUENGINE_WRITER_PROCESS", "")
+    if writer not in ("", "0", "1"):
+        raise UsageError(f"GPUENGINE_WRITER_PROCESS={writer!r}: use 1 (always), 0 (never) or "
+                         "leave it unset (by input size)")
     return Environment(offline=offline, cache_dir=cache,
+                       writer_process=None if not writer else writer == "1",
                        notify_socket=os.environ.get("NOTIFY_SOCKET", ""),
                        input_process=None if not choice else choice == "1",
                        input_processes=_whole_number("GPUENGINE_INPUT_PROCESSES", 1,

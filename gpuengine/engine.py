@@ -54,7 +54,8 @@ import numpy as np
 from gpuengine.committer import Committer
 from gpuengine.config import EmbedConfig
 from gpuengine.errors import DeviceError
-from gpuengine.inputs import ChunkReader, RecordSource, open_input, validated_fasta
+from gpuengine.inputs import (INPUT_PROCESS_MIN_RECORDS, ChunkReader, RecordSource, open_input,
+                              validated_fasta)
 from gpuengine.ledger import Ledger
 from gpuengine.models.registry import Weights
 from gpuengine.planner import Planner
@@ -70,6 +71,7 @@ from gpuengine.store.schema import TableSpec
 from gpuengine.store.writer import (CommitEntry, CommitPart, CommitRows, CompletionRecords,
                                     group_counts)
 from gpuengine.worker import BatchOutcome, DeviceWorker, WorkerExit, device_rows
+from gpuengine.writer_process import CommitterProcess
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +197,7 @@ class _Run:
         """When embedding started: the one time base of the progress bar and the summary."""
         self.reader: ChunkReader | None = None
         self.workers: list[DeviceWorker] = []
-        self.committer: Committer | None = None
+        self.committer: Committer | CommitterProcess | None = None
         self.planner_thread: threading.Thread | None = None
         self.parts: PartTracker[RunSummary] | None = None
         self.part_completion: PartCompletion[RunSummary] | None = None
@@ -248,7 +250,7 @@ class _Run:
         run_id, self.summary.run_started = self.store.begin_run(
             self.config, self.spec, workers[0].runner.precision, fidelity=self.summary.fidelity)
         self.summary.run_id = run_id
-        committer = self.committer = Committer(self.writer, self.spec.name, run_id, self.ledger)
+        committer = self.committer = self._committer(run_id)
         lookup = self.writer.lookup(self.spec.name)
         planner = Planner(ledger=self.ledger,
                           lookup=lookup if self.parts is None else PartLookup(lookup, self.parts),
@@ -307,6 +309,20 @@ class _Run:
             self._report_progress(workers, committer, planner)
         finally:
             self.progress.close()
+
+    def _committer(self, run_id: str) -> Committer | CommitterProcess:
+        """The run's single writer: in a child process (:mod:`gpuengine.writer_process`) for an
+        input of at least :data:`~gpuengine.inputs.INPUT_PROCESS_MIN_RECORDS` records (the size
+        from which input processes are used: there its start-up, about 0.1 s, is small beside
+        the puts it takes off this process's interpreter lock) or as
+        ``GPUENGINE_WRITER_PROCESS`` says; else a thread of this process."""
+        choice = self.config.env.writer_process
+        if choice is None:
+            choice = self.records.count >= INPUT_PROCESS_MIN_RECORDS
+        if choice:
+            return CommitterProcess(self.writer.path, self.spec, run_id, self.ledger,
+                                    map_size=self.writer.map_size)
+        return Committer(self.writer, self.spec.name, run_id, self.ledger)
 
     def _start_workers(self) -> list[DeviceWorker]:
         """``--replicas-per-gpu`` warmed-up replicas on every device, the fidelity guard of a

@@ -205,3 +205,19 @@ def committed_in_another_process(store: Path, table: str = "default") -> int:
             "except Exception:\n    print(0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return int(result.stdout.strip() or 0)
+
+
+def writer_child(pid: int) -> int:
+    """The pid of the store writer process (``python -m gpuengine.writer_process``) among
+    ``pid``'s children; waits up to 30 s for it to appear."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for kid in children(pid):
+            try:
+                with open(f"/proc/{kid}/cmdline", "rb") as fh:
+                    if b"gpuengine.writer_process" in fh.read():
+                        return kid
+            except OSError:
+                continue
+        time.sleep(0.02)
+    pytest.fail(f"process {pid} started no store writer process")

@@ -136,8 +136,9 @@ def test_host_pipeline_esm(tool, monkeypatch, tmp_path):
          "virnucpro150", "--host-sequences", "300", "--out", str(out), "--workdir", str(tmp_path))
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert list(row) == (HEADER + HOST_FIELDS[:2] + ["mean_residues"] + HOST_FIELDS[2:9]
-                         + ["switch_interval_ms", "workdir", "input_process", "devices", "cores",
-                            "main_cpu_us_per_seq", "input_processes", "note"])
+                         + ["switch_interval_ms", "workdir", "input_process", "writer_process",
+                            "commit_transactions", "commit_seconds", "commit_wait_seconds",
+                            "devices", "cores", "main_cpu_us_per_seq", "input_processes", "note"])
     assert (row["commit"], row["system"], row["model"]) == ("testcommit", "gpuengine-host", "esm2-8M")
     fasta = tmp_path / "host-virnucpro150.fa"
     assert row["sequences"] == fasta.read_text().count(">") > 200
@@ -153,7 +154,9 @@ def test_host_stage_costs(tool, monkeypatch, tmp_path, capsys):
     assert row["reads"] == 3000 and row["budget"] == 65536
     stages = row["us_per_read"]
     assert set(stages) == {"decode", "planner", "scheduler", "device", "engine loop",
-                           "(of which encoding)", "committer", "total"}
+                           "(of which encoding)", "committer", "total",
+                           "writer process: engine side", "writer process: child decode",
+                           "engine_total_writer_process", "writer_process_child"}
     assert all(v > 0 for v in stages.values()) and not (tmp_path / "s.lmdb").exists()
 
 
@@ -165,7 +168,7 @@ def test_host_pipeline_dna(tool, monkeypatch, tmp_path):
          "--workdir", str(tmp_path))
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert list(row) == HEADER + HOST_FIELDS + ["devices", "cores", "input_processes",
-                                                 "commit_transactions", "commit_seconds",
+                                                 "writer_process", "commit_transactions", "commit_seconds",
                                                  "commit_wait_seconds", "main_cpu_us_per_seq",
                                                  "note"]
     assert (row["sequences"], row["model"], row["workload"]) == (300, "dnabert-s", "dna150")

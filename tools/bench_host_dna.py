@@ -7,13 +7,16 @@ vectors into LMDB). Runs on any machine; the DNA counterpart of ``bench_esm.py -
     python tools/bench_host_dna.py --reads 2000000 --devices 8 --curve 2,4,8,16 --out r.jsonl
 
 Each row carries ``devices`` (no-op devices), ``cores`` (cores the run could use) and
-``input_processes`` (children reading, hashing and tokenizing the input).
+``input_processes`` (children reading, hashing and tokenizing the input) and
+``writer_process`` (``GPUENGINE_WRITER_PROCESS``: auto, 1 or 0; auto writes the store from a
+child process for inputs of 20 000 records or more).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +63,7 @@ def main() -> None:
         sequences=summary.embedded, workdir=str(args.workdir),
         devices=args.devices, cores=cores,
         input_processes=process_count(environment().input_processes),
+        writer_process=os.environ.get("GPUENGINE_WRITER_PROCESS", "auto"),
         commit_transactions=summary.commit_transactions,
         commit_seconds=summary.commit_seconds,
         commit_wait_seconds=summary.commit_wait_seconds,

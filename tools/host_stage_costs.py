@@ -12,8 +12,12 @@ scheduler intake), the scheduler handing out batches to ``--devices`` no-op devi
 no-op device, the engine loop's handling of each outcome (``_Run._on_outcome``), and the
 committer (``Committer._commit``: encoding, LMDB puts and the commit with fsync, the ledger
 release) in groups of ``--commit-every``; the committer's encoding (pure interpreter work) is
-timed once more on its own. It prints one JSON row: µs per read per stage (CPU time, so
-the LMDB part counts the kernel's copying of pages, not the wait for the disk).
+timed once more on its own. With the writer process (``gpuengine.writer_process``, where the
+code has it) the engine's process does instead what its sender thread does: a group to frame
+buffers (``encode_group``) written down a pipe (a thread drains it, untimed), and the child
+decodes the frame (``decode_group``) and commits: ``engine_total_writer_process`` and
+``writer_process_child`` sum those. It prints one JSON row: µs per read per stage (CPU time,
+so the LMDB part counts the kernel's copying of pages, not the wait for the disk).
 
     python tools/host_stage_costs.py --kind dna --reads 200000
     python tools/host_stage_costs.py --kind esm --reads 200000   # 650M dims (1280)
@@ -80,6 +84,40 @@ def _frames(seqs: list[str], tokenizer, prefixes: list[bytes]) -> list[bytearray
     return frames
 
 
+def _pipe_sender():
+    """send(group): the writer process's engine-side work for one group (down a pipe that a
+    child process drains, as the writer's child reads it: a thread of this process would
+    share its interpreter lock); None where the code has no writer process."""
+    try:
+        from gpuengine.store.group_frames import encode_group
+        from gpuengine.writer_process import _PIPE_BYTES, _F_SETPIPE_SZ, _frame, _write_all
+    except ImportError:
+        return None
+    import fcntl
+    import subprocess
+
+    drain = subprocess.Popen([sys.executable, "-c", "import sys\nb = bytearray(1 << 20)\n"
+                              "while sys.stdin.buffer.raw.readinto(b): pass"],
+                             stdin=subprocess.PIPE, bufsize=0)
+    fcntl.fcntl(drain.stdin.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+
+    def send(group):
+        if group is None:
+            drain.stdin.close()
+            drain.wait()
+            return
+        _write_all(drain.stdin.fileno(), _frame(b"GRUP", encode_group(group, None)))
+    return send
+
+
+def _decode(group, spec):
+    """The group as the child decodes it (its frame built untimed), and the decode timed."""
+    from gpuengine.store.group_frames import decode_group, encode_group, split_payload
+
+    payload = bytearray(b"".join(bytes(memoryview(b).cast("B")) for b in encode_group(group, None)))
+    return lambda: decode_group(*split_payload(payload), spec.outputs)
+
+
 class _Clock:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -130,6 +168,7 @@ def main() -> None:
                                group_rows=0, spec=spec)
         committer = Committer(writer, spec.name, "stage-costs", ledger)  # not started: its
         device = 0                                                      # _commit, timed here
+        send = _pipe_sender()
         while (batch := clock.time("scheduler", scheduler.next_batch, device, args.budget)):
             device = (device + 1) % args.devices
             result = clock.time("device", runner.finish, runner.launch(runner.stage(batch.items)))
@@ -137,14 +176,25 @@ def main() -> None:
                        BatchOutcome("ok", batch.device, batch, result))
             if loop.group_rows >= args.commit_every or scheduler.finished:
                 clock.time("(of which encoding)", writer_module._encode_group, spec, loop.group)
+                if send is not None:
+                    clock.time("writer process: engine side", send, loop.group)
+                    clock.time("writer process: child decode", _decode(loop.group, spec))
                 clock.time("committer", committer._commit, loop.group, None, 1)
                 loop.group, loop.group_rows = [], 0
+        if send is not None:
+            send(None)
         if committer.error is not None:
             raise committer.error
         assert committer.counts.records == len(seqs), committer.counts
     shutil.rmtree(args.store, ignore_errors=True)
     per_read = {stage: round(1e6 * s / len(seqs), 2) for stage, s in clock.seconds.items()}
-    per_read["total"] = round(sum(v for k, v in per_read.items() if not k.startswith("(")), 2)
+    engine = [k for k in per_read if not k.startswith(("(", "writer process"))]
+    per_read["total"] = round(sum(per_read[k] for k in engine), 2)
+    if send is not None:
+        per_read["engine_total_writer_process"] = round(
+            per_read["total"] - per_read["committer"] + per_read["writer process: engine side"], 2)
+        per_read["writer_process_child"] = round(
+            per_read["writer process: child decode"] + per_read["committer"], 2)
     print(json.dumps({"kind": args.kind, "reads": len(seqs), "devices": args.devices,
                       "budget": args.budget, "us_per_read": per_read}))
 

@@ -2,7 +2,7 @@
 
 Recorded with ``--threads`` (and ``--subprocesses``, or one file per process), every stack
 starts with its process and thread; the summary then gives each thread (input processes
-folded into one role, ``input``) its core-seconds (samples ÷ ``--rate``) and the functions
+folded into one role, ``input``; the store writer process's threads as ``writer process``) its core-seconds (samples ÷ ``--rate``) and the functions
 it spends them in (self time), counting only stacks inside gpuengine and leaving out
 imports. Without those prefixes a thread is named by its outermost gpuengine function.
 
@@ -27,7 +27,7 @@ def parse(path: str):
         stack, _, count = line.rstrip("\n").rpartition(" ")
         parts = stack.split(";")
         process = thread = ""
-        if parts and (m := _PROCESS.match(parts[0])):
+        while parts and (m := _PROCESS.match(parts[0])):  # a child's stacks: parent;child
             process, parts = m["cmd"], parts[1:]
         if parts and (m := _THREAD.match(parts[0])):
             thread, parts = m["name"], parts[1:]
@@ -43,12 +43,14 @@ def role(process: str, thread: str, frames) -> str | None:
     (or, unnamed, its outermost gpuengine function); None for a stack outside the engine
     or inside an import."""
     if any(func == "<module>" and "gpuengine/" in file and "inputs" not in file
-           for func, file in frames):
+           and "writer_process" not in file for func, file in frames):
         return None
     if not any("gpuengine/" in file for _, file in frames):
         return None
     if "gpuengine.inputs" in process or any(f == "_worker_main" for f, _ in frames):
         return "input process" + (f" / {thread}" if thread and thread != "MainThread" else "")
+    if "gpuengine.writer_process" in process:
+        return "writer process" + (f" / {thread}" if thread and thread != "MainThread" else "")
     if thread:
         return thread
     return next(func for func, file in frames if "gpuengine/" in file)

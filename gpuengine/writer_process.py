@@ -1,0 +1,474 @@
+"""The store's single writer in a child process of its own (own interpreter, own GIL).
+
+py-lmdb releases the interpreter lock on every put; in the engine's process, where the engine
+loop, the planner, the device workers and the input feeder all run Python, each put must win
+the lock back (a put of a few µs took hundreds of µs). :class:`CommitterProcess` has the
+interface of :class:`~gpuengine.committer.Committer` (``start``, ``put``, ``wait_idle``,
+``finish``, ``snapshot``, ``error``, ``counts``), but the transactions run in a child
+(``python -m gpuengine.writer_process``; lmdb and numpy, no torch):
+
+* a **sender** thread (``gpuengine-committer``) takes the engine's groups from its queue and
+  writes each down the child's stdin as a ``GRUP`` frame (:mod:`gpuengine.store.group_frames`:
+  digests, ids, keys and vectors as raw bytes, no pickle);
+* the child reads frames on one thread (the pipe's reads release its lock) and commits them on
+  another with group commit as :class:`~gpuengine.committer.Committer` does (the groups waiting
+  merged into one transaction, up to ``max_bytes`` of vectors); after each durable commit it
+  answers ``ACKD`` (groups, sequences, records, seconds), or ``FAIL`` (the error's class and
+  message) and drops what follows;
+* an **acknowledgement** thread (``gpuengine-committer-acks``) reads the answers, advances the
+  counters and releases the digests from the ledger: a sequence is done only once the child has
+  committed it durably.
+
+Frames are a 4-byte tag and a little-endian uint64 length, as the input processes'. Parent →
+child: ``CONF`` (JSON: store path, table spec, run id, max_bytes, map size), ``GRUP`` frames, ``FINI``
+(commit what is queued, answer ``DONE``, exit). Child → parent: ``ACKD``, ``FAIL``, ``DONE``.
+
+The child ignores SIGINT and SIGTERM (the engine drains and then finishes it), runs in its own
+session and dies with the engine: ``PR_SET_PDEATHSIG`` (SIGKILL), and an end of its input
+without ``FINI`` makes it exit at once without committing more (a transaction in progress is
+aborted: LMDB never shows half of one). If the child dies, the run stops with a StoreError
+naming how (exit status 1; what was committed is intact, a rerun resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from typing import BinaryIO, Sequence
+
+from gpuengine import errors
+from gpuengine.committer import MAX_TRANSACTION_BYTES, CommitCounts
+from gpuengine.errors import GpuEngineError, InternalError, StoreError
+from gpuengine.store.commit_group import CommitPart, embedded_digests
+from gpuengine.store.schema import TableSpec
+
+_FRAME = struct.Struct("<4sQ")
+_ACK = struct.Struct("<IQQd")  # groups, sequences, records, seconds
+_PIPE_BYTES = 1 << 20
+_F_SETPIPE_SZ = 1031
+_PR_SET_PDEATHSIG = 1
+_CHILD_GROUPS = 16
+"""Groups the child holds read but not committed (then the pipe, then the sender's queue of as
+many): at most 32 groups wait in all, fewer than the writer thread's queue of 64 held."""
+_RAISABLE = {name: cls for name, cls in vars(errors).items()
+             if isinstance(cls, type) and issubclass(cls, GpuEngineError)}
+_RAISABLE.update(ValueError=ValueError, TypeError=TypeError)
+
+
+def _write_all(fd: int, buffers: Sequence) -> None:
+    """Write every buffer to a pipe (``os.writev`` releases the GIL; a pipe may take less)."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    views = [v for v in views if v.nbytes]
+    while views:
+        written = os.writev(fd, views[:512])
+        while written:
+            if written >= views[0].nbytes:
+                written -= views[0].nbytes
+                views.pop(0)
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
+def _frame(tag: bytes, buffers: Sequence) -> list:
+    size = sum(memoryview(b).nbytes for b in buffers)
+    return [_FRAME.pack(tag, size), *buffers]
+
+
+def _read_exact(fh: BinaryIO, size: int) -> bytearray | None:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = fh.readinto(view[got:])
+        if not n:
+            if got == 0:
+                return None
+            raise EOFError("pipe closed inside a frame")
+        got += n
+    return buf
+
+
+def _read_frame(fh: BinaryIO) -> tuple[bytes, bytearray] | None:
+    head = _read_exact(fh, _FRAME.size)
+    if head is None:
+        return None
+    tag, size = _FRAME.unpack(head)
+    payload = _read_exact(fh, size) if size else bytearray()
+    if payload is None:
+        raise EOFError("pipe closed before a frame's payload")
+    return tag, payload
+
+
+def _error_data(exc: BaseException) -> bytes:
+    if type(exc).__name__ in _RAISABLE and isinstance(exc, tuple(_RAISABLE.values())):
+        data = {"class": type(exc).__name__, "message": str(exc)}
+    else:
+        data = {"class": None, "message": "".join(
+            traceback.format_exception_only(type(exc), exc)).strip()}
+        traceback.print_exc()
+    return json.dumps(data).encode("utf-8")
+
+
+def _error_from(payload: bytes) -> BaseException:
+    """The exception a ``FAIL`` frame describes: the same class and message (another kind is
+    a bug: InternalError)."""
+    data = json.loads(bytes(payload).decode("utf-8"))
+    cls = _RAISABLE.get(data.get("class"))
+    if cls is None:
+        return InternalError(f"the store writer process failed: {data.get('message')}")
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, data.get("message", ""))
+    return exc
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+class CommitterProcess:
+    """The writer of one run's table in a child process; see the module docstring. Use as
+    :class:`~gpuengine.committer.Committer`: :meth:`start`, :meth:`put` groups, then always
+    :meth:`finish` (it reaps the child on every path)."""
+
+    command = [sys.executable, "-m", "gpuengine.writer_process"]
+
+    def __init__(self, path: str | os.PathLike[str], spec: TableSpec, run_id: str, ledger, *,
+                 max_bytes: int = MAX_TRANSACTION_BYTES, map_size: int = 1 << 30):
+        self.path = os.fspath(path)
+        self.map_size = map_size
+        """The map the child opens the store with (it grows it as the writer thread would)."""
+        self.spec, self.run_id, self.ledger, self.max_bytes = spec, run_id, ledger, max_bytes
+        import queue
+
+        self.inbox: queue.Queue[tuple[list[CommitPart], dict | None] | None] = queue.Queue(16)
+        self.counts = CommitCounts()
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)
+        self._put = 0
+        """Groups handed in (engine thread)."""
+        self._done = 0
+        """Groups committed or dropped."""
+        self._sent: deque[list[bytes]] = deque()
+        """Per group sent and not yet acknowledged, its embedded digests."""
+        self._closing = False
+        self._finished = False
+        self.proc: subprocess.Popen | None = None
+        self._sender: threading.Thread | None = None
+        self._acks: threading.Thread | None = None
+
+    # -- the Committer interface -----------------------------------------------------------
+
+    def start(self) -> None:
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        env["GPUENGINE_WRITER_PARENT"] = str(os.getpid())
+        self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     bufsize=0, env=env, start_new_session=True)
+        for pipe in (self.proc.stdout, self.proc.stdin):
+            try:
+                import fcntl
+
+                fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+            except OSError:
+                pass  # a smaller pipe only costs more wake-ups
+        conf = json.dumps({"path": self.path, "spec": self.spec.to_json(), "run_id": self.run_id,
+                           "max_bytes": self.max_bytes, "map_size": self.map_size}).encode("utf-8")
+        try:
+            _write_all(self.proc.stdin.fileno(), _frame(b"CONF", [conf]))
+        except OSError:
+            pass  # the child died at once: the acknowledgement thread says how
+        self._sender = threading.Thread(target=self._send, name="gpuengine-committer",
+                                        daemon=True)
+        self._acks = threading.Thread(target=self._read_acks, name="gpuengine-committer-acks",
+                                      daemon=True)
+        self._sender.start()
+        self._acks.start()
+
+    def is_alive(self) -> bool:
+        return self.proc is not None and not self._finished
+
+    def put(self, group: list[CommitPart], extra_runs: dict[str, dict] | None = None) -> None:
+        """Queue a group (and run records to write in the same transaction)."""
+        if group or extra_runs:
+            with self._lock:
+                self._put += 1
+            self.inbox.put((group, extra_runs))
+
+    def wait_idle(self) -> None:
+        """Block until every group queued so far is committed (or, after a failure, dropped)."""
+        with self._settled:
+            while self._done < self._put and self.error is None:
+                self._settled.wait()
+
+    def finish(self) -> None:
+        """Commit everything queued, then stop the child and both threads (blocks until
+        done); idempotent."""
+        if self._finished or self.proc is None:
+            self._finished = True
+            return
+        self.inbox.put(None)
+        self._sender.join()
+        self._acks.join()
+        self._reap()
+
+    def snapshot(self) -> CommitCounts:
+        with self._lock:
+            return CommitCounts(**vars(self.counts))
+
+    # -- threads ---------------------------------------------------------------------------
+
+    def _send(self) -> None:
+        from gpuengine.store.group_frames import encode_group
+
+        fd = self.proc.stdin.fileno()
+        broken = False
+        try:
+            while True:
+                item = self.inbox.get()
+                if item is None:
+                    if not broken:
+                        try:
+                            _write_all(fd, _frame(b"FINI", []))
+                        except OSError:
+                            pass
+                    return
+                if broken or self.error is not None:  # after a failure, drop
+                    self._settle(1)
+                    continue
+                group, extra_runs = item
+                try:
+                    buffers = encode_group(group, extra_runs)
+                except BaseException as exc:  # noqa: BLE001 - a bad group fails the run
+                    self._fail(exc)
+                    self._settle(1)
+                    continue
+                with self._lock:
+                    self._sent.append(embedded_digests(group))
+                try:
+                    _write_all(fd, _frame(b"GRUP", buffers))
+                except OSError:  # the child is gone: the acknowledgement thread says how
+                    broken = True
+        finally:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def _read_acks(self) -> None:
+        out, done = self.proc.stdout, False
+        try:
+            while (frame := _read_frame(out)) is not None:
+                tag, payload = frame
+                if tag == b"ACKD":
+                    self._acknowledged(*_ACK.unpack(payload))
+                elif tag == b"FAIL":
+                    self._fail(_error_from(payload))
+                elif tag == b"DONE":
+                    done = True
+                    break
+                else:
+                    self._fail(InternalError(f"the store writer process sent an unknown frame "
+                                             f"{bytes(tag)!r}"))
+        except (OSError, EOFError, ValueError):
+            pass
+        if not done:
+            self._fail(self._died())
+
+    def _acknowledged(self, groups: int, sequences: int, records: int, seconds: float) -> None:
+        digests: list[bytes] = []
+        with self._lock:
+            for _ in range(groups):
+                digests.extend(self._sent.popleft())
+            self.counts.transactions += 1
+            self.counts.groups += groups
+            self.counts.sequences += sequences
+            self.counts.records += records
+            self.counts.busy_seconds += seconds
+        self.ledger.committed(digests)
+        self._settle(groups)
+
+    def _settle(self, groups: int) -> None:
+        with self._settled:
+            self._done += groups
+            self._settled.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._settled:
+            if self.error is None:
+                self.error = exc
+            self._settled.notify_all()
+
+    def _died(self) -> GpuEngineError:
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        how = ("stopped answering" if code is None else f"was killed by signal "
+               f"{signal.Signals(-code).name}" if code < 0 else f"exited with status {code}")
+        return StoreError(f"the store writer process (pid {self.proc.pid}) {how} before the "
+                          "run's last commit; what was committed is intact, rerun to resume")
+
+    def _reap(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        self._finished = True
+
+
+# ----------------------------------------------------------------------------- child side
+
+
+class _ChildWriter:
+    """The child's committing thread: group commit over the frames the reading thread
+    queues (decoded here, so the reading thread holds the lock only briefly)."""
+
+    def __init__(self, writer, spec: TableSpec, run_id: str, max_bytes: int, out: BinaryIO):
+        import queue
+
+        self.writer, self.spec, self.run_id, self.max_bytes = writer, spec, run_id, max_bytes
+        self.out = out
+        self.inbox: queue.Queue[bytearray | None] = queue.Queue(_CHILD_GROUPS)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - a bug here: reported, then drain
+            self._failed(exc)
+            while self.inbox.get() is not None:
+                pass
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+            _write_all(self.out.fileno(), _frame(b"FAIL", [_error_data(exc)]))
+
+    def _run(self) -> None:
+        import queue
+
+        from gpuengine.store.group_frames import split_payload
+
+        done = False
+        while not done:
+            item = self.inbox.get()
+            if item is None:
+                return
+            payloads = [split_payload(item)]
+            nbytes = payloads[0][0]["nbytes"]
+            while nbytes < self.max_bytes:  # merge what else is waiting (group commit)
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    done = True
+                    break
+                payloads.append(split_payload(item))
+                nbytes += payloads[-1][0]["nbytes"]
+            if self.error is None:  # after a failure, drain without writing
+                self._commit(payloads)
+
+    def _commit(self, payloads: list) -> None:
+        from gpuengine.store.group_frames import decode_group
+
+        started = time.perf_counter()
+        try:
+            group: list[CommitPart] = []
+            extra_runs: dict = {}
+            for header, blobs in payloads:
+                group.extend(decode_group(header, blobs, self.spec.outputs))
+                extra_runs.update(header["extra"] or {})  # later records supersede earlier
+            sequences, records = self.writer.commit(self.spec.name, group, run_id=self.run_id,
+                                                    extra_runs=extra_runs or None)
+        except BaseException as exc:  # noqa: BLE001 - reported to the engine, which raises it
+            self._failed(exc)
+            return
+        ack = _ACK.pack(len(payloads), sequences, records, time.perf_counter() - started)
+        _write_all(self.out.fileno(), _frame(b"ACKD", [ack]))
+
+
+def serve(inp: BinaryIO, out: BinaryIO) -> None:
+    """The child's loop: the configuration, then groups until ``FINI`` (answered ``DONE``);
+    the end of the input without ``FINI`` (the engine is gone) exits at once."""
+    from gpuengine.store.writer import StoreWriter
+
+    frame = _read_frame(inp)
+    if frame is None or frame[0] != b"CONF":
+        raise InternalError("store writer process: no configuration received")
+    conf = json.loads(bytes(frame[1]).decode("utf-8"))
+    spec = TableSpec.from_json(conf["spec"])
+    with StoreWriter(conf["path"], initial_map_size=conf["map_size"]) as writer:
+        writer.open_table(spec)
+        child = _ChildWriter(writer, spec, conf["run_id"], conf["max_bytes"], out)
+        thread = threading.Thread(target=child.run, name="gpuengine-writer", daemon=True)
+        thread.start()
+        while True:
+            frame = _read_frame(inp)
+            if frame is None:  # no FINI: the engine died; commit nothing more
+                os._exit(1)
+            tag, payload = frame
+            if tag == b"GRUP":
+                child.inbox.put(payload)
+            elif tag == b"FINI":
+                child.inbox.put(None)
+                break
+            else:
+                raise InternalError(f"store writer process: unexpected frame {bytes(tag)!r}")
+        thread.join()
+    _write_all(out.fileno(), _frame(b"DONE", []))
+
+
+def _die_with_parent() -> None:
+    """SIGKILL when the engine dies (Linux), and exit now if it is already gone."""
+    parent = os.environ.get("GPUENGINE_WRITER_PARENT", "")
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the end of the input still stops it
+    if parent.isdigit() and os.getppid() != int(parent):
+        os._exit(1)
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine decides when this stops
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)  # a stray print must not corrupt the frames
+    inp = os.fdopen(os.dup(0), "rb", buffering=0)
+    try:
+        serve(inp, out)
+    except BrokenPipeError:
+        return 1  # the engine is gone
+    except BaseException as exc:  # noqa: BLE001 - reported to the engine, which raises it
+        try:
+            _write_all(out.fileno(), _frame(b"FAIL", [_error_data(exc)]))
+        except OSError:
+            pass
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
