@@ -317,7 +317,7 @@ class _Run:
                                   pool=self.pool)
         report = guard_fidelity(self.config, self.model.fam, self.weights, self.spec,
                                 replicas[0], self.records, self.tokenizer.encode, self.progress,
-                                runner_factory=self.runner_factory)
+                                runner_factory=self.runner_factory, pool=self.pool)
         if report is not None:
             self.summary.fidelity = report.to_json()
         self.workers = [DeviceWorker(index, replica.runner, replica.budget, self.scheduler,

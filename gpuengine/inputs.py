@@ -128,6 +128,9 @@ class RecordSource:
     """With ``fasta``: the records are derived from the files' valid records
     (``iterate`` gives the derived ones, in the same order, for a reader in the planner's
     thread); ``count`` and ``residues`` are the derived records'."""
+    pick: Callable[[Sequence[int]], list[FastaRecord]] | None = None
+    """Optional: the records at these (sorted) positions of ``iterate``'s order, the same
+    ones, found without going through all of them (the fp8 guard's sample)."""
 
     def counts(self) -> dict:
         """The run summary's input counts (records read, valid, skipped, repeated; a

@@ -209,13 +209,45 @@ class ReplicaPool:
         self._lock = threading.Lock()
         self._replicas: dict[Hashable, list[Replica]] = {}
         self._weights: dict[Hashable, Weights] = {}
+        self._reading: dict[Hashable, threading.Lock] = {}
+        self._built: dict[tuple[int, torch.dtype], list[torch.nn.Module]] = {}
 
     def weights(self, key: Hashable, read: Callable[[], Weights]) -> Weights:
-        """The host-side weights for ``key`` (e.g. path, size, mtime), read once per process."""
+        """The host-side weights for ``key`` (e.g. path, size, mtime), read once per process
+        (a thread reading one model's weights does not hold up another's)."""
         with self._lock:
-            if key not in self._weights:
-                self._weights[key] = read()
-            return self._weights[key]
+            if key in self._weights:
+                return self._weights[key]
+            reading = self._reading.setdefault(key, threading.Lock())
+        with reading:
+            with self._lock:
+                if key in self._weights:
+                    return self._weights[key]
+            value = read()
+            with self._lock:
+                self._weights[key] = value
+            return value
+
+    def has_weights(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._weights
+
+    def put_built(self, weights: Weights, dtype: torch.dtype, model: torch.nn.Module) -> None:
+        """A model built ahead from ``weights`` in ``dtype`` (on the host, by
+        :mod:`gpuengine.preload`), for the next :meth:`take_built`."""
+        with self._lock:
+            self._built.setdefault((id(weights), dtype), []).append(model)
+
+    def take_built(self, weights: Weights, dtype: torch.dtype) -> torch.nn.Module | None:
+        """A model built ahead from ``weights`` in ``dtype``, handed out once, or None."""
+        with self._lock:
+            models = self._built.get((id(weights), dtype))
+            return models.pop() if models else None
+
+    def drop_built(self) -> None:
+        """Forget the models built ahead that no run took."""
+        with self._lock:
+            self._built.clear()
 
     def get(self, key: Hashable) -> list[Replica] | None:
         """The replicas of one device built for ``key``, or None."""
@@ -238,6 +270,7 @@ class ReplicaPool:
         with self._lock:
             self._replicas.clear()
             self._weights.clear()
+            self._built.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -263,9 +296,12 @@ class ModelChoice:
         """The host-side weights: from ``pool`` when it read this file before."""
         if pool is None:
             return self.fam.read(self.source)
+        return pool.weights(self.weights_key(), lambda: self.fam.read(self.source))
+
+    def weights_key(self) -> tuple[str, int, int]:
+        """The weights' key in a :class:`ReplicaPool`: path, size, mtime."""
         stat = Path(self.source.path).stat()
-        key = (str(Path(self.source.path).resolve()), stat.st_size, stat.st_mtime_ns)
-        return pool.weights(key, lambda: self.fam.read(self.source))
+        return (str(Path(self.source.path).resolve()), stat.st_size, stat.st_mtime_ns)
 
     def checksum(self, cache_dir: Path) -> str:
         """The weights' sha256 (cached by path, size and time under ``cache_dir``)."""
@@ -319,13 +355,20 @@ def build_replicas(config: EmbedConfig, fam: Family, weights: Weights, spec: Tab
                 else:  # the replicas of a device share one copy of the (read-only) weights;
                     # at fp8 the first runner quantizes it, the others run that quantized copy
                     if model is None:
-                        model = fam.build(weights, DTYPES[precision])
+                        model = build_model(fam, weights, DTYPES[precision], pool)
                     runners.append(_make_runner(config, fam, model, device, precision, outputs))
             group = _device_group(runners, names, device, estimate, config.max_tokens, progress)
             if pool is not None:
                 pool.put(key, group)
         replicas.extend(group)
     return replicas
+
+
+def build_model(fam: Family, weights: Weights, dtype: torch.dtype,
+                pool: ReplicaPool | None) -> torch.nn.Module:
+    """``fam.build(weights, dtype)``, or the same model built ahead into ``pool``."""
+    built = pool.take_built(weights, dtype) if pool is not None else None
+    return built if built is not None else fam.build(weights, dtype)
 
 
 def _device_group(runners: list[Runner], names: list[str], device: torch.device,
@@ -373,10 +416,13 @@ def split_cpu_threads(threads: int | None, replicas: int) -> None:
 
 def _make_runner(config: EmbedConfig, fam: Family, model: torch.nn.Module,
                  device: torch.device, precision: str, outputs: tuple[OutputSpec, ...], *,
-                 fp8_on_cpu: bool = False) -> Runner:
+                 fp8_on_cpu: bool = False, compile: bool | None = None) -> Runner:
     """A runner of ``model`` (built by the caller; at ``fp8`` quantized by the first runner of
-    it, see :class:`~gpuengine.runner.Runner`) with the run's kernel choice."""
+    it, see :class:`~gpuengine.runner.Runner`) with the run's kernel choice (``compile``:
+    another one)."""
     compile_kernels = config.compile if config.compile is not None else device.type == "cuda"
+    if compile is not None:
+        compile_kernels = compile
     return Runner(model, device, precision, outputs, fam.pooling_rule, compile=compile_kernels,
                   fp8_on_cpu=fp8_on_cpu)
 
@@ -397,14 +443,20 @@ def make_runner(fam: Family, weights: Weights, device: torch.device, precision: 
 
 def guard_fidelity(config: EmbedConfig, fam: Family, weights: Weights, spec: TableSpec,
                    replica: Replica, records: RecordSource, encode: Callable, progress:
-                   ProgressSink, *, runner_factory: RunnerFactory | None = None
-                   ) -> FidelityReport | None:
+                   ProgressSink, *, runner_factory: RunnerFactory | None = None,
+                   pool: ReplicaPool | None = None,
+                   reference_compiled: bool = False) -> FidelityReport | None:
     """For a guarded precision (fp8): the fidelity guard on ``replica`` (the run's first
     device), against an fp16 runner built on the same device for the measurement and dropped
     after it; FidelityError below ``config.fp8_min_cosine``. None (and nothing done) for any
     other precision. Call it before any worker starts: the guard uses the replica's runner
     from this thread, and the allocator's peak is reset after it so that the reference model
-    does not count in the device's bytes per token."""
+    does not count in the device's bytes per token.
+
+    The fp16 reference runs the model's exact eager layers (``reference_compiled``: the run's
+    kernel choice instead, for comparison): it embeds 256 sequences once, and the compiled
+    kernels' compilation and autotuning for a precision the run does not otherwise use would
+    be most of its time."""
     if spec.precision not in GUARDED_PRECISIONS:
         return None
     from gpuengine.fidelity import GUARD_REFERENCE, guard_run
@@ -416,11 +468,19 @@ def guard_fidelity(config: EmbedConfig, fam: Family, weights: Weights, spec: Tab
         if runner_factory is not None:
             return runner_factory(device, GUARD_REFERENCE, spec.outputs)
         # its own model, never the replicas' (at fp8 those weights are quantized in place)
-        model = fam.build(weights, DTYPES[GUARD_REFERENCE])
-        return _make_runner(config, fam, model, device, GUARD_REFERENCE, spec.outputs)
+        model = build_model(fam, weights, DTYPES[GUARD_REFERENCE], pool)
+        return _make_runner(config, fam, model, device, GUARD_REFERENCE, spec.outputs,
+                            compile=None if reference_compiled else False)
 
-    report = guard_run(spec.precision, replica.runner, reference, records.iterate(),
-                       records.count, encode, threshold=config.fp8_min_cosine,
+    if records.pick is not None:  # the sample's records found directly, not by a full pass
+        from gpuengine.fidelity import GUARD_SAMPLE, sample_indices
+
+        picked = records.pick(sample_indices(records.count, GUARD_SAMPLE))
+        sample, count = picked, len(picked)
+    else:
+        sample, count = records.iterate(), records.count
+    report = guard_run(spec.precision, replica.runner, reference, sample,
+                       count, encode, threshold=config.fp8_min_cosine,
                        max_residues=spec.max_residues, progress=progress)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -48,9 +48,9 @@ def cpu_fp8_engine(monkeypatch):
     made, quantized = [], []
     real_make = functools.partial(replicas._make_runner, fp8_on_cpu=True)
 
-    def make(config, fam, model, device, precision, outputs):
-        made.append((precision, weakref.ref(model), id(model)))
-        return real_make(config, fam, model, device, precision, outputs)
+    def make(config, fam, model, device, precision, outputs, **options):
+        made.append((precision, weakref.ref(model), id(model), options))
+        return real_make(config, fam, model, device, precision, outputs, **options)
 
     real_quantize = fp8._quantize_layer
     monkeypatch.setattr(replicas, "_make_runner", make)
@@ -92,6 +92,8 @@ def test_fp8_replicas_share_one_quantized_copy_and_store_what_one_stores(
     # one model for both replicas, quantized once; then the guard's own fp16 reference
     assert [p for p, *_ in made] == ["fp8", "fp8", "fp16"]
     assert made[0][2] == made[1][2] != made[2][2]
+    # the reference runs the exact eager layers (no kernels compiled for it); the replicas the run's
+    assert made[2][3] == {"compile": False} and made[0][3] == made[1][3] == {}
     assert len(quantized) == layers and len({id(layer) for layer in quantized}) == layers
     gc.collect()
     assert made[2][1]() is None, "the guard's fp16 reference was dropped"

@@ -37,7 +37,7 @@ def tool(monkeypatch):
 def test_every_script_is_listed():
     assert {"bench_common", "bench_dnabert", "bench_esm", "bench_fp8", "bench_host_dna",
             "bench_kernels", "bench_merge", "bench_predict", "bench_replicas", "bench_serve",
-            "bench_shard_scan", "host_stage_costs", "make_checkpoint",
+            "bench_shard_scan", "bench_startup", "host_stage_costs", "make_checkpoint",
             "plot_benchmarks", "pyspy_summary"} == set(SCRIPTS)
 
 

@@ -162,6 +162,31 @@ def fp16_subset(args, fasta: Path, mlp_path: Path, esm_pt: Path, dna_dir: Path, 
                      f"in wall_s), a subset to keep one device call under 9 minutes"}
 
 
+def score_check(config, out: Path, work: Path) -> dict:
+    """Score the run's store again in this process (``score_workers=0``, the score stage as it
+    was before worker processes) and compare the output bytes with the run's."""
+    import dataclasses
+    import hashlib
+
+    from gpuengine.workflows.virnucpro.outputs import (CONSENSUS_FILE, PREDICTIONS_FILE,
+                                                       READ_SUMMARY_FILE)
+    from gpuengine.workflows.virnucpro.pipeline import run_predict
+
+    inline = work / "score_inline"
+    shutil.rmtree(inline, ignore_errors=True)
+    again = run_predict(dataclasses.replace(config, out=inline, store=config.store_path,
+                                            score_only=True, score_workers=0))
+
+    def digest(folder: Path, name: str) -> str:
+        return hashlib.sha256((folder / name).read_bytes()).hexdigest()
+
+    names = (PREDICTIONS_FILE, CONSENSUS_FILE, READ_SUMMARY_FILE)
+    same = {name: digest(out, name) == digest(inline, name) for name in names}
+    shutil.rmtree(inline, ignore_errors=True)
+    return {"in_process_score_s": again.stage_seconds["score"], "identical": all(same.values()),
+            "files": same}
+
+
 def noop_devices() -> None:
     """Every ``run_embed`` of this process runs no-op devices of the model's width (the
     tables are 768 and 2560 wide, as the real models')."""
@@ -190,6 +215,9 @@ def main() -> None:
     ap.add_argument("--agreement-reads", type=int, default=200_000,
                     help="with a precision other than fp16: reads run again at fp16 (--tiny: "
                     "the CPU's fp32) to compare the outputs (0: none); default %(default)s")
+    ap.add_argument("--score-check", action="store_true",
+                    help="after the run, score its store again in this process (no score "
+                    "workers) and compare the output bytes (not in wall_s)")
     add_commit_option(ap)
     ap.add_argument("--tiny", action="store_true", help="smoke test on the CPU with tiny models")
     ap.add_argument("--noop", action="store_true",
@@ -217,6 +245,13 @@ def main() -> None:
     extra = {}
     if args.precision != "fp16":
         extra["fidelity"] = summary.embed["esm"].get("fidelity")
+    extra["stage_setup_seconds"] = {  # load, hash, build, warm-up (and guard) of each model
+        name: embed["wall_seconds"] - embed["embed_seconds"] for name, embed in summary.embed.items()}
+    extra["score_workers"] = summary.score_workers
+    extra["preload_seconds"] = summary.preload_seconds  # alongside earlier stages, not in wall_s
+    extra["preload_wait_seconds"] = summary.preload_wait_seconds  # inside the stage's seconds
+    if args.score_check:
+        extra["score_check"] = score_check(config, out, work)
     if args.precision != "fp16" and args.agreement_reads > 0:
         extra.update(fp16_subset(args, fasta, mlp_path, esm_pt, dna_dir, devices, pool, out))
     note = extra.pop("_note", "")
@@ -234,6 +269,11 @@ def main() -> None:
         note="cold run: includes reading/hashing the checkpoints and warm-up in the "
              "dnabert/esm stages (and, at fp8, the ESM-2 stage's fidelity guard); tokens_per_s "
              "is the ESM-2 stage's (model tokens)" + note
+             + "; stage_setup_seconds: each embedding stage's time before its first batch "
+             "(reading, hashing, building, warming up the model; at fp8 the guard); "
+             "preload_seconds: reading/hashing/building each model ahead, in a thread "
+             "alongside the earlier stages (ESM-2's during DNABERT-S; not part of wall_s), "
+             "preload_wait_seconds: the part of each stage spent waiting for it"
              + ("; --noop: every forward a no-op of the model's width on the CPU (predict's "
                 "host side only)" if args.noop else ""))
     print(json.dumps(rec, indent=1))

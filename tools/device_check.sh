@@ -3,7 +3,8 @@
 # GPU tests (SKIP_TESTS=1 skips them), then the benchmarks whose arguments are given:
 # DNABERT_ARGS (tools/bench_dnabert.py), BENCH_ARGS (tools/bench_esm.py), FP8_ARGS
 # (tools/bench_fp8.py), PREDICT_ARGS (tools/bench_predict.py), REPLICAS_ARGS
-# (tools/bench_replicas.py), SERVE_ARGS (tools/bench_serve.py). Results land in
+# (tools/bench_replicas.py), SERVE_ARGS (tools/bench_serve.py), STARTUP_ARGS
+# (tools/bench_startup.py; ' ' runs its defaults). Results land in
 # $OUT/results.jsonl, logs next to it.
 #   carry: .whl      command: GPUENGINE_COMMIT=<hash> BENCH_ARGS="..." bash tools/device_check.sh
 set -uo pipefail
@@ -17,6 +18,9 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv,noheader
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -m pytest -m gpu tests/ -q -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+if [ -n "${STARTUP_ARGS:-}" ]; then  # first: its children measure cold caches of their own
+  python3 tools/bench_startup.py $STARTUP_ARGS --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/bench_startup.log"
 fi
 if [ -n "${DNABERT_ARGS:-}" ]; then
   python3 tools/bench_dnabert.py $DNABERT_ARGS --out "$OUT/results.jsonl" 2>&1 | tee "$OUT/bench_dnabert.log"

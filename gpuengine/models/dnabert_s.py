@@ -180,7 +180,8 @@ def select_alibi_attention(device: torch.device, dtype: torch.dtype, kind: str =
     Measured on one H200 (torch 2.11, real DNABERT-S shape, random weights, fp16, 65k-token
     batches): ~115-token sequences 1.25 M tok/s flex vs 0.99 M padded (cuDNN SDPA); 74 sequences
     up to 1801 tokens 1.06 M vs 0.45 M, peak 2.1 vs 7.5 GiB; flex vs padded cosine ≥ 0.999999.
-    The first call per row bucket compiles (about 4 s); other batches of a bucket reuse it.
+    The first call compiles (about 4 s, dynamic shapes: once for every row bucket, see
+    :class:`~gpuengine.models.flex.FlexDocumentAttention`).
     """
     device = torch.device(device)
     if kind == "auto":

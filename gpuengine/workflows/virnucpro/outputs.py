@@ -72,6 +72,7 @@ __all__ = [
     "READ_SUMMARY_FILE",
     "ConsensusCollector",
     "PredictionWriter",
+    "format_prediction_rows",
     "format_score",
 ]
 
@@ -103,6 +104,26 @@ def _scores_array(scores, n: int) -> np.ndarray:
     return array_
 
 
+def format_prediction_rows(frame_ids: Sequence[str], scores,
+                           virus: Iterable[bool] | None = None) -> str:
+    """The lines of ``prediction_results.txt`` for these frames (see :class:`PredictionWriter`):
+    ``scores`` is (N, 2) [score1, score2]; ``virus`` the predictions (default: score2 > score1,
+    the original's argmax, a tie being "others")."""
+    scores = _scores_array(scores, len(frame_ids))
+    if virus is None:
+        virus = scores[:, 1] > scores[:, 0]
+    virus = np.asarray(virus, dtype=bool)
+    if virus.shape != (len(frame_ids),):
+        raise ValueError(f"{virus.shape[0] if virus.ndim else 1} predictions for "
+                         f"{len(frame_ids)} frames")
+    label = ("others", "virus")
+    # str(), not format(): f"{np.float32(0.1)}" is '0.10000000149011612', str() is '0.1'.
+    return "".join(
+        f"{fid}\t{label[v]}\t{s1}\t{s2}\n"
+        for fid, v, s1, s2 in zip(frame_ids, virus.tolist(), map(str, scores[:, 0]),
+                                  map(str, scores[:, 1])))
+
+
 class PredictionWriter:
     """Streams ``prediction_results.txt``: the header at open, rows as they come."""
 
@@ -115,20 +136,12 @@ class PredictionWriter:
     def write(self, frame_ids: Sequence[str], scores, virus: Iterable[bool] | None = None) -> None:
         """Append one row per frame. ``scores`` is (N, 2) [score1, score2]; ``virus`` the
         predictions (default: score2 > score1, the original's argmax, a tie being "others")."""
-        scores = _scores_array(scores, len(frame_ids))
-        if virus is None:
-            virus = scores[:, 1] > scores[:, 0]
-        virus = np.asarray(virus, dtype=bool)
-        if virus.shape != (len(frame_ids),):
-            raise ValueError(f"{virus.shape[0] if virus.ndim else 1} predictions for "
-                             f"{len(frame_ids)} frames")
-        label = ("others", "virus")
-        # str(), not format(): f"{np.float32(0.1)}" is '0.10000000149011612', str() is '0.1'.
-        self._handle.write("".join(
-            f"{fid}\t{label[v]}\t{s1}\t{s2}\n"
-            for fid, v, s1, s2 in zip(frame_ids, virus.tolist(), map(str, scores[:, 0]),
-                                      map(str, scores[:, 1]))))
-        self.rows += len(frame_ids)
+        self.write_rows(format_prediction_rows(frame_ids, scores, virus), len(frame_ids))
+
+    def write_rows(self, rows: str, count: int) -> None:
+        """Append ``count`` rows already formatted by :func:`format_prediction_rows`."""
+        self._handle.write(rows)
+        self.rows += count
 
     def close(self) -> None:
         self._handle.close()

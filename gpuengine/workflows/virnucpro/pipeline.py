@@ -18,11 +18,19 @@ Stages (each timed in :class:`PredictSummary`):
    (:class:`~gpuengine.inputs.Derivation` naming :func:`~gpuengine.workflows.virnucpro.frames.frame_records`),
    not in this process, where that work held the GIL against the device threads; the
    frames and their order are the same either way.
-5. **score**: features ``[DNABERT | ESM]`` joined **by frame id** (read in bulk, one
-   ``get_many`` per block and table, into one reused float32 buffer) (a missing side is an error that
-   names the frame, never a silent shift), the MLP, and the outputs: ``prediction_results.txt``,
+5. **score** (:mod:`~gpuengine.workflows.virnucpro.scoring`; blocks of reads scored in worker
+   processes on a machine of 4 or more cores, the same bytes): features ``[DNABERT | ESM]``
+   joined **by frame id** (read in bulk, one ``get_many`` per block and table, into one reused
+   float32 buffer) (a missing side is an error that names the frame, never a silent shift),
+   the MLP, and the outputs: ``prediction_results.txt``,
    ``prediction_results_highestscore.csv`` (tab-separated, per chunk), and the new per-read
    summary ``prediction_results_reads.tsv``.
+
+Both models are read ahead (:mod:`gpuengine.preload`, a thread each, started after the
+frames stage): the 3B ESM-2 checkpoint is read, hashed and built on the host while the
+DNABERT-S stage runs. ``stage_seconds`` stay each stage's own wall time (they do not overlap
+each other, and their sum is the wall time); the preloads' own seconds, which overlap, are in
+``preload_seconds``, and what a stage waited for its preload in ``preload_wait_seconds``.
 
 Memory is bounded by the block of reads and the per-chunk consensus table, not by the input.
 
@@ -58,7 +66,6 @@ from gpuengine.workflows.virnucpro.frames import Frames, chunk_sequence, frames_
 log = logging.getLogger(__name__)
 
 READ_BLOCK = 20_000
-SCORE_BLOCK = 32_768
 EXPECTED_LENGTHS = (300, 500)
 
 
@@ -90,6 +97,9 @@ class PredictConfig:
     """``--shard I/N``: only the reads of this shard."""
     score_only: bool = False
     """Load no embedding model: score from the features already in the store."""
+    score_workers: int | None = None
+    """Processes scoring blocks of reads (0: in this process; None: one per two cores for an
+    input of several blocks, see :func:`~gpuengine.workflows.virnucpro.scoring.score_workers`)."""
 
     def __post_init__(self) -> None:
         if self.length < 3:
@@ -134,6 +144,13 @@ class PredictSummary:
     out_dir: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)
     embed: dict[str, dict] = field(default_factory=dict)
+    score_workers: int = 0
+    """Worker processes the score stage used (0: it scored in this process)."""
+    preload_seconds: dict[str, float] = field(default_factory=dict)
+    """How long reading each model ahead took (:mod:`gpuengine.preload`; ESM-2's runs
+    alongside the earlier stages, so it is not part of ``wall_seconds``)."""
+    preload_wait_seconds: dict[str, float] = field(default_factory=dict)
+    """How long each embedding stage waited for its model's preload (part of the stage)."""
 
     @property
     def wall_seconds(self) -> float:
@@ -198,33 +215,64 @@ def run_predict(config: PredictConfig, progress: ProgressSink | None = None,
                              f"{exc.strerror or exc}") from None
     stages = (("dnabert", config.dnabert_model, (-1,), "nucleotides"),
               ("esm", config.esm_model, (config.esm_layer,), "proteins"))
-    for name, model, layers, column in () if config.score_only else stages:
-        source = _frame_source(config, report, column, counts)
-        embed_config = EmbedConfig(
-            inputs=(config.reads,), model=model, out=config.store_path, layers=layers,
-            pools=("mean",), precision=_stage_precision(config.precision, name),
-            table=name, devices=config.devices, max_tokens=config.max_tokens,
-            replicas_per_gpu=config.replicas_per_gpu, allow_download=config.allow_download,
-            max_residues=None, fp8_min_cosine=config.fp8_min_cosine, shard=config.shard,
-            env=environment())
-        with stage(name):
-            try:
-                result = run_embed(embed_config, progress, stop, records=source,
-                                   replicas=replicas)
-            except StoreMismatchError as exc:  # predict has no --table: say what to do instead
-                raise StoreMismatchError(
-                    f"{str(exc).split('; to keep both')[0]}; predict keeps its features in the "
-                    "tables 'dnabert' and 'esm': use another --store (or --out)") from None
-        summary.embed[name] = result.to_json()
-        if result.interrupted:
-            return summary
-        if result.failed:
-            raise InputError(f"{len(result.failed)} frames could not be embedded by {model} "
-                             f"(first: {result.failed[0][0]}: {result.failed[0][1]}); no "
-                             "prediction is written with missing features")
+    configs = {name: _stage_config(config, name, model, layers)
+               for name, model, layers, _ in stages}
+    preloads = {} if config.score_only else _start_preloads(config, configs, replicas)
+    try:
+        for name, model, layers, column in () if config.score_only else stages:
+            source = _frame_source(config, report, column, counts)
+            with stage(name):
+                summary.preload_wait_seconds[name] = preloads[name].wait()
+                try:
+                    result = run_embed(configs[name], progress, stop, records=source,
+                                       replicas=replicas)
+                except StoreMismatchError as exc:  # predict has no --table: say what to do
+                    raise StoreMismatchError(
+                        f"{str(exc).split('; to keep both')[0]}; predict keeps its features in "
+                        "the tables 'dnabert' and 'esm': use another --store (or --out)") from None
+            summary.embed[name] = result.to_json()
+            if result.interrupted:
+                return summary
+            if result.failed:
+                raise InputError(f"{len(result.failed)} frames could not be embedded by {model} "
+                                 f"(first: {result.failed[0][0]}: {result.failed[0][1]}); no "
+                                 "prediction is written with missing features")
+    finally:
+        for name, preload in preloads.items():
+            preload.wait()
+            summary.preload_seconds[name] = preload.seconds
+        if preloads:
+            replicas.drop_built()
     with stage("score"):
         summary.virus_chunks = _score(config, report, load_classifier, summary)
     return summary
+
+
+def _stage_config(config: PredictConfig, name: str, model: str,
+                  layers: tuple[int, ...]) -> EmbedConfig:
+    return EmbedConfig(
+        inputs=(config.reads,), model=model, out=config.store_path, layers=layers,
+        pools=("mean",), precision=_stage_precision(config.precision, name),
+        table=name, devices=config.devices, max_tokens=config.max_tokens,
+        replicas_per_gpu=config.replicas_per_gpu, allow_download=config.allow_download,
+        max_residues=None, fp8_min_cosine=config.fp8_min_cosine, shard=config.shard,
+        env=environment())
+
+
+def _start_preloads(config: PredictConfig, configs: dict[str, EmbedConfig],
+                    replicas: ReplicaPool) -> dict:
+    """Both models read ahead (:mod:`gpuengine.preload`), one thread each, started once the
+    input is known good (an input error still shows at once): the DNABERT-S stage waits for
+    its own; ESM-2's (the 3B checkpoint: read, hashed, built on the host; at fp8 a second
+    build for the guard's fp16 reference) runs alongside the DNABERT-S stage."""
+    from gpuengine.preload import ModelPreload
+
+    preloads = {"dnabert": ModelPreload(configs["dnabert"], replicas),
+                "esm": ModelPreload(configs["esm"], replicas,
+                                    builds=2 if config.precision == "fp8" else 1)}
+    for preload in preloads.values():
+        preload.start()
+    return preloads
 
 
 def _stage_precision(precision: str | None, stage: str) -> str | None:
@@ -251,6 +299,15 @@ def _validate_reads(config: PredictConfig, alphabet: frozenset[str]) -> Validati
 def _frame_blocks(config: PredictConfig, report: ValidationReport
                   ) -> Iterator[tuple[list[str], list[str], Frames]]:
     """(read ids, read sequences, their kept frames) per block of reads (of the shard)."""
+    for ids, seqs in _read_blocks(config, report):
+        yield ids, seqs, frames_for_batch(ids, seqs, config.length)
+
+
+def _read_blocks(config: PredictConfig, report: ValidationReport
+                 ) -> Iterator[tuple[list[str], list[str]]]:
+    """(read ids, read sequences) per block of at least READ_BLOCK reads (of the shard): the
+    blocks every pass makes its frames from (the score stage's blocks are the same, whether
+    scored here or in worker processes)."""
     ids: list[str] = []
     seqs: list[str] = []
     keep = config.shard.holds_sequence if config.shard is not None else None
@@ -261,10 +318,10 @@ def _frame_blocks(config: PredictConfig, report: ValidationReport
         ids += block_ids
         seqs += block_seqs
         if len(ids) >= READ_BLOCK:
-            yield ids, seqs, frames_for_batch(ids, seqs, config.length)
+            yield ids, seqs
             ids, seqs = [], []
     if ids:
-        yield ids, seqs, frames_for_batch(ids, seqs, config.length)
+        yield ids, seqs
 
 
 def _valid_reads(config: PredictConfig, report: ValidationReport
@@ -285,11 +342,14 @@ def _valid_reads(config: PredictConfig, report: ValidationReport
         yield ids, [seq.decode("utf-8") for seq in seqs]
 
 
-def _count_frames(config: PredictConfig, report: ValidationReport) -> dict[str, int]:
+def _count_frames(config: PredictConfig, report: ValidationReport) -> dict:
+    """The counts of stage 2, and ``frames_per_read`` (int32, one per read of the shard, 4
+    bytes a read) for finding a frame by its position (:func:`_pick_frames`)."""
     counts = {"reads": report.records, "empty": report.problem_count, "chunks": 0, "frames": 0,
               "nucleotides": 0, "proteins": 0}
     if config.shard is not None:
         counts["reads"] = 0
+    per_read = []
     for ids, _, frames in _frame_blocks(config, report):
         if config.shard is not None:
             counts["reads"] += len(ids)
@@ -297,11 +357,13 @@ def _count_frames(config: PredictConfig, report: ValidationReport) -> dict[str, 
         counts["frames"] += len(frames)
         counts["nucleotides"] += sum(map(len, frames.nucleotides))
         counts["proteins"] += sum(map(len, frames.proteins))
+        per_read.append(np.bincount(frames.read_index, minlength=len(ids)).astype(np.int32))
+    counts["frames_per_read"] = np.concatenate(per_read) if per_read else np.zeros(0, np.int32)
     return counts
 
 
 def _frame_source(config: PredictConfig, report: ValidationReport, column: str,
-                  counts: dict[str, int]):
+                  counts: dict):
     """The frames of one embedding stage as the engine's input: derived from the reads by
     whichever reader parses them (input processes, for a large input: the frames are made,
     hashed and tokenized there, not in this process; else the planner's thread)."""
@@ -312,7 +374,42 @@ def _frame_source(config: PredictConfig, report: ValidationReport, column: str,
                         {"length": config.length, "column": column, "shard": shard})
     return RecordSource(lambda: _frame_records(config, report, column), counts["frames"],
                         counts[column], FastaInput((config.reads,), report, None),
-                        derive=derive)
+                        derive=derive,
+                        pick=lambda positions: _pick_frames(config, report, column,
+                                                            counts["frames_per_read"],
+                                                            positions))
+
+
+def _pick_frames(config: PredictConfig, report: ValidationReport, column: str,
+                 frames_per_read: np.ndarray, positions) -> list[FastaRecord]:
+    """The records :func:`_frame_records` gives at ``positions`` (sorted), made from the reads
+    that hold them only: one pass that parses the reads but translates just those (the fp8
+    guard's sample of 256 frames, not all of them again)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if not len(positions):
+        return []
+    ends = np.cumsum(frames_per_read, dtype=np.int64)  # frames up to and including each read
+    reads = np.searchsorted(ends, positions, side="right")
+    if reads[-1] >= len(frames_per_read):
+        raise IndexError(f"frame {int(positions[-1])} is past the last of {int(ends[-1])}")
+    offsets = positions - (ends[reads] - frames_per_read[reads])
+    wanted: dict[int, list[tuple[int, int]]] = {}
+    for position, read, offset in zip(positions.tolist(), reads.tolist(), offsets.tolist()):
+        wanted.setdefault(read, []).append((offset, position))
+    path = str(config.reads)
+    picked: list[FastaRecord] = []
+    first = 0  # the shard's read index of the block's first read
+    last = int(reads[-1])
+    for ids, seqs in _read_blocks(config, report):
+        for read in sorted(r for r in wanted if first <= r < first + len(ids)):
+            frames = frames_for_batch([ids[read - first]], [seqs[read - first]], config.length)
+            for offset, position in wanted[read]:
+                picked.append(FastaRecord(frames.frame_ids[offset],
+                                          getattr(frames, column)[offset], path, 0, position))
+        first += len(ids)
+        if first > last:
+            break
+    return picked
 
 
 def _frame_records(config: PredictConfig, report: ValidationReport, column: str) -> Iterator[FastaRecord]:
@@ -326,51 +423,51 @@ def _frame_records(config: PredictConfig, report: ValidationReport, column: str)
 
 def _score(config: PredictConfig, report: ValidationReport, load_classifier,
            summary: PredictSummary) -> int:
+    """Stage 5 (:mod:`~gpuengine.workflows.virnucpro.scoring`): blocks of reads scored in
+    worker processes for an input of several blocks (``config.score_workers``), else here;
+    the outputs are written here, in block order, the same bytes either way."""
     from gpuengine.store.reader import EmbeddingStore
     from gpuengine.workflows.virnucpro.outputs import ConsensusCollector, PredictionWriter
+    from gpuengine.workflows.virnucpro.scoring import BlockScorer, ScorePool, score_workers
 
     out = config.out_dir
     with EmbeddingStore(config.store_path, table="dnabert") as dna, \
             EmbeddingStore(config.store_path, table="esm") as esm:
         feature_size = dna.spec.dim + esm.spec.dim
-        classifier = load_classifier(config.classifier, feature_size=feature_size)
-        if classifier.expected_length and classifier.expected_length != config.length:
-            log.warning("classifier %s was trained on %d-bp chunks but --length is %d: the "
-                        "scores will be off (use the matching model)", config.classifier,
-                        classifier.expected_length, config.length)
-        collector = ConsensusCollector()
-        intermediates = _Intermediates(config) if config.keep_intermediate else None
-        # one feature buffer for every block: [DNABERT-S | ESM-2] rows read straight into it
-        buffer = np.empty((0, feature_size), np.float32)
-        with PredictionWriter(out / "prediction_results.txt") as writer:
-            for ids, seqs, frames in _frame_blocks(config, report):
-                collector.add_reads(ids, frames.chunks_per_read)
-                if intermediates:
-                    intermediates.write(ids, seqs, frames)
-                for start in range(0, len(frames), SCORE_BLOCK):
-                    frame_ids = frames.frame_ids[start:start + SCORE_BLOCK]
-                    if len(buffer) < len(frame_ids):
-                        buffer = np.empty((SCORE_BLOCK, feature_size), np.float32)
-                    features = buffer[:len(frame_ids)]
-                    features[:, :dna.spec.dim] = _features(dna, frame_ids, "DNABERT-S")
-                    features[:, dna.spec.dim:] = _features(esm, frame_ids, "ESM-2")
-                    scores = classifier.score(features)
-                    writer.write(frame_ids, scores.scores, scores.virus)
-                    collector.add_frames(frame_ids, scores.scores)
-        if intermediates:
-            intermediates.close()
+    classifier = load_classifier(config.classifier, feature_size=feature_size)
+    if classifier.expected_length and classifier.expected_length != config.length:
+        log.warning("classifier %s was trained on %d-bp chunks but --length is %d: the "
+                    "scores will be off (use the matching model)", config.classifier,
+                    classifier.expected_length, config.length)
+    del classifier  # checked and warned about here; each scorer loads its own
+    workers = 0 if config.keep_intermediate else score_workers(
+        config.score_workers, -(-summary.reads // READ_BLOCK))
+    summary.score_workers = workers
+    collector = ConsensusCollector()
+    blocks = _read_blocks(config, report)
+    with PredictionWriter(out / "prediction_results.txt") as writer:
+        if workers:
+            with ScorePool(workers, config.store_path, config.classifier, config.length) as pool:
+                for scored in pool.map(blocks):
+                    collector.add_reads(scored.read_ids, scored.chunks_per_read)
+                    writer.write_rows(scored.rows, len(scored.frame_ids))
+                    collector.add_frames(scored.frame_ids, scored.scores)
+        else:
+            intermediates = _Intermediates(config) if config.keep_intermediate else None
+            with BlockScorer(config.store_path, config.classifier, config.length) as scorer:
+                for ids, seqs in blocks:
+                    frames = frames_for_batch(ids, seqs, config.length)
+                    scored = scorer.score_block(ids, seqs, frames)
+                    collector.add_reads(ids, scored.chunks_per_read)
+                    if intermediates:
+                        intermediates.write(ids, seqs, frames)
+                    writer.write_rows(scored.rows, len(scored.frame_ids))
+                    collector.add_frames(scored.frame_ids, scored.scores)
+            if intermediates:
+                intermediates.close()
     collector.write_consensus(out / "prediction_results_highestscore.csv")
     collector.write_read_summary(out / "prediction_results_reads.tsv")
     return sum(1 for _, virus in collector.chunk_calls() if virus)
-
-
-def _features(store, frame_ids: list[str], what: str) -> np.ndarray:
-    try:
-        return store.get_many(frame_ids)  # cast to float32 where the caller puts it
-    except KeyError as exc:
-        raise ModelLoadError(f"frame {exc.args[0]!r} has no {what} embedding in the store; "
-                             "features are joined by frame id and a missing side is an "
-                             "error (rerun predict without --score-only to compute it)") from None
 
 
 class _Intermediates:
