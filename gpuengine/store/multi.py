@@ -31,9 +31,6 @@ from gpuengine.store.reader import EmbeddingStore, _pick_table
 from gpuengine.store.schema import OutputSpec, TableSpec
 from gpuengine.store.sources import Snapshot, carried_run_key, expand_stores
 
-_CHUNK = 1024
-_ARRAYS_CHUNK = 128
-
 StorePaths = str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
 
 
@@ -200,30 +197,9 @@ class MultiStore(EmbeddingStore):
 
     def _stream(self, member: EmbeddingStore, arrays: bool) -> Iterator[tuple]:
         """(key, member order, id, digest, array or None) of one member, in key order."""
-        size = _ARRAYS_CHUNK if arrays else _CHUNK
         order = self._members.index(member)
-
-        def chunk(txn: lmdb.Transaction, after: bytes | None) -> list[tuple]:
-            out = []
-            with txn.cursor(db=member._ids_db) as cursor:
-                ok = cursor.first() if after is None else cursor.set_range(after)
-                if ok and after is not None and bytes(cursor.key()) == after:
-                    ok = cursor.next()
-                while ok and len(out) < size:
-                    key, value = bytes(cursor.key()), cursor.value()
-                    rid, digest = codec.decode_id(key, value), codec.value_digest(value)
-                    array = member._array(txn, digest, rid) if arrays else None
-                    out.append((key, order, rid, digest, array))
-                    ok = cursor.next()
-            return out
-
-        after: bytes | None = None
-        while True:
-            items = member._env.read(lambda txn, a=after: chunk(txn, a))
-            yield from items
-            if len(items) < size:
-                return
-            after = items[-1][0]
+        return ((key, order, rid, digest, array)
+                for key, rid, digest, array in member._entries(arrays, digests=True))
 
     def _scan(self, arrays: bool) -> Iterator[tuple[str, np.ndarray | None]]:
         merged = heapq.merge(*(self._stream(m, arrays) for m in self._members),

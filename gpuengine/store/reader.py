@@ -256,10 +256,11 @@ class EmbeddingStore:
         """Number of record ids in the table."""
         return int(self._env.read(lambda txn: txn.stat(self._ids_db)["entries"]))
 
-    def _chunk(self, txn: lmdb.Transaction, after: bytes | None, size: int,
-               arrays: bool) -> list[tuple[bytes, str, np.ndarray | None]]:
-        """Up to ``size`` entries with keys after ``after``: (key, id, array or None)."""
-        out: list[tuple[bytes, str, np.ndarray | None]] = []
+    def _chunk(self, txn: lmdb.Transaction, after: bytes | None, size: int, arrays: bool,
+               digests: bool) -> list[tuple[bytes, str, bytes | None, np.ndarray | None]]:
+        """Up to ``size`` entries with keys after ``after``: (key, id, digest or None, array
+        or None)."""
+        out: list[tuple[bytes, str, bytes | None, np.ndarray | None]] = []
         with txn.cursor(db=self._ids_db) as cursor:
             ok = cursor.first() if after is None else cursor.set_range(after)
             if ok and after is not None and bytes(cursor.key()) == after:
@@ -267,21 +268,30 @@ class EmbeddingStore:
             while ok and len(out) < size:
                 key, value = bytes(cursor.key()), cursor.value()
                 rid = codec.decode_id(key, value)
-                array = self._array(txn, codec.value_digest(value), rid) if arrays else None
-                out.append((key, rid, array))
+                digest = codec.value_digest(value) if arrays or digests else None
+                array = self._array(txn, digest, rid) if arrays else None
+                out.append((key, rid, digest, array))
                 ok = cursor.next()
         return out
 
-    def _scan(self, arrays: bool) -> Iterator[tuple[str, np.ndarray | None]]:
+    def _entries(self, arrays: bool, digests: bool = False
+                 ) -> Iterator[tuple[bytes, str, bytes | None, np.ndarray | None]]:
+        """Every (key, id, digest, array) of the table in key order, read in chunks of one
+        read transaction each; the array only with ``arrays``, the digest only with ``arrays``
+        or ``digests`` (:class:`~gpuengine.store.multi.MultiStore` merges its members' entries
+        and compares their digests)."""
         size = _ITEMS_CHUNK if arrays else _ITER_CHUNK
         after: bytes | None = None
         while True:
-            chunk = self._env.read(lambda txn, a=after: self._chunk(txn, a, size, arrays))
-            for _, rid, array in chunk:
-                yield rid, array
+            chunk = self._env.read(lambda txn, a=after: self._chunk(txn, a, size, arrays,
+                                                                     digests))
+            yield from chunk
             if len(chunk) < size:
                 return
             after = chunk[-1][0]
+
+    def _scan(self, arrays: bool) -> Iterator[tuple[str, np.ndarray | None]]:
+        return ((rid, array) for _, rid, _, array in self._entries(arrays))
 
     def __iter__(self) -> Iterator[str]:
         return self.ids()

@@ -1,0 +1,56 @@
+"""tools/benchmark_page (the markdown of docs/benchmarks.md, split out of
+tools/plot_benchmarks.py) on the real benchmark log: every table in the page's order, the
+optional tables left out when their rows are, and the kernel-table summary of a profile."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LOG = ROOT / "docs" / "benchmarks" / "results.jsonl"
+ORDER = ["The runs", "Throughput", "End to end", "fair-esm", "Host pipeline", "Reduced precision",
+         "DNABERT-S", "`gpuengine predict`", "`gpuengine merge`", "Replicas per GPU",
+         "Many small files", "History", "Run `", "Budget sweeps", "Pipeline and kernel variants",
+         "Burst GEMM", "SM clock", "Kernel bandwidth", "fc1", "Goals", "GEMM ceilings",
+         "The engine against each ceiling", "FP8 against fp16", "The fidelity guard",
+         "Issue 17's goals"]
+
+
+@pytest.fixture
+def page(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    for name in [m for m in sys.modules if m.split(".")[0] == "benchmark_page"]:
+        monkeypatch.delitem(sys.modules, name)
+    from benchmark_page import page, records
+    return page, records
+
+
+def headings(text: str) -> list[str]:
+    return [line[4:] for line in text.splitlines() if line.startswith("### ")]
+
+
+def test_every_table_in_the_pages_order(page):
+    markdown, load = page[0].markdown, page[1].load
+    found = headings(markdown(load(LOG), []))
+    assert len(found) == len(ORDER), found
+    for heading, start in zip(found, ORDER):
+        assert heading.startswith(start), (heading, start)
+
+
+def test_optional_tables_go_with_their_rows(page):
+    markdown, load = page[0].markdown, page[1].load
+    recs = [r for r in load(LOG) if r["system"] not in ("gpuengine-predict", "gpuengine-merge")]
+    found = headings(markdown(recs, []))
+    assert not [h for h in found if h.startswith(("`gpuengine predict`", "`gpuengine merge`"))]
+    assert len(found) == len(ORDER) - 2
+
+
+def test_a_profile_is_summarised_last(page):
+    markdown, load = page[0].markdown, page[1].load
+    profile = ROOT / "docs" / "benchmarks" / "profile-3B-virnucpro150-f8cdb51.txt"
+    text = markdown(load(LOG), [profile])
+    assert headings(text)[-1] == f"Where the time goes: `{profile.name}`"
+    assert "Self CUDA time total:" in text.rsplit("### ", 1)[1]
