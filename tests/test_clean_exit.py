@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import random_proteins, write_fasta
+from run_stops import stopped_after_first_commit
 from worker_exits import slow_worker_exit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,16 +75,6 @@ def test_no_thread_or_child_process_outlives_run_embed(fasta, tiny_pt, tmp_path,
 
     stop = threading.Event()
     progress = None
-    if path == "interrupted":  # stopped from the committer itself: progress is shown at most
-        from gpuengine.committer import Committer  # every 0.1 s, after a small run may be done
-
-        real_commit = Committer._commit
-
-        def commit_then_stop(self, *args, **kwargs):
-            real_commit(self, *args, **kwargs)
-            stop.set()
-
-        monkeypatch.setattr(Committer, "_commit", commit_then_stop)
     if path == "device error":
         launches = iter(range(1_000_000))
         real_launch = runner_module.Runner.launch
@@ -106,9 +97,13 @@ def test_no_thread_or_child_process_outlives_run_embed(fasta, tiny_pt, tmp_path,
     elif path == "input error":
         with pytest.raises(InputError, match="exited with status 3"):
             run_embed(config, progress, stop)
+    elif path == "interrupted":  # stopped from the committer, with batches left (run_stops)
+        with stopped_after_first_commit(stop):
+            summary = run_embed(config, progress, stop)
+        assert summary.interrupted and 0 < summary.committed_records < N
     else:
         summary = run_embed(config, progress, stop)
-        assert summary.interrupted == (path == "interrupted")
+        assert not summary.interrupted and summary.committed_records == N
     threads, children = leftovers()
     assert threads == [] and children == [], (threads, children)
 
@@ -138,6 +133,7 @@ def test_run_embed_waits_for_a_worker_still_inside_torch(fasta, tiny_pt, tmp_pat
 INJECTED = """
 import sys
 sys.path.insert(0, {tests!r})
+from run_stops import stopped_after_first_commit
 from worker_exits import slow_worker_exit
 from gpuengine.worker import DeviceWorker
 DeviceWorker._run = slow_worker_exit(1.0)

@@ -14,19 +14,21 @@ from rich.console import Console
 
 from conftest import random_proteins, write_fasta
 from gpuengine.progress import ProgressSink, ProgressSnapshot
+from run_stops import WAIT_SECONDS, stopped_after_first_commit
 
 N = 60
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 class Recording(ProgressSink):
-    """Keeps every snapshot; optionally sets ``stop`` once ``stop_after`` records committed."""
+    """Keeps every snapshot; ``stored_shown`` is set once a snapshot counts ``expect_stored``
+    records as already stored."""
 
-    def __init__(self, stop: threading.Event | None = None, stop_after: int = 0):
+    def __init__(self, expect_stored: int = -1):
         self.snapshots: list[ProgressSnapshot] = []
         self.started: tuple[int, int] | None = None
         self.closed = False
-        self.stop, self.stop_after = stop, stop_after
+        self.expect_stored, self.stored_shown = expect_stored, threading.Event()
 
     def start(self, total_records, total_residues):
         self.started = (total_records, total_residues)
@@ -34,8 +36,8 @@ class Recording(ProgressSink):
     def update(self, snapshot):
         assert not self.closed, "an update after close"
         self.snapshots.append(snapshot)
-        if self.stop is not None and snapshot.committed_records >= self.stop_after:
-            self.stop.set()
+        if snapshot.stored_records == self.expect_stored:
+            self.stored_shown.set()
 
     def close(self):
         self.closed = True
@@ -55,17 +57,25 @@ def _config(fasta, model, out, **extra):
                        commit_every=4, **extra)
 
 
-def _interrupted_then_resumed(fasta, model, out, sink_for_resume):
-    """A real run stopped after its first commits, then the same run again (resumed)."""
+def _interrupted(fasta, model, out):
+    """A real run stopped after its first commit (see run_stops), with most records left."""
     from gpuengine.engine import run_embed
 
     stop = threading.Event()
-    first = run_embed(_config(fasta, model, out), Recording(stop, stop_after=1), stop)
+    with stopped_after_first_commit(stop):
+        first = run_embed(_config(fasta, model, out), Recording(), stop)
     assert first.interrupted and 0 < first.committed_records < N, first.committed_records
-    resumed = run_embed(_config(fasta, model, out), sink_for_resume)
+    return first
+
+
+def _resumed(fasta, model, out, first, sink):
+    """The same run again (resumed)."""
+    from gpuengine.engine import run_embed
+
+    resumed = run_embed(_config(fasta, model, out), sink)
     assert resumed.run_started["resumes"] == 1 and not resumed.interrupted
     assert resumed.already_stored == first.committed_records
-    return first, resumed
+    return resumed
 
 
 def _check_snapshots(sink: Recording, stored: int) -> None:
@@ -89,14 +99,29 @@ def test_recorded_progress_of_a_fresh_run_ends_at_the_total(fasta, tiny_pt, tmp_
     _check_snapshots(sink, stored=0)
 
 
-def test_recorded_progress_of_a_resumed_run_starts_at_what_is_stored(fasta, tiny_pt, tmp_path):
-    sink = Recording()
-    first, _ = _interrupted_then_resumed(fasta, tiny_pt, tmp_path / "s.lmdb", sink)
+def test_recorded_progress_of_a_resumed_run_starts_at_what_is_stored(fasta, tiny_pt, tmp_path,
+                                                                    monkeypatch):
+    from gpuengine.committer import Committer
+
+    out = tmp_path / "s.lmdb"
+    first = _interrupted(fasta, tiny_pt, out)
+    sink = Recording(expect_stored=first.committed_records)
+    real_commit = Committer._commit
+
+    def commit_once_the_stored_records_are_shown(self, *args, **kwargs):
+        # this run's first commit waits for a snapshot that counts the stored records (a
+        # 60-record run can otherwise be done before the loop's first report, 0.1 s apart);
+        # a bound, not a pace: the snapshot never comes if stored records are not reported
+        sink.stored_shown.wait(WAIT_SECONDS)
+        real_commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Committer, "_commit", commit_once_the_stored_records_are_shown)
+    _resumed(fasta, tiny_pt, out, first, sink)
     _check_snapshots(sink, stored=first.committed_records)
     # the stored records count as soon as the planner has found them, before this run's own
     # commits are done (the issue: 9226/20000 at the end of a resumed run of 20 000)
     assert any(s.stored_records == first.committed_records and s.committed_records < N - s.stored_records
-               for s in sink.snapshots) or len(sink.snapshots) == 1
+               for s in sink.snapshots)
 
 
 def _final_frame(text: str) -> str:
@@ -124,8 +149,10 @@ def test_bar_of_a_fresh_run_shows_total_of_total_100_percent_and_no_eta(fasta, t
 
 
 def test_bar_of_a_resumed_run_shows_total_of_total_100_percent_and_no_eta(fasta, tiny_pt, tmp_path):
+    out = tmp_path / "s.lmdb"
+    first = _interrupted(fasta, tiny_pt, out)
     progress, buf = _rich()
-    first, _ = _interrupted_then_resumed(fasta, tiny_pt, tmp_path / "s.lmdb", progress)
+    _resumed(fasta, tiny_pt, out, first, progress)
     last = _final_frame(buf.getvalue())
     assert f"{N}/{N}" in last and "100%" in last and "ETA" not in last, last
     assert f"({first.committed_records} already stored)" in last
