@@ -326,13 +326,19 @@ def test_engine_stops_on_a_device_error_and_keeps_what_was_committed(corpus, tmp
     message = "CUDA error: an illegal memory access was encountered (simulated)"
 
     class Broken(Faults):
+        failed = threading.Event()
+
         def before_launch(self, runner, staged):
             with self.lock:
                 mine = sum(1 for dev, _ in self.launches if dev == runner.index)
             if runner.index == bad_device and mine > 4:
+                self.failed.set()
                 if where == "launch":
                     raise RuntimeError(message)
                 runner.broken = True
+            elif mine > 4:  # the good replica waits for the error: else, on a busy machine,
+                # it could take every batch before the bad one has launched five
+                assert self.failed.wait(60), "the bad replica never launched a fifth batch"
 
     class BrokenFinish(FakeRunner):
         broken = False
