@@ -29,7 +29,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -40,6 +39,8 @@ import numpy as np
 
 from gpuengine.blocks import BLOCK_BYTES, Block, parse_block, read_blocks
 from gpuengine.errors import GpuEngineError, InputError, InternalError
+from gpuengine.pipe_frames import (FRAME, GPUENGINE_ERRORS, error_from, how_it_ended, read_frame,
+                                   write_all, write_frame)
 from gpuengine.shards import Shard
 
 _BLOCK_HEAD = struct.Struct("<IQQIc")  # file number, first index, first line, records, format
@@ -71,13 +72,6 @@ def process_count(choice: int | None = None, *, heavy: bool = True) -> int:
     return min(4, max(1, cores - 2))
 
 
-def _write_all(fd: int, data) -> None:
-    """Write all of ``data`` to a pipe (``os.write`` releases the GIL; a pipe may take less)."""
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[os.write(fd, view):]
-
-
 # ----------------------------------------------------------------------------- parent side
 
 
@@ -93,7 +87,6 @@ class InputProcess:
                  tokenizer: dict, chunk_records: int, shard: Shard | None = None,
                  key_prefixes: Sequence[bytes] = (), derive: dict | None = None) -> None:
         from gpuengine.fasta import _name
-        from gpuengine.inputs import _write_frame
 
         names = [_name(p) for p in paths]
         conf = {"paths": [os.fsdecode(os.fspath(p)) for p in paths], "names": names,
@@ -116,10 +109,10 @@ class InputProcess:
             except OSError:
                 pass  # a smaller pipe only costs more wake-ups
         try:
-            _write_frame(self.proc.stdin, b"CONF", json.dumps(conf).encode("utf-8"))
+            write_frame(self.proc.stdin, b"CONF", json.dumps(conf).encode("utf-8"))
             for name in names:
                 indices = np.asarray(sorted(skip.get(name, ())), dtype="<u8")
-                _write_frame(self.proc.stdin, b"SKIP", indices.tobytes())
+                write_frame(self.proc.stdin, b"SKIP", indices.tobytes())
         except BrokenPipeError:
             self.end_input()  # the child died at once: block_chunks() reports how
         except BaseException:  # nobody holds this object yet to close it: reap the child now
@@ -132,8 +125,7 @@ class InputProcess:
         head = _BLOCK_HEAD.pack(block.file, block.first_index, block.first_line, block.count,
                                 block.fmt[-1:].encode())  # a or q
         fd = self.proc.stdin.fileno()
-        _write_all(fd, struct.pack("<4sQ", b"BLCK", len(head) + len(block.data)) + head)
-        _write_all(fd, block.data)
+        write_all(fd, [FRAME.pack(b"BLCK", len(head) + len(block.data)) + head, block.data])
 
     def end_input(self) -> None:
         """No more blocks: the child answers ``DONE`` after the ones it has."""
@@ -146,12 +138,12 @@ class InputProcess:
         """The prepared chunks of the child's next block, up to its ``BEND``; returns quietly
         at ``DONE`` (no block left), with :attr:`done` set. Raises the child's error, or an
         InputError naming its exit status when it died without finishing."""
-        from gpuengine.inputs import _error_from, _read_frame, decode_chunk
+        from gpuengine.inputs import decode_chunk
 
         self.done = False
         while True:
             try:
-                frame = _read_frame(self.proc.stdout)
+                frame = read_frame(self.proc.stdout)
             except (EOFError, OSError, ValueError):
                 frame = None
             if frame is None:
@@ -168,17 +160,12 @@ class InputProcess:
                 self.done = True
                 return
             elif tag == b"FAIL":
-                raise _error_from(payload)
+                raise error_from(payload, GPUENGINE_ERRORS, "input reader process")
             else:
                 raise InternalError(f"input process sent an unknown frame {tag!r}")
 
     def _died(self) -> GpuEngineError:
-        try:
-            code = self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            code = None
-        how = ("is still running" if code is None else f"was killed by signal "
-               f"{signal.Signals(-code).name}" if code < 0 else f"exited with status {code}")
+        how = how_it_ended(self.proc, "is still running")
         return InputError(f"the input reader process (pid {self.proc.pid}) {how} before the end "
                           "of the input; what was committed is intact, rerun to resume")
 
@@ -289,13 +276,13 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     ``DONE`` when the engine closes the input."""
     from gpuengine import inputs
 
-    frame = inputs._read_frame(inp)
+    frame = read_frame(inp)
     if frame is None or frame[0] != b"CONF":
         raise InternalError("input process: no configuration received")
     conf = json.loads(bytes(frame[1]).decode("utf-8"))
     skips = []
     for _ in conf["names"]:
-        frame = inputs._read_frame(inp)
+        frame = read_frame(inp)
         if frame is None or frame[0] != b"SKIP":
             raise InternalError("input process: skip list missing")
         skips.append(np.frombuffer(frame[1], "<u8"))
@@ -306,7 +293,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     prefixes = [bytes.fromhex(p) for p in conf.get("key_prefixes", ())]
     derive = inputs.derive_function(conf.get("derive"))
     size = inputs.read_chunk(conf["chunk_records"], shard)  # a shard keeps 1/N of them
-    while (frame := inputs._read_frame(inp)) is not None:
+    while (frame := read_frame(inp)) is not None:
         tag, payload = frame
         if tag != b"BLCK":
             raise InternalError(f"input process: unexpected frame {bytes(tag)!r}")
@@ -326,7 +313,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
                                          prefixes)
             if chunk.ids:
                 out.writelines(inputs.encode_chunk(chunk))
-        inputs._write_frame(out, b"BEND", b"")
+        write_frame(out, b"BEND", b"")
         out.flush()
-    inputs._write_frame(out, b"DONE", b"")
+    write_frame(out, b"DONE", b"")
     out.flush()

@@ -38,21 +38,19 @@ child's next read or write fails on the broken pipe and it exits.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import struct
 import sys
 import threading
-import traceback
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from gpuengine import errors
-from gpuengine.errors import GpuEngineError, InternalError
+from gpuengine.errors import InternalError
 from gpuengine.fasta import StoredRecords, ValidationReport, stream_valid, validate
+from gpuengine.pipe_frames import FRAME, GPUENGINE_ERRORS, error_payload, write_frame
 from gpuengine.records import FastaRecord
 from gpuengine.shards import Shard
 
@@ -65,7 +63,6 @@ INPUT_PROCESS_MIN_RECORDS = 20_000
 """Smaller FASTA inputs are read in the planner thread when the config leaves it open (the
 child process costs a start-up of about 0.1-0.2 s)."""
 
-_FRAME = struct.Struct("<4sQ")
 _CHUNK_HEAD = struct.Struct("<IIQ")  # records, outputs with embedding keys, bytes of the ids
 
 
@@ -250,7 +247,7 @@ def encode_chunk(chunk: PreparedChunk) -> list[bytes | memoryview]:
              chunk.truncated.astype(np.uint8).data,
              *(b"".join(keys) for keys in chunk.embedding_keys), ids]
     size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-    return [_FRAME.pack(b"CHNK", size), *parts]
+    return [FRAME.pack(b"CHNK", size), *parts]
 
 
 def decode_chunk(buf: bytearray) -> PreparedChunk:
@@ -283,37 +280,6 @@ def _sixteen_byte_items(buf: bytearray, n: int, at: int) -> list[bytes]:
     """``n`` 16-byte strings (digests, keys) from ``buf`` at ``at``, made by one numpy call
     (an opaque 16-byte item keeps its trailing zero bytes, unlike a numpy string)."""
     return np.frombuffer(buf, "V16", n, at).tolist()
-
-
-def _write_frame(out: BinaryIO, tag: bytes, payload: bytes) -> None:
-    out.write(_FRAME.pack(tag, len(payload)))
-    out.write(payload)
-
-
-def _read_exact(fh: BinaryIO, size: int) -> bytearray | None:
-    """``size`` bytes from ``fh``; None at a clean end of file before the first byte."""
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = fh.readinto(view[got:])
-        if not n:
-            if got == 0:
-                return None
-            raise EOFError(f"pipe closed after {got} of {size} bytes")
-        got += n
-    return buf
-
-
-def _read_frame(fh: BinaryIO) -> tuple[bytes, bytearray] | None:
-    head = _read_exact(fh, _FRAME.size)
-    if head is None:
-        return None
-    tag, size = _FRAME.unpack(head)
-    payload = _read_exact(fh, size) if size else bytearray()
-    if payload is None:
-        raise EOFError("pipe closed before a frame's payload")
-    return tag, payload
 
 
 # ----------------------------------------------------------------------------- readers
@@ -443,22 +409,6 @@ def _make_tokenizer(spec: dict):
     raise InternalError(f"unknown tokenizer spec {spec!r}")
 
 
-_RAISABLE = {name: cls for name, cls in vars(errors).items()
-             if isinstance(cls, type) and issubclass(cls, GpuEngineError)}
-
-
-def _error_from(payload: bytes) -> GpuEngineError:
-    """The exception a ``FAIL`` frame describes: the same gpuengine error class and message
-    (an error of another kind is a bug: InternalError with the child's traceback)."""
-    data = json.loads(bytes(payload).decode("utf-8"))
-    cls = _RAISABLE.get(data.get("class"))
-    if cls is None:
-        return InternalError(f"the input reader process failed: {data.get('message')}")
-    exc = cls.__new__(cls)
-    Exception.__init__(exc, data.get("message", ""))
-    return exc
-
-
 # ----------------------------------------------------------------------------- child side
 
 
@@ -475,14 +425,8 @@ def main() -> int:
     except BrokenPipeError:
         return 1  # the engine is gone
     except BaseException as exc:  # noqa: BLE001 - reported to the engine, which raises it
-        if isinstance(exc, GpuEngineError) and type(exc).__name__ in _RAISABLE:
-            data = {"class": type(exc).__name__, "message": str(exc)}
-        else:
-            data = {"class": None, "message": "".join(
-                traceback.format_exception_only(type(exc), exc)).strip()}
-            traceback.print_exc()
         try:
-            _write_frame(out, b"FAIL", json.dumps(data).encode("utf-8"))
+            write_frame(out, b"FAIL", error_payload(exc, GPUENGINE_ERRORS))
             out.flush()
         except OSError:
             pass

@@ -40,17 +40,16 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections import deque
-from typing import BinaryIO, Sequence
+from typing import BinaryIO
 
-from gpuengine import errors
 from gpuengine.committer import MAX_TRANSACTION_BYTES, CommitCounts
 from gpuengine.errors import GpuEngineError, InternalError, StoreError
+from gpuengine.pipe_frames import (GPUENGINE_ERRORS, error_from, error_payload, frame,
+                                   how_it_ended, read_frame, write_all)
 from gpuengine.store.commit_group import CommitPart, embedded_digests
 from gpuengine.store.schema import TableSpec
 
-_FRAME = struct.Struct("<4sQ")
 _ACK = struct.Struct("<IQQd")  # groups, sequences, records, seconds
 _PIPE_BYTES = 1 << 20
 _F_SETPIPE_SZ = 1031
@@ -58,76 +57,7 @@ _PR_SET_PDEATHSIG = 1
 _CHILD_GROUPS = 16
 """Groups the child holds read but not committed (then the pipe, then the sender's queue of as
 many): at most 32 groups wait in all, fewer than the writer thread's queue of 64 held."""
-_RAISABLE = {name: cls for name, cls in vars(errors).items()
-             if isinstance(cls, type) and issubclass(cls, GpuEngineError)}
-_RAISABLE.update(ValueError=ValueError, TypeError=TypeError)
-
-
-def _write_all(fd: int, buffers: Sequence) -> None:
-    """Write every buffer to a pipe (``os.writev`` releases the GIL; a pipe may take less)."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    views = [v for v in views if v.nbytes]
-    while views:
-        written = os.writev(fd, views[:512])
-        while written:
-            if written >= views[0].nbytes:
-                written -= views[0].nbytes
-                views.pop(0)
-            else:
-                views[0] = views[0][written:]
-                written = 0
-
-
-def _frame(tag: bytes, buffers: Sequence) -> list:
-    size = sum(memoryview(b).nbytes for b in buffers)
-    return [_FRAME.pack(tag, size), *buffers]
-
-
-def _read_exact(fh: BinaryIO, size: int) -> bytearray | None:
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = fh.readinto(view[got:])
-        if not n:
-            if got == 0:
-                return None
-            raise EOFError("pipe closed inside a frame")
-        got += n
-    return buf
-
-
-def _read_frame(fh: BinaryIO) -> tuple[bytes, bytearray] | None:
-    head = _read_exact(fh, _FRAME.size)
-    if head is None:
-        return None
-    tag, size = _FRAME.unpack(head)
-    payload = _read_exact(fh, size) if size else bytearray()
-    if payload is None:
-        raise EOFError("pipe closed before a frame's payload")
-    return tag, payload
-
-
-def _error_data(exc: BaseException) -> bytes:
-    if type(exc).__name__ in _RAISABLE and isinstance(exc, tuple(_RAISABLE.values())):
-        data = {"class": type(exc).__name__, "message": str(exc)}
-    else:
-        data = {"class": None, "message": "".join(
-            traceback.format_exception_only(type(exc), exc)).strip()}
-        traceback.print_exc()
-    return json.dumps(data).encode("utf-8")
-
-
-def _error_from(payload: bytes) -> BaseException:
-    """The exception a ``FAIL`` frame describes: the same class and message (another kind is
-    a bug: InternalError)."""
-    data = json.loads(bytes(payload).decode("utf-8"))
-    cls = _RAISABLE.get(data.get("class"))
-    if cls is None:
-        return InternalError(f"the store writer process failed: {data.get('message')}")
-    exc = cls.__new__(cls)
-    Exception.__init__(exc, data.get("message", ""))
-    return exc
+_RAISABLE = {**GPUENGINE_ERRORS, "ValueError": ValueError, "TypeError": TypeError}
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -184,7 +114,7 @@ class CommitterProcess:
         conf = json.dumps({"path": self.path, "spec": self.spec.to_json(), "run_id": self.run_id,
                            "max_bytes": self.max_bytes, "map_size": self.map_size}).encode("utf-8")
         try:
-            _write_all(self.proc.stdin.fileno(), _frame(b"CONF", [conf]))
+            write_all(self.proc.stdin.fileno(), frame(b"CONF", [conf]))
         except OSError:
             pass  # the child died at once: the acknowledgement thread says how
         self._sender = threading.Thread(target=self._send, name="gpuengine-committer",
@@ -238,7 +168,7 @@ class CommitterProcess:
                 if item is None:
                     if not broken:
                         try:
-                            _write_all(fd, _frame(b"FINI", []))
+                            write_all(fd, frame(b"FINI", []))
                         except OSError:
                             pass
                     return
@@ -255,7 +185,7 @@ class CommitterProcess:
                 with self._lock:
                     self._sent.append(embedded_digests(group))
                 try:
-                    _write_all(fd, _frame(b"GRUP", buffers))
+                    write_all(fd, frame(b"GRUP", buffers))
                 except OSError:  # the child is gone: the acknowledgement thread says how
                     broken = True
         finally:
@@ -267,12 +197,12 @@ class CommitterProcess:
     def _read_acks(self) -> None:
         out, done = self.proc.stdout, False
         try:
-            while (frame := _read_frame(out)) is not None:
-                tag, payload = frame
+            while (got := read_frame(out)) is not None:
+                tag, payload = got
                 if tag == b"ACKD":
                     self._acknowledged(*_ACK.unpack(payload))
                 elif tag == b"FAIL":
-                    self._fail(_error_from(payload))
+                    self._fail(error_from(payload, _RAISABLE, "store writer process"))
                 elif tag == b"DONE":
                     done = True
                     break
@@ -309,12 +239,7 @@ class CommitterProcess:
             self._settled.notify_all()
 
     def _died(self) -> GpuEngineError:
-        try:
-            code = self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            code = None
-        how = ("stopped answering" if code is None else f"was killed by signal "
-               f"{signal.Signals(-code).name}" if code < 0 else f"exited with status {code}")
+        how = how_it_ended(self.proc, "stopped answering")
         return StoreError(f"the store writer process (pid {self.proc.pid}) {how} before the "
                           "run's last commit; what was committed is intact, rerun to resume")
 
@@ -359,7 +284,7 @@ class _ChildWriter:
     def _failed(self, exc: BaseException) -> None:
         if self.error is None:
             self.error = exc
-            _write_all(self.out.fileno(), _frame(b"FAIL", [_error_data(exc)]))
+            write_all(self.out.fileno(), frame(b"FAIL", [error_payload(exc, _RAISABLE)]))
 
     def _run(self) -> None:
         import queue
@@ -402,7 +327,7 @@ class _ChildWriter:
             self._failed(exc)
             return
         ack = _ACK.pack(len(payloads), sequences, records, time.perf_counter() - started)
-        _write_all(self.out.fileno(), _frame(b"ACKD", [ack]))
+        write_all(self.out.fileno(), frame(b"ACKD", [ack]))
 
 
 def serve(inp: BinaryIO, out: BinaryIO) -> None:
@@ -410,10 +335,10 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     the end of the input without ``FINI`` (the engine is gone) exits at once."""
     from gpuengine.store.writer import StoreWriter
 
-    frame = _read_frame(inp)
-    if frame is None or frame[0] != b"CONF":
+    got = read_frame(inp)
+    if got is None or got[0] != b"CONF":
         raise InternalError("store writer process: no configuration received")
-    conf = json.loads(bytes(frame[1]).decode("utf-8"))
+    conf = json.loads(bytes(got[1]).decode("utf-8"))
     spec = TableSpec.from_json(conf["spec"])
     with StoreWriter(conf["path"], initial_map_size=conf["map_size"]) as writer:
         writer.open_table(spec)
@@ -421,10 +346,10 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         thread = threading.Thread(target=child.run, name="gpuengine-writer", daemon=True)
         thread.start()
         while True:
-            frame = _read_frame(inp)
-            if frame is None:  # no FINI: the engine died; commit nothing more
+            got = read_frame(inp)
+            if got is None:  # no FINI: the engine died; commit nothing more
                 os._exit(1)
-            tag, payload = frame
+            tag, payload = got
             if tag == b"GRUP":
                 child.inbox.put(payload)
             elif tag == b"FINI":
@@ -433,7 +358,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
             else:
                 raise InternalError(f"store writer process: unexpected frame {bytes(tag)!r}")
         thread.join()
-    _write_all(out.fileno(), _frame(b"DONE", []))
+    write_all(out.fileno(), frame(b"DONE", []))
 
 
 def _die_with_parent() -> None:
@@ -463,7 +388,7 @@ def main() -> int:
         return 1  # the engine is gone
     except BaseException as exc:  # noqa: BLE001 - reported to the engine, which raises it
         try:
-            _write_all(out.fileno(), _frame(b"FAIL", [_error_data(exc)]))
+            write_all(out.fileno(), frame(b"FAIL", [error_payload(exc, _RAISABLE)]))
         except OSError:
             pass
         return 1

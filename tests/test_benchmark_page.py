@@ -54,3 +54,34 @@ def test_a_profile_is_summarised_last(page):
     text = markdown(load(LOG), [profile])
     assert headings(text)[-1] == f"Where the time goes: `{profile.name}`"
     assert "Self CUDA time total:" in text.rsplit("### ", 1)[1]
+
+
+def test_profile_runs_and_writer_settings_stay_out_of_results(page, tmp_path):
+    """A row whose note says PROFILE RUN (timed under py-spy) is never loaded, so no table
+    shows it; a host row with GPUENGINE_WRITER_PROCESS set says so and is no point of the
+    cores curve (the default writer's row at the same cores is)."""
+    records = page[1]
+    base = {"date": "2026-12-03T17:00:00+00:00", "commit": "c0ffee1", "gpu": "NVIDIA H200", "n_gpus": 1,
+            "command": "x"}
+    rows = [dict(base, system="gpuengine-predict", model="virnucpro", workload="reads150-200k",
+                 note="cold run; PROFILE RUN under py-spy"),
+            dict(base, system="gpuengine-predict", model="virnucpro", workload="reads150-1M", note="cold run"),
+            dict(base, system="gpuengine-host", model="dnabert-s", workload="dna150", cores=16,
+                 devices=8, input_processes=14, writer_process="auto"),
+            dict(base, system="gpuengine-host", model="dnabert-s", workload="dna150", cores=16,
+                 devices=8, input_processes=14, writer_process="0")]
+    log = tmp_path / "results.jsonl"
+    log.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+    recs = records.load(log)
+    assert [r["workload"] for r in recs if r["system"] == "gpuengine-predict"] == ["reads150-1M"]
+    curve = records.host_curve_rows(recs)
+    assert [r["writer_process"] for r in curve] == ["auto"]
+    settings = [records.host_setting(r) for r in recs if r["system"] == "gpuengine-host"]
+    assert "writer" not in settings[0]
+    assert settings[1].startswith("writer thread (GPUENGINE_WRITER_PROCESS=0)")
+
+
+def test_the_real_log_shows_no_profile_run(page):
+    markdown, load = page[0].markdown, page[1].load
+    text = markdown(load(LOG), [])
+    assert "e06cec5` | reads150-200k" not in text

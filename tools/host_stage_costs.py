@@ -90,7 +90,8 @@ def _pipe_sender():
     share its interpreter lock); None where the code has no writer process."""
     try:
         from gpuengine.store.group_frames import encode_group
-        from gpuengine.writer_process import _PIPE_BYTES, _F_SETPIPE_SZ, _frame, _write_all
+        from gpuengine.pipe_frames import frame, write_all
+        from gpuengine.writer_process import _PIPE_BYTES, _F_SETPIPE_SZ
     except ImportError:
         return None
     import fcntl
@@ -106,7 +107,7 @@ def _pipe_sender():
             drain.stdin.close()
             drain.wait()
             return
-        _write_all(drain.stdin.fileno(), _frame(b"GRUP", encode_group(group, None)))
+        write_all(drain.stdin.fileno(), frame(b"GRUP", encode_group(group, None)))
     return send
 
 

@@ -113,7 +113,7 @@ def host_pipeline(page: PageRecords) -> list[str]:
     for c_ in order:
         for m in host_models:
             for wl in WORKLOADS:
-                for hp in (r for r in recs if (r["commit"], r["model"], r["workload"], r["system"])
+                for hp in (r for r in recs if (r["commit"], r.get("model"), r.get("workload"), r["system"])
                            == (c_, m, wl, "gpuengine-host")):
                     rows.append([f"`{c_}`", short_model(m), wl, host_setting(hp), fmt_int(hp["sequences"]),
                                  f"{hp['wall_s']:.1f}", f"{hp['embed_s']:.1f}",

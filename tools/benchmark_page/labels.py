@@ -54,7 +54,10 @@ RUN_LABEL = {"04ebd69": "run 1 (synchronous runner)", "249a66f": "run 2 (two-thr
              "e23f4ea": "merge before merge-fast; fp8 default on UniProt; host under py-spy",
              "59414a5": "merge-fast on the VM (after)", "d00f484": "merge on the VM (main, before)",
              "5da4772": "host per chunk, deferred merge flush, predict frames in input processes; serve",
-             "58d11b2": "merge read-ahead by default"}
+             "58d11b2": "merge read-ahead by default",
+             "6e62925": "host stage costs (VM)", "e06cec5": "serve R = 1; predict under py-spy (profile only)",
+             "d1911a7": "serve R = 2, 4 after the telemetry fix; startup static vs dynamic flex",
+             "dbd2075": "predict 1 M fp8 285 s; host curve with the writer process"}
 
 GOAL_DNA_PCT = 60.0       # issue 4: DNABERT-S at 60 % of its GEMM ceiling
 

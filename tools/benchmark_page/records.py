@@ -12,11 +12,18 @@ from pathlib import Path
 from benchmark_page.labels import DEFAULT_FP8_GEMMS, WORKLOADS
 
 
+PROFILE_RUN = "PROFILE RUN"  # in a row's note: timed under a profiler, kept for its profile file only
+
+
 def load(path: Path) -> list[dict]:
+    """The log's rows, less those marked PROFILE RUN (their timings include the sampler's
+    overhead: never a result, so no table or figure may pick them)."""
     recs = []
     for i, line in enumerate(path.read_text().splitlines()):
         if line.strip():
             r = json.loads(line)
+            if PROFILE_RUN in r.get("note", ""):
+                continue
             r["_t"] = dt.datetime.fromisoformat(r["date"])
             r["_i"] = i
             r["_fp8_bench"] = "bench_fp8" in r.get("command", "")
@@ -78,6 +85,9 @@ def host_setting(r) -> str:
         parts.append(f"switch interval {r['switch_interval_ms']:.2g} ms")
     if r.get("input_process") not in (None, "auto"):
         parts.append(f"GPUENGINE_INPUT_PROCESS={r['input_process']}")
+    if r.get("writer_process") not in (None, "auto"):
+        what = "writer thread" if r["writer_process"] == "0" else "writer process"
+        parts.append(f"{what} (GPUENGINE_WRITER_PROCESS={r['writer_process']})")
     if r.get("gpu", "").startswith("none"):
         cores = re.search(r"(\d+) cores", r["gpu"])
         parts.append(f"CPU-only machine, {cores.group(1) if cores else '?'} cores")
@@ -92,9 +102,11 @@ def host_setting(r) -> str:
 
 def host_curve_rows(recs) -> list[dict]:
     """Host-pipeline rows of a GPU machine that name their cores (``--curve``/``--cores``), not
-    run under a profiler: what the curve and issue 16's goals are judged on."""
+    run under a profiler, with the default writer (not GPUENGINE_WRITER_PROCESS set either way):
+    what the curve and issue 16's goals are judged on."""
     return [r for r in recs if r["system"] == "gpuengine-host" and r.get("cores")
-            and not r.get("gpu", "").startswith("none") and not r.get("profiled")]
+            and not r.get("gpu", "").startswith("none") and not r.get("profiled")
+            and r.get("writer_process") in (None, "auto")]
 
 
 def latest_per_workload(rows) -> list[dict]:

@@ -63,7 +63,7 @@ def scale_goals(recs) -> list[list[str]]:
                      "yes" if median >= GOAL_MERGE else
                      f"**no** ({100 * (1 - median / GOAL_MERGE):.0f} % short)"])
     serve = [r for r in recs if r["system"] == "gpuengine-serve" and not r.get("quick")
-             and "ratio_vs_single" in r]
+             and "ratio_vs_single" in r and r.get("replicas_per_gpu", 1) == 1]  # the default R
     if serve:
         r = max(serve, key=lambda r: (r["_t"], r["_i"]))
         rows.append([f"`gpuengine serve`: {fmt_int(r['files'])} files × {r['sequences'] // r['files']} ≥ "

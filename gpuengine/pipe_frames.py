@@ -1,0 +1,123 @@
+"""The frames gpuengine's child processes and the engine exchange over pipes (no pickle).
+
+A frame is a 12-byte header, a 4-byte tag and the payload's size (``<4sQ``), then the payload.
+The input processes (:mod:`gpuengine.inputs`, :mod:`gpuengine.input_workers`) and the store
+writer process (:mod:`gpuengine.writer_process`) speak it; each names its own tags. An error
+in a child travels as a ``FAIL`` frame of JSON (class name and message) and is raised again
+in the engine as the same gpuengine error, so the user sees the message the code wrote; an
+error of another kind is a bug and becomes an InternalError naming the child.
+
+This module owns the framing only: what the payloads mean belongs to the modules that send them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import traceback
+from typing import BinaryIO, Mapping, Sequence
+
+from gpuengine import errors
+from gpuengine.errors import GpuEngineError, InternalError
+
+FRAME = struct.Struct("<4sQ")
+"""A frame's header: tag, payload size."""
+
+GPUENGINE_ERRORS: Mapping[str, type[BaseException]] = {
+    name: cls for name, cls in vars(errors).items()
+    if isinstance(cls, type) and issubclass(cls, GpuEngineError)}
+"""The error classes a ``FAIL`` frame may name, by name (a child's own may add more)."""
+
+
+def frame(tag: bytes, buffers: Sequence) -> list:
+    """A frame as a header and the payload's buffers (for :func:`write_all`)."""
+    size = sum(memoryview(b).nbytes for b in buffers)
+    return [FRAME.pack(tag, size), *buffers]
+
+
+def write_frame(out: BinaryIO, tag: bytes, payload: bytes) -> None:
+    """One frame to a buffered file (flushing is the caller's)."""
+    out.write(FRAME.pack(tag, len(payload)))
+    out.write(payload)
+
+
+def write_all(fd: int, buffers: Sequence) -> None:
+    """Write every buffer to a pipe (``os.writev`` releases the GIL; a pipe may take less)."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    views = [v for v in views if v.nbytes]
+    while views:
+        written = os.writev(fd, views[:512])
+        while written:
+            if written >= views[0].nbytes:
+                written -= views[0].nbytes
+                views.pop(0)
+            else:
+                views[0] = views[0][written:]
+                written = 0
+
+
+def read_exact(fh: BinaryIO, size: int) -> bytearray | None:
+    """``size`` bytes, None at a clean end of the stream (nothing read); EOFError inside them."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = fh.readinto(view[got:])
+        if not n:
+            if got == 0:
+                return None
+            raise EOFError(f"pipe closed after {got} of {size} bytes")
+        got += n
+    return buf
+
+
+def read_frame(fh: BinaryIO) -> tuple[bytes, bytearray] | None:
+    """The next (tag, payload), None when the stream ended between frames."""
+    head = read_exact(fh, FRAME.size)
+    if head is None:
+        return None
+    tag, size = FRAME.unpack(head)
+    payload = read_exact(fh, size) if size else bytearray()
+    if payload is None:
+        raise EOFError("pipe closed before a frame's payload")
+    return tag, payload
+
+
+def error_payload(exc: BaseException, raisable: Mapping[str, type[BaseException]]) -> bytes:
+    """A ``FAIL`` frame's payload for ``exc`` (a child's side). An error not in ``raisable``
+    is a bug: its traceback goes to the child's stderr and only its one-line text travels."""
+    if type(exc).__name__ in raisable and isinstance(exc, tuple(raisable.values())):
+        data = {"class": type(exc).__name__, "message": str(exc)}
+    else:
+        data = {"class": None, "message": "".join(
+            traceback.format_exception_only(type(exc), exc)).strip()}
+        traceback.print_exc()
+    return json.dumps(data).encode("utf-8")
+
+
+def error_from(payload: bytes, raisable: Mapping[str, type[BaseException]],
+               child: str) -> BaseException:
+    """The exception a ``FAIL`` frame describes (the engine's side): the same class and
+    message; another kind is a bug, an InternalError naming ``child``."""
+    data = json.loads(bytes(payload).decode("utf-8"))
+    cls = raisable.get(data.get("class"))
+    if cls is None:
+        return InternalError(f"the {child} failed: {data.get('message')}")
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, data.get("message", ""))
+    return exc
+
+
+def how_it_ended(proc: subprocess.Popen, running: str) -> str:
+    """How a child that stopped answering ended, for the error that says so: ``running`` if it
+    has not exited within 5 s, else the signal that killed it or its exit status."""
+    try:
+        code = proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        return running
+    if code < 0:
+        return f"was killed by signal {signal.Signals(-code).name}"
+    return f"exited with status {code}"
