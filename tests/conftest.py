@@ -19,6 +19,8 @@ Helpers shared by several test modules live here or in a helper module named for
 * ``store_shards.py``: stores written and split into shards for the merge tests;
 * ``slurm_cluster.py``: a real SLURM (fixture ``slurm``);
 * ``worker_exits.py``: a device worker that lingers inside torch after its last report;
+* ``run_stops.py``: a run stopped right after its first commit, with batches left
+  (``stopped_after_first_commit``);
 * ``process_tree.py``: a process's children and whether a process is gone, from /proc;
 * ``digest_runner.py``: a stand-in for the model whose vectors come from the digest and
   that lists what it computed;
