@@ -26,11 +26,9 @@ read or write fails and it exits.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import struct
-import subprocess
 import sys
 import threading
 from typing import BinaryIO, Iterator, Sequence
@@ -40,12 +38,10 @@ import numpy as np
 from gpuengine.blocks import BLOCK_BYTES, Block, parse_block, read_blocks
 from gpuengine.errors import GpuEngineError, InputError, InternalError
 from gpuengine.pipe_frames import (FRAME, GPUENGINE_ERRORS, error_from, how_it_ended, read_frame,
-                                   write_all, write_frame)
+                                   start_child, write_all, write_frame)
 from gpuengine.shards import Shard
 
 _BLOCK_HEAD = struct.Struct("<IQQIc")  # file number, first index, first line, records, format
-_PIPE_BYTES = 1 << 20
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 def process_count(choice: int | None = None, *, heavy: bool = True) -> int:
@@ -96,18 +92,9 @@ class InputProcess:
                 "shard": None if shard is None else [shard.index, shard.count],
                 "key_prefixes": [bytes(p).hex() for p in key_prefixes],
                 "derive": derive}
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         self._closing = False
         self._lock = threading.Lock()
-        self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     bufsize=0, env=env, start_new_session=True)
-        for pipe in (self.proc.stdout, self.proc.stdin):
-            try:
-                fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
-            except OSError:
-                pass  # a smaller pipe only costs more wake-ups
+        self.proc = start_child(self.command)
         try:
             write_frame(self.proc.stdin, b"CONF", json.dumps(conf).encode("utf-8"))
             for name in names:

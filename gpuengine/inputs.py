@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import struct
 import sys
 import threading
@@ -50,7 +49,7 @@ import numpy as np
 
 from gpuengine.errors import InternalError
 from gpuengine.fasta import StoredRecords, ValidationReport, stream_valid, validate
-from gpuengine.pipe_frames import FRAME, GPUENGINE_ERRORS, error_payload, write_frame
+from gpuengine.pipe_frames import FRAME, GPUENGINE_ERRORS, child_streams, error_payload, write_frame
 from gpuengine.records import FastaRecord
 from gpuengine.shards import Shard
 
@@ -413,11 +412,7 @@ def _make_tokenizer(spec: dict):
 
 
 def main() -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine decides when this stops
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    out = os.fdopen(os.dup(1), "wb", buffering=1 << 20)
-    os.dup2(2, 1)  # a stray print must not corrupt the frames
-    inp = os.fdopen(os.dup(0), "rb", buffering=0)
+    inp, out = child_streams(out_buffering=1 << 20)
     try:
         from gpuengine.input_workers import serve
 

@@ -26,6 +26,11 @@ from gpuengine.errors import GpuEngineError, InternalError
 FRAME = struct.Struct("<4sQ")
 """A frame's header: tag, payload size."""
 
+PIPE_BYTES = 1 << 20
+"""Each pipe to and from a child is asked for this much (a smaller one only costs wake-ups)."""
+F_SETPIPE_SZ = 1031
+"""Linux's fcntl command to size a pipe (``fcntl.F_SETPIPE_SZ`` on Python ≥ 3.10 on Linux)."""
+
 GPUENGINE_ERRORS: Mapping[str, type[BaseException]] = {
     name: cls for name, cls in vars(errors).items()
     if isinstance(cls, type) and issubclass(cls, GpuEngineError)}
@@ -121,3 +126,37 @@ def how_it_ended(proc: subprocess.Popen, running: str) -> str:
     if code < 0:
         return f"was killed by signal {signal.Signals(-code).name}"
     return f"exited with status {code}"
+
+
+def start_child(command: Sequence[str], env: Mapping[str, str] | None = None) -> subprocess.Popen:
+    """Start a child that speaks frames on its stdin and stdout: this gpuengine importable
+    (its package root first on ``PYTHONPATH``), ``env`` added to the environment, its own
+    session (a Ctrl-C in the terminal reaches the engine only, which decides when the child
+    stops), both pipes enlarged to :data:`PIPE_BYTES` where the system allows."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child_env = dict(os.environ)
+    child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root,
+                                                             child_env.get("PYTHONPATH")]))
+    child_env.update(env or {})
+    proc = subprocess.Popen(list(command), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            bufsize=0, env=child_env, start_new_session=True)
+    for pipe in (proc.stdout, proc.stdin):
+        try:
+            import fcntl
+
+            fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
+        except (OSError, ImportError):
+            pass  # a smaller pipe only costs more wake-ups
+    return proc
+
+
+def child_streams(out_buffering: int) -> tuple[BinaryIO, BinaryIO]:
+    """A child's side: ignore SIGINT/SIGTERM (the engine decides when it stops), and return
+    (frames in, frames out) on the original stdin/stdout, with stdout itself pointed at stderr
+    so that a stray print cannot corrupt the frames."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    out = os.fdopen(os.dup(1), "wb", buffering=out_buffering)
+    os.dup2(2, 1)
+    inp = os.fdopen(os.dup(0), "rb", buffering=0)
+    return inp, out

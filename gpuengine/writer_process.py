@@ -45,14 +45,12 @@ from typing import BinaryIO
 
 from gpuengine.committer import MAX_TRANSACTION_BYTES, CommitCounts
 from gpuengine.errors import GpuEngineError, InternalError, StoreError
-from gpuengine.pipe_frames import (GPUENGINE_ERRORS, error_from, error_payload, frame,
-                                   how_it_ended, read_frame, write_all)
+from gpuengine.pipe_frames import (GPUENGINE_ERRORS, child_streams, error_from, error_payload,
+                                   frame, how_it_ended, read_frame, start_child, write_all)
 from gpuengine.store.commit_group import CommitPart, embedded_digests
 from gpuengine.store.schema import TableSpec
 
 _ACK = struct.Struct("<IQQd")  # groups, sequences, records, seconds
-_PIPE_BYTES = 1 << 20
-_F_SETPIPE_SZ = 1031
 _PR_SET_PDEATHSIG = 1
 _CHILD_GROUPS = 16
 """Groups the child holds read but not committed (then the pipe, then the sender's queue of as
@@ -98,19 +96,7 @@ class CommitterProcess:
     # -- the Committer interface -----------------------------------------------------------
 
     def start(self) -> None:
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        env["GPUENGINE_WRITER_PARENT"] = str(os.getpid())
-        self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     bufsize=0, env=env, start_new_session=True)
-        for pipe in (self.proc.stdout, self.proc.stdin):
-            try:
-                import fcntl
-
-                fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
-            except OSError:
-                pass  # a smaller pipe only costs more wake-ups
+        self.proc = start_child(self.command, {"GPUENGINE_WRITER_PARENT": str(os.getpid())})
         conf = json.dumps({"path": self.path, "spec": self.spec.to_json(), "run_id": self.run_id,
                            "max_bytes": self.max_bytes, "map_size": self.map_size}).encode("utf-8")
         try:
@@ -376,12 +362,8 @@ def _die_with_parent() -> None:
 
 
 def main() -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine decides when this stops
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    inp, out = child_streams(out_buffering=0)
     _die_with_parent()
-    out = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(2, 1)  # a stray print must not corrupt the frames
-    inp = os.fdopen(os.dup(0), "rb", buffering=0)
     try:
         serve(inp, out)
     except BrokenPipeError:

@@ -90,8 +90,7 @@ def _pipe_sender():
     share its interpreter lock); None where the code has no writer process."""
     try:
         from gpuengine.store.group_frames import encode_group
-        from gpuengine.pipe_frames import frame, write_all
-        from gpuengine.writer_process import _PIPE_BYTES, _F_SETPIPE_SZ
+        from gpuengine.pipe_frames import F_SETPIPE_SZ, PIPE_BYTES, frame, write_all
     except ImportError:
         return None
     import fcntl
@@ -100,7 +99,7 @@ def _pipe_sender():
     drain = subprocess.Popen([sys.executable, "-c", "import sys\nb = bytearray(1 << 20)\n"
                               "while sys.stdin.buffer.raw.readinto(b): pass"],
                              stdin=subprocess.PIPE, bufsize=0)
-    fcntl.fcntl(drain.stdin.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
+    fcntl.fcntl(drain.stdin.fileno(), F_SETPIPE_SZ, PIPE_BYTES)
 
     def send(group):
         if group is None:
