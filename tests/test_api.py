@@ -18,10 +18,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import gpuengine
-from conftest import TOL, random_proteins, write_fasta
+from conftest import TOL, fair_esm_reference, random_proteins, write_fasta
 from gpuengine import EmbeddingStore
 from gpuengine.cli import app
 from gpuengine.errors import InputError, UsageError
@@ -43,6 +44,17 @@ def cli_store(tmp_path_factory, tiny_pt):
     devices = json.loads(result.stdout)["devices"]
     # one batch: what the exact comparisons below rely on (see the module docstring)
     assert [d["batches"] for d in devices] == [1], devices
+    # and fair-esm's vectors within the fp32 tolerance, so that a failure below says which
+    # side moved: once in a few CI runs this first, in-process CLI run stored vectors 2-8e-5
+    # away from fair-esm (an open defect); the state of that run is in the message
+    ref = fair_esm_reference(tiny_pt, SEQS, [1, 2])
+    for layer, stored_layer, pool in ((1, 1, "bos"), (1, 1, "mean"), (2, -1, "mean")):
+        stored = cli_vectors(out, stored_layer, pool)
+        diff = float(np.abs(stored - ref[layer][pool]).max())
+        assert diff <= TOL, (
+            f"the CLI run's layer {layer} {pool} is {diff:.2e} from fair-esm (tolerance {TOL}); "
+            f"torch threads {torch.get_num_threads()}, interop {torch.get_num_interop_threads()}, "
+            f"run: {json.loads(result.stdout)}")
     return fasta, out
 
 
