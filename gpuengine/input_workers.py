@@ -37,8 +37,8 @@ import numpy as np
 
 from gpuengine.blocks import BLOCK_BYTES, Block, parse_block, read_blocks
 from gpuengine.errors import GpuEngineError, InputError, InternalError
-from gpuengine.pipe_frames import (FRAME, GPUENGINE_ERRORS, error_from, how_it_ended, read_frame,
-                                   start_child, write_all, write_frame)
+from gpuengine.pipe_frames import (FRAME, GPUENGINE_ERRORS, close_pipes, error_from, how_it_ended,
+                                   read_frame, start_child, write_all, write_frame)
 from gpuengine.shards import Shard
 
 _BLOCK_HEAD = struct.Struct("<IQQIc")  # file number, first index, first line, records, format
@@ -163,11 +163,7 @@ class InputProcess:
             if self.proc.poll() is None:
                 self.proc.kill()
             self.proc.wait()
-            for pipe in (self.proc.stdin, self.proc.stdout):
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
+            close_pipes(self.proc)
 
     def __enter__(self) -> InputProcess:
         return self

@@ -150,6 +150,15 @@ def start_child(command: Sequence[str], env: Mapping[str, str] | None = None) ->
     return proc
 
 
+def close_pipes(proc: subprocess.Popen) -> None:
+    """Close the engine's ends of a child's pipes (after it is reaped); idempotent."""
+    for pipe in (proc.stdin, proc.stdout):
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+
 def child_streams(out_buffering: int) -> tuple[BinaryIO, BinaryIO]:
     """A child's side: ignore SIGINT/SIGTERM (the engine decides when it stops), and return
     (frames in, frames out) on the original stdin/stdout, with stdout itself pointed at stderr

@@ -45,8 +45,9 @@ from typing import BinaryIO
 
 from gpuengine.committer import MAX_TRANSACTION_BYTES, CommitCounts
 from gpuengine.errors import GpuEngineError, InternalError, StoreError
-from gpuengine.pipe_frames import (GPUENGINE_ERRORS, child_streams, error_from, error_payload,
-                                   frame, how_it_ended, read_frame, start_child, write_all)
+from gpuengine.pipe_frames import (GPUENGINE_ERRORS, child_streams, close_pipes, error_from,
+                                   error_payload, frame, how_it_ended, read_frame, start_child,
+                                   write_all)
 from gpuengine.store.commit_group import CommitPart, embedded_digests
 from gpuengine.store.schema import TableSpec
 
@@ -236,11 +237,7 @@ class CommitterProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            try:
-                pipe.close()
-            except OSError:
-                pass
+        close_pipes(self.proc)
         self._finished = True
 
 
