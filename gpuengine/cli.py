@@ -24,7 +24,7 @@ from gpuengine.cli_options import (CheckClassifier, CheckGpus, CheckLayer, Check
                                    PartnerModel, Poll, PollInterval, Pools, Precision,
                                    PrintJson, Quiet, QuietPeriod, ReplicasPerGpu, RetryDelay,
                                    ServeJob, ServeStore, Settle, StatusInterval, StoreDtype,
-                                   Verbose, Watch)
+                                   Verbose, Watch, Writers)
 from gpuengine.cli_options import fail as _fail
 from gpuengine.errors import EXIT_INTERRUPTED, GpuEngineError, UsageError
 from gpuengine.vocabulary import FP8_MIN_COSINE
@@ -126,6 +126,7 @@ def embed(
     gpus: Gpus = "auto",
     max_tokens: MaxTokens = None,
     replicas_per_gpu: ReplicasPerGpu = 1,
+    writers: Writers = None,
     offline: Offline = False,
     json_summary: JsonSummary = False,
     quiet: Quiet = False,
@@ -140,7 +141,7 @@ def embed(
         _check_table(table)
         config = _embed_config(tuple(inputs), model, out, layers, pool, precision, store_dtype,
                                max_residues, table, skip_invalid, gpus, max_tokens, offline,
-                               fp8_min_cosine, replicas_per_gpu, shard)
+                               fp8_min_cosine, replicas_per_gpu, shard, writers=writers)
         from gpuengine.engine import run_embed
 
         with StopOnSignals(on_stop=announce_stop) as stop:
@@ -166,7 +167,7 @@ def _embed_config(inputs: tuple[Path, ...], model: str, out: Path, layers: str, 
                   precision: Optional[str], store_dtype: str, max_residues: Optional[int],
                   table: str, skip_invalid: bool, gpus: str, max_tokens: Optional[int],
                   offline: bool, fp8_min_cosine: float, replicas_per_gpu: int = 1,
-                  shard: Optional[str] = None):
+                  shard: Optional[str] = None, *, writers: Optional[int] = 1):
     """The :class:`~gpuengine.config.EmbedConfig` of ``embed``'s (and ``serve``'s) options."""
     from gpuengine.config import EmbedConfig
     from gpuengine.shards import Shard
@@ -178,7 +179,7 @@ def _embed_config(inputs: tuple[Path, ...], model: str, out: Path, layers: str, 
         skip_invalid=skip_invalid, devices=gpus, max_tokens=max_tokens,
         replicas_per_gpu=replicas_per_gpu, allow_download=not offline,
         fp8_min_cosine=fp8_min_cosine,
-        shard=None if shard is None else Shard.parse(shard))
+        shard=None if shard is None else Shard.parse(shard), writers=writers)
 
 
 def _parse_layers(text: str) -> tuple[int, ...]:

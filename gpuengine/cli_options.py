@@ -47,6 +47,13 @@ ReplicasPerGpu = Annotated[int, typer.Option(
     help="Model replicas per device, each with its own thread and CUDA streams, fed by one "
     "scheduler; a GPU's replicas share its weights and split its free memory (the CPU: its "
     "threads). Can keep a GPU busier with a small model.")]
+Writers = Annotated[Optional[int], typer.Option(
+    "--writers", min=1, max=16, show_default=False,
+    help="Store writer processes, each writing its own part of the store: with N > 1, OUT "
+    "becomes a directory of N part stores (part-00-of-04.lmdb ...), split by sequence, read as "
+    "one store by lookup, info, export and EmbeddingStore, or folded into one file by "
+    "gpuengine merge. A rerun keeps the number OUT holds. \\[default: 1; for inputs of 20 000 "
+    "records or more on 8 cores or more, min(4, cores // 4); --shard runs: 1]")]
 
 # -- comparing precisions (check) -------------------------------------------------------------
 

@@ -84,7 +84,7 @@ def _cluster_options(
 
 def _signature(plain: Callable, command: str) -> inspect.Signature:
     """The plain command's parameters (``--out`` re-described, ``--shard``/``--score-only``
-    left out: the run sets them) followed by the cluster options, all keyword-only."""
+    left out: the run sets them; ``--writers`` too: a shard's store is one store) followed by the cluster options, all keyword-only."""
     out_help = {"embed": "Output directory (shared by the nodes): OUT/store.lmdb is the merged "
                          "store; OUT/shards/, OUT/slurm/ (scripts, logs) are made there.",
                 "predict": "Output directory (shared by the nodes): the prediction files and "
@@ -92,7 +92,7 @@ def _signature(plain: Callable, command: str) -> inspect.Signature:
                            "are made there. \\[default: <input base>_merged/ next to the input]"}
     params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
     for param in inspect.signature(plain, eval_str=True).parameters.values():
-        if param.name in ("shard", "score_only"):
+        if param.name in ("shard", "score_only", "writers"):  # a shard writes one store
             continue
         if param.name == "out":
             kind = Path if command == "embed" else Optional[Path]

@@ -137,6 +137,12 @@ class EmbedConfig:
     choice, else only for inputs of at least ``inputs.INPUT_PROCESS_MIN_RECORDS`` records."""
     shard: Shard | None = None
     """``--shard I/N``: embed only the input's records of this shard (:mod:`gpuengine.shards`)."""
+    writers: int | None = 1
+    """``--writers N``: store writer processes, each writing one part store of ``out``, which
+    becomes a directory of N stores when N > 1 (:mod:`gpuengine.store.parts`); None: chosen
+    by the run (:func:`gpuengine.run_store.auto_writers`, what ``embed`` does unless told),
+    or the number ``out`` already holds. Runs that commit records with their last embeddings
+    (the daemon) and ``predict`` keep 1."""
     env: Environment = field(default_factory=environment)
 
     def __post_init__(self) -> None:
@@ -167,12 +173,18 @@ class EmbedConfig:
         if self.commit_every < 1:
             raise UsageError("commit_every must be at least 1")
         check_replicas_per_gpu(self.replicas_per_gpu)
+        if self.writers is not None and (isinstance(self.writers, bool)
+                                         or not isinstance(self.writers, int)
+                                         or not 1 <= self.writers <= MAX_WRITERS):
+            raise UsageError(f"--writers must be 1 to {MAX_WRITERS} (got {self.writers!r})")
 
     def effective_max_residues(self, family_default: int | None) -> int | None:
         return family_default if self.max_residues == -1 else self.max_residues
 
 
 MAX_REPLICAS_PER_GPU = 16
+MAX_WRITERS = 16
+"""The most store writer processes (part stores) of one run (``--writers``)."""
 
 
 def check_replicas_per_gpu(value: int) -> None:

@@ -43,6 +43,7 @@ import dataclasses
 import gc
 import logging
 import operator
+import os
 import queue
 import threading
 import time
@@ -53,7 +54,7 @@ import numpy as np
 
 from gpuengine.committer import Committer
 from gpuengine.config import EmbedConfig
-from gpuengine.errors import DeviceError
+from gpuengine.errors import DeviceError, InternalError
 from gpuengine.inputs import (INPUT_PROCESS_MIN_RECORDS, ChunkReader, RecordSource, open_input,
                               validated_fasta)
 from gpuengine.ledger import Ledger
@@ -64,13 +65,14 @@ from gpuengine.replicas import (MemoryTelemetry, ModelChoice, ReplicaPool, Runne
                                 build_replicas, check_precision, guard_fidelity, run_precision,
                                 start_telemetry)
 from gpuengine.run_parts import INPUT_COUNTS, PartCompletion, PartLookup, PartTracker, RunPart
-from gpuengine.run_store import RunStore, table_spec
+from gpuengine.run_store import RunStore, auto_writers, table_spec
 from gpuengine.run_summary import RunSummary  # also imported from here by callers
 from gpuengine.scheduler import Scheduler
 from gpuengine.store.schema import TableSpec
 from gpuengine.store.writer import (CommitEntry, CommitPart, CommitRows, CompletionRecords,
                                     group_counts)
 from gpuengine.worker import BatchOutcome, DeviceWorker, WorkerExit, device_rows
+from gpuengine.writer_parts import PartedCommitter
 from gpuengine.writer_process import CommitterProcess
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
     started = time.perf_counter()
     progress.stage(f"resolving model {config.model}")
     model = ModelChoice.resolve(config)
-    store = RunStore(config.out)
+    store = RunStore(config.out, config.writers)
     try:
         precision, how = run_precision(config, model.fam)
         if runner_factory is None:  # a simulated device runs what its factory makes
@@ -144,6 +146,11 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
             summary.wall_seconds = time.perf_counter() - started
             store.close(remove_if_empty=True)
             return summary
+        if not store.count:  # a new store: as many parts as the run's writers
+            store.open(_writers(config, records.count))
+        if store.count > 1 and (completion_records is not None or parts is not None):
+            raise InternalError("a run that commits records with its last embeddings (the "
+                                f"daemon's) writes one store, not {store.count} parts")
         progress.stage(f"reading weights {model.source.path}")
         weights = model.read_weights(replicas)
         if weights.synthetic:
@@ -151,7 +158,7 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
                         "embeddings mean nothing", model.source.path)
         spec = table_spec(config, model.fam, weights, model.checksum(config.env.cache_dir),
                           model.max_residues, precision)
-        store.writer.open_table(spec)
+        store.open_table(spec)
         summary = RunSummary(str(config.out), spec.name, model.source.name, weights.synthetic,
                              **counts)
         run = _Run(config, model, weights, spec, store, records, summary, progress, stop,
@@ -168,6 +175,18 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
     return summary
 
 
+def _writers(config: EmbedConfig, records: int) -> int:
+    """The run's writers (part stores): ``config.writers``, else (``--writers`` not given)
+    one when the writer does not run in a process of its own (``GPUENGINE_WRITER_PROCESS=0``)
+    and for a shard (``--shard``), else :func:`~gpuengine.run_store.auto_writers` of the input's records and the cores this
+    process may use. (A store that exists has its number already: the run store is open.)"""
+    if config.writers is not None:
+        return config.writers
+    if config.env.writer_process is False or config.shard is not None:
+        return 1  # a shard's store is one store (the cluster run merges the shards' stores)
+    return auto_writers(records, len(os.sched_getaffinity(0)), INPUT_PROCESS_MIN_RECORDS)
+
+
 class _Run:
     """One run's threads and state (see the module docstring for the loop)."""
 
@@ -178,7 +197,7 @@ class _Run:
                  completion_records: CompletionRecords[RunSummary] | None):
         self.config, self.model, self.weights, self.spec = config, model, weights, spec
         self.tokenizer = model.fam.tokenizer(weights.source)
-        self.store, self.writer = store, store.writer
+        self.store = store
         self.records, self.summary = records, summary
         self.progress, self.stop = progress, stop
         self.runner_factory, self.pool = runner_factory, pool
@@ -197,7 +216,7 @@ class _Run:
         """When embedding started: the one time base of the progress bar and the summary."""
         self.reader: ChunkReader | None = None
         self.workers: list[DeviceWorker] = []
-        self.committer: Committer | CommitterProcess | None = None
+        self.committer: Committer | CommitterProcess | PartedCommitter | None = None
         self.planner_thread: threading.Thread | None = None
         self.parts: PartTracker[RunSummary] | None = None
         self.part_completion: PartCompletion[RunSummary] | None = None
@@ -251,7 +270,7 @@ class _Run:
             self.config, self.spec, workers[0].runner.precision, fidelity=self.summary.fidelity)
         self.summary.run_id = run_id
         committer = self.committer = self._committer(run_id)
-        lookup = self.writer.lookup(self.spec.name)
+        lookup = self.store.lookup(self.spec.name)
         planner = Planner(ledger=self.ledger,
                           lookup=lookup if self.parts is None else PartLookup(lookup, self.parts),
                           submit=self.scheduler.submit,
@@ -276,7 +295,7 @@ class _Run:
             raise committer.error
         self._summarize(workers, committer, planner, time.perf_counter() - self.started)
         status = "interrupted" if self.summary.interrupted else "complete"
-        self.writer.finish_run(run_id, status, {"failed": len(self.summary.failed),
+        self.store.finish_run(run_id, status, {"failed": len(self.summary.failed),
                                                 "embedded": self.summary.embedded,
                                                 "committed_records": self.summary.committed_records})
 
@@ -310,19 +329,26 @@ class _Run:
         finally:
             self.progress.close()
 
-    def _committer(self, run_id: str) -> Committer | CommitterProcess:
-        """The run's single writer: in a child process (:mod:`gpuengine.writer_process`) for an
-        input of at least :data:`~gpuengine.inputs.INPUT_PROCESS_MIN_RECORDS` records (the size
-        from which input processes are used: there its start-up, about 0.1 s, is small beside
-        the puts it takes off this process's interpreter lock) or as
-        ``GPUENGINE_WRITER_PROCESS`` says; else a thread of this process."""
+    def _committer(self, run_id: str) -> Committer | CommitterProcess | PartedCommitter:
+        """The run's writers: one child process per part store (:mod:`gpuengine.writer_parts`)
+        for a store of several parts; for one store, its single writer in a child process
+        (:mod:`gpuengine.writer_process`) for an input of at least
+        :data:`~gpuengine.inputs.INPUT_PROCESS_MIN_RECORDS` records (the size from which input
+        processes are used: there its start-up, about 0.1 s, is small beside the puts it takes
+        off this process's interpreter lock) or as ``GPUENGINE_WRITER_PROCESS`` says; else a
+        thread of this process."""
+        writers = self.store.writers
+        if len(writers) > 1:
+            return PartedCommitter([w.path for w in writers], self.spec, run_id, self.ledger,
+                                   map_sizes=[w.map_size for w in writers])
+        writer = writers[0]
         choice = self.config.env.writer_process
         if choice is None:
             choice = self.records.count >= INPUT_PROCESS_MIN_RECORDS
         if choice:
-            return CommitterProcess(self.writer.path, self.spec, run_id, self.ledger,
-                                    map_size=self.writer.map_size)
-        return Committer(self.writer, self.spec.name, run_id, self.ledger)
+            return CommitterProcess(writer.path, self.spec, run_id, self.ledger,
+                                    map_size=writer.map_size)
+        return Committer(writer, self.spec.name, run_id, self.ledger)
 
     def _start_workers(self) -> list[DeviceWorker]:
         """``--replicas-per-gpu`` warmed-up replicas on every device, the fidelity guard of a

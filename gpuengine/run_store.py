@@ -9,6 +9,11 @@ holds (model identity, outputs, dtype, truncation, precision) and :func:`run_id`
 run's progress record. A store the run created and left without a single record (it failed,
 or was stopped while validating) is removed again by :meth:`RunStore.close`.
 
+A run of N writers (``--writers N``) writes N part stores in the directory OUT
+(:mod:`gpuengine.store.parts`): the same table and run record in each part, the lookup over
+all of them (:class:`~gpuengine.store.parts.PartsLookup`). How many a run uses when not told
+is :func:`auto_writers`; a rerun uses the number OUT records.
+
 Nothing here touches a device or the run's threads.
 """
 
@@ -22,9 +27,10 @@ from typing import Any
 
 from gpuengine import __version__
 from gpuengine.config import EmbedConfig
-from gpuengine.errors import StoreMismatchError, UsageError
+from gpuengine.errors import InternalError, StoreMismatchError, UsageError
 from gpuengine.models.registry import Family, Weights
 from gpuengine.store.lookup import TableLookup
+from gpuengine.store.parts import PartsLookup, part_label, part_paths, recorded_parts
 from gpuengine.store.schema import ModelIdentity, OutputSpec, TableSpec
 from gpuengine.store.writer import StoreWriter
 
@@ -82,38 +88,120 @@ def run_id(config: EmbedConfig, spec: TableSpec) -> str:
                            digest_size=12).hexdigest()
 
 
-class RunStore:
-    """The store one run writes: opened (created when absent) by the constructor; always
-    :meth:`close` it."""
+AUTO_MAX_WRITERS = 4
+"""The most part stores :func:`auto_writers` chooses."""
+CORES_PER_WRITER = 4
+"""Cores per writer process :func:`auto_writers` allows (the engine, the input processes and
+the writers share the cores)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+
+def auto_writers(records: int, cores: int, min_records: int) -> int:
+    """The writers of a run left to choose (``--writers`` not given, a new OUT): one below
+    ``min_records`` records (the size from which the writer runs in a process of its own) or
+    on fewer than 8 cores, else ``min(4, cores // 4)``."""
+    if records < min_records:
+        return 1
+    return max(1, min(AUTO_MAX_WRITERS, cores // CORES_PER_WRITER))
+
+
+class RunStore:
+    """The store one run writes: one store at OUT, or N part stores in the directory OUT
+    (``--writers N``, :mod:`gpuengine.store.parts`). The constructor opens what OUT already
+    holds (its recorded number of parts); a new OUT is created by :meth:`open` once the run
+    knows how many writers it uses (``writers`` None: after validating its input, by its size;
+    a number: now). Always :meth:`close` it."""
+
+    def __init__(self, path: str | os.PathLike[str], writers: int | None = 1) -> None:
         self.path = Path(path)
-        self.created = not self.path.exists()
-        self.writer = StoreWriter(self.path)
+        self.recorded = recorded_parts(self.path)
+        """The parts OUT held before this run (None: a new store)."""
+        if writers is not None and self.recorded is not None and writers != self.recorded:
+            raise UsageError(
+                f"--writers {writers}: {self.path} was written by {self.recorded} writer"
+                f"{'s' if self.recorded > 1 else ''} "
+                f"({'one store' if self.recorded == 1 else f'{self.recorded} part stores'}); "
+                f"a rerun keeps that number: leave --writers out (or give {self.recorded}), "
+                "or use another --out")
+        self.writers: list[StoreWriter] = []
+        self._created: list[bool] = []
+        """Per store opened, whether this run created it."""
+        self.dir_created = False
+        if self.recorded is not None:
+            self.open(self.recorded)
+        elif writers is not None:
+            self.open(writers)
+
+    def open(self, count: int) -> None:
+        """Open (creating where absent) the ``count`` stores of OUT; nothing when open."""
+        if self.writers:
+            if len(self.writers) != count:
+                raise InternalError(f"RunStore of {len(self.writers)} parts opened for {count}")
+            return
+        paths = part_paths(self.path, count)
+        if count > 1 and not self.path.exists():
+            self.path.mkdir(parents=True)
+            self.dir_created = True
+        try:
+            for index, path in enumerate(paths):
+                self._created.append(not path.exists())
+                self.writers.append(StoreWriter(
+                    path, part=None if count == 1 else part_label(index, count)))
+        except BaseException:
+            self.close(remove_if_empty=True)
+            raise
+
+    @property
+    def created(self) -> bool:
+        """Whether this run created a store it opened (a new OUT)."""
+        return any(self._created)
+
+    @property
+    def count(self) -> int:
+        """The stores written (0 while none is open)."""
+        return len(self.writers)
+
+    @property
+    def writer(self) -> StoreWriter:
+        """The one store's writer (a run of one writer)."""
+        if len(self.writers) != 1:
+            raise InternalError(f"RunStore.writer of a store of {len(self.writers)} parts")
+        return self.writers[0]
+
+    def lookup(self, table: str) -> TableLookup | PartsLookup:
+        """The table's read-only lookup over every store written (empty before :meth:`open`)."""
+        if len(self.writers) == 1:
+            return self.writers[0].lookup(table)
+        return PartsLookup([w.lookup(table) for w in self.writers], self.path)
 
     def check(self, table: str, precision: str, how: str,
-              max_residues: int | None) -> TableLookup:
+              max_residues: int | None) -> TableLookup | PartsLookup:
         """Refuse a compute precision (``how``: where it came from, for the message) or a
         truncation that differs from ``table``'s, before any weights are read; return the
         table's lookup (empty when the store has no such table yet)."""
-        lookup = self.writer.lookup(table)
-        stored = lookup.spec
-        if stored is None:
-            return lookup
-        self.writer.check_precision(table, precision, how)
-        if (stored.max_residues or None) != (max_residues or None):
-            raise StoreMismatchError(
-                f"store {self.writer.path} table {table!r} holds sequences truncated to "
-                f"{stored.max_residues or 'none'} residues (max_residues); this run asks for "
-                f"{max_residues or 'none'}; to keep both, add a new named table with --table "
-                "NAME (or use another --out)")
-        return lookup
+        for writer in self.writers:
+            stored = writer.stored_spec(table)
+            if stored is None:
+                continue
+            writer.check_precision(table, precision, how)
+            if (stored.max_residues or None) != (max_residues or None):
+                raise StoreMismatchError(
+                    f"store {writer.path} table {table!r} holds sequences truncated to "
+                    f"{stored.max_residues or 'none'} residues (max_residues); this run asks "
+                    f"for {max_residues or 'none'}; to keep both, add a new named table with "
+                    "--table NAME (or use another --out)")
+        return self.lookup(table)
+
+    def open_table(self, spec: TableSpec) -> None:
+        for writer in self.writers:
+            writer.open_table(spec)
 
     def begin_run(self, config: EmbedConfig, spec: TableSpec, precision: str, *,
                   fidelity: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         """(run id, its progress record as this invocation found it): created, or reopened
-        by a rerun; ``precision`` is the one the replicas compute in, ``fidelity`` the
-        guard's measurement of a lossy one (``info.fidelity``)."""
+        by a rerun, in every store written (each part's record counts that part's commits;
+        ``info.part`` says which part); ``precision`` is the one the replicas compute in,
+        ``fidelity`` the guard's measurement of a lossy one (``info.fidelity``). The record
+        returned is the first part's, its counters summed over the parts."""
         key = run_id(config, spec)
         info: dict[str, Any] = {"command": "embed", "engine_version": __version__,
                                 "inputs": [str(p) for p in config.inputs],
@@ -123,20 +211,43 @@ class RunStore:
             info["shard"] = config.shard.label
         if fidelity is not None:
             info["fidelity"] = fidelity
-        started = self.writer.begin_run(key, info)
+        records = []
+        for index, writer in enumerate(self.writers):
+            if len(self.writers) > 1:
+                info = {**info, "part": part_label(index, len(self.writers))}
+            records.append(writer.begin_run(key, info))
+        started = dict(records[0])
+        for name in ("committed_sequences", "committed_records"):
+            started[name] = sum(int(r.get(name, 0)) for r in records)
         return key, started
 
+    def finish_run(self, key: str, status: str, summary: dict[str, Any]) -> None:
+        """The run's final status and summary, in every store written."""
+        for writer in self.writers:
+            writer.finish_run(key, status, summary)
+
     def close(self, *, remove_if_empty: bool) -> None:
-        """Release the store; with ``remove_if_empty``, remove it again when this run created
-        it and it holds no record id (a failed run leaves nothing behind)."""
-        try:
-            empty = remove_if_empty and self.created and self.writer.is_empty()
-        finally:
-            self.writer.close()
-        if empty:
-            for name in ("data.mdb", "lock.mdb"):
-                (self.path / name).unlink(missing_ok=True)
+        """Release the stores; with ``remove_if_empty``, remove again each one this run
+        created that holds no record id (a failed run leaves nothing behind), and the
+        directory of parts it created once empty."""
+        empty = []
+        for writer, created in zip(self.writers, self._created):
+            try:
+                empty.append(remove_if_empty and created and writer.is_empty())
+            finally:
+                writer.close()
+        for writer, gone in zip(self.writers, empty):
+            if gone:
+                path = Path(writer.path)
+                for name in ("data.mdb", "lock.mdb"):
+                    (path / name).unlink(missing_ok=True)
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
+        if self.dir_created and remove_if_empty and all(empty):
             try:
                 self.path.rmdir()
             except OSError:
                 pass
+        self.writers, self._created = [], []

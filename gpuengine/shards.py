@@ -32,8 +32,11 @@ _LABEL = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 
 
 def shard_of(digest: bytes, count: int) -> int:
-    """The shard (0..count-1) of a 16-byte sequence digest."""
-    return int.from_bytes(digest[:8], "little") % count
+    """The shard (0..count-1) of a 16-byte sequence digest (the store's partition rule,
+    :func:`gpuengine.store.codec.partition_of`, which a run's part stores follow too)."""
+    from gpuengine.store.codec import partition_of
+
+    return partition_of(digest, count)
 
 
 @dataclass(frozen=True)

@@ -179,3 +179,19 @@ def decode_array(
         )
     flat = np.frombuffer(buf, dtype=dtype).copy()
     return flat.reshape(rows, dim) if per_token else flat
+
+
+def partition_of(digest: bytes, count: int) -> int:
+    """The partition (0..count-1) of a 16-byte sequence digest among ``count``: its first 8
+    bytes read as a little-endian unsigned integer, modulo ``count``. The one definition of
+    both ``--shard I/N`` (:mod:`gpuengine.shards`) and a run's part stores
+    (:mod:`gpuengine.store.parts`), so a sequence's shard and part follow the same rule."""
+    return int.from_bytes(digest[:8], "little") % count
+
+
+def partitions_of(digests: Sequence[bytes], count: int) -> np.ndarray:
+    """:func:`partition_of` of many digests at once (an int64 array)."""
+    if not digests:
+        return np.zeros(0, dtype=np.int64)
+    low = np.frombuffer(b"".join(digests), dtype="<u8").reshape(len(digests), 2)[:, 0]
+    return (low % np.uint64(count)).astype(np.int64)

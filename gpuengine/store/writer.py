@@ -90,8 +90,12 @@ class StoreWriter:
     """Opens (creating if needed) a store for writing. Use as a context manager."""
 
     def __init__(self, path: str | os.PathLike[str], *, initial_map_size: int = 1 << 30,
-                 sync: bool = True, max_map_size: int = 1 << 44) -> None:
+                 sync: bool = True, max_map_size: int = 1 << 44,
+                 part: str | None = None) -> None:
         self._path = os.fspath(path)
+        self._part = part
+        """``"I/N"``: the store is part I of a run's N part stores (:mod:`.parts`); recorded
+        in a new store's ``store`` record, checked against an existing one's."""
         self._env: StoreEnv = open_store(
             self._path, writer=True, create=True, map_size=initial_map_size, sync=sync,
             max_map_size=max_map_size,
@@ -150,9 +154,15 @@ class StoreWriter:
                 "created_at": utc_now(),
                 "tables": [],
             }
+            if self._part is not None:
+                record["part"] = self._part
             txn.put(STORE_KEY, _dump(record), db=meta)
         else:
-            parse_store_record(txn.get(STORE_KEY, db=meta), self._path)
+            record = parse_store_record(txn.get(STORE_KEY, db=meta), self._path)
+            if self._part is not None and record.get("part") != self._part:
+                raise StoreError(f"store {self._path} records part {record.get('part')!r} of a "
+                                 f"run's part stores, not {self._part!r}; it was not written "
+                                 "as this part (renamed or copied in?)")
         runs = self._env.db_in(txn, RUNS_DB, create=True)
         return meta, runs
 

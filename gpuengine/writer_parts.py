@@ -1,0 +1,159 @@
+"""Several store writer processes in parallel, one per part store (``embed --writers N``).
+
+One LMDB environment has one writer, and one writer process was the host pipeline's limit on
+many cores (the engine waited for it). :class:`PartedCommitter` has the committer's interface
+(``start``, ``put``, ``wait_idle``, ``finish``, ``snapshot``, ``error``, ``is_alive``) and
+drives N :class:`~gpuengine.writer_process.CommitterProcess` es, one per part store of the run
+(:mod:`gpuengine.store.parts`): :func:`split_group` cuts each group the engine hands over into
+N sub-groups by the sequences' parts (numpy on the digests; a batch's rows by index, no step
+per row in the interpreter but the gathers), each part's writer process encodes and commits
+its own, and each part's acknowledgement releases exactly its sequences from the ledger: a
+sequence is done only once the writer of ITS part has committed it durably. The parts commit
+independently (a kill -9 at any moment leaves each part with whole commits; a rerun finds
+every sequence done in its part and resumes the rest).
+
+A group counts as committed (``snapshot().groups``) once every part has committed its share.
+Run records that must share the transaction of the run's last embeddings (the daemon's job
+records) cannot be split over parts: such runs keep one part (the daemon, ``predict``).
+If a part's writer process dies, the run stops with its StoreError (exit 1); the other parts
+commit what they were sent and every child is reaped (:meth:`finish`).
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import threading
+from collections import deque
+from collections.abc import Sequence
+
+import numpy as np
+
+from gpuengine.committer import CommitCounts
+from gpuengine.errors import InternalError
+from gpuengine.store.commit_group import CommitEntry, CommitPart, CommitRows
+from gpuengine.store.parts import part_of, parts_of
+from gpuengine.store.schema import TableSpec
+from gpuengine.writer_process import CommitterProcess
+
+
+def _take(values: Sequence, rows: list[int]) -> list:
+    """``[values[r] for r in rows]`` in C."""
+    if len(rows) == 1:
+        return [values[rows[0]]]
+    return list(operator.itemgetter(*rows)(values))
+
+
+def _split_rows(rows: CommitRows, count: int, out: list[list[CommitPart]]) -> None:
+    owners = parts_of(rows.seq_digests, count)
+    if not len(owners):
+        return
+    first = int(owners[0])
+    if (owners == first).all():  # one part holds the whole batch: as it is
+        out[first].append(rows)
+        return
+    for index in range(count):
+        picked = np.flatnonzero(owners == index)
+        if not len(picked):
+            continue
+        at = picked.tolist()
+        vectors = {o: (v[picked] if type(v) is np.ndarray else _take(v, at))
+                   for o, v in rows.vectors.items()}
+        keys = tuple(_take(k, at) for k in rows.embedding_keys)
+        out[index].append(CommitRows(_take(rows.seq_digests, at), _take(rows.record_ids, at),
+                                     vectors, keys))
+
+
+def split_group(group: Sequence[CommitPart], count: int) -> list[list[CommitPart]]:
+    """The group's sequences (with their ids and vectors) and aliases by part: ``count``
+    sub-groups, each in the group's order (an alias after its sequence's vectors, as the
+    group had it)."""
+    out: list[list[CommitPart]] = [[] for _ in range(count)]
+    for part in group:
+        if type(part) is CommitRows:
+            _split_rows(part, count, out)
+        elif type(part) is CommitEntry:
+            out[part_of(part.seq_digest, count)].append(part)
+        else:
+            raise InternalError(f"a commit group holds {type(part).__name__}")
+    return out
+
+
+class PartedCommitter:
+    """The writers of a run's N part stores, one child process each; see the module
+    docstring. Use as :class:`~gpuengine.committer.Committer`: :meth:`start`, :meth:`put`
+    groups, then always :meth:`finish` (it reaps every child on every path)."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], spec: TableSpec, run_id: str,
+                 ledger, *, map_sizes: Sequence[int]):
+        if len(paths) < 2 or len(map_sizes) != len(paths):
+            raise InternalError(f"PartedCommitter of {len(paths)} parts and "
+                                f"{len(map_sizes)} map sizes")
+        self.count = len(paths)
+        self.writers = [CommitterProcess(path, spec, run_id, ledger, map_size=size)
+                        for path, size in zip(paths, map_sizes)]
+        self._lock = threading.Lock()
+        self._waiting: deque[list[tuple[int, int]]] = deque()
+        """Per group put and not yet committed: (part, that part's group number) pairs."""
+        self._sent = [0] * self.count
+        """Sub-groups handed to each part's writer."""
+        self._groups = 0
+        """Groups every part of which is committed."""
+
+    @property
+    def error(self) -> BaseException | None:
+        for writer in self.writers:
+            if writer.error is not None:
+                return writer.error
+        return None
+
+    def start(self) -> None:
+        started = []
+        try:
+            for writer in self.writers:
+                writer.start()
+                started.append(writer)
+        except BaseException:
+            for writer in started:
+                writer.finish()
+            raise
+
+    def is_alive(self) -> bool:
+        return any(writer.is_alive() for writer in self.writers)
+
+    def put(self, group: list[CommitPart], extra_runs: dict[str, dict] | None = None) -> None:
+        """Split the group by part and queue each part's share with its writer."""
+        if extra_runs:
+            raise InternalError("run records to commit with a group cannot be split over "
+                                f"{self.count} part stores; such runs write one store")
+        if not group:
+            return
+        shares = []
+        for index, share in enumerate(split_group(group, self.count)):
+            if share:
+                self._sent[index] += 1
+                shares.append((index, self._sent[index]))
+                self.writers[index].put(share)
+        with self._lock:
+            self._waiting.append(shares)
+
+    def wait_idle(self) -> None:
+        for writer in self.writers:
+            writer.wait_idle()
+
+    def finish(self) -> None:
+        """Commit everything queued in every part, then stop every child (idempotent)."""
+        for writer in self.writers:  # each commits alone meanwhile: the wait is the longest
+            writer.finish()
+
+    def snapshot(self) -> CommitCounts:
+        parts = [writer.snapshot() for writer in self.writers]
+        with self._lock:
+            while self._waiting and all(parts[i].groups >= n for i, n in self._waiting[0]):
+                self._waiting.popleft()
+                self._groups += 1
+            groups = self._groups
+        return CommitCounts(transactions=sum(p.transactions for p in parts),
+                            sequences=sum(p.sequences for p in parts),
+                            records=sum(p.records for p in parts), groups=groups,
+                            busy_seconds=sum(p.busy_seconds for p in parts))
