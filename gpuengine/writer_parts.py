@@ -95,7 +95,7 @@ class PartedCommitter:
         self._lock = threading.Lock()
         self._waiting: deque[list[tuple[int, int]]] = deque()
         """Per group put and not yet committed: (part, that part's group number) pairs."""
-        self._sent = [0] * self.count
+        self.sent = [0] * self.count
         """Sub-groups handed to each part's writer."""
         self._groups = 0
         """Groups every part of which is committed."""
@@ -131,8 +131,8 @@ class PartedCommitter:
         shares = []
         for index, share in enumerate(split_group(group, self.count)):
             if share:
-                self._sent[index] += 1
-                shares.append((index, self._sent[index]))
+                self.sent[index] += 1
+                shares.append((index, self.sent[index]))
                 self.writers[index].put(share)
         with self._lock:
             self._waiting.append(shares)

@@ -247,11 +247,14 @@ class NoopRunner:
         return 0
 
 
-def run_e2e(model, fasta, budget, workdir, *, noop_dim: int | None = None, devices: int = 1):
+def run_e2e(model, fasta, budget, workdir, *, noop_dim: int | None = None, devices: int = 1,
+            writers: int | None = 1):
     """`gpuengine embed` in-process: FASTA → validate → plan → devices → LMDB commit, into a
     store under ``workdir`` removed before and after. With ``noop_dim`` the GPU step is a
     :class:`NoopRunner` of that width on ``devices`` no-op devices (each its own worker thread
-    and budget, as a GPU's; the host pipeline); else fp16 on every GPU."""
+    and budget, as a GPU's; the host pipeline); else fp16 on every GPU. ``writers``: store
+    writer processes (part stores; None: as ``gpuengine embed`` chooses); the summary's
+    ``writers`` says how many the run used."""
     import shutil
     from unittest import mock
 
@@ -263,14 +266,19 @@ def run_e2e(model, fasta, budget, workdir, *, noop_dim: int | None = None, devic
     store = Path(workdir) / ("host.lmdb" if noop else "e2e.lmdb")
     shutil.rmtree(store, ignore_errors=True)
     cfg = EmbedConfig(inputs=(Path(fasta),), model=str(model), out=store, max_tokens=budget,
-                      devices="cpu" if noop else "auto", precision=None if noop else "fp16")
+                      devices="cpu" if noop else "auto", precision=None if noop else "fp16",
+                      writers=writers)
     cpus = [torch.device("cpu")] * devices
     clock = MainProcessCpu()
     with mock.patch.object(replicas, "parse_devices", lambda spec: cpus) if noop else _nothing():
         summary = run_embed(cfg, progress=clock,
                             runner_factory=NoopRunner.factory(noop_dim) if noop else None)
+    from gpuengine.store.parts import recorded_parts
+
+    used = recorded_parts(store)
     shutil.rmtree(store, ignore_errors=True)
     summary.main_cpu_seconds = clock.seconds  # not a RunSummary field: the benches' own
+    summary.writers = used
     return summary
 
 
@@ -317,9 +325,17 @@ def add_host_options(parser: argparse.ArgumentParser) -> None:
                              "many as the engine picks for them (cores - 2; DNA at least "
                              "min(cores, 2), ESM-2 1 to 4) unless GPUENGINE_INPUT_PROCESSES "
                              "says")
+    parser.add_argument("--writers", default="auto",
+                        help="store writer processes, each writing one part store (embed "
+                             "--writers); auto: as gpuengine embed chooses (1 below 8 cores)")
     parser.add_argument("--curve", default="",
                         help="comma-separated core counts, e.g. 2,4,8,16: one run (a fresh "
                              "process, one row) per count")
+
+
+def writers_option(text: str) -> int | None:
+    """``--writers``: a number, or None for ``auto``."""
+    return None if text == "auto" else int(text)
 
 
 def limit_cores(cores: int | None) -> int:

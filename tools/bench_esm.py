@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (GpuClocks, ResultsLog, add_commit_option, add_host_options,  # noqa: E402
                           closed_scheduler, limit_cores, run_curve,
-                          cosine_summary, drive_worker, gemm_rate, profile_batches, run_e2e)
+                          cosine_summary, drive_worker, gemm_rate, profile_batches, run_e2e,
+                          writers_option)
 from gpuengine.config import environment  # noqa: E402
 from gpuengine.input_workers import process_count  # noqa: E402
 from gpuengine.models.esm2_weights import build_esm2  # noqa: E402
@@ -457,13 +458,14 @@ def main() -> None:
                 hseqs = proteins(workload_lengths(wl, int(args.host_sequences * mean_len), hrng), hrng)
                 fasta = write_fasta(args.workdir / f"host-{wl}.fa", hseqs)
                 summ = run_e2e(pt_path, fasta, args.budget, args.workdir, noop_dim=d,
-                               devices=args.devices)
+                               devices=args.devices, writers=writers_option(args.writers))
                 emit(**common, system="gpuengine-host", precision="none", tokens_per_s=summ.residues / summ.embed_seconds,
                      sequences_per_s=summ.embedded / summ.embed_seconds, wall_s=summ.wall_seconds,
                      embed_s=summ.embed_seconds, sequences=summ.embedded,
                      switch_interval_ms=sys.getswitchinterval() * 1000, workdir=str(args.workdir),
                      input_process=os.environ.get("GPUENGINE_INPUT_PROCESS", "auto"),
                      writer_process=os.environ.get("GPUENGINE_WRITER_PROCESS", "auto"),
+                     writers=summ.writers, writers_option=args.writers,
                      commit_transactions=summ.commit_transactions,
                      commit_seconds=summ.commit_seconds,
                      commit_wait_seconds=summ.commit_wait_seconds,

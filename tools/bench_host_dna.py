@@ -9,7 +9,10 @@ vectors into LMDB). Runs on any machine; the DNA counterpart of ``bench_esm.py -
 Each row carries ``devices`` (no-op devices), ``cores`` (cores the run could use) and
 ``input_processes`` (children reading, hashing and tokenizing the input) and
 ``writer_process`` (``GPUENGINE_WRITER_PROCESS``: auto, 1 or 0; auto writes the store from a
-child process for inputs of 20 000 records or more).
+child process for inputs of 20 000 records or more) and ``writers`` (the store writer
+processes, each writing its own part store: ``--writers N``, or auto as ``gpuengine embed``).
+
+    python tools/bench_host_dna.py --reads 2000000 --devices 8 --writers 4 --curve 2,4,8,16 --out r.jsonl
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (ResultsLog, add_commit_option, add_host_options,  # noqa: E402
-                          limit_cores, run_curve, run_e2e, write_reads_fasta)
+                          limit_cores, run_curve, run_e2e, write_reads_fasta, writers_option)
 from gpuengine.synthetic import write_dnabert_s  # noqa: E402
 
 
@@ -54,7 +57,7 @@ def main() -> None:
     from gpuengine.input_workers import process_count
 
     summary = run_e2e(model, fasta, None, args.workdir, noop_dim=768,  # budget: the CPU default
-                      devices=args.devices)
+                      devices=args.devices, writers=writers_option(args.writers))
     rec = ResultsLog(args.out, args.commit, __file__).append(
         model="dnabert-s", workload="dna150", system="gpuengine-host", precision="none",
         tokens_per_s=summary.tokens / summary.embed_seconds,
@@ -64,6 +67,7 @@ def main() -> None:
         devices=args.devices, cores=cores,
         input_processes=process_count(environment().input_processes),
         writer_process=os.environ.get("GPUENGINE_WRITER_PROCESS", "auto"),
+        writers=summary.writers, writers_option=args.writers,
         commit_transactions=summary.commit_transactions,
         commit_seconds=summary.commit_seconds,
         commit_wait_seconds=summary.commit_wait_seconds,
