@@ -57,7 +57,7 @@ def _split_rows(rows: CommitRows, count: int, out: list[list[CommitPart]]) -> No
         if not len(picked):
             continue
         at = picked.tolist()
-        vectors = {o: (v[picked] if type(v) is np.ndarray else _take(v, at))
+        vectors = {o: (np.take(v, picked, axis=0) if type(v) is np.ndarray else _take(v, at))
                    for o, v in rows.vectors.items()}
         keys = tuple(_take(k, at) for k in rows.embedding_keys)
         out[index].append(CommitRows(_take(rows.seq_digests, at), _take(rows.record_ids, at),
