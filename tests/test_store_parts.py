@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -332,3 +333,18 @@ def test_kill_9_then_rerun_stores_every_sequence_once_across_the_parts(
     stored = len(_check_exactly_once(out, resume_workload))
     assert 0 < stored < N
     _rerun(cmd, out, stored, resume_workload)  # no --writers: the recorded 2
+
+
+@pytest.mark.slow
+def test_bench_writer_writes_one_row_per_writer_count(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    env = {**os.environ, "GPUENGINE_COMMIT": "testcommit", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "tools/bench_writer.py", "--dim", "32", "--vectors",
+                    "3000", "--group", "500", "--writers", "1,3", "--out", str(out),
+                    "--workdir", str(tmp_path)], cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=300)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["writers"], r["sequences"], r["system"]) for r in rows] == \
+        [(1, 3000, "gpuengine-writer"), (3, 3000, "gpuengine-writer")]
+    assert rows[0]["frames"] == 6 and rows[1]["frames"] > 6
+    assert all(r["vectors_per_s"] > 0 and r["mb_per_s"] > 0 for r in rows)
