@@ -236,6 +236,46 @@ def test_the_daemons_runs_and_shards_keep_one_store(tmp_path, tiny_pt):
     assert _writers(auto, 10**6) == max(1, min(4, cores // 4))
 
 
+@pytest.mark.parametrize("path", ["complete", "interrupted"])
+def test_no_thread_or_child_outlives_a_run_of_part_stores(tmp_path, tiny_pt, monkeypatch, path):
+    import threading
+
+    from gpuengine.writer_process import CommitterProcess
+
+    seqs = random_proteins([10 + (i * 11) % 60 for i in range(60)], seed=9)
+    fasta = write_fasta(tmp_path / "p.fa", [(f"p{i}", s) for i, s in enumerate(seqs)])
+    threads, kids = set(threading.enumerate()), set(children(os.getpid()))
+    started, stop = [], threading.Event()
+    real_start, real_put = CommitterProcess.start, CommitterProcess.put
+
+    def start_spy(self):
+        started.append(self)
+        real_start(self)
+
+    def put(self, *args, **kwargs):  # stopped as the first share goes to a writer
+        real_put(self, *args, **kwargs)
+        if path == "interrupted":
+            stop.set()
+
+    monkeypatch.setattr(CommitterProcess, "start", start_spy)
+    monkeypatch.setattr(CommitterProcess, "put", put)
+    config = EmbedConfig(inputs=(fasta,), model=str(tiny_pt), out=tmp_path / "s.lmdb",
+                         max_tokens=96, commit_every=4, writers=3)
+    summary = run_embed(config, None, stop)
+    assert summary.interrupted == (path == "interrupted")
+    assert len(started) == 3 and all(w.proc.returncode == 0 for w in started)
+    assert [t.name for t in threading.enumerate() if t not in threads and t.is_alive()] == []
+    assert sorted(set(children(os.getpid())) - kids) == []
+    with EmbeddingStore(tmp_path / "s.lmdb") as store:
+        assert len(store) == summary.committed_records
+        assert (len(store) == 60) == (path == "complete")
+    for part in _parts(tmp_path / "s.lmdb", 3):
+        with EmbeddingStore(part) as store:
+            [run] = store.runs().values()
+            assert run["status"] == ("complete" if path == "complete" else "interrupted")
+            assert run["committed_records"] == len(store)
+
+
 # ----------------------------------------------------------------------------- kill -9
 
 

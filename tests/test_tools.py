@@ -37,7 +37,8 @@ def tool(monkeypatch):
 def test_every_script_is_listed():
     assert {"bench_common", "bench_dnabert", "bench_esm", "bench_fp8", "bench_host_dna",
             "bench_kernels", "bench_merge", "bench_predict", "bench_replicas", "bench_serve",
-            "bench_shard_scan", "bench_startup", "host_stage_costs", "make_checkpoint",
+            "bench_shard_scan", "bench_startup", "bench_writer", "host_stage_costs",
+            "make_checkpoint",
             "plot_benchmarks", "pyspy_summary"} == set(SCRIPTS)
 
 
@@ -137,9 +138,10 @@ def test_host_pipeline_esm(tool, monkeypatch, tmp_path):
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert list(row) == (HEADER + HOST_FIELDS[:2] + ["mean_residues"] + HOST_FIELDS[2:9]
                          + ["switch_interval_ms", "workdir", "input_process", "writer_process",
-                            "commit_transactions", "commit_seconds", "commit_wait_seconds",
+                            "writers", "writers_option", "commit_transactions", "commit_seconds", "commit_wait_seconds",
                             "devices", "cores", "main_cpu_us_per_seq", "input_processes", "note"])
     assert (row["commit"], row["system"], row["model"]) == ("testcommit", "gpuengine-host", "esm2-8M")
+    assert (row["writers"], row["writers_option"]) == (1, "auto")  # 300 sequences: one store
     fasta = tmp_path / "host-virnucpro150.fa"
     assert row["sequences"] == fasta.read_text().count(">") > 200
     assert not (tmp_path / "host.lmdb").exists()  # the store is removed after the run
@@ -168,10 +170,12 @@ def test_host_pipeline_dna(tool, monkeypatch, tmp_path):
          "--workdir", str(tmp_path))
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert list(row) == HEADER + HOST_FIELDS + ["devices", "cores", "input_processes",
-                                                 "writer_process", "commit_transactions", "commit_seconds",
+                                                 "writer_process", "writers", "writers_option",
+                                                 "commit_transactions", "commit_seconds",
                                                  "commit_wait_seconds", "main_cpu_us_per_seq",
                                                  "note"]
     assert (row["sequences"], row["model"], row["workload"]) == (300, "dnabert-s", "dna150")
+    assert (row["writers"], row["writers_option"]) == (1, "auto")
     assert row["tokens_per_s"] > row["sequences_per_s"] > 0
 
 
