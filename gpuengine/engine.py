@@ -133,9 +133,12 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
         lookup = store.check(config.table, precision, how, model.max_residues)
         if records is None:
             progress.stage("validating input")
-            records = validated_fasta(config.inputs, model.fam.alphabet,
-                                      skip_invalid=config.skip_invalid, stored=lookup,
-                                      shard=config.shard, max_residues=model.max_residues)
+            # the ids of a store of parts are looked up in every part: from one read
+            # transaction each (nothing writes while the input is validated)
+            with lookup.pinned() if store.count > 1 else contextlib.nullcontext():
+                records = validated_fasta(config.inputs, model.fam.alphabet,
+                                          skip_invalid=config.skip_invalid, stored=lookup,
+                                          shard=config.shard, max_residues=model.max_residues)
         counts = records.counts()
         if records.shard is not None:
             progress.stage(f"shard {records.shard.label}: {records.count:,} of "
