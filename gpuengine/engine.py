@@ -187,7 +187,9 @@ def _writers(config: EmbedConfig, records: int) -> int:
         return config.writers
     if config.env.writer_process is False or config.shard is not None:
         return 1  # a shard's store is one store (the cluster run merges the shards' stores)
-    return auto_writers(records, len(os.sched_getaffinity(0)), INPUT_PROCESS_MIN_RECORDS)
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    return auto_writers(records, cores, INPUT_PROCESS_MIN_RECORDS)
 
 
 class _Run:
