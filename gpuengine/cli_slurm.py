@@ -84,7 +84,8 @@ def _cluster_options(
 
 def _signature(plain: Callable, command: str) -> inspect.Signature:
     """The plain command's parameters (``--out`` re-described, ``--shard``/``--score-only``
-    left out: the run sets them; ``--writers`` too: a shard's store is one store) followed by the cluster options, all keyword-only."""
+    left out: the run sets them; ``--writers`` too: a shard's store is one store) followed
+    by the cluster options, all keyword-only."""
     out_help = {"embed": "Output directory (shared by the nodes): OUT/store.lmdb is the merged "
                          "store; OUT/shards/, OUT/slurm/ (scripts, logs) are made there.",
                 "predict": "Output directory (shared by the nodes): the prediction files and "

@@ -181,8 +181,8 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
 def _writers(config: EmbedConfig, records: int) -> int:
     """The run's writers (part stores): ``config.writers``, else (``--writers`` not given)
     one when the writer does not run in a process of its own (``GPUENGINE_WRITER_PROCESS=0``)
-    and for a shard (``--shard``), else :func:`~gpuengine.run_store.auto_writers` of the input's records and the cores this
-    process may use. (A store that exists has its number already: the run store is open.)"""
+    and for a shard (``--shard``), else :func:`~gpuengine.run_store.auto_writers` of the
+    input's records and the cores this process may use. (A store that exists has its number already: the run store is open.)"""
     if config.writers is not None:
         return config.writers
     if config.env.writer_process is False or config.shard is not None:

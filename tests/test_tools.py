@@ -138,7 +138,8 @@ def test_host_pipeline_esm(tool, monkeypatch, tmp_path):
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert list(row) == (HEADER + HOST_FIELDS[:2] + ["mean_residues"] + HOST_FIELDS[2:9]
                          + ["switch_interval_ms", "workdir", "input_process", "writer_process",
-                            "writers", "writers_option", "commit_transactions", "commit_seconds", "commit_wait_seconds",
+                            "writers", "writers_option", "commit_transactions", "commit_seconds",
+                            "commit_wait_seconds",
                             "devices", "cores", "main_cpu_us_per_seq", "input_processes", "note"])
     assert (row["commit"], row["system"], row["model"]) == ("testcommit", "gpuengine-host", "esm2-8M")
     assert (row["writers"], row["writers_option"]) == (1, "auto")  # 300 sequences: one store
