@@ -52,8 +52,8 @@ Writers = Annotated[Optional[int], typer.Option(
     help="Store writer processes, each writing its own part of the store: with N > 1, OUT "
     "becomes a directory of N part stores (part-00-of-04.lmdb ...), split by sequence, read as "
     "one store by lookup, info, export and EmbeddingStore, or folded into one file by "
-    "gpuengine merge. A rerun keeps the number OUT holds. \\[default: 1; for inputs of 20 000 "
-    "records or more on 8 cores or more, min(4, cores // 4); --shard runs: 1]")]
+    "gpuengine merge. N > 1 is opt-in until measured on a many-core machine. A rerun keeps the "
+    "number OUT holds. \\[default: 1]")]
 
 # -- comparing precisions (check) -------------------------------------------------------------
 

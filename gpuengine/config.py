@@ -139,9 +139,9 @@ class EmbedConfig:
     """``--shard I/N``: embed only the input's records of this shard (:mod:`gpuengine.shards`)."""
     writers: int | None = 1
     """``--writers N``: store writer processes, each writing one part store of ``out``, which
-    becomes a directory of N stores when N > 1 (:mod:`gpuengine.store.parts`); None: chosen
-    by the run (:func:`gpuengine.run_store.auto_writers`, what ``embed`` does unless told),
-    or the number ``out`` already holds. Runs that commit records with their last embeddings
+    becomes a directory of N stores when N > 1 (:mod:`gpuengine.store.parts`); None (what
+    ``embed`` passes unless told): the number ``out`` already holds, else 1. N > 1 is opt-in
+    until measured on a many-core host. Runs that commit records with their last embeddings
     (the daemon) and ``predict`` keep 1."""
     env: Environment = field(default_factory=environment)
 

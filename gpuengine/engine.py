@@ -43,7 +43,6 @@ import dataclasses
 import gc
 import logging
 import operator
-import os
 import queue
 import threading
 import time
@@ -65,7 +64,7 @@ from gpuengine.replicas import (MemoryTelemetry, ModelChoice, ReplicaPool, Runne
                                 build_replicas, check_precision, guard_fidelity, run_precision,
                                 start_telemetry)
 from gpuengine.run_parts import INPUT_COUNTS, PartCompletion, PartLookup, PartTracker, RunPart
-from gpuengine.run_store import RunStore, auto_writers, table_spec
+from gpuengine.run_store import RunStore, table_spec
 from gpuengine.run_summary import RunSummary  # also imported from here by callers
 from gpuengine.scheduler import Scheduler
 from gpuengine.store.schema import TableSpec
@@ -149,8 +148,6 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
             summary.wall_seconds = time.perf_counter() - started
             store.close(remove_if_empty=True)
             return summary
-        if not store.count:  # a new store: as many parts as the run's writers
-            store.open(_writers(config, records.count))
         if store.count > 1 and (completion_records is not None or parts is not None):
             raise InternalError("a run that commits records with its last embeddings (the "
                                 f"daemon's) writes one store, not {store.count} parts")
@@ -176,20 +173,6 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
     store.close(remove_if_empty=False)
     summary.wall_seconds = time.perf_counter() - started
     return summary
-
-
-def _writers(config: EmbedConfig, records: int) -> int:
-    """The run's writers (part stores): ``config.writers``, else (``--writers`` not given)
-    one when the writer does not run in a process of its own (``GPUENGINE_WRITER_PROCESS=0``)
-    and for a shard (``--shard``), else :func:`~gpuengine.run_store.auto_writers` of the
-    input's records and the cores this process may use. (A store that exists has its number already: the run store is open.)"""
-    if config.writers is not None:
-        return config.writers
-    if config.env.writer_process is False or config.shard is not None:
-        return 1  # a shard's store is one store (the cluster run merges the shards' stores)
-    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-             else os.cpu_count() or 1)
-    return auto_writers(records, cores, INPUT_PROCESS_MIN_RECORDS)
 
 
 class _Run:

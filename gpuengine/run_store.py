@@ -11,8 +11,9 @@ or was stopped while validating) is removed again by :meth:`RunStore.close`.
 
 A run of N writers (``--writers N``) writes N part stores in the directory OUT
 (:mod:`gpuengine.store.parts`): the same table and run record in each part, the lookup over
-all of them (:class:`~gpuengine.store.parts.PartsLookup`). How many a run uses when not told
-is :func:`auto_writers`; a rerun uses the number OUT records.
+all of them (:class:`~gpuengine.store.parts.PartsLookup`). A run not told writes one store
+(parts only when asked: whether several writers pay on a many-core host is not yet measured);
+a rerun uses the number OUT records.
 
 Nothing here touches a device or the run's threads.
 """
@@ -88,28 +89,11 @@ def run_id(config: EmbedConfig, spec: TableSpec) -> str:
                            digest_size=12).hexdigest()
 
 
-AUTO_MAX_WRITERS = 4
-"""The most part stores :func:`auto_writers` chooses."""
-CORES_PER_WRITER = 4
-"""Cores per writer process :func:`auto_writers` allows (the engine, the input processes and
-the writers share the cores)."""
-
-
-def auto_writers(records: int, cores: int, min_records: int) -> int:
-    """The writers of a run left to choose (``--writers`` not given, a new OUT): one below
-    ``min_records`` records (the size from which the writer runs in a process of its own) or
-    on fewer than 8 cores, else ``min(4, cores // 4)``."""
-    if records < min_records:
-        return 1
-    return max(1, min(AUTO_MAX_WRITERS, cores // CORES_PER_WRITER))
-
-
 class RunStore:
     """The store one run writes: one store at OUT, or N part stores in the directory OUT
     (``--writers N``, :mod:`gpuengine.store.parts`). The constructor opens what OUT already
-    holds (its recorded number of parts); a new OUT is created by :meth:`open` once the run
-    knows how many writers it uses (``writers`` None: after validating its input, by its size;
-    a number: now). Always :meth:`close` it."""
+    holds (its recorded number of parts), or creates a new OUT of ``writers`` stores (None:
+    the number OUT holds, else 1). Always :meth:`close` it."""
 
     def __init__(self, path: str | os.PathLike[str], writers: int | None = 1) -> None:
         self.path = Path(path)
@@ -126,17 +110,10 @@ class RunStore:
         self._created: list[bool] = []
         """Per store opened, whether this run created it."""
         self.dir_created = False
-        if self.recorded is not None:
-            self.open(self.recorded)
-        elif writers is not None:
-            self.open(writers)
+        self._open(self.recorded or writers or 1)
 
-    def open(self, count: int) -> None:
-        """Open (creating where absent) the ``count`` stores of OUT; nothing when open."""
-        if self.writers:
-            if len(self.writers) != count:
-                raise InternalError(f"RunStore of {len(self.writers)} parts opened for {count}")
-            return
+    def _open(self, count: int) -> None:
+        """Open (creating where absent) the ``count`` stores of OUT."""
         paths = part_paths(self.path, count)
         if count > 1 and not self.path.exists():
             self.path.mkdir(parents=True)
@@ -157,7 +134,7 @@ class RunStore:
 
     @property
     def count(self) -> int:
-        """The stores written (0 while none is open)."""
+        """The stores written (1, or the parts in the directory OUT)."""
         return len(self.writers)
 
     @property
@@ -168,7 +145,7 @@ class RunStore:
         return self.writers[0]
 
     def lookup(self, table: str) -> TableLookup | PartsLookup:
-        """The table's read-only lookup over every store written (empty before :meth:`open`)."""
+        """The table's read-only lookup over every store written."""
         if len(self.writers) == 1:
             return self.writers[0].lookup(table)
         return PartsLookup([w.lookup(table) for w in self.writers], self.path)

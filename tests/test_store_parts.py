@@ -221,19 +221,24 @@ def test_an_id_of_another_sequence_in_another_part_is_refused(tmp_path, tiny_pt)
     assert [_contents(p) for p in _parts(out, 2)] == before
 
 
-def test_the_daemons_runs_and_shards_keep_one_store(tmp_path, tiny_pt):
-    from gpuengine.engine import _writers
-    from gpuengine.shards import Shard
-
-    fasta = write_fasta(tmp_path / "a.fa", _records(30, seed=5))
-    base = dict(inputs=(fasta,), model=str(tiny_pt), out=tmp_path / "s.lmdb")
-    assert _writers(EmbedConfig(**base), 10**6) == 1  # the default of every caller but embed
-    assert _writers(EmbedConfig(**base, writers=3), 5) == 3
-    auto = EmbedConfig(**base, writers=None)
-    assert _writers(auto, 100) == 1  # below the writer process's threshold
-    assert _writers(EmbedConfig(**base, writers=None, shard=Shard(0, 2)), 10**6) == 1
-    cores = len(os.sched_getaffinity(0))
-    assert _writers(auto, 10**6) == max(1, min(4, cores // 4))
+def test_a_large_input_on_16_cores_gets_one_writer_unless_asked(tmp_path, tiny_pt, monkeypatch):
+    """``embed`` without ``--writers`` writes one store, whatever the input's size and the
+    cores (several writers are opt-in until measured on a many-core machine); ``--writers 2``
+    on the same input and cores writes two parts."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("GPUENGINE_INPUT_PROCESSES", "2")  # the VM's cores, not the 16 claimed
+    distinct = random_proteins([10 + i % 30 for i in range(40)], seed=10)
+    records = [(f"big{i}", distinct[i % len(distinct)]) for i in range(20_001)]
+    fasta = write_fasta(tmp_path / "big.fa", records)
+    for out, asked, parts in ((tmp_path / "auto.lmdb", (), 1),
+                              (tmp_path / "asked.lmdb", ("--writers", "2"), 2)):
+        result = cli("embed", fasta, "--model", tiny_pt, "--out", out,
+                     "--max-residues", MAX_RESIDUES, *asked)
+        assert result.exit_code == 0, result.stderr
+        assert recorded_parts(out) == parts
+        assert (out / "data.mdb").is_file() == (parts == 1)
+        with EmbeddingStore(out) as store:
+            assert len(store) == len(records)
 
 
 @pytest.mark.parametrize("path", ["complete", "interrupted"])
