@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -49,14 +50,18 @@ TOL = 1e-5
 # --- one run (child process) -------------------------------------------------------------
 
 def _mxcsr_reader():
-    """A function returning the calling thread's MXCSR (x86-64 only; None elsewhere)."""
+    """A function returning the calling thread's MXCSR (x86-64 only; None elsewhere or where
+    executable anonymous pages are refused)."""
     import ctypes
     import mmap
     import platform
 
     if platform.machine() not in ("x86_64", "AMD64"):
         return None
-    page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    try:
+        page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except OSError:  # a system that refuses executable anonymous pages
+        return None
     page.write(b"\x0f\xae\x1f\xc3")  # stmxcsr [rdi]; ret
     store = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(ctypes.addressof(ctypes.c_char.from_buffer(page)))
 
@@ -70,7 +75,8 @@ def _mxcsr_reader():
 
 def _install_capture(kept: list, mxcsr):
     """Swap the eager layer functions and the padded attention for copies that keep every op's
-    inputs and outputs in ``kept`` (same ops, same order as gpuengine.models.esm2)."""
+    inputs and outputs in ``kept`` (same ops, same order as gpuengine.models.esm2); returns
+    the original attention call and a function that puts the originals back."""
     import threading
 
     import torch.nn.functional as F
@@ -116,10 +122,17 @@ def _install_capture(kept: list, mxcsr):
                      dict(q=q, k=k, v=v, layout=layout, out=out)))
         return out
 
+    saved = (esm2.LayerKernels.__dict__["attention_inputs"],
+             esm2.LayerKernels.__dict__["attention_output_and_ffn"])
+
+    def restore() -> None:
+        esm2.LayerKernels.attention_inputs, esm2.LayerKernels.attention_output_and_ffn = saved
+        attention.PaddedAttention.__call__ = padded_call
+
     esm2.LayerKernels.attention_inputs = staticmethod(attention_inputs)
     esm2.LayerKernels.attention_output_and_ffn = staticmethod(attention_output_and_ffn)
     attention.PaddedAttention.__call__ = padded
-    return padded_call
+    return padded_call, restore
 
 
 def _rows(kept, again) -> str:
@@ -157,8 +170,27 @@ def _recheck(kept: list, padded_call) -> list[str]:
     return lines
 
 
+RESIDUES = "LAGVSERTIDPKQNFYMHWCXBUZO"  # tests/conftest.py's
+
+
+def fair_esm_layer1_bos(path: Path, seqs: list[str]):
+    """fair-esm's layer-1 BOS vectors of ``seqs`` (one batch, as tests/conftest.py's
+    fair_esm_reference pools them)."""
+    import warnings
+
+    import esm
+    import torch
+
+    data = torch.load(path, map_location="cpu", weights_only=False)  # written just now, here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, alphabet = esm.pretrained.load_model_and_alphabet_core(path.stem, data, None)
+    _, _, tokens = alphabet.get_batch_converter(1022)([(str(i), s) for i, s in enumerate(seqs)])
+    with torch.no_grad():
+        return model.eval()(tokens, repr_layers=[1])["representations"][1][:, 0].numpy()
+
+
 def one_run(collect: bool) -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))
     os.chdir(ROOT)
     if collect:
         import pytest
@@ -169,20 +201,21 @@ def one_run(collect: bool) -> dict:
     import torch
     from typer.testing import CliRunner
 
-    from conftest import TINY, fair_esm_reference, random_proteins, write_fasta
     from gpuengine import EmbeddingStore
     from gpuengine.cli import app
     from gpuengine.synthetic import write_fair_esm_checkpoint
 
     mxcsr = _mxcsr_reader()
     kept: list = []
-    padded_call = _install_capture(kept, mxcsr)
-    seqs = random_proteins([3, 40, 17, 120, 64], seed=21)  # test_api's SEQS: one 254-row batch
+    padded_call, _ = _install_capture(kept, mxcsr)  # this process ends after the run
+    rng = random.Random(21)  # test_api's SEQS (conftest.random_proteins): one 254-row batch
+    seqs = ["".join(rng.choice(RESIDUES) for _ in range(n)) for n in (3, 40, 17, 120, 64)]
     ids = [f"P{i}" for i in range(len(seqs))]
     with tempfile.TemporaryDirectory(prefix="repro-cpu-fidelity-") as tmp:
         root = Path(tmp)
-        model = write_fair_esm_checkpoint(root / "esm2_t2_tiny.pt", *TINY, seed=3)
-        fasta = write_fasta(root / "p.fasta", zip(ids, seqs))
+        model = write_fair_esm_checkpoint(root / "esm2_t2_tiny.pt", 2, 64, 4, seed=3)  # TINY
+        fasta = root / "p.fasta"
+        fasta.write_text("".join(f">{i}\n{s}\n" for i, s in zip(ids, seqs)))
         out = root / "cli.lmdb"
         result = CliRunner().invoke(app, ["embed", str(fasta), "--model", str(model), "--out",
                                           str(out), "--gpus", "cpu", "--layers", "1,-1",
@@ -191,7 +224,7 @@ def one_run(collect: bool) -> dict:
             return {"error": result.output[-2000:]}
         with EmbeddingStore(out, layer=1, pool="bos") as store:
             stored = store.get_many(ids)
-        ref = fair_esm_reference(model, seqs, [1])[1]["bos"]
+        ref = fair_esm_layer1_bos(model, seqs)
         diff = float(np.abs(stored - ref).max())
         per_seq = [float(x) for x in np.abs(stored - ref).max(axis=1)]
         found: dict = {}
