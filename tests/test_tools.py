@@ -39,7 +39,7 @@ def test_every_script_is_listed():
             "bench_kernels", "bench_merge", "bench_predict", "bench_replicas", "bench_serve",
             "bench_shard_scan", "bench_startup", "bench_writer", "host_stage_costs",
             "make_checkpoint",
-            "plot_benchmarks", "pyspy_summary"} == set(SCRIPTS)
+            "plot_benchmarks", "pyspy_summary", "repro_cpu_fidelity"} == set(SCRIPTS)
 
 
 @pytest.mark.parametrize("name", [s for s in SCRIPTS if s != "bench_common"])
