@@ -1,4 +1,4 @@
-"""The validation first pass over one FASTA file, read as record-aligned blocks.
+"""The validation first pass over one FASTA or FASTQ file, read as record-aligned blocks.
 
 :func:`gpuengine.fasta.validate` reads every record once to find the bad ones and to hash the
 rest. Line by line in Python that is about 4 µs a 150-bp read (one core); here a file is read
@@ -6,13 +6,14 @@ as :func:`gpuengine.blocks.read_blocks` blocks and each block is split, normalis
 and hashed with a few C-level calls per record, as :func:`gpuengine.blocks.parse_block` does
 for the second pass.
 
-What it finds is what the line-by-line pass finds, record for record: a record the quick
+What it finds is what the line-by-line pass finds, record for record (a FASTQ block is taken only when every record in it is sound,
+as :func:`gpuengine.fastq.check_record` checks): a record the quick
 check does not pass (an empty id or sequence, a header starting with whitespace or holding
 anything but printable ASCII, spaces and tabs, a sequence not ASCII or with a character
 outside the alphabet) is made the line-by-line pass's own way
 (:func:`gpuengine.fasta.make_record`), so its id, sequence and problem (line, column) are
-the same. A file this pass does not take on (FASTQ, bytes not UTF-8, a read error, a
-truncated gzip file) is left to the line-by-line pass, which gives its exact error: this
+the same. A file this pass does not take on (a malformed FASTQ record, bytes not UTF-8, a
+read error, a truncated gzip file) is left to the line-by-line pass, which gives its exact error: this
 pass then reports ``None`` and has changed nothing.
 """
 
@@ -61,8 +62,8 @@ class FileTally:
 def first_pass_blocks(path: str | os.PathLike, number: int, alphabet: frozenset[str] | None,
                       stored: StoredRecords | None,
                       select: Callable[[str], bool] | None = None) -> FileTally | None:
-    """The first pass over FASTA file ``path`` (input number ``number``), or None when the
-    file is one to read line by line (see the module docstring).
+    """The first pass over FASTA or FASTQ file ``path`` (input number ``number``), or None
+    when the file is one to read line by line (see the module docstring).
 
     Raises:
         InputError: as :func:`gpuengine.fasta.iter_records` for a file whose first non-blank
@@ -71,14 +72,11 @@ def first_pass_blocks(path: str | os.PathLike, number: int, alphabet: frozenset[
     name = _name(path)
     with open_text(path) as fh:  # the line-by-line pass's own errors for the file's start
         first, _ = _first_line(path, name, fh)
-    if first[0] != ">":
-        return None
     fast = None if alphabet is None else _compile_alphabet(alphabet)[1]
     tally = FileTally()
     try:
         for block in read_blocks(path, number, BLOCK_BYTES):
-            if block.fmt != "fasta" or not _take_block(block, name, alphabet, fast, stored,
-                                                       select, tally):
+            if not _take_block(block, name, alphabet, fast, stored, select, tally):
                 return None
     except (InputError, OSError, EOFError, zlib.error):
         return None  # read again line by line, which names the place
@@ -97,7 +95,7 @@ def _take_block(block: Block, name: str, alphabet: frozenset[str] | None, fast: 
         except UnicodeDecodeError:
             return False
     n = block.count
-    simple = None if fast is None else _simple_records(data, n, fast)
+    simple = None if fast is None or block.fmt != "fasta" else _simple_records(data, n, fast)
     if simple is not None:
         ids, seqs = simple
         problems: dict[int, RecordProblem] = {}
@@ -156,10 +154,11 @@ def _records(block: Block, name: str, alphabet: frozenset[str] | None, fast: byt
     (record ``i`` of the block: ``problems[i]``); None when the block must be read line by
     line."""
     data = block.data
-    headers, bodies = _fasta_parts(data)
-    n = len(headers)
-    if n != block.count:
+    parts = _fasta_parts(data) if block.fmt == "fasta" else _fastq_parts(data)
+    if parts is None or len(parts[0]) != block.count:
         return None
+    headers, bodies = parts
+    n = len(headers)
     seqs = [b.translate(None, _WHITESPACE).upper() for b in bodies]
     if b"*" in data:
         seqs = [s[:-1] if s[-1:] == b"*" else s for s in seqs]
@@ -173,10 +172,10 @@ def _records(block: Block, name: str, alphabet: frozenset[str] | None, fast: byt
     ids = [w[0] if w else b"" for w in words]
     problems: dict[int, RecordProblem] = {}
     if slow:
-        lines = _header_lines(data, block.first_line)
+        lines = _header_lines(block)
         for i in slow:
             rec, problem = _slow_record(headers[i], bodies[i], name, int(lines[i]),
-                                        block.first_index + i, alphabet)
+                                        block.first_index + i, alphabet, block.fmt)
             if problem is not None:
                 problems[i] = problem
             else:
@@ -184,8 +183,30 @@ def _records(block: Block, name: str, alphabet: frozenset[str] | None, fast: byt
     return ids, seqs, problems
 
 
-def _header_lines(data: bytes, first_line: int) -> np.ndarray:
-    """The 1-based line of each record's header in a FASTA block starting at ``first_line``."""
+def _fastq_parts(data: bytes) -> tuple[list[bytes], list[bytes]] | None:
+    """Titles and sequence lines of a FASTQ block whose records are all sound (as
+    :func:`gpuengine.fastq.check_record` checks), else None: then the line-by-line pass
+    names the place. Only a block of ASCII without ``\x1c``-``\x1f`` (which ``str``
+    strips as whitespace, ``bytes`` does not) is taken."""
+    if not data.isascii() or any(c in data for c in (b"\x1c", b"\x1d", b"\x1e", b"\x1f")):
+        return None
+    lines = data.split(b"\n")
+    lines.pop()  # after the last '\n'
+    heads, seqs, plus, quals = lines[0::4], lines[1::4], lines[2::4], lines[3::4]
+    if (len(lines) % 4 or not all(h[:1] == b"@" for h in heads)
+            or not all(p[:1] == b"+" for p in plus)
+            or list(map(len, map(bytes.rstrip, seqs))) != list(map(len, map(bytes.rstrip, quals)))
+            or any(len(p) > 1 and p[1:].rstrip() and p[1:].rstrip() != h[1:].rstrip()
+                   for p, h in zip(plus, heads))):
+        return None
+    return [h[1:] for h in heads], seqs
+
+
+def _header_lines(block: Block) -> np.ndarray:
+    """The 1-based line of each record's header in a block."""
+    if block.fmt == "fastq":
+        return block.first_line + 4 * np.arange(block.count)
+    data, first_line = block.data, block.first_line
     raw = np.frombuffer(data, np.uint8)
     newlines = np.flatnonzero(raw == 10)
     after = newlines[:-1] + 1  # the last newline ends the block
@@ -194,7 +215,8 @@ def _header_lines(data: bytes, first_line: int) -> np.ndarray:
 
 
 def _slow_record(header: bytes, body: bytes, name: str, lineno: int, index: int,
-                 alphabet: frozenset[str] | None) -> tuple[FastaRecord, RecordProblem | None]:
+                 alphabet: frozenset[str] | None, fmt: str
+                 ) -> tuple[FastaRecord, RecordProblem | None]:
     """A record read the line-by-line pass's way: lines end only at ``\\n`` (as in its
     universal-newlines reading of the file, whose other line ends a block already made
     ``\\n``)."""
@@ -202,7 +224,9 @@ def _slow_record(header: bytes, body: bytes, name: str, lineno: int, index: int,
     lines = [line + "\n" for line in text.split("\n")]
     if text.endswith("\n") or not text:
         lines.pop()
-    return make_record(">" + header.decode("utf-8") + "\n", lines, name, lineno, index, alphabet)
+    start = ">" if fmt == "fasta" else "@"
+    return make_record(start + header.decode("utf-8") + "\n", lines, name, lineno, index,
+                       alphabet)
 
 
 def _store_conflicts(block: Block, name: str, stored: StoredRecords, ids: list[bytes],
@@ -221,7 +245,7 @@ def _store_conflicts(block: Block, name: str, stored: StoredRecords, ids: list[b
     lines = None
     for i in asked:
         if lines is None:
-            lines = _header_lines(block.data, block.first_line)
+            lines = _header_lines(block)
         rec = FastaRecord(ids[i].decode("utf-8"), seqs[i].decode("utf-8"), name,
                           int(lines[i]), block.first_index + i)
         problem = stored.conflict(rec)

@@ -11,9 +11,9 @@ removed, upper-cased, with one trailing ``*`` stripped.
 
 :func:`validate` is the first pass over all inputs. It finds the bad records and the ids given
 twice from per-record 64-bit hashes kept in flat arrays (no dict of ids), so ten million
-records fit in memory. It reads a FASTA file as blocks (:mod:`gpuengine.block_validation`,
-with the same results), and line by line here only what that leaves (FASTQ, files not UTF-8
-or unreadable, which it names the place of). :func:`stream_valid` is the second pass; it yields what to embed.
+records fit in memory. It reads a file as blocks (:mod:`gpuengine.block_validation`, with
+the same results), and line by line here only what that leaves (malformed FASTQ, files not
+UTF-8 or unreadable, which it names the place of). :func:`stream_valid` is the second pass; it yields what to embed.
 """
 
 from __future__ import annotations
@@ -386,9 +386,9 @@ def _first_pass(paths: Sequence[str | os.PathLike], tally: _Tally,
                 alphabet: frozenset[str] | None, stored: StoredRecords | None,
                 select: Callable[[str], bool] | None = None) -> None:
     """Read every file once: note the problems, hash every otherwise valid record (and note
-    which ones ``select`` takes). A FASTA file is read as blocks
-    (:mod:`gpuengine.block_validation`, several times faster); one that pass leaves (FASTQ,
-    not UTF-8, unreadable) line by line here."""
+    which ones ``select`` takes). A file is read as blocks
+    (:mod:`gpuengine.block_validation`, several times faster); one that pass leaves
+    (malformed FASTQ, not UTF-8, unreadable) line by line here."""
     ids, seqs, ordinals, lengths = tally.id_hashes, tally.seq_hashes, tally.ordinals, tally.lengths
     selected = tally.selected = bytearray() if select is not None else None
     from gpuengine.block_validation import first_pass_blocks

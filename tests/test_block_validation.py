@@ -189,3 +189,47 @@ def test_a_store_without_held_is_asked_about_every_valid_record(tmp_path):
     report = validate([path], alphabet=PROTEIN, skip_invalid=True, stored=stored)
     assert stored.asked == ["a", "b", "d"]
     assert report.valid == 2
+
+
+def messy_fastq(rng: random.Random, records: int) -> str:
+    """Sound FASTQ records of ASCII (a bad residue, an empty id or sequence now and then)."""
+    out = []
+    for i in range(records):
+        rid = f"q{rng.randrange(records)}"
+        title = rid + rng.choice(["", " extra", "\tx"])
+        if rng.random() < 0.03:
+            title = rng.choice(["", " lead", "  "])
+        source = random.Random(rid) if rng.random() < 0.8 else rng
+        seq = "".join(source.choice("ACGTNacgtn") for _ in range(source.randrange(0, 30)))
+        if rng.random() < 0.03:
+            seq = rng.choice(["ACJT", "AC*T", "ACGT*", "A CT"])
+        plus = rng.choice(["+", "+" + title])
+        out.append(f"@{title}\n{seq}\n{plus}\n{'I' * len(seq)}\n")
+    return "".join(out)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_fastq_blocks_and_lines_give_the_same_report(tmp_path, monkeypatch, seed):
+    rng = random.Random(seed)
+    monkeypatch.setattr(block_validation, "BLOCK_BYTES", 128)
+    a = write(tmp_path / "a.fq", messy_fastq(rng, 300))
+    b = write(tmp_path / "b.fq.gz", gzip.compress(messy_fastq(rng, 100).encode() + b"\n\n"))
+    blocks, lines, taken = both_ways(monkeypatch, [a, b], alphabet=DNA, skip_invalid=True)
+    assert blocks == lines
+    assert taken == [True, True]
+    assert blocks[0].problem_count > 0
+
+
+@pytest.mark.parametrize("bad", [
+    "@a\nACGT\n+\nIII\n",  # qualities shorter
+    "@a\nACGT\n+b\nIIII\n",  # another title on the '+' line
+    "@a\nACGT\nIIII\n",  # no '+' line: the file ends inside a record
+    "@a\nACGT\n+\nIIII\n\n",  # a blank line between records
+    "a\nACGT\n+\nIIII\n",  # no '@'
+])
+def test_malformed_fastq_gives_the_line_pass_error(tmp_path, monkeypatch, bad):
+    good = "".join(f"@r{i}\nACGT\n+\nIIII\n" for i in range(50))
+    path = write(tmp_path / "a.fq", good + bad + good.replace("@r", "@s"))
+    monkeypatch.setattr(block_validation, "BLOCK_BYTES", 64)
+    blocks, lines, taken = both_ways(monkeypatch, [path], alphabet=DNA, skip_invalid=True)
+    assert taken == [False] and blocks == lines and blocks[0] == "error"
