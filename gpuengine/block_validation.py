@@ -47,7 +47,8 @@ at ``\\x1c``-``\\x1f``, ``bytes.split`` does not; a non-ASCII byte may be whites
 class FileTally:
     """What the first pass found in one file: per hashed (otherwise valid) record, in input
     order, its id and sequence hashes (8 bytes each), its index in the file, its residues and
-    whether ``select`` took it; the problems in record order."""
+    whether ``select`` took it; the index of every record with a problem and the first
+    ``max_problems`` problems, in record order."""
 
     records: int = 0
     residues: int = 0
@@ -57,13 +58,17 @@ class FileTally:
     lengths: array = field(default_factory=lambda: array("I"))
     selected: bytearray = field(default_factory=bytearray)
     problems: list[RecordProblem] = field(default_factory=list)
+    skipped: array = field(default_factory=lambda: array("Q"))
+    max_problems: int = 1000
 
 
 def first_pass_blocks(path: str | os.PathLike, number: int, alphabet: frozenset[str] | None,
                       stored: StoredRecords | None,
-                      select: Callable[[str], bool] | None = None) -> FileTally | None:
+                      select: Callable[[str], bool] | None = None,
+                      max_problems: int = 1000) -> FileTally | None:
     """The first pass over FASTA or FASTQ file ``path`` (input number ``number``), or None
-    when the file is one to read line by line (see the module docstring).
+    when the file is one to read line by line (see the module docstring); its first
+    ``max_problems`` problems are kept (all are counted).
 
     Raises:
         InputError: as :func:`gpuengine.fasta.iter_records` for a file whose first non-blank
@@ -73,7 +78,7 @@ def first_pass_blocks(path: str | os.PathLike, number: int, alphabet: frozenset[
     with open_text(path) as fh:  # the line-by-line pass's own errors for the file's start
         first, _ = _first_line(path, name, fh)
     fast = None if alphabet is None else _compile_alphabet(alphabet)[1]
-    tally = FileTally()
+    tally = FileTally(max_problems=max_problems)
     try:
         for block in read_blocks(path, number, BLOCK_BYTES):
             if not _take_block(block, name, alphabet, fast, stored, select, tally):
@@ -122,7 +127,11 @@ def _take_block(block: Block, name: str, alphabet: frozenset[str] | None, fast: 
     tally.residues += sum(lengths)
     if select is not None:
         tally.selected += bytes(select(s.decode()) for s in seqs)
-    tally.problems += [problems[i] for i in sorted(problems)]
+    if problems:
+        order = sorted(problems)
+        tally.skipped.extend(first + i for i in order)
+        room = tally.max_problems - len(tally.problems)
+        tally.problems += [problems[i] for i in order[:max(0, room)]]
     tally.records += n
     return True
 

@@ -396,7 +396,8 @@ def _first_pass(paths: Sequence[str | os.PathLike], tally: _Tally,
     for number, (name, path) in enumerate(zip(tally.names, paths)):
         base = tally.records
         tally.file_starts.append(base)
-        found = first_pass_blocks(path, number, alphabet, stored, select)
+        found = first_pass_blocks(path, number, alphabet, stored, select,
+                                  max(0, tally.max_problems - len(tally.problems)))
         if found is not None:
             _add_file(tally, name, base, found)
             continue
@@ -429,7 +430,8 @@ def _add_file(tally: _Tally, name: str, base: int, found) -> None:
     records numbered from ``base``) to ``tally``."""
     for problem in found.problems:
         tally.problem(problem)
-        tally.skip.add((name, problem.index))
+    tally.problem_count += len(found.skipped) - len(found.problems)
+    tally.skip.update(zip([name] * len(found.skipped), found.skipped))
     tally.id_hashes += found.id_hashes
     tally.seq_hashes += found.seq_hashes
     tally.ordinals.frombytes((np.frombuffer(found.indices, dtype=np.uint64)

@@ -233,3 +233,14 @@ def test_malformed_fastq_gives_the_line_pass_error(tmp_path, monkeypatch, bad):
     monkeypatch.setattr(block_validation, "BLOCK_BYTES", 64)
     blocks, lines, taken = both_ways(monkeypatch, [path], alphabet=DNA, skip_invalid=True)
     assert taken == [False] and blocks == lines and blocks[0] == "error"
+
+
+@pytest.mark.parametrize("max_problems", [0, 3, 40])
+def test_problems_kept_up_to_the_cap_and_all_counted(tmp_path, monkeypatch, max_problems):
+    a = write(tmp_path / "a.fa", "".join(f">a{i}\nAC{'J' if i % 3 else ''}\n" for i in range(60)))
+    b = write(tmp_path / "b.fa", "".join(f">b{i}\n{'AJ' if i % 2 else 'A'}\n" for i in range(30)))
+    monkeypatch.setattr(block_validation, "BLOCK_BYTES", 64)
+    blocks, lines, taken = both_ways(monkeypatch, [a, b], alphabet=DNA, skip_invalid=True,
+                                     max_problems=max_problems)
+    assert taken == [True, True] and blocks == lines
+    assert blocks[0].problem_count == 55 and len(blocks[0].problems) == min(55, max_problems)
