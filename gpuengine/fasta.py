@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib  # noqa: F401 - kept for callers that patch it (see _hashes)
 import io
 import os
 import re
