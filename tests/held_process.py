@@ -20,6 +20,11 @@ it completes, and the test fails on that, not on a hang). It waits at most
 :data:`WAIT_SECONDS`; then the device fails with a message saying so (a test that forgot to
 send its signal fails instead of hanging).
 
+A ``gpuengine merge`` held the same way commits its first B chunks of vectors, one
+transaction each, then waits for its stop (a signal) before the next, so a test that kills
+it once vectors are merged finds it mid-merge (a merge of fewer than B + 1 chunks waits out
+the bound and fails).
+
 Without ``HELD_RUN_BATCHES`` the entry point is plain ``python -m gpuengine``. A ``gpuengine
 slurm shard`` task run through it starts its child (the embedding run) through it too, so the
 variable, inherited, holds that grandchild. A script run with ``python -c`` (a notebook-like
@@ -119,6 +124,31 @@ def install(batches: int) -> None:
     DeviceWorker._next_batch = held_next_batch(DeviceWorker._next_batch, batches)
 
 
+def held_write_chunk(real_write_chunk, chunks: int):
+    """``_Merge._write_chunk`` that waits for the merge's stop after ``chunks`` chunks of
+    vectors (see the module doc); ``real_write_chunk`` is the one it wraps."""
+    written: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def write_chunk(self, table, kind, db, chunk, entry):
+        real_write_chunk(self, table, kind, db, chunk, entry)
+        if kind != "emb":
+            return
+        written[self] = written.get(self, 0) + 1
+        if written[self] == chunks:
+            if self.stop is None or not self.stop.wait(WAIT_SECONDS):
+                raise AssertionError(f"a held merge ({VARIABLE}) got no signal within "
+                                     f"{WAIT_SECONDS:.0f} s of its hold: the test sent none")
+
+    return write_chunk
+
+
+def install_merge_hold(chunks: int) -> None:
+    """Hold every merge of this process after ``chunks`` chunks of vectors."""
+    from gpuengine.store.merge import _Merge
+
+    _Merge._write_chunk = held_write_chunk(_Merge._write_chunk, chunks)
+
+
 def _start_children_through_here() -> None:
     """A SLURM task started here starts its ``gpuengine`` child here too."""
     from gpuengine.slurm import task
@@ -134,8 +164,12 @@ def hold_if_asked() -> None:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["slurm"]:  # a task runs no engine (and imports no torch) itself
+    command = sys.argv[1:2]
+    if command == ["slurm"]:  # a task runs no engine (and imports no torch) itself
         _start_children_through_here()
+    elif command == ["merge"]:
+        if os.environ.get(VARIABLE):
+            install_merge_hold(int(os.environ[VARIABLE]))
     else:
         hold_if_asked()
     from gpuengine.cli import main as gpuengine_main

@@ -1,7 +1,8 @@
 """The hold of held_process.py, in process: a held run takes its first batches and one more,
 commits the first ones, takes nothing more until it is stopped and then drains the held
 batch; a run too small to hold completes; a held run nobody stops fails after the bound,
-saying why, instead of hanging."""
+saying why, instead of hanging; a held merge writes its first chunks of vectors and waits
+for its stop."""
 
 from __future__ import annotations
 
@@ -86,3 +87,33 @@ def test_a_held_run_nobody_stops_fails_after_the_bound(held, tiny_pt, tmp_path, 
     monkeypatch.setattr(held_process, "WAIT_SECONDS", 1.0)
     with pytest.raises(DeviceError, match="got no signal within 1 s"):
         run_embed(_config(tmp_path, tiny_pt, [30 + i % 20 for i in range(200)]), None)
+
+
+def test_a_held_merge_waits_for_its_stop_after_its_first_chunks(tmp_path, monkeypatch):
+    from gpuengine.store.merge import _Merge, merge_stores
+    from store_shards import make_spec, records, write_shards
+
+    shards = write_shards(tmp_path / "shards", make_spec(), records(600, seed=2), 2)
+    written, stop, result = [], threading.Event(), {}
+    real_write_chunk = _Merge._write_chunk
+
+    def counted(self, table, kind, db, chunk, entry):
+        real_write_chunk(self, table, kind, db, chunk, entry)
+        written.append(kind)
+
+    monkeypatch.setattr(_Merge, "_write_chunk", held_process.held_write_chunk(counted, BATCHES))
+
+    def target():
+        result["summary"] = merge_stores(tmp_path / "all.lmdb", shards, stop=stop,
+                                         transaction_bytes=2000)
+
+    merge = threading.Thread(target=target)
+    merge.start()
+    try:
+        while written.count("emb") < BATCHES and merge.is_alive():
+            stop.wait(0.02)  # (stop is not set here: a pause)
+        assert merge.is_alive() and written.count("emb") == BATCHES, (written, result)
+    finally:
+        stop.set()
+        merge.join(60)
+    assert result["summary"].interrupted and written.count("emb") == BATCHES
