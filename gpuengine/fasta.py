@@ -11,14 +11,15 @@ removed, upper-cased, with one trailing ``*`` stripped.
 
 :func:`validate` is the first pass over all inputs. It finds the bad records and the ids given
 twice from per-record 64-bit hashes kept in flat arrays (no dict of ids), so ten million
-records fit in memory. :func:`stream_valid` is the second pass; it yields what to embed.
+records fit in memory. It reads a file as blocks (:mod:`gpuengine.block_validation`, with
+the same results), and line by line here only what that leaves (malformed FASTQ, files not
+UTF-8 or unreadable, which it names the place of). :func:`stream_valid` is the second pass; it yields what to embed.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import io
 import os
 import re
@@ -49,6 +50,9 @@ class StoredRecords(Protocol):
 
     def conflict(self, record: FastaRecord) -> RecordProblem | None:
         """The problem of a record whose id the store maps to another sequence, else None."""
+
+    # Optional, asked first where given: ``held(ids) -> list[int]``, the positions of the
+    # ids the store holds at all (only those records are then asked ``conflict``).
 
 
 # ----------------------------------------------------------------------------- opening
@@ -381,13 +385,21 @@ def _first_pass(paths: Sequence[str | os.PathLike], tally: _Tally,
                 alphabet: frozenset[str] | None, stored: StoredRecords | None,
                 select: Callable[[str], bool] | None = None) -> None:
     """Read every file once: note the problems, hash every otherwise valid record (and note
-    which ones ``select`` takes)."""
-    empty_hash = hashlib.blake2b(digest_size=8)  # copying it is faster than a new one
+    which ones ``select`` takes). A file is read as blocks
+    (:mod:`gpuengine.block_validation`, several times faster); one that pass leaves
+    (malformed FASTQ, not UTF-8, unreadable) line by line here."""
     ids, seqs, ordinals, lengths = tally.id_hashes, tally.seq_hashes, tally.ordinals, tally.lengths
     selected = tally.selected = bytearray() if select is not None else None
-    for name, path in zip(tally.names, paths):
+    from gpuengine.block_validation import first_pass_blocks
+
+    for number, (name, path) in enumerate(zip(tally.names, paths)):
         base = tally.records
         tally.file_starts.append(base)
+        found = first_pass_blocks(path, number, alphabet, stored, select,
+                                  max(0, tally.max_problems - len(tally.problems)))
+        if found is not None:
+            _add_file(tally, name, base, found)
+            continue
         residues = count = 0
         for rec, problem in iter_records(path, alphabet=alphabet):
             count += 1
@@ -397,12 +409,8 @@ def _first_pass(paths: Sequence[str | os.PathLike], tally: _Tally,
                 tally.problem(problem)
                 tally.skip.add((name, rec.index))
                 continue
-            hasher = empty_hash.copy()
-            hasher.update(rec.id.encode())
-            ids += hasher.digest()
-            hasher = empty_hash.copy()
-            hasher.update(rec.sequence.encode())
-            seqs += hasher.digest()
+            ids += _hash(rec.id)
+            seqs += _hash(rec.sequence)
             ordinals.append(base + rec.index)
             lengths.append(len(rec.sequence))
             residues += len(rec.sequence)
@@ -414,6 +422,28 @@ def _first_pass(paths: Sequence[str | os.PathLike], tally: _Tally,
                     tally.selected_residues += len(rec.sequence)
         tally.records = base + count
         tally.residues += residues
+
+
+def _add_file(tally: _Tally, name: str, base: int, found) -> None:
+    """Add what :func:`gpuengine.block_validation.first_pass_blocks` found in one file (its
+    records numbered from ``base``) to ``tally``."""
+    for problem in found.problems:
+        tally.problem(problem)
+    tally.problem_count += len(found.skipped) - len(found.problems)
+    tally.skip.update(zip([name] * len(found.skipped), found.skipped))
+    tally.id_hashes += found.id_hashes
+    tally.seq_hashes += found.seq_hashes
+    tally.ordinals.frombytes((np.frombuffer(found.indices, dtype=np.uint64)
+                              + np.uint64(base)).tobytes())
+    tally.lengths += found.lengths
+    if tally.selected is not None:
+        tally.selected += found.selected
+        took = np.frombuffer(found.selected, dtype=np.uint8).astype(bool)
+        tally.selected_count += int(np.count_nonzero(took))
+        tally.selected_residues += int(np.frombuffer(found.lengths, dtype=np.uint32)[took]
+                                       .sum(dtype=np.uint64))
+    tally.records = base + found.records
+    tally.residues += found.residues
 
 
 def _repeated_id_batches(tally: _Tally) -> Iterator[np.ndarray]:
@@ -447,8 +477,16 @@ def _array(values: np.ndarray) -> array:
     return array("Q", values.astype(np.uint64).tobytes())
 
 
+def _hashes(items: Sequence[bytes]) -> bytes:
+    """8 bytes per item (little-endian): Python's own hash of its bytes, keyed SipHash, about
+    twenty times cheaper than a new blake2b each. The first pass compares them only within
+    this process (whose key they depend on), and a collision of ids costs only a re-read
+    (:func:`_reread` compares the records for real)."""
+    return np.fromiter(map(hash, items), np.int64, len(items)).astype("<i8").tobytes()
+
+
 def _hash(text: str) -> bytes:
-    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return _hashes([text.encode()])
 
 
 class _Repeats:
@@ -559,7 +597,7 @@ def validate(
     after the first is reported, naming the first, and every occurrence is skipped. An id
     repeated with the same sequence is counted in ``duplicate_records`` and embedded once.
 
-    Duplicates are found by sorting 64-bit blake2b hashes of the ids; the records sharing
+    Duplicates are found by sorting 64-bit hashes of the ids (:func:`_hashes`); the records sharing
     an id hash are then read again and compared for real, so a hash collision never yields
     a false problem. Memory is 28 bytes per record (twice that while sorting), plus each
     repeated id and its first sequence (those re-read in batches of about 1 GiB).

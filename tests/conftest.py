@@ -17,10 +17,16 @@ Helpers shared by several test modules live here or in a helper module named for
   and store checks the daemon's process tests share;
 * ``scheduler_sim.py``: simulated devices around the scheduler on a virtual clock;
 * ``store_shards.py``: stores written and split into shards for the merge tests;
+* ``store_contents.py``: every key and value of a store's id and embedding databases, read
+  with lmdb itself (``store_contents``), and the input with aliases, a long id and an id
+  outside ASCII that the byte-level store tests share (``mixed_records``);
 * ``slurm_cluster.py``: a real SLURM (fixture ``slurm``);
 * ``worker_exits.py``: a device worker that lingers inside torch after its last report;
 * ``run_stops.py``: a run stopped right after its first commit, with batches left
   (``stopped_after_first_commit``);
+* ``held_process.py``: the entry point of a ``gpuengine`` process held after its first
+  batches until a signal halts it (``held_command``, ``held_env``), for tests that signal a
+  real process once its first commit is seen;
 * ``process_tree.py``: a process's children and whether a process is gone, from /proc;
 * ``digest_runner.py``: a stand-in for the model whose vectors come from the digest and
   that lists what it computed;

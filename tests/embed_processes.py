@@ -4,7 +4,10 @@ The workload (conftest's ``resume_workload``, made by :func:`make_workload`) is 
 proteins (every tenth id repeats an earlier sequence) embedded with ``--max-tokens 256`` (about
 a thousand batches), and every id's vector from one uninterrupted run. The engine commits a
 group every 0.5 s or 2048 sequences, so a run on a CPU makes several transactions and the first
-one never holds every record: a process stopped after its first commit is stopped mid-run.
+one never holds every record. A process :func:`start` starts is held (held_process.py) after
+its first batches until the engine halts, so one signalled or killed after its first commit
+is stopped mid-run however busy the machine is (a run left to itself could finish between
+the poll that sees the commit and the signal).
 ``check_store`` says a store holds only input ids, each once, with the uninterrupted run's
 vectors.
 """
@@ -27,6 +30,7 @@ from cli_runs import embed
 from conftest import isolated_cache, random_proteins, write_fasta
 from gpuengine import EmbeddingStore
 from gpuengine.errors import StoreError
+from held_process import held_command, held_env
 from process_tree import children
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,9 +75,14 @@ def command(fasta: Path, model: Path, out: Path) -> list[str]:
 
 
 def start(cmd: list[str], logs: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """Start ``cmd`` (``python -m gpuengine …``) held: it commits its first batches and takes
+    no more until a signal (or a failure) halts it (see held_process.py); its output goes
+    to ``logs`` with the suffixes .out and .err."""
+    assert cmd[1:3] == ["-m", "gpuengine"], cmd
     stdout, stderr = logs.with_suffix(".out"), logs.with_suffix(".err")
     with open(stdout, "w") as out, open(stderr, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env=child_env())
+        proc = subprocess.Popen(held_command(*cmd[3:]), cwd=ROOT, stdout=out, stderr=err,
+                                env=held_env(child_env()))
     return proc, stdout, stderr
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import datagram_socket, random_proteins
+from held_process import held_command, held_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,11 @@ def child_env(tmp_path: Path, notify_address: str) -> dict[str, str]:
 class Served:
     """A ``gpuengine serve`` process and the notify socket it reports to."""
 
-    def __init__(self, tmp_path: Path, model: Path, *extra: str, log: str = "serve"):
+    def __init__(self, tmp_path: Path, model: Path, *extra: str, log: str = "serve",
+                 held: bool = False):
+        """``held``: each run takes no batch after its first ones until a signal halts it
+        (held_process.py), for a test that signals the daemon once a file's first commit
+        is seen."""
         self.dir = tmp_path / "watch"
         self.store = tmp_path / "store.lmdb"
         self.address = f"@gpuengine-test-{uuid.uuid4().hex}"
@@ -42,12 +47,16 @@ class Served:
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         self.stderr_path = tmp_path / f"{log}.err"
-        cmd = [sys.executable, "-m", "gpuengine", "serve", "--watch", str(self.dir),
-               "--store", str(self.store), "--model", str(model), "--poll-interval", "0.1",
-               "--settle", "1.0", "--status-interval", "0.3", "--retry-delay", "0", *extra]
+        args = ["serve", "--watch", str(self.dir), "--store", str(self.store), "--model",
+                str(model), "--poll-interval", "0.1", "--settle", "1.0", "--status-interval",
+                "0.3", "--retry-delay", "0", *extra]
+        env = child_env(tmp_path, self.address)
+        cmd = [sys.executable, "-m", "gpuengine", *args]
+        if held:
+            cmd, env = held_command(*args), held_env(env)
         with open(self.stderr_path, "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
-                                         env=child_env(tmp_path, self.address))
+                                         env=env)
 
     def stderr(self) -> str:
         return self.stderr_path.read_text()

@@ -160,7 +160,9 @@ def test_a_store_caches_across_calls(tiny_pt, cli_store, tmp_path):
 CHILD = """
 import sys
 import gpuengine
+import held_process
 from conftest import random_proteins
+held_process.hold_if_asked()  # the first call: held until the test's SIGINT
 seqs = random_proteins([30 + (i * 37) % 90 for i in range(3000)], seed=5)
 try:
     out = gpuengine.embed(seqs, model=sys.argv[1], store=sys.argv[2], devices="cpu",
@@ -183,13 +185,14 @@ def test_ctrl_c_in_a_notebook_drains_commits_and_raises(tiny_pt, tmp_path):
     from pathlib import Path
 
     from embed_processes import committed_in_another_process
+    from held_process import held_env
 
     store = tmp_path / "s.lmdb"
     tests = str(Path(__file__).parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     args = [sys.executable, "-c", CHILD, str(tiny_pt), str(store)]
-    child = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(args, env=held_env(env), stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and child.poll() is None:
         if committed_in_another_process(store, "default") > 0:

@@ -310,7 +310,8 @@ TORCH_FREE = ("gpuengine.scheduler", "gpuengine.packing", "gpuengine.planner", "
               "gpuengine.tokenization", "gpuengine.dna_tokenizer", "gpuengine.store",
               "gpuengine.config", "gpuengine.errors", "gpuengine.vocabulary",
               "gpuengine.records", "gpuengine.progress", "gpuengine.shards", "gpuengine.fastq",
-              "gpuengine.blocks", "gpuengine.input_workers", "gpuengine.writer_process")
+              "gpuengine.blocks", "gpuengine.input_workers", "gpuengine.writer_process",
+              "gpuengine.block_validation")
 """Never import torch, lazily or not (a package: every module in it)."""
 
 TORCH_FREE_AT_IMPORT = ("gpuengine", "gpuengine.cli", "gpuengine.cli_options",

@@ -394,7 +394,7 @@ def stored_now(store: Path) -> int:
 
 def interrupt_then_finish(tiny_pt, tmp_path, big_file, sig: int) -> dict:
     data, ids, seqs = big_file
-    first = Served(tmp_path, tiny_pt, "--max-tokens", "256", log="first")
+    first = Served(tmp_path, tiny_pt, "--max-tokens", "256", log="first", held=True)
     try:
         first.wait_for_message("READY=1")
         first.drop("big.fa", data)

@@ -17,6 +17,7 @@ from dnabert_s_reference import reference_embeddings
 from embed_processes import committed_in_another_process
 from gpuengine.cli import app
 from gpuengine.workflows.virnucpro.frames import chunk_sequence, translate_frames_reference
+from held_process import held_command, held_env
 from virnucpro_files import (load_the_original_way, random_original, read_predictions,
                              reads_fasta, save_original_way)
 
@@ -128,8 +129,11 @@ def test_predict_killed_with_sigkill_resumes_to_the_same_outputs(tmp_path, model
     subprocess.run([sys.executable, "-m", "gpuengine", "predict", *args, "--out", str(reference)],
                    check=True, env=env, capture_output=True)
     out = tmp_path / "killed"
-    child = subprocess.Popen([sys.executable, "-m", "gpuengine", "predict", *args, "--out", str(out)],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # held (held_process.py): no batch after the first ones until the kill, so the run is
+    # still embedding when the kill comes however busy the machine is
+    child = subprocess.Popen(held_command("predict", *args, "--out", str(out)),
+                             env=held_env(env), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and child.poll() is None:
         if committed_in_another_process(out / "embeddings.lmdb", "dnabert") > 0:  # groups are in

@@ -18,6 +18,7 @@ import pytest
 
 from embed_processes import (N, check_store, command, interrupt, kill_after_first_commit,
                              rerun_to_completion, run_records)
+from held_process import BATCHES
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +50,8 @@ def test_sigint_mid_run_exits_130_then_rerun(tiny_pt, tmp_path, resume_workload)
     summary = json.loads((tmp_path / "interrupted.out").read_text())
     assert summary["interrupted"] is True and summary["exit_code"] == 130
     assert "stopping" in (tmp_path / "interrupted.err").read_text()
+    # held (embed_processes.start): its first batches and the held one, drained at the stop
+    assert sum(d["batches"] for d in summary["devices"]) == BATCHES + 1
 
     ids = check_store(out, resume_workload)
     stored = len(ids)

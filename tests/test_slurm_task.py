@@ -23,6 +23,7 @@ from conftest import random_proteins, write_fasta
 from embed_processes import committed
 from gpuengine.slurm.layout import Manifest, RunLayout
 from gpuengine.slurm.task import _work_dir
+from held_process import held_command, held_env
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +73,11 @@ def test_a_warned_task_saves_its_part_and_the_next_attempt_resumes_it(cluster_ru
     out, layout, fasta = cluster_run
     local_a, local_b = tmp_path / "node-a", tmp_path / "node-b"
     work = _work_dir(local_a, layout, "shard-0001-of-0002") / "shard.lmdb"
-    task = subprocess.Popen(slurm_cmd("shard", out, 1, "--local-dir", local_a), cwd=ROOT,
-                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # held (held_process.py): the task's embedding child takes no batch after its first ones
+    # until the signal halts it, so the signal cannot come after the shard is complete
+    task = subprocess.Popen(held_command("slurm", "shard", out, 1, "--local-dir", local_a),
+                            cwd=ROOT, env=held_env(env()), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         start = time.monotonic()
         while not committed(work):

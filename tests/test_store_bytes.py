@@ -14,11 +14,10 @@ dtypes.
 
 from __future__ import annotations
 
-import lmdb
 import numpy as np
 import pytest
 
-from conftest import random_proteins, write_fasta
+from conftest import write_fasta
 from digest_runner import DigestRunner
 from gpuengine.config import EmbedConfig
 from gpuengine.engine import run_embed
@@ -26,6 +25,7 @@ from gpuengine.runner import EmbeddedBatch
 from gpuengine.store import codec
 from gpuengine.store.schema import emb_db_name, ids_db_name
 from gpuengine.store.writer import StoreWriter
+from store_contents import mixed_records, store_contents
 
 MAX_RESIDUES = 40
 
@@ -42,27 +42,6 @@ class StackedDigestRunner(DigestRunner):
 
 def _vector(digest: bytes) -> np.ndarray:
     return np.frombuffer(digest * 4, np.uint8).astype(np.float32)  # DigestRunner's
-
-
-def _records(count: int, seed: int) -> list[tuple[str, str]]:
-    distinct = random_proteins([10 + (i * 7) % 50 for i in range(count // 3)], seed=seed)
-    records = [(f"r{seed}_{i}", distinct[(i * 5) % len(distinct)]) for i in range(count)]
-    records[3] = ("L" * 600 + str(seed), records[3][1])  # stored under its hashed key form
-    records[4] = ("séq_ü_" + str(seed), records[4][1])
-    return records
-
-
-def _table_contents(path, table: str) -> dict[str, dict[bytes, bytes]]:
-    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=64, subdir=True)
-    try:
-        out = {}
-        with env.begin() as txn:
-            for name in (ids_db_name(table), emb_db_name(table)):
-                db = env.open_db(name.encode(), txn=txn, create=False)
-                out[name] = {bytes(k): bytes(v) for k, v in txn.cursor(db=db)}
-        return out
-    finally:
-        env.close()
 
 
 def _expected(path, table: str, records, store_dtype: str) -> dict[str, dict[bytes, bytes]]:
@@ -84,7 +63,7 @@ def test_store_bytes_equal_the_per_record_encoding(tmp_path, tiny_pt, monkeypatc
                                                    input_process, stacked, store_dtype):
     monkeypatch.setenv("GPUENGINE_INPUT_PROCESSES", "2")
     monkeypatch.setenv("GPUENGINE_INPUT_BLOCK_BYTES", "3000")  # several blocks per child
-    first, more = _records(240, seed=1), _records(90, seed=2)
+    first, more = mixed_records(240, seed=1), mixed_records(90, seed=2)
     out = tmp_path / "s.lmdb"
     computed: list[bytes] = []
     runner = StackedDigestRunner if stacked else DigestRunner
@@ -100,7 +79,7 @@ def test_store_bytes_equal_the_per_record_encoding(tmp_path, tiny_pt, monkeypatc
     summary = run(first + more, "b.fa")  # a resume over the first 150, and new records
     assert summary.already_stored == 150 and summary.committed_records == len(first) + len(more) - 150
     assert len(computed) == len(set(computed)), "a sequence was computed twice"
-    stored = _table_contents(out, summary.table)
+    stored = store_contents(out, summary.table)
     expected = _expected(out, summary.table, first + more, store_dtype)
     for name in expected:
         assert stored[name].keys() == expected[name].keys(), name

@@ -26,6 +26,7 @@ from gpuengine.store import merge as merge_module
 from gpuengine.store import merge_plan
 from gpuengine.store.merge import merge_run_id, merge_stores
 from gpuengine.store.schema import OutputSpec, emb_db_name, ids_db_name
+from held_process import held_command, held_env
 from store_shards import (MEAN, StopAfter, dump, make_spec, records, run_records, shard_of,
                           write_shards, write_store)
 
@@ -338,11 +339,16 @@ def test_usage_errors(data, tmp_path):
 # -- the command, as a real process -----------------------------------------------------------
 
 
-def cli(*args: str, **kwargs) -> subprocess.Popen:
+def cli(*args: str, held: bool = False, **kwargs) -> subprocess.Popen:
+    """``gpuengine ARGS`` in a process; ``held``: a merge waits for its stop after its first
+    chunks of vectors (held_process.py), for a test that kills it mid-merge."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
            "COLUMNS": "200"}
-    return subprocess.Popen([sys.executable, "-m", "gpuengine", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    cmd = [sys.executable, "-m", "gpuengine", *map(str, args)]
+    if held:
+        cmd, env = held_command(*args), held_env(env)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kwargs)
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
@@ -382,7 +388,7 @@ def big(tmp_path_factory) -> dict:
 def test_kill_9_mid_merge_then_rerun_gives_the_same_bytes(big, tmp_path):
     out = tmp_path / "all.lmdb"
     run_id = merge_run_id([str(p) for p in big["shards"]])
-    proc = cli("merge", out, *big["shards"], "--transaction-mb", "0.02", "-q")
+    proc = cli("merge", out, *big["shards"], "--transaction-mb", "0.02", "-q", held=True)
     state = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -391,7 +397,7 @@ def test_kill_9_mid_merge_then_rerun_gives_the_same_bytes(big, tmp_path):
         if state and state["after"] and state["added"] > 0:
             break
         time.sleep(0.005)
-    assert proc.poll() is None, "the merge finished before it could be killed; make it slower"
+    assert proc.poll() is None, f"the held merge ended before it was killed:\n{proc.stderr.read()}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL

@@ -33,32 +33,9 @@ from gpuengine.store.parts import part_name, parts_of, recorded_parts
 from gpuengine.store.schema import OutputSpec
 from gpuengine.writer_parts import split_group
 from process_tree import children, wait_gone
+from store_contents import mixed_records, store_contents
 
 MAX_RESIDUES = 40
-
-
-def _records(count: int, seed: int) -> list[tuple[str, str]]:
-    distinct = random_proteins([10 + (i * 7) % 50 for i in range(count // 3)], seed=seed)
-    records = [(f"r{seed}_{i}", distinct[(i * 5) % len(distinct)]) for i in range(count)]
-    records[3] = ("L" * 600 + str(seed), records[3][1])  # stored under its hashed key form
-    records[4] = ("séq_ü_" + str(seed), records[4][1])
-    return records
-
-
-def _contents(path) -> dict[bytes, dict[bytes, bytes]]:
-    import lmdb
-
-    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=64, subdir=True)
-    try:
-        out = {}
-        with env.begin() as txn:
-            names = [bytes(k) for k, _ in txn.cursor() if bytes(k).startswith((b"ids:", b"emb:"))]
-            for name in names:
-                db = env.open_db(name, txn=txn, create=False)
-                out[name] = {bytes(k): bytes(v) for k, v in txn.cursor(db=db)}
-        return out
-    finally:
-        env.close()
 
 
 def _parts(out: Path, count: int) -> list[Path]:
@@ -71,8 +48,8 @@ def _check_partition(out: Path, count: int) -> int:
     """Every part holds only sequences of its part, no orphan vectors; returns the ids."""
     total = 0
     for index, part in enumerate(_parts(out, count)):
-        contents = _contents(part)
-        digests = [v[:16] for v in contents[b"ids:default"].values()]
+        contents = store_contents(part)
+        digests = [v[:16] for v in contents["ids:default"].values()]
         assert set(parts_of(digests, count).tolist()) <= {index}
         assert_no_orphan_vectors(part)
         total += len(digests)
@@ -130,7 +107,7 @@ def _embed(tmp_path, tiny_pt, out, records, name, writers, every=7):
 
 def test_n_writers_then_merge_give_the_bytes_of_one_writer(tmp_path, tiny_pt, monkeypatch):
     monkeypatch.setenv("GPUENGINE_INPUT_PROCESSES", "2")
-    first, more = _records(240, seed=1), _records(90, seed=2)
+    first, more = mixed_records(240, seed=1), mixed_records(90, seed=2)
     single, parted = tmp_path / "one.lmdb", tmp_path / "three.lmdb"
     for out, writers in ((single, 1), (parted, 3)):
         _embed(tmp_path, tiny_pt, out, first[:150], "a.fa", writers, every=50)
@@ -151,14 +128,14 @@ def test_n_writers_then_merge_give_the_bytes_of_one_writer(tmp_path, tiny_pt, mo
             assert rid == rid3 and np.array_equal(v, v3)
     merged = tmp_path / "merged.lmdb"
     merge_stores(merged, [parted], verify=True)
-    want, got = _contents(single), _contents(merged)
+    want, got = store_contents(single), store_contents(merged)
     assert want.keys() == got.keys() and len(want) == 2
     for name in want:
         assert got[name] == want[name], name
 
 
 def test_lookup_info_export_read_the_parts_as_one_store(tmp_path, tiny_pt):
-    records = _records(120, seed=3)
+    records = mixed_records(120, seed=3)
     out = tmp_path / "parts.lmdb"
     _embed(tmp_path, tiny_pt, out, records, "p.fa", 2)
     assert recorded_parts(out) == 2
@@ -183,7 +160,7 @@ def test_lookup_info_export_read_the_parts_as_one_store(tmp_path, tiny_pt):
 
 
 def test_a_rerun_keeps_the_number_of_parts_its_store_holds(tmp_path, tiny_pt):
-    records = _records(90, seed=4)
+    records = mixed_records(90, seed=4)
     out = tmp_path / "parts.lmdb"
     _embed(tmp_path, tiny_pt, out, records[:40], "a.fa", 2)
     summary = _embed(tmp_path, tiny_pt, out, records, "b.fa", None)  # left open: the recorded 2
@@ -211,14 +188,14 @@ def test_an_id_of_another_sequence_in_another_part_is_refused(tmp_path, tiny_pt)
     b = seqs[owners.index(1)]
     out = tmp_path / "parts.lmdb"
     _embed(tmp_path, tiny_pt, out, [("X", a), ("Y", b)], "a.fa", 2)
-    before = [_contents(p) for p in _parts(out, 2)]
+    before = [store_contents(p) for p in _parts(out, 2)]
     for records in ([("X", b)], [("Y", a)]):  # the id's new sequence is in the other part
         fasta = write_fasta(tmp_path / "conflict.fa", records)
         result = cli("embed", fasta, "--model", tiny_pt, "--out", out,
                      "--max-residues", MAX_RESIDUES)
         assert result.exit_code != 0 and "different sequence" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
-    assert [_contents(p) for p in _parts(out, 2)] == before
+    assert [store_contents(p) for p in _parts(out, 2)] == before
 
 
 def test_a_large_input_on_16_cores_gets_one_writer_unless_asked(tmp_path, tiny_pt, monkeypatch):

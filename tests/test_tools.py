@@ -170,13 +170,13 @@ def test_host_pipeline_dna(tool, monkeypatch, tmp_path):
     _run(tool("bench_host_dna"), monkeypatch, "--reads", "300", "--out", str(out),
          "--workdir", str(tmp_path))
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert list(row) == HEADER + HOST_FIELDS + ["devices", "cores", "input_processes",
+    assert list(row) == HEADER + HOST_FIELDS + ["devices", "cores", "budget", "input_processes",
                                                  "writer_process", "writers", "writers_option",
                                                  "commit_transactions", "commit_seconds",
                                                  "commit_wait_seconds", "main_cpu_us_per_seq",
                                                  "note"]
     assert (row["sequences"], row["model"], row["workload"]) == (300, "dnabert-s", "dna150")
-    assert (row["writers"], row["writers_option"]) == (1, "auto")
+    assert (row["writers"], row["writers_option"], row["budget"]) == (1, "auto", 4096)
     assert row["tokens_per_s"] > row["sequences_per_s"] > 0
 
 

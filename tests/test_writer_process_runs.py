@@ -21,32 +21,9 @@ from gpuengine.config import EmbedConfig
 from gpuengine.engine import run_embed
 from gpuengine.writer_process import CommitterProcess
 from process_tree import children, wait_gone
+from store_contents import mixed_records, store_contents
 
 MAX_RESIDUES = 40
-
-
-def _records(count: int, seed: int) -> list[tuple[str, str]]:
-    distinct = random_proteins([10 + (i * 7) % 50 for i in range(count // 3)], seed=seed)
-    records = [(f"r{seed}_{i}", distinct[(i * 5) % len(distinct)]) for i in range(count)]
-    records[3] = ("L" * 600 + str(seed), records[3][1])  # stored under its hashed key form
-    records[4] = ("séq_ü_" + str(seed), records[4][1])
-    return records
-
-
-def _contents(path) -> dict[bytes, dict[bytes, bytes]]:
-    import lmdb
-
-    env = lmdb.open(str(path), readonly=True, lock=False, max_dbs=64, subdir=True)
-    try:
-        out = {}
-        with env.begin() as txn:
-            names = [bytes(k) for k, _ in txn.cursor() if bytes(k).startswith((b"ids:", b"emb:"))]
-            for name in names:
-                db = env.open_db(name, txn=txn, create=False)
-                out[name] = {bytes(k): bytes(v) for k, v in txn.cursor(db=db)}
-        return out
-    finally:
-        env.close()
 
 
 @pytest.fixture
@@ -68,7 +45,7 @@ def test_the_writer_process_stores_the_bytes_the_writer_thread_stores(
         tmp_path, tiny_pt, monkeypatch, started, input_process, store_dtype):
     monkeypatch.setenv("GPUENGINE_INPUT_PROCESSES", "2")
     monkeypatch.setenv("GPUENGINE_INPUT_BLOCK_BYTES", "3000")
-    first, more = _records(240, seed=1), _records(90, seed=2)
+    first, more = mixed_records(240, seed=1), mixed_records(90, seed=2)
     stores = {}
     for choice in ("0", "1"):
         monkeypatch.setenv("GPUENGINE_WRITER_PROCESS", choice)
@@ -82,7 +59,7 @@ def test_the_writer_process_stores_the_bytes_the_writer_thread_stores(
             summary = run_embed(config, runner_factory=lambda d, p, o: DigestRunner(o, []))
         assert summary.already_stored == 150
         assert summary.committed_records == len(first) + len(more) - 150
-        stores[choice] = _contents(out)
+        stores[choice] = store_contents(out)
         [run] = [r for r in run_records(out) if r["info"]["inputs"][0].endswith("b.fa")]
         assert run["status"] == "complete"
         assert run["committed_records"] == summary.committed_records

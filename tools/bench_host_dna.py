@@ -13,6 +13,9 @@ child process for inputs of 20 000 records or more) and ``writers`` (the store w
 processes, each writing its own part store: ``--writers N``, or auto as ``gpuengine embed``).
 
     python tools/bench_host_dna.py --reads 2000000 --devices 8 --writers 4 --curve 2,4,8,16 --out r.jsonl
+
+``--budget`` sets each no-op device's token budget (row field ``budget``; default the CPU
+device's 4096, about 120 reads a batch; 65536, a GPU's default, is about 1900).
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=400_000)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpuengine-bench"))
+    ap.add_argument("--budget", type=int, default=None,
+                    help="token budget of each no-op device (default: the CPU device default, "
+                         "4096; a GPU's default is 65536, as bench_esm.py --systems host uses: "
+                         "batches 16 times larger, so the per-batch work is 16 times rarer)")
     add_commit_option(ap)
     add_host_options(ap)
     args = ap.parse_args()
@@ -53,10 +60,11 @@ def main() -> None:
         rng = np.random.default_rng(7)
         bases = np.frombuffer(b"ACGT", dtype=np.uint8)
         write_reads_fasta(fasta, args.reads, lambda n: bases[rng.integers(0, 4, (n, 150))])
+    from gpuengine.budget import DEFAULT_CPU_MAX_TOKENS
     from gpuengine.config import environment
     from gpuengine.input_workers import process_count
 
-    summary = run_e2e(model, fasta, None, args.workdir, noop_dim=768,  # budget: the CPU default
+    summary = run_e2e(model, fasta, args.budget, args.workdir, noop_dim=768,
                       devices=args.devices, writers=writers_option(args.writers))
     rec = ResultsLog(args.out, args.commit, __file__).append(
         model="dnabert-s", workload="dna150", system="gpuengine-host", precision="none",
@@ -64,7 +72,7 @@ def main() -> None:
         sequences_per_s=summary.embedded / summary.embed_seconds,
         wall_s=summary.wall_seconds, embed_s=summary.embed_seconds,
         sequences=summary.embedded, workdir=str(args.workdir),
-        devices=args.devices, cores=cores,
+        devices=args.devices, cores=cores, budget=args.budget or DEFAULT_CPU_MAX_TOKENS,
         input_processes=process_count(environment().input_processes),
         writer_process=os.environ.get("GPUENGINE_WRITER_PROCESS", "auto"),
         writers=summary.writers, writers_option=args.writers,

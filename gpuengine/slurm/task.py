@@ -50,6 +50,10 @@ from gpuengine.slurm.layout import (Manifest, RunLayout, copy_store, layout_for,
 
 log = logging.getLogger("gpuengine.slurm")
 
+GPUENGINE_COMMAND = (sys.executable, "-m", "gpuengine")
+"""How a task starts the plain ``gpuengine`` command (the interpreter the task runs under;
+tests start it through their own entry point to hold the run at a defined point)."""
+
 
 def _job() -> dict[str, str]:
     keys = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURMD_NODENAME")
@@ -94,7 +98,7 @@ class _Child:
                     signal.SIGINT: self._note}
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "gpuengine", *self.argv],
+            self.proc = subprocess.Popen([*GPUENGINE_COMMAND, *self.argv],
                                          stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
             out = self.proc.stdout.read()
             code = self.proc.wait()

@@ -90,6 +90,13 @@ class TableLookup:
             return work(self._pinned)
         return self._env.read(work)
 
+    def held(self, record_ids: Sequence[str]) -> list[int]:
+        """The positions of the ids the table holds (one read transaction, or the pinned one;
+        none at all, and no read, for a table not in the store)."""
+        if self.spec is None or not record_ids:
+            return []
+        return [i for i, d in enumerate(self.record_digests(record_ids)) if d is not None]
+
     def has_embeddings(self, seq_digests: Sequence[bytes]) -> list[bool]:
         """Whether every output of the table is stored for each sequence digest."""
         spec = self.spec

@@ -148,6 +148,10 @@ class PartsLookup:
     def embedding_count(self) -> int:
         return sum(lookup.embedding_count() for lookup in self._held)
 
+    def held(self, record_ids: Sequence[str]) -> list[int]:
+        """The positions of the ids any part holds."""
+        return [i for i, d in enumerate(self.record_digests(record_ids)) if d is not None]
+
     def conflict(self, record: FastaRecord) -> RecordProblem | None:
         """A ``store-conflict`` problem when any part maps ``record.id`` to another sequence."""
         for lookup in self._held:

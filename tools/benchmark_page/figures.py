@@ -158,7 +158,7 @@ def plot_by_gpu_count(recs, out: Path, workload: str):
 
 def plot_host_cores(recs, out: Path):
     """Host-pipeline sequences/s against the cores it used (``--curve`` rows of a GPU machine),
-    one line per (model, no-op devices) from its newest commit (the commit before it dashed, where
+    one line per (model, no-op devices, writers, token budget) from its newest commit (the commit before it dashed, where
     it measured a curve), with the goals; rows run under a profiler are left out."""
     import matplotlib
     matplotlib.use("Agg")
@@ -168,8 +168,9 @@ def plot_host_cores(recs, out: Path):
     fig, ax = plt.subplots(figsize=(7.5, 5.2))
     lines: dict[tuple, list] = {}
     for r in sorted(rows, key=lambda r: (r["_t"], r["_i"])):
-        lines.setdefault((r["model"], r.get("devices", 1)), []).append(r)
-    for i, ((model, devices), group) in enumerate(sorted(lines.items())):
+        lines.setdefault((r["model"], r.get("devices", 1), r.get("writers", 1),
+                          r.get("budget") or 0), []).append(r)
+    for i, ((model, devices, writers, budget), group) in enumerate(sorted(lines.items())):
         commits = list(dict.fromkeys(r["commit"] for r in group))
         # the newest commit solid; the one before it (where it measured a curve) thin and dashed
         shown = [commits[-1]] + [c for c in commits[-2::-1]
@@ -180,7 +181,9 @@ def plot_host_cores(recs, out: Path):
             newest = commit == commits[-1]
             ax.plot(xs, [pts[x] for x in xs], "o-" if newest else "o--", ms=6 if newest else 4,
                     lw=1.5 if newest else 0.8, alpha=1 if newest else 0.55, color=f"C{i}",
-                    label=f"{short_model(model)} dims, {devices} no-op devices ({commit})")
+                    label=f"{short_model(model)} dims, {devices} no-op devices"
+                          + (f", {writers} writers" if writers != 1 else "")
+                          + (f", budget {budget}" if budget else "") + f" ({commit})")
     for model, goal in GOAL_HOST_CORES.items():
         ax.axhline(goal, ls="--", lw=1, color="gray")
         ax.annotate(f"goal {short_model(model)}: {goal // 1000} k/s at 16 cores", (2, goal),
@@ -194,7 +197,7 @@ def plot_host_cores(recs, out: Path):
     ax.set_title("Host pipeline against cores" + ("" if rows else " — not yet measured"),
                  fontsize=11, fontweight="bold")
     if rows:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=6.5)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -95,6 +95,12 @@ def host_setting(r) -> str:
         parts.append(f"{r['devices']} no-op devices")
     if r.get("cores") is not None and not r.get("gpu", "").startswith("none"):
         parts.append(f"{r['cores']} cores, {r.get('input_processes', '?')} input processes")
+    if r.get("writers", 1) != 1:
+        parts.append(f"{r['writers']} writers")
+    if r.get("budget") is not None:
+        parts.append(f"budget {r['budget']}")
+    if r.get("command", "").startswith("GPUENGINE_INPUT_PROCESSES="):
+        parts.append("input processes set")
     if r.get("profiled"):
         parts.append(f"under {r['profiled']} (sampling slows it)")
     return ", ".join(parts) or "default"
@@ -102,11 +108,13 @@ def host_setting(r) -> str:
 
 def host_curve_rows(recs) -> list[dict]:
     """Host-pipeline rows of a GPU machine that name their cores (``--curve``/``--cores``), not
-    run under a profiler, with the default writer (not GPUENGINE_WRITER_PROCESS set either way):
-    what the curve and issue 16's goals are judged on."""
+    run under a profiler, with the default writer (not GPUENGINE_WRITER_PROCESS set either way),
+    neither an A/B pair nor an input-process sweep (GPUENGINE_INPUT_PROCESSES set): what the curve
+    and issue 16's goals are judged on."""
     return [r for r in recs if r["system"] == "gpuengine-host" and r.get("cores")
             and not r.get("gpu", "").startswith("none") and not r.get("profiled")
-            and r.get("writer_process") in (None, "auto")]
+            and r.get("writer_process") in (None, "auto") and "A/B" not in r.get("note", "")
+            and not r.get("command", "").startswith("GPUENGINE_INPUT_PROCESSES=")]
 
 
 def latest_per_workload(rows) -> list[dict]:
