@@ -18,6 +18,7 @@ On the CPU the same calls run synchronously. :meth:`Runner.embed` chains all thr
 
 from __future__ import annotations
 
+import itertools
 import operator
 import time
 from dataclasses import dataclass
@@ -79,6 +80,23 @@ class Launched:
     next batch's compute too and would count it twice)."""
 
 
+def place_on(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` on ``device``. On the CPU its weights are first copied, once per model, into
+    memory of their own: a checkpoint read with ``torch.load(mmap=True)`` leaves weights of the
+    run's dtype as views of the file's pages (``.to(dtype)`` and ``.to("cpu")`` copy nothing), so
+    the forward would read the file itself — a file rewritten in place while the run lasts would
+    change the weights under it, and the first forward pages them in from disk mid-kernel. (A GPU
+    replica gets its copy by the move.)"""
+    if device.type != "cpu":
+        return model.to(device)
+    if not getattr(model, "_weights_copied", False):
+        with torch.no_grad():
+            for tensor in itertools.chain(model.parameters(), model.buffers()):
+                tensor.data = tensor.data.clone()
+        model._weights_copied = True
+    return model
+
+
 class Runner:
     """Holds one replica. ``stage`` and ``launch`` must each be called from one thread.
 
@@ -94,7 +112,7 @@ class Runner:
         self.device = device
         self.precision = precision
         self.dtype = DTYPES[precision]
-        self.model = model.to(device)
+        self.model = place_on(model, device)
         self.outputs = tuple(outputs)
         self.layers = sorted({o.layer for o in self.outputs})
         self.rule = rule

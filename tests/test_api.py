@@ -48,7 +48,9 @@ def cli_store(tmp_path_factory, tiny_pt):
     # side moved: once in a few CI runs this first, in-process CLI run stored vectors 2-8e-5
     # away from fair-esm (an open defect: one OpenMP thread's half of LayerNorm 1 or the
     # q/k/v GEMM of the first layer; tools/repro_cpu_fidelity.py reproduces it and names the
-    # op); the state of that run is in the message
+    # op; the CPU forward then read its fp32 weights straight from the mmap'd checkpoint,
+    # which runner.place_on now copies first — whether that was the trigger is not proven);
+    # the state of that run is in the message
     ref = fair_esm_reference(tiny_pt, SEQS, [1, 2])
     for layer, stored_layer, pool in ((1, 1, "bos"), (1, 1, "mean"), (2, -1, "mean")):
         stored = cli_vectors(out, stored_layer, pool)
