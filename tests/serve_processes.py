@@ -33,10 +33,11 @@ class Served:
     """A ``gpuengine serve`` process and the notify socket it reports to."""
 
     def __init__(self, tmp_path: Path, model: Path, *extra: str, log: str = "serve",
-                 held: bool = False):
-        """``held``: each run takes no batch after its first ones until a signal halts it
-        (held_process.py), for a test that signals the daemon once a file's first commit
-        is seen."""
+                 held: bool | int = False):
+        """``held``: each run takes no batch after its first ones (True: the default
+        :data:`held_process.BATCHES` of them; a number: that many) until a signal halts it
+        (held_process.py), for a test that signals the daemon once a file's first commit,
+        or a file's completion, is seen."""
         self.dir = tmp_path / "watch"
         self.store = tmp_path / "store.lmdb"
         self.address = f"@gpuengine-test-{uuid.uuid4().hex}"
@@ -53,7 +54,8 @@ class Served:
         env = child_env(tmp_path, self.address)
         cmd = [sys.executable, "-m", "gpuengine", *args]
         if held:
-            cmd, env = held_command(*args), held_env(env)
+            cmd = held_command(*args)
+            env = held_env(env) if held is True else held_env(env, batches=held)
         with open(self.stderr_path, "w") as err:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
                                          env=env)

@@ -8,8 +8,9 @@ the tiny random-weight ESM-2 on the CPU and a real LMDB store:
   file of the group runs after it, alone, and one identical to an earlier file is finished
   from that file's job without a run;
 * (slow) a real ``gpuengine serve`` process killed with SIGKILL while many files share
-  batches, then restarted: every file is in done/ exactly once, every sequence stored once,
-  and the files finished before the kill are not run again.
+  batches (held after its first batches, held_process.py, so that the kill finds three files
+  done and most not), then restarted: every file is in done/ exactly once, every sequence
+  stored once, and the files finished before the kill are not run again.
 """
 
 from __future__ import annotations
@@ -114,6 +115,16 @@ def test_group_files_one_runs_each_file_alone(tiny_pt, tmp_path):
 
 
 N_FILES, PER_FILE = 60, 100
+HELD_BATCHES = 60
+"""The first daemon's group run hands out this many batches of at most 256 tokens, then one
+more that it holds in flight until the SIGKILL (held_process.py). Enough for three files
+done whatever the timing: the scheduler hands out the input (files in name order, each in a
+length band of its own) as length-sorted runs of consecutive records, so s002 is complete
+once the records of s000-s002, and those of s003-s004 of at most 19 residues, are committed:
+402 records of at most 21 tokens, twelve or more to a batch, 34 batches (the hold leaves
+the held one, and at most the device's pipeline depth, uncommitted). Few enough for more
+than ten files left: 61 batches hold at most 61 × 21 records (12 tokens or more each), which
+complete at most 12 files."""
 
 
 @pytest.mark.slow
@@ -125,18 +136,18 @@ def test_sigkill_while_files_share_batches_then_restart(tiny_pt, tmp_path):
         (watch / "inbox" / name).write_bytes(data)
         (watch / "inbox" / f"{name}.done").touch()
     done = watch / "done"
-    first = Served(tmp_path, tiny_pt, "--max-tokens", "256", log="first")
+    first = Served(tmp_path, tiny_pt, "--max-tokens", "256", log="first", held=HELD_BATCHES)
     try:
         first.wait_for_message("READY=1")
         first.wait_for(lambda: len([n for n in os.listdir(done) if n.endswith(".job.json")])
-                       >= 3, "three files done", timeout=120)
+                       >= 3, "three files done", timeout=120)  # then it holds: no race
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
     finally:
         first.close()
     left = os.listdir(watch / "processing")
     moved = [n for n in os.listdir(done) if not n.endswith(".job.json") and not is_ignored(n)]
     before = {n: (done / f"{n}.job.json").read_bytes() for n in moved}  # written before the move
-    assert len(left) > 10, f"only {left} were left at the kill: few files shared batches then"
+    assert len(left) > 10, f"only {left} were left at the kill: the hold did not hold"
     assert sorted(moved + left) == sorted(files), (sorted(moved), left)
     second = Served(tmp_path, tiny_pt, "--max-tokens", "256", log="second")
     try:
