@@ -37,10 +37,10 @@ from gpuengine.records import FastaRecord, RecordProblem
 __all__ = ["FileTally", "first_pass_blocks"]
 
 _PLAIN_HEADER = bytes(range(0x21, 0x7F)) + b" \t"
-_ID_BYTES = bytes(range(0x21, 0x7F)) + b"\n"
-"""What a block's headers (joined by newlines) may hold for the quick way: ids alone."""
 """Header bytes whose meaning is the same read as bytes or as text (``str.split`` also splits
 at ``\\x1c``-``\\x1f``, ``bytes.split`` does not; a non-ASCII byte may be whitespace)."""
+_ID_BYTES = bytes(range(0x21, 0x7F)) + b"\n"
+"""What a block's headers (joined by newlines) may hold for the quick way: ids alone."""
 
 
 @dataclass
@@ -76,7 +76,7 @@ def first_pass_blocks(path: str | os.PathLike, number: int, alphabet: frozenset[
     """
     name = _name(path)
     with open_text(path) as fh:  # the line-by-line pass's own errors for the file's start
-        first, _ = _first_line(path, name, fh)
+        _first_line(path, name, fh)
     fast = None if alphabet is None else _compile_alphabet(alphabet)[1]
     tally = FileTally(max_problems=max_problems)
     try:
