@@ -20,7 +20,7 @@ import numpy as np
 
 from gpuengine.inputs import PreparedChunk, StopFlag
 from gpuengine.ledger import Ledger
-from gpuengine.packing import WorkItem
+from gpuengine.packing import TOKEN_DTYPE, WorkItem
 from gpuengine.store.lookup import TableLookup
 
 
@@ -114,14 +114,17 @@ class Planner:
     def _items(self, chunk: PreparedChunk, rows: np.ndarray,
                digests: list[bytes]) -> list[WorkItem]:
         """Work items of the chunk's records at ``rows`` (with their ``digests``): slices of
-        the chunk's one token buffer, built column-wise (no interpreter work per field);
-        counts their residues and tokens."""
+        one ``bytes`` copy of the chunk's token buffer, built column-wise (no interpreter
+        work per field); counts their residues and tokens."""
         ends = chunk.ends[rows]
         starts = ends - np.diff(chunk.ends, prepend=0)[rows]
         sizes, residues = ends - starts, chunk.residues[rows]
         self.counts.residues_new += int(residues.sum(dtype=np.int64))
         self.counts.tokens_new += int(sizes.sum(dtype=np.int64))
-        slices = map(chunk.tokens.__getitem__, map(slice, starts.tolist(), ends.tolist()))
+        tokens = chunk.tokens.astype(TOKEN_DTYPE, copy=False).tobytes()
+        width = TOKEN_DTYPE.itemsize
+        slices = map(tokens.__getitem__, map(slice, (starts * width).tolist(),
+                                             (ends * width).tolist()))
         keys = None
         if chunk.embedding_keys:  # per item, its key per output
             if len(rows) == len(chunk.ids):

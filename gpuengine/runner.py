@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from gpuengine.models.attention import PackedLayout, select_attention
-from gpuengine.packing import WorkItem
+from gpuengine.packing import TOKEN_DTYPE, WorkItem
 from gpuengine.pooling import PoolingIndex, PoolingRule, pool
 from gpuengine.store.schema import OutputSpec
 from gpuengine.vocabulary import PRECISION_DTYPES
@@ -143,7 +143,7 @@ class Runner:
         lengths = np.fromiter(map(_n_tokens, items), dtype=np.int64, count=len(items))
         total = int(lengths.sum())
         ids = torch.empty(total, dtype=torch.int32, pin_memory=self.cuda)
-        np.concatenate(list(map(_token_ids, items)), out=ids.numpy())
+        ids.numpy()[:] = np.frombuffer(b"".join(map(_token_bytes, items)), TOKEN_DTYPE)
         lens = torch.from_numpy(lengths)
         if not self.cuda:
             return Staged(items, ids, lens, lengths, total, int(lengths.max()), None)
@@ -248,4 +248,4 @@ class Runner:
         return max(1, peak // sum(i.n_tokens for i in items))
 
 
-_n_tokens, _token_ids = operator.attrgetter("n_tokens"), operator.attrgetter("token_ids")
+_n_tokens, _token_bytes = operator.attrgetter("n_tokens"), operator.attrgetter("token_bytes")
