@@ -28,9 +28,10 @@ from __future__ import annotations
 import threading
 from bisect import bisect_right
 from collections import deque
-from itertools import accumulate
+from itertools import accumulate, islice
 from operator import attrgetter, mul
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable, Sequence
 
 from gpuengine.packing import WorkItem, batch_cost
@@ -44,13 +45,13 @@ class ScheduledBatch:
     attempt: int
     """0 for a first try; > 0 for a batch split after an out-of-memory error."""
 
-    @property
+    @cached_property
     def n_tokens(self) -> int:
-        return sum(item.n_tokens for item in self.items)
+        return sum(map(_n_tokens, self.items))
 
-    @property
+    @cached_property
     def max_len(self) -> int:
-        return max(item.n_tokens for item in self.items)
+        return max(map(_n_tokens, self.items))
 
 
 @dataclass
@@ -250,14 +251,18 @@ _n_tokens = attrgetter("n_tokens")
 
 class _Ready:
     """The ready queue: items in the order they are handed out, taken from the front by
-    :meth:`take` with the batch's cut found by C-level running sums, not a step per item
-    (a list and the position of its front, compacted as it is consumed)."""
+    :meth:`take` with the batch's cut found by a binary search in running token sums made
+    once per item when it arrives (C-level ``accumulate``), not a step per item (a list and
+    the position of its front, compacted as it is consumed)."""
 
     _FIRST_LOOK = 256
-    """Items looked at first when cutting a batch (doubled while they all fit)."""
+    """Items looked at first when cutting a padded batch (doubled while they all fit)."""
 
     def __init__(self) -> None:
         self._items: list[WorkItem] = []
+        self._before: list[int] = [0]
+        """Tokens of the items before each position (one more entry than ``_items``: the
+        last is the total; counted from the start of the run, never rebased)."""
         self._head = 0
 
     def __len__(self) -> int:
@@ -269,26 +274,36 @@ class _Ready:
     def extend(self, items: list[WorkItem]) -> None:
         if self._head > 4096 and self._head * 2 > len(self._items):
             del self._items[:self._head]
+            del self._before[:self._head]
             self._head = 0
         self._items.extend(items)
+        self._before.extend(islice(accumulate(map(_n_tokens, items), initial=self._before[-1]),
+                                   1, None))
 
     def take(self, budget: int, padded: bool) -> tuple[WorkItem, ...]:
         """The longest prefix whose :func:`batch_cost` fits ``budget`` (at least one item)."""
+        items, head = self._items, self._head
+        if padded:
+            fits = self._padded_fits(budget)
+        else:  # the prefix of m items costs before[head + m] - before[head]
+            before = self._before
+            fits = max(1, bisect_right(before, before[head] + budget, head + 1) - head - 1)
+        self._head = head + fits
+        return tuple(items[head:head + fits])
+
+    def _padded_fits(self, budget: int) -> int:
+        """How many items from the front fit ``budget`` padded: N × the longest."""
         items, head = self._items, self._head
         look, end = self._FIRST_LOOK, len(items)
         while True:
             stop = min(end, head + look)
             sizes = list(map(_n_tokens, items[head:stop]))
-            # batch_cost of each prefix, which only grows: N × the longest when padded,
-            # else the tokens
-            costs = (list(map(mul, range(1, len(sizes) + 1), accumulate(sizes, max)))
-                     if padded else list(accumulate(sizes)))
+            # batch_cost of each prefix, which only grows
+            costs = list(map(mul, range(1, len(sizes) + 1), accumulate(sizes, max)))
             fits = max(1, bisect_right(costs, budget))
             if fits < len(sizes) or stop == end:
-                break
+                return fits
             look *= 2
-        self._head = head + fits
-        return tuple(items[head:head + fits])
 
 
 def _prefix_within(items: Sequence[WorkItem], budget: int, padded: bool) -> int:

@@ -1,5 +1,6 @@
-"""The ready queue's batch cut (running sums in C) takes the same items as cutting one item
-at a time with :func:`gpuengine.packing.batch_cost`, for packed and padded devices."""
+"""The ready queue's batch cut (running sums in C, a binary search) takes the same items as
+cutting one item at a time with :func:`gpuengine.packing.batch_cost`, for packed and padded
+devices."""
 
 from __future__ import annotations
 
