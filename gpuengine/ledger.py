@@ -4,7 +4,7 @@ committer share (torch-free).
 The :class:`Ledger` maps each sequence digest not yet durable to the record ids waiting on
 it, and holds the set of digests whose group is being committed:
 
-1. the planner claims a digest (:meth:`Ledger.claim_many`): a new one becomes *pending*, a
+1. the planner claims a digest (:meth:`Ledger.claim_columns`): a new one becomes *pending*, a
    repeat joins the pending one (computed once) or, when it is already *committing*, becomes
    an alias committed after it;
 2. the engine loop moves a digest from *pending* to *committing* when its vectors are queued
@@ -42,20 +42,26 @@ class Ledger:
         not to be: such a digest is durable or absent, and stays so until claimed here (only
         the planner's thread claims), so the answer cannot be stale. (Asked before, a
         sequence committed in between would be computed twice.)"""
-        fresh = self._claim_fresh(entries, stored)
+        return self.claim_columns(list(map(_first, entries)), list(map(_second, entries)), stored)
+
+    def claim_columns(self, digests: list[bytes], ids: list[str],
+                      stored: Callable[[list[bytes]], list[bool]]) -> list[str]:
+        """:meth:`claim_many` of the entries ``zip(digests, ids)``, given as the two columns
+        (the planner's: no pair is made per record when every digest is new)."""
+        fresh = self._claim_fresh(digests, ids, stored)
         if fresh is not None:
             return fresh
-        out: list[str | None] = [None] * len(entries)
+        out: list[str | None] = [None] * len(digests)
         with self.lock:
-            for i, (digest, record_id) in enumerate(entries):
+            for i, (digest, record_id) in enumerate(zip(digests, ids)):
                 out[i] = self._join(digest, record_id)
         unknown = [i for i, decision in enumerate(out) if decision is None]
         if unknown:
-            present = stored([entries[i][0] for i in unknown])
+            present = stored([digests[i] for i in unknown])
             with self.lock:
                 for i, is_stored in zip(unknown, present):
-                    digest, record_id = entries[i]
-                    decision = self._join(digest, record_id)  # a repeat within ``entries``
+                    digest, record_id = digests[i], ids[i]
+                    decision = self._join(digest, record_id)  # a repeat within the entries
                     if decision is None:
                         decision = "stored" if is_stored else "new"
                         if not is_stored:
@@ -63,12 +69,11 @@ class Ledger:
                     out[i] = decision
         return out  # type: ignore[return-value]
 
-    def _claim_fresh(self, entries: list[tuple[bytes, str]],
+    def _claim_fresh(self, digests: list[bytes], ids: list[str],
                      stored: Callable[[list[bytes]], list[bool]]) -> list[str] | None:
-        """:meth:`claim_many` when no digest of ``entries`` is in flight or given twice (the
-        common case: a chunk of distinct new sequences), decided with set operations instead
-        of a step per entry; None when that is not so (nothing changed then)."""
-        digests = list(map(_first, entries))
+        """:meth:`claim_columns` when no digest is in flight or given twice (the common case:
+        a chunk of distinct new sequences), decided with set operations instead of a step
+        per entry; None when that is not so (nothing changed then)."""
         distinct = set(digests)
         if len(distinct) != len(digests):
             return None
@@ -80,10 +85,10 @@ class Ledger:
         present = stored(digests)
         with self.lock:
             if not any(present):
-                self._pending.update(zip(digests, zip(map(_second, entries))))
-                return ["new"] * len(entries)
-            self._pending.update((digest, (record_id,)) for (digest, record_id), is_stored
-                                 in zip(entries, present) if not is_stored)
+                self._pending.update(zip(digests, zip(ids)))
+                return ["new"] * len(digests)
+            self._pending.update((digest, (record_id,)) for digest, record_id, is_stored
+                                 in zip(digests, ids, present) if not is_stored)
         return ["stored" if is_stored else "new" for is_stored in present]
 
     def _join(self, digest: bytes, record_id: str) -> str | None:

@@ -54,6 +54,15 @@ class DigestFilter:
         pos = self._positions(digests)
         return ((self._bytes[pos >> 3] >> (pos & 7).astype(np.uint8)) & 1).all(axis=1).tolist()
 
+    def maybe_then_add(self, digests: Sequence[bytes]) -> np.ndarray:
+        """:meth:`maybe_many` (as a bool array) and then :meth:`add_many`, the bit positions
+        found once."""
+        pos = self._positions(digests)
+        byte, bit = pos >> 3, (pos & 7).astype(np.uint8)
+        maybe = ((self._bytes[byte] >> bit) & 1).all(axis=1)
+        np.bitwise_or.at(self._bytes, byte.ravel(), np.left_shift(1, bit.ravel()).astype(np.uint8))
+        return maybe
+
     def add_many(self, digests: Sequence[bytes]) -> None:
         pos = self._positions(digests).ravel()
         np.bitwise_or.at(self._bytes, pos >> 3, np.left_shift(1, pos & 7).astype(np.uint8))
@@ -150,7 +159,7 @@ class Planner:
         """The ledger's decision for each (digest, id): positions to compute (None: all of
         them), and the aliases of sequences being committed or already stored (others wait
         for an earlier claim)."""
-        decisions = self.ledger.claim_many(list(zip(digests, ids)), self._stored)
+        decisions = self.ledger.claim_columns(digests, ids, self._stored)
         if decisions.count("new") == len(decisions):
             return None, []
         new: list[int] = []
@@ -176,8 +185,9 @@ class Planner:
         """Whether each digest (none in flight) has its embeddings stored."""
         if self.claimed is None:
             return self.lookup.has_embeddings(digests)
-        maybe = self.claimed.maybe_many(digests)
-        self.claimed.add_many(digests)  # the new ones among them are claimed now
-        lookup = [d for d, m in zip(digests, maybe) if m]
-        found = iter(self.lookup.has_embeddings(lookup) if lookup else ())
-        return [bool(m) and next(found) for m in maybe]
+        maybe = np.flatnonzero(self.claimed.maybe_then_add(digests))  # the new ones are
+        stored = np.zeros(len(digests), bool)                           # claimed now
+        if len(maybe):
+            at = maybe.tolist()
+            stored[at] = self.lookup.has_embeddings(list(map(digests.__getitem__, at)))
+        return stored.tolist()
