@@ -75,7 +75,8 @@ class Planner:
     ledger: Ledger
     lookup: TableLookup
     """The table the run adds to: which ids are stored, which sequences have embeddings."""
-    submit: Callable[[list[WorkItem]], None]
+    submit: Callable[[list[WorkItem], np.ndarray], None]
+    """New work items and their token counts (``Scheduler.submit``)."""
     alias: Callable[[list[tuple[bytes, str]]], None]
     """(digest, id) pairs to commit as aliases, in order after any vectors already queued."""
     stop: StopFlag
@@ -118,13 +119,13 @@ class Planner:
         rows = np.arange(len(chunk.ids)) if every else np.asarray(todo, np.int64)
         if new is not None:  # else every record is new: no per-record choice
             rows, digests = rows[new], [digests[j] for j in new]
-        self._hand_over(self._items(chunk, rows, digests), aliases)
+        self._hand_over(*self._items(chunk, rows, digests), aliases)
 
     def _items(self, chunk: PreparedChunk, rows: np.ndarray,
-               digests: list[bytes]) -> list[WorkItem]:
-        """Work items of the chunk's records at ``rows`` (with their ``digests``): slices of
-        one ``bytes`` copy of the chunk's token buffer, built column-wise (no interpreter
-        work per field); counts their residues and tokens."""
+               digests: list[bytes]) -> tuple[list[WorkItem], np.ndarray]:
+        """Work items of the chunk's records at ``rows`` (with their ``digests``) and their
+        token counts: slices of one ``bytes`` copy of the chunk's token buffer, built
+        column-wise (no interpreter work per field); counts their residues and tokens."""
         ends = chunk.ends[rows]
         starts = ends - np.diff(chunk.ends, prepend=0)[rows]
         sizes, residues = ends - starts, chunk.residues[rows]
@@ -141,7 +142,7 @@ class Planner:
             else:
                 at = rows.tolist()
                 keys = zip(*(list(map(column.__getitem__, at)) for column in chunk.embedding_keys))
-        return WorkItem.many(digests, slices, residues.tolist(), sizes.tolist(), keys)
+        return WorkItem.many(digests, slices, residues.tolist(), sizes.tolist(), keys), sizes
 
     def _unstored(self, ids: Sequence[str]) -> Sequence[int]:
         """Positions of the records whose id the table does not hold yet (all of them on a
@@ -173,11 +174,12 @@ class Planner:
                     aliases.append((digests[j], ids[j]))
         return new, aliases
 
-    def _hand_over(self, items: list[WorkItem], aliases: list[tuple[bytes, str]]) -> None:
+    def _hand_over(self, items: list[WorkItem], n_tokens: np.ndarray,
+                   aliases: list[tuple[bytes, str]]) -> None:
         """New work to the scheduler, then the aliases (which commit after it)."""
         if items:
             self.counts.new += len(items)
-            self.submit(items)
+            self.submit(items, n_tokens)
         if aliases:
             self.alias(aliases)
 

@@ -28,11 +28,13 @@ from __future__ import annotations
 import threading
 from bisect import bisect_right
 from collections import deque
-from itertools import accumulate, islice
+from itertools import accumulate
 from operator import attrgetter, mul
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterable, Sequence
+
+import numpy as np
 
 from gpuengine.packing import WorkItem, batch_cost
 
@@ -81,6 +83,8 @@ class Scheduler:
         self._max_solo = max_solo_attempts
         self._cv = threading.Condition()
         self._intake: list[WorkItem] = []
+        self._intake_sizes: list[np.ndarray] = []
+        """The intake's token counts, one array per submission."""
         self._ready = _Ready()
         self._retry: deque[_Retry] = deque()
         self._in_flight: dict[int, tuple[int, _Retry]] = {}
@@ -90,10 +94,17 @@ class Scheduler:
         self.stats = SchedulerStats()
 
     # -- input side ---------------------------------------------------------------------
-    def submit(self, items: Iterable[WorkItem]) -> None:
+    def submit(self, items: Iterable[WorkItem], n_tokens: np.ndarray | None = None) -> None:
+        """Items for the intake window; ``n_tokens``, when the caller has them as an array,
+        their token counts (else read from the items)."""
         items = list(items)
+        if n_tokens is None:
+            n_tokens = np.fromiter(map(_n_tokens, items), np.int64, len(items))
+        elif len(n_tokens) != len(items):
+            raise ValueError(f"{len(items)} items with {len(n_tokens)} token counts")
         with self._cv:
             self._intake.extend(items)
+            self._intake_sizes.append(n_tokens)
             self.stats.submitted += len(items)
             if len(self._intake) >= self._window:
                 self._flush_intake()
@@ -107,10 +118,12 @@ class Scheduler:
             self._cv.notify_all()
 
     def _flush_intake(self) -> None:
+        """The intake, in a stable sort by token count, to the ready queue."""
         if self._intake:
-            self._intake.sort(key=_n_tokens)
-            self._ready.extend(self._intake)
-            self._intake = []
+            sizes = np.concatenate(self._intake_sizes)
+            order = np.argsort(sizes, kind="stable")
+            self._ready.extend(list(map(self._intake.__getitem__, order.tolist())), sizes[order])
+            self._intake, self._intake_sizes = [], []
 
     # -- device side ----------------------------------------------------------------------
     def next_batch(self, device: int, budget: int, *, padded: bool = False,
@@ -271,14 +284,18 @@ class _Ready:
     def __bool__(self) -> bool:
         return self._head < len(self._items)
 
-    def extend(self, items: list[WorkItem]) -> None:
+    def extend(self, items: list[WorkItem], n_tokens: np.ndarray | None = None) -> None:
+        """``items`` at the back (``n_tokens``: their token counts, if the caller has them)."""
         if self._head > 4096 and self._head * 2 > len(self._items):
             del self._items[:self._head]
             del self._before[:self._head]
             self._head = 0
         self._items.extend(items)
-        self._before.extend(islice(accumulate(map(_n_tokens, items), initial=self._before[-1]),
-                                   1, None))
+        if n_tokens is None:
+            n_tokens = np.fromiter(map(_n_tokens, items), np.int64, len(items))
+        before = np.cumsum(n_tokens, dtype=np.int64)
+        before += self._before[-1]
+        self._before.extend(before.tolist())
 
     def take(self, budget: int, padded: bool) -> tuple[WorkItem, ...]:
         """The longest prefix whose :func:`batch_cost` fits ``budget`` (at least one item)."""

@@ -44,7 +44,7 @@ class _EmptyTable:
 
 def test_only_digests_seen_before_are_looked_up_and_each_answer_is_its_own():
     table = _EmptyTable()
-    planner = Planner(ledger=Ledger(), lookup=table, submit=lambda items: None,
+    planner = Planner(ledger=Ledger(), lookup=table, submit=lambda items, n_tokens: None,
                       alias=lambda pairs: None, stop=threading.Event(), expected_records=10_000)
     seen = [os.urandom(16) for _ in range(2000)]
     assert planner._stored(seen) == [False] * len(seen)

@@ -55,7 +55,8 @@ def test_the_planner_hands_on_each_new_records_token_ids(tmp_path):
     with StoreWriter(tmp_path / "s.lmdb") as writer:
         writer.open_table(spec)
         planner = Planner(ledger=Ledger(), lookup=writer.lookup(spec.name),
-                          submit=submitted.extend, alias=lambda pairs: None,
+                          submit=lambda items, n_tokens: submitted.extend(items),
+                          alias=lambda pairs: None,
                           stop=threading.Event(), expected_records=len(seqs))
         planner.run([chunk])
     new = [0, 1, 2, 3, 5, 6]
