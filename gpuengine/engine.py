@@ -58,6 +58,7 @@ from gpuengine.inputs import (INPUT_PROCESS_MIN_RECORDS, ChunkReader, RecordSour
                               validated_fasta)
 from gpuengine.ledger import Ledger
 from gpuengine.models.registry import Weights
+from gpuengine.packing import WorkItem
 from gpuengine.planner import Planner
 from gpuengine.progress import DeviceProgress, NullProgress, ProgressSink, ProgressSnapshot
 from gpuengine.replicas import (MemoryTelemetry, ModelChoice, ReplicaPool, RunnerFactory,
@@ -429,9 +430,8 @@ class _Run:
                 ids = self.ledger.to_committing_many(digests)
                 if self.parts is not None:
                     self.parts.committed(ids)
-                keys = list(map(_keys, items))  # per item, its embedding key per output
                 self.group.append(CommitRows(digests, ids, {o: vectors[o] for o in self.spec.outputs},
-                                             tuple(zip(*keys)) if all(keys) else ()))
+                                             key_columns(items)))
                 self.group_rows += len(digests)
         elif outcome.kind == "oom":
             for item in self.scheduler.out_of_memory(batch.batch_id):
@@ -553,6 +553,20 @@ class _Run:
         s.embed_seconds = seconds
         s.residues = planner.counts.residues_new
         s.devices = device_rows(workers, seconds)
+
+
+def key_columns(items: Sequence[WorkItem]) -> tuple[list[bytes], ...]:
+    """The embedding keys the input side computed for a batch's items, column-wise: per
+    output, each item's key (:attr:`CommitRows.embedding_keys`); () when an item has none
+    (the writer computes them then). One pass over the items per output, no step per item
+    in the interpreter."""
+    if not items:
+        return ()
+    try:
+        return tuple(list(map(operator.itemgetter(j), map(_keys, items)))
+                     for j in range(len(items[0].keys)))
+    except IndexError:  # an item without keys (or fewer): as if none had any
+        return ()
 
 
 _digest, _keys = operator.attrgetter("digest"), operator.attrgetter("keys")

@@ -5,8 +5,9 @@ many cores (the engine waited for it). :class:`PartedCommitter` has the committe
 (``start``, ``put``, ``wait_idle``, ``finish``, ``snapshot``, ``error``, ``is_alive``) and
 drives N :class:`~gpuengine.writer_process.CommitterProcess` es, one per part store of the run
 (:mod:`gpuengine.store.parts`): :func:`split_group` cuts each group the engine hands over into
-N sub-groups by the sequences' parts (numpy on the digests; a batch's rows by index, no step
-per row in the interpreter but the gathers), each part's writer process encodes and commits
+N sub-groups by the sequences' parts (numpy on the digests; a batch's rows ordered by part
+once, each column taken once in that order and sliced per part: no step per row in the
+interpreter), each part's writer process encodes and commits
 its own, and each part's acknowledgement releases exactly its sequences from the ledger: a
 sequence is done only once the writer of ITS part has committed it durably. The parts commit
 independently (a kill -9 at any moment leaves each part with whole commits; a rerun finds
@@ -45,6 +46,9 @@ def _take(values: Sequence, rows: list[int]) -> list:
 
 
 def _split_rows(rows: CommitRows, count: int, out: list[list[CommitPart]]) -> None:
+    """A batch's rows by part, column-wise: the rows ordered by part (a stable sort: each
+    part's rows keep the batch's order), each column taken once in that order, then each
+    part's share is a slice of every column (a view of a stacked array)."""
     owners = parts_of(rows.seq_digests, count)
     if not len(owners):
         return
@@ -52,16 +56,19 @@ def _split_rows(rows: CommitRows, count: int, out: list[list[CommitPart]]) -> No
     if (owners == first).all():  # one part holds the whole batch: as it is
         out[first].append(rows)
         return
+    order = np.argsort(owners.astype(np.uint8) if count <= 256 else owners, kind="stable")
+    bounds = [0, *np.cumsum(np.bincount(owners, minlength=count)).tolist()]
+    at = order.tolist()
+    digests, ids = _take(rows.seq_digests, at), _take(rows.record_ids, at)
+    keys = [_take(k, at) for k in rows.embedding_keys]
+    vectors = {o: (v[order] if type(v) is np.ndarray else _take(v, at))
+               for o, v in rows.vectors.items()}
     for index in range(count):
-        picked = np.flatnonzero(owners == index)
-        if not len(picked):
-            continue
-        at = picked.tolist()
-        vectors = {o: (np.take(v, picked, axis=0) if type(v) is np.ndarray else _take(v, at))
-                   for o, v in rows.vectors.items()}
-        keys = tuple(_take(k, at) for k in rows.embedding_keys)
-        out[index].append(CommitRows(_take(rows.seq_digests, at), _take(rows.record_ids, at),
-                                     vectors, keys))
+        lo, hi = bounds[index], bounds[index + 1]
+        if lo < hi:  # cut from checked rows: no need to check them again
+            out[index].append(CommitRows.of_checked(
+                digests[lo:hi], ids[lo:hi], {o: v[lo:hi] for o, v in vectors.items()},
+                tuple(k[lo:hi] for k in keys)))
 
 
 def split_group(group: Sequence[CommitPart], count: int) -> list[list[CommitPart]]:

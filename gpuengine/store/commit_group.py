@@ -75,11 +75,26 @@ class CommitRows:
             raise InternalError(
                 f"CommitRows: {n} digests, {len(self.record_ids)} id tuples and vectors of "
                 f"{[len(v) for v in self.vectors.values()]} rows must all be as many")
-        if n and not (set(map(type, self.seq_digests)) == {bytes}  # no step per row
-                      and set(map(len, self.seq_digests)) == {codec.DIGEST_SIZE}):
+        digests = self.seq_digests  # checked with no step per row in the interpreter
+        if n and not (list(map(type, digests)).count(bytes) == n
+                      and list(map(len, digests)).count(codec.DIGEST_SIZE) == n):
             raise InternalError("CommitRows.seq_digests must all be 16-byte digests")
         if not all(self.record_ids):
             raise InternalError("CommitRows: a row names no record id")
+
+    @classmethod
+    def of_checked(cls, seq_digests: Sequence[bytes], record_ids: Sequence[tuple[str, ...]],
+                   vectors: Mapping[OutputSpec, Sequence[np.ndarray]],
+                   embedding_keys: Sequence[Sequence[bytes]] = ()) -> CommitRows:
+        """Rows taken from rows already checked (a subset of a :class:`CommitRows`, as
+        :func:`~gpuengine.writer_parts.split_group` cuts them): the same object without the
+        checks again (the caller keeps every column as long as the digests)."""
+        rows = object.__new__(cls)
+        object.__setattr__(rows, "seq_digests", seq_digests)
+        object.__setattr__(rows, "record_ids", record_ids)
+        object.__setattr__(rows, "vectors", vectors)
+        object.__setattr__(rows, "embedding_keys", embedding_keys)
+        return rows
 
     def __len__(self) -> int:
         return len(self.seq_digests)

@@ -1,0 +1,139 @@
+"""The engine's commit path at C speed: a batch's embedding keys column-wise
+(``engine.key_columns``), the checks of :class:`CommitRows`, the column-wise split of a
+group by part store (``writer_parts.split_group``) and ``pipe_frames.write_all`` of many
+buffers through a pipe that takes less than it is given."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from gpuengine.engine import key_columns
+from gpuengine.errors import InternalError
+from gpuengine.packing import WorkItem
+from gpuengine.pipe_frames import write_all
+from gpuengine.store.codec import sequence_digest
+from gpuengine.store.commit_group import CommitRows
+from gpuengine.store.parts import parts_of
+from gpuengine.store.schema import OutputSpec
+from gpuengine.writer_parts import split_group
+
+OUT = OutputSpec(6, "mean")
+TOKENS = OutputSpec(6, "per-token")
+
+
+def _digests(count: int) -> list[bytes]:
+    return [sequence_digest(f"SEQ{i}") for i in range(count)]
+
+
+def _item(digest: bytes, keys: tuple[bytes, ...]) -> WorkItem:
+    return WorkItem(digest, np.zeros(3, np.int32), 1, keys)
+
+
+# ----------------------------------------------------------------------------- key columns
+
+
+def test_key_columns_are_the_items_keys_per_output():
+    digests = _digests(5)
+    items = [_item(d, (bytes([i]) * 16, bytes([100 + i]) * 16)) for i, d in enumerate(digests)]
+    assert key_columns(items) == ([bytes([i]) * 16 for i in range(5)],
+                                  [bytes([100 + i]) * 16 for i in range(5)])
+    assert key_columns(items[:1]) == ([b"\x00" * 16], [b"\x64" * 16])
+
+
+def test_key_columns_are_none_unless_every_item_has_them():
+    digests = _digests(4)
+    assert key_columns([]) == ()
+    assert key_columns([_item(d, ()) for d in digests]) == ()
+    keyed = [_item(d, (bytes([i]) * 16,)) for i, d in enumerate(digests)]
+    assert key_columns([*keyed[:2], _item(digests[2], ()), keyed[3]]) == ()
+    assert key_columns([_item(digests[0], ()), *keyed[1:]]) == ()
+
+
+# ----------------------------------------------------------------------------- CommitRows
+
+
+@pytest.mark.parametrize("bad", ["0123456789abcdef", b"\x01" * 15, b"\x01" * 17,
+                                 bytearray(16), memoryview(b"\x01" * 16), None])
+def test_commit_rows_refuse_a_digest_that_is_not_16_bytes(bad):
+    digests = _digests(6)
+    digests[4] = bad
+    with pytest.raises(InternalError, match="16-byte digests"):
+        CommitRows(digests, [(f"id{i}",) for i in range(6)], {OUT: np.zeros((6, 4))})
+
+
+def test_commit_rows_refuse_columns_of_other_lengths_and_a_row_without_ids():
+    digests, ids = _digests(3), [("a",), ("b",), ("c",)]
+    with pytest.raises(InternalError, match="must all be as many"):
+        CommitRows(digests, ids[:2], {OUT: np.zeros((3, 4))})
+    with pytest.raises(InternalError, match="must all be as many"):
+        CommitRows(digests, ids, {OUT: np.zeros((2, 4))})
+    with pytest.raises(InternalError, match="embedding keys"):
+        CommitRows(digests, ids, {OUT: np.zeros((3, 4))}, ([b"k" * 16] * 2,))
+    with pytest.raises(InternalError, match="names no record id"):
+        CommitRows(digests, [("a",), (), ("c",)], {OUT: np.zeros((3, 4))})
+
+
+# ----------------------------------------------------------------------------- part split
+
+
+@pytest.mark.parametrize("count", [2, 3, 5])
+def test_each_part_gets_its_rows_in_the_batch_order_with_their_columns(count):
+    n = 300
+    digests = _digests(n)
+    vectors = np.arange(n * 4, dtype=np.float32).reshape(n, 4)
+    per_token = [np.full((1 + i % 3, 4), i, np.float32) for i in range(n)]
+    keys = ([bytes([i % 256]) * 16 for i in range(n)],
+            [bytes([(i + 7) % 256]) * 16 for i in range(n)])
+    ids = [tuple(f"id{i}_{j}" for j in range(1 + i % 2)) for i in range(n)]
+    rows = CommitRows(digests, ids, {OUT: vectors, TOKENS: per_token}, keys)
+    owners = parts_of(digests, count).tolist()
+    shares = split_group([rows], count)
+    assert len(shares) == count
+    for index, share in enumerate(shares):
+        want = [i for i in range(n) if owners[i] == index]
+        if not want:
+            assert share == []
+            continue
+        (part,) = share
+        assert list(part.seq_digests) == [digests[i] for i in want]  # the batch's order
+        assert list(part.record_ids) == [ids[i] for i in want]
+        assert [list(k) for k in part.embedding_keys] == [[k[i] for i in want] for k in keys]
+        assert np.array_equal(np.asarray(part.vectors[OUT]), vectors[want])
+        assert [a is per_token[i] for a, i in zip(part.vectors[TOKENS], want)] == [True] * len(want)
+
+
+def test_a_batch_of_one_part_is_handed_on_as_it_is():
+    digests = [d for d in _digests(200) if parts_of([d], 2)[0] == 1][:20]
+    rows = CommitRows(digests, [(f"id{i}",) for i in range(20)], {OUT: np.zeros((20, 4))})
+    assert split_group([rows], 2) == [[], [rows]]
+
+
+# ----------------------------------------------------------------------------- write_all
+
+
+def test_write_all_writes_every_buffer_in_order_through_a_small_pipe():
+    rng = np.random.default_rng(3)
+    buffers = [rng.integers(0, 256, int(size), dtype=np.uint8)
+               for size in rng.integers(0, 3000, 1500)]  # empty ones too; > one writev's 512
+    buffers += [b"", bytearray(b"tail"), memoryview(np.arange(10, dtype=np.float32))]
+    want = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)
+    read_fd, write_fd = os.pipe()  # 64 KiB: writev takes part of what it is given, often
+    got = bytearray()
+
+    def drain():
+        while chunk := os.read(read_fd, 4096):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        write_all(write_fd, buffers)
+    finally:
+        os.close(write_fd)
+        reader.join()
+        os.close(read_fd)
+    assert len(want) > 1 << 20 and bytes(got) == want
