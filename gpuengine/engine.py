@@ -68,6 +68,8 @@ from gpuengine.run_parts import INPUT_COUNTS, PartCompletion, PartLookup, PartTr
 from gpuengine.run_store import RunStore, table_spec
 from gpuengine.run_summary import RunSummary  # also imported from here by callers
 from gpuengine.scheduler import Scheduler
+from gpuengine.store import codec
+from gpuengine.store.codec import Packed16
 from gpuengine.store.schema import TableSpec
 from gpuengine.store.writer import (CommitEntry, CommitPart, CommitRows, CompletionRecords,
                                     group_counts)
@@ -555,18 +557,22 @@ class _Run:
         s.devices = device_rows(workers, seconds)
 
 
-def key_columns(items: Sequence[WorkItem]) -> tuple[list[bytes], ...]:
+def key_columns(items: Sequence[WorkItem]) -> tuple[Packed16, ...]:
     """The embedding keys the input side computed for a batch's items, column-wise: per
-    output, each item's key (:attr:`CommitRows.embedding_keys`); () when an item has none
-    (the writer computes them then). One pass over the items per output, no step per item
-    in the interpreter."""
+    output, each item's key, packed (:attr:`CommitRows.embedding_keys`: the part split and
+    the writer process's frame take them as they are); () when an item has none (the writer
+    computes them then). One pass over the items per output, no step per item in the
+    interpreter."""
     if not items:
         return ()
     try:
-        return tuple(list(map(operator.itemgetter(j), map(_keys, items)))
-                     for j in range(len(items[0].keys)))
+        columns = tuple(b"".join(map(operator.itemgetter(j), map(_keys, items)))
+                        for j in range(len(items[0].keys)))
     except IndexError:  # an item without keys (or fewer): as if none had any
         return ()
+    if any(len(column) != codec.DIGEST_SIZE * len(items) for column in columns):
+        raise InternalError("a work item's embedding key is not 16 bytes")
+    return tuple(map(Packed16, columns))
 
 
 _digest, _keys = operator.attrgetter("digest"), operator.attrgetter("keys")

@@ -32,6 +32,7 @@ import numpy as np
 
 from gpuengine.committer import CommitCounts
 from gpuengine.errors import InternalError
+from gpuengine.store.codec import Packed16
 from gpuengine.store.commit_group import CommitEntry, CommitPart, CommitRows
 from gpuengine.store.parts import part_of, parts_of
 from gpuengine.store.schema import TableSpec
@@ -60,7 +61,7 @@ def _split_rows(rows: CommitRows, count: int, out: list[list[CommitPart]]) -> No
     bounds = [0, *np.cumsum(np.bincount(owners, minlength=count)).tolist()]
     at = order.tolist()
     digests, ids = _take(rows.seq_digests, at), _take(rows.record_ids, at)
-    keys = [_take(k, at) for k in rows.embedding_keys]
+    keys = [k.take(order) if type(k) is Packed16 else _take(k, at) for k in rows.embedding_keys]
     vectors = {o: (v[order] if type(v) is np.ndarray else _take(v, at))
                for o, v in rows.vectors.items()}
     for index in range(count):

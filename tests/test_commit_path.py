@@ -15,14 +15,18 @@ from gpuengine.engine import key_columns
 from gpuengine.errors import InternalError
 from gpuengine.packing import WorkItem
 from gpuengine.pipe_frames import write_all
-from gpuengine.store.codec import sequence_digest
-from gpuengine.store.commit_group import CommitRows
+from gpuengine.store.codec import Packed16, sequence_digest, unpack16
+from gpuengine.store.commit_group import CommitEntry, CommitRows, _encode_group
+from gpuengine.store.group_frames import decode_group, encode_group, split_payload
 from gpuengine.store.parts import parts_of
-from gpuengine.store.schema import OutputSpec
+from gpuengine.store.schema import ModelIdentity, OutputSpec, TableSpec
 from gpuengine.writer_parts import split_group
 
 OUT = OutputSpec(6, "mean")
 TOKENS = OutputSpec(6, "per-token")
+BOS = OutputSpec(6, "bos")
+MODEL = ModelIdentity(family="esm2", name="esm2_t6_8M_UR50D", sha256="ab" * 32, num_layers=6,
+                      embed_dim=4, attention_heads=4, vocab_size=33)
 
 
 def _digests(count: int) -> list[bytes]:
@@ -39,9 +43,19 @@ def _item(digest: bytes, keys: tuple[bytes, ...]) -> WorkItem:
 def test_key_columns_are_the_items_keys_per_output():
     digests = _digests(5)
     items = [_item(d, (bytes([i]) * 16, bytes([100 + i]) * 16)) for i, d in enumerate(digests)]
-    assert key_columns(items) == ([bytes([i]) * 16 for i in range(5)],
-                                  [bytes([100 + i]) * 16 for i in range(5)])
-    assert key_columns(items[:1]) == ([b"\x00" * 16], [b"\x64" * 16])
+    columns = key_columns(items)
+    assert [type(c) for c in columns] == [Packed16, Packed16]
+    assert [list(c) for c in columns] == [[bytes([i]) * 16 for i in range(5)],
+                                          [bytes([100 + i]) * 16 for i in range(5)]]
+    assert [list(c) for c in key_columns(items[:1])] == [[b"\x00" * 16], [b"\x64" * 16]]
+
+
+def test_key_columns_refuse_a_key_that_is_not_16_bytes():
+    digests = _digests(3)
+    items = [_item(d, (bytes([i]) * 16,)) for i, d in enumerate(digests)]
+    items[1] = _item(digests[1], (b"short",))
+    with pytest.raises(InternalError, match="not 16 bytes"):
+        key_columns(items)
 
 
 def test_key_columns_are_none_unless_every_item_has_them():
@@ -51,6 +65,49 @@ def test_key_columns_are_none_unless_every_item_has_them():
     keyed = [_item(d, (bytes([i]) * 16,)) for i, d in enumerate(digests)]
     assert key_columns([*keyed[:2], _item(digests[2], ()), keyed[3]]) == ()
     assert key_columns([_item(digests[0], ()), *keyed[1:]]) == ()
+
+
+# ----------------------------------------------------------------------------- Packed16
+
+
+def test_packed16_reads_as_the_list_of_its_values():
+    values = [bytes([i]) * 15 + b"\x00" for i in range(7)] + [b"\x00" * 16]  # NULs kept
+    packed = Packed16(b"".join(values))
+    assert len(packed) == 8 and list(packed) == values and packed.unpacked() == values
+    assert [packed[i] for i in range(-8, 8)] == values + values
+    assert packed[2:5] == Packed16(b"".join(values[2:5])) and list(packed[::3]) == values[::3]
+    assert list(packed[5:2]) == [] and b"\x00" * 16 in packed
+    assert packed.take(np.array([6, 0, 6])) == Packed16(values[6] + values[0] + values[6])
+    assert unpack16(memoryview(packed.data)[16:48]) == values[1:3]
+    with pytest.raises(IndexError):
+        packed[8]
+    for bad in (b"\x01" * 15, bytearray(16), "x" * 16):
+        with pytest.raises(ValueError, match="multiple of 16"):
+            Packed16(bad)
+
+
+def test_packed_keys_give_the_frame_and_the_store_bytes_of_listed_keys():
+    spec = TableSpec(name="default", model=MODEL, outputs=(OUT, BOS), store_dtype="float16",
+                     dim=4, max_residues=1022)
+    digests = _digests(9)
+    listed = tuple([spec.embedding_key(o, d) for d in digests] for o in spec.outputs)
+    vectors = {OUT: np.arange(36, dtype=np.float32).reshape(9, 4),
+               BOS: np.ones((9, 4), np.float32)}
+    ids = [(f"id{i}",) for i in range(9)]
+
+    def group(keys):
+        return [CommitRows(digests, ids, vectors, keys), CommitEntry(digests[2], ("alias",), None)]
+
+    packed = tuple(Packed16(b"".join(column)) for column in listed)
+    frame_of = [b"".join(bytes(memoryview(b).cast("B")) for b in encode_group(group(k), None))
+                for k in (listed, packed)]
+    assert frame_of[0] == frame_of[1]
+    (back, _) = decode_group(*split_payload(bytearray(frame_of[1])), spec.outputs)
+    assert [list(k) for k in back.embedding_keys] == list(listed)
+    want, got = _encode_group(spec, group(listed)), _encode_group(spec, group(packed))
+    assert [(k, bytes(memoryview(v).cast("B"))) for k, v in got.arrays] == \
+        [(k, bytes(memoryview(v).cast("B"))) for k, v in want.arrays]
+    assert got.ids == want.ids and got.aliases == want.aliases and got.nbytes == want.nbytes
 
 
 # ----------------------------------------------------------------------------- CommitRows
@@ -87,7 +144,7 @@ def test_each_part_gets_its_rows_in_the_batch_order_with_their_columns(count):
     vectors = np.arange(n * 4, dtype=np.float32).reshape(n, 4)
     per_token = [np.full((1 + i % 3, 4), i, np.float32) for i in range(n)]
     keys = ([bytes([i % 256]) * 16 for i in range(n)],
-            [bytes([(i + 7) % 256]) * 16 for i in range(n)])
+            Packed16(b"".join(bytes([(i + 7) % 256]) * 16 for i in range(n))))
     ids = [tuple(f"id{i}_{j}" for j in range(1 + i % 2)) for i in range(n)]
     rows = CommitRows(digests, ids, {OUT: vectors, TOKENS: per_token}, keys)
     owners = parts_of(digests, count).tolist()
@@ -101,6 +158,7 @@ def test_each_part_gets_its_rows_in_the_batch_order_with_their_columns(count):
         (part,) = share
         assert list(part.seq_digests) == [digests[i] for i in want]  # the batch's order
         assert list(part.record_ids) == [ids[i] for i in want]
+        assert [type(k) for k in part.embedding_keys] == [list, Packed16]  # as they came
         assert [list(k) for k in part.embedding_keys] == [[k[i] for i in want] for k in keys]
         assert np.array_equal(np.asarray(part.vectors[OUT]), vectors[want])
         assert [a is per_token[i] for a, i in zip(part.vectors[TOKENS], want)] == [True] * len(want)
