@@ -20,7 +20,11 @@ from gpuengine.store.commit_group import CommitEntry, CommitRows, _encode_group
 from gpuengine.store.group_frames import decode_group, encode_group, split_payload
 from gpuengine.store.parts import parts_of
 from gpuengine.store.schema import ModelIdentity, OutputSpec, TableSpec
-from gpuengine.writer_parts import split_group
+from gpuengine.committer import CommitCounts
+from gpuengine.ledger import Ledger
+from gpuengine.store.reader import EmbeddingStore
+from gpuengine.store.writer import StoreWriter
+from gpuengine.writer_parts import PartedCommitter, _PartCommits, split_group
 
 OUT = OutputSpec(6, "mean")
 TOKENS = OutputSpec(6, "per-token")
@@ -195,3 +199,80 @@ def test_write_all_writes_every_buffer_in_order_through_a_small_pipe():
         reader.join()
         os.close(read_fd)
     assert len(want) > 1 << 20 and bytes(got) == want
+
+
+# ----------------------------------------------------------------------------- parted ledger
+
+
+class _FakePart:
+    """A part's writer that commits when told to (its snapshot counts what it committed)."""
+
+    def __init__(self) -> None:
+        self.shares: list = []
+        self.committed = 0
+
+    def put(self, share, extra_runs=None) -> None:
+        self.shares.append(share)
+
+    def snapshot(self) -> CommitCounts:
+        return CommitCounts(groups=self.committed)
+
+
+def _claimed(ledger: Ledger, digests: list[bytes]) -> list[tuple[str, ...]]:
+    ledger.claim_many([(d, d.hex()) for d in digests], lambda ds: [False] * len(ds))
+    return ledger.to_committing_many(digests)
+
+
+def test_a_parted_group_is_released_from_the_ledger_once_every_part_committed(tmp_path):
+    spec = TableSpec(name="default", model=MODEL, outputs=(OUT,), store_dtype="float32",
+                     dim=4, max_residues=1022)
+    ledger = Ledger()
+    parted = PartedCommitter([tmp_path / "a", tmp_path / "b"], spec, "run", ledger,
+                             map_sizes=[1 << 20, 1 << 20])
+    parted.writers = parts = [_FakePart(), _FakePart()]  # never started: no child
+    first, second = _digests(40)[:20], _digests(40)[20:]
+    for digests in (first, second):
+        ids = _claimed(ledger, digests)
+        parted.put([CommitRows(digests, ids, {OUT: np.zeros((20, 4), np.float32)})])
+    assert [len(p.shares) for p in parts] == [2, 2]
+    assert ledger._committing == set(first + second)
+    parts[0].committed = 2  # part 0 has both groups durable, part 1 none
+    assert parted.snapshot().groups == 0 and ledger._committing == set(first + second)
+    parts[1].committed = 1
+    assert parted.snapshot().groups == 1 and ledger._committing == set(second)
+    parts[1].committed = 2  # the acknowledgement path settles without a snapshot
+    _PartCommits(parted).committed(iter(()))
+    assert ledger._committing == set() and parted.snapshot().groups == 2
+
+
+def test_parted_writer_processes_release_every_digest_once_durable(tmp_path):
+    spec = TableSpec(name="default", model=MODEL, outputs=(OUT,), store_dtype="float32",
+                     dim=4, max_residues=1022)
+    paths = [tmp_path / "p0.lmdb", tmp_path / "p1.lmdb"]
+    for path in paths:
+        with StoreWriter(path) as writer:
+            writer.open_table(spec)
+            writer.begin_run("run", {"command": "test"})
+    ledger = Ledger()
+    parted = PartedCommitter(paths, spec, "run", ledger, map_sizes=[1 << 24, 1 << 24])
+    digests = _digests(300)
+    try:
+        parted.start()
+        for at in range(0, 300, 60):
+            batch = digests[at:at + 60]
+            keys = (Packed16(b"".join(spec.embedding_key(OUT, d) for d in batch)),)
+            parted.put([CommitRows(batch, _claimed(ledger, batch),
+                                   {OUT: np.full((60, 4), at, np.float32)}, keys)])
+        parted.wait_idle()
+        assert parted.snapshot().groups == 5 and parted.error is None
+        assert ledger._committing == set()
+    finally:
+        parted.finish()
+    owners = parts_of(digests, 2).tolist()
+    for index, path in enumerate(paths):
+        with EmbeddingStore(path) as store:
+            assert sorted(store.ids()) == sorted(d.hex() for d, o in zip(digests, owners)
+                                                 if o == index)
+            for i, d in enumerate(digests):
+                if owners[i] == index:
+                    assert store[d.hex()].tolist() == [float(i - i % 60)] * 4

@@ -252,5 +252,10 @@ def partitions_of(digests: Sequence[bytes], count: int) -> np.ndarray:
     """:func:`partition_of` of many digests at once (an int64 array)."""
     if not digests:
         return np.zeros(0, dtype=np.int64)
-    low = np.frombuffer(b"".join(digests), dtype="<u8").reshape(len(digests), 2)[:, 0]
+    return packed_partitions_of(b"".join(digests), count)
+
+
+def packed_partitions_of(packed: bytes, count: int) -> np.ndarray:
+    """:func:`partitions_of` of digests packed in one ``bytes`` (16 bytes each)."""
+    low = np.frombuffer(packed, dtype="<u8").reshape(-1, 2)[:, 0]
     return (low % np.uint64(count)).astype(np.int64)

@@ -2,7 +2,8 @@
 
 A group is made of :class:`CommitEntry` (one sequence: an alias, or vectors in tests) and
 :class:`CommitRows` (a device batch's sequences, column-wise); :func:`group_counts`,
-:func:`group_nbytes` and :func:`embedded_digests` describe one without encoding it.
+:func:`group_nbytes`, :func:`embedded_digests` and :func:`embedded_digest_lists` describe one
+without encoding it.
 :func:`_encode_group` validates and encodes a group into sorted key/value lists outside any
 transaction (pure: no store access), so :meth:`~gpuengine.store.writer.StoreWriter.commit`
 only writes them. The writer (:mod:`gpuengine.store.writer`) re-exports the public names.
@@ -113,6 +114,14 @@ def embedded_digests(group: Sequence[CommitPart]) -> list[bytes]:
         elif part.vectors is not None:
             out.append(part.seq_digest)
     return out
+
+
+def embedded_digest_lists(group: Sequence[CommitPart]) -> list[Sequence[bytes]]:
+    """:func:`embedded_digests` as the group's own digest columns (one per part with vectors),
+    chained by whoever reads them: no step per digest now (the store writer process keeps
+    them until its commit is durable)."""
+    return [part.seq_digests if type(part) is CommitRows else (part.seq_digest,)
+            for part in group if type(part) is CommitRows or part.vectors is not None]
 
 
 def group_nbytes(group: Sequence[CommitPart]) -> int:
