@@ -432,8 +432,10 @@ class _Run:
                 ids = self.ledger.to_committing_many(digests)
                 if self.parts is not None:
                     self.parts.committed(ids)
-                self.group.append(CommitRows(digests, ids, {o: vectors[o] for o in self.spec.outputs},
-                                             key_columns(items)))
+                rows = CommitRows(digests, ids, {o: vectors[o] for o in self.spec.outputs},
+                                  key_columns(items))
+                rows.packed_digests()  # now, while the digests are in the cache
+                self.group.append(rows)
                 self.group_rows += len(digests)
         elif outcome.kind == "oom":
             for item in self.scheduler.out_of_memory(batch.batch_id):

@@ -55,10 +55,9 @@ def _split_rows(rows: CommitRows, count: int, out: list[list[CommitPart]]) -> No
     are packed (:class:`~gpuengine.store.codec.Packed16`): its writer process sends them as
     they are, and the ledger hears of them from the whole group's digests
     (:meth:`PartedCommitter._settle`)."""
-    digests = rows.seq_digests
-    if not len(digests):
+    if not len(rows):
         return
-    packed = digests.data if type(digests) is Packed16 else b"".join(digests)
+    packed = rows.packed_digests()
     owners = packed_partitions_of(packed, count)
     first = int(owners[0])
     if (owners == first).all():  # one part holds the whole batch: as it is

@@ -138,6 +138,16 @@ def test_commit_rows_refuse_columns_of_other_lengths_and_a_row_without_ids():
         CommitRows(digests, [("a",), (), ("c",)], {OUT: np.zeros((3, 4))})
 
 
+def test_packed_digests_are_the_digests_joined_once():
+    digests = _digests(5)
+    rows = CommitRows(digests, [(f"id{i}",) for i in range(5)], {OUT: np.zeros((5, 4))})
+    packed = rows.packed_digests()
+    assert packed == b"".join(digests) and rows.packed_digests() is packed
+    assert rows == CommitRows(digests, [(f"id{i}",) for i in range(5)], rows.vectors)
+    cut = CommitRows.of_checked(Packed16(packed)[1:3], rows.record_ids[1:3], {OUT: []})
+    assert cut.packed_digests() == b"".join(digests[1:3]) and len(cut) == 2
+
+
 # ----------------------------------------------------------------------------- part split
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from gpuengine.errors import InternalError
 from gpuengine.store import codec
+from gpuengine.store.codec import Packed16
 from gpuengine.store.schema import (
     OutputSpec,
     TableSpec,
@@ -99,6 +100,18 @@ class CommitRows:
 
     def __len__(self) -> int:
         return len(self.seq_digests)
+
+    def packed_digests(self) -> bytes:
+        """The digests packed in one ``bytes`` (16 each), made once and kept: the part split
+        and the writer process's frame read them. The engine loop asks as it makes the rows,
+        while the digests are still in the processor's cache (made later, when a group is
+        handed over, the same join waits on memory for every digest)."""
+        packed = self.__dict__.get("_packed")
+        if packed is None:
+            digests = self.seq_digests
+            packed = digests.data if type(digests) is Packed16 else b"".join(digests)
+            object.__setattr__(self, "_packed", packed)
+        return packed
 
 
 CommitPart = CommitEntry | CommitRows

@@ -100,7 +100,7 @@ def _rows_part(rows: CommitRows, blobs: _Blobs) -> dict:
     n = len(rows)
     flat = list(chain.from_iterable(rows.record_ids))
     keys = rows.embedding_keys
-    return {"k": "rows", "n": n, "digests": blobs.add(b"".join(rows.seq_digests)),
+    return {"k": "rows", "n": n, "digests": blobs.add(rows.packed_digests()),
             "ids": _ids(flat, blobs), "counts": _counts(rows.record_ids, len(flat), blobs),
             "keys": [blobs.add(_packed(k)) for k in keys] if keys else None,
             "vectors": [[getattr(o, "label", repr(o)), _vectors(v, blobs)]
