@@ -19,6 +19,10 @@ Policy, in order:
 5. A lost device's in-flight batches go back to the retry queue for the other devices; the
    lost device gets no more work.
 
+Waiting devices are woken one at a time: new work wakes one, and a device that takes a batch
+and leaves work behind wakes the next (a baton), so a submit costs one wake-up, not one per
+device; retries, a lost device and the end of the run wake them all.
+
 Every item is in exactly one of intake, ready, retry, in flight, done or failed, so nothing is
 lost or duplicated whatever order the reports come in.
 """
@@ -96,7 +100,7 @@ class Scheduler:
             self.stats.submitted += len(items)
             if len(self._intake) >= self._window:
                 self._flush_intake()
-            self._cv.notify_all()
+            self._cv.notify()  # one waiter; a device that takes work passes the baton on
 
     def close(self) -> None:
         """No more input will come."""
@@ -131,6 +135,8 @@ class Scheduler:
             retry = self._take(device, budget, padded)
             if retry is None:
                 return None
+            if self._has_work() or self._intake:
+                self._cv.notify()  # the baton: another waiting device may take the rest
             batch_id = self._next_id
             self._next_id += 1
             self._in_flight[batch_id] = (device, retry)
@@ -174,7 +180,8 @@ class Scheduler:
         with self._cv:
             device, retry = self._in_flight.pop(batch_id)
             self.stats.completed += len(retry.items)
-            self._cv.notify_all()
+            if self.finished_locked():
+                self._cv.notify_all()
             return ScheduledBatch(batch_id, device, retry.items, retry.attempt)
 
     def out_of_memory(self, batch_id: int) -> tuple[WorkItem, ...]:
