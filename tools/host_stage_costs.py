@@ -43,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import NoopRunner  # noqa: E402
+from bench_common import NoopRunner, ResultsLog, add_commit_option  # noqa: E402
 from gpuengine import inputs  # noqa: E402
 from gpuengine.committer import Committer  # noqa: E402
 from gpuengine.engine import _Run, relaxed_collector  # noqa: E402
@@ -155,6 +155,10 @@ def main() -> None:
                     help="part stores (embed --writers N): N > 1 times the engine's split of "
                          "each group by part (stage 'part split', writer_parts.split_group) "
                          "and the writer-process engine side sends each part's share")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="also append the row to this results.jsonl (system "
+                         "gpuengine-host-stages)")
+    add_commit_option(ap)
     ap.add_argument("--store", type=Path, default=Path("/tmp/gpuengine-stage-costs/store.lmdb"))
     args = ap.parse_args()
     dim = 768 if args.kind == "dna" else 1280
@@ -215,8 +219,14 @@ def main() -> None:
             + per_read.get("part split", 0.0), 2)
         per_read["writer_process_child"] = round(
             per_read["writer process: child decode"] + per_read["committer"], 2)
-    print(json.dumps({"kind": args.kind, "reads": len(seqs), "devices": args.devices,
-                      "budget": args.budget, "writers": args.writers, "us_per_read": per_read}))
+    row = {"kind": args.kind, "reads": len(seqs), "devices": args.devices,
+           "budget": args.budget, "writers": args.writers, "us_per_read": per_read}
+    if args.out is not None:
+        row = ResultsLog(args.out, args.commit, __file__).append(
+            system="gpuengine-host-stages", workload=f"{args.kind}-stages", **row,
+            note="CPU µs per read of each stage of the engine's process, one thread "
+                 "(time.thread_time); no-op devices")
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":
