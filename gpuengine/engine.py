@@ -58,6 +58,7 @@ from gpuengine.inputs import (INPUT_PROCESS_MIN_RECORDS, ChunkReader, RecordSour
                               validated_fasta)
 from gpuengine.ledger import Ledger
 from gpuengine.models.registry import Weights
+from gpuengine.packing import WorkItem
 from gpuengine.planner import Planner
 from gpuengine.progress import DeviceProgress, NullProgress, ProgressSink, ProgressSnapshot
 from gpuengine.replicas import (MemoryTelemetry, ModelChoice, ReplicaPool, RunnerFactory,
@@ -67,6 +68,8 @@ from gpuengine.run_parts import INPUT_COUNTS, PartCompletion, PartLookup, PartTr
 from gpuengine.run_store import RunStore, table_spec
 from gpuengine.run_summary import RunSummary  # also imported from here by callers
 from gpuengine.scheduler import Scheduler
+from gpuengine.store import codec
+from gpuengine.store.codec import Packed16
 from gpuengine.store.schema import TableSpec
 from gpuengine.store.writer import (CommitEntry, CommitPart, CommitRows, CompletionRecords,
                                     group_counts)
@@ -429,9 +432,10 @@ class _Run:
                 ids = self.ledger.to_committing_many(digests)
                 if self.parts is not None:
                     self.parts.committed(ids)
-                keys = list(map(_keys, items))  # per item, its embedding key per output
-                self.group.append(CommitRows(digests, ids, {o: vectors[o] for o in self.spec.outputs},
-                                             tuple(zip(*keys)) if all(keys) else ()))
+                rows = CommitRows(digests, ids, {o: vectors[o] for o in self.spec.outputs},
+                                  key_columns(items))
+                rows.packed_digests()  # now, while the digests are in the cache
+                self.group.append(rows)
                 self.group_rows += len(digests)
         elif outcome.kind == "oom":
             for item in self.scheduler.out_of_memory(batch.batch_id):
@@ -553,6 +557,24 @@ class _Run:
         s.embed_seconds = seconds
         s.residues = planner.counts.residues_new
         s.devices = device_rows(workers, seconds)
+
+
+def key_columns(items: Sequence[WorkItem]) -> tuple[Packed16, ...]:
+    """The embedding keys the input side computed for a batch's items, column-wise: per
+    output, each item's key, packed (:attr:`CommitRows.embedding_keys`: the part split and
+    the writer process's frame take them as they are); () when an item has none (the writer
+    computes them then). One pass over the items per output, no step per item in the
+    interpreter."""
+    if not items:
+        return ()
+    try:
+        columns = tuple(b"".join(map(operator.itemgetter(j), map(_keys, items)))
+                        for j in range(len(items[0].keys)))
+    except IndexError:  # an item without keys (or fewer): as if none had any
+        return ()
+    if any(len(column) != codec.DIGEST_SIZE * len(items) for column in columns):
+        raise InternalError("a work item's embedding key is not 16 bytes")
+    return tuple(map(Packed16, columns))
 
 
 _digest, _keys = operator.attrgetter("digest"), operator.attrgetter("keys")

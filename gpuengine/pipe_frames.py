@@ -50,18 +50,29 @@ def write_frame(out: BinaryIO, tag: bytes, payload: bytes) -> None:
 
 
 def write_all(fd: int, buffers: Sequence) -> None:
-    """Write every buffer to a pipe (``os.writev`` releases the GIL; a pipe may take less)."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    views = [v for v in views if v.nbytes]
-    while views:
-        written = os.writev(fd, views[:512])
+    """Write every buffer to a pipe (``os.writev`` releases the GIL; a pipe may take less).
+    The buffers go as they are (no copy); after a short write the next call starts at the
+    first byte not written (a step per buffer written, never a shift of the list)."""
+    views = [v for v in map(_byte_view, buffers) if v.nbytes]
+    first, end = 0, len(views)
+    while first < end:
+        written = os.writev(fd, views[first:first + _IOV_MAX])
         while written:
-            if written >= views[0].nbytes:
-                written -= views[0].nbytes
-                views.pop(0)
+            size = views[first].nbytes
+            if written >= size:
+                written -= size
+                first += 1
             else:
-                views[0] = views[0][written:]
+                views[first] = views[first][written:]
                 written = 0
+
+
+_IOV_MAX = 512
+"""Buffers one ``writev`` takes at most (Linux's limit is 1024)."""
+
+
+def _byte_view(buffer) -> memoryview:
+    return memoryview(buffer).cast("B")
 
 
 def read_exact(fh: BinaryIO, size: int) -> bytearray | None:

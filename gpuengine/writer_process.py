@@ -41,14 +41,15 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import BinaryIO
+from itertools import chain
+from typing import BinaryIO, Sequence
 
 from gpuengine.committer import MAX_TRANSACTION_BYTES, CommitCounts
 from gpuengine.errors import GpuEngineError, InternalError, StoreError
 from gpuengine.pipe_frames import (GPUENGINE_ERRORS, child_streams, close_pipes, error_from,
                                    error_payload, frame, how_it_ended, read_frame, start_child,
                                    write_all)
-from gpuengine.store.commit_group import CommitPart, embedded_digests
+from gpuengine.store.commit_group import CommitPart, embedded_digest_lists
 from gpuengine.store.schema import TableSpec
 
 _ACK = struct.Struct("<IQQd")  # groups, sequences, records, seconds
@@ -86,8 +87,9 @@ class CommitterProcess:
         """Groups handed in (engine thread)."""
         self._done = 0
         """Groups committed or dropped."""
-        self._sent: deque[list[bytes]] = deque()
-        """Per group sent and not yet acknowledged, its embedded digests."""
+        self._sent: deque[list[Sequence[bytes]]] = deque()
+        """Per group sent and not yet acknowledged, its embedded digests (its digest columns:
+        :func:`~gpuengine.store.commit_group.embedded_digest_lists`)."""
         self._closing = False
         self._finished = False
         self.proc: subprocess.Popen | None = None
@@ -170,7 +172,7 @@ class CommitterProcess:
                     self._settle(1)
                     continue
                 with self._lock:
-                    self._sent.append(embedded_digests(group))
+                    self._sent.append(embedded_digest_lists(group))
                 try:
                     write_all(fd, frame(b"GRUP", buffers))
                 except OSError:  # the child is gone: the acknowledgement thread says how
@@ -202,16 +204,16 @@ class CommitterProcess:
             self._fail(self._died())
 
     def _acknowledged(self, groups: int, sequences: int, records: int, seconds: float) -> None:
-        digests: list[bytes] = []
+        columns: list[Sequence[bytes]] = []
         with self._lock:
             for _ in range(groups):
-                digests.extend(self._sent.popleft())
+                columns.extend(self._sent.popleft())
             self.counts.transactions += 1
             self.counts.groups += groups
             self.counts.sequences += sequences
             self.counts.records += records
             self.counts.busy_seconds += seconds
-        self.ledger.committed(digests)
+        self.ledger.committed(chain.from_iterable(columns))
         self._settle(groups)
 
     def _settle(self, groups: int) -> None:

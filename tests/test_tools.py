@@ -163,6 +163,23 @@ def test_host_stage_costs(tool, monkeypatch, tmp_path, capsys):
     assert all(v > 0 for v in stages.values()) and not (tmp_path / "s.lmdb").exists()
 
 
+def test_host_stage_costs_times_the_part_split_and_writes_its_row(tool, monkeypatch, tmp_path,
+                                                                    capsys):
+    """``--writers 2``: the engine's split of each group by part is a stage of its own and
+    counts in the engine's total; ``--out`` appends the printed row."""
+    out = tmp_path / "results.jsonl"
+    _run(tool("host_stage_costs"), monkeypatch, "--kind", "esm", "--reads", "3000",
+         "--writers", "2", "--store", str(tmp_path / "s.lmdb"), "--out", str(out))
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [row]
+    assert row["writers"] == 2 and row["system"] == "gpuengine-host-stages"
+    stages = row["us_per_read"]
+    assert stages["part split"] > 0
+    assert stages["engine_total_writer_process"] == pytest.approx(
+        stages["total"] - stages["committer"] + stages["writer process: engine side"]
+        + stages["part split"], abs=0.02)
+
+
 @pytest.mark.slow
 def test_host_pipeline_dna(tool, monkeypatch, tmp_path):
     """``bench_host_dna.py`` on 300 reads: all committed, one row as before."""

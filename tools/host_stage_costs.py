@@ -16,11 +16,14 @@ timed once more on its own. With the writer process (``gpuengine.writer_process`
 code has it) the engine's process does instead what its sender thread does: a group to frame
 buffers (``encode_group``) written down a pipe (a thread drains it, untimed), and the child
 decodes the frame (``decode_group``) and commits: ``engine_total_writer_process`` and
-``writer_process_child`` sum those. It prints one JSON row: µs per read per stage (CPU time,
+``writer_process_child`` sum those. ``--writers N`` (N > 1, ``embed --writers``) adds the
+engine's split of each group by part store (``part split``; counted in
+``engine_total_writer_process``), and the engine side sends each part's share. It prints one JSON row: µs per read per stage (CPU time,
 so the LMDB part counts the kernel's copying of pages, not the wait for the disk).
 
     python tools/host_stage_costs.py --kind dna --reads 200000
     python tools/host_stage_costs.py --kind esm --reads 200000   # 650M dims (1280)
+    python tools/host_stage_costs.py --kind dna --reads 200000 --budget 65536 --writers 2
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import NoopRunner  # noqa: E402
+from bench_common import NoopRunner, ResultsLog, add_commit_option  # noqa: E402
 from gpuengine import inputs  # noqa: E402
 from gpuengine.committer import Committer  # noqa: E402
 from gpuengine.engine import _Run, relaxed_collector  # noqa: E402
@@ -82,6 +85,13 @@ def _frames(seqs: list[str], tokenizer, prefixes: list[bytes]) -> list[bytearray
         chunk = inputs.prepare_lists(ids, part, tokenizer, None, None, **extra)
         frames.append(bytearray(b"".join(bytes(p) for p in inputs.encode_chunk(chunk)[1:])))
     return frames
+
+
+def split_group(group, count):
+    """The engine's split of a group by part store (``--writers N``), where the code has it."""
+    from gpuengine.writer_parts import split_group as split
+
+    return split(group, count)
 
 
 def _pipe_sender():
@@ -141,6 +151,14 @@ def main() -> None:
                          "the CPU default, for dna; 65536 for esm)")
     ap.add_argument("--store-dtype", default="float32", choices=("float32", "float16"))
     ap.add_argument("--commit-every", type=int, default=8192)
+    ap.add_argument("--writers", type=int, default=1,
+                    help="part stores (embed --writers N): N > 1 times the engine's split of "
+                         "each group by part (stage 'part split', writer_parts.split_group) "
+                         "and the writer-process engine side sends each part's share")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="also append the row to this results.jsonl (system "
+                         "gpuengine-host-stages)")
+    add_commit_option(ap)
     ap.add_argument("--store", type=Path, default=Path("/tmp/gpuengine-stage-costs/store.lmdb"))
     args = ap.parse_args()
     dim = 768 if args.kind == "dna" else 1280
@@ -176,8 +194,13 @@ def main() -> None:
                        BatchOutcome("ok", batch.device, batch, result))
             if loop.group_rows >= args.commit_every or scheduler.finished:
                 clock.time("(of which encoding)", writer_module._encode_group, spec, loop.group)
+                shares = [loop.group]
+                if args.writers > 1:
+                    shares = [share for share in clock.time("part split", split_group,
+                                                            loop.group, args.writers) if share]
                 if send is not None:
-                    clock.time("writer process: engine side", send, loop.group)
+                    for share in shares:
+                        clock.time("writer process: engine side", send, share)
                     clock.time("writer process: child decode", _decode(loop.group, spec))
                 clock.time("committer", committer._commit, loop.group, None, 1)
                 loop.group, loop.group_rows = [], 0
@@ -188,15 +211,22 @@ def main() -> None:
         assert committer.counts.records == len(seqs), committer.counts
     shutil.rmtree(args.store, ignore_errors=True)
     per_read = {stage: round(1e6 * s / len(seqs), 2) for stage, s in clock.seconds.items()}
-    engine = [k for k in per_read if not k.startswith(("(", "writer process"))]
+    engine = [k for k in per_read if not k.startswith(("(", "writer process", "part split"))]
     per_read["total"] = round(sum(per_read[k] for k in engine), 2)
     if send is not None:
         per_read["engine_total_writer_process"] = round(
-            per_read["total"] - per_read["committer"] + per_read["writer process: engine side"], 2)
+            per_read["total"] - per_read["committer"] + per_read["writer process: engine side"]
+            + per_read.get("part split", 0.0), 2)
         per_read["writer_process_child"] = round(
             per_read["writer process: child decode"] + per_read["committer"], 2)
-    print(json.dumps({"kind": args.kind, "reads": len(seqs), "devices": args.devices,
-                      "budget": args.budget, "us_per_read": per_read}))
+    row = {"kind": args.kind, "reads": len(seqs), "devices": args.devices,
+           "budget": args.budget, "writers": args.writers, "us_per_read": per_read}
+    if args.out is not None:
+        row = ResultsLog(args.out, args.commit, __file__).append(
+            system="gpuengine-host-stages", workload=f"{args.kind}-stages", **row,
+            note="CPU µs per read of each stage of the engine's process, one thread "
+                 "(time.thread_time); no-op devices")
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":

@@ -181,6 +181,65 @@ def decode_array(
     return flat.reshape(rows, dim) if per_token else flat
 
 
+class Packed16(Sequence[bytes]):
+    """``n`` 16-byte values (a batch's embedding keys) as one ``bytes`` of ``16 n``: built,
+    split by part (:meth:`take`) and written down a pipe with no object per value. Indexing
+    and iterating give the values as ``bytes``, as a list of them would (:meth:`unpacked`
+    makes that list in C, for the writer's own encoder)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        if type(data) is not bytes or len(data) % DIGEST_SIZE:
+            raise ValueError(f"Packed16 holds a multiple of {DIGEST_SIZE} bytes, got "
+                             f"{type(data).__name__} of {len(data)}")
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data) // DIGEST_SIZE
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return Packed16(self.data[start * DIGEST_SIZE:max(start, stop) * DIGEST_SIZE])
+            return Packed16(b"".join(self.unpacked()[index]))
+        at = index + len(self) if index < 0 else index
+        if not 0 <= at < len(self):
+            raise IndexError("Packed16 index out of range")
+        return self.data[at * DIGEST_SIZE:(at + 1) * DIGEST_SIZE]
+
+    def __iter__(self):
+        return iter(self.unpacked())
+
+    def __eq__(self, other) -> bool:
+        if type(other) is Packed16:
+            return self.data == other.data
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Packed16({len(self)} values)"
+
+    def unpacked(self) -> list[bytes]:
+        """The values as a list of ``bytes`` (numpy: no interpreter step per value)."""
+        return np.frombuffer(self.data, _V16).tolist()
+
+    def take(self, rows: np.ndarray) -> Packed16:
+        """The values of ``rows`` (an index array), in that order."""
+        return Packed16(np.frombuffer(self.data, _V16)[rows].tobytes())
+
+
+_V16 = np.dtype("V16")
+
+
+def unpack16(data) -> list[bytes]:
+    """16-byte values packed in ``data`` (bytes-like, a multiple of 16 bytes) as a list of
+    ``bytes``, with no interpreter step per value."""
+    return np.frombuffer(data, _V16).tolist()
+
+
 def partition_of(digest: bytes, count: int) -> int:
     """The partition (0..count-1) of a 16-byte sequence digest among ``count``: its first 8
     bytes read as a little-endian unsigned integer, modulo ``count``. The one definition of
@@ -193,5 +252,10 @@ def partitions_of(digests: Sequence[bytes], count: int) -> np.ndarray:
     """:func:`partition_of` of many digests at once (an int64 array)."""
     if not digests:
         return np.zeros(0, dtype=np.int64)
-    low = np.frombuffer(b"".join(digests), dtype="<u8").reshape(len(digests), 2)[:, 0]
+    return packed_partitions_of(b"".join(digests), count)
+
+
+def packed_partitions_of(packed: bytes, count: int) -> np.ndarray:
+    """:func:`partitions_of` of digests packed in one ``bytes`` (16 bytes each)."""
+    low = np.frombuffer(packed, dtype="<u8").reshape(-1, 2)[:, 0]
     return (low % np.uint64(count)).astype(np.int64)

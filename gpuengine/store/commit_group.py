@@ -2,7 +2,8 @@
 
 A group is made of :class:`CommitEntry` (one sequence: an alias, or vectors in tests) and
 :class:`CommitRows` (a device batch's sequences, column-wise); :func:`group_counts`,
-:func:`group_nbytes` and :func:`embedded_digests` describe one without encoding it.
+:func:`group_nbytes`, :func:`embedded_digests` and :func:`embedded_digest_lists` describe one
+without encoding it.
 :func:`_encode_group` validates and encodes a group into sorted key/value lists outside any
 transaction (pure: no store access), so :meth:`~gpuengine.store.writer.StoreWriter.commit`
 only writes them. The writer (:mod:`gpuengine.store.writer`) re-exports the public names.
@@ -20,6 +21,7 @@ import numpy as np
 
 from gpuengine.errors import InternalError
 from gpuengine.store import codec
+from gpuengine.store.codec import Packed16
 from gpuengine.store.schema import (
     OutputSpec,
     TableSpec,
@@ -75,14 +77,41 @@ class CommitRows:
             raise InternalError(
                 f"CommitRows: {n} digests, {len(self.record_ids)} id tuples and vectors of "
                 f"{[len(v) for v in self.vectors.values()]} rows must all be as many")
-        if n and not (set(map(type, self.seq_digests)) == {bytes}  # no step per row
-                      and set(map(len, self.seq_digests)) == {codec.DIGEST_SIZE}):
+        digests = self.seq_digests  # checked with no step per row in the interpreter
+        if n and not (list(map(type, digests)).count(bytes) == n
+                      and list(map(len, digests)).count(codec.DIGEST_SIZE) == n):
             raise InternalError("CommitRows.seq_digests must all be 16-byte digests")
         if not all(self.record_ids):
             raise InternalError("CommitRows: a row names no record id")
 
+    @classmethod
+    def of_checked(cls, seq_digests: Sequence[bytes], record_ids: Sequence[tuple[str, ...]],
+                   vectors: Mapping[OutputSpec, Sequence[np.ndarray]],
+                   embedding_keys: Sequence[Sequence[bytes]] = ()) -> CommitRows:
+        """Rows taken from rows already checked (a subset of a :class:`CommitRows`, as
+        :func:`~gpuengine.writer_parts.split_group` cuts them): the same object without the
+        checks again (the caller keeps every column as long as the digests)."""
+        rows = object.__new__(cls)
+        object.__setattr__(rows, "seq_digests", seq_digests)
+        object.__setattr__(rows, "record_ids", record_ids)
+        object.__setattr__(rows, "vectors", vectors)
+        object.__setattr__(rows, "embedding_keys", embedding_keys)
+        return rows
+
     def __len__(self) -> int:
         return len(self.seq_digests)
+
+    def packed_digests(self) -> bytes:
+        """The digests packed in one ``bytes`` (16 each), made once and kept: the part split
+        and the writer process's frame read them. The engine loop asks as it makes the rows,
+        while the digests are still in the processor's cache (made later, when a group is
+        handed over, the same join waits on memory for every digest)."""
+        packed = self.__dict__.get("_packed")
+        if packed is None:
+            digests = self.seq_digests
+            packed = digests.data if type(digests) is Packed16 else b"".join(digests)
+            object.__setattr__(self, "_packed", packed)
+        return packed
 
 
 CommitPart = CommitEntry | CommitRows
@@ -98,6 +127,14 @@ def embedded_digests(group: Sequence[CommitPart]) -> list[bytes]:
         elif part.vectors is not None:
             out.append(part.seq_digest)
     return out
+
+
+def embedded_digest_lists(group: Sequence[CommitPart]) -> list[Sequence[bytes]]:
+    """:func:`embedded_digests` as the group's own digest columns (one per part with vectors),
+    chained by whoever reads them: no step per digest now (the store writer process keeps
+    them until its commit is durable)."""
+    return [part.seq_digests if type(part) is CommitRows else (part.seq_digest,)
+            for part in group if type(part) is CommitRows or part.vectors is not None]
 
 
 def group_nbytes(group: Sequence[CommitPart]) -> int:

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gpuengine.errors import InternalError
+from gpuengine.store.codec import Packed16, unpack16
 from gpuengine.store.commit_group import CommitEntry, CommitPart, CommitRows, group_nbytes
 from gpuengine.store.schema import OutputSpec
 
@@ -99,11 +100,16 @@ def _rows_part(rows: CommitRows, blobs: _Blobs) -> dict:
     n = len(rows)
     flat = list(chain.from_iterable(rows.record_ids))
     keys = rows.embedding_keys
-    return {"k": "rows", "n": n, "digests": blobs.add(b"".join(rows.seq_digests)),
+    return {"k": "rows", "n": n, "digests": blobs.add(rows.packed_digests()),
             "ids": _ids(flat, blobs), "counts": _counts(rows.record_ids, len(flat), blobs),
-            "keys": [blobs.add(b"".join(k)) for k in keys] if keys else None,
+            "keys": [blobs.add(_packed(k)) for k in keys] if keys else None,
             "vectors": [[getattr(o, "label", repr(o)), _vectors(v, blobs)]
                         for o, v in rows.vectors.items()]}
+
+
+def _packed(values: Sequence[bytes]) -> bytes:
+    """16-byte values (a column of embedding keys) as one ``bytes``."""
+    return values.data if type(values) is Packed16 else b"".join(values)
 
 
 def _alias_part(entries: list[CommitEntry], blobs: _Blobs) -> dict:
@@ -151,8 +157,9 @@ def _at(blobs: memoryview, at: list[int]) -> memoryview:
 
 
 def _split16(blobs: memoryview, at: list[int]) -> list[bytes]:
-    data = bytes(_at(blobs, at))
-    return [data[i:i + 16] for i in range(0, len(data), 16)]
+    if at[1] % 16:
+        raise InternalError(f"a group frame's 16-byte column holds {at[1]} bytes")
+    return unpack16(_at(blobs, at))
 
 
 def _decode_ids(blobs: memoryview, part: dict) -> list[tuple[str, ...]]:
