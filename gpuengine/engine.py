@@ -80,6 +80,9 @@ from gpuengine.writer_process import CommitterProcess
 log = logging.getLogger(__name__)
 
 GROUP_SECONDS = 0.5
+COLLECT_SECONDS = 10.0
+"""While a run holds the cyclic collector paused (:func:`relaxed_collector` with 0), its loop
+runs a full collection this often (:func:`collect_if_due`)."""
 PROGRESS_SECONDS = 0.1
 """The loop shows progress at most this often (and once more at the end)."""
 
@@ -276,7 +279,7 @@ class _Run:
         planner_thread.start()
         self.planner_thread = planner_thread
         completed = False
-        with relaxed_collector():  # the loop allocates; see relaxed_collector
+        with relaxed_collector(0):  # paused; the loop collects every COLLECT_SECONDS
             try:
                 self._loop(workers, committer, planner)
                 completed = not self.summary.interrupted
@@ -375,6 +378,7 @@ class _Run:
     def _loop(self, workers: list[DeviceWorker], committer: Committer, planner: Planner) -> None:
         alive = {w.index for w in workers}
         planned = False
+        collected = time.monotonic()
         while True:
             try:
                 message = self.inbox.get(timeout=GROUP_SECONDS)
@@ -402,6 +406,7 @@ class _Run:
             if self.parts is not None:
                 self._announce_durable(committer)
             now = time.monotonic()
+            collected = collect_if_due(collected, now)
             if now - self.progress_shown >= PROGRESS_SECONDS:  # not per batch: it reads
                 self.progress_shown = now  # every worker's and the committer's counters
                 self._report_progress(workers, committer, planner)
@@ -591,6 +596,16 @@ class _EitherEvent:
         return self.first.is_set() or self.second.is_set()
 
 
+def collect_if_due(last: float, now: float) -> float:
+    """A full collection when the collector is paused (threshold 0: a run's
+    :func:`relaxed_collector`) and :data:`COLLECT_SECONDS` have passed since ``last``;
+    returns when the last collection was (``last`` or ``now``)."""
+    if gc.get_threshold()[0] != 0 or now - last < COLLECT_SECONDS:
+        return last
+    gc.collect()
+    return now
+
+
 _relaxed_lock = threading.Lock()
 _relaxed_users = 0
 _saved_threshold: tuple[int, ...] = ()
@@ -600,12 +615,17 @@ _saved_threshold: tuple[int, ...] = ()
 def relaxed_collector(young_threshold: int = 50_000):
     """Python's cyclic garbage collector, made to run less during the pipeline: objects alive
     before it (the model, the loaded inputs' bookkeeping) are frozen out of collections, and
-    the youngest generation is collected every ``young_threshold`` allocations instead of 700.
-    The pipeline allocates and frees millions of short-lived acyclic objects (records, id
-    arrays, commit rows) that reference counting frees anyway; with the defaults, collections
-    took about a quarter of the host pipeline's time (py-spy, ``tools/bench_esm.py --systems
-    host``). The settings are process-wide: the first of overlapping runs changes them and
-    the last one out restores them."""
+    the youngest generation is collected every ``young_threshold`` allocations instead of 700
+    (0: never by allocation count; the caller collects, as the engine loop does with
+    :func:`collect_if_due`). The pipeline allocates and frees millions of short-lived acyclic
+    objects (records, work items, commit rows) that reference counting frees anyway; with the
+    defaults, collections took about a quarter of the host pipeline's time (py-spy,
+    ``tools/bench_esm.py --systems host``), and with every 50 000 allocations still about a
+    tenth of the planner's (the scheduler's window of live work items scanned again and
+    again: ``tools/host_stage_costs.py`` planner 1.5 -> 1.14 µs a read paused, VM). A run
+    pauses it and collects every :data:`COLLECT_SECONDS` instead (a full collection of the
+    live work, tens of milliseconds). The settings are process-wide: the first of
+    overlapping runs changes them and the last one out restores them."""
     global _relaxed_users, _saved_threshold
     with _relaxed_lock:
         if _relaxed_users == 0:

@@ -171,7 +171,7 @@ def main() -> None:
     frames = _frames(seqs, tokenizer, [spec.embedding_key_prefix(output)])
     shutil.rmtree(args.store, ignore_errors=True)
     clock = _Clock()
-    with StoreWriter(args.store) as writer, relaxed_collector():  # as the engine's run
+    with StoreWriter(args.store) as writer, relaxed_collector(0):  # as the engine's run (paused; too short to reach its periodic collection)
         writer.open_table(spec)
         writer.begin_run("stage-costs", {})
         ledger, scheduler = Ledger(), Scheduler()
