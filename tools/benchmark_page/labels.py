@@ -57,7 +57,11 @@ RUN_LABEL = {"04ebd69": "run 1 (synchronous runner)", "249a66f": "run 2 (two-thr
              "58d11b2": "merge read-ahead by default",
              "6e62925": "host stage costs (VM)", "e06cec5": "serve R = 1; predict under py-spy (profile only)",
              "d1911a7": "serve R = 2, 4 after the telemetry fix; startup static vs dynamic flex",
-             "dbd2075": "predict 1 M fp8 285 s; host curve with the writer process"}
+             "dbd2075": "predict 1 M fp8 285 s; host curve with the writer process",
+             "3634f16": "DNA host diagnosis: 2 M reads; writers, input processes; A/B base",
+             "82ebe9b": "devices woken one at a time (A/B herd)",
+             "01e39e2": "per-read cuts in the engine's process (A/B); curve; 650M dims",
+             "cd846e6": "collector paused during a run (A/B)"}
 
 GOAL_DNA_PCT = 60.0       # issue 4: DNABERT-S at 60 % of its GEMM ceiling
 

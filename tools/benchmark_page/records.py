@@ -103,6 +103,8 @@ def host_setting(r) -> str:
         parts.append("input processes set")
     if r.get("profiled"):
         parts.append(f"under {r['profiled']} (sampling slows it)")
+    if "A/B" in r.get("note", "") and r.get("variant"):
+        parts.append(f"A/B: {r['variant']}")
     return ", ".join(parts) or "default"
 
 
