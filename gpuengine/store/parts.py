@@ -76,8 +76,12 @@ def recorded_parts(out: str | os.PathLike[str]) -> int | None:
         return None
     if (out / "data.mdb").exists():
         return 1
+    try:
+        entries = os.listdir(out)
+    except (FileNotFoundError, NotADirectoryError):  # gone since (another run's cleanup)
+        return None
     counts = set()
-    for entry in os.listdir(out):
+    for entry in entries:
         match = _PART.fullmatch(entry)
         if match:
             counts.add(int(match.group(2)))
