@@ -42,7 +42,6 @@ import contextlib
 import dataclasses
 import gc
 import logging
-import operator
 import queue
 import threading
 import time
@@ -58,7 +57,7 @@ from gpuengine.inputs import (INPUT_PROCESS_MIN_RECORDS, ChunkReader, RecordSour
                               validated_fasta)
 from gpuengine.ledger import Ledger
 from gpuengine.models.registry import Weights
-from gpuengine.packing import WorkItem
+from gpuengine.packing import ItemBlock, WorkItem
 from gpuengine.planner import Planner
 from gpuengine.progress import DeviceProgress, NullProgress, ProgressSink, ProgressSnapshot
 from gpuengine.replicas import (MemoryTelemetry, ModelChoice, ReplicaPool, RunnerFactory,
@@ -423,22 +422,22 @@ class _Run:
         if outcome.kind == "ok":
             self.scheduler.complete(batch.batch_id)
             result = outcome.result
-            items = batch.items
+            block = batch.block
             vectors = result.vectors
             if np.count_nonzero(result.finite) != len(result.finite):
                 rows = np.flatnonzero(result.finite).tolist()
                 for i in np.flatnonzero(~result.finite).tolist():
-                    self._fail(items[i].digest, "its embedding has non-finite values (overflow "
+                    self._fail(block.digests[i], "its embedding has non-finite values (overflow "
                                "at this precision); rerun it with --precision fp32")
-                items = [items[i] for i in rows]
+                block = block.take(rows)
                 vectors = {o: [v[i] for i in rows] for o, v in vectors.items()}
-            if items:
-                digests = list(map(_digest, items))
+            if len(block):
+                digests = block.digests
                 ids = self.ledger.to_committing_many(digests)
                 if self.parts is not None:
                     self.parts.committed(ids)
                 rows = CommitRows(digests, ids, {o: vectors[o] for o in self.spec.outputs},
-                                  key_columns(items))
+                                  key_columns(block))
                 rows.packed_digests()  # now, while the digests are in the cache
                 self.group.append(rows)
                 self.group_rows += len(digests)
@@ -564,25 +563,18 @@ class _Run:
         s.devices = device_rows(workers, seconds)
 
 
-def key_columns(items: Sequence[WorkItem]) -> tuple[Packed16, ...]:
+def key_columns(items: ItemBlock | Sequence[WorkItem]) -> tuple[Packed16, ...]:
     """The embedding keys the input side computed for a batch's items, column-wise: per
     output, each item's key, packed (:attr:`CommitRows.embedding_keys`: the part split and
     the writer process's frame take them as they are); () when an item has none (the writer
-    computes them then). One pass over the items per output, no step per item in the
-    interpreter."""
-    if not items:
+    computes them then). One join per output, no step per item in the interpreter."""
+    block = ItemBlock.of(items)
+    if not len(block):
         return ()
-    try:
-        columns = tuple(b"".join(map(operator.itemgetter(j), map(_keys, items)))
-                        for j in range(len(items[0].keys)))
-    except IndexError:  # an item without keys (or fewer): as if none had any
-        return ()
-    if any(len(column) != codec.DIGEST_SIZE * len(items) for column in columns):
+    columns = tuple(map(b"".join, block.keys))
+    if any(len(column) != codec.DIGEST_SIZE * len(block) for column in columns):
         raise InternalError("a work item's embedding key is not 16 bytes")
     return tuple(map(Packed16, columns))
-
-
-_digest, _keys = operator.attrgetter("digest"), operator.attrgetter("keys")
 
 
 class _EitherEvent:

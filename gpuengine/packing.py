@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections import namedtuple
 from itertools import repeat
-from typing import Iterable
+from operator import itemgetter
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -65,6 +66,111 @@ class WorkItem(namedtuple("WorkItem", "digest token_bytes residues n_tokens keys
     def __repr__(self) -> str:
         return (f"WorkItem(digest={self.digest.hex()}, n_tokens={self.n_tokens}, "
                 f"residues={self.residues})")
+
+
+_FIELDS = ("digests", "token_bytes", "residues", "n_tokens")
+
+
+class ItemBlock(Sequence[WorkItem]):
+    """Work items held column-wise: a list per field (``digests``, ``token_bytes``,
+    ``residues``, ``n_tokens``) and ``keys``, one list per output of each item's embedding key
+    (() when the items carry none). The planner makes one per chunk, the scheduler sorts,
+    cuts and splits them and a batch reaches the runner and the engine loop as one, all with
+    list operations in C: no object per item. Reading it as a sequence (an index, iteration)
+    gives :class:`WorkItem` objects, made on demand (tests, failures, the rare retry)."""
+
+    __slots__ = ("digests", "token_bytes", "residues", "n_tokens", "keys")
+
+    def __init__(self, digests: list[bytes], token_bytes: list[bytes], residues: list[int],
+                 n_tokens: list[int], keys: tuple[list[bytes], ...] = ()):
+        self.digests, self.token_bytes, self.residues = digests, token_bytes, residues
+        self.n_tokens, self.keys = n_tokens, keys
+
+    @classmethod
+    def of(cls, items: Iterable[WorkItem]) -> ItemBlock:
+        """``items`` as a block (a block as it is). Keys are kept only when every item has
+        the same number of them."""
+        if type(items) is ItemBlock:
+            return items
+        items = list(items)
+        if not items:
+            return cls([], [], [], [])
+        digests, token_bytes, residues, n_tokens, keys = map(list, zip(*items))
+        widths = set(map(len, keys))
+        columns = tuple(map(list, zip(*keys))) if len(widths) == 1 else ()
+        return cls(digests, token_bytes, residues, n_tokens, columns)
+
+    @classmethod
+    def concat(cls, blocks: Sequence[ItemBlock]) -> ItemBlock:
+        """One block of ``blocks`` in order (keys kept only when all have as many)."""
+        if len(blocks) == 1:
+            return blocks[0]
+        out = cls([], [], [], [], ())
+        for block in blocks:
+            out.extend(block)
+        return out
+
+    def extend(self, other: ItemBlock) -> None:
+        """``other``'s items at the back (in place; keys dropped unless both hold as many)."""
+        had = len(self.digests)
+        self.digests.extend(other.digests)
+        self.token_bytes.extend(other.token_bytes)
+        self.residues.extend(other.residues)
+        self.n_tokens.extend(other.n_tokens)
+        if not had and not self.keys:
+            self.keys = tuple(map(list, other.keys))
+        elif len(self.keys) == len(other.keys):
+            for mine, theirs in zip(self.keys, other.keys):
+                mine.extend(theirs)
+        else:
+            self.keys = ()
+
+    def take(self, order: list[int]) -> ItemBlock:
+        """The items at positions ``order``, in that order."""
+        if not order:
+            return ItemBlock([], [], [], [], tuple([] for _ in self.keys))
+        get = itemgetter(*order)
+        if len(order) == 1:
+            get = _one(get)
+        return ItemBlock(*(list(get(getattr(self, f))) for f in _FIELDS),
+                         tuple(list(get(column)) for column in self.keys))
+
+    def drop_front(self, n: int) -> None:
+        """Forget the first ``n`` items (in place)."""
+        for column in (self.digests, self.token_bytes, self.residues, self.n_tokens, *self.keys):
+            del column[:n]
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return ItemBlock(self.digests[index], self.token_bytes[index],
+                             self.residues[index], self.n_tokens[index],
+                             tuple(column[index] for column in self.keys))
+        return tuple.__new__(WorkItem, (self.digests[index], self.token_bytes[index],
+                                        self.residues[index], self.n_tokens[index],
+                                        tuple(column[index] for column in self.keys)))
+
+    def __iter__(self):
+        keys = zip(*self.keys) if self.keys else repeat(())
+        columns = zip(self.digests, self.token_bytes, self.residues, self.n_tokens, keys)
+        return map(tuple.__new__, repeat(WorkItem), columns)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, ItemBlock):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ItemBlock({len(self)} items, {sum(self.n_tokens)} tokens)"
+
+
+def _one(get):
+    """An itemgetter of one position made to answer a 1-tuple, as one of several does."""
+    return lambda values: (get(values),)
 
 
 def batch_cost(n_items: int, total_tokens: int, max_len: int, padded: bool) -> int:

@@ -5,7 +5,8 @@ The planner runs on its own thread. For every record it decides one of:
 * **stored** — the id is already in the table (an earlier or interrupted run): nothing to do;
 * **alias** — the same sequence is already stored, committing, or waiting under another id:
   the id is attached to it and is committed with (or after) it, computed once;
-* **new** — a :class:`~gpuengine.packing.WorkItem` for the scheduler.
+* **new** — a work item for the scheduler (a chunk's new items go as one
+  :class:`~gpuengine.packing.ItemBlock`).
 
 Whether a sequence is in flight is the :class:`~gpuengine.ledger.Ledger`'s to say; whether it
 is stored, the table's :class:`~gpuengine.store.lookup.TableLookup`'s.
@@ -20,7 +21,7 @@ import numpy as np
 
 from gpuengine.inputs import PreparedChunk, StopFlag
 from gpuengine.ledger import Ledger
-from gpuengine.packing import TOKEN_DTYPE, WorkItem
+from gpuengine.packing import TOKEN_DTYPE, ItemBlock
 from gpuengine.store.lookup import TableLookup
 
 
@@ -75,7 +76,7 @@ class Planner:
     ledger: Ledger
     lookup: TableLookup
     """The table the run adds to: which ids are stored, which sequences have embeddings."""
-    submit: Callable[[list[WorkItem], np.ndarray], None]
+    submit: Callable[[ItemBlock, np.ndarray], None]
     """New work items and their token counts (``Scheduler.submit``)."""
     alias: Callable[[list[tuple[bytes, str]]], None]
     """(digest, id) pairs to commit as aliases, in order after any vectors already queued."""
@@ -122,10 +123,11 @@ class Planner:
         self._hand_over(*self._items(chunk, rows, digests), aliases)
 
     def _items(self, chunk: PreparedChunk, rows: np.ndarray,
-               digests: list[bytes]) -> tuple[list[WorkItem], np.ndarray]:
-        """Work items of the chunk's records at ``rows`` (with their ``digests``) and their
-        token counts: slices of one ``bytes`` copy of the chunk's token buffer, built
-        column-wise (no interpreter work per field); counts their residues and tokens."""
+               digests: list[bytes]) -> tuple[ItemBlock, np.ndarray]:
+        """Work items of the chunk's records at ``rows`` (with their ``digests``), as one
+        block, and their token counts: slices of one ``bytes`` copy of the chunk's token
+        buffer, built column-wise (no interpreter work per item); counts their residues and
+        tokens."""
         ends = chunk.ends[rows]
         starts = ends - np.diff(chunk.ends, prepend=0)[rows]
         sizes, residues = ends - starts, chunk.residues[rows]
@@ -133,16 +135,17 @@ class Planner:
         self.counts.tokens_new += int(sizes.sum(dtype=np.int64))
         tokens = chunk.tokens.astype(TOKEN_DTYPE, copy=False).tobytes()
         width = TOKEN_DTYPE.itemsize
-        slices = map(tokens.__getitem__, map(slice, (starts * width).tolist(),
-                                             (ends * width).tolist()))
-        keys = None
-        if chunk.embedding_keys:  # per item, its key per output
+        slices = list(map(tokens.__getitem__, map(slice, (starts * width).tolist(),
+                                                  (ends * width).tolist())))
+        keys: tuple[list[bytes], ...] = ()
+        if chunk.embedding_keys:  # per output, each item's key
             if len(rows) == len(chunk.ids):
-                keys = zip(*chunk.embedding_keys)
+                keys = tuple(map(list, chunk.embedding_keys))
             else:
                 at = rows.tolist()
-                keys = zip(*(list(map(column.__getitem__, at)) for column in chunk.embedding_keys))
-        return WorkItem.many(digests, slices, residues.tolist(), sizes.tolist(), keys), sizes
+                keys = tuple(list(map(column.__getitem__, at)) for column in chunk.embedding_keys)
+        block = ItemBlock(list(digests), slices, residues.tolist(), sizes.tolist(), keys)
+        return block, sizes
 
     def _unstored(self, ids: Sequence[str]) -> Sequence[int]:
         """Positions of the records whose id the table does not hold yet (all of them on a
@@ -174,10 +177,10 @@ class Planner:
                     aliases.append((digests[j], ids[j]))
         return new, aliases
 
-    def _hand_over(self, items: list[WorkItem], n_tokens: np.ndarray,
+    def _hand_over(self, items: ItemBlock, n_tokens: np.ndarray,
                    aliases: list[tuple[bytes, str]]) -> None:
         """New work to the scheduler, then the aliases (which commit after it)."""
-        if items:
+        if len(items):
             self.counts.new += len(items)
             self.submit(items, n_tokens)
         if aliases:

@@ -19,7 +19,6 @@ On the CPU the same calls run synchronously. :meth:`Runner.embed` chains all thr
 from __future__ import annotations
 
 import itertools
-import operator
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from gpuengine.models.attention import PackedLayout, select_attention
-from gpuengine.packing import TOKEN_DTYPE, WorkItem
+from gpuengine.packing import TOKEN_DTYPE, ItemBlock, WorkItem
 from gpuengine.pooling import PoolingIndex, PoolingRule, pool
 from gpuengine.store.schema import OutputSpec
 from gpuengine.vocabulary import PRECISION_DTYPES
@@ -139,11 +138,12 @@ class Runner:
             self.model.set_kernels(self.kernels)
 
     # -- the three steps ------------------------------------------------------------------------
-    def stage(self, items: Sequence[WorkItem]) -> Staged:
-        lengths = np.fromiter(map(_n_tokens, items), dtype=np.int64, count=len(items))
+    def stage(self, items: ItemBlock | Sequence[WorkItem]) -> Staged:
+        block = ItemBlock.of(items)
+        lengths = np.asarray(block.n_tokens, dtype=np.int64)
         total = int(lengths.sum())
         ids = torch.empty(total, dtype=torch.int32, pin_memory=self.cuda)
-        ids.numpy()[:] = np.frombuffer(b"".join(map(_token_bytes, items)), TOKEN_DTYPE)
+        ids.numpy()[:] = np.frombuffer(b"".join(block.token_bytes), TOKEN_DTYPE)
         lens = torch.from_numpy(lengths)
         if not self.cuda:
             return Staged(items, ids, lens, lengths, total, int(lengths.max()), None)
@@ -246,6 +246,3 @@ class Runner:
         self.embed(items)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         return max(1, peak // sum(i.n_tokens for i in items))
-
-
-_n_tokens, _token_bytes = operator.attrgetter("n_tokens"), operator.attrgetter("token_bytes")

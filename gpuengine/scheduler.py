@@ -33,36 +33,42 @@ import threading
 from bisect import bisect_right
 from collections import deque
 from itertools import accumulate
-from operator import attrgetter, mul
+from operator import mul
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from gpuengine.packing import WorkItem, batch_cost
+from gpuengine.packing import ItemBlock, WorkItem, batch_cost
 
 
 @dataclass(frozen=True)
 class ScheduledBatch:
     batch_id: int
     device: int
-    items: tuple[WorkItem, ...]
+    block: ItemBlock
+    """The batch's items, column-wise (what the runner stages and the engine commits)."""
     attempt: int
     """0 for a first try; > 0 for a batch split after an out-of-memory error."""
 
     @cached_property
+    def items(self) -> tuple[WorkItem, ...]:
+        """The items one by one (made on demand: the hot path reads :attr:`block`)."""
+        return tuple(self.block)
+
+    @cached_property
     def n_tokens(self) -> int:
-        return sum(map(_n_tokens, self.items))
+        return sum(self.block.n_tokens)
 
     @cached_property
     def max_len(self) -> int:
-        return max(map(_n_tokens, self.items))
+        return max(self.block.n_tokens)
 
 
 @dataclass
 class _Retry:
-    items: tuple[WorkItem, ...]
+    items: ItemBlock
     attempt: int
     solo_failures: int = 0
     failed_on: frozenset[int] = frozenset()
@@ -86,7 +92,8 @@ class Scheduler:
         self._window = window
         self._max_solo = max_solo_attempts
         self._cv = threading.Condition()
-        self._intake: list[WorkItem] = []
+        self._intake: list[ItemBlock] = []
+        self._intake_count = 0
         self._intake_sizes: list[np.ndarray] = []
         """The intake's token counts, one array per submission."""
         self._ready = _Ready()
@@ -98,19 +105,21 @@ class Scheduler:
         self.stats = SchedulerStats()
 
     # -- input side ---------------------------------------------------------------------
-    def submit(self, items: Iterable[WorkItem], n_tokens: np.ndarray | None = None) -> None:
-        """Items for the intake window; ``n_tokens``, when the caller has them as an array,
-        their token counts (else read from the items)."""
-        items = list(items)
+    def submit(self, items: ItemBlock | Iterable[WorkItem],
+               n_tokens: np.ndarray | None = None) -> None:
+        """Items (a block, or work items) for the intake window; ``n_tokens``, when the
+        caller has them as an array, their token counts (else read from the items)."""
+        block = ItemBlock.of(items)
         if n_tokens is None:
-            n_tokens = np.fromiter(map(_n_tokens, items), np.int64, len(items))
-        elif len(n_tokens) != len(items):
-            raise ValueError(f"{len(items)} items with {len(n_tokens)} token counts")
+            n_tokens = np.asarray(block.n_tokens, np.int64)
+        elif len(n_tokens) != len(block):
+            raise ValueError(f"{len(block)} items with {len(n_tokens)} token counts")
         with self._cv:
-            self._intake.extend(items)
+            self._intake.append(block)
+            self._intake_count += len(block)
             self._intake_sizes.append(n_tokens)
-            self.stats.submitted += len(items)
-            if len(self._intake) >= self._window:
+            self.stats.submitted += len(block)
+            if self._intake_count >= self._window:
                 self._flush_intake()
             self._cv.notify()  # one waiter; a device that takes work passes the baton on
 
@@ -123,11 +132,11 @@ class Scheduler:
 
     def _flush_intake(self) -> None:
         """The intake, in a stable sort by token count, to the ready queue."""
-        if self._intake:
+        if self._intake_count:
             sizes = np.concatenate(self._intake_sizes)
             order = np.argsort(sizes, kind="stable")
-            self._ready.extend(list(map(self._intake.__getitem__, order.tolist())), sizes[order])
-            self._intake, self._intake_sizes = [], []
+            self._ready.extend(ItemBlock.concat(self._intake).take(order.tolist()), sizes[order])
+        self._intake, self._intake_sizes, self._intake_count = [], [], 0
 
     # -- device side ----------------------------------------------------------------------
     def next_batch(self, device: int, budget: int, *, padded: bool = False,
@@ -140,7 +149,7 @@ class Scheduler:
             if not self._has_work():
                 self._flush_intake()
             if timeout and not self._has_work_for(device) and not self.finished_locked():
-                self._cv.wait_for(lambda: self._has_work_for(device) or bool(self._intake)
+                self._cv.wait_for(lambda: self._has_work_for(device) or self._intake_count > 0
                                   or self.finished_locked() or device in self._lost, timeout)
                 if not self._has_work_for(device):
                     self._flush_intake()
@@ -149,7 +158,7 @@ class Scheduler:
             retry = self._take(device, budget, padded)
             if retry is None:
                 return None
-            if self._has_work() or self._intake:
+            if self._has_work() or self._intake_count:
                 self._cv.notify()  # the baton: another waiting device may take the rest
             batch_id = self._next_id
             self._next_id += 1
@@ -180,7 +189,7 @@ class Scheduler:
         if index is not None:
             retry = self._retry[index]
             del self._retry[index]
-            fits = _prefix_within(retry.items, budget, padded)
+            fits = _prefix_within(retry.items.n_tokens, budget, padded)
             if fits < len(retry.items):
                 self._retry.insert(index, _Retry(retry.items[fits:], retry.attempt))
                 retry = _Retry(retry.items[:fits], retry.attempt)
@@ -208,7 +217,7 @@ class Scheduler:
                 failed_on = retry.failed_on | {device}
                 tried_everywhere = self._live_devices() <= failed_on
                 if retry.solo_failures + 1 >= self._max_solo and tried_everywhere:
-                    given_up = items
+                    given_up = tuple(items)
                     self.stats.failed += 1
                 else:
                     self._retry.appendleft(_Retry(items, retry.attempt + 1,
@@ -227,7 +236,7 @@ class Scheduler:
             _, retry = self._in_flight.pop(batch_id)
             self.stats.failed += len(retry.items)
             self._cv.notify_all()
-            return retry.items
+            return tuple(retry.items)
 
     def device_lost(self, device: int) -> int:
         """Requeue every batch in flight on ``device``; returns how many items were requeued."""
@@ -245,7 +254,7 @@ class Scheduler:
 
     # -- state -----------------------------------------------------------------------------
     def _closed_and_drained(self) -> bool:
-        return self._closed and not self._intake and not self._ready and not self._retry
+        return self._closed and not self._intake_count and not self._ready and not self._retry
 
     def finished_locked(self) -> bool:
         return self._closed_and_drained() and not self._in_flight
@@ -259,69 +268,68 @@ class Scheduler:
         """Items not yet completed or failed (intake, ready, retry and in flight)."""
         with self._cv:
             flying = sum(len(r.items) for _, r in self._in_flight.values())
-            return len(self._intake) + len(self._ready) + sum(len(r.items) for r in self._retry) + flying
+            return self._intake_count + len(self._ready) + sum(len(r.items) for r in self._retry) + flying
 
     def in_flight(self, device: int | None = None) -> list[int]:
         with self._cv:
             return [bid for bid, (dev, _) in self._in_flight.items() if device is None or dev == device]
 
 
-_n_tokens = attrgetter("n_tokens")
-
-
 class _Ready:
-    """The ready queue: items in the order they are handed out, taken from the front by
-    :meth:`take` with the batch's cut found by a binary search in running token sums made
-    once per item when it arrives (C-level ``accumulate``), not a step per item (a list and
-    the position of its front, compacted as it is consumed)."""
+    """The ready queue: items in the order they are handed out (one :class:`ItemBlock`),
+    taken from the front by :meth:`take` with the batch's cut found by a binary search in
+    running token sums made once per item when it arrives (C-level ``cumsum``), not a step
+    per item (the block and the position of its front, compacted as it is consumed)."""
 
     _FIRST_LOOK = 256
     """Items looked at first when cutting a padded batch (doubled while they all fit)."""
 
     def __init__(self) -> None:
-        self._items: list[WorkItem] = []
+        self._block = ItemBlock([], [], [], [], ())
         self._before: list[int] = [0]
-        """Tokens of the items before each position (one more entry than ``_items``: the
+        """Tokens of the items before each position (one more entry than the block: the
         last is the total; counted from the start of the run, never rebased)."""
         self._head = 0
 
     def __len__(self) -> int:
-        return len(self._items) - self._head
+        return len(self._block) - self._head
 
     def __bool__(self) -> bool:
-        return self._head < len(self._items)
+        return self._head < len(self._block)
 
-    def extend(self, items: list[WorkItem], n_tokens: np.ndarray | None = None) -> None:
+    def extend(self, items: ItemBlock | Iterable[WorkItem],
+               n_tokens: np.ndarray | None = None) -> None:
         """``items`` at the back (``n_tokens``: their token counts, if the caller has them)."""
-        if self._head > 4096 and self._head * 2 > len(self._items):
-            del self._items[:self._head]
+        block = ItemBlock.of(items)
+        if self._head > 4096 and self._head * 2 > len(self._block):
+            self._block.drop_front(self._head)
             del self._before[:self._head]
             self._head = 0
-        self._items.extend(items)
+        self._block.extend(block)
         if n_tokens is None:
-            n_tokens = np.fromiter(map(_n_tokens, items), np.int64, len(items))
+            n_tokens = np.asarray(block.n_tokens, np.int64)
         before = np.cumsum(n_tokens, dtype=np.int64)
         before += self._before[-1]
         self._before.extend(before.tolist())
 
-    def take(self, budget: int, padded: bool) -> tuple[WorkItem, ...]:
+    def take(self, budget: int, padded: bool) -> ItemBlock:
         """The longest prefix whose :func:`batch_cost` fits ``budget`` (at least one item)."""
-        items, head = self._items, self._head
+        head = self._head
         if padded:
             fits = self._padded_fits(budget)
         else:  # the prefix of m items costs before[head + m] - before[head]
             before = self._before
             fits = max(1, bisect_right(before, before[head] + budget, head + 1) - head - 1)
         self._head = head + fits
-        return tuple(items[head:head + fits])
+        return self._block[head:head + fits]
 
     def _padded_fits(self, budget: int) -> int:
         """How many items from the front fit ``budget`` padded: N × the longest."""
-        items, head = self._items, self._head
-        look, end = self._FIRST_LOOK, len(items)
+        n_tokens, head = self._block.n_tokens, self._head
+        look, end = self._FIRST_LOOK, len(n_tokens)
         while True:
             stop = min(end, head + look)
-            sizes = list(map(_n_tokens, items[head:stop]))
+            sizes = n_tokens[head:stop]
             # batch_cost of each prefix, which only grows
             costs = list(map(mul, range(1, len(sizes) + 1), accumulate(sizes, max)))
             fits = max(1, bisect_right(costs, budget))
@@ -330,12 +338,12 @@ class _Ready:
             look *= 2
 
 
-def _prefix_within(items: Sequence[WorkItem], budget: int, padded: bool) -> int:
-    """How many leading items fit in ``budget`` (at least one)."""
+def _prefix_within(n_tokens: Sequence[int], budget: int, padded: bool) -> int:
+    """How many leading items (of these token counts) fit in ``budget`` (at least one)."""
     total = longest = 0
-    for count, item in enumerate(items, start=1):
-        total += item.n_tokens
-        longest = max(longest, item.n_tokens)
+    for count, size in enumerate(n_tokens, start=1):
+        total += size
+        longest = max(longest, size)
         if count > 1 and batch_cost(count, total, longest, padded) > budget:
             return count - 1
-    return len(items)
+    return len(n_tokens)

@@ -124,7 +124,7 @@ class DeviceWorker:
     def _launch(self, batch: ScheduledBatch):
         oom = False
         try:
-            launched = self.runner.launch(self.runner.stage(batch.items))
+            launched = self.runner.launch(self.runner.stage(batch.block))
             self.budget.launched(batch.n_tokens)  # in the allocator's peak from now on
             return launched
         except Exception as exc:
@@ -134,7 +134,7 @@ class DeviceWorker:
             oom = True  # recover below, once this frame's tensors are released
         if oom:
             self.stats.oom_events += 1
-            self.budget.after_oom(batch_cost(len(batch.items), batch.n_tokens, batch.max_len,
+            self.budget.after_oom(batch_cost(len(batch.block), batch.n_tokens, batch.max_len,
                                              self.runner.padded))
             self.runner.release_cached_memory()
             self.outbox.put(BatchOutcome("oom", self.index, batch))
@@ -144,7 +144,7 @@ class DeviceWorker:
         result = self.runner.finish(launched)
         stats = self.stats
         stats.batches += 1
-        stats.sequences += len(batch.items)
+        stats.sequences += len(batch.block)
         stats.tokens += result.n_tokens
         stats.busy_seconds += result.seconds
         self.budget.after_success(result.n_tokens)  # the budget also keeps the largest batch

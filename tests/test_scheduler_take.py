@@ -35,7 +35,7 @@ def test_take_cuts_where_batch_cost_says(padded, budget):
             ready.extend(items[5000:])
             end = 6000
         batch = ready.take(budget, padded)
-        assert batch == tuple(items[at:at + len(batch)])
+        assert tuple(batch) == tuple(items[at:at + len(batch)])
         assert len(batch) == _one_at_a_time(sizes[at:end], budget, padded)
         at += len(batch)
         assert len(ready) == end - at

@@ -13,7 +13,7 @@ import torch
 from gpuengine import inputs
 from gpuengine.ledger import Ledger
 from gpuengine.models.esm2_weights import build_esm2, read_fair_esm_checkpoint
-from gpuengine.packing import WorkItem
+from gpuengine.packing import ItemBlock, WorkItem
 from gpuengine.planner import Planner
 from gpuengine.pooling import PoolingRule
 from gpuengine.runner import Runner
@@ -72,14 +72,15 @@ def test_the_planner_hands_on_each_new_records_token_ids(tmp_path):
     assert planner.counts.tokens_new == sum(item.n_tokens for item in submitted)
 
 
-def test_stage_packs_a_batch_of_the_items_ids_in_order(tiny_pt):
+@pytest.mark.parametrize("as_block", [False, True], ids=["items", "block"])
+def test_stage_packs_a_batch_of_the_items_ids_in_order(tiny_pt, as_block):
     cfg, state, _ = read_fair_esm_checkpoint(tiny_pt)
     runner = Runner(build_esm2(cfg, state, torch.float32), torch.device("cpu"), "fp32",
                     [OutputSpec(2, "mean")], PoolingRule(1, 1))
     tok = EsmTokenizer()
     seqs = random_proteins([3, 50, 1, 11], seed=5)
     items = [WorkItem(sequence_digest(s), tok.encode(s), len(s)) for s in seqs]
-    staged = runner.stage(items)
+    staged = runner.stage(ItemBlock.of(items) if as_block else items)
     expected = np.concatenate([tok.encode(s) for s in seqs]).astype(np.int32)
     assert staged.ids.dtype == torch.int32
     np.testing.assert_array_equal(staged.ids.numpy(), expected)

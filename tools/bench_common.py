@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import operator
 import os
 import queue
 import sys
@@ -23,6 +22,7 @@ import torch
 
 from gpuengine.budget import TokenBudget
 from gpuengine.devices import MemoryProbe
+from gpuengine.packing import ItemBlock
 from gpuengine.progress import ProgressSink
 from gpuengine.scheduler import Scheduler
 from gpuengine.worker import DeviceWorker, WorkerExit
@@ -203,7 +203,12 @@ def kernel_timeline(runner, items, budget: int, path: Path | None = None, top: i
 
 # -- the host pipeline --------------------------------------------------------------------------
 
-_n_tokens = operator.attrgetter("n_tokens")
+
+def _tokens(items) -> int:
+    """A batch's tokens: its block's token counts summed (work items one by one otherwise)."""
+    if isinstance(items, ItemBlock):
+        return sum(items.n_tokens)
+    return sum(item.n_tokens for item in items)
 
 
 class NoopRunner:
@@ -238,7 +243,7 @@ class NoopRunner:
         if zeros is None:  # made once per batch size, as the list of one row was before
             zeros = self._zeros[len(items)] = np.zeros((len(items), self.dim), np.float32)
         return EmbeddedBatch({o: zeros for o in self.outputs},
-                             np.ones(len(items), bool), sum(map(_n_tokens, items)), 0.0)
+                             np.ones(len(items), bool), _tokens(items), 0.0)
 
     def release_cached_memory(self):
         pass
