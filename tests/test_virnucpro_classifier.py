@@ -213,3 +213,27 @@ def test_tie_goes_to_others():
             p.zero_()
     got = score_features(model, torch.ones(3, 4))
     assert (got.scores == 0.5).all() and not got.virus.any()
+
+
+def test_cpu_scores_are_the_same_bits_whatever_the_batch_and_the_threads(original, features):
+    """Predictions must not depend on how reads fall into blocks or how many threads a score
+    worker has: every row scores to the same bits alone, in small batches, all at once, on
+    one thread or two (the 2-core EPYC of this test's first failure gave a 5-row batch
+    other last bits on two threads than on one)."""
+    model = OurMLP()
+    model.load_state_dict(original.state_dict())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = score_features(model, features)
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for batch_size in (1, 5, 7, 300):
+                got = score_features(model, features, batch_size=batch_size)
+                np.testing.assert_array_equal(got.scores, want.scores)
+                np.testing.assert_array_equal(got.virus, want.virus)
+            for start, stop in ((0, 1), (3, 8), (290, 300)):
+                np.testing.assert_array_equal(score_features(model, features[start:stop]).scores,
+                                              want.scores[start:stop])
+    finally:
+        torch.set_num_threads(threads)

@@ -342,9 +342,19 @@ def convert_classifier(src: str | Path, dst: str | Path) -> Path:
 # ----------------------------------------------------------------------------- scoring
 
 
+MIN_CPU_ROWS = 256
+"""Rows a batch is padded to (with zeros) on the CPU: below some size MKL's sgemm splits the
+inner dimension between threads, so a small batch's scores changed in their last bits with the
+thread count (a tail block, a score worker's fewer threads against this process's: on a 2-core
+EPYC rows of a 5-row batch differed from the same rows scored alone on one thread). From 256
+rows on each row's scores are the same bits whatever the batch and the threads (measured on 1
+to 700 rows, 1 and 2 threads)."""
+
+
 def score_features(model: MLPClassifier, features, batch_size: int = 65536) -> Scores:
     """Softmax scores and predictions of ``features`` (N, input) in eval mode, as the original
-    ``predict`` computes them (fp32; batching changes nothing in eval mode but rounding)."""
+    ``predict`` computes them (fp32; batching changes nothing in eval mode but rounding, and on
+    the CPU not even that: see :data:`MIN_CPU_ROWS`)."""
     param = next(model.parameters())
     inputs = model.hidden_layer.in_features
     x = torch.as_tensor(features)
@@ -358,7 +368,10 @@ def score_features(model: MLPClassifier, features, batch_size: int = 65536) -> S
         with torch.inference_mode():
             for start in range(0, x.shape[0], batch_size):
                 batch = x[start:start + batch_size].to(device=param.device, dtype=torch.float32)
-                probabilities = F.softmax(model(batch), dim=1)
+                rows = batch.shape[0]
+                if param.device.type == "cpu" and rows < MIN_CPU_ROWS:
+                    batch = torch.cat([batch, batch.new_zeros(MIN_CPU_ROWS - rows, inputs)])
+                probabilities = F.softmax(model(batch), dim=1)[:rows]
                 _, predicted = torch.max(probabilities, 1)  # first index on a tie: "others"
                 scores.append(probabilities.cpu().numpy())
                 virus.append((predicted == 1).cpu().numpy())
