@@ -68,7 +68,7 @@ def _split_rows(rows: CommitRows, count: int, out: list[list[CommitPart]]) -> No
     at = order.tolist()
     digests, ids = Packed16(packed).take(order), _take(rows.record_ids, at)
     keys = [k.take(order) if type(k) is Packed16 else _take(k, at) for k in rows.embedding_keys]
-    vectors = {o: (v[order] if type(v) is np.ndarray else _take(v, at))
+    vectors = {o: (np.take(v, order, axis=0) if type(v) is np.ndarray else _take(v, at))
                for o, v in rows.vectors.items()}
     for index in range(count):
         lo, hi = bounds[index], bounds[index + 1]
