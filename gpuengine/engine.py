@@ -355,6 +355,8 @@ class _Run:
                                 runner_factory=self.runner_factory, pool=self.pool)
         if report is not None:
             self.summary.fidelity = report.to_json()
+        for replica in replicas:  # after the guard, which compares fp32 vectors
+            hand_over_in_store_dtype(replica.runner, self.spec)
         self.workers = [DeviceWorker(index, replica.runner, replica.budget, self.scheduler,
                                      self.inbox, self.halt, name=replica.name or None)
                         for index, replica in enumerate(replicas)]
@@ -561,6 +563,14 @@ class _Run:
         s.embed_seconds = seconds
         s.residues = planner.counts.residues_new
         s.devices = device_rows(workers, seconds)
+
+
+def hand_over_in_store_dtype(runner, spec: TableSpec) -> None:
+    """Have ``runner`` hand its vectors over in the table's store dtype when that is float16
+    (:attr:`~gpuengine.runner.Runner.hand_over_dtype`; fp32 otherwise, as they are pooled).
+    Runners without the attribute (tests' simulated devices) are left as they are."""
+    if hasattr(runner, "hand_over_dtype"):
+        runner.hand_over_dtype = "float16" if spec.store_dtype == "float16" else None
 
 
 def key_columns(items: ItemBlock | Sequence[WorkItem]) -> tuple[Packed16, ...]:

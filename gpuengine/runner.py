@@ -35,6 +35,9 @@ from gpuengine.vocabulary import PRECISION_DTYPES
 DTYPES = {precision: getattr(torch, name) for precision, name in PRECISION_DTYPES.items()}
 """The torch dtype of each of :data:`~gpuengine.vocabulary.PRECISIONS`."""
 
+HAND_OVER_DTYPES = {"float16": torch.float16}
+"""Store dtypes a runner may hand its vectors over in (:attr:`Runner.hand_over_dtype`)."""
+
 
 @dataclass
 class EmbeddedBatch:
@@ -103,6 +106,13 @@ class Runner:
     forward only reads it. At ``fp8`` the first runner of a model quantizes its weights
     (:func:`~gpuengine.models.fp8.enable_fp8`); a later runner of the same model runs that
     quantized copy (:func:`~gpuengine.models.fp8.shared_fp8`) and quantizes nothing."""
+
+    hand_over_dtype: str | None = None
+    """The store dtype pooled vectors are handed over in: None keeps them fp32 (tests,
+    ``check``, the fidelity guard); a run into a float16 table sets "float16"
+    (:func:`~gpuengine.engine.hand_over_in_store_dtype`), so the cast the store writer would
+    make (round to nearest even: the same bits) runs on the device and half the bytes cross
+    the bus, the engine's part split and the pipes to the store writers."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, precision: str,
                  outputs: Sequence[OutputSpec], rule: PoolingRule, *, compile: bool = False,
@@ -176,7 +186,10 @@ class Runner:
                                    staged.max_len)
         pooled = {o: pool(hidden[o.layer], index, o.pool) for o in self.outputs}
         del hidden
-        finite = self._finite(pooled, index, len(staged.items))
+        finite = self._finite(pooled, index, len(staged.items))  # of the fp32 vectors
+        if self.hand_over_dtype is not None:
+            cast = HAND_OVER_DTYPES[self.hand_over_dtype]
+            pooled = {o: t.to(cast) for o, t in pooled.items()}
         body = staged.lengths_host - (self.rule.lead + self.rule.trail)
         if not self.cuda:
             return Launched(staged, pooled, finite, body, None, None,

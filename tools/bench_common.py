@@ -218,10 +218,12 @@ class NoopRunner:
     cuda = False
     padded = False
     precision = "fp32"
+    hand_over_dtype: str | None = None
+    """As :attr:`gpuengine.runner.Runner.hand_over_dtype` (set by the engine)."""
 
     def __init__(self, outputs, dim: int):
         self.device, self.outputs, self.dim = torch.device("cpu"), outputs, dim
-        self._zeros: dict[int, np.ndarray] = {}
+        self._zeros: dict[tuple, np.ndarray] = {}
 
     @classmethod
     def factory(cls, dim: int):
@@ -239,9 +241,12 @@ class NoopRunner:
     def finish(self, items):
         from gpuengine.runner import EmbeddedBatch
 
-        zeros = self._zeros.get(len(items))  # as the runner: one (items, dim) array
-        if zeros is None:  # made once per batch size, as the list of one row was before
-            zeros = self._zeros[len(items)] = np.zeros((len(items), self.dim), np.float32)
+        # as the runner: one (items, dim) array, in the store's dtype when the engine says
+        # so; made once per batch size
+        dtype = np.float16 if self.hand_over_dtype == "float16" else np.float32
+        zeros = self._zeros.get((len(items), dtype))
+        if zeros is None:
+            zeros = self._zeros[len(items), dtype] = np.zeros((len(items), self.dim), dtype)
         return EmbeddedBatch({o: zeros for o in self.outputs},
                              np.ones(len(items), bool), _tokens(items), 0.0)
 
