@@ -200,7 +200,7 @@ class _Run:
         self.halt = threading.Event()
         """Workers stop pulling new batches once set (on a stop request, an error, or the end)."""
         self.ledger = Ledger()
-        self.scheduler = Scheduler()
+        self.scheduler = Scheduler(halt=self.halt)
         self.group: list[CommitPart] = []
         self.group_rows = 0
         """Sequences and aliases in the open group."""

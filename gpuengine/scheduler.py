@@ -2,6 +2,10 @@
 
 Policy, in order:
 
+0. The planner may lead the devices by ``max_queued`` items, not by the input: a submission
+   waits while the intake and the ready queue hold that many (until a device takes a batch,
+   or the run halts: then the submission is dropped, as the run ends). Without the wait a
+   planner faster than its GPUs queued nearly every read of the input, in memory.
 1. Items arrive from the planner into an *intake* window. When the window is full, the input
    ends, or a device finds nothing ready, the window is sorted by length and appended to the
    *ready* queue (a sliding window: memory is bounded by the window, not the input).
@@ -88,10 +92,19 @@ class SchedulerStats:
 class Scheduler:
     """Thread-safe; see the module docstring for the policy."""
 
-    def __init__(self, *, window: int = 50_000, max_solo_attempts: int = 2):
+    def __init__(self, *, window: int = 50_000, max_solo_attempts: int = 2,
+                 max_queued: int | None = None, halt: threading.Event | None = None):
         self._window = window
         self._max_solo = max_solo_attempts
-        self._cv = threading.Condition()
+        self._max_queued = max(window, max_queued or 4 * window)
+        """Items the intake and the ready queue may hold before a submission waits."""
+        self._halt = halt
+        """Set when the run halts: a waiting submission gives up."""
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        """Where devices wait for work."""
+        self._room = threading.Condition(self._lock)
+        """Where a submission waits for the queue to shrink (only the planner's thread)."""
         self._intake: list[ItemBlock] = []
         self._intake_count = 0
         self._intake_sizes: list[np.ndarray] = []
@@ -115,6 +128,10 @@ class Scheduler:
         elif len(n_tokens) != len(block):
             raise ValueError(f"{len(block)} items with {len(n_tokens)} token counts")
         with self._cv:
+            while self._intake_count + len(self._ready) >= self._max_queued:
+                if self._halt is not None and self._halt.is_set():
+                    return  # the run ends: what it did not plan is done by the next
+                self._room.wait(0.2)
             self._intake.append(block)
             self._intake_count += len(block)
             self._intake_sizes.append(n_tokens)
@@ -160,6 +177,7 @@ class Scheduler:
                 return None
             if self._has_work() or self._intake_count:
                 self._cv.notify()  # the baton: another waiting device may take the rest
+            self._room.notify()  # a waiting submission may have room now
             batch_id = self._next_id
             self._next_id += 1
             self._in_flight[batch_id] = (device, retry)

@@ -253,7 +253,10 @@ class Harness:
         self.huge = set(digests(huge))
         normal = [it for it in self.items if it.digest not in self.huge]
         self.poison = set(digests(rng.sample(normal, sc.poison)))
-        self.sched = Scheduler(window=sc.window, max_solo_attempts=sc.max_solo)
+        # the simulated producer submits everything at once, on the virtual clock: no wait
+        # for room (test_scheduler_room.py tests that wait with real threads)
+        self.sched = Scheduler(window=sc.window, max_solo_attempts=sc.max_solo,
+                               max_queued=1 << 40)
         self.shadow = Shadow(sc.window)
         self.devices = [SimDevice(i, speed, cap, TokenBudget(sc.maximum, sc.maximum), sc.depth,
                                   sc.deaths.get(i))

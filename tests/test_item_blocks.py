@@ -83,7 +83,7 @@ def test_scheduled_blocks_are_their_items_and_stay_so_after_the_queue_moves_on()
     rng = np.random.default_rng(3)
     sizes = rng.integers(3, 60, 12_000).tolist()
     items = _items(sizes, keys=1)
-    s = Scheduler(window=1000)
+    s = Scheduler(window=1000, max_queued=1 << 40)  # all submitted before any is taken
     for start in range(0, len(items), 700):
         s.submit(ItemBlock.of(items[start:start + 700]),
                  np.asarray(sizes[start:start + 700], np.int64))

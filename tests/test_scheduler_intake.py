@@ -23,7 +23,9 @@ def test_the_window_is_a_stable_sort_by_token_count(window):
     rng = np.random.default_rng(window)
     sizes = rng.integers(3, 9, 300)  # many ties: the stable order shows
     items = [make_item(f"i{i}", int(n)) for i, n in enumerate(sizes)]
-    given, read = Scheduler(window=window), Scheduler(window=window)
+    # all submitted before any is taken: no bound on the queue (test_scheduler_room's)
+    given, read = (Scheduler(window=window, max_queued=1 << 40),
+                   Scheduler(window=window, max_queued=1 << 40))
     for at in range(0, len(items), 25):
         given.submit(items[at:at + 25], sizes[at:at + 25])
         read.submit(items[at:at + 25])

@@ -18,8 +18,8 @@ WAIT = 5.0
 
 
 class _Counting(threading.Condition):
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, lock) -> None:
+        super().__init__(lock)  # the scheduler's: its other condition shares it
         self.calls = {"notify": 0, "notify_all": 0}
 
     def notify(self, n: int = 1) -> None:
@@ -50,7 +50,7 @@ def _devices_waiting(scheduler: Scheduler, n: int, budget: int):
 
 def test_work_for_four_devices_reaches_four_waiting_devices_at_once():
     scheduler = Scheduler(window=10)
-    scheduler._cv = _Counting()
+    scheduler._cv = _Counting(scheduler._lock)
     got, threads = _devices_waiting(scheduler, 4, budget=100)
     start = time.monotonic()
     scheduler.submit([make_item(f"s{i}", 100) for i in range(4)])  # one batch per device
