@@ -258,13 +258,13 @@ class NoopRunner:
 
 
 def run_e2e(model, fasta, budget, workdir, *, noop_dim: int | None = None, devices: int = 1,
-            writers: int | None = 1):
+            writers: int | None = 1, store_dtype: str = "float32"):
     """`gpuengine embed` in-process: FASTA → validate → plan → devices → LMDB commit, into a
     store under ``workdir`` removed before and after. With ``noop_dim`` the GPU step is a
     :class:`NoopRunner` of that width on ``devices`` no-op devices (each its own worker thread
     and budget, as a GPU's; the host pipeline); else fp16 on every GPU. ``writers``: store
     writer processes (part stores; None: as ``gpuengine embed`` chooses); the summary's
-    ``writers`` says how many the run used."""
+    ``writers`` says how many the run used. ``store_dtype``: as ``embed --store-dtype``."""
     import shutil
     from unittest import mock
 
@@ -277,7 +277,7 @@ def run_e2e(model, fasta, budget, workdir, *, noop_dim: int | None = None, devic
     shutil.rmtree(store, ignore_errors=True)
     cfg = EmbedConfig(inputs=(Path(fasta),), model=str(model), out=store, max_tokens=budget,
                       devices="cpu" if noop else "auto", precision=None if noop else "fp16",
-                      writers=writers)
+                      writers=writers, store_dtype=store_dtype)
     cpus = [torch.device("cpu")] * devices
     clock = MainProcessCpu()
     with mock.patch.object(replicas, "parse_devices", lambda spec: cpus) if noop else _nothing():

@@ -45,6 +45,9 @@ def main() -> None:
                     help="token budget of each no-op device (default: the CPU device default, "
                          "4096; a GPU's default is 65536, as bench_esm.py --systems host uses: "
                          "batches 16 times larger, so the per-batch work is 16 times rarer)")
+    ap.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
+                    help="as embed --store-dtype (row field store_dtype; default float32, "
+                         "embed's default)")
     add_commit_option(ap)
     add_host_options(ap)
     args = ap.parse_args()
@@ -65,7 +68,8 @@ def main() -> None:
     from gpuengine.input_workers import process_count
 
     summary = run_e2e(model, fasta, args.budget, args.workdir, noop_dim=768,
-                      devices=args.devices, writers=writers_option(args.writers))
+                      devices=args.devices, writers=writers_option(args.writers),
+                      store_dtype=args.store_dtype)
     rec = ResultsLog(args.out, args.commit, __file__).append(
         model="dnabert-s", workload="dna150", system="gpuengine-host", precision="none",
         tokens_per_s=summary.tokens / summary.embed_seconds,
@@ -75,7 +79,7 @@ def main() -> None:
         devices=args.devices, cores=cores, budget=args.budget or DEFAULT_CPU_MAX_TOKENS,
         input_processes=process_count(environment().input_processes),
         writer_process=os.environ.get("GPUENGINE_WRITER_PROCESS", "auto"),
-        writers=summary.writers, writers_option=args.writers,
+        writers=summary.writers, writers_option=args.writers, store_dtype=args.store_dtype,
         commit_transactions=summary.commit_transactions,
         commit_seconds=summary.commit_seconds,
         commit_wait_seconds=summary.commit_wait_seconds,
