@@ -181,19 +181,22 @@ def test_host_stage_costs_times_the_part_split_and_writes_its_row(tool, monkeypa
 
 
 @pytest.mark.slow
-def test_host_pipeline_dna(tool, monkeypatch, tmp_path):
-    """``bench_host_dna.py`` on 300 reads: all committed, one row as before."""
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_host_pipeline_dna(tool, monkeypatch, tmp_path, dtype):
+    """``bench_host_dna.py`` on 300 reads: all committed, one row as before (``--store-dtype
+    float16``: the no-op devices hand float16 vectors over, as a GPU's runner then does)."""
     out = tmp_path / "results.jsonl"
     _run(tool("bench_host_dna"), monkeypatch, "--reads", "300", "--out", str(out),
-         "--workdir", str(tmp_path))
+         "--workdir", str(tmp_path), *(["--store-dtype", dtype] if dtype else []))
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert list(row) == HEADER + HOST_FIELDS + ["devices", "cores", "budget", "input_processes",
                                                  "writer_process", "writers", "writers_option",
-                                                 "commit_transactions", "commit_seconds",
-                                                 "commit_wait_seconds", "main_cpu_us_per_seq",
-                                                 "note"]
+                                                 "store_dtype", "commit_transactions",
+                                                 "commit_seconds", "commit_wait_seconds",
+                                                 "main_cpu_us_per_seq", "note"]
     assert (row["sequences"], row["model"], row["workload"]) == (300, "dnabert-s", "dna150")
     assert (row["writers"], row["writers_option"], row["budget"]) == (1, "auto", 4096)
+    assert row["store_dtype"] == (dtype or "float32")  # float32: embed's default
     assert row["tokens_per_s"] > row["sequences_per_s"] > 0
 
 
