@@ -350,6 +350,8 @@ class _Run:
         replicas = build_replicas(self.config, self.model.fam, self.weights, self.spec,
                                   self.progress, runner_factory=self.runner_factory,
                                   pool=self.pool)
+        for replica in replicas:  # fp32 for the guard, whatever a pooled replica's last run set
+            hand_over_in_store_dtype(replica.runner, None)
         report = guard_fidelity(self.config, self.model.fam, self.weights, self.spec,
                                 replicas[0], self.records, self.tokenizer.encode, self.progress,
                                 runner_factory=self.runner_factory, pool=self.pool)
@@ -565,12 +567,14 @@ class _Run:
         s.devices = device_rows(workers, seconds)
 
 
-def hand_over_in_store_dtype(runner, spec: TableSpec) -> None:
+def hand_over_in_store_dtype(runner, spec: TableSpec | None) -> None:
     """Have ``runner`` hand its vectors over in the table's store dtype when that is float16
-    (:attr:`~gpuengine.runner.Runner.hand_over_dtype`; fp32 otherwise, as they are pooled).
-    Runners without the attribute (tests' simulated devices) are left as they are."""
+    (:attr:`~gpuengine.runner.Runner.hand_over_dtype`; fp32 otherwise, as they are pooled, and
+    when ``spec`` is None). Runners without the attribute (tests' simulated devices) are left
+    as they are."""
     if hasattr(runner, "hand_over_dtype"):
-        runner.hand_over_dtype = "float16" if spec.store_dtype == "float16" else None
+        float16 = spec is not None and spec.store_dtype == "float16"
+        runner.hand_over_dtype = "float16" if float16 else None
 
 
 def key_columns(items: ItemBlock | Sequence[WorkItem]) -> tuple[Packed16, ...]:

@@ -67,6 +67,9 @@ def test_a_run_sets_the_hand_over_dtype_from_its_table():
     assert runner.hand_over_dtype == "float16"
     hand_over_in_store_dtype(runner, _spec("float32"))
     assert runner.hand_over_dtype is None
+    runner.hand_over_dtype = "float16"  # a pooled replica's last run: the guard resets it
+    hand_over_in_store_dtype(runner, None)
+    assert runner.hand_over_dtype is None
     simulated = Simulated()
     hand_over_in_store_dtype(simulated, _spec("float16"))
     assert not hasattr(simulated, "hand_over_dtype")
