@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools"
 SCRIPTS = sorted(p.stem for p in TOOLS.glob("*.py"))
 HEADER = ["date", "commit", "gpu", "n_gpus", "command", "torch"]
 
@@ -211,3 +215,29 @@ def test_shard_scan(tool, monkeypatch, tmp_path):
                                                              3000)
     assert 600 < row["shard_records"] < 900 and row["records_per_s"] > 0
     assert (tmp_path / "proteins-short-3000.fa").read_text().count(">") == 3000
+
+
+@pytest.mark.slow
+def test_host_ab_alternates_two_trees_into_one_results_file(tmp_path):
+    """``bench_host_ab.sh``: the earlier tree and this one in turn, one row each a round, each
+    with its variant and commit; only results.jsonl lands in $OUT."""
+    old = tmp_path / "old"
+    shutil.copytree(ROOT / "gpuengine", old / "gpuengine")
+    shutil.copytree(ROOT / "tools", old / "tools")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), OLD="aaaaaaa", NEW="bbbbbbb", OLD_TREE=str(old),
+               SKIP_INSTALL="1", PYTHON=sys.executable, SITE=str(tmp_path / "none"), ROUNDS="1",
+               VARIANTS="before-w1 after-w2", LOGS=str(tmp_path / "logs"),
+               HOST_AB_ARGS=f"--reads 300 --devices 2 --workdir {tmp_path / 'w'}")
+    done = subprocess.run(["bash", "tools/bench_host_ab.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr + done.stdout
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["commit"], r["writers"]) for r in rows] == [
+        ("before-w1", "aaaaaaa", 1), ("after-w2", "bbbbbbb", 2)]
+    assert all(r["note"].startswith("A/B (same machine, alternated)") and r["sequences"] == 300
+               for r in rows)
+    assert sorted(p.name for p in out.iterdir()) == ["results.jsonl"]
+    bad = subprocess.run(["bash", "tools/bench_host_ab.sh"], cwd=ROOT, capture_output=True,
+                         text=True, env=dict(env, OLD_TREE=str(tmp_path / "missing")))
+    assert bad.returncode == 2 and "no tree" in bad.stderr
