@@ -27,10 +27,10 @@ class WorkItem(namedtuple("WorkItem", "digest token_bytes residues n_tokens keys
     """One distinct sequence to embed: ``WorkItem(digest, token_ids, residues[, keys])``.
 
     An immutable tuple (digest, token_bytes, residues, n_tokens, keys) whose fields read by
-    name at C speed: the planner makes one per new sequence, the scheduler reads ``n_tokens``
-    of each when it sorts and packs and the engine loop the digests and keys of each batch,
-    so none of that may cost interpreter work per field (:meth:`many` builds a chunk's items
-    without running Python code per item).
+    name at C speed. A run's items travel column-wise, as an :class:`ItemBlock`, from the
+    planner through the scheduler to a runner and the engine loop; a ``WorkItem`` is what a
+    block gives read one by one (tests, failures, retries), and what ``check`` and the
+    fidelity guard build directly.
 
     * ``digest``: blake2b-16 of the embedded (possibly truncated) sequence;
     * ``token_bytes``: its token ids, specials included, as little-endian int32 ``bytes``
@@ -53,15 +53,6 @@ class WorkItem(namedtuple("WorkItem", "digest token_bytes residues n_tokens keys
     def token_ids(self) -> np.ndarray:
         """The token ids as a read-only int32 array (a view of :attr:`token_bytes`)."""
         return np.frombuffer(self.token_bytes, TOKEN_DTYPE)
-
-    @classmethod
-    def many(cls, digests: Iterable[bytes], token_bytes: Iterable[bytes],
-             residues: Iterable[int], n_tokens: Iterable[int],
-             keys: Iterable[tuple[bytes, ...]] | None = None) -> list[WorkItem]:
-        """Items from parallel columns (``token_bytes[i]``: ``n_tokens[i]`` little-endian
-        int32 ids)."""
-        columns = zip(digests, token_bytes, residues, n_tokens, repeat(()) if keys is None else keys)
-        return list(map(tuple.__new__, repeat(cls), columns))
 
     def __repr__(self) -> str:
         return (f"WorkItem(digest={self.digest.hex()}, n_tokens={self.n_tokens}, "
