@@ -227,17 +227,21 @@ def test_host_ab_alternates_two_trees_into_one_results_file(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), OLD="aaaaaaa", NEW="bbbbbbb", OLD_TREE=str(old),
                SKIP_INSTALL="1", PYTHON=sys.executable, SITE=str(tmp_path / "none"), ROUNDS="1",
-               VARIANTS="before-w1 after-w2", LOGS=str(tmp_path / "logs"),
+               VARIANTS="before-w1 after-w2 after-w1-f16", LOGS=str(tmp_path / "logs"),
                HOST_AB_ARGS=f"--reads 300 --devices 2 --workdir {tmp_path / 'w'}")
     done = subprocess.run(["bash", "tools/bench_host_ab.sh"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr + done.stdout
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [(r["variant"], r["commit"], r["writers"]) for r in rows] == [
-        ("before-w1", "aaaaaaa", 1), ("after-w2", "bbbbbbb", 2)]
+    assert [(r["variant"], r["commit"], r["writers"], r["store_dtype"]) for r in rows] == [
+        ("before-w1", "aaaaaaa", 1, "float32"), ("after-w2", "bbbbbbb", 2, "float32"),
+        ("after-w1-f16", "bbbbbbb", 1, "float16")]
     assert all(r["note"].startswith("A/B (same machine, alternated)") and r["sequences"] == 300
                for r in rows)
     assert sorted(p.name for p in out.iterdir()) == ["results.jsonl"]
     bad = subprocess.run(["bash", "tools/bench_host_ab.sh"], cwd=ROOT, capture_output=True,
                          text=True, env=dict(env, OLD_TREE=str(tmp_path / "missing")))
     assert bad.returncode == 2 and "no tree" in bad.stderr
+    unknown = subprocess.run(["bash", "tools/bench_host_ab.sh"], cwd=ROOT, capture_output=True,
+                             text=True, env=dict(env, VARIANTS="after-x2"))
+    assert unknown.returncode == 2 and "unknown variant" in unknown.stderr

@@ -7,7 +7,8 @@
 #   carry: .whl .devrun
 #   command: OLD=<commit> NEW=<commit> SKIP_TESTS=1 bash tools/bench_host_ab.sh
 # Variants (VARIANTS, default "before-w2 after-w2"): before-wN / after-wN run the earlier /
-# this tree with --writers N; ROUNDS (default "1 2") alternates them. HOST_AB_ARGS overrides the
+# this tree with --writers N, and with a suffix -f16 into a float16 table (--store-dtype
+# float16: an A/B of the store dtype on one tree; the earlier tree needs the option); ROUNDS (default "1 2") alternates them. HOST_AB_ARGS overrides the
 # bench's arguments (default: 2 M reads, 8 no-op devices, budget 65 536, 16 cores). Only
 # $OUT/results.jsonl is written to $OUT (the device tool returns at most 8 files); each row
 # carries `variant` and a note "A/B (same machine, alternated)". Runs anywhere (no GPU needed):
@@ -25,10 +26,10 @@ if [ -d .whl ] && [ "${SKIP_INSTALL:-0}" != 1 ]; then
 fi
 ARGS=${HOST_AB_ARGS:---reads 2000000 --devices 8 --budget 65536 --workdir /tmp/host-ab --cores 16}
 here=$PWD
-run() {  # variant tree writers commit
-  local variant=$1 tree=$2 writers=$3 commit=$4
+run() {  # variant tree writers commit [bench_host_dna options]
+  local variant=$1 tree=$2 writers=$3 commit=$4; shift 4
   (cd "$tree" && PYTHONPATH=$SITE:$PWD $PY tools/bench_host_dna.py $ARGS --writers "$writers" \
-      --commit "$commit" --out "$LOGS/raw.jsonl" > "$LOGS/$variant.log" 2>&1) \
+      --commit "$commit" "$@" --out "$LOGS/raw.jsonl" > "$LOGS/$variant.log" 2>&1) \
     || { tail -5 "$LOGS/$variant.log"; return 1; }
   $PY - "$variant" "$LOGS/raw.jsonl" "$OUT/results.jsonl" <<'PY'
 import json, sys
@@ -49,10 +50,13 @@ PY
 status=0
 for round in ${ROUNDS:-1 2}; do
   for variant in ${VARIANTS:-before-w2 after-w2}; do
+    dtype=(); writers=${variant#*-w}; writers=${writers%-f16}
+    case $variant in *-f16) dtype=(--store-dtype float16) ;; esac
     case $variant in
-      before-w*) run "$variant" "$OLD_TREE" "${variant#before-w}" "$OLD" || status=1 ;;
-      after-w*) run "$variant" "$here" "${variant#after-w}" "$NEW" || status=1 ;;
-      *) echo "bench_host_ab: unknown variant $variant (before-wN or after-wN)" >&2; exit 2 ;;
+      before-w[0-9]*) run "$variant" "$OLD_TREE" "$writers" "$OLD" "${dtype[@]}" || status=1 ;;
+      after-w[0-9]*) run "$variant" "$here" "$writers" "$NEW" "${dtype[@]}" || status=1 ;;
+      *) echo "bench_host_ab: unknown variant $variant (before-wN or after-wN, -f16)" >&2
+         exit 2 ;;
     esac
   done
 done
