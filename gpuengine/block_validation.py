@@ -24,17 +24,21 @@ import zlib
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from gpuengine.blocks import _WHITESPACE, BLOCK_BYTES, Block, _fasta_parts, read_blocks
 from gpuengine import fasta
-from gpuengine.errors import InputError
+from gpuengine.errors import InputError, InternalError
 from gpuengine.fasta import (_compile_alphabet, _first_line, _name, make_record, open_text,
                              StoredRecords)
 from gpuengine.records import FastaRecord, RecordProblem
 
-__all__ = ["FileTally", "first_pass_blocks"]
+if TYPE_CHECKING:
+    from gpuengine.validation_workers import SharedPass
+
+__all__ = ["FileTally", "first_pass_blocks", "take_block"]
 
 _PLAIN_HEADER = bytes(range(0x21, 0x7F)) + b" \t"
 """Header bytes whose meaning is the same read as bytes or as text (``str.split`` also splits
@@ -60,15 +64,35 @@ class FileTally:
     problems: list[RecordProblem] = field(default_factory=list)
     skipped: array = field(default_factory=lambda: array("Q"))
     max_problems: int = 1000
+    stable: bool = False
+    """The hashes are :func:`gpuengine.fasta._hashes`' stable ones."""
+
+    def add(self, part: FileTally) -> None:
+        """Add the tally of the file's next block(s) (its records follow this one's)."""
+        if part.stable != self.stable:
+            raise InternalError("first-pass tallies of two kinds of hashes")
+        self.records += part.records
+        self.residues += part.residues
+        self.id_hashes += part.id_hashes
+        self.seq_hashes += part.seq_hashes
+        self.indices += part.indices
+        self.lengths += part.lengths
+        self.selected += part.selected
+        self.skipped += part.skipped
+        room = self.max_problems - len(self.problems)
+        self.problems += part.problems[:max(0, room)]
 
 
 def first_pass_blocks(path: str | os.PathLike, number: int, alphabet: frozenset[str] | None,
                       stored: StoredRecords | None,
                       select: Callable[[str], bool] | None = None,
-                      max_problems: int = 1000) -> FileTally | None:
+                      max_problems: int = 1000, shared: SharedPass | None = None,
+                      stable: bool = False) -> FileTally | None:
     """The first pass over FASTA or FASTQ file ``path`` (input number ``number``), or None
     when the file is one to read line by line (see the module docstring); its first
-    ``max_problems`` problems are kept (all are counted).
+    ``max_problems`` problems are kept (all are counted). A large file's blocks are taken by
+    child processes as ``shared`` allows (:mod:`gpuengine.validation_workers`; same tally),
+    which hash ``stable`` (:func:`gpuengine.fasta._hashes`), as the whole pass then must.
 
     Raises:
         InputError: as :func:`gpuengine.fasta.iter_records` for a file whose first non-blank
@@ -77,22 +101,29 @@ def first_pass_blocks(path: str | os.PathLike, number: int, alphabet: frozenset[
     name = _name(path)
     with open_text(path) as fh:  # the line-by-line pass's own errors for the file's start
         _first_line(path, name, fh)
+    from gpuengine import validation_workers
+
+    if stable and validation_workers.takes_on(path, shared, select):
+        return validation_workers.tally_in_processes(path, number, name, alphabet, stored,
+                                                     select, max_problems, shared.count,
+                                                     shared.block_bytes or BLOCK_BYTES)
     fast = None if alphabet is None else _compile_alphabet(alphabet)[1]
-    tally = FileTally(max_problems=max_problems)
+    tally = FileTally(max_problems=max_problems, stable=stable)
     try:
         for block in read_blocks(path, number, BLOCK_BYTES):
-            if not _take_block(block, name, alphabet, fast, stored, select, tally):
+            if not take_block(block, name, alphabet, fast, stored, select, tally):
                 return None
     except (InputError, OSError, EOFError, zlib.error):
         return None  # read again line by line, which names the place
     return tally
 
 
-def _take_block(block: Block, name: str, alphabet: frozenset[str] | None, fast: bytes | None,
-                stored: StoredRecords | None, select: Callable[[str], bool] | None,
-                tally: FileTally) -> bool:
-    """Add one block's records to ``tally``; False (``tally`` unchanged) when the block must
-    be read line by line."""
+def take_block(block: Block, name: str, alphabet: frozenset[str] | None, fast: bytes | None,
+               stored: StoredRecords | None, select: Callable[[str], bool] | None,
+               tally: FileTally, valid_ids: list[bytes] | None = None) -> bool:
+    """Add one block's records to ``tally`` (and the ids of its valid records to
+    ``valid_ids``); False (``tally`` unchanged) when the block must be read
+    line by line."""
     data = block.data
     if not data.isascii():
         try:
@@ -118,8 +149,10 @@ def _take_block(block: Block, name: str, alphabet: frozenset[str] | None, fast: 
     if len(valid) != n:
         ids = [ids[i] for i in valid]
         seqs = [seqs[i] for i in valid]
-    tally.id_hashes += fasta._hashes(ids)
-    tally.seq_hashes += fasta._hashes(seqs)
+    if valid_ids is not None:
+        valid_ids += ids
+    tally.id_hashes += fasta._hashes(ids, tally.stable)
+    tally.seq_hashes += fasta._hashes(seqs, tally.stable)
     first = block.first_index
     tally.indices.frombytes((np.asarray(valid, dtype=np.uint64) + np.uint64(first)).tobytes())
     lengths = array("I", map(len, seqs))

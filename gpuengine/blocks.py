@@ -20,6 +20,7 @@ are parsed by the others (:mod:`gpuengine.input_workers`).
 from __future__ import annotations
 
 import os
+import struct
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import numpy as np
 
 from gpuengine.errors import InputError
 from gpuengine.fasta import _compile_alphabet, _name, _open_binary, _read_error, make_record
+from gpuengine.pipe_frames import FRAME
 
 BLOCK_BYTES = 1 << 19
 """Bytes a block holds (more when one record is larger)."""
@@ -249,3 +251,24 @@ def _lines_before(data: bytes, i: int) -> int:
     for _ in range(i):
         at = data.index(b"\n>", at) + 1
     return data.count(b"\n", 0, at)
+
+
+# ----------------------------------------------------------------------------- as frames
+
+_BLOCK_HEAD = struct.Struct("<IQQIc")  # file number, first index, first line, records, format
+
+
+def block_frame(block: Block) -> list:
+    """A ``BLCK`` frame of ``block`` (for :func:`~gpuengine.pipe_frames.write_all`): the
+    :data:`_BLOCK_HEAD`, then the block's bytes; how the engine deals blocks to its input and
+    validation processes."""
+    head = _BLOCK_HEAD.pack(block.file, block.first_index, block.first_line, block.count,
+                            block.fmt[-1:].encode())  # a or q
+    return [FRAME.pack(b"BLCK", len(head) + len(block.data)) + head, block.data]
+
+
+def block_from(payload: bytearray) -> Block:
+    """The block a ``BLCK`` frame's payload holds."""
+    file, first, line, count, fmt = _BLOCK_HEAD.unpack_from(payload)
+    return Block(file, "fastq" if fmt == b"q" else "fasta", bytes(payload[_BLOCK_HEAD.size:]),
+                 first, line, count)

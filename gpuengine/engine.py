@@ -72,6 +72,7 @@ from gpuengine.store.codec import Packed16
 from gpuengine.store.schema import TableSpec
 from gpuengine.store.writer import (CommitEntry, CommitPart, CommitRows, CompletionRecords,
                                     group_counts)
+from gpuengine.validation_workers import SharedPass
 from gpuengine.worker import BatchOutcome, DeviceWorker, WorkerExit, device_rows
 from gpuengine.writer_parts import PartedCommitter
 from gpuengine.writer_process import CommitterProcess
@@ -142,7 +143,8 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
             with lookup.pinned() if store.count > 1 else contextlib.nullcontext():
                 records = validated_fasta(config.inputs, model.fam.alphabet,
                                           skip_invalid=config.skip_invalid, stored=lookup,
-                                          shard=config.shard, max_residues=model.max_residues)
+                                          shard=config.shard, max_residues=model.max_residues,
+                                          shared=shared_first_pass(config))
         counts = records.counts()
         if records.shard is not None:
             progress.stage(f"shard {records.shard.label}: {records.count:,} of "
@@ -565,6 +567,23 @@ class _Run:
         s.embed_seconds = seconds
         s.residues = planner.counts.residues_new
         s.devices = device_rows(workers, seconds)
+
+
+def shared_first_pass(config: EmbedConfig) -> SharedPass | None:
+    """How the first pass over the input may use validation processes: as many as the input
+    processes of a DNA run (the first pass costs the same a read for every model) and in
+    their blocks; for large files, or every file where input processes are asked for always
+    (``GPUENGINE_INPUT_PROCESS=1``); none where never (``=0``)."""
+    from gpuengine.input_workers import process_count
+
+    choice = config.input_process
+    if choice is None:
+        choice = config.env.input_process
+    if choice is False:
+        return None
+    shared = SharedPass(process_count(config.env.input_processes, heavy=True),
+                        block_bytes=config.env.input_block_bytes)
+    return dataclasses.replace(shared, min_bytes=0) if choice else shared
 
 
 def hand_over_in_store_dtype(runner, spec: TableSpec | None) -> None:

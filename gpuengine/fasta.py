@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import io
 import os
 import re
@@ -27,12 +28,15 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from gpuengine.errors import InputError, InternalError
 from gpuengine.records import FastaRecord, RecordProblem
+
+if TYPE_CHECKING:
+    from gpuengine.validation_workers import SharedPass
 
 __all__ = ["ValidationReport", "iter_records", "open_text", "stream_valid", "validate"]
 
@@ -355,8 +359,9 @@ def _check_paths(paths: Sequence[str | os.PathLike]) -> tuple[str, ...]:
 class _Tally:
     """Mutable state of :func:`validate`: counts, problems, skips and per-record hashes."""
 
-    def __init__(self, names: tuple[str, ...], max_problems: int) -> None:
+    def __init__(self, names: tuple[str, ...], max_problems: int, stable: bool = False) -> None:
         self.names, self.max_problems = names, max_problems
+        self.stable = stable  # the hashes: see _hashes
         self.records = self.residues = self.duplicates = self.problem_count = 0
         self.problems: list[RecordProblem] = []
         self.skip: set[tuple[str, int]] = set()
@@ -383,7 +388,8 @@ class _Tally:
 
 def _first_pass(paths: Sequence[str | os.PathLike], tally: _Tally,
                 alphabet: frozenset[str] | None, stored: StoredRecords | None,
-                select: Callable[[str], bool] | None = None) -> None:
+                select: Callable[[str], bool] | None = None,
+                shared: SharedPass | None = None) -> None:
     """Read every file once: note the problems, hash every otherwise valid record (and note
     which ones ``select`` takes). A file is read as blocks
     (:mod:`gpuengine.block_validation`, several times faster); one that pass leaves
@@ -396,7 +402,8 @@ def _first_pass(paths: Sequence[str | os.PathLike], tally: _Tally,
         base = tally.records
         tally.file_starts.append(base)
         found = first_pass_blocks(path, number, alphabet, stored, select,
-                                  max(0, tally.max_problems - len(tally.problems)))
+                                  max(0, tally.max_problems - len(tally.problems)), shared,
+                                  tally.stable)
         if found is not None:
             _add_file(tally, name, base, found)
             continue
@@ -409,8 +416,8 @@ def _first_pass(paths: Sequence[str | os.PathLike], tally: _Tally,
                 tally.problem(problem)
                 tally.skip.add((name, rec.index))
                 continue
-            ids += _hash(rec.id)
-            seqs += _hash(rec.sequence)
+            ids += _hash(rec.id, tally.stable)
+            seqs += _hash(rec.sequence, tally.stable)
             ordinals.append(base + rec.index)
             lengths.append(len(rec.sequence))
             residues += len(rec.sequence)
@@ -484,14 +491,21 @@ process (whose key they depend on), and a collision of ids costs only a re-read
 (:func:`_reread` compares the records for real)."""
 
 
-def _hashes(items: Sequence[bytes]) -> bytes:
-    """8 bytes per item (little-endian signed): :data:`_hash_bytes` of each."""
+def _hashes(items: Sequence[bytes], stable: bool = False) -> bytes:
+    """8 bytes per item: :data:`_hash_bytes` of each (little-endian signed), or with
+    ``stable`` the first 8 bytes of its blake2b, the same in every process: a first pass
+    shared among validation processes (:mod:`gpuengine.validation_workers`) hashes there,
+    where the five times dearer hash is paid in parallel."""
+    if stable:
+        return b"".join([hashlib.blake2b(item, digest_size=8).digest() for item in items])
     return np.fromiter(map(_hash_bytes, items), np.int64, len(items)).astype("<i8").tobytes()
 
 
-def _hash(text: str) -> bytes:
+def _hash(text: str, stable: bool = False) -> bytes:
     """:func:`_hashes` of one text, without an array (the line pass and the re-read ask
     record by record)."""
+    if stable:
+        return hashlib.blake2b(text.encode(), digest_size=8).digest()
     return _hash_bytes(text.encode()).to_bytes(8, "little", signed=True)
 
 
@@ -521,7 +535,8 @@ def _reread(paths: Sequence[str | os.PathLike], tally: _Tally, positions: np.nda
             if rec.index != indices[k]:
                 continue
             at = at_list[k]
-            if _hash(rec.id) != ids[at : at + 8] or _hash(rec.sequence) != seqs[at : at + 8]:
+            if (_hash(rec.id, tally.stable) != ids[at : at + 8]
+                    or _hash(rec.sequence, tally.stable) != seqs[at : at + 8]):
                 break
             group = out.numbers.setdefault(rec.id, len(out.first_sequences))
             if group == len(out.first_sequences):
@@ -594,6 +609,7 @@ def validate(
     max_problems: int = 1000,
     stored: StoredRecords | None = None,
     select: Callable[[str], bool] | None = None,
+    shared: SharedPass | None = None,
 ) -> ValidationReport:
     """First pass over all input files: find the bad records and the ids given twice.
 
@@ -612,13 +628,19 @@ def validate(
     record; the report's ``selected`` and ``selected_residues`` count the valid records it
     took (a repeat skipped here is not counted).
 
+    A large file is read by child processes as ``shared`` allows
+    (:mod:`gpuengine.validation_workers`): the same report, sooner.
+
     Raises:
         InputError: no paths, a path given twice, an unreadable or non-FASTA file, or, unless
             ``skip_invalid``, any problem at all; then the report is its ``.report``.
     """
     names = _check_paths(paths)
-    tally = _Tally(names, max_problems)
-    _first_pass(paths, tally, alphabet, stored, select)
+    from gpuengine.validation_workers import takes_on
+
+    stable = any(takes_on(path, shared, select) for path in paths)
+    tally = _Tally(names, max_problems, stable=stable)
+    _first_pass(paths, tally, alphabet, stored, select, shared if stable else None)
     for positions in _repeated_id_batches(tally):
         _judge_repeats(tally, positions, _reread(paths, tally, positions))
     report = ValidationReport(

@@ -15,7 +15,7 @@ several child processes at once, delivered to the planner in input order.
   children: resume, deduplication and the store are as with one reader.
 
 Nothing crosses as pickle (frames as in :mod:`gpuengine.inputs`). Parent → child: ``CONF``,
-one ``SKIP`` per file, then ``BLCK`` frames (:data:`_BLOCK_HEAD`, then the block's bytes);
+one ``SKIP`` per file, then ``BLCK`` frames (:func:`gpuengine.blocks.block_frame`);
 closing the child's stdin ends its input (it answers ``DONE``). The order of the children
 cannot deadlock: the planner always waits on the earliest block not yet read, which the
 feeder has already sent, and whose child has nothing earlier left to write.
@@ -28,21 +28,18 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import sys
 import threading
 from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
-from gpuengine.blocks import BLOCK_BYTES, Block, parse_block, read_blocks
+from gpuengine.blocks import (BLOCK_BYTES, Block, block_frame, block_from, parse_block,
+                              read_blocks)
 from gpuengine.errors import GpuEngineError, InputError, InternalError
-from gpuengine.pipe_frames import (FRAME, GPUENGINE_ERRORS, close_pipes, error_from, how_it_ended,
+from gpuengine.pipe_frames import (GPUENGINE_ERRORS, close_pipes, error_from, how_it_ended,
                                    read_frame, start_child, write_all, write_frame)
 from gpuengine.shards import Shard
-
-_BLOCK_HEAD = struct.Struct("<IQQIc")  # file number, first index, first line, records, format
-
 
 def process_count(choice: int | None = None, *, heavy: bool = True) -> int:
     """Input processes to start: ``choice`` (``GPUENGINE_INPUT_PROCESSES``, read by
@@ -109,10 +106,7 @@ class InputProcess:
     def send(self, block: Block) -> None:
         """Hand the child a block (waits while its pipe is full). Raises OSError (a broken
         pipe) when the child is gone."""
-        head = _BLOCK_HEAD.pack(block.file, block.first_index, block.first_line, block.count,
-                                block.fmt[-1:].encode())  # a or q
-        fd = self.proc.stdin.fileno()
-        write_all(fd, [FRAME.pack(b"BLCK", len(head) + len(block.data)) + head, block.data])
+        write_all(self.proc.stdin.fileno(), block_frame(block))
 
     def end_input(self) -> None:
         """No more blocks: the child answers ``DONE`` after the ones it has."""
@@ -280,12 +274,10 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
         tag, payload = frame
         if tag != b"BLCK":
             raise InternalError(f"input process: unexpected frame {bytes(tag)!r}")
-        file, first, line, count, fmt = _BLOCK_HEAD.unpack_from(payload)
-        block = Block(file, "fastq" if fmt == b"q" else "fasta",
-                      bytes(payload[_BLOCK_HEAD.size:]), first, line, count)
-        skip = skips[file]
-        lo, hi = np.searchsorted(skip, [first, first + count])
-        ids, seqs = parse_block(block, names[file], alphabet, skip[lo:hi].tolist())
+        block = block_from(payload)
+        skip, first = skips[block.file], block.first_index
+        lo, hi = np.searchsorted(skip, [first, first + block.count])
+        ids, seqs = parse_block(block, names[block.file], alphabet, skip[lo:hi].tolist())
         if derive is not None:  # the block's records become the ones derived from them
             ids, seqs = derive(ids, [s.decode("utf-8") for s in seqs])
         for at in range(0, len(ids), size):

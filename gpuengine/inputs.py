@@ -43,7 +43,7 @@ import struct
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -52,6 +52,9 @@ from gpuengine.fasta import StoredRecords, ValidationReport, stream_valid, valid
 from gpuengine.pipe_frames import FRAME, GPUENGINE_ERRORS, child_streams, error_payload, write_frame
 from gpuengine.records import FastaRecord
 from gpuengine.shards import Shard
+
+if TYPE_CHECKING:
+    from gpuengine.validation_workers import SharedPass
 
 LOOKUP_CHUNK = 1024
 """Records per prepared chunk (the planner looks each chunk's ids up in the store at once)."""
@@ -145,15 +148,17 @@ class RecordSource:
 
 def validated_fasta(paths: Sequence[str | os.PathLike], alphabet: frozenset[str] | None, *,
                     skip_invalid: bool, stored: StoredRecords | None,
-                    shard: Shard | None = None, max_residues: int | None = None) -> RecordSource:
+                    shard: Shard | None = None, max_residues: int | None = None,
+                    shared: SharedPass | None = None) -> RecordSource:
     """Validate ``paths`` (InputError on a problem unless ``skip_invalid``; a record whose id
     ``stored`` maps to another sequence is one) and return their valid records. With a
     ``shard``, the whole input is still validated (every shard judges it alike) and the
-    source counts the records of the shard (sequences truncated to ``max_residues``)."""
+    source counts the records of the shard (sequences truncated to ``max_residues``). Large
+    files are validated by child processes as ``shared`` allows."""
     paths = list(paths)
     select = None if shard is None else shard.selector(max_residues)
     report = validate(paths, alphabet=alphabet, skip_invalid=skip_invalid, stored=stored,
-                      select=select)
+                      select=select, shared=shared)
     count, residues = report.valid, report.residues
     if shard is not None:
         count, residues = report.selected or 0, report.selected_residues

@@ -21,7 +21,7 @@ residues too, up to the spread of lengths).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,16 +86,27 @@ class Shard:
 
         return self.holds(sequence_digest(sequence))
 
-    def selector(self, max_residues: int | None) -> Callable[[str], bool]:
+    def selector(self, max_residues: int | None) -> ShardSelector:
         """``select(sequence)``: whether a record with this (untruncated) sequence is in the
         shard once truncated to ``max_residues`` (None: never truncated)."""
+        return ShardSelector(self, max_residues)
+
+
+@dataclass(frozen=True)
+class ShardSelector:
+    """A shard's membership test of sequences (:meth:`Shard.selector`); its fields say what it
+    is, so a validation process can make the same one."""
+
+    shard: Shard
+    max_residues: int | None
+
+    def __call__(self, seq: str) -> bool:
         from gpuengine.store.codec import sequence_digest
 
-        count, index = self.count, self.index
-        if max_residues is None:
-            return lambda seq: int.from_bytes(sequence_digest(seq)[:8], "little") % count == index
-        return lambda seq: (int.from_bytes(sequence_digest(seq[:max_residues])[:8], "little")
-                            % count == index)
+        if self.max_residues is not None:
+            seq = seq[:self.max_residues]
+        digest = sequence_digest(seq)
+        return int.from_bytes(digest[:8], "little") % self.shard.count == self.shard.index
 
 
 def shard_name(index: int, count: int) -> str:

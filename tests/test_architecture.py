@@ -311,7 +311,7 @@ TORCH_FREE = ("gpuengine.scheduler", "gpuengine.packing", "gpuengine.planner", "
               "gpuengine.config", "gpuengine.errors", "gpuengine.vocabulary",
               "gpuengine.records", "gpuengine.progress", "gpuengine.shards", "gpuengine.fastq",
               "gpuengine.blocks", "gpuengine.input_workers", "gpuengine.writer_process",
-              "gpuengine.block_validation")
+              "gpuengine.block_validation", "gpuengine.validation_workers")
 """Never import torch, lazily or not (a package: every module in it)."""
 
 TORCH_FREE_AT_IMPORT = ("gpuengine", "gpuengine.cli", "gpuengine.cli_options",

@@ -244,3 +244,139 @@ def test_problems_kept_up_to_the_cap_and_all_counted(tmp_path, monkeypatch, max_
                                      max_problems=max_problems)
     assert taken == [True, True] and blocks == lines
     assert blocks[0].problem_count == 55 and len(blocks[0].problems) == min(55, max_problems)
+
+
+# -- the first pass shared among validation processes (gpuengine.validation_workers) ----------
+
+def in_processes(monkeypatch, paths, processes=4, **kwargs):
+    """validate() sharing every file among ``processes`` validation processes (blocks of the
+    size the test set): asserts the processes took every file."""
+    from gpuengine import validation_workers
+    from gpuengine.validation_workers import SharedPass
+
+    taken = []
+    real = validation_workers.tally_in_processes
+
+    def spy(*args, **kw):
+        found = real(*args, **kw)
+        taken.append(found is not None)
+        return found
+
+    with monkeypatch.context() as patch:
+        patch.setattr(validation_workers, "tally_in_processes", spy)
+        got = outcome(validate, paths, shared=SharedPass(processes, min_bytes=0), **kwargs)
+    return got, taken
+
+
+def children_of_this_process() -> list[int]:
+    import os
+
+    pids = []
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{task}/children") as fh:
+            pids += [int(p) for p in fh.read().split()]
+    return pids
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("processes", [4, 5])
+def test_processes_give_the_one_process_report(tmp_path, monkeypatch, seed, processes):
+    rng = random.Random(seed)
+    monkeypatch.setattr(block_validation, "BLOCK_BYTES", 256)
+    a = write(tmp_path / "a.fa", messy_fasta(rng, 400))
+    b = write(tmp_path / "b.fa.gz", gzip.compress(messy_fasta(rng, 200).replace("\n", "\r\n")
+                                                  .encode()))
+    q = write(tmp_path / "c.fq", messy_fastq(rng, 200))
+    before = children_of_this_process()
+    for alphabet in (DNA, None):
+        shared, taken = in_processes(monkeypatch, [a, b, q], processes, alphabet=alphabet,
+                                     skip_invalid=True, max_problems=25)
+        assert taken == [True, True, True]
+        _, lines, _ = both_ways(monkeypatch, [a, b, q], alphabet=alphabet, skip_invalid=True,
+                                max_problems=25)
+        assert shared == lines
+        assert shared[0].problem_count > 25 and len(shared[0].problems) == 25
+        assert shared[0].duplicate_records > 0
+    assert children_of_this_process() == before  # every child reaped
+
+
+def test_processes_take_a_shard_as_one_process(tmp_path, monkeypatch):
+    from gpuengine.shards import Shard
+
+    monkeypatch.setattr(block_validation, "BLOCK_BYTES", 512)
+    path = write(tmp_path / "a.fa", messy_fasta(random.Random(9), 600))
+    for max_residues in (None, 7):
+        select = Shard(1, 3).selector(max_residues)
+        shared, taken = in_processes(monkeypatch, [path], alphabet=DNA, skip_invalid=True,
+                                     select=select)
+        one = outcome(validate, [path], alphabet=DNA, skip_invalid=True, select=select)
+        assert taken == [True] and shared == one
+        assert 0 < shared[0].selected < shared[0].valid
+
+
+def test_processes_leave_held_ids_to_the_store_check_here(tmp_path, monkeypatch):
+    monkeypatch.setattr(block_validation, "BLOCK_BYTES", 64)
+    path = write(tmp_path / "a.fa", "".join(f">r{i}\nMK\n" for i in range(40))
+                 + ">a\nMK\n>b x\nGG\n>c\nJ\n>d\nW\n")
+    stored = StoredWithHeld()
+    shared, taken = in_processes(monkeypatch, [path], alphabet=PROTEIN, skip_invalid=True,
+                                 stored=stored)
+    assert taken == [True] and stored.asked == ["a", "b"]
+    line_by_line(monkeypatch)
+    assert shared == outcome(validate, [path], alphabet=PROTEIN, skip_invalid=True,
+                             stored=Stored())
+    assert [p.kind for p in shared[0].problems] == ["store-conflict", "invalid-character"]
+
+
+@pytest.mark.parametrize("data", [
+    b">a\nMK\n" * 200 + b">b\nG\xffG\n" + b">c\nMK\n" * 200,  # not UTF-8 in the middle
+    b"hello\n>a\nMK\n",  # not FASTA
+])
+def test_processes_leave_bad_files_to_the_line_pass(tmp_path, monkeypatch, data):
+    monkeypatch.setattr(block_validation, "BLOCK_BYTES", 64)
+    path = write(tmp_path / "a.fa", data)
+    shared, _ = in_processes(monkeypatch, [path], alphabet=PROTEIN)
+    _, lines, _ = both_ways(monkeypatch, [path], alphabet=PROTEIN)
+    assert shared == lines and shared[0] == "error"
+
+
+def test_small_files_and_other_selections_stay_in_this_process(tmp_path):
+    from gpuengine.shards import Shard
+    from gpuengine.validation_workers import VALIDATION_PROCESS_MIN, SharedPass, takes_on
+
+    eight = SharedPass(8)
+    path = write(tmp_path / "a.fa", ">a\nMK\n")
+    assert not takes_on(path, eight, None)  # below the size
+    assert takes_on(path, SharedPass(8, min_bytes=0), None)
+    big = tmp_path / "big.fa"
+    with open(big, "wb") as fh:
+        fh.truncate(eight.min_bytes)
+    assert takes_on(big, eight, None)
+    assert takes_on(big, eight, Shard(0, 2).selector(None))
+    assert not takes_on(big, None, None)
+    assert not takes_on(big, SharedPass(VALIDATION_PROCESS_MIN - 1), None)
+    assert not takes_on(big, eight, lambda seq: True)
+    assert not takes_on(tmp_path / "missing.fa", eight, None)
+
+
+def test_a_small_file_and_a_shared_one_hash_alike(tmp_path, monkeypatch):
+    """A small file read here and a large one by processes, with ids repeated across them (same
+    and other sequences): one hash for both, so the repeats are found and re-read."""
+    from gpuengine import validation_workers
+    from gpuengine.validation_workers import SharedPass
+
+    monkeypatch.setattr(block_validation, "BLOCK_BYTES", 128)
+    big = write(tmp_path / "big.fa", "".join(f">r{i}\nACGT{'A' * (i % 7)}\n" for i in range(300)))
+    small = write(tmp_path / "small.fa", ">r5\nACGTC\n>r9\nACGTAA\n>z\nAC\n")
+    taken = []
+    real = validation_workers.tally_in_processes
+    with monkeypatch.context() as patch:
+        patch.setattr(validation_workers, "tally_in_processes",
+                      lambda *a, **k: taken.append(a[0]) or real(*a, **k))
+        shared = outcome(validate, [small, big], alphabet=DNA, skip_invalid=True,
+                         shared=SharedPass(4, min_bytes=1000))
+    _, lines, _ = both_ways(monkeypatch, [small, big], alphabet=DNA, skip_invalid=True)
+    assert taken == [big] and shared == lines
+    report = shared[0]
+    assert report.duplicate_records == 1  # r9: the same sequence
+    assert [(p.kind, p.record_id) for p in report.problems] == [("conflicting-duplicate", "r5")]

@@ -189,3 +189,53 @@ def test_a_read_error_of_the_feeder_comes_after_the_blocks_read_before_it(tmp_pa
             for chunk in pool.chunks():
                 ids += chunk.ids
     assert ids == [f"q{i}" for i in range(len(ids))] and ids
+
+
+@pytest.mark.slow
+def test_sigkill_during_shared_validation_leaves_no_validation_process(tiny_pt, tmp_path):
+    """The engine killed while validation processes share the first pass: each of them
+    exits (its input ends) and the store holds nothing, so a rerun starts afresh."""
+    import subprocess
+    import time
+
+    from embed_processes import child_env, command
+    from process_tree import children
+
+    path = tmp_path / "many.fa"
+    with open(path, "w") as fh:
+        for i in range(150_000):
+            fh.write(f">r{i}\nMKVL{'ACDEFGHIKLMNPQRSTVWY'[i % 20] * (i % 40)}\n")
+    out = tmp_path / "store.lmdb"
+    env = dict(child_env(), GPUENGINE_INPUT_PROCESS="1", GPUENGINE_INPUT_PROCESSES="4",
+               GPUENGINE_INPUT_BLOCK_BYTES="2000")
+    proc = subprocess.Popen(command(path, tiny_pt, out), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    seen: list[int] = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(seen) < 4 and proc.poll() is None and time.monotonic() < deadline:
+            for pid in children(proc.pid):
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                        if b"gpuengine.validation_workers" in fh.read() and pid not in seen:
+                            seen.append(pid)
+                except OSError:
+                    pass
+            time.sleep(0.005)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert len(seen) == 4, proc.stderr.read().decode()[-2000:]
+    assert wait_gone(seen), "a validation process outlived the engine"
+    assert not (out / "data.mdb").exists() or committed_nothing(out)
+
+
+def committed_nothing(out) -> bool:
+    from gpuengine import EmbeddingStore
+    from gpuengine.errors import StoreError
+
+    try:
+        with EmbeddingStore(out) as store:
+            return len(store) == 0
+    except StoreError:
+        return True

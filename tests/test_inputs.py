@@ -165,6 +165,34 @@ def test_resumes_a_store_exactly_once(tiny_pt, tmp_path, monkeypatch, spawned):
     assert len(spawned) == 2 * process_count(heavy=False)
 
 
+def test_validation_processes_judge_the_input_as_the_engine_alone(tiny_pt, tmp_path,
+                                                                   monkeypatch):
+    """``GPUENGINE_INPUT_PROCESS=1`` with four processes: the first pass over every file is
+    shared among validation processes (blocks of 300 bytes); over a store holding part of the
+    input, and one id it maps to another sequence, the run counts and stores what a run
+    validating in its own process does."""
+    from gpuengine import validation_workers
+
+    monkeypatch.setenv("GPUENGINE_INPUT_PROCESSES", "4")
+    monkeypatch.setenv("GPUENGINE_INPUT_BLOCK_BYTES", "300")
+    shared = []
+    real = validation_workers.tally_in_processes
+    monkeypatch.setattr(validation_workers, "tally_in_processes",
+                        lambda path, *a: shared.append(path) or real(path, *a))
+    inputs = _inputs(tmp_path)
+    other = write_fasta(tmp_path / "c.fa", [("q3", "MKVLA"), ("new1", "MKKKL")])
+    summaries = {}
+    for mode in (False, True):
+        out = tmp_path / f"{mode}.lmdb"
+        _embed(tiny_pt, inputs[:1], out, input_process=False)
+        summaries[mode] = _embed(tiny_pt, [*inputs, other], out, input_process=mode).to_json()
+    assert shared == [*inputs, other]  # the second run with input processes only
+    for field in SUMMARY:
+        assert summaries[True][field] == summaries[False][field], field
+    assert summaries[True]["already_stored"] > 0 and summaries[True]["invalid_skipped"] == 2
+    _same(_contents(tmp_path / "True.lmdb"), _contents(tmp_path / "False.lmdb"))
+
+
 class _ChangeFileAfterValidation:
     """A progress sink that makes a record invalid once validation has passed."""
 
