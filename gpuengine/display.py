@@ -180,7 +180,8 @@ def print_summary(summary, console: Console | None = None) -> None:
         ("truncated", summary.truncated),
         ("failed", len(summary.failed)),
         ("tokens", summary.tokens),
-        ("wall time", f"{summary.wall_seconds:.1f} s ({summary.embed_seconds:.1f} s embedding)"),
+        ("wall time", f"{summary.wall_seconds:.1f} s ({summary.validate_seconds:.1f} s validating, "
+                      f"{summary.embed_seconds:.1f} s embedding)"),
         ("tokens/s (tokens ÷ embedding time)", f"{summary.tokens_per_second:,.0f}"),
         ("store writes (time; waited after the last batch)",
          f"{summary.commit_transactions} transactions, {summary.commit_seconds:.1f} s; "

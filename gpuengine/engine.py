@@ -136,6 +136,7 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
         if runner_factory is None:  # a simulated device runs what its factory makes
             check_precision(precision, model.fam, config)
         lookup = store.check(config.table, precision, how, model.max_residues)
+        validating = time.perf_counter()
         if records is None:
             progress.stage("validating input")
             # the ids of a store of parts are looked up in every part: from one read
@@ -146,6 +147,7 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
                                           shard=config.shard, max_residues=model.max_residues,
                                           shared=shared_first_pass(config))
         counts = records.counts()
+        validated = time.perf_counter() - validating
         if records.shard is not None:
             progress.stage(f"shard {records.shard.label}: {records.count:,} of "
                            f"{counts['valid_records']:,} records")
@@ -167,7 +169,7 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
                           model.max_residues, precision)
         store.open_table(spec)
         summary = RunSummary(str(config.out), spec.name, model.source.name, weights.synthetic,
-                             **counts)
+                             validate_seconds=validated, **counts)
         run = _Run(config, model, weights, spec, store, records, summary, progress, stop,
                    runner_factory, replicas, completion_records)
         if parts is not None:

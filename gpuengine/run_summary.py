@@ -37,6 +37,9 @@ class RunSummary:
     """Whole run: model resolution, reading, validation, loading, warm-up, embedding, commit."""
     embed_seconds: float = 0.0
     """From the first batch claimed to the last commit (the steady-state part)."""
+    validate_seconds: float = 0.0
+    """The first pass over the input (checks, hashes, repeated ids), before any weights are
+    read."""
     devices: list[dict] = field(default_factory=list)
     commit_transactions: int = 0
     commit_seconds: float = 0.0

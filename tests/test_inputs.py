@@ -190,6 +190,7 @@ def test_validation_processes_judge_the_input_as_the_engine_alone(tiny_pt, tmp_p
     for field in SUMMARY:
         assert summaries[True][field] == summaries[False][field], field
     assert summaries[True]["already_stored"] > 0 and summaries[True]["invalid_skipped"] == 2
+    assert 0 < summaries[True]["validate_seconds"] < summaries[True]["wall_seconds"]
     _same(_contents(tmp_path / "True.lmdb"), _contents(tmp_path / "False.lmdb"))
 
 

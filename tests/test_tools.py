@@ -193,7 +193,8 @@ def test_host_pipeline_dna(tool, monkeypatch, tmp_path, dtype):
     _run(tool("bench_host_dna"), monkeypatch, "--reads", "300", "--out", str(out),
          "--workdir", str(tmp_path), *(["--store-dtype", dtype] if dtype else []))
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert list(row) == HEADER + HOST_FIELDS + ["devices", "cores", "budget", "input_processes",
+    assert list(row) == HEADER + HOST_FIELDS[:8] + ["validate_s"] + HOST_FIELDS[8:] + [
+                                                 "devices", "cores", "budget", "input_processes",
                                                  "writer_process", "writers", "writers_option",
                                                  "store_dtype", "commit_transactions",
                                                  "commit_seconds", "commit_wait_seconds",
@@ -202,6 +203,7 @@ def test_host_pipeline_dna(tool, monkeypatch, tmp_path, dtype):
     assert (row["writers"], row["writers_option"], row["budget"]) == (1, "auto", 4096)
     assert row["store_dtype"] == (dtype or "float32")  # float32: embed's default
     assert row["tokens_per_s"] > row["sequences_per_s"] > 0
+    assert 0 < row["validate_s"] < row["wall_s"]
 
 
 def test_shard_scan(tool, monkeypatch, tmp_path):

@@ -75,6 +75,7 @@ def main() -> None:
         tokens_per_s=summary.tokens / summary.embed_seconds,
         sequences_per_s=summary.embedded / summary.embed_seconds,
         wall_s=summary.wall_seconds, embed_s=summary.embed_seconds,
+        validate_s=summary.validate_seconds,
         sequences=summary.embedded, workdir=str(args.workdir),
         devices=args.devices, cores=cores, budget=args.budget or DEFAULT_CPU_MAX_TOKENS,
         input_processes=process_count(environment().input_processes),
@@ -85,7 +86,8 @@ def main() -> None:
         commit_wait_seconds=summary.commit_wait_seconds,
         main_cpu_us_per_seq=1e6 * summary.main_cpu_seconds / max(1, summary.embedded),
         note="GPU step replaced by a no-op; parse+validate+BPE tokenize+plan+schedule+commit "
-             "(tokens_per_s: model tokens, CLS/SEP included)")
+             "(tokens_per_s: model tokens, CLS/SEP included; the rates are of the embedding "
+             "phase, embed_s; validate_s: the first pass over the input before it)")
     print(json.dumps(rec))
 
 
