@@ -39,9 +39,10 @@ row["variant"] = variant
 row["note"] = "A/B (same machine, alternated): " + row.get("note", "")
 with open(out, "a") as f:
     f.write(json.dumps(row) + "\n")
+validated = row.get("validate_s", row["wall_s"] - row["embed_s"])  # before: an upper bound
 print(f"{variant:12s} {row['commit']} {row['sequences_per_s'] / 1e3:8.1f} k/s  engine "
       f"{row['main_cpu_us_per_seq']:5.2f} us/read  embed {row['embed_s']:5.1f} s  "
-      f"commits {row['commit_seconds']:5.1f} s", flush=True)
+      f"validate {validated:4.1f} s  commits {row['commit_seconds']:5.1f} s", flush=True)
 PY
 }
 # a first run of the earlier tree makes the input and warms the caches; not recorded
