@@ -247,3 +247,16 @@ def test_host_ab_alternates_two_trees_into_one_results_file(tmp_path):
     unknown = subprocess.run(["bash", "tools/bench_host_ab.sh"], cwd=ROOT, capture_output=True,
                              text=True, env=dict(env, VARIANTS="after-x2"))
     assert unknown.returncode == 2 and "unknown variant" in unknown.stderr
+
+
+def test_lmdb_values(tool, monkeypatch, tmp_path):
+    """``bench_lmdb_values.py``: every put written (the file holds them), one row."""
+    out = tmp_path / "results.jsonl"
+    _run(tool("bench_lmdb_values"), monkeypatch, "--value-bytes", "1536", "--puts", "2000",
+         "--per-txn", "500", "--out", str(out), "--workdir", str(tmp_path))
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (row["commit"], row["system"], row["value_bytes"], row["sync"]) == (
+        "testcommit", "lmdb", 1536, True)
+    assert row["puts_per_s"] > 0 and row["file_gb"] * 1e9 > 2000 * 1536
+    assert row["written_gb"] * 1e9 >= 2000 * 1536 or row["written_gb"] == 0  # (tmpfs: none)
+    assert not (tmp_path / "lmdb-values").exists()
