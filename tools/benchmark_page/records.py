@@ -17,12 +17,13 @@ PROFILE_RUN = "PROFILE RUN"  # in a row's note: timed under a profiler, kept for
 
 def load(path: Path) -> list[dict]:
     """The log's rows, less those marked PROFILE RUN (their timings include the sampler's
-    overhead: never a result, so no table or figure may pick them)."""
+    overhead: never a result, so no table or figure may pick them) and those of benchmarks
+    that run no model (``tools/bench_lmdb_values.py``: LMDB alone, quoted in the text)."""
     recs = []
     for i, line in enumerate(path.read_text().splitlines()):
         if line.strip():
             r = json.loads(line)
-            if PROFILE_RUN in r.get("note", ""):
+            if PROFILE_RUN in r.get("note", "") or "model" not in r:
                 continue
             r["_t"] = dt.datetime.fromisoformat(r["date"])
             r["_i"] = i
