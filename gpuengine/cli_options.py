@@ -85,7 +85,9 @@ Fp8Gemms = Annotated[Optional[str], typer.Option(
 
 # -- what to store (embed, serve) -------------------------------------------------------------
 
-StoreDtype = Annotated[str, typer.Option("--store-dtype", help="float32 or float16.")]
+StoreDtype = Annotated[str, typer.Option(
+    "--store-dtype", help="float32 or float16 (half the store's size; LMDB commits its "
+    "float16 vectors slower, so an 8-GPU DNABERT-S run may wait on the store).")]
 
 # -- what to print (embed, predict; verbose also serve) ---------------------------------------
 
