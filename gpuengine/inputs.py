@@ -43,13 +43,13 @@ import struct
 import sys
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from gpuengine.errors import InternalError
 from gpuengine.fasta import StoredRecords, ValidationReport, stream_valid, validate
-from gpuengine.pipe_frames import FRAME, GPUENGINE_ERRORS, child_streams, error_payload, write_frame
+from gpuengine.pipe_frames import FRAME, child_main
 from gpuengine.records import FastaRecord
 from gpuengine.shards import Shard
 
@@ -416,22 +416,15 @@ def _make_tokenizer(spec: dict):
 # ----------------------------------------------------------------------------- child side
 
 
-def main() -> int:
-    inp, out = child_streams(out_buffering=1 << 20)
-    try:
-        from gpuengine.input_workers import serve
+def _serve(inp: BinaryIO, out: BinaryIO) -> None:
+    from gpuengine.input_workers import serve  # an import error, too, reaches the engine
 
-        serve(inp, out)
-    except BrokenPipeError:
-        return 1  # the engine is gone
-    except BaseException as exc:  # noqa: BLE001 - reported to the engine, which raises it
-        try:
-            write_frame(out, b"FAIL", error_payload(exc, GPUENGINE_ERRORS))
-            out.flush()
-        except OSError:
-            pass
-        return 1
-    return 0
+    serve(inp, out)
+
+
+def main() -> int:
+    """An input process (``python -m gpuengine.inputs``)."""
+    return child_main(_serve)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import signal
 import struct
 import subprocess
 import traceback
-from typing import BinaryIO, Mapping, Sequence
+from typing import BinaryIO, Callable, Mapping, Sequence
 
 from gpuengine import errors
 from gpuengine.errors import GpuEngineError, InternalError
@@ -168,6 +168,30 @@ def close_pipes(proc: subprocess.Popen) -> None:
             pipe.close()
         except OSError:
             pass
+
+
+def child_main(serve: Callable[[BinaryIO, BinaryIO], None], *, out_buffering: int = 1 << 20,
+               raisable: Mapping[str, type[BaseException]] = GPUENGINE_ERRORS,
+               setup: Callable[[], None] | None = None) -> int:
+    """A child's life (its ``main``): :func:`child_streams`, ``setup()``, then ``serve(frames
+    in, frames out)``; exit status 0 when it returns, 1 when the engine is gone (a broken
+    pipe) or on an error, which goes to the engine as a ``FAIL`` frame (``raisable``: the
+    classes the engine raises again by name) after what the child had written."""
+    inp, out = child_streams(out_buffering)
+    if setup is not None:
+        setup()
+    try:
+        serve(inp, out)
+    except BrokenPipeError:
+        return 1  # the engine is gone
+    except BaseException as exc:  # noqa: BLE001 - reported to the engine, which raises it
+        try:
+            out.flush()
+            write_all(out.fileno(), frame(b"FAIL", [error_payload(exc, raisable)]))
+        except OSError:
+            pass
+        return 1
+    return 0
 
 
 def child_streams(out_buffering: int) -> tuple[BinaryIO, BinaryIO]:

@@ -50,9 +50,9 @@ from gpuengine.block_validation import FileTally, take_block
 from gpuengine.blocks import block_frame, block_from, read_blocks
 from gpuengine.errors import InputError, InternalError
 from gpuengine.fasta import _compile_alphabet, StoredRecords
-from gpuengine.pipe_frames import (GPUENGINE_ERRORS, child_streams, close_pipes, error_from,
-                                   error_payload, how_it_ended, read_frame, start_child,
-                                   write_all, write_frame)
+from gpuengine.pipe_frames import (GPUENGINE_ERRORS, child_main, close_pipes, error_from,
+                                   how_it_ended, read_frame, start_child, write_all,
+                                   write_frame)
 from gpuengine.records import RecordProblem
 from gpuengine.shards import Shard, ShardSelector
 
@@ -262,19 +262,8 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
 
 
 def main() -> int:
-    inp, out = child_streams(out_buffering=1 << 20)
-    try:
-        serve(inp, out)
-    except BrokenPipeError:
-        return 1  # the engine is gone
-    except BaseException as exc:  # noqa: BLE001 - reported to the engine, which raises it
-        try:
-            write_frame(out, b"FAIL", error_payload(exc, GPUENGINE_ERRORS))
-            out.flush()
-        except OSError:
-            pass
-        return 1
-    return 0
+    """A validation process (``python -m gpuengine.validation_workers``)."""
+    return child_main(serve)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from typing import BinaryIO, Sequence
 
 from gpuengine.committer import MAX_TRANSACTION_BYTES, CommitCounts
 from gpuengine.errors import GpuEngineError, InternalError, StoreError
-from gpuengine.pipe_frames import (GPUENGINE_ERRORS, child_streams, close_pipes, error_from,
+from gpuengine.pipe_frames import (GPUENGINE_ERRORS, child_main, close_pipes, error_from,
                                    error_payload, frame, how_it_ended, read_frame, start_child,
                                    write_all)
 from gpuengine.store.commit_group import CommitPart, embedded_digest_lists
@@ -361,19 +361,8 @@ def _die_with_parent() -> None:
 
 
 def main() -> int:
-    inp, out = child_streams(out_buffering=0)
-    _die_with_parent()
-    try:
-        serve(inp, out)
-    except BrokenPipeError:
-        return 1  # the engine is gone
-    except BaseException as exc:  # noqa: BLE001 - reported to the engine, which raises it
-        try:
-            write_all(out.fileno(), frame(b"FAIL", [error_payload(exc, _RAISABLE)]))
-        except OSError:
-            pass
-        return 1
-    return 0
+    """The store writer process (``python -m gpuengine.writer_process``)."""
+    return child_main(serve, out_buffering=0, raisable=_RAISABLE, setup=_die_with_parent)
 
 
 if __name__ == "__main__":

@@ -380,3 +380,18 @@ def test_a_small_file_and_a_shared_one_hash_alike(tmp_path, monkeypatch):
     report = shared[0]
     assert report.duplicate_records == 1  # r9: the same sequence
     assert [(p.kind, p.record_id) for p in report.problems] == [("conflicting-duplicate", "r5")]
+
+
+def test_a_failing_validation_process_reports_its_error_as_a_bug():
+    """A child's error reaches the engine as a FAIL frame (after what it wrote) and is raised
+    there as an InternalError naming the validation process; the child is reaped."""
+    from gpuengine.errors import InternalError
+    from gpuengine.validation_workers import _Child
+
+    child = _Child(b"{not json")
+    try:
+        with pytest.raises(InternalError, match="validation process.*JSONDecodeError"):
+            child.answer()
+        assert child.proc.wait(timeout=30) == 1
+    finally:
+        child.close()
