@@ -38,18 +38,23 @@ def outcome(fn, *args, **kwargs):
     return report, [p.describe() for p in report.problems]
 
 
-def both_ways(monkeypatch, paths, **kwargs):
-    """validate() read as blocks, then line by line: asserts the block pass ran."""
-    taken = []
-    real = block_validation.first_pass_blocks
+def spy_on(patch, module, name: str) -> list[bool]:
+    """Replace the first pass ``module.name`` by a spy; per call, whether it took the file."""
+    taken, real = [], getattr(module, name)
 
     def spy(*args, **kw):
         found = real(*args, **kw)
         taken.append(found is not None)
         return found
 
+    patch.setattr(module, name, spy)
+    return taken
+
+
+def both_ways(monkeypatch, paths, **kwargs):
+    """validate() read as blocks, then line by line: asserts the block pass ran."""
     with monkeypatch.context() as patch:
-        patch.setattr(block_validation, "first_pass_blocks", spy)
+        taken = spy_on(patch, block_validation, "first_pass_blocks")
         blocks = outcome(validate, paths, **kwargs)
     with monkeypatch.context() as patch:
         line_by_line(patch)
@@ -254,16 +259,8 @@ def in_processes(monkeypatch, paths, processes=4, **kwargs):
     from gpuengine import validation_workers
     from gpuengine.validation_workers import SharedPass
 
-    taken = []
-    real = validation_workers.tally_in_processes
-
-    def spy(*args, **kw):
-        found = real(*args, **kw)
-        taken.append(found is not None)
-        return found
-
     with monkeypatch.context() as patch:
-        patch.setattr(validation_workers, "tally_in_processes", spy)
+        taken = spy_on(patch, validation_workers, "tally_in_processes")
         got = outcome(validate, paths, shared=SharedPass(processes, min_bytes=0), **kwargs)
     return got, taken
 
