@@ -31,7 +31,9 @@ class Environment:
     """``NOTIFY_SOCKET``: systemd's notification socket (empty: not under systemd)."""
     input_process: bool | None = None
     """``GPUENGINE_INPUT_PROCESS=1`` / ``0``: read the input FASTA in a child process always /
-    never, where :attr:`EmbedConfig.input_process` leaves it open (unset: by input size)."""
+    never, where :attr:`EmbedConfig.input_process` leaves it open (unset: by input size); its
+    validation too (``1``: every file shared among validation processes, ``0``: none; unset:
+    files of 32 MiB or more)."""
     input_processes: int | None = None
     """``GPUENGINE_INPUT_PROCESSES=N`` (1 to 32): how many input processes read the input
     (unset: by cores, :func:`gpuengine.input_workers.process_count`)."""
