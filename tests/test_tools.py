@@ -41,7 +41,8 @@ def tool(monkeypatch):
 def test_every_script_is_listed():
     assert {"bench_common", "bench_dnabert", "bench_esm", "bench_fp8", "bench_host_dna",
             "bench_kernels", "bench_merge", "bench_predict", "bench_replicas", "bench_serve",
-            "bench_shard_scan", "bench_startup", "bench_writer", "host_stage_costs",
+            "bench_lmdb_values", "bench_shard_scan", "bench_startup", "bench_writer",
+            "host_stage_costs",
             "make_checkpoint",
             "plot_benchmarks", "pyspy_summary", "repro_cpu_fidelity"} == set(SCRIPTS)
 
