@@ -105,7 +105,7 @@ def fair_esm(page: PageRecords) -> list[str]:
 
 def host_pipeline(page: PageRecords) -> list[str]:
     """The host pipeline with the GPU step a no-op: every record (a run may measure
-    settings side by side)."""
+    settings side by side; a row rebuilt from a call's printed output may lack its times)."""
     recs, order, models = page.recs, page.order, page.models
     out = []
     rows = []
@@ -115,9 +115,10 @@ def host_pipeline(page: PageRecords) -> list[str]:
             for wl in WORKLOADS:
                 for hp in (r for r in recs if (r["commit"], r.get("model"), r.get("workload"), r["system"])
                            == (c_, m, wl, "gpuengine-host")):
+                    seconds = [f"{hp[k]:.1f}" if k in hp else "—" for k in ("wall_s", "embed_s")]
                     rows.append([f"`{c_}`", short_model(m), wl, host_setting(hp), fmt_int(hp["sequences"]),
-                                 f"{hp['wall_s']:.1f}", f"{hp['embed_s']:.1f}",
-                                 f"**{fmt_int(hp['sequences_per_s'])}**", fmt_int(hp["tokens_per_s"]),
+                                 *seconds, f"**{fmt_int(hp['sequences_per_s'])}**",
+                                 fmt_int(hp["tokens_per_s"]) if "tokens_per_s" in hp else "—",
                                  f"{hp['sequences_per_s'] / GOAL_HOST * 100:.0f} %"])
     out.append("### Host pipeline (GPU step replaced by a no-op)\n\n" + table(
         ["run", "model (dim of the zero vectors)", "workload", "setting", "sequences", "wall s", "pipeline s", "sequences/s",
