@@ -69,11 +69,13 @@ def test_profile_runs_and_writer_settings_stay_out_of_results(page, tmp_path):
             dict(base, system="gpuengine-host", model="dnabert-s", workload="dna150", cores=16,
                  devices=8, input_processes=14, writer_process="auto"),
             dict(base, system="gpuengine-host", model="dnabert-s", workload="dna150", cores=16,
-                 devices=8, input_processes=14, writer_process="0")]
+                 devices=8, input_processes=14, writer_process="0"),
+            dict(base, system="lmdb", value_bytes=3072, puts_per_s=1.0)]  # runs no model
     log = tmp_path / "results.jsonl"
     log.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
     recs = records.load(log)
     assert [r["workload"] for r in recs if r["system"] == "gpuengine-predict"] == ["reads150-1M"]
+    assert "lmdb" not in {r["system"] for r in recs}
     curve = records.host_curve_rows(recs)
     assert [r["writer_process"] for r in curve] == ["auto"]
     settings = [records.host_setting(r) for r in recs if r["system"] == "gpuengine-host"]
@@ -85,3 +87,16 @@ def test_the_real_log_shows_no_profile_run(page):
     markdown, load = page[0].markdown, page[1].load
     text = markdown(load(LOG), [])
     assert "e06cec5` | reads150-200k" not in text
+
+
+def test_a_host_row_without_times_shows_dashes(page):
+    """A host row rebuilt from a call's printed output (rate, no wall or embedding time) is
+    in the host table with dashes where its times would be."""
+    from benchmark_page.engine_tables import host_pipeline
+
+    records = page[1]
+    recs = records.load(LOG)
+    row = next(r for r in recs if r["commit"] == "42def9b" and "wall_s" not in r)
+    table = "\n".join(host_pipeline(records.PageRecords(recs)))
+    assert "| `42def9b` | dnabert-s | dna150 |" in table and "| — | — | **162 518** | — |" in table
+    assert row["sequences_per_s"] == 162518
