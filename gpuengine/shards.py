@@ -21,8 +21,8 @@ residues too, up to the spread of lengths).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -99,14 +99,20 @@ class ShardSelector:
 
     shard: Shard
     max_residues: int | None
+    _test: Callable[[str], bool] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        from gpuengine.store.codec import partition_of, sequence_digest
+
+        count, index, limit = self.shard.count, self.shard.index, self.max_residues
+        if limit is None:
+            test = lambda seq: partition_of(sequence_digest(seq), count) == index  # noqa: E731
+        else:
+            test = lambda seq: partition_of(sequence_digest(seq[:limit]), count) == index  # noqa: E731
+        object.__setattr__(self, "_test", test)  # resolved once: it is asked of every record
 
     def __call__(self, seq: str) -> bool:
-        from gpuengine.store.codec import sequence_digest
-
-        if self.max_residues is not None:
-            seq = seq[:self.max_residues]
-        digest = sequence_digest(seq)
-        return int.from_bytes(digest[:8], "little") % self.shard.count == self.shard.index
+        return self._test(seq)
 
 
 def shard_name(index: int, count: int) -> str:
