@@ -180,6 +180,14 @@ class EmbedConfig:
                                          or not 1 <= self.writers <= MAX_WRITERS):
             raise UsageError(f"--writers must be 1 to {MAX_WRITERS} (got {self.writers!r})")
 
+    @property
+    def input_in_processes(self) -> bool | None:
+        """Whether the input is read (and its first pass shared) in child processes: this
+        config's :attr:`input_process`, else the environment's; None: by input size."""
+        if self.input_process is not None:
+            return self.input_process
+        return self.env.input_process
+
     def effective_max_residues(self, family_default: int | None) -> int | None:
         return family_default if self.max_residues == -1 else self.max_residues
 

@@ -226,12 +226,10 @@ class _Run:
 
     def execute(self) -> None:
         try:
-            choice = self.config.input_process
-            if choice is None:
-                choice = self.config.env.input_process
             # started before the devices, so a reader process's start-up overlaps theirs
             self.reader = open_input(self.records, self.tokenizer, self.spec.max_residues,
-                                     choice, _EitherEvent(self.stop, self.halt),
+                                     self.config.input_in_processes,
+                                     _EitherEvent(self.stop, self.halt),
                                      processes=self.config.env.input_processes,
                                      block_bytes=self.config.env.input_block_bytes,
                                      key_prefixes=[self.spec.embedding_key_prefix(o)
@@ -578,9 +576,7 @@ def shared_first_pass(config: EmbedConfig) -> SharedPass | None:
     (``GPUENGINE_INPUT_PROCESS=1``); none where never (``=0``)."""
     from gpuengine.input_workers import process_count
 
-    choice = config.input_process
-    if choice is None:
-        choice = config.env.input_process
+    choice = config.input_in_processes
     if choice is False:
         return None
     shared = SharedPass(process_count(config.env.input_processes, heavy=True),
