@@ -41,8 +41,8 @@ import os
 import struct
 import sys
 import threading
+import queue
 import zlib
-from collections import deque
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
@@ -55,6 +55,7 @@ from gpuengine.pipe_frames import (GPUENGINE_ERRORS, child_main, close_pipes, er
                                    write_frame)
 from gpuengine.records import RecordProblem
 from gpuengine.shards import Shard, ShardSelector
+
 
 @dataclass(frozen=True)
 class SharedPass:
@@ -77,7 +78,7 @@ on the 2-core machine took 1.45 s over 1 M 150-bp reads where one process took 1
 _TALLY_HEAD = struct.Struct("<QQ8Q")
 """A ``TALY`` frame's head: records, residues, then the byte length of each section: id hashes,
 sequence hashes, indices, lengths, selected, skipped, problems (JSON), the valid records' ids
-(joined by ``\n``)."""
+(joined by ``\\n``)."""
 
 
 def encode_tally(tally: FileTally, ids: list[bytes]) -> bytes:
@@ -91,7 +92,7 @@ def encode_tally(tally: FileTally, ids: list[bytes]) -> bytes:
 
 
 def decode_tally(payload: bytearray, max_problems: int) -> tuple[FileTally, bytes]:
-    """(the block's tally, its valid ids joined by ``\n``) of a ``TALY`` payload."""
+    """(the block's tally, its valid ids joined by ``\\n``) of a ``TALY`` payload."""
     records, residues, *sizes = _TALLY_HEAD.unpack_from(payload)
     at, parts = _TALLY_HEAD.size, []
     for size in sizes:
@@ -100,8 +101,8 @@ def decode_tally(payload: bytearray, max_problems: int) -> tuple[FileTally, byte
     id_hashes, seq_hashes, indices, lengths, selected, skipped, problems, ids = parts
     tally = FileTally(records=records, residues=residues, id_hashes=id_hashes,
                       seq_hashes=seq_hashes, selected=selected,
-                      problems=[RecordProblem(**p) for p in json.loads(problems)] if
-                      len(problems) > 2 else [], max_problems=max_problems, stable=True)
+                      problems=[RecordProblem(**p) for p in json.loads(problems)],
+                      max_problems=max_problems, stable=True)
     tally.indices.frombytes(indices)
     tally.lengths.frombytes(lengths)
     tally.skipped.frombytes(skipped)
@@ -176,7 +177,7 @@ def tally_in_processes(path: str | os.PathLike, number: int, name: str,
         "max_problems": max_problems}).encode("utf-8")
     fast = None if alphabet is None else _compile_alphabet(alphabet)[1]
     children: list[_Child] = []
-    sent: deque = deque()  # blocks sent and not yet answered, in order (for a re-take)
+    sent: queue.SimpleQueue = queue.SimpleQueue()  # blocks sent, in order; None: no more
     stop = threading.Event()
     failure: list[BaseException] = []
 
@@ -186,7 +187,7 @@ def tally_in_processes(path: str | os.PathLike, number: int, name: str,
             for block in read_blocks(path, number, block_bytes):
                 if stop.is_set():
                     return
-                sent.append(block)
+                sent.put(block)
                 write_all(children[b % len(children)].proc.stdin.fileno(), block_frame(block))
                 b += 1
         except BaseException as exc:  # noqa: BLE001 - the collector decides (in order)
@@ -197,6 +198,7 @@ def tally_in_processes(path: str | os.PathLike, number: int, name: str,
                     child.proc.stdin.close()
                 except OSError:
                     pass
+            sent.put(None)
 
     tally = FileTally(max_problems=max_problems, stable=True)
     feeder = threading.Thread(target=feed, name="gpuengine-validation-feeder", daemon=True)
@@ -205,12 +207,7 @@ def tally_in_processes(path: str | os.PathLike, number: int, name: str,
             children.append(_Child(conf))
         feeder.start()
         b = 0
-        while True:
-            while not sent and feeder.is_alive():
-                feeder.join(0.01)  # the next block is still being read
-            if not sent:
-                break  # every block answered
-            block = sent.popleft()
+        while (block := sent.get()) is not None:  # kept for a re-take with the store
             tag, payload = children[b % len(children)].answer()
             b += 1
             if tag == b"LINE":
