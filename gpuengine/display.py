@@ -13,7 +13,7 @@ from collections import deque
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, Task, TaskID,
-                           TaskProgressColumn, TextColumn, TimeElapsedColumn)
+                           TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
 

@@ -47,3 +47,22 @@ def test_rich_logging_goes_to_stderr_with_the_same_levels(capsys, root_logging):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "shown" in captured.err and "not shown" not in captured.err
+
+
+def test_merge_bar_on_a_terminal_draws_its_bar(monkeypatch):
+    """``gpuengine merge``'s bar where stderr is a terminal: it starts, advances and stops
+    (its time-remaining column was used without being imported: a NameError mid-merge)."""
+    import io
+
+    from rich.console import Console
+
+    from gpuengine import display
+
+    out = io.StringIO()
+    monkeypatch.setattr(display, "stderr", Console(file=out, force_terminal=True, width=100))
+    bar = display.MergeBar()
+    assert bar.live
+    bar.start("merging", 10)
+    bar.advance(4, nbytes=4096)
+    bar.close()
+    assert "merging" in out.getvalue()
