@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from operator import itemgetter
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 
 class Ledger:
@@ -45,10 +45,16 @@ class Ledger:
         return self.claim_columns(list(map(_first, entries)), list(map(_second, entries)), stored)
 
     def claim_columns(self, digests: list[bytes], ids: list[str],
-                      stored: Callable[[list[bytes]], list[bool]]) -> list[str]:
+                      stored: Callable[[list[bytes]], list[bool]],
+                      maybe_seen: Sequence[int] | None = None) -> list[str]:
         """:meth:`claim_many` of the entries ``zip(digests, ids)``, given as the two columns
-        (the planner's: no pair is made per record when every digest is new)."""
-        fresh = self._claim_fresh(digests, ids, stored)
+        (the planner's: no pair is made per record when every digest is new).
+
+        ``maybe_seen``: the positions of the digests that may be in flight or stored, when
+        the caller knows that the others are neither (the planner's filter of every digest
+        it claimed, on a table that held no embedding when the run started): the others
+        are not looked up in the ledger nor asked about. None: any may be."""
+        fresh = self._claim_fresh(digests, ids, stored, maybe_seen)
         if fresh is not None:
             return fresh
         out: list[str | None] = [None] * len(digests)
@@ -57,12 +63,14 @@ class Ledger:
                 out[i] = self._join(digest, record_id)
         unknown = [i for i, decision in enumerate(out) if decision is None]
         if unknown:
-            present = stored([digests[i] for i in unknown])
+            asked = unknown if maybe_seen is None else sorted(set(unknown).intersection(maybe_seen))
+            present = dict(zip(asked, stored([digests[i] for i in asked]))) if asked else {}
             with self.lock:
-                for i, is_stored in zip(unknown, present):
+                for i in unknown:
                     digest, record_id = digests[i], ids[i]
                     decision = self._join(digest, record_id)  # a repeat within the entries
                     if decision is None:
+                        is_stored = present.get(i, False)
                         decision = "stored" if is_stored else "new"
                         if not is_stored:
                             self._pending[digest] = (record_id,)
@@ -70,26 +78,36 @@ class Ledger:
         return out  # type: ignore[return-value]
 
     def _claim_fresh(self, digests: list[bytes], ids: list[str],
-                     stored: Callable[[list[bytes]], list[bool]]) -> list[str] | None:
+                     stored: Callable[[list[bytes]], list[bool]],
+                     maybe_seen: Sequence[int] | None) -> list[str] | None:
         """:meth:`claim_columns` when no digest is in flight or given twice (the common case:
         a chunk of distinct new sequences), decided with set operations instead of a step
-        per entry; None when that is not so (nothing changed then)."""
+        per entry, on the digests that may be in flight or stored only; None when that is
+        not so (nothing changed then)."""
         distinct = set(digests)
         if len(distinct) != len(digests):
             return None
-        with self.lock:
-            if not (self._pending.keys().isdisjoint(distinct)
-                    and self._committing.isdisjoint(distinct)):
-                return None
-        # none of them can come in flight meanwhile: only the planner's thread claims
-        present = stored(digests)
+        asked = digests if maybe_seen is None else list(map(digests.__getitem__, maybe_seen))
+        present: list[bool] = []
+        if asked:
+            with self.lock:
+                if not (self._pending.keys().isdisjoint(asked)
+                        and self._committing.isdisjoint(asked)):
+                    return None
+            # none of them can come in flight meanwhile: only the planner's thread claims
+            present = stored(asked)
         with self.lock:
             if not any(present):
                 self._pending.update(zip(digests, zip(ids)))
                 return ["new"] * len(digests)
-            self._pending.update((digest, (record_id,)) for digest, record_id, is_stored
-                                 in zip(digests, ids, present) if not is_stored)
-        return ["stored" if is_stored else "new" for is_stored in present]
+            out = ["new"] * len(digests)
+            for i, is_stored in zip(range(len(digests)) if maybe_seen is None else maybe_seen,
+                                    present):
+                if is_stored:
+                    out[i] = "stored"
+            self._pending.update((digest, (record_id,)) for digest, record_id, decision
+                                 in zip(digests, ids, out) if decision == "new")
+        return out
 
     def _join(self, digest: bytes, record_id: str) -> str | None:
         """'pending' or 'committing' for a digest in flight (holding the lock), else None."""

@@ -88,10 +88,11 @@ class Planner:
     unique in validated input), so the per-record id lookups are skipped."""
     claimed: DigestFilter | None = field(init=False)
     """Only when the table held no embedding when the run started: every digest this run
-    has looked up. Only this run's commits add embeddings then, so a digest the filter has
-    never seen is not stored, and only the others are looked up. (Another process filling
-    the same table at the same time may then see a sequence computed twice, as it already
-    could between a lookup and the commit; no id is lost or mapped twice.)"""
+    has claimed. Only this run's commits add embeddings then, so a digest the filter has
+    never seen is neither in flight nor stored, and only the others are looked up in the
+    ledger and the table. (Another process filling the same table at the same time may
+    then see a sequence computed twice, as it already could between a lookup and the
+    commit; no id is lost or mapped twice.)"""
     counts: PlanCounts = field(default_factory=PlanCounts)
 
     def __post_init__(self) -> None:
@@ -164,7 +165,11 @@ class Planner:
         """The ledger's decision for each (digest, id): positions to compute (None: all of
         them), and the aliases of sequences being committed or already stored (others wait
         for an earlier claim)."""
-        decisions = self.ledger.claim_columns(digests, ids, self._stored)
+        maybe_seen = None
+        if self.claimed is not None:  # the chunk's digests are claimed now
+            maybe_seen = np.flatnonzero(self.claimed.maybe_then_add(digests)).tolist()
+        decisions = self.ledger.claim_columns(digests, ids, self.lookup.has_embeddings,
+                                              maybe_seen)
         if decisions.count("new") == len(decisions):
             return None, []
         new: list[int] = []
@@ -186,14 +191,3 @@ class Planner:
             self.submit(items, n_tokens)
         if aliases:
             self.alias(aliases)
-
-    def _stored(self, digests: list[bytes]) -> list[bool]:
-        """Whether each digest (none in flight) has its embeddings stored."""
-        if self.claimed is None:
-            return self.lookup.has_embeddings(digests)
-        maybe = np.flatnonzero(self.claimed.maybe_then_add(digests))  # the new ones are
-        stored = np.zeros(len(digests), bool)                           # claimed now
-        if len(maybe):
-            at = maybe.tolist()
-            stored[at] = self.lookup.has_embeddings(list(map(digests.__getitem__, at)))
-        return stored.tolist()

@@ -109,3 +109,27 @@ def test_concurrent_planner_loop_and_committer_compute_each_digest_once():
         thread.join(30)
     assert sorted(news) == sorted(digests)  # each computed once
     assert sorted(handed) == sorted(record_id for _, record_id in claims)  # each id once
+
+
+def test_digests_outside_maybe_seen_are_new_without_a_question():
+    """With ``maybe_seen`` the store is asked only about those positions (not in flight);
+    the other digests are new, in the fresh path and in the one with repeats alike."""
+    ledger = Ledger()
+    asked: list[list[bytes]] = []
+
+    def stored(digests):
+        asked.append(list(digests))
+        return [d == b"old" for d in digests]
+
+    ledger.claim_columns([b"a"], ["a1"], stored, maybe_seen=[])
+    assert asked == []
+    decisions = ledger.claim_columns([b"b", b"old", b"c"], ["b1", "o1", "c1"], stored,
+                                     maybe_seen=[1])
+    assert decisions == ["new", "stored", "new"] and asked == [[b"old"]]
+    asked.clear()
+    decisions = ledger.claim_columns([b"d", b"a", b"old", b"d", b"e"],
+                                     ["d1", "a2", "o2", "d2", "e1"], stored, maybe_seen=[1, 2])
+    assert decisions == ["new", "pending", "stored", "pending", "new"]
+    assert asked == [[b"old"]]  # b"a" was in flight, b"d" and b"e" outside maybe_seen
+    assert ledger.to_committing_many([b"a", b"b", b"c", b"d", b"e"]) == [
+        ("a1", "a2"), ("b1",), ("c1",), ("d1", "d2"), ("e1",)]

@@ -44,15 +44,40 @@ class _EmptyTable:
 
 def test_only_digests_seen_before_are_looked_up_and_each_answer_is_its_own():
     table = _EmptyTable()
-    planner = Planner(ledger=Ledger(), lookup=table, submit=lambda items, n_tokens: None,
+    ledger = Ledger()
+    planner = Planner(ledger=ledger, lookup=table, submit=lambda items, n_tokens: None,
                       alias=lambda pairs: None, stop=threading.Event(), expected_records=10_000)
     seen = [os.urandom(16) for _ in range(2000)]
-    assert planner._stored(seen) == [False] * len(seen)
+    assert planner._claim(seen, [f"s{i}" for i in range(len(seen))]) == (None, [])
+    assert table.asked == []  # none claimed before: none looked up
+    ledger.to_committing_many(seen)
+    ledger.committed(seen)
     table.stored = {seen[5], seen[700]}
-    table.asked.clear()
     unseen = [os.urandom(16) for _ in range(2000)]
     digests = unseen[:1000] + seen[:1000] + unseen[1000:]
-    answers = planner._stored(digests)
-    assert answers == [d in table.stored for d in digests]
+    ids = [f"r{i}" for i in range(len(digests))]
+    new, aliases = planner._claim(digests, ids)
+    stored_at = [i for i, d in enumerate(digests) if d in table.stored]
+    assert new == [i for i in range(len(digests)) if i not in stored_at]
+    assert aliases == [(digests[i], ids[i]) for i in stored_at]
     assert set(seen[:1000]) <= set(table.asked)  # every digest seen before is looked up
     assert len(table.asked) < 1000 + 0.05 * len(unseen)  # and few others (false positives)
+
+
+def test_a_repeat_of_a_digest_in_flight_joins_it_with_the_filter():
+    """Digests the filter has seen are looked up in the ledger: a repeat of one pending
+    joins it, of one committing becomes an alias; a repeat within the chunk joins the first."""
+    table = _EmptyTable()
+    ledger = Ledger()
+    planner = Planner(ledger=ledger, lookup=table, submit=lambda items, n_tokens: None,
+                      alias=lambda pairs: None, stop=threading.Event(), expected_records=10_000)
+    pending, committing = os.urandom(16), os.urandom(16)
+    assert planner._claim([pending, committing], ["p1", "c1"]) == (None, [])
+    ledger.to_committing_many([committing])
+    fresh = [os.urandom(16) for _ in range(500)]
+    digests = [*fresh[:200], pending, *fresh[200:], committing, fresh[3]]
+    ids = [f"r{i}" for i in range(len(digests))]
+    new, aliases = planner._claim(digests, ids)
+    assert new == list(range(200)) + list(range(201, 501))  # all fresh ones, once
+    assert aliases == [(committing, "r501")]
+    assert ledger.to_committing_many([pending, fresh[3]]) == [("p1", "r200"), ("r3", "r502")]
