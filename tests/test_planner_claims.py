@@ -5,12 +5,23 @@ records."""
 from __future__ import annotations
 
 import os
+import queue
+import random
 import threading
+import time
+from types import SimpleNamespace
 
 import numpy as np
 
+from gpuengine import inputs
+from gpuengine.engine import _Run
 from gpuengine.ledger import Ledger
+from gpuengine.packing import ItemBlock
 from gpuengine.planner import DigestFilter, Planner
+from gpuengine.store.codec import sequence_digest
+from gpuengine.tokenization import EsmTokenizer
+
+from conftest import random_proteins
 
 
 def test_maybe_then_add_is_maybe_many_then_add_many():
@@ -46,12 +57,13 @@ def test_only_digests_seen_before_are_looked_up_and_each_answer_is_its_own():
     table = _EmptyTable()
     ledger = Ledger()
     planner = Planner(ledger=ledger, lookup=table, submit=lambda items, n_tokens: None,
-                      alias=lambda pairs: None, stop=threading.Event(), expected_records=10_000)
+                      alias=lambda pairs: None, fail=lambda pairs: None, stop=threading.Event(),
+                      expected_records=10_000)
     seen = [os.urandom(16) for _ in range(2000)]
     assert planner._claim(seen, [f"s{i}" for i in range(len(seen))]) == (None, [])
     assert table.asked == []  # none claimed before: none looked up
     ledger.to_committing_many(seen)
-    ledger.committed(seen)
+    ledger.committed_columns([seen])
     table.stored = {seen[5], seen[700]}
     unseen = [os.urandom(16) for _ in range(2000)]
     digests = unseen[:1000] + seen[:1000] + unseen[1000:]
@@ -70,7 +82,8 @@ def test_a_repeat_of_a_digest_in_flight_joins_it_with_the_filter():
     table = _EmptyTable()
     ledger = Ledger()
     planner = Planner(ledger=ledger, lookup=table, submit=lambda items, n_tokens: None,
-                      alias=lambda pairs: None, stop=threading.Event(), expected_records=10_000)
+                      alias=lambda pairs: None, fail=lambda pairs: None, stop=threading.Event(),
+                      expected_records=10_000)
     pending, committing = os.urandom(16), os.urandom(16)
     assert planner._claim([pending, committing], ["p1", "c1"]) == (None, [])
     ledger.to_committing_many([committing])
@@ -81,3 +94,82 @@ def test_a_repeat_of_a_digest_in_flight_joins_it_with_the_filter():
     assert new == list(range(200)) + list(range(201, 501))  # all fresh ones, once
     assert aliases == [(committing, "r501")]
     assert ledger.to_committing_many([pending, fresh[3]]) == [("p1", "r200"), ("r3", "r502")]
+
+
+def test_suspects_are_the_digests_maybe_seen_and_the_later_repeats_within_a_chunk():
+    seen, fresh = [os.urandom(16) for _ in range(500)], [os.urandom(16) for _ in range(500)]
+    claimed = DigestFilter(100_000)  # large: no false positive among 500 in practice
+    assert not claimed.suspects(seen).any()
+    digests = [fresh[0], seen[3], fresh[1], fresh[0], fresh[2], fresh[1], fresh[0]]
+    assert claimed.suspects(digests).tolist() == [False, True, False, True, False, True, True]
+
+
+class _DurableTable(_EmptyTable):
+    """An empty table whose ``has_embeddings`` answers for what the test's committer made
+    durable (thread-safe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+    def has_embeddings(self, digests):
+        with self.lock:
+            return [d in self.stored for d in digests]
+
+
+def test_the_fast_lane_computes_each_digest_once_and_hands_on_each_id_once():
+    """The planner (its own thread), an engine loop and a committer at once, on a table that
+    started empty, with repeats within chunks, across them and of sequences in every state
+    (queued, committing, durable): each sequence is computed once, and every id is handed
+    on exactly once (with its vectors or as an alias)."""
+    rng = random.Random(11)
+    pool = random_proteins([rng.randint(5, 60) for _ in range(700)], seed=12)
+    seqs = [rng.choice(pool) if rng.random() < 0.4 else p for p in pool for _ in range(3)]
+    rng.shuffle(seqs)
+    ids = [f"r{i}" for i in range(len(seqs))]
+    tok = EsmTokenizer()
+    chunks = [inputs.prepare_lists(ids[i:i + 64], seqs[i:i + 64], tok, 100)
+              for i in range(0, len(seqs), 64)]
+    ledger, table = Ledger(), _DurableTable()
+    blocks: "queue.Queue[ItemBlock | None]" = queue.Queue()
+    durable: "queue.Queue[tuple | None]" = queue.Queue()
+    handed: list[str] = []
+    computed: list[bytes] = []
+    aliases: list[tuple[bytes, str]] = []
+    planner = Planner(ledger=ledger, lookup=table, submit=lambda items, n: blocks.put(items),
+                      alias=aliases.extend, fail=lambda pairs: None, stop=threading.Event(),
+                      expected_records=len(seqs))
+    assert planner.claimed is not None
+    loop = SimpleNamespace(ledger=ledger)
+
+    def engine_loop():
+        while (block := blocks.get()) is not None:
+            owners, release = _Run._to_committing(loop, block)
+            handed.extend(rid for group in owners for rid in group)
+            computed.extend(block.digests)
+            durable.put((block.digests, release))
+        durable.put(None)
+
+    def committer():
+        while (got := durable.get()) is not None:
+            digests, release = got
+            time.sleep(rng.random() * 0.002)  # the transaction: claims meanwhile
+            with table.lock:
+                table.stored.update(digests)
+            ledger.committed_columns([digests if release is None else release])
+
+    threads = [threading.Thread(target=engine_loop), threading.Thread(target=committer)]
+    for thread in threads:
+        thread.start()
+    planner.run(chunks)
+    blocks.put(None)
+    for thread in threads:
+        thread.join(60)
+    handed.extend(rid for _, rid in aliases)
+    assert sorted(computed) == sorted(set(map(sequence_digest, seqs)))  # each once
+    assert sorted(handed) == sorted(ids)  # each id once
+    by_id = dict(zip(ids, map(sequence_digest, seqs)))
+    assert all(by_id[rid] == digest for digest, rid in aliases)
+    assert planner.counts.new == len(computed)
+    assert planner.counts.aliased == len(seqs) - len(computed)
+    assert ledger.fast_drained(ledger.fast_generation()) and not ledger._committing

@@ -32,7 +32,7 @@ from gpuengine.store.commit_group import (  # noqa: F401 - also imported from he
     CommitRows,
     _encode_group,
     _Group,
-    embedded_digests,
+    embedded_digest_lists,
     group_counts,
     group_nbytes,
 )
