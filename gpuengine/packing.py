@@ -27,10 +27,10 @@ class WorkItem(namedtuple("WorkItem", "digest token_bytes residues n_tokens keys
     """One distinct sequence to embed: ``WorkItem(digest, token_ids, residues[, keys])``.
 
     An immutable tuple (digest, token_bytes, residues, n_tokens, keys, owners, lane) whose
-    fields read by name at C speed. A run's items travel column-wise, as an :class:`ItemBlock`, from the
-    planner through the scheduler to a runner and the engine loop; a ``WorkItem`` is what a
-    block gives read one by one (tests, failures, retries), and what ``check`` and the
-    fidelity guard build directly.
+    fields read by name at C speed. A run's items travel column-wise, as an
+    :class:`ItemBlock`, from the planner through the scheduler to a runner and the engine
+    loop; a ``WorkItem`` is what a block gives read one by one (tests, failures, retries),
+    and what ``check`` and the fidelity guard build directly.
 
     * ``digest``: blake2b-16 of the embedded (possibly truncated) sequence;
     * ``token_bytes``: its token ids, specials included, as little-endian int32 ``bytes``
@@ -73,8 +73,8 @@ _FIELDS = ("digests", "token_bytes", "residues", "n_tokens", "owners", "lanes")
 class ItemBlock(Sequence[WorkItem]):
     """Work items held column-wise: a list per field (``digests``, ``token_bytes``,
     ``residues``, ``n_tokens``, ``owners``, ``lanes``: see :class:`WorkItem`) and ``keys``, one
-    list per output of each item's embedding key (() when the items carry none). The planner makes one per chunk, the scheduler sorts,
-    cuts and splits them and a batch reaches the runner and the engine loop as one, all with
+    list per output of each item's embedding key (() when the items carry none). The planner
+    makes one per chunk, the scheduler sorts, cuts and splits them and a batch reaches the runner and the engine loop as one, all with
     list operations in C: no object per item. Reading it as a sequence (an index, iteration)
     gives :class:`WorkItem` objects, made on demand (tests, failures, the rare retry)."""
 
