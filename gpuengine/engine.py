@@ -475,11 +475,11 @@ class _Run:
         ledger's move to committing), and what the ledger hears when they are durable
         (None: their digests)."""
         lanes = block.lanes
-        if min(lanes) > LEDGER:  # all in the fast lane: nothing per item in the ledger
-            low = lanes[0]
-            counts = {low: len(lanes)} if max(lanes) == low else Counter(lanes)
+        low, high = min(lanes), max(lanes)
+        if low > LEDGER:  # all in the fast lane: nothing per item in the ledger
+            counts = {low: len(lanes)} if high == low else Counter(lanes)
             return block.owners, Release((), counts)
-        if max(lanes) == LEDGER:
+        if high == LEDGER:
             return self.ledger.to_committing_many(block.digests), None
         held = [i for i, lane in enumerate(lanes) if lane == LEDGER]
         digests = list(map(block.digests.__getitem__, held))
