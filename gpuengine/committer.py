@@ -25,7 +25,7 @@ from gpuengine.ledger import Ledger
 from gpuengine.store.writer import (
     CommitPart,
     StoreWriter,
-    embedded_digest_lists,
+    embedded_digests,
     group_nbytes,
 )
 
@@ -120,7 +120,7 @@ class Committer(threading.Thread):
             self.counts.sequences += sequences
             self.counts.records += records
             self.counts.busy_seconds += time.perf_counter() - started
-        self.ledger.committed_columns(embedded_digest_lists(group))
+        self.ledger.committed(embedded_digests(group))
 
     def snapshot(self) -> CommitCounts:
         with self._lock:

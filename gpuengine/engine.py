@@ -45,7 +45,6 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -56,9 +55,9 @@ from gpuengine.config import EmbedConfig
 from gpuengine.errors import DeviceError, InternalError
 from gpuengine.inputs import (INPUT_PROCESS_MIN_RECORDS, ChunkReader, RecordSource, open_input,
                               validated_fasta)
-from gpuengine.ledger import Ledger, Release
+from gpuengine.ledger import Ledger
 from gpuengine.models.registry import Weights
-from gpuengine.packing import LEDGER, ItemBlock, WorkItem
+from gpuengine.packing import ItemBlock, WorkItem
 from gpuengine.planner import Planner
 from gpuengine.progress import DeviceProgress, NullProgress, ProgressSink, ProgressSnapshot
 from gpuengine.replicas import (MemoryTelemetry, ModelChoice, ReplicaPool, RunnerFactory,
@@ -97,14 +96,6 @@ class Aliases:
 
 
 @dataclass(frozen=True)
-class Failed:
-    """Planner → engine loop: (id, reason) of records whose sequence failed in this run
-    (a fast-lane repeat held back while its twin failed)."""
-
-    pairs: list[tuple[str, str]]
-
-
-@dataclass(frozen=True)
 class Planned:
     """Planner → engine loop: the planner has handed over all its work (``error``: why it
     stopped early)."""
@@ -112,7 +103,7 @@ class Planned:
     error: BaseException | None = None
 
 
-Message = BatchOutcome | WorkerExit | Aliases | Failed | Planned
+Message = BatchOutcome | WorkerExit | Aliases | Planned
 """What arrives on the engine's inbox."""
 
 
@@ -279,7 +270,6 @@ class _Run:
                           lookup=lookup if self.parts is None else PartLookup(lookup, self.parts),
                           submit=self.scheduler.submit,
                           alias=lambda pairs: self.inbox.put(Aliases(pairs)),
-                          fail=lambda pairs: self.inbox.put(Failed(pairs)),
                           stop=_EitherEvent(self.stop, self.halt),
                           expected_records=self.records.count)
         committer.start()
@@ -409,9 +399,6 @@ class _Run:
                 self.group_rows += len(message.pairs)
                 if self.parts is not None:
                     self.parts.aliased(rid for _, rid in message.pairs)
-            elif isinstance(message, Failed):
-                for record_id, reason in message.pairs:
-                    self._report_failed((record_id,), reason)
             elif isinstance(message, Planned):
                 planned = True
                 if message.error is not None:
@@ -446,23 +433,23 @@ class _Run:
             if np.count_nonzero(result.finite) != len(result.finite):
                 rows = np.flatnonzero(result.finite).tolist()
                 for i in np.flatnonzero(~result.finite).tolist():
-                    self._fail(block[i], "its embedding has non-finite values (overflow "
+                    self._fail(block.digests[i], "its embedding has non-finite values (overflow "
                                "at this precision); rerun it with --precision fp32")
                 block = block.take(rows)
                 vectors = {o: [v[i] for i in rows] for o, v in vectors.items()}
             if len(block):
                 digests = block.digests
-                ids, release = self._to_committing(block)
+                ids = self.ledger.to_committing_many(digests)
                 if self.parts is not None:
                     self.parts.committed(ids)
                 rows = CommitRows(digests, ids, {o: vectors[o] for o in self.spec.outputs},
-                                  key_columns(block), release)
+                                  key_columns(block))
                 rows.packed_digests()  # now, while the digests are in the cache
                 self.group.append(rows)
                 self.group_rows += len(digests)
         elif outcome.kind == "oom":
             for item in self.scheduler.out_of_memory(batch.batch_id):
-                self._fail(item, f"does not fit in device memory alone ({item.n_tokens} tokens)")
+                self._fail(item.digest, f"does not fit in device memory alone ({item.n_tokens} tokens)")
         else:
             self.scheduler.fail(batch.batch_id)
             name = self.workers[outcome.device].stats.name
@@ -470,35 +457,8 @@ class _Run:
                               f"{outcome.error.__class__.__name__}: {outcome.error}; what was "
                               "committed before is intact, rerun to resume") from outcome.error
 
-    def _to_committing(self, block: ItemBlock) -> tuple[list[tuple[str, ...]], Release | None]:
-        """The ids of each of a batch's sequences (the fast lane's carry theirs; the
-        ledger's move to committing), and what the ledger hears when they are durable
-        (None: their digests)."""
-        lanes = block.lanes
-        low, high = min(lanes), max(lanes)
-        if low > LEDGER:  # all in the fast lane: nothing per item in the ledger
-            counts = {low: len(lanes)} if high == low else Counter(lanes)
-            return block.owners, Release((), counts)
-        if high == LEDGER:
-            return self.ledger.to_committing_many(block.digests), None
-        held = [i for i, lane in enumerate(lanes) if lane == LEDGER]
-        digests = list(map(block.digests.__getitem__, held))
-        ids = list(block.owners)
-        for i, waiting in zip(held, self.ledger.to_committing_many(digests)):
-            ids[i] = waiting
-        counts = Counter(lanes)
-        del counts[LEDGER]
-        return ids, Release(digests, counts)
-
-    def _fail(self, item: WorkItem, reason: str) -> None:
-        if item.lane == LEDGER:
-            ids = self.ledger.drop(item.digest)
-        else:  # its suspects (repeats held back) fail with it (Planner._decide_suspects)
-            ids = item.owners
-            self.ledger.fast_failed(item.lane, item.digest, reason)
-        self._report_failed(ids, reason)
-
-    def _report_failed(self, ids: Sequence[str], reason: str) -> None:
+    def _fail(self, digest: bytes, reason: str) -> None:
+        ids = self.ledger.drop(digest)
         for record_id in ids:
             self.summary.failed.append((record_id, reason))
             log.error("sequence %r failed: %s", record_id, reason)

@@ -9,40 +9,17 @@ it, and holds the set of digests whose group is being committed:
    an alias committed after it;
 2. the engine loop moves a digest from *pending* to *committing* when its vectors are queued
    for the writer (:meth:`Ledger.to_committing_many`), or drops it when it failed;
-3. the committer releases it once the transaction is durable
-   (:meth:`Ledger.committed_columns`).
+3. the committer releases it once the transaction is durable (:meth:`Ledger.committed`).
 
 So an alias is never committed before its embedding, and a digest is never computed twice
 by one run.
-
-**The fast lane.** On a table that held no embedding when the run started, the planner's
-digest filter knows which digests the run has never claimed: those are new, and their work
-items go through the run without an entry here (their ids travel with them, as
-``WorkItem.owners``). The ledger only counts them, by *generation* (:meth:`Ledger.fast_claim`:
-a number the item carries as its ``lane``); a digest the filter may have seen is held back by
-the planner until every generation up to its own is resolved (:meth:`Ledger.fast_drained`),
-and then claimed here as above: by then a fast-lane item of the same sequence is durable (the
-store answers) or failed. What is durable is reported per group as a :class:`Release`: the
-ledger's digests and the fast lane's counts.
 """
 
 from __future__ import annotations
 
 import threading
 from operator import itemgetter
-from typing import Callable, Iterable, Mapping, Sequence
-
-from gpuengine.errors import InternalError
-
-
-class Release:
-    """What a group's durable commit resolves: the digests the ledger holds (``digests``)
-    and, per fast-lane generation, how many of its items (``counts``)."""
-
-    __slots__ = ("digests", "counts")
-
-    def __init__(self, digests: Sequence[bytes], counts: Mapping[int, int]):
-        self.digests, self.counts = digests, counts
+from typing import Callable, Iterable, Sequence
 
 
 class Ledger:
@@ -54,12 +31,6 @@ class Ledger:
         """Digest → the ids waiting on it (tuples of strings: the collector stops tracking
         them, so a long queue of sequences costs full collections nothing)."""
         self._committing: set[bytes] = set()
-        self._generation = 0
-        """The fast lane's open generation (:meth:`fast_claim`)."""
-        self._outstanding: dict[int, int] = {}
-        """Per fast-lane generation, its items neither durable nor failed yet."""
-        self._failed: dict[bytes, str] = {}
-        """Digest → why: fast-lane items that failed in this run."""
 
     def claim_many(self, entries: list[tuple[bytes, str]],
                    stored: Callable[[list[bytes]], list[bool]]) -> list[str]:
@@ -159,65 +130,9 @@ class Ledger:
         with self.lock:
             return self._pending.pop(digest, ())
 
-    def committed_columns(self, columns: Iterable[Sequence[bytes] | Release]) -> None:
-        """A durable group's sequences, released: digest columns and :class:`Release` s
-        (theirs, and their fast-lane counts)."""
+    def committed(self, digests: Iterable[bytes]) -> None:
         with self.lock:
-            for column in columns:
-                if type(column) is Release:
-                    self._committing.difference_update(column.digests)
-                    self._resolve(column.counts)
-                else:
-                    self._committing.difference_update(column)
-
-    # -- the fast lane ---------------------------------------------------------------------
-    def fast_claim(self, count: int) -> int:
-        """``count`` fast-lane items claimed now: their generation (the open one)."""
-        with self.lock:
-            generation = self._generation
-            self._outstanding[generation] = self._outstanding.get(generation, 0) + count
-            return generation
-
-    def fast_generation(self) -> int:
-        """The open generation."""
-        with self.lock:
-            return self._generation
-
-    def fast_close(self) -> int:
-        """Close the open generation (later claims get the next); returns it."""
-        with self.lock:
-            self._generation += 1
-            return self._generation - 1
-
-    def fast_failed(self, generation: int, digest: bytes, reason: str) -> None:
-        """A fast-lane item failed (``reason``): resolved, not durable. Its repeats held
-        back by the planner fail with it (:meth:`fast_failures`)."""
-        with self.lock:
-            self._failed[digest] = reason
-            self._resolve({generation: 1})
-
-    def fast_failures(self, digests: Sequence[bytes]) -> list[str | None]:
-        """Per digest, why its fast-lane item failed in this run; None if it did not."""
-        with self.lock:
-            if not self._failed:
-                return [None] * len(digests)
-            return list(map(self._failed.get, digests))
-
-    def fast_drained(self, generation: int) -> bool:
-        """Whether every fast-lane item of ``generation`` and earlier is durable or failed."""
-        with self.lock:
-            return all(g > generation for g in self._outstanding)
-
-    def _resolve(self, counts: Mapping[int, int]) -> None:
-        for generation, count in counts.items():
-            left = self._outstanding.get(generation, 0) - count
-            if left < 0:
-                raise InternalError(f"fast-lane generation {generation}: {-left} more items "
-                                    "resolved than claimed")
-            if left:
-                self._outstanding[generation] = left
-            else:
-                del self._outstanding[generation]
+            self._committing.difference_update(digests)
 
 
 _first, _second = itemgetter(0), itemgetter(1)

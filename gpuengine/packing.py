@@ -23,14 +23,14 @@ TOKEN_DTYPE = np.dtype("<i4")
 """How a work item's token ids are held: little-endian int32."""
 
 
-class WorkItem(namedtuple("WorkItem", "digest token_bytes residues n_tokens keys owners lane")):
+class WorkItem(namedtuple("WorkItem", "digest token_bytes residues n_tokens keys")):
     """One distinct sequence to embed: ``WorkItem(digest, token_ids, residues[, keys])``.
 
-    An immutable tuple (digest, token_bytes, residues, n_tokens, keys, owners, lane) whose
-    fields read by name at C speed. A run's items travel column-wise, as an
-    :class:`ItemBlock`, from the planner through the scheduler to a runner and the engine
-    loop; a ``WorkItem`` is what a block gives read one by one (tests, failures, retries),
-    and what ``check`` and the fidelity guard build directly.
+    An immutable tuple (digest, token_bytes, residues, n_tokens, keys) whose fields read by
+    name at C speed. A run's items travel column-wise, as an :class:`ItemBlock`, from the
+    planner through the scheduler to a runner and the engine loop; a ``WorkItem`` is what a
+    block gives read one by one (tests, failures, retries), and what ``check`` and the
+    fidelity guard build directly.
 
     * ``digest``: blake2b-16 of the embedded (possibly truncated) sequence;
     * ``token_bytes``: its token ids, specials included, as little-endian int32 ``bytes``
@@ -39,11 +39,7 @@ class WorkItem(namedtuple("WorkItem", "digest token_bytes residues n_tokens keys
       :attr:`token_ids` reads them as an int32 array; ``n_tokens``: their number;
     * ``residues``: residues embedded (after truncation);
     * ``keys``: its embedding key per output of the table, when the input side computed them
-      (``blake2b-16(prefix + digest)``); else ();
-    * ``owners`` and ``lane``: who the ledger says the item belongs to
-      (:mod:`gpuengine.ledger`). ``lane`` -1 (``LEDGER``): the ledger holds the item's ids
-      (``owners`` then ()); ``lane`` ≥ 0: a *fast-lane* item the ledger does not hold, of
-      that generation, named by ``owners`` (its record id, as a 1-tuple).
+      (``blake2b-16(prefix + digest)``); else ().
     """
 
     __slots__ = ()
@@ -51,8 +47,7 @@ class WorkItem(namedtuple("WorkItem", "digest token_bytes residues n_tokens keys
     def __new__(cls, digest: bytes, token_ids: np.ndarray, residues: int,
                 keys: tuple[bytes, ...] = ()) -> WorkItem:
         ids = np.ascontiguousarray(token_ids, dtype=TOKEN_DTYPE)
-        return tuple.__new__(cls, (digest, ids.tobytes(), residues, int(ids.size), keys, (),
-                                   LEDGER))
+        return tuple.__new__(cls, (digest, ids.tobytes(), residues, int(ids.size), keys))
 
     @property
     def token_ids(self) -> np.ndarray:
@@ -64,29 +59,23 @@ class WorkItem(namedtuple("WorkItem", "digest token_bytes residues n_tokens keys
                 f"residues={self.residues})")
 
 
-LEDGER = -1
-"""An item's ``lane`` when the ledger holds its ids (every item but the planner's fast lane)."""
-
-_FIELDS = ("digests", "token_bytes", "residues", "n_tokens", "owners", "lanes")
+_FIELDS = ("digests", "token_bytes", "residues", "n_tokens")
 
 
 class ItemBlock(Sequence[WorkItem]):
     """Work items held column-wise: a list per field (``digests``, ``token_bytes``,
-    ``residues``, ``n_tokens``, ``owners``, ``lanes``: see :class:`WorkItem`) and ``keys``, one
-    list per output of each item's embedding key (() when the items carry none). The planner
-    makes one per chunk, the scheduler sorts, cuts and splits them and a batch reaches the runner and the engine loop as one, all with
+    ``residues``, ``n_tokens``) and ``keys``, one list per output of each item's embedding key
+    (() when the items carry none). The planner makes one per chunk, the scheduler sorts,
+    cuts and splits them and a batch reaches the runner and the engine loop as one, all with
     list operations in C: no object per item. Reading it as a sequence (an index, iteration)
     gives :class:`WorkItem` objects, made on demand (tests, failures, the rare retry)."""
 
-    __slots__ = ("digests", "token_bytes", "residues", "n_tokens", "owners", "lanes", "keys")
+    __slots__ = ("digests", "token_bytes", "residues", "n_tokens", "keys")
 
     def __init__(self, digests: list[bytes], token_bytes: list[bytes], residues: list[int],
-                 n_tokens: list[int], keys: tuple[list[bytes], ...] = (),
-                 owners: list[tuple[str, ...]] | None = None, lanes: list[int] | None = None):
+                 n_tokens: list[int], keys: tuple[list[bytes], ...] = ()):
         self.digests, self.token_bytes, self.residues = digests, token_bytes, residues
         self.n_tokens, self.keys = n_tokens, keys
-        self.owners = [()] * len(digests) if owners is None else owners
-        self.lanes = [LEDGER] * len(digests) if lanes is None else lanes
 
     @classmethod
     def of(cls, items: Iterable[WorkItem]) -> ItemBlock:
@@ -97,10 +86,10 @@ class ItemBlock(Sequence[WorkItem]):
         items = list(items)
         if not items:
             return cls([], [], [], [])
-        digests, token_bytes, residues, n_tokens, keys, owners, lanes = map(list, zip(*items))
+        digests, token_bytes, residues, n_tokens, keys = map(list, zip(*items))
         widths = set(map(len, keys))
         columns = tuple(map(list, zip(*keys))) if len(widths) == 1 else ()
-        return cls(digests, token_bytes, residues, n_tokens, columns, owners, lanes)
+        return cls(digests, token_bytes, residues, n_tokens, columns)
 
     @classmethod
     def concat(cls, blocks: Sequence[ItemBlock]) -> ItemBlock:
@@ -119,8 +108,6 @@ class ItemBlock(Sequence[WorkItem]):
         self.token_bytes.extend(other.token_bytes)
         self.residues.extend(other.residues)
         self.n_tokens.extend(other.n_tokens)
-        self.owners.extend(other.owners)
-        self.lanes.extend(other.lanes)
         if not had and not self.keys:
             self.keys = tuple(map(list, other.keys))
         elif len(self.keys) == len(other.keys):
@@ -136,15 +123,12 @@ class ItemBlock(Sequence[WorkItem]):
         get = itemgetter(*order)
         if len(order) == 1:
             get = _one(get)
-        digests, token_bytes, residues, n_tokens, owners, lanes = (
-            list(get(getattr(self, f))) for f in _FIELDS)
-        return ItemBlock(digests, token_bytes, residues, n_tokens,
-                         tuple(list(get(column)) for column in self.keys), owners, lanes)
+        return ItemBlock(*(list(get(getattr(self, f))) for f in _FIELDS),
+                         tuple(list(get(column)) for column in self.keys))
 
     def drop_front(self, n: int) -> None:
         """Forget the first ``n`` items (in place)."""
-        for column in (self.digests, self.token_bytes, self.residues, self.n_tokens,
-                       self.owners, self.lanes, *self.keys):
+        for column in (self.digests, self.token_bytes, self.residues, self.n_tokens, *self.keys):
             del column[:n]
 
     def __len__(self) -> int:
@@ -154,17 +138,14 @@ class ItemBlock(Sequence[WorkItem]):
         if isinstance(index, slice):
             return ItemBlock(self.digests[index], self.token_bytes[index],
                              self.residues[index], self.n_tokens[index],
-                             tuple(column[index] for column in self.keys),
-                             self.owners[index], self.lanes[index])
+                             tuple(column[index] for column in self.keys))
         return tuple.__new__(WorkItem, (self.digests[index], self.token_bytes[index],
                                         self.residues[index], self.n_tokens[index],
-                                        tuple(column[index] for column in self.keys),
-                                        self.owners[index], self.lanes[index]))
+                                        tuple(column[index] for column in self.keys)))
 
     def __iter__(self):
         keys = zip(*self.keys) if self.keys else repeat(())
-        columns = zip(self.digests, self.token_bytes, self.residues, self.n_tokens, keys,
-                      self.owners, self.lanes)
+        columns = zip(self.digests, self.token_bytes, self.residues, self.n_tokens, keys)
         return map(tuple.__new__, repeat(WorkItem), columns)
 
     def __eq__(self, other) -> bool:

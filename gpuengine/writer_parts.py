@@ -27,12 +27,12 @@ import os
 import threading
 from collections import deque
 from collections.abc import Sequence
+from itertools import chain
 
 import numpy as np
 
 from gpuengine.committer import CommitCounts
 from gpuengine.errors import InternalError
-from gpuengine.ledger import Release
 from gpuengine.store.codec import Packed16, packed_partitions_of
 from gpuengine.store.commit_group import (CommitEntry, CommitPart, CommitRows,
                                           embedded_digest_lists)
@@ -170,13 +170,13 @@ class PartedCommitter:
         digests from the ledger: a sequence is done once the writer of its part has committed
         it durably (a group's digests wait for its slowest part: later, never earlier)."""
         parts = [writer.snapshot().groups for writer in self.writers]
-        columns: list[Sequence[bytes] | Release] = []
+        columns: list[Sequence[bytes]] = []
         with self._lock:
             while self._waiting and all(parts[i] >= n for i, n in self._waiting[0][0]):
                 columns.extend(self._waiting.popleft()[1])
                 self._groups += 1
         if columns:
-            self.ledger.committed_columns(columns)
+            self.ledger.committed(chain.from_iterable(columns))
 
     def snapshot(self) -> CommitCounts:
         self._settle()
@@ -197,5 +197,5 @@ class _PartCommits:
     def __init__(self, parted: PartedCommitter):
         self.parted = parted
 
-    def committed_columns(self, columns) -> None:
+    def committed(self, digests) -> None:
         self.parted._settle()

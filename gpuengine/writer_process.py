@@ -41,11 +41,11 @@ import sys
 import threading
 import time
 from collections import deque
+from itertools import chain
 from typing import BinaryIO, Sequence
 
 from gpuengine.committer import MAX_TRANSACTION_BYTES, CommitCounts
 from gpuengine.errors import GpuEngineError, InternalError, StoreError
-from gpuengine.ledger import Release
 from gpuengine.pipe_frames import (GPUENGINE_ERRORS, child_main, close_pipes, error_from,
                                    error_payload, frame, how_it_ended, read_frame, start_child,
                                    write_all)
@@ -204,7 +204,7 @@ class CommitterProcess:
             self._fail(self._died())
 
     def _acknowledged(self, groups: int, sequences: int, records: int, seconds: float) -> None:
-        columns: list[Sequence[bytes] | Release] = []
+        columns: list[Sequence[bytes]] = []
         with self._lock:
             for _ in range(groups):
                 columns.extend(self._sent.popleft())
@@ -213,7 +213,7 @@ class CommitterProcess:
             self.counts.sequences += sequences
             self.counts.records += records
             self.counts.busy_seconds += seconds
-        self.ledger.committed_columns(columns)
+        self.ledger.committed(chain.from_iterable(columns))
         self._settle(groups)
 
     def _settle(self, groups: int) -> None:

@@ -251,7 +251,7 @@ def test_a_parted_group_is_released_from_the_ledger_once_every_part_committed(tm
     parts[1].committed = 1
     assert parted.snapshot().groups == 1 and ledger._committing == set(second)
     parts[1].committed = 2  # the acknowledgement path settles without a snapshot
-    _PartCommits(parted).committed_columns([])
+    _PartCommits(parted).committed(iter(()))
     assert ledger._committing == set() and parted.snapshot().groups == 2
 
 

@@ -12,10 +12,7 @@ import random
 import threading
 import time
 
-import pytest
-
-from gpuengine.errors import InternalError
-from gpuengine.ledger import Ledger, Release
+from gpuengine.ledger import Ledger
 
 
 def never_stored(digests: list[bytes]) -> list[bool]:
@@ -49,7 +46,7 @@ def test_a_committing_digest_gets_aliases_until_it_is_committed():
     ledger.claim_many([(b"a", "a1")], never_stored)
     assert ledger.to_committing_many([b"a"]) == [("a1",)]
     assert ledger.claim_many([(b"a", "a2")], never_stored) == ["committing"]
-    ledger.committed_columns([[b"a"]])
+    ledger.committed([b"a"])
     # durable now: the store answers
     assert ledger.claim_many([(b"a", "a3")], lambda ds: [True] * len(ds)) == ["stored"]
 
@@ -92,7 +89,7 @@ def test_concurrent_planner_loop_and_committer_compute_each_digest_once():
             time.sleep(0.0005)  # the transaction: claims meanwhile find the digest committing
             with store_lock:
                 store.add(digest)
-            ledger.committed_columns([[digest]])
+            ledger.committed([digest])
 
     threads = [threading.Thread(target=loop), threading.Thread(target=committer)]
     for thread in threads:
@@ -136,44 +133,3 @@ def test_digests_outside_maybe_seen_are_new_without_a_question():
     assert asked == [[b"old"]]  # b"a" was in flight, b"d" and b"e" outside maybe_seen
     assert ledger.to_committing_many([b"a", b"b", b"c", b"d", b"e"]) == [
         ("a1", "a2"), ("b1",), ("c1",), ("d1", "d2"), ("e1",)]
-
-
-def test_the_fast_lane_counts_generations_and_drains_them_in_order():
-    """Fast-lane items are counted per generation, not held: a generation is drained once
-    its items and every earlier generation's are durable or failed."""
-    ledger = Ledger()
-    assert ledger.fast_drained(0)  # nothing claimed
-    first = ledger.fast_claim(3)
-    assert ledger.fast_claim(2) == first  # the open generation
-    assert ledger.fast_close() == first
-    second = ledger.fast_claim(4)
-    assert second == first + 1 and ledger.fast_generation() == second
-    assert not ledger.fast_drained(first) and not ledger.fast_drained(second)
-    ledger.committed_columns([Release((), {first: 4, second: 4})])
-    assert not ledger.fast_drained(first)  # one item of the first is still out
-    assert not ledger.fast_drained(second)
-    ledger.fast_failed(first, b"f" * 16, "too long")
-    assert ledger.fast_drained(first) and ledger.fast_drained(second)
-    assert ledger.fast_failures([b"f" * 16, b"g" * 16]) == ["too long", None]
-    with pytest.raises(InternalError, match="more items resolved than claimed"):
-        ledger.committed_columns([Release((), {second: 1})])
-
-
-def test_a_later_generation_left_over_keeps_an_earlier_one_waiting_only_for_itself():
-    ledger = Ledger()
-    first = ledger.fast_claim(1)
-    ledger.fast_close()
-    second = ledger.fast_claim(1)
-    ledger.committed_columns([Release((), {second: 1})])
-    assert not ledger.fast_drained(first) and not ledger.fast_drained(second)
-    ledger.committed_columns([Release((), {first: 1})])
-    assert ledger.fast_drained(first) and ledger.fast_drained(second)
-
-
-def test_a_release_frees_the_ledgers_digests_and_the_fast_lanes_counts_at_once():
-    ledger = Ledger()
-    ledger.claim_many([(b"a", "a1"), (b"b", "b1")], never_stored)
-    generation = ledger.fast_claim(2)
-    assert ledger.to_committing_many([b"a", b"b"]) == [("a1",), ("b1",)]
-    ledger.committed_columns([[b"b"], Release([b"a"], {generation: 2})])
-    assert not ledger._committing and ledger.fast_drained(generation)

@@ -5,16 +5,15 @@ exactly)."""
 from __future__ import annotations
 
 import threading
-from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
 from gpuengine import inputs
-from gpuengine.ledger import Ledger, Release
+from gpuengine.ledger import Ledger
 from gpuengine.models.esm2_weights import build_esm2, read_fair_esm_checkpoint
-from gpuengine.packing import LEDGER, ItemBlock, WorkItem
+from gpuengine.packing import ItemBlock, WorkItem
 from gpuengine.planner import Planner
 from gpuengine.pooling import PoolingRule
 from gpuengine.runner import Runner
@@ -42,39 +41,9 @@ def _table() -> TableSpec:
                      (OutputSpec(1, "mean"),), "float32", 8, None)
 
 
-class _CommitsAtOnce:
-    """The planner's table, with every item it submits durable at once (an engine in
-    miniature): the fast lane's counts are released and the table then holds the digest.
-    ``held_embeddings``: the table held an embedding when the run started (no fast lane)."""
-
-    def __init__(self, lookup, ledger: Ledger, held_embeddings: bool):
-        self.lookup, self.ledger, self.held = lookup, ledger, held_embeddings
-        self.durable: set[bytes] = set()
-        self.submitted: list[WorkItem] = []
-
-    def record_count(self):
-        return self.lookup.record_count()
-
-    def embedding_count(self):
-        return self.lookup.embedding_count() + self.held
-
-    def has_embeddings(self, digests):
-        return [d in self.durable for d in digests]
-
-    def submit(self, items, n_tokens):
-        self.submitted.extend(items)
-        self.durable.update(items.digests)
-        counts = Counter(lane for lane in items.lanes if lane != LEDGER)
-        held = [d for d, lane in zip(items.digests, items.lanes) if lane == LEDGER]
-        self.ledger.to_committing_many(held)
-        self.ledger.committed_columns([Release(held, counts)])
-
-
-@pytest.mark.parametrize("fast_lane", [False, True], ids=["ledger", "fast-lane"])
-def test_the_planner_hands_on_each_new_records_token_ids(tmp_path, fast_lane):
+def test_the_planner_hands_on_each_new_records_token_ids(tmp_path):
     """Repeats and ids already stored leave gaps (the planner's per-row path); every item the
-    scheduler gets carries exactly its record's ids, residues and key. In the fast lane the
-    repeat waits for its twin to be durable, then is its alias."""
+    scheduler gets carries exactly its record's ids, residues and key."""
     tok, spec = EsmTokenizer(), _table()
     seqs = random_proteins([5, 40, 1, 17, 40, 300, 2], seed=4)
     seqs[4] = seqs[1]  # a repeat: an alias, no item
@@ -82,20 +51,16 @@ def test_the_planner_hands_on_each_new_records_token_ids(tmp_path, fast_lane):
     prefixes = [spec.embedding_key_prefix(spec.outputs[0])]
     chunk = inputs.decode_chunk(bytearray(b"".join(bytes(p) for p in inputs.encode_chunk(
         inputs.prepare_lists(ids, seqs, tok, 20, key_prefixes=prefixes))[1:])))
-    aliases: list[tuple[bytes, str]] = []
+    submitted: list[WorkItem] = []
     with StoreWriter(tmp_path / "s.lmdb") as writer:
         writer.open_table(spec)
-        ledger = Ledger()
-        table = _CommitsAtOnce(writer.lookup(spec.name), ledger, held_embeddings=not fast_lane)
-        planner = Planner(ledger=ledger, lookup=table, submit=table.submit,
-                          alias=aliases.extend, fail=lambda pairs: None,
+        planner = Planner(ledger=Ledger(), lookup=writer.lookup(spec.name),
+                          submit=lambda items, n_tokens: submitted.extend(items),
+                          alias=lambda pairs: None,
                           stop=threading.Event(), expected_records=len(seqs))
-        assert (planner.claimed is not None) == fast_lane
         planner.run([chunk])
-    submitted = table.submitted
     new = [0, 1, 2, 3, 5, 6]
     assert sorted(item.digest for item in submitted) == sorted(chunk.digests[i] for i in new)
-    assert aliases == ([(chunk.digests[1], "p4")] if fast_lane else [])  # else joined
     by_digest = {item.digest: item for item in submitted}
     for i in new:
         item = by_digest[chunk.digests[i]]
@@ -104,10 +69,7 @@ def test_the_planner_hands_on_each_new_records_token_ids(tmp_path, fast_lane):
         assert item.n_tokens == min(len(seqs[i]), 20) + 2 == chunk.token_ids(i).size
         assert item.residues == min(len(seqs[i]), 20)
         assert item.keys == (chunk.embedding_keys[0][i],)
-        assert item.owners == ((ids[i],) if fast_lane else ())
     assert planner.counts.tokens_new == sum(item.n_tokens for item in submitted)
-    assert planner.counts.residues_new == sum(item.residues for item in submitted)
-    assert (planner.counts.new, planner.counts.aliased) == (6, 1)
 
 
 @pytest.mark.parametrize("as_block", [False, True], ids=["items", "block"])

@@ -43,7 +43,7 @@ from gpuengine.writer_process import CommitterProcess  # noqa: E402
 class _Ledger:
     """The ledger's one call the writers make (the run's ledger has nothing to release here)."""
 
-    def committed_columns(self, columns) -> None:
+    def committed(self, digests) -> None:
         pass
 
 

@@ -132,10 +132,10 @@ class _Clock:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
-    def time(self, stage: str, work, *args, **kwargs):
+    def time(self, stage: str, work, *args):
         start = time.thread_time()
         try:
-            return work(*args, **kwargs)
+            return work(*args)
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.thread_time() - start
 
@@ -177,34 +177,22 @@ def main() -> None:
         ledger, scheduler = Ledger(), Scheduler()
         chunks = [clock.time("decode", inputs.decode_chunk, f) for f in frames]
         planner = Planner(ledger=ledger, lookup=writer.lookup(spec.name), submit=scheduler.submit,
-                          alias=lambda pairs: None, fail=lambda pairs: None,
-                          stop=threading.Event(), expected_records=len(seqs))
-
-        def plan() -> None:  # its own thread: the fast lane's suspects wait for commits
-            clock.time("planner", planner.run, chunks)
-            scheduler.close()
-
-        planning = threading.Thread(target=plan, name="stage-costs-planner")
-        planning.start()
+                          alias=lambda pairs: None, stop=threading.Event(),
+                          expected_records=len(seqs))
+        clock.time("planner", planner.run, chunks)
+        scheduler.close()
         runner = NoopRunner((output,), dim)
         loop = SimpleNamespace(scheduler=scheduler, ledger=ledger, parts=None, group=[],
                                group_rows=0, spec=spec)
-        loop._to_committing = lambda block: _Run._to_committing(loop, block)
         committer = Committer(writer, spec.name, "stage-costs", ledger)  # not started: its
         device = 0                                                      # _commit, timed here
         send = _pipe_sender()
-        while True:
-            batch = clock.time("scheduler", scheduler.next_batch, device, args.budget,
-                               timeout=0.05)
-            if batch is not None:
-                device = (device + 1) % args.devices
-                result = clock.time("device", runner.finish,
-                                    runner.launch(runner.stage(batch.items)))
-                clock.time("engine loop", _Run._on_outcome, loop,
-                           BatchOutcome("ok", batch.device, batch, result))
-            elif scheduler.finished and not loop.group:
-                break
-            if loop.group and (loop.group_rows >= args.commit_every or batch is None):
+        while (batch := clock.time("scheduler", scheduler.next_batch, device, args.budget)):
+            device = (device + 1) % args.devices
+            result = clock.time("device", runner.finish, runner.launch(runner.stage(batch.items)))
+            clock.time("engine loop", _Run._on_outcome, loop,
+                       BatchOutcome("ok", batch.device, batch, result))
+            if loop.group_rows >= args.commit_every or scheduler.finished:
                 clock.time("(of which encoding)", writer_module._encode_group, spec, loop.group)
                 shares = [loop.group]
                 if args.writers > 1:
@@ -216,7 +204,6 @@ def main() -> None:
                     clock.time("writer process: child decode", _decode(loop.group, spec))
                 clock.time("committer", committer._commit, loop.group, None, 1)
                 loop.group, loop.group_rows = [], 0
-        planning.join()
         if send is not None:
             send(None)
         if committer.error is not None:

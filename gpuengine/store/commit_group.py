@@ -2,7 +2,8 @@
 
 A group is made of :class:`CommitEntry` (one sequence: an alias, or vectors in tests) and
 :class:`CommitRows` (a device batch's sequences, column-wise); :func:`group_counts`,
-:func:`group_nbytes` and :func:`embedded_digest_lists` describe one without encoding it.
+:func:`group_nbytes`, :func:`embedded_digests` and :func:`embedded_digest_lists` describe one
+without encoding it.
 :func:`_encode_group` validates and encodes a group into sorted key/value lists outside any
 transaction (pure: no store access), so :meth:`~gpuengine.store.writer.StoreWriter.commit`
 only writes them. The writer (:mod:`gpuengine.store.writer`) re-exports the public names.
@@ -66,11 +67,6 @@ class CommitRows:
     """Per output of the table, in the table's order, each row's embedding key as the input
     side computed it (``blake2b-16(prefix + digest)``; the writer checks the first of each);
     empty: the writer computes them."""
-    release: Any = None
-    """What the run's ledger hears once the rows are durable when not their digests
-    (:func:`embedded_digest_lists`; opaque to the store: the engine's
-    :class:`~gpuengine.ledger.Release`, the digests the ledger holds and the fast lane's
-    counts); None: the digests."""
 
     def __post_init__(self) -> None:
         n = len(self.seq_digests)
@@ -100,7 +96,6 @@ class CommitRows:
         object.__setattr__(rows, "record_ids", record_ids)
         object.__setattr__(rows, "vectors", vectors)
         object.__setattr__(rows, "embedding_keys", embedding_keys)
-        object.__setattr__(rows, "release", None)
         return rows
 
     def __len__(self) -> int:
@@ -123,14 +118,22 @@ CommitPart = CommitEntry | CommitRows
 """What a commit group is made of: single sequences (aliases, tests) and column-wise rows."""
 
 
-def embedded_digest_lists(group: Sequence[CommitPart]) -> list[Any]:
-    """The sequences a group commits vectors for (aliases excluded), as the ledger hears
-    them once the group is durable
-    (:meth:`~gpuengine.ledger.Ledger.committed_columns`): per part with vectors its digest
-    column, or its :attr:`CommitRows.release` when it has one. No step per digest now (the
-    store writer process keeps them until its commit is durable)."""
-    return [(part.seq_digests if part.release is None else part.release)
-            if type(part) is CommitRows else (part.seq_digest,)
+def embedded_digests(group: Sequence[CommitPart]) -> list[bytes]:
+    """Digests of the sequences a group commits vectors for (aliases excluded)."""
+    out: list[bytes] = []
+    for part in group:
+        if type(part) is CommitRows:
+            out.extend(part.seq_digests)
+        elif part.vectors is not None:
+            out.append(part.seq_digest)
+    return out
+
+
+def embedded_digest_lists(group: Sequence[CommitPart]) -> list[Sequence[bytes]]:
+    """:func:`embedded_digests` as the group's own digest columns (one per part with vectors),
+    chained by whoever reads them: no step per digest now (the store writer process keeps
+    them until its commit is durable)."""
+    return [part.seq_digests if type(part) is CommitRows else (part.seq_digest,)
             for part in group if type(part) is CommitRows or part.vectors is not None]
 
 

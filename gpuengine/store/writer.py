@@ -32,7 +32,7 @@ from gpuengine.store.commit_group import (  # noqa: F401 - also imported from he
     CommitRows,
     _encode_group,
     _Group,
-    embedded_digest_lists,
+    embedded_digests,
     group_counts,
     group_nbytes,
 )
