@@ -26,8 +26,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Union
 
-import numpy as np
-
 from gpuengine.errors import EXIT_PARTIAL, GpuEngineError, InputError, UsageError
 from gpuengine.vocabulary import DEFAULT_TABLE
 

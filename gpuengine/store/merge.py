@@ -50,7 +50,7 @@ import lmdb
 from gpuengine.errors import EXIT_ERROR, EXIT_INTERRUPTED, UsageError
 from gpuengine.store.deferred import (Flusher, boot_id, discard_damaged, remove_marker,
                                       write_marker)
-from gpuengine.store.environment import StoreEnv, open_store
+from gpuengine.store.environment import open_store
 from gpuengine.store.kway import Prefetch, block_items, first, merged_chunks
 from gpuengine.store.merge_plan import (
     KINDS,
@@ -328,8 +328,9 @@ class _Merge:
                 return False
             except BaseException as exc:
                 status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                reason = str(exc)
                 try:
-                    self.env.write(lambda txn: self._set_status(txn, status, str(exc)))
+                    self.env.write(lambda txn: self._set_status(txn, status, reason))
                 except Exception:  # the original error says more
                     pass
                 raise

@@ -53,8 +53,7 @@ from typing import Iterator
 import numpy as np
 
 from gpuengine.config import EmbedConfig, check_replicas_per_gpu, environment
-from gpuengine.errors import (GpuEngineError, InputError, ModelLoadError, StoreMismatchError,
-                              UsageError)
+from gpuengine.errors import GpuEngineError, InputError, StoreMismatchError, UsageError
 from gpuengine.fasta import ValidationReport, validate
 from gpuengine.progress import NullProgress, ProgressSink
 from gpuengine.records import FastaRecord
