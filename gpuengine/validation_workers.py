@@ -38,10 +38,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import queue
 import struct
 import sys
 import threading
-import queue
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Callable
