@@ -292,6 +292,26 @@ def run_e2e(model, fasta, budget, workdir, *, noop_dim: int | None = None, devic
     return summary
 
 
+def name_native_threads() -> None:
+    """Give every thread started from now on its ``threading`` name as the native one (less
+    ``gpuengine-``, cut to the kernel's 15 bytes), so per-thread CPU in /proc, top -H and
+    tools/cpu_share.py can be told apart (CPython sets it itself only from 3.14). Linux only;
+    elsewhere nothing happens."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    bootstrap = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
+
+    def named(thread: threading.Thread) -> None:
+        prctl(15, thread.name.removeprefix("gpuengine-")[:15].encode(), 0, 0, 0)  # PR_SET_NAME
+        bootstrap(thread)
+
+    threading.Thread._bootstrap_inner = named  # type: ignore[attr-defined]
+
+
 class MainProcessCpu(ProgressSink):
     """A progress sink that measures the CPU time of this process (all its threads, not the
     input children) from the start of embedding to the end of the run: the engine's own

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (ResultsLog, add_commit_option, add_host_options,  # noqa: E402
-                          limit_cores, run_curve, run_e2e, write_reads_fasta, writers_option)
+                          limit_cores, name_native_threads, run_curve, run_e2e, write_reads_fasta, writers_option)
 from gpuengine.synthetic import write_dnabert_s  # noqa: E402
 
 
@@ -54,6 +54,7 @@ def main() -> None:
     if args.curve:
         return run_curve(__file__, args.curve)
     cores = limit_cores(args.cores)
+    name_native_threads()
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = args.workdir / "DNABERT-S_host"  # one layer: the no-op runner never runs it
     if not model.exists():
