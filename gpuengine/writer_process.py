@@ -10,9 +10,11 @@ interface of :class:`~gpuengine.committer.Committer` (``start``, ``put``, ``wait
 * a **sender** thread (``gpuengine-committer``) takes the engine's groups from its queue and
   writes each down the child's stdin as a ``GRUP`` frame (:mod:`gpuengine.store.group_frames`:
   digests, ids, keys and vectors as raw bytes, no pickle);
-* the child reads frames on one thread (the pipe's reads release its lock) and commits them on
-  another with group commit as :class:`~gpuengine.committer.Committer` does (the groups waiting
-  merged into one transaction, up to ``max_bytes`` of vectors); after each durable commit it
+* the child reads frames on one thread (the pipe's reads release its lock), which also decodes
+  and encodes each group for its transaction (while the other thread's commit writes pages and
+  waits for the disk without the lock), and commits them on another with group commit as
+  :class:`~gpuengine.committer.Committer` does (the groups waiting merged into one transaction,
+  up to ``max_bytes`` of vectors); after each durable commit it
   answers ``ACKD`` (groups, sequences, records, seconds), or ``FAIL`` (the error's class and
   message) and drops what follows;
 * an **acknowledgement** thread (``gpuengine-committer-acks``) reads the answers, advances the
@@ -246,16 +248,36 @@ class CommitterProcess:
 # ----------------------------------------------------------------------------- child side
 
 
+class _Prepared:
+    """A ``GRUP`` frame decoded and encoded for its transaction by the reading thread (while
+    the committing thread's previous commit writes pages and waits for the disk, with the
+    interpreter lock released), or the error that encoding raised."""
+
+    __slots__ = ("group", "extra", "nbytes", "error")
+
+    def __init__(self, payload: bytearray, spec: TableSpec) -> None:
+        from gpuengine.store.commit_group import encode_for_commit
+        from gpuengine.store.group_frames import decode_group, split_payload
+
+        self.group, self.extra, self.nbytes, self.error = None, None, 0, None
+        try:
+            header, blobs = split_payload(payload)
+            self.extra, self.nbytes = header["extra"], header["nbytes"]
+            self.group = encode_for_commit(spec, decode_group(header, blobs, spec.outputs))
+        except Exception as exc:  # noqa: BLE001 - reported in order by the committing thread
+            self.error = exc
+
+
 class _ChildWriter:
-    """The child's committing thread: group commit over the frames the reading thread
-    queues (decoded here, so the reading thread holds the lock only briefly)."""
+    """The child's committing thread: group commit of the groups the reading thread queues,
+    already encoded (:class:`_Prepared`), so this thread only puts and commits."""
 
     def __init__(self, writer, spec: TableSpec, run_id: str, max_bytes: int, out: BinaryIO):
         import queue
 
         self.writer, self.spec, self.run_id, self.max_bytes = writer, spec, run_id, max_bytes
         self.out = out
-        self.inbox: queue.Queue[bytearray | None] = queue.Queue(_CHILD_GROUPS)
+        self.inbox: queue.Queue[_Prepared | None] = queue.Queue(_CHILD_GROUPS)
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -274,16 +296,14 @@ class _ChildWriter:
     def _run(self) -> None:
         import queue
 
-        from gpuengine.store.group_frames import split_payload
-
         done = False
         while not done:
             item = self.inbox.get()
             if item is None:
                 return
-            payloads = [split_payload(item)]
-            nbytes = payloads[0][0]["nbytes"]
-            while nbytes < self.max_bytes:  # merge what else is waiting (group commit)
+            merged = [item]
+            nbytes = item.nbytes
+            while nbytes < self.max_bytes and item.error is None:  # group commit
                 try:
                     item = self.inbox.get_nowait()
                 except queue.Empty:
@@ -291,28 +311,34 @@ class _ChildWriter:
                 if item is None:
                     done = True
                     break
-                payloads.append(split_payload(item))
-                nbytes += payloads[-1][0]["nbytes"]
+                merged.append(item)
+                nbytes += item.nbytes
             if self.error is None:  # after a failure, drain without writing
-                self._commit(payloads)
+                self._commit(merged)
 
-    def _commit(self, payloads: list) -> None:
-        from gpuengine.store.group_frames import decode_group
+    def _commit(self, merged: list[_Prepared]) -> None:
+        """Commit the encoded groups before the first that failed to encode (if any), then
+        report that failure: the groups before it are as valid as they were alone."""
+        from gpuengine.store.commit_group import merge_encoded
 
-        started = time.perf_counter()
-        try:
-            group: list[CommitPart] = []
-            extra_runs: dict = {}
-            for header, blobs in payloads:
-                group.extend(decode_group(header, blobs, self.spec.outputs))
-                extra_runs.update(header["extra"] or {})  # later records supersede earlier
-            sequences, records = self.writer.commit(self.spec.name, group, run_id=self.run_id,
-                                                    extra_runs=extra_runs or None)
-        except BaseException as exc:  # noqa: BLE001 - reported to the engine, which raises it
-            self._failed(exc)
-            return
-        ack = _ACK.pack(len(payloads), sequences, records, time.perf_counter() - started)
-        write_all(self.out.fileno(), frame(b"ACKD", [ack]))
+        failed = next((p.error for p in merged if p.error is not None), None)
+        good = [p for p in merged if p.error is None] if failed is None else merged[:-1]
+        if good:
+            started = time.perf_counter()
+            try:
+                extra_runs: dict = {}
+                for prepared in good:
+                    extra_runs.update(prepared.extra or {})  # later records supersede earlier
+                sequences, records = self.writer.commit_encoded(
+                    self.spec.name, merge_encoded([p.group for p in good]), run_id=self.run_id,
+                    extra_runs=extra_runs or None)
+            except BaseException as exc:  # noqa: BLE001 - reported to the engine, which raises it
+                self._failed(exc)
+                return
+            ack = _ACK.pack(len(good), sequences, records, time.perf_counter() - started)
+            write_all(self.out.fileno(), frame(b"ACKD", [ack]))
+        if failed is not None:
+            self._failed(failed)
 
 
 def serve(inp: BinaryIO, out: BinaryIO) -> None:
@@ -336,7 +362,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
                 os._exit(1)
             tag, payload = got
             if tag == b"GRUP":
-                child.inbox.put(payload)
+                child.inbox.put(_Prepared(payload, spec))
             elif tag == b"FINI":
                 child.inbox.put(None)
                 break

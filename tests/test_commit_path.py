@@ -16,7 +16,7 @@ from gpuengine.errors import InternalError
 from gpuengine.packing import WorkItem
 from gpuengine.pipe_frames import write_all
 from gpuengine.store.codec import Packed16, sequence_digest, unpack16
-from gpuengine.store.commit_group import CommitEntry, CommitRows, _encode_group
+from gpuengine.store.commit_group import CommitEntry, CommitRows, encode_for_commit
 from gpuengine.store.group_frames import decode_group, encode_group, split_payload
 from gpuengine.store.parts import parts_of
 from gpuengine.store.schema import ModelIdentity, OutputSpec, TableSpec
@@ -108,7 +108,7 @@ def test_packed_keys_give_the_frame_and_the_store_bytes_of_listed_keys():
     assert frame_of[0] == frame_of[1]
     (back, _) = decode_group(*split_payload(bytearray(frame_of[1])), spec.outputs)
     assert [list(k) for k in back.embedding_keys] == list(listed)
-    want, got = _encode_group(spec, group(listed)), _encode_group(spec, group(packed))
+    want, got = encode_for_commit(spec, group(listed)), encode_for_commit(spec, group(packed))
     assert [(k, bytes(memoryview(v).cast("B"))) for k, v in got.arrays] == \
         [(k, bytes(memoryview(v).cast("B"))) for k, v in want.arrays]
     assert got.ids == want.ids and got.aliases == want.aliases and got.nbytes == want.nbytes

@@ -16,7 +16,7 @@ from gpuengine.errors import InternalError, StoreError, StoreMismatchError
 from gpuengine.ledger import Ledger
 from gpuengine.store import (CommitEntry, EmbeddingStore, ModelIdentity, OutputSpec, StoreWriter,
                              TableSpec, sequence_digest)
-from gpuengine.store.commit_group import CommitRows, _encode_group, group_nbytes
+from gpuengine.store.commit_group import CommitRows, encode_for_commit, group_nbytes, merge_encoded
 from gpuengine.store.group_frames import decode_group, encode_group, split_payload
 from gpuengine.writer_process import CommitterProcess
 
@@ -81,7 +81,7 @@ def test_a_decoded_group_encodes_to_the_same_store_bytes():
         CommitEntry(d[5], ("alias-4",), None),
     ]
     back = round_trip(group, spec, {"job": {"n": 1, "t": [1.5, None]}})
-    want, got = _encode_group(spec, group), _encode_group(spec, back)
+    want, got = encode_for_commit(spec, group), encode_for_commit(spec, back)
     assert [(k, bytes(memoryview(v).cast("B"))) for k, v in got.arrays] == \
         [(k, bytes(memoryview(v).cast("B"))) for k, v in want.arrays]
     assert got.ids == want.ids and got.aliases == want.aliases
@@ -93,7 +93,25 @@ def test_a_bad_vector_is_the_same_error_after_the_pipe():
     group = [CommitRows([sequence_digest("A")], [("a",)], {MEAN: [np.zeros(DIM + 1)]})]
     for g in (group, round_trip(group, spec)):
         with pytest.raises(InternalError, match=r"array has shape \(9,\), expected \(8,\)"):
-            _encode_group(spec, g)
+            encode_for_commit(spec, g)
+
+
+def test_groups_encoded_one_by_one_merge_into_the_encoding_of_them_all():
+    spec = spec_of(MEAN)
+    d = [sequence_digest(f"S{i}") for i in range(40)]
+    rng = np.random.default_rng(5)
+    groups = [[CommitRows(d[a:b], [(f"r{i}",) for i in range(a, b)],
+                          {MEAN: rng.standard_normal((b - a, DIM)).astype(np.float32)})]
+              for a, b in ((0, 15), (15, 30), (10, 40))]  # d[10:30] twice: later values last
+    groups.append([CommitEntry(d[3], ("alias",), None)])
+    want = encode_for_commit(spec, [part for g in groups for part in g])
+    got = merge_encoded([encode_for_commit(spec, g) for g in groups])
+    assert [(k, bytes(memoryview(v).cast("B"))) for k, v in got.arrays] == \
+        [(k, bytes(memoryview(v).cast("B"))) for k, v in want.arrays]
+    assert got.ids == want.ids and got.aliases == want.aliases
+    assert (got.sequences, got.nbytes) == (want.sequences, want.nbytes)
+    keys = [k for k, _ in got.arrays]
+    assert keys == sorted(keys) and len(keys) == 15 + 15 + 30
 
 
 def committer(writer, ledger, **kwargs) -> CommitterProcess:
@@ -155,6 +173,22 @@ def test_a_store_mismatch_in_the_child_is_raised_with_its_message(writer):
     assert str(process.error) == str(thread.error)
     assert stored(writer.path).get("r12") == 0.0 and "r15" not in stored(writer.path)
     assert "r25" not in stored(writer.path)
+
+
+def test_a_group_that_cannot_be_encoded_fails_after_the_groups_before_it_commit(writer):
+    ledger = Ledger()
+    process = committer(writer, ledger)
+    bad = CommitRows([sequence_digest("BAD")], [("bad",)], {MEAN: np.zeros((1, DIM + 1))})
+    process.put([rows(ledger, 0, 10)])  # queued before the child starts: they wait together
+    process.put([rows(ledger, 10, 10)])
+    process.put([bad])
+    process.put([rows(ledger, 20, 10)])
+    process.start()
+    process.finish()
+    assert type(process.error) is InternalError
+    assert "array has shape (1, 9), expected (1, 8)" in str(process.error)
+    assert stored(writer.path) == {f"r{i}": float(i) for i in range(20)}
+    assert process.snapshot().sequences == 20
 
 
 def test_an_alias_without_its_vectors_is_an_internal_error(writer):

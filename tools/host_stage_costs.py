@@ -193,7 +193,7 @@ def main() -> None:
             clock.time("engine loop", _Run._on_outcome, loop,
                        BatchOutcome("ok", batch.device, batch, result))
             if loop.group_rows >= args.commit_every or scheduler.finished:
-                clock.time("(of which encoding)", writer_module._encode_group, spec, loop.group)
+                clock.time("(of which encoding)", writer_module.encode_for_commit, spec, loop.group)
                 shares = [loop.group]
                 if args.writers > 1:
                     shares = [share for share in clock.time("part split", split_group,

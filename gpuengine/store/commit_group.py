@@ -4,7 +4,7 @@ A group is made of :class:`CommitEntry` (one sequence: an alias, or vectors in t
 :class:`CommitRows` (a device batch's sequences, column-wise); :func:`group_counts`,
 :func:`group_nbytes`, :func:`embedded_digests` and :func:`embedded_digest_lists` describe one
 without encoding it.
-:func:`_encode_group` validates and encodes a group into sorted key/value lists outside any
+:func:`encode_for_commit` validates and encodes a group into sorted key/value lists outside any
 transaction (pure: no store access), so :meth:`~gpuengine.store.writer.StoreWriter.commit`
 only writes them. The writer (:mod:`gpuengine.store.writer`) re-exports the public names.
 """
@@ -161,9 +161,11 @@ def group_counts(group: Sequence[CommitPart]) -> tuple[int, int]:
 
 
 @dataclass
-class _Group:
+class EncodedGroup:
     """A commit group encoded outside the transaction; each list sorted by key (putmulti
-    then walks the B-tree in order; the sort is stable, so duplicate keys keep their order)."""
+    then walks the B-tree in order; the sort is stable, so duplicate keys keep their order).
+    Made by :func:`encode_for_commit`; several merge into one transaction's with
+    :func:`merge_encoded`."""
 
     arrays: list[tuple[bytes, Any]]  # (embedding key, array bytes or a C-contiguous array)
     ids: list[tuple[bytes, bytes]]  # (id key, id value)
@@ -258,7 +260,7 @@ def _encode_rows(spec: TableSpec, rows: CommitRows, prefixes: list[bytes],
     return nbytes
 
 
-def _encode_group(spec: TableSpec, entries: Sequence[CommitPart]) -> _Group:
+def encode_for_commit(spec: TableSpec, entries: Sequence[CommitPart]) -> EncodedGroup:
     """Validate and encode a group (pure: no store access). Vectors go through
     :func:`_encode_rows` (a CommitEntry as one row); an alias-only entry adds its id mappings
     and the embedding keys the transaction must find."""
@@ -286,7 +288,19 @@ def _encode_group(spec: TableSpec, entries: Sequence[CommitPart]) -> _Group:
                + len(ids) * _ENTRY_OVERHEAD + len(arrays) * (16 + _ENTRY_OVERHEAD))
     arrays = codec.sorted_by_key(arrays)
     ids.sort(key=_first)
-    return _Group(arrays, ids, aliases, group_counts(entries)[0], nbytes)
+    return EncodedGroup(arrays, ids, aliases, group_counts(entries)[0], nbytes)
+
+
+def merge_encoded(groups: Sequence[EncodedGroup]) -> EncodedGroup:
+    """Groups encoded one by one, as one transaction's: the same lists as
+    :func:`encode_for_commit` of all their entries in order (each list sorted by key, stably:
+    equal keys keep the groups' order, so a later group's value is put after an earlier's)."""
+    if len(groups) == 1:
+        return groups[0]
+    arrays = codec.sorted_by_key(list(chain.from_iterable(g.arrays for g in groups)))
+    ids = sorted(chain.from_iterable(g.ids for g in groups), key=_first)
+    return EncodedGroup(arrays, ids, list(chain.from_iterable(g.aliases for g in groups)),
+                        sum(g.sequences for g in groups), sum(g.nbytes for g in groups))
 
 
 _first, _second = operator.itemgetter(0), operator.itemgetter(1)

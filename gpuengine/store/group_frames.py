@@ -4,7 +4,7 @@
 :class:`~gpuengine.store.commit_group.CommitEntry`) and its run records into a list of
 buffers to write down a pipe; :func:`decode_group` turns the bytes back into the same group,
 which the writer process encodes and commits as the writer thread would
-(:func:`~gpuengine.store.commit_group._encode_group`): the store holds the same bytes.
+(:func:`~gpuengine.store.commit_group.encode_for_commit`): the store holds the same bytes.
 
 Layout: a little-endian uint32 header length, the header (UTF-8 JSON), then the blobs the
 header points into by ``[offset, length]`` from the end of the header. No pickle, and no

@@ -30,8 +30,8 @@ from gpuengine.store.commit_group import (  # noqa: F401 - also imported from he
     CommitEntry,
     CommitPart,
     CommitRows,
-    _encode_group,
-    _Group,
+    EncodedGroup,
+    encode_for_commit,
     embedded_digests,
     group_counts,
     group_nbytes,
@@ -360,8 +360,15 @@ class StoreWriter:
         Raises StoreMismatchError (nothing written) when an id is already mapped to another
         sequence, InternalError when an alias-only entry's embeddings are not stored.
         """
+        return self.commit_encoded(table, encode_for_commit(self._table(table).spec, entries),
+                                   run_id=run_id, extra_runs=extra_runs)
+
+    def commit_encoded(self, table: str, group: EncodedGroup, *, run_id: str | None = None,
+                       extra_runs: Mapping[str, dict[str, Any]] | None = None) -> tuple[int, int]:
+        """:meth:`commit` of a group already encoded for ``table``'s spec
+        (:func:`~gpuengine.store.commit_group.encode_for_commit`, outside any transaction: the
+        writer process encodes the next group while this one commits)."""
         t = self._table(table)
-        group = _encode_group(t.spec, entries)
         run_key = None if run_id is None else self._run_key(run_id)
 
         def work(txn: lmdb.Transaction) -> None:
@@ -378,7 +385,7 @@ class StoreWriter:
         self._env.write(work, size_hint=group.nbytes + 4096)
         return group.sequences, len(group.ids)
 
-    def _put_group(self, txn: lmdb.Transaction, t: _Table, group: _Group) -> None:
+    def _put_group(self, txn: lmdb.Transaction, t: _Table, group: EncodedGroup) -> None:
         """Vectors first (one ``putmulti``), then alias checks, then id mappings (one
         ``putmulti`` that never overwrites; ids that were already there are checked)."""
         if group.arrays:
