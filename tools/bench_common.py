@@ -292,6 +292,37 @@ def run_e2e(model, fasta, budget, workdir, *, noop_dim: int | None = None, devic
     return summary
 
 
+class DiskWrites:
+    """Bytes the block device holding ``path`` writes from now on (``/proc/diskstats``,
+    sectors of 512 bytes; Linux). :meth:`fields` is empty where the path is not on a block
+    device listed there (tmpfs, overlay on another OS)."""
+
+    def __init__(self, path) -> None:
+        dev = os.stat(path).st_dev
+        self._key = (os.major(dev), os.minor(dev))
+        self._start = self._sectors()
+
+    def _sectors(self) -> int | None:
+        try:
+            lines = Path("/proc/diskstats").read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            fields = line.split()
+            if (int(fields[0]), int(fields[1])) == self._key:
+                return int(fields[9])
+        return None
+
+    def fields(self, sequences: int, seconds: float) -> dict:
+        end = self._sectors()
+        if self._start is None or end is None:
+            return {}
+        written = 512 * (end - self._start)
+        return {"disk_written_bytes": written,
+                "disk_written_per_seq": round(written / max(1, sequences)),
+                "disk_mb_per_s": round(written / max(seconds, 1e-9) / 1e6)}
+
+
 def name_native_threads() -> None:
     """Give every thread started from now on its ``threading`` name as the native one (less
     ``gpuengine-``, cut to the kernel's 15 bytes), so per-thread CPU in /proc, top -H and

@@ -10,7 +10,10 @@ Each row carries ``devices`` (no-op devices), ``cores`` (cores the run could use
 ``input_processes`` (children reading, hashing and tokenizing the input) and
 ``writer_process`` (``GPUENGINE_WRITER_PROCESS``: auto, 1 or 0; auto writes the store from a
 child process for inputs of 20 000 records or more) and ``writers`` (the store writer
-processes, each writing its own part store: ``--writers N``, or auto as ``gpuengine embed``).
+processes, each writing its own part store: ``--writers N``, or auto as ``gpuengine embed``),
+and, where the workdir is on a block device (Linux), ``disk_written_per_seq`` and
+``disk_mb_per_s``: what the disk wrote during the run (``/proc/diskstats``) per read, and per
+second of the embedding phase.
 
     python tools/bench_host_dna.py --reads 2000000 --devices 8 --writers 4 --curve 2,4,8,16 --out r.jsonl
 
@@ -31,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import (ResultsLog, add_commit_option, add_host_options,  # noqa: E402
+from bench_common import (DiskWrites, ResultsLog, add_commit_option, add_host_options,  # noqa: E402
                           limit_cores, name_native_threads, run_curve, run_e2e, write_reads_fasta, writers_option)
 from gpuengine.synthetic import write_dnabert_s  # noqa: E402
 
@@ -68,6 +71,7 @@ def main() -> None:
     from gpuengine.config import environment
     from gpuengine.input_workers import process_count
 
+    disk = DiskWrites(args.workdir)
     summary = run_e2e(model, fasta, args.budget, args.workdir, noop_dim=768,
                       devices=args.devices, writers=writers_option(args.writers),
                       store_dtype=args.store_dtype)
@@ -86,6 +90,7 @@ def main() -> None:
         commit_seconds=summary.commit_seconds,
         commit_wait_seconds=summary.commit_wait_seconds,
         main_cpu_us_per_seq=1e6 * summary.main_cpu_seconds / max(1, summary.embedded),
+        **disk.fields(summary.embedded, summary.embed_seconds),
         note="GPU step replaced by a no-op; parse+validate+BPE tokenize+plan+schedule+commit "
              "(tokens_per_s: model tokens, CLS/SEP included; the rates are of the embedding "
              "phase, embed_s; validate_s: the first pass over the input before it)")
