@@ -322,7 +322,7 @@ class _ChildWriter:
         from gpuengine.store.commit_group import merge_encoded
 
         failed = next((p.error for p in merged if p.error is not None), None)
-        good = [p for p in merged if p.error is None] if failed is None else merged[:-1]
+        good = merged if failed is None else merged[:-1]  # a failed one ends a merge
         if good:
             started = time.perf_counter()
             try:
