@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def test_every_script_is_listed():
     assert {"bench_common", "bench_dnabert", "bench_esm", "bench_fp8", "bench_host_dna",
             "bench_kernels", "bench_merge", "bench_predict", "bench_replicas", "bench_serve",
             "bench_lmdb_values", "bench_shard_scan", "bench_startup", "bench_writer",
-            "host_stage_costs",
+            "cpu_share", "host_stage_costs",
             "make_checkpoint",
             "plot_benchmarks", "pyspy_summary", "repro_cpu_fidelity"} == set(SCRIPTS)
 
@@ -58,6 +59,51 @@ def test_help(name, tool, monkeypatch, capsys):
     assert out.startswith("usage:")
     if name.startswith("bench_"):
         assert "--commit COMMIT" in out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux's /proc")
+def test_threads_get_their_names_natively(tool):
+    common = tool("bench_common")
+    common.name_native_threads()
+    common.name_native_threads()  # once is enough: not wrapped twice
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(
+        Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip()),
+        name="gpuengine-committer-acks")
+    thread.start()
+    thread.join()
+    assert seen == ["committer-acks"]  # less the prefix, cut to the kernel's 15 bytes
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="Linux's /proc")
+def test_cpu_share_reports_processes_threads_and_the_exit_status(tmp_path):
+    script = tmp_path / "busy.py"
+    script.write_text(
+        "import ctypes, subprocess, sys, threading, time\n"
+        "def spin(seconds):\n"
+        "    end = time.process_time() + seconds\n"
+        "    while time.process_time() < end: pass\n"
+        "def worker():\n"
+        "    ctypes.CDLL(None).prctl(15, b'spinner', 0, 0, 0)\n"
+        "    spin(0.4)\n"
+        "if sys.argv[1:] == ['child']:\n"
+        "    spin(0.4)\n"
+        "else:\n"
+        "    child = subprocess.Popen([sys.executable, sys.argv[0], 'child'])\n"
+        "    t = threading.Thread(target=worker); t.start(); t.join(); child.wait()\n"
+        "    sys.exit(3)\n")
+    table = tmp_path / "cpu.json"
+    done = subprocess.run([sys.executable, str(TOOLS / "cpu_share.py"), "--every", "0.05",
+                           "--json", str(table), "--", sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr  # the command's own status
+    got = json.loads(table.read_text())
+    busy = got["roles"]["busy.py"]
+    assert busy["processes"] == 2 and busy["user_s"] + busy["sys_s"] >= 0.6
+    spinner = got["threads"]["spinner"]
+    assert spinner["threads"] == 1 and spinner["user_s"] + spinner["sys_s"] >= 0.3
+    assert 0 < got["machine_busy"] <= 1 and got["wall_s"] >= 0.4
+    assert "busy.py" in done.stderr and "spinner" in done.stderr
 
 
 def test_commit_option_default(tool, monkeypatch):
@@ -199,7 +245,10 @@ def test_host_pipeline_dna(tool, monkeypatch, tmp_path, dtype):
                                                  "writer_process", "writers", "writers_option",
                                                  "store_dtype", "commit_transactions",
                                                  "commit_seconds", "commit_wait_seconds",
-                                                 "main_cpu_us_per_seq", "note"]
+                                                 "main_cpu_us_per_seq", "disk_written_bytes",
+                                                 "disk_written_per_seq", "disk_mb_per_s", "note"]
+    if row["disk_written_bytes"] is not None:  # the workdir is on a block device: the store's
+        assert row["disk_written_per_seq"] > 768 * 4  # vectors reached it (fdatasync)
     assert (row["sequences"], row["model"], row["workload"]) == (300, "dnabert-s", "dna150")
     assert (row["writers"], row["writers_option"], row["budget"]) == (1, "auto", 4096)
     assert row["store_dtype"] == (dtype or "float32")  # float32: embed's default

@@ -294,8 +294,8 @@ def run_e2e(model, fasta, budget, workdir, *, noop_dim: int | None = None, devic
 
 class DiskWrites:
     """Bytes the block device holding ``path`` writes from now on (``/proc/diskstats``,
-    sectors of 512 bytes; Linux). :meth:`fields` is empty where the path is not on a block
-    device listed there (tmpfs, overlay on another OS)."""
+    sectors of 512 bytes; Linux). :meth:`fields` holds None where the path is not on a block
+    device listed there (tmpfs, or not Linux)."""
 
     def __init__(self, path) -> None:
         dev = os.stat(path).st_dev
@@ -316,7 +316,7 @@ class DiskWrites:
     def fields(self, sequences: int, seconds: float) -> dict:
         end = self._sectors()
         if self._start is None or end is None:
-            return {}
+            return dict.fromkeys(("disk_written_bytes", "disk_written_per_seq", "disk_mb_per_s"))
         written = 512 * (end - self._start)
         return {"disk_written_bytes": written,
                 "disk_written_per_seq": round(written / max(1, sequences)),
@@ -330,16 +330,19 @@ def name_native_threads() -> None:
     elsewhere nothing happens."""
     import ctypes
 
+    bootstrap = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
+    if getattr(bootstrap, "names_natively", False):
+        return  # once per process
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return
-    bootstrap = threading.Thread._bootstrap_inner  # type: ignore[attr-defined]
 
     def named(thread: threading.Thread) -> None:
         prctl(15, thread.name.removeprefix("gpuengine-")[:15].encode(), 0, 0, 0)  # PR_SET_NAME
         bootstrap(thread)
 
+    named.names_natively = True  # type: ignore[attr-defined]
     threading.Thread._bootstrap_inner = named  # type: ignore[attr-defined]
 
 
