@@ -309,4 +309,19 @@ def test_lmdb_values(tool, monkeypatch, tmp_path):
         "testcommit", "lmdb", 1536, True)
     assert row["puts_per_s"] > 0 and row["file_gb"] * 1e9 > 2000 * 1536
     assert row["written_gb"] * 1e9 >= 2000 * 1536 or row["written_gb"] == 0  # (tmpfs: none)
+    assert (row["layout"], row["per_block"]) == ("values", None)
     assert not (tmp_path / "lmdb-values").exists()
+
+
+def test_lmdb_values_in_blocks(tool, monkeypatch, tmp_path):
+    """``--layout blocks``: the values packed in blocks (the file holds every value once,
+    in fewer pages than one overflow page each), the keys indexed, one row."""
+    out = tmp_path / "results.jsonl"
+    args = ["--value-bytes", "3072", "--puts", "2100", "--per-txn", "700",
+            "--workdir", str(tmp_path)]
+    _run(tool("bench_lmdb_values"), monkeypatch, *args, "--out", str(out))
+    _run(tool("bench_lmdb_values"), monkeypatch, *args, "--layout", "blocks", "--per-block",
+         "21", "--out", str(out))
+    plain, blocks = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (blocks["layout"], blocks["per_block"], blocks["puts"]) == ("blocks", 21, 2100)
+    assert 2100 * 3072 < blocks["file_gb"] * 1e9 < plain["file_gb"] * 1e9

@@ -294,8 +294,8 @@ def run_e2e(model, fasta, budget, workdir, *, noop_dim: int | None = None, devic
 
 class DiskWrites:
     """Bytes the block device holding ``path`` writes from now on (``/proc/diskstats``,
-    sectors of 512 bytes; Linux). :meth:`fields` holds None where the path is not on a block
-    device listed there (tmpfs, or not Linux)."""
+    sectors of 512 bytes; Linux). None where the path is not on a block device listed there
+    (tmpfs, or not Linux)."""
 
     def __init__(self, path) -> None:
         dev = os.stat(path).st_dev
@@ -313,11 +313,17 @@ class DiskWrites:
                 return int(fields[9])
         return None
 
-    def fields(self, sequences: int, seconds: float) -> dict:
+    def written(self) -> int | None:
+        """Bytes written since this was made."""
         end = self._sectors()
-        if self._start is None or end is None:
+        return None if self._start is None or end is None else 512 * (end - self._start)
+
+    def fields(self, sequences: int, seconds: float) -> dict:
+        """A results row's ``disk_written_bytes``, ``disk_written_per_seq`` and
+        ``disk_mb_per_s`` (over ``seconds``), all None where unknown."""
+        written = self.written()
+        if written is None:
             return dict.fromkeys(("disk_written_bytes", "disk_written_per_seq", "disk_mb_per_s"))
-        written = 512 * (end - self._start)
         return {"disk_written_bytes": written,
                 "disk_written_per_seq": round(written / max(1, sequences)),
                 "disk_mb_per_s": round(written / max(seconds, 1e-9) / 1e6)}
