@@ -118,7 +118,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=768, help="768: DNABERT-S; 1280: ESM-2 650M")
     ap.add_argument("--vectors", type=int, default=400_000)
     ap.add_argument("--group", type=int, default=8192,
-                    help="vectors per group (the engine's commit_every)")
+                    help="vectors per group (the engine's commit_every; a group of more than "
+                         "32 MB, e.g. 32768 768-d vectors, crosses the pipe slower than a "
+                         "run's groups do: each frame is read into a fresh buffer)")
     ap.add_argument("--writers", default="1,2", help="comma-separated writer counts")
     ap.add_argument("--cores", type=int, default=None,
                     help="cores this process and the writers may use (default: all)")
