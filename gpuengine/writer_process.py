@@ -51,7 +51,8 @@ from gpuengine.errors import GpuEngineError, InternalError, StoreError
 from gpuengine.pipe_frames import (GPUENGINE_ERRORS, child_main, close_pipes, error_from,
                                    error_payload, frame, how_it_ended, read_frame, start_child,
                                    write_all)
-from gpuengine.store.commit_group import CommitPart, embedded_digest_lists
+from gpuengine.store.commit_group import (CommitPart, embedded_digest_lists, encode_for_commit,
+                                          merge_encoded)
 from gpuengine.store.schema import TableSpec
 
 _ACK = struct.Struct("<IQQd")  # groups, sequences, records, seconds
@@ -256,7 +257,6 @@ class _Prepared:
     __slots__ = ("group", "extra", "nbytes", "error")
 
     def __init__(self, payload: bytearray, spec: TableSpec) -> None:
-        from gpuengine.store.commit_group import encode_for_commit
         from gpuengine.store.group_frames import decode_group, split_payload
 
         self.group, self.extra, self.nbytes, self.error = None, None, 0, None
@@ -319,8 +319,6 @@ class _ChildWriter:
     def _commit(self, merged: list[_Prepared]) -> None:
         """Commit the encoded groups before the first that failed to encode (if any), then
         report that failure: the groups before it are as valid as they were alone."""
-        from gpuengine.store.commit_group import merge_encoded
-
         failed = next((p.error for p in merged if p.error is not None), None)
         good = merged if failed is None else merged[:-1]  # a failed one ends a merge
         if good:
