@@ -325,3 +325,20 @@ def test_lmdb_values_in_blocks(tool, monkeypatch, tmp_path):
     plain, blocks = [json.loads(line) for line in out.read_text().splitlines()]
     assert (blocks["layout"], blocks["per_block"], blocks["puts"]) == ("blocks", 21, 2100)
     assert 2100 * 3072 < blocks["file_gb"] * 1e9 < plain["file_gb"] * 1e9
+
+
+def test_lmdb_values_in_generations(tool, monkeypatch, tmp_path):
+    """``--layout generations``: a new database every --generation-size values (the file
+    holds every value, the row says so), and ``--segment`` reports each segment's rate."""
+    out = tmp_path / "results.jsonl"
+    _run(tool("bench_lmdb_values"), monkeypatch, "--layout", "generations",
+         "--generation-size", "1000", "--puts", "2500", "--per-txn", "500", "--segment", "1000",
+         "--out", str(out), "--workdir", str(tmp_path))
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (row["layout"], row["generation_size"]) == ("generations", 1000)
+    assert [s["at"] for s in row["segments"]] == [1000, 2000]
+    assert all(s["puts_per_s"] > 0 for s in row["segments"])
+    assert row["file_gb"] * 1e9 > 2500 * 3072
+    with pytest.raises(SystemExit):
+        _run(tool("bench_lmdb_values"), monkeypatch, "--layout", "generations",
+             "--generation-size", "1000", "--per-txn", "300", "--out", str(out))
