@@ -31,7 +31,25 @@ from gpuengine.store.writer import (
 
 MAX_TRANSACTION_BYTES = 256 << 20
 """Vectors one transaction takes at most when it merges waiting groups (a single group may
-be larger): LMDB keeps a transaction's dirty pages in memory until it commits."""
+be larger) while its table holds up to 2^20 entries: LMDB keeps a transaction's dirty
+pages in memory until it commits. See :func:`transaction_bytes` for larger tables."""
+
+TABLE_ENTRIES_AT_MAX = 1 << 20
+"""Entries a table holds before its transactions may merge more than ``max_bytes``: beyond,
+as much more as the table is larger (256 bytes of vectors an entry at the default
+``max_bytes``), up to ``GROWTH_LIMIT × max_bytes``. Every transaction copies each leaf page
+its random keys touch, nearly one a key in a large table, so merging more as the table grows
+writes fewer bytes a vector (docs/benchmarks.md, "The store's table growing")."""
+GROWTH_LIMIT = 4
+
+
+def transaction_bytes(max_bytes: int, table_entries: int) -> int:
+    """Vector bytes a transaction merges waiting groups up to, for a table of
+    ``table_entries``: ``max_bytes`` up to :data:`TABLE_ENTRIES_AT_MAX` entries, then in
+    proportion to the table, up to ``GROWTH_LIMIT`` times as much."""
+    growth = min(max(1.0, table_entries / TABLE_ENTRIES_AT_MAX), GROWTH_LIMIT)
+    return int(max_bytes * growth)
+
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +97,7 @@ class Committer(threading.Thread):
         self.inbox.join()
 
     def run(self) -> None:
+        entries = self.writer.lookup(self.table)  # the table is open once the thread runs
         done = False
         while not done:
             item = self.inbox.get()
@@ -88,7 +107,8 @@ class Committer(threading.Thread):
             taken = 1
             group, extra_runs = list(item[0]), dict(item[1] or {})
             groups, nbytes = 1, group_nbytes(group)
-            while nbytes < self.max_bytes:  # merge what else is waiting (group commit)
+            limit = transaction_bytes(self.max_bytes, entries.embedding_count())
+            while nbytes < limit:  # merge what else is waiting (group commit)
                 try:
                     item = self.inbox.get_nowait()
                 except queue.Empty:

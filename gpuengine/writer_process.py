@@ -14,7 +14,8 @@ interface of :class:`~gpuengine.committer.Committer` (``start``, ``put``, ``wait
   and encodes each group for its transaction (while the other thread's commit writes pages and
   waits for the disk without the lock), and commits them on another with group commit as
   :class:`~gpuengine.committer.Committer` does (the groups waiting merged into one transaction,
-  up to ``max_bytes`` of vectors); after each durable commit it
+  up to ``max_bytes`` of vectors, more in a large table: :func:`~gpuengine.committer.
+  transaction_bytes`); after each durable commit it
   answers ``ACKD`` (groups, sequences, records, seconds), or ``FAIL`` (the error's class and
   message) and drops what follows;
 * an **acknowledgement** thread (``gpuengine-committer-acks``) reads the answers, advances the
@@ -46,7 +47,7 @@ from collections import deque
 from itertools import chain
 from typing import BinaryIO, Sequence
 
-from gpuengine.committer import MAX_TRANSACTION_BYTES, CommitCounts
+from gpuengine.committer import MAX_TRANSACTION_BYTES, CommitCounts, transaction_bytes
 from gpuengine.errors import GpuEngineError, InternalError, StoreError
 from gpuengine.pipe_frames import (GPUENGINE_ERRORS, child_main, close_pipes, error_from,
                                    error_payload, frame, how_it_ended, read_frame, start_child,
@@ -57,9 +58,16 @@ from gpuengine.store.schema import TableSpec
 
 _ACK = struct.Struct("<IQQd")  # groups, sequences, records, seconds
 _PR_SET_PDEATHSIG = 1
-_CHILD_GROUPS = 16
-"""Groups the child holds read but not committed (then the pipe, then the sender's queue of as
-many): at most 32 groups wait in all, fewer than the writer thread's queue of 64 held."""
+_CHILD_GROUPS = 48
+"""Groups the child holds read but not committed (then the pipe, then the sender's queue of 16),
+and so the most one transaction can merge when the writer falls behind: each transaction
+copies every leaf page its random keys touch, which in a large table is nearly one a key, so
+merging more a transaction writes fewer bytes a vector (16 held: 5 193-5 353 B a read at 6 M
+reads, 48: 4 732-4 770; docs/benchmarks.md, "The store's table growing")."""
+_CHILD_BYTES_FACTOR = 2
+"""The child stops reading while the vectors it holds exceed this many transactions' worth
+(:func:`~gpuengine.committer.transaction_bytes`), so wide per-token groups cannot pile up 48
+deep."""
 _RAISABLE = {**GPUENGINE_ERRORS, "ValueError": ValueError, "TypeError": TypeError}
 
 
@@ -279,12 +287,35 @@ class _ChildWriter:
         self.out = out
         self.inbox: queue.Queue[_Prepared | None] = queue.Queue(_CHILD_GROUPS)
         self.error: BaseException | None = None
+        self._held = 0  # vector bytes of the groups in the inbox and in the merge being made
+        self._room = threading.Condition()
+        self._draining = False
+        self._entries = writer.lookup(spec.name)
+        self._limit = transaction_bytes(max_bytes, self._entries.embedding_count())
+
+    def enqueue(self, item: _Prepared | None) -> None:
+        """Hand the committing thread a group (None: the end), first waiting while the groups
+        held already hold ``_CHILD_BYTES_FACTOR × max_bytes`` of vectors."""
+        if item is not None:
+            with self._room:
+                self._room.wait_for(lambda: self._draining or self._held == 0
+                                    or self._held < _CHILD_BYTES_FACTOR * self._limit)
+                self._held += item.nbytes
+        self.inbox.put(item)
+
+    def _release(self, merged: list[_Prepared]) -> None:
+        with self._room:
+            self._held -= sum(p.nbytes for p in merged)
+            self._room.notify_all()
 
     def run(self) -> None:
         try:
             self._run()
         except BaseException as exc:  # noqa: BLE001 - a bug here: reported, then drain
             self._failed(exc)
+            with self._room:  # what a merge held is not released now: stop counting
+                self._draining = True
+                self._room.notify_all()
             while self.inbox.get() is not None:
                 pass
 
@@ -303,7 +334,7 @@ class _ChildWriter:
                 return
             merged = [item]
             nbytes = item.nbytes
-            while nbytes < self.max_bytes and item.error is None:  # group commit
+            while nbytes < self._limit and item.error is None:  # group commit
                 try:
                     item = self.inbox.get_nowait()
                 except queue.Empty:
@@ -315,6 +346,8 @@ class _ChildWriter:
                 nbytes += item.nbytes
             if self.error is None:  # after a failure, drain without writing
                 self._commit(merged)
+                self._limit = transaction_bytes(self.max_bytes, self._entries.embedding_count())
+            self._release(merged)
 
     def _commit(self, merged: list[_Prepared]) -> None:
         """Commit the encoded groups before the first that failed to encode (if any), then
@@ -360,9 +393,9 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
                 os._exit(1)
             tag, payload = got
             if tag == b"GRUP":
-                child.inbox.put(_Prepared(payload, spec))
+                child.enqueue(_Prepared(payload, spec))
             elif tag == b"FINI":
-                child.inbox.put(None)
+                child.enqueue(None)
                 break
             else:
                 raise InternalError(f"store writer process: unexpected frame {bytes(tag)!r}")

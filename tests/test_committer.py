@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuengine.committer import Committer
+from gpuengine.committer import MAX_TRANSACTION_BYTES, Committer
 from gpuengine.errors import StoreMismatchError
 from gpuengine.ledger import Ledger
 from gpuengine.store import (
@@ -173,3 +173,36 @@ def test_wait_idle_returns_once_every_queued_group_is_committed(writer: StoreWri
     committer.put([rows(ledger, 40, 5)])  # the committer is still running after the wait
     committer.finish()
     assert committer.snapshot().sequences == 45 and len(stored(writer)) == 45
+
+
+def test_transactions_grow_with_the_table() -> None:
+    from gpuengine.committer import GROWTH_LIMIT, TABLE_ENTRIES_AT_MAX, transaction_bytes
+
+    cap = MAX_TRANSACTION_BYTES
+    assert transaction_bytes(cap, 0) == transaction_bytes(cap, TABLE_ENTRIES_AT_MAX) == cap
+    assert transaction_bytes(cap, 3 * TABLE_ENTRIES_AT_MAX) == 3 * cap == 3 << 20 << 8
+    assert transaction_bytes(cap, 3_000_000) == 3_000_000 * 256  # 256 B of vectors an entry
+    assert transaction_bytes(cap, 100 * TABLE_ENTRIES_AT_MAX) == GROWTH_LIMIT * cap
+
+
+def test_a_large_table_merges_more_groups_a_transaction(writer: StoreWriter, monkeypatch) -> None:
+    """Once the table holds more than TABLE_ENTRIES_AT_MAX entries (made small here), waiting
+    groups merge past ``max_bytes``: twice the entries, twice the groups."""
+    import gpuengine.committer as committer_module
+
+    ledger = Ledger()
+    first = Committer(writer, "default", RUN, ledger)
+    first.put([rows(ledger, 1000, 20)])
+    first.start()
+    first.finish()  # the table holds 20 entries
+    monkeypatch.setattr(committer_module, "TABLE_ENTRIES_AT_MAX", 10)
+    groups = [[rows(ledger, 10 * g, 10)] for g in range(8)]
+    committer = Committer(writer, "default", RUN, ledger, max_bytes=group_nbytes(groups[0]))
+    for group in groups:
+        committer.put(group)
+    committer.start()
+    committer.finish()
+    counts = committer.snapshot()
+    assert (counts.groups, counts.sequences) == (8, 80)
+    assert counts.transactions == 3  # 2 groups (20 entries), then 4 (40), then the last 2
+    assert len(stored(writer)) == 100

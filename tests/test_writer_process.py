@@ -5,6 +5,7 @@ the durable commit, and the child's errors raised in the engine as the same clas
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -251,3 +252,44 @@ def test_the_child_grows_the_map_and_the_engine_reads_on(tmp_path):
         writer.finish_run(RUN, "complete", {})  # and written to
     with EmbeddingStore(tmp_path / "small.lmdb") as store:
         assert float(store["w7-255"][0]) == 7.0 and len(store) == 2048
+
+
+def test_the_child_stops_reading_while_it_holds_twice_a_transaction(writer):
+    """The child's reading thread waits while the groups read but not committed hold
+    ``_CHILD_BYTES_FACTOR × max_bytes`` of vectors (whatever their number), and goes on once
+    the committing thread has written a merge; a group that alone exceeds it still passes."""
+    import io
+    import threading
+
+    from gpuengine.writer_process import _CHILD_BYTES_FACTOR, _ChildWriter, _Prepared
+
+    spec, ledger = writer.stored_spec("default"), Ledger()
+
+    def prepared(first: int) -> _Prepared:
+        group = [rows(ledger, first, 10)]
+        return _Prepared(bytearray(b"".join(bytes(memoryview(b).cast("B"))
+                                            for b in encode_group(group, None))), spec)
+
+    size = group_nbytes([rows(Ledger(), 0, 10)])
+    sink = open(os.devnull, "wb")  # its ACKD frames go nowhere; the store is what is checked
+    child = _ChildWriter(writer, spec, RUN, size, sink)
+    for g in range(_CHILD_BYTES_FACTOR):  # held: 0, then 1 × size: both pass
+        child.enqueue(prepared(10 * g))
+    blocked = threading.Thread(target=child.enqueue, args=(prepared(100),), daemon=True)
+    blocked.start()
+    blocked.join(0.3)
+    assert blocked.is_alive() and child.inbox.qsize() == _CHILD_BYTES_FACTOR
+    committing = threading.Thread(target=child.run, daemon=True)
+    committing.start()  # commits what waits, releasing room
+    blocked.join(10)
+    assert not blocked.is_alive()
+    child.enqueue(None)
+    committing.join(10)
+    sink.close()
+    assert child.error is None and len(stored(writer.path)) == 10 * (_CHILD_BYTES_FACTOR + 1)
+
+    alone = _ChildWriter(writer, spec, RUN, 1, io.BytesIO())  # every group exceeds 2 bytes
+    done = threading.Thread(target=alone.enqueue, args=(prepared(200),), daemon=True)
+    done.start()
+    done.join(10)
+    assert not done.is_alive() and alone.inbox.qsize() == 1
