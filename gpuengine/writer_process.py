@@ -64,10 +64,11 @@ and so the most one transaction can merge when the writer falls behind: each tra
 copies every leaf page its random keys touch, which in a large table is nearly one a key, so
 merging more a transaction writes fewer bytes a vector (16 held: 5 193-5 353 B a read at 6 M
 reads, 48: 4 732-4 770; docs/benchmarks.md, "The store's table growing")."""
-_CHILD_BYTES_FACTOR = 2
+_CHILD_BYTES_FACTOR = 3
 """The child stops reading while the vectors it holds exceed this many transactions' worth
-(:func:`~gpuengine.committer.transaction_bytes`), so wide per-token groups cannot pile up 48
-deep."""
+(:func:`~gpuengine.committer.transaction_bytes`; 768 MiB in a table of up to 2^20 entries), so
+wide per-token groups cannot pile up 48 deep (48 part groups of a 2-writer DNABERT-S run,
+8 192 reads a group, hold 604 MB: within it)."""
 _RAISABLE = {**GPUENGINE_ERRORS, "ValueError": ValueError, "TypeError": TypeError}
 
 
