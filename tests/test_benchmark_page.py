@@ -100,3 +100,28 @@ def test_a_host_row_without_times_shows_dashes(page):
     table = "\n".join(host_pipeline(records.PageRecords(recs)))
     assert "| `42def9b` | dnabert-s | dna150 |" in table and "| — | — | **162 518** | — |" in table
     assert row["sequences_per_s"] == 162518
+
+
+def test_table_growth_rows_and_figure(page, tmp_path, monkeypatch):
+    """The LMDB-alone rows with segments that ``table_growth.png`` draws: the newest of each
+    layout from a GPU machine (a CPU row or a row without segments is not picked), drawn."""
+    import json
+
+    records = page[1]
+    base = {"system": "lmdb", "value_bytes": 3072, "per_txn": 42000, "commit": "c1",
+            "gpu": "NVIDIA H200", "segments": [{"at": 10, "puts_per_s": 5, "disk_written_per_value": 4}]}
+    log = tmp_path / "results.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [
+        {**base, "layout": "values", "commit": "old"},
+        {**base, "layout": "values"},
+        {**base, "layout": "generations", "generation_size": 10},
+        {**base, "layout": "generations", "gpu": "none (CPU, 2 cores)", "commit": "cpu"},
+        {**base, "layout": "blocks", "segments": None},
+    ]) + "\n")
+    rows = records.lmdb_growth_rows(log)
+    assert [(r["layout"], r["commit"]) for r in rows] == [("generations", "c1"), ("values", "c1")]
+    pytest.importorskip("matplotlib")
+    from benchmark_page.figures import plot_table_growth
+    plot_table_growth(rows, tmp_path / "growth.png")
+    assert (tmp_path / "growth.png").stat().st_size > 10_000
+    assert records.lmdb_growth_rows(LOG)  # the real log has them (this session's device rows)

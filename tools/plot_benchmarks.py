@@ -2,7 +2,7 @@
 """Plots and markdown tables from the benchmark log ``docs/benchmarks/results.jsonl``.
 
     .venv/bin/pip install matplotlib          # dev-only tool: matplotlib is NOT a gpuengine dependency
-    .venv/bin/python tools/plot_benchmarks.py             # writes the two PNGs
+    .venv/bin/python tools/plot_benchmarks.py             # writes the PNGs
     .venv/bin/python tools/plot_benchmarks.py --markdown  # ... and prints the tables of docs/benchmarks.md
 
 Writes
@@ -19,6 +19,9 @@ Writes
   docs/benchmarks/host_cores.png    host-pipeline sequences/s against cores used (bench --curve rows
                                     of a GPU machine, not under a profiler), per model and no-op
                                     device count (newest commit; the one before dashed), with goals
+  docs/benchmarks/table_growth.png  LMDB alone (bench_lmdb_values --segment rows of a GPU machine,
+                                    newest of each layout): values/s and the disk's bytes a value
+                                    against the entries the table holds
 
 Every number in docs/benchmarks.md comes from ``--markdown``; nothing there is typed by hand.
 Only the standard library and matplotlib (Agg backend) are used.
@@ -29,9 +32,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmark_page.figures import plot_by_gpu_count, plot_host_cores, plot_throughput
+from benchmark_page.figures import (plot_by_gpu_count, plot_host_cores, plot_table_growth,
+                                    plot_throughput)
 from benchmark_page.page import markdown
-from benchmark_page.records import load
+from benchmark_page.records import lmdb_growth_rows, load
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "docs" / "benchmarks"
@@ -51,8 +55,9 @@ def main() -> None:
     plot_throughput(recs, args.out_dir / "throughput.png")
     plot_by_gpu_count(recs, args.out_dir / "by_gpu_count.png", args.gpu_workload)
     plot_host_cores(recs, args.out_dir / "host_cores.png")
-    print(f"wrote {args.out_dir / 'throughput.png'}, {args.out_dir / 'by_gpu_count.png'} and "
-          f"{args.out_dir / 'host_cores.png'}", flush=True)
+    plot_table_growth(lmdb_growth_rows(args.results), args.out_dir / "table_growth.png")
+    print(f"wrote {args.out_dir / 'throughput.png'}, {args.out_dir / 'by_gpu_count.png'}, "
+          f"{args.out_dir / 'host_cores.png'} and {args.out_dir / 'table_growth.png'}", flush=True)
     if args.markdown:
         print(markdown(recs, args.profile))
 

@@ -1,5 +1,5 @@
-"""The three PNGs: throughput by system, tokens/s by GPU count, host pipeline by cores
-(matplotlib, Agg backend, imported when a figure is drawn)."""
+"""The four PNGs: throughput by system, tokens/s by GPU count, host pipeline by cores, the
+store's table growing (matplotlib, Agg backend, imported when a figure is drawn)."""
 
 from __future__ import annotations
 
@@ -198,6 +198,47 @@ def plot_host_cores(recs, out: Path):
                  fontsize=11, fontweight="bold")
     if rows:
         ax.legend(fontsize=6.5)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_table_growth(rows, out: Path):
+    """LMDB alone (``tools/bench_lmdb_values.py --segment``), one writer: values/s and the
+    disk's bytes a value against the entries the table holds, one line per layout."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (rate, size) = plt.subplots(1, 2, figsize=(10, 4.2))
+    labels = {"values": "one database (the store's layout)",
+              "generations": "a new database every {:.2f} M values (a proposal)"}
+    for i, r in enumerate(rows):
+        layout = r.get("layout", "values")
+        label = labels.get(layout, layout).format((r.get("generation_size") or 0) / 1e6)
+        label += f" ({r['commit']})"
+        xs = [s["at"] / 1e6 for s in r["segments"]]
+        rate.plot(xs, [s["puts_per_s"] / 1e3 for s in r["segments"]], "o-", color=f"C{i}", label=label)
+        size.plot(xs, [s["disk_written_per_value"] for s in r["segments"]], "o-", color=f"C{i}",
+                  label=label)
+    if rows:
+        vector = rows[0]["value_bytes"]
+        size.axhline(vector, ls="--", lw=1, color="gray")
+        size.annotate(f"the vector itself: {vector} B", (0, vector), xytext=(2, 3),
+                      textcoords="offset points", fontsize=8, color="gray")
+        per_txn = rows[0]["per_txn"]
+        fig.suptitle(f"The store's table growing: LMDB alone, one writer, {vector}-byte values, "
+                     f"{per_txn:,} a transaction, fsync each", fontsize=11, fontweight="bold")
+    else:
+        fig.suptitle("The store's table growing — not yet measured", fontsize=11, fontweight="bold")
+    rate.set_ylabel("values / s (thousands), per segment")
+    size.set_ylabel("bytes the disk wrote a value, per segment")
+    for ax in (rate, size):
+        ax.set_xlabel("entries in the table (millions)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.25)
+    if rows:
+        rate.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -109,12 +109,17 @@ def host_setting(r) -> str:
     return ", ".join(parts) or "default"
 
 
+CURVE_MAX_SEQUENCES = 2_000_000
+
+
 def host_curve_rows(recs) -> list[dict]:
     """Host-pipeline rows of a GPU machine that name their cores (``--curve``/``--cores``), not
     run under a profiler, with the default writer (not GPUENGINE_WRITER_PROCESS set either way),
     neither an A/B pair nor an input-process sweep (GPUENGINE_INPUT_PROCESSES set): what the curve
-    and issue 16's goals are judged on."""
+    and issue 16's goals are judged on. Runs of more than ``CURVE_MAX_SEQUENCES`` measure how
+    a run slows as its store grows ("The store's table growing"), not the cores: left out."""
     return [r for r in recs if r["system"] == "gpuengine-host" and r.get("cores")
+            and r["sequences"] <= CURVE_MAX_SEQUENCES
             and not r.get("gpu", "").startswith("none") and not r.get("profiled")
             and r.get("writer_process") in (None, "auto") and "A/B" not in r.get("note", "")
             and not r.get("command", "").startswith("GPUENGINE_INPUT_PROCESSES=")]
@@ -170,3 +175,15 @@ class PageRecords:
             return max(cands, key=lambda r: r["date"])["commit"] if cands else None
         g = latest(recs, model=m, workload=wl, system=system, n_gpus=1)
         return g["commit"] if g else None
+
+
+def lmdb_growth_rows(path: Path) -> list[dict]:
+    """``tools/bench_lmdb_values.py`` rows with ``segments`` (the table growing) from a GPU
+    machine, the newest of each layout: what :func:`load` leaves out (they run no model)."""
+    newest: dict[str, dict] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            if r.get("system") == "lmdb" and r.get("segments") and "CPU" not in r.get("gpu", ""):
+                newest[r.get("layout", "values")] = r  # the log is in time order
+    return [newest[k] for k in sorted(newest)]
