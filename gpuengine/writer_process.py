@@ -296,7 +296,8 @@ class _ChildWriter:
 
     def enqueue(self, item: _Prepared | None) -> None:
         """Hand the committing thread a group (None: the end), first waiting while the groups
-        held already hold ``_CHILD_BYTES_FACTOR × max_bytes`` of vectors."""
+        held already hold ``_CHILD_BYTES_FACTOR`` transactions' worth of vectors (one group
+        alone always passes)."""
         if item is not None:
             with self._room:
                 self._room.wait_for(lambda: self._draining or self._held == 0
