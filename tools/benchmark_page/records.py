@@ -119,7 +119,7 @@ def host_curve_rows(recs) -> list[dict]:
     and issue 16's goals are judged on. Runs of more than ``CURVE_MAX_SEQUENCES`` measure how
     a run slows as its store grows ("The store's table growing"), not the cores: left out."""
     return [r for r in recs if r["system"] == "gpuengine-host" and r.get("cores")
-            and r["sequences"] <= CURVE_MAX_SEQUENCES
+            and r.get("sequences", 0) <= CURVE_MAX_SEQUENCES
             and not r.get("gpu", "").startswith("none") and not r.get("profiled")
             and r.get("writer_process") in (None, "auto") and "A/B" not in r.get("note", "")
             and not r.get("command", "").startswith("GPUENGINE_INPUT_PROCESSES=")]
