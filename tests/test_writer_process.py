@@ -293,3 +293,35 @@ def test_the_child_stops_reading_while_it_holds_twice_a_transaction(writer):
     done.start()
     done.join(10)
     assert not done.is_alive() and alone.inbox.qsize() == 1
+
+
+def test_the_childs_transactions_grow_with_its_table(writer, tmp_path, monkeypatch):
+    """The child merges past ``max_bytes`` once its table is larger than TABLE_ENTRIES_AT_MAX
+    (made small here), and recomputes the limit after each commit: 20 entries stored, then six
+    groups waiting → a transaction of two groups (limit 2×), then one of four (40 entries: 4×)."""
+    import gpuengine.committer as committer_module
+    from gpuengine.pipe_frames import read_frame
+    from gpuengine.writer_process import _ChildWriter, _Prepared
+
+    spec, ledger = writer.stored_spec("default"), Ledger()
+    thread = Committer(writer, "default", RUN, ledger)
+    thread.put([rows(ledger, 1000, 20)])
+    thread.start()
+    thread.finish()
+    monkeypatch.setattr(committer_module, "TABLE_ENTRIES_AT_MAX", 10)
+    size = group_nbytes([rows(Ledger(), 0, 10)])
+    with open(tmp_path / "acks", "wb") as out:
+        child = _ChildWriter(writer, spec, RUN, size, out)
+        for g in range(6):  # within the read-ahead bound of three transactions (6 × size)
+            group = [rows(ledger, 10 * g, 10)]
+            child.enqueue(_Prepared(bytearray(b"".join(bytes(memoryview(b).cast("B"))
+                                                        for b in encode_group(group, None))), spec))
+        child.enqueue(None)
+        child.run()
+    acks = []
+    with open(tmp_path / "acks", "rb") as answers:
+        while (got := read_frame(answers)) is not None:
+            acks.append(got)
+    assert [tag for tag, _ in acks] == [b"ACKD", b"ACKD"]
+    assert [int.from_bytes(bytes(p[:4]), "little") for _, p in acks] == [2, 4]  # groups each
+    assert child.error is None and len(stored(writer.path)) == 80
