@@ -54,6 +54,7 @@ from gpuengine.pipe_frames import (GPUENGINE_ERRORS, child_main, close_pipes, er
                                    write_all)
 from gpuengine.store.commit_group import (CommitPart, embedded_digest_lists, encode_for_commit,
                                           merge_encoded)
+from gpuengine.store.group_frames import decode_group, encode_group, split_payload
 from gpuengine.store.schema import TableSpec
 
 _ACK = struct.Struct("<IQQd")  # groups, sequences, records, seconds
@@ -159,8 +160,6 @@ class CommitterProcess:
     # -- threads ---------------------------------------------------------------------------
 
     def _send(self) -> None:
-        from gpuengine.store.group_frames import encode_group
-
         fd = self.proc.stdin.fileno()
         broken = False
         try:
@@ -266,8 +265,6 @@ class _Prepared:
     __slots__ = ("group", "extra", "nbytes", "error")
 
     def __init__(self, payload: bytearray, spec: TableSpec) -> None:
-        from gpuengine.store.group_frames import decode_group, split_payload
-
         self.group, self.extra, self.nbytes, self.error = None, None, 0, None
         try:
             header, blobs = split_payload(payload)

@@ -55,9 +55,13 @@ def stored(path) -> dict[str, float]:
         return {rid: float(store[rid][0]) for rid in store.ids()}
 
 
+def frame_payload(group, extra=None) -> bytearray:
+    """A ``GRUP`` frame's payload, as the sender writes it down the pipe."""
+    return bytearray(b"".join(bytes(memoryview(b).cast("B")) for b in encode_group(group, extra)))
+
+
 def round_trip(group, spec, extra=None):
-    payload = b"".join(bytes(memoryview(b).cast("B")) for b in encode_group(group, extra))
-    header, blobs = split_payload(bytearray(payload))
+    header, blobs = split_payload(frame_payload(group, extra))
     assert header["extra"] == extra and header["nbytes"] == group_nbytes(group)
     return decode_group(header, blobs, spec.outputs)
 
@@ -266,9 +270,7 @@ def test_the_child_stops_reading_while_it_holds_twice_a_transaction(writer):
     spec, ledger = writer.stored_spec("default"), Ledger()
 
     def prepared(first: int) -> _Prepared:
-        group = [rows(ledger, first, 10)]
-        return _Prepared(bytearray(b"".join(bytes(memoryview(b).cast("B"))
-                                            for b in encode_group(group, None))), spec)
+        return _Prepared(frame_payload([rows(ledger, first, 10)]), spec)
 
     size = group_nbytes([rows(Ledger(), 0, 10)])
     sink = open(os.devnull, "wb")  # its ACKD frames go nowhere; the store is what is checked
@@ -314,8 +316,7 @@ def test_the_childs_transactions_grow_with_its_table(writer, tmp_path, monkeypat
         child = _ChildWriter(writer, spec, RUN, size, out)
         for g in range(6):  # within the read-ahead bound of three transactions (6 × size)
             group = [rows(ledger, 10 * g, 10)]
-            child.enqueue(_Prepared(bytearray(b"".join(bytes(memoryview(b).cast("B"))
-                                                        for b in encode_group(group, None))), spec))
+            child.enqueue(_Prepared(frame_payload(group), spec))
         child.enqueue(None)
         child.run()
     acks = []
