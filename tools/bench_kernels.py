@@ -2,6 +2,7 @@
 """Memory bandwidth of the layers' Triton kernels at the real shapes, on a GPU.
 
     python tools/bench_kernels.py --out results.jsonl [--tokens 65536]
+    python tools/bench_kernels.py --out results.jsonl --ffn-chunks 1024,2048,4096,8192
 
 For each kernel of :mod:`gpuengine.models.pointwise_triton` (LayerNorm, residual + LayerNorm,
 GELU in place, DNABERT-S's GLU gate) at each model's width, every launch configuration is timed
@@ -100,6 +101,58 @@ def bench_gemm_epilogue(T, dtype, emit, bench) -> None:
                  max_abs_diff_fused_vs_two=diff)
 
 
+def ffn_chunked(x, residual, w1, b1, w2, act, rows):
+    """The engine's FFN (``residual += act(x @ w1ᵀ + b1) @ w2ᵀ``, the residual already holding
+    fc2's bias) over blocks of ``rows`` tokens: each block's (rows, 4d) activation is written
+    and read back while it may still sit in L2, instead of the whole (T, 4d) tensor in DRAM."""
+    for start in range(0, x.shape[0], rows):
+        end = min(start + rows, x.shape[0])
+        residual[start:end].addmm_(act(F.linear(x[start:end], w1, b1)), w2.t())
+    return residual
+
+
+def sustained_ms(fn, seconds: float) -> float:
+    """Mean ms per call over a loop of at least ``seconds`` (the power-capped rate)."""
+    once = do_bench(fn, warmup=5, rep=50, return_mode="median")
+    n = max(1, int(seconds * 1e3 / once))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
+def bench_ffn_chunks(T, dtype, emit, seconds: float, chunks: list[int], rounds: int) -> None:
+    """The FFN block at each model's shape, whole against token blocks of each size in
+    ``chunks`` (alternated, ``rounds`` times, each timed over ≥ ``seconds``), and its two GEMMs
+    alone (no activation: the floor a fused activation could reach). TFLOP/s count both
+    GEMMs' 4·T·d·N."""
+    for model, (d, gelu_width, inner) in SHAPES.items():
+        n = gelu_width or 2 * inner
+        x = torch.randn(T, d, device="cuda", dtype=dtype)
+        residual = torch.randn(T, d, device="cuda", dtype=dtype)
+        w1 = torch.randn(n, d, device="cuda", dtype=dtype) / d ** 0.5
+        b1 = torch.randn(n, device="cuda", dtype=dtype) if gelu_width else None
+        w2 = torch.randn(d, n // (1 if gelu_width else 2), device="cuda", dtype=dtype) / n ** 0.5
+        act = pt.gelu_ if gelu_width else (lambda h: pt.gelu_mul(h, inner))
+        whole = ffn_chunked(x, residual.clone(), w1, b1, w2, act, T).float()
+        variants = {"gemms-alone": lambda: residual.addmm_(F.linear(x, w1, b1)[:, :w2.shape[1]], w2.t())}
+        for rows in [T] + [c for c in chunks if c < T]:
+            variants[f"rows-{rows}"] = lambda rows=rows: ffn_chunked(x, residual, w1, b1, w2, act, rows)
+            got = ffn_chunked(x, residual.clone(), w1, b1, w2, act, rows).float()
+            diff = (got - whole).abs().max().item()
+            emit(model=model, kernel="ffn-check", variant=f"rows-{rows}", width=n, ms=None,
+                 tflops=None, max_abs_diff_vs_whole=diff)
+        flops = 4 * T * d * (gelu_width or inner) + (2 * T * d * inner if inner else 0)
+        for r in range(rounds):
+            for variant, fn in variants.items():
+                ms = sustained_ms(fn, seconds)
+                emit(model=model, kernel="ffn", variant=variant, width=n, ms=ms,
+                     tflops=flops / ms / 1e9, round=r + 1, seconds=seconds)
+
+
 def rate(nbytes: int, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e12
 
@@ -112,6 +165,10 @@ def main() -> None:
     ap.add_argument("--gemm", action="store_true",
                     help="also time fc1 + activation: cuBLAS then the Triton kernel, against one fused kernel")
     ap.add_argument("--gemm-only", action="store_true", help="only that")
+    ap.add_argument("--ffn-chunks", default="",
+                    help="only the FFN block, whole against blocks of these many tokens, e.g. 1024,2048,4096")
+    ap.add_argument("--seconds", type=float, default=3.0, help="--ffn-chunks: sustained loop per measurement")
+    ap.add_argument("--rounds", type=int, default=2, help="--ffn-chunks: alternated rounds")
     args = ap.parse_args()
     args.gemm |= args.gemm_only
     require_cuda(__file__)
@@ -119,13 +176,18 @@ def main() -> None:
     log = ResultsLog(args.out, args.commit, __file__, triton=triton.__version__, tokens=T)
 
     def emit(**rec):
-        log.append(system="gemm-epilogue" if "tflops" in rec else "kernel-bandwidth",
+        system = ("ffn-blocks" if rec["kernel"].startswith("ffn") else
+                  "gemm-epilogue" if "tflops" in rec else "kernel-bandwidth")
+        log.append(system=system,
                    workload=f"{rec['kernel']}@{rec['width']}", **rec)
         print(json.dumps(rec), flush=True)
 
     def bench(fn) -> float:
         return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
+    if args.ffn_chunks:
+        return bench_ffn_chunks(T, dtype, emit, args.seconds,
+                                [int(c) for c in args.ffn_chunks.split(",")], args.rounds)
     if args.gemm:
         bench_gemm_epilogue(T, dtype, emit, bench)
         if args.gemm_only:
