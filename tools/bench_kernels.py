@@ -3,6 +3,7 @@
 
     python tools/bench_kernels.py --out results.jsonl [--tokens 65536]
     python tools/bench_kernels.py --out results.jsonl --ffn-chunks 1024,2048,4096,8192
+    python tools/bench_kernels.py --out results.jsonl --gemm-only --inductor
 
 For each kernel of :mod:`gpuengine.models.pointwise_triton` (LayerNorm, residual + LayerNorm,
 GELU in place, DNABERT-S's GLU gate) at each model's width, every launch configuration is timed
@@ -69,7 +70,19 @@ def _layer_norm_rows(x_ptr, y_ptr, out_ptr, w_ptr, b_ptr, n_rows, n_cols, stride
     tl.store(out_ptr + at, (centred * rstd[:, None] * w[None, :] + b[None, :]).to(x.dtype), mask=mask)
 
 
-def bench_gemm_epilogue(T, dtype, emit, bench) -> None:
+def inductor_linear_gelu(x, w, b):
+    """fc1 + erf GELU compiled by Inductor with ``max-autotune`` (its Triton GEMM templates,
+    the persistent TMA one on Hopper, with the GELU fused into the epilogue where it wins)."""
+    import torch._inductor.config as cfg
+
+    cfg.triton.enable_persistent_tma_matmul = True
+    fn = torch.compile(lambda x: F.gelu(F.linear(x, w, b)), mode="max-autotune-no-cudagraphs",
+                       dynamic=False)
+    fn(x)
+    return lambda: fn(x)
+
+
+def bench_gemm_epilogue(T, dtype, emit, bench, inductor: bool = False) -> None:
     """fc1 and its activation two ways at each model's shape: cuBLAS ``F.linear`` then the
     Triton pointwise kernel (the engine today), and :mod:`gpuengine.models.gemm_triton`'s one
     kernel; plus cuBLAS alone. TFLOP/s count the GEMM's 2·T·K·N."""
@@ -94,11 +107,17 @@ def bench_gemm_epilogue(T, dtype, emit, bench) -> None:
             kernel = "fc1+glu"
         flops = 2 * T * d * n
         diff = (two().float() - fused().float()).abs().max().item()
-        for variant, fn in (("cublas-alone", alone), ("cublas+triton-pointwise", two), ("fused-triton", fused)):
+        variants = [("cublas-alone", alone), ("cublas+triton-pointwise", two), ("fused-triton", fused)]
+        diff_inductor = None
+        if inductor and gelu_width:
+            variants.append(("inductor-max-autotune", inductor_linear_gelu(x, w, b)))
+            diff_inductor = (two().float() - variants[-1][1]().float()).abs().max().item()
+            print(f"{model}: inductor against cuBLAS + Triton GELU, max abs {diff_inductor:.3g}", flush=True)
+        for variant, fn in variants:
             ms = bench(fn)
             emit(model=model, kernel=kernel, variant=variant, width=n, ms=ms, tflops=flops / ms / 1e9,
                  tb_per_s=None, config=str(gt._linear_act.best_config) if variant == "fused-triton" else None,
-                 max_abs_diff_fused_vs_two=diff)
+                 max_abs_diff_fused_vs_two=diff_inductor if variant == "inductor-max-autotune" else diff)
 
 
 def ffn_chunked(x, residual, w1, b1, w2, act, rows):
@@ -165,6 +184,8 @@ def main() -> None:
     ap.add_argument("--gemm", action="store_true",
                     help="also time fc1 + activation: cuBLAS then the Triton kernel, against one fused kernel")
     ap.add_argument("--gemm-only", action="store_true", help="only that")
+    ap.add_argument("--inductor", action="store_true",
+                    help="with --gemm: also fc1 + GELU compiled by Inductor's max-autotune")
     ap.add_argument("--ffn-chunks", default="",
                     help="only the FFN block, whole against blocks of these many tokens, e.g. 1024,2048,4096")
     ap.add_argument("--seconds", type=float, default=3.0, help="--ffn-chunks: sustained loop per measurement")
@@ -189,7 +210,7 @@ def main() -> None:
         return bench_ffn_chunks(T, dtype, emit, args.seconds,
                                 [int(c) for c in args.ffn_chunks.split(",")], args.rounds)
     if args.gemm:
-        bench_gemm_epilogue(T, dtype, emit, bench)
+        bench_gemm_epilogue(T, dtype, emit, bench, inductor=args.inductor)
         if args.gemm_only:
             return
     for model, (d, gelu_width, inner) in SHAPES.items():
