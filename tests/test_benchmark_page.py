@@ -125,3 +125,40 @@ def test_table_growth_rows_and_figure(page, tmp_path, monkeypatch):
     plot_table_growth(rows, tmp_path / "growth.png")
     assert (tmp_path / "growth.png").stat().st_size > 10_000
     assert records.lmdb_growth_rows(LOG)  # the real log has them (this session's device rows)
+
+
+def test_host_goal_judges_the_newest_engine_codes_best_run(page, tmp_path):
+    """Issue 16's 16-core goal row: a commit's own tree alternated by bench_host_ab.sh counts
+    (the same command), an experiment tree (``+`` in its commit) does not, and runs of a later
+    commit that changed only tools count as the engine code they ran (``engine_commit``)."""
+    import json
+
+    from benchmark_page.goals import goals
+
+    records = page[1]
+
+    def host(commit, rate, minute, **extra):
+        return {"date": f"2099-12-04T20:{minute:02d}:00+00:00", "commit": commit, "system": "gpuengine-host",
+                "model": "dnabert-s", "workload": "dna150", "gpu": "NVIDIA H200", "cores": 16,
+                "sequences": 2_000_000, "sequences_per_s": rate, "devices": 8, "writers": 2,
+                "writer_process": "auto", "tokens_per_s": 30 * rate, **extra}
+
+    def goal_row(rows):
+        log = tmp_path / "results.jsonl"
+        log.write_text(LOG.read_text() + "".join(json.dumps(r) + "\n" for r in rows))
+        table = goals(records.PageRecords(records.load(log)))[0]
+        return next(line for line in table.splitlines() if "≥ 220 k" in line)
+
+    ab = {"note": "A/B (same machine, alternated): no-op"}
+    rows = [host("aaaa111", 150_000, 1),
+            host("bbbb222", 230_000, 2, variant="after-w2", **ab),
+            host("bbbb222+exp", 300_000, 3, variant="exp", **ab),
+            host("cccc333", 140_000, 4, variant="after-w2", engine_commit="bbbb222", **ab)]
+    row = goal_row(rows)
+    assert row.startswith("| host pipeline, dnabert-s dims") and row.endswith("| yes |")
+    assert "230 000 seq/s" in row and "an alternated A/B row" in row
+    assert "other runs 140 000 (`cccc333`)" in row and "earlier 150 000 (`aaaa111`)" in row
+    assert "300 000" not in row
+    rows[1]["commit"] = "bbbb222+exp"  # without the commit's own tree, the newest code falls short
+    row = goal_row(rows)
+    assert "140 000 seq/s" in row and row.endswith("36 % short) |")

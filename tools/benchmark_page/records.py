@@ -125,6 +125,27 @@ def host_curve_rows(recs) -> list[dict]:
             and not r.get("command", "").startswith("GPUENGINE_INPUT_PROCESSES=")]
 
 
+AB_DEFAULT_TREE = re.compile(r"(before|after)-w\d+")
+
+
+def engine_of(r) -> str:
+    """The commit whose engine code a row measured: ``engine_commit`` where a row was run from
+    a later commit that changed only tools, else its ``commit``."""
+    return r.get("engine_commit", r["commit"])
+
+
+def host_goal_rows(recs) -> list[dict]:
+    """What issue 16's host goals are judged on: :func:`host_curve_rows`, plus the rows of
+    ``tools/bench_host_ab.sh`` that ran a commit's own tree at the defaults (variants
+    ``before-wN`` / ``after-wN``; not an experiment tree, whose commit carries a ``+``, nor a
+    float16 store) — the same command, only alternated with another tree on one machine."""
+    ab = [r for r in recs if r["system"] == "gpuengine-host" and r.get("cores") == 16
+          and "A/B" in r.get("note", "") and AB_DEFAULT_TREE.fullmatch(r.get("variant", ""))
+          and "+" not in r["commit"] and r.get("sequences", 0) <= CURVE_MAX_SEQUENCES
+          and not r.get("gpu", "").startswith("none") and not r.get("profiled")]
+    return host_curve_rows(recs) + ab
+
+
 def latest_per_workload(rows) -> list[dict]:
     """The latest row of each workload, in the order of WORKLOADS."""
     by = {}
