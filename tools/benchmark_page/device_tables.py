@@ -102,10 +102,13 @@ def fc1_epilogue(page: PageRecords) -> list[str]:
         rows = []
         for (m, kern) in dict.fromkeys((r["model"], r["kernel"]) for r in ge if r["commit"] == run):
             v = {r["variant"]: r for r in ge if (r["commit"], r["model"], r["kernel"]) == (run, m, kern)}
+            inductor = v.get("inductor-max-autotune")
             rows.append([f"`{run}`", short_model(m), kern, f"{v['cublas-alone']['ms']:.2f}",
                          f"{v['cublas+triton-pointwise']['ms']:.2f}", f"{v['fused-triton']['ms']:.2f}",
-                         f"{v['fused-triton']['ms'] / v['cublas+triton-pointwise']['ms']:.2f}"])
+                         f"{v['fused-triton']['ms'] / v['cublas+triton-pointwise']['ms']:.2f}",
+                         f"{inductor['ms']:.2f}" if inductor else "—"])
         out.append("### fc1 and its activation in one Triton kernel (ms per layer at T = 65 536, fp16)\n\n"
                    + table(["run", "model", "step", "cuBLAS GEMM alone", "cuBLAS + Triton activation (the engine)",
-                            "one Triton kernel", "one kernel ÷ the engine's"], rows))
+                            "one Triton kernel", "one kernel ÷ the engine's",
+                            "Inductor max-autotune (fc1 + GELU compiled)"], rows))
     return out
