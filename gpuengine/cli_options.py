@@ -52,8 +52,10 @@ Writers = Annotated[Optional[int], typer.Option(
     help="Store writer processes, each writing its own part of the store: with N > 1, OUT "
     "becomes a directory of N part stores (part-00-of-04.lmdb ...), split by sequence, read as "
     "one store by lookup, info, export and EmbeddingStore, or folded into one file by "
-    "gpuengine merge. N > 1 is opt-in until measured on a many-core machine. A rerun keeps the "
-    "number OUT holds. \\[default: 1]")]
+    "gpuengine merge. Two writers pay where one limits the run (a fast model on several GPUs; the "
+    "closing summary says when the writer set the pace): measured on 16 cores with 8 no-op "
+    "devices, DNABERT-S reads went from ≈ 80 k/s with one writer to 139–237 k/s with two. A "
+    "rerun keeps the number OUT holds. \\[default: 1]")]
 
 # -- comparing precisions (check) -------------------------------------------------------------
 

@@ -215,6 +215,28 @@ def print_summary(summary, console: Console | None = None) -> None:
     if summary.interrupted:
         console.print("[yellow]interrupted[/yellow]: everything committed so far is safe; "
                      "run the same command again to finish")
+    hint = store_bound_hint(summary)
+    if hint:
+        console.print(Text.assemble(("note", "yellow"), f": {hint}"), highlight=False)
+
+
+def store_bound_hint(summary) -> str | None:
+    """What to try when the store's writers, not the devices, set a run's pace (None when
+    they did not: :attr:`~gpuengine.run_summary.RunSummary.store_bound`)."""
+    bound = summary.store_bound
+    if bound is None:
+        return None
+    committing, busy = bound
+    who = "the store's writer" if summary.writers == 1 else f"each of the {summary.writers} store writers"
+    text = (f"{who} committed {committing:.0%} of the embedding time while the devices were busy "
+            f"{busy:.0%}: the store, not the devices, set this run's pace.")
+    if summary.shard:
+        return text + " A --shard run writes one store; a faster disk for it is what helps."
+    if summary.writers == 1:
+        return text + (" A new store written with --writers 2 (a directory of part stores; "
+                       "see --help) commits in parallel; a faster disk helps too.")
+    return text + (f" A new store written with more writers (--writers "
+                   f"{min(2 * summary.writers, 16)}) or a faster disk may help.")
 
 
 class MergeBar:

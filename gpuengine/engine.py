@@ -169,7 +169,7 @@ def run_embed(config: EmbedConfig, progress: ProgressSink | None = None,
                           model.max_residues, precision)
         store.open_table(spec)
         summary = RunSummary(str(config.out), spec.name, model.source.name, weights.synthetic,
-                             validate_seconds=validated, **counts)
+                             validate_seconds=validated, writers=store.count, **counts)
         run = _Run(config, model, weights, spec, store, records, summary, progress, stop,
                    runner_factory, replicas, completion_records)
         if parts is not None:

@@ -12,7 +12,8 @@ or was stopped while validating) is removed again by :meth:`RunStore.close`.
 A run of N writers (``--writers N``) writes N part stores in the directory OUT
 (:mod:`gpuengine.store.parts`): the same table and run record in each part, the lookup over
 all of them (:class:`~gpuengine.store.parts.PartsLookup`). A run not told writes one store
-(parts only when asked: whether several writers pay on a many-core host is not yet measured);
+(parts only when asked: one file stays the default; the run's summary says when its writer set
+the pace);
 a rerun uses the number OUT records.
 
 Nothing here touches a device or the run's threads.

@@ -13,6 +13,15 @@ from dataclasses import asdict, dataclass, field
 from gpuengine.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 
 
+STORE_BOUND_COMMITTING = 0.85
+"""A writer committing this share of the embedding time or more is the run's pace-setter
+(measured runs limited by their writers committed 86–92 % of it, docs/benchmarks.md)."""
+STORE_BOUND_DEVICES = 0.85
+"""…when the devices were busy less than this share (the GPU benchmark rows of the engine:
+0.85–1.0, nearly all ≥ 0.97)."""
+STORE_BOUND_SECONDS = 10.0
+
+
 @dataclass
 class RunSummary:
     """What a run did; printed by the CLI, returned to library callers."""
@@ -47,6 +56,8 @@ class RunSummary:
     commit_wait_seconds: float = 0.0
     """Time the run waited for the store writer after handing it the last group (long when
     the store's disk, not the devices, limits the run)."""
+    writers: int = 1
+    """Store writer processes of the run (``--writers``; the part stores of ``store``)."""
     interrupted: bool = False
     shard: str = ""
     """``I/N`` of a sharded run (``--shard``), else empty."""
@@ -70,6 +81,21 @@ class RunSummary:
     def tokens_per_second(self) -> float:
         """Tokens (BOS/EOS included) per second of embedding time."""
         return self.tokens / self.embed_seconds if self.embed_seconds else 0.0
+
+    @property
+    def store_bound(self) -> tuple[float, float] | None:
+        """(writers' share of the embedding time spent committing, the devices' mean busy
+        fraction) when the store set the run's pace: writers committing at least
+        :data:`STORE_BOUND_COMMITTING` of the time each while the devices were busy less than
+        :data:`STORE_BOUND_DEVICES` of it, over at least :data:`STORE_BOUND_SECONDS` of
+        embedding (shorter runs are mostly start-up). None otherwise."""
+        if self.embed_seconds < STORE_BOUND_SECONDS or not self.devices:
+            return None
+        committing = self.commit_seconds / (self.embed_seconds * max(1, self.writers))
+        busy = sum(d.get("busy_fraction", 0.0) for d in self.devices) / len(self.devices)
+        if committing >= STORE_BOUND_COMMITTING and busy < STORE_BOUND_DEVICES:
+            return committing, busy
+        return None
 
     @property
     def exit_code(self) -> int:

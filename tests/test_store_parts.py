@@ -114,6 +114,7 @@ def test_n_writers_then_merge_give_the_bytes_of_one_writer(tmp_path, tiny_pt, mo
         summary = _embed(tmp_path, tiny_pt, out, first + more, "b.fa", writers)
         assert summary.already_stored == 150
         assert summary.committed_records == len(first) + len(more) - 150
+        assert summary.writers == writers  # the summary's share of commit time divides by it
     assert recorded_parts(single) == 1 and recorded_parts(parted) == 3
     assert _check_partition(parted, 3) == len(first) + len(more)
     for part in _parts(parted, 3):  # each part's run records count its own commits
@@ -199,9 +200,8 @@ def test_an_id_of_another_sequence_in_another_part_is_refused(tmp_path, tiny_pt)
 
 
 def test_a_large_input_on_16_cores_gets_one_writer_unless_asked(tmp_path, tiny_pt, monkeypatch):
-    """``embed`` without ``--writers`` writes one store, whatever the input's size and the
-    cores (several writers are opt-in until measured on a many-core machine); ``--writers 2``
-    on the same input and cores writes two parts."""
+    """``embed`` without ``--writers`` writes one store (one file), whatever the input's size
+    and the cores; ``--writers 2`` on the same input and cores writes two parts."""
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setenv("GPUENGINE_INPUT_PROCESSES", "2")  # the VM's cores, not the 16 claimed
     distinct = random_proteins([10 + i % 30 for i in range(40)], seed=10)
