@@ -143,8 +143,8 @@ class EmbedConfig:
     """``--writers N``: store writer processes, each writing one part store of ``out``, which
     becomes a directory of N stores when N > 1 (:mod:`gpuengine.store.parts`); None (what
     ``embed`` passes unless told): the number ``out`` already holds, else 1 (one file). N > 1
-    pays where the writer limits a run (``RunSummary.store_bound``). Runs that commit records with their last embeddings
-    (the daemon) and ``predict`` keep 1."""
+    pays where the writer limits a run (``RunSummary.store_bound``). Runs that commit records
+    with their last embeddings (the daemon) and ``predict`` keep 1."""
     env: Environment = field(default_factory=environment)
 
     def __post_init__(self) -> None:
