@@ -106,5 +106,8 @@ class RunSummary:
     def to_json(self) -> dict:
         data = asdict(self)
         data["tokens_per_second"] = self.tokens_per_second
+        bound = self.store_bound
+        data["store_bound"] = (None if bound is None else
+                               {"writer_committing": bound[0], "devices_busy": bound[1]})
         data["exit_code"] = self.exit_code
         return data

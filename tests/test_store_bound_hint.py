@@ -31,6 +31,7 @@ def test_a_writer_committing_while_the_devices_wait_is_named_with_what_to_try():
     text = _printed(s)
     assert "the store's writer committed 90% of the embedding time while the devices were busy 50%" in text
     assert "--writers 2" in text
+    assert s.to_json()["store_bound"] == {"writer_committing": 0.9, "devices_busy": 0.5}
 
 
 def test_several_writers_count_their_commit_time_each():
@@ -46,6 +47,7 @@ def test_no_note_when_the_devices_were_busy_or_the_run_was_short():
               _summary(commit=10.0)):
         assert s.store_bound is None and store_bound_hint(s) is None
         assert "note:" not in _printed(s)
+        assert s.to_json()["store_bound"] is None
 
 
 def test_a_shard_run_is_not_told_to_use_parts():
