@@ -13,9 +13,11 @@ from dataclasses import asdict, dataclass, field
 from gpuengine.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL
 
 
-STORE_BOUND_COMMITTING = 0.85
-"""A writer committing this share of the embedding time or more is the run's pace-setter
-(measured runs limited by their writers committed 86–92 % of it, docs/benchmarks.md)."""
+STORE_BOUND_COMMITTING = 0.80
+"""A writer committing this share of the embedding time or more is the run's pace-setter (the
+2 M- and 6 M-read host benchmarks of ``83e4470``–``a1720fd`` with 8 no-op devices, limited by
+their two writers, committed 84–93 % of it each: docs/benchmarks/results.jsonl,
+``commit_seconds`` ÷ ``embed_s`` ÷ ``writers``)."""
 STORE_BOUND_DEVICES = 0.85
 """…when the devices were busy less than this share (the GPU benchmark rows of the engine:
 0.85–1.0, nearly all ≥ 0.97)."""
