@@ -29,3 +29,4 @@ def test_curve_writes_one_row_per_core_count(tmp_path):
         [(1, 3, 300), (min(2, cores), 3, 300)]
     assert [r["input_processes"] for r in rows] == [1, min(2, cores)]
     assert all(r["system"] == "gpuengine-host" and "--cores" in r["command"] for r in rows)
+    assert all(r["writers"] == 1 and "store_bound" in r for r in rows)  # short runs: null

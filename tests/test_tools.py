@@ -245,8 +245,9 @@ def test_host_pipeline_dna(tool, monkeypatch, tmp_path, dtype):
                                                  "writer_process", "writers", "writers_option",
                                                  "store_dtype", "commit_transactions",
                                                  "commit_seconds", "commit_wait_seconds",
-                                                 "main_cpu_us_per_seq", "disk_written_bytes",
-                                                 "disk_written_per_seq", "disk_mb_per_s", "note"]
+                                                 "store_bound", "main_cpu_us_per_seq",
+                                                 "disk_written_bytes", "disk_written_per_seq",
+                                                 "disk_mb_per_s", "note"]
     if row["disk_written_bytes"] is not None:  # the workdir is on a block device: the store's
         assert row["disk_written_per_seq"] > 768 * 4  # vectors reached it (fdatasync)
     assert (row["sequences"], row["model"], row["workload"]) == (300, "dnabert-s", "dna150")

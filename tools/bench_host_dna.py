@@ -89,6 +89,7 @@ def main() -> None:
         commit_transactions=summary.commit_transactions,
         commit_seconds=summary.commit_seconds,
         commit_wait_seconds=summary.commit_wait_seconds,
+        store_bound=summary.to_json()["store_bound"],
         main_cpu_us_per_seq=1e6 * summary.main_cpu_seconds / max(1, summary.embedded),
         **disk.fields(summary.embedded, summary.embed_seconds),
         note="GPU step replaced by a no-op; parse+validate+BPE tokenize+plan+schedule+commit "
