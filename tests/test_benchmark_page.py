@@ -162,3 +162,16 @@ def test_host_goal_judges_the_newest_engine_codes_best_run(page, tmp_path):
     rows[1]["commit"] = "bbbb222+exp"  # without the commit's own tree, the newest code falls short
     row = goal_row(rows)
     assert "140 000 seq/s" in row and row.endswith("36 % short) |")
+
+
+def test_the_cores_figure_dashes_the_previous_curve_not_repeats_at_one_core_count(page):
+    """A line of the host-cores figure: the newest commit, and the newest earlier one that
+    measured several core counts (two runs at 16 cores alone are not a curve)."""
+    from benchmark_page.figures import curve_commits
+
+    def rows(commit, *cores):
+        return [{"commit": commit, "cores": c} for c in cores]
+
+    group = rows("old", 2, 4, 8, 16) + rows("ab", 16, 16) + rows("new", 2, 4, 8, 16)
+    assert curve_commits(group) == ["new", "old"]
+    assert curve_commits(rows("only", 16)) == ["only"]

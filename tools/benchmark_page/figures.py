@@ -156,6 +156,15 @@ def plot_by_gpu_count(recs, out: Path, workload: str):
     plt.close(fig)
 
 
+def curve_commits(group: list[dict]) -> list[str]:
+    """The commits a line of the cores figure shows, rows in time order: the newest (solid),
+    and the newest before it that measured a curve — several core counts, not repeats of one
+    (thin and dashed)."""
+    commits = list(dict.fromkeys(r["commit"] for r in group))
+    return [commits[-1]] + [c for c in commits[-2::-1]
+                            if len({r["cores"] for r in group if r["commit"] == c}) > 1][:1]
+
+
 def plot_host_cores(recs, out: Path):
     """Host-pipeline sequences/s against the cores it used (``--curve`` rows of a GPU machine),
     one line per (model, no-op devices, writers, token budget) from its newest commit (the commit before it dashed, where
@@ -172,9 +181,7 @@ def plot_host_cores(recs, out: Path):
                           r.get("budget") or 0), []).append(r)
     for i, ((model, devices, writers, budget), group) in enumerate(sorted(lines.items())):
         commits = list(dict.fromkeys(r["commit"] for r in group))
-        # the newest commit solid; the one before it (where it measured a curve) thin and dashed
-        shown = [commits[-1]] + [c for c in commits[-2::-1]
-                                 if sum(r["commit"] == c for r in group) > 1][:1]
+        shown = curve_commits(group)
         for commit in shown:
             pts = {r["cores"]: r["sequences_per_s"] for r in group if r["commit"] == commit}
             xs = sorted(pts)
