@@ -180,12 +180,11 @@ def plot_host_cores(recs, out: Path):
         lines.setdefault((r["model"], r.get("devices", 1), r.get("writers", 1),
                           r.get("budget") or 0), []).append(r)
     for i, ((model, devices, writers, budget), group) in enumerate(sorted(lines.items())):
-        commits = list(dict.fromkeys(r["commit"] for r in group))
         shown = curve_commits(group)
         for commit in shown:
             pts = {r["cores"]: r["sequences_per_s"] for r in group if r["commit"] == commit}
             xs = sorted(pts)
-            newest = commit == commits[-1]
+            newest = commit == shown[0]
             ax.plot(xs, [pts[x] for x in xs], "o-" if newest else "o--", ms=6 if newest else 4,
                     lw=1.5 if newest else 0.8, alpha=1 if newest else 0.55, color=f"C{i}",
                     label=f"{short_model(model)} dims, {devices} no-op devices"

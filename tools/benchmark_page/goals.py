@@ -9,6 +9,11 @@ from benchmark_page.records import (PageRecords, engine_of, host_curve_rows, hos
 from benchmark_page.scale_tables import scale_goals
 
 
+def _runs(rows) -> str:
+    """Host rows as ``rate (`commit`)``, comma-separated."""
+    return ", ".join(f"{fmt_int(r['sequences_per_s'])} (`{r['commit']}`)" for r in rows)
+
+
 def goals(page: PageRecords) -> list[str]:
     """Each goal against the latest run that measured it."""
     recs, models, one, latest_run = page.recs, page.models, page.one, page.latest_run
@@ -70,11 +75,8 @@ def goals(page: PageRecords) -> list[str]:
                          f"{h.get('input_processes', '?')} input processes, {h.get('writers', 1)} writer(s)"
                          + (f", budget {h['budget']}" if h.get("budget") else "") + f", `{h['commit']}`"
                          + (", an alternated A/B row" if "A/B" in h.get("note", "") else "") + ")"
-                         + ("; the same engine code's other runs "
-                            + ", ".join(f"{fmt_int(r['sequences_per_s'])} (`{r['commit']}`)" for r in same)
-                            if same else "")
-                         + ("; earlier " + ", ".join(f"{fmt_int(r['sequences_per_s'])} (`{r['commit']}`)"
-                                                     for r in earlier) if earlier else ""),
+                         + (f"; the same engine code's other runs {_runs(same)}" if same else "")
+                         + (f"; earlier {_runs(earlier)}" if earlier else ""),
                          "yes" if h["sequences_per_s"] >= goal else
                          f"**no** ({100 * (1 - h['sequences_per_s'] / goal):.0f} % short)"])
     rows.extend(scale_goals(recs))

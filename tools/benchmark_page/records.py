@@ -112,15 +112,20 @@ def host_setting(r) -> str:
 CURVE_MAX_SEQUENCES = 2_000_000
 
 
-def host_curve_rows(recs) -> list[dict]:
-    """Host-pipeline rows of a GPU machine that name their cores (``--curve``/``--cores``), not
-    run under a profiler, with the default writer (not GPUENGINE_WRITER_PROCESS set either way),
-    neither an A/B pair nor an input-process sweep (GPUENGINE_INPUT_PROCESSES set): what the curve
-    and issue 16's goals are judged on. Runs of more than ``CURVE_MAX_SEQUENCES`` measure how
-    a run slows as its store grows ("The store's table growing"), not the cores: left out."""
-    return [r for r in recs if r["system"] == "gpuengine-host" and r.get("cores")
+def _cores_row(r) -> bool:
+    """A host-pipeline row of a GPU machine that names its cores, not run under a profiler,
+    of at most ``CURVE_MAX_SEQUENCES`` (longer runs measure how a run slows as its store
+    grows, "The store's table growing", not the cores)."""
+    return (r["system"] == "gpuengine-host" and bool(r.get("cores"))
             and r.get("sequences", 0) <= CURVE_MAX_SEQUENCES
-            and not r.get("gpu", "").startswith("none") and not r.get("profiled")
+            and not r.get("gpu", "").startswith("none") and not r.get("profiled"))
+
+
+def host_curve_rows(recs) -> list[dict]:
+    """:func:`_cores_row` rows (``--curve``/``--cores``) with the default writer (not
+    GPUENGINE_WRITER_PROCESS set either way), neither an A/B pair nor an input-process sweep
+    (GPUENGINE_INPUT_PROCESSES set): what the curve and issue 16's goals are judged on."""
+    return [r for r in recs if _cores_row(r)
             and r.get("writer_process") in (None, "auto") and "A/B" not in r.get("note", "")
             and not r.get("command", "").startswith("GPUENGINE_INPUT_PROCESSES=")]
 
@@ -139,10 +144,8 @@ def host_goal_rows(recs) -> list[dict]:
     ``tools/bench_host_ab.sh`` that ran a commit's own tree at the defaults (variants
     ``before-wN`` / ``after-wN``; not an experiment tree, whose commit carries a ``+``, nor a
     float16 store) — the same command, only alternated with another tree on one machine."""
-    ab = [r for r in recs if r["system"] == "gpuengine-host" and r.get("cores") == 16
-          and "A/B" in r.get("note", "") and AB_DEFAULT_TREE.fullmatch(r.get("variant", ""))
-          and "+" not in r["commit"] and r.get("sequences", 0) <= CURVE_MAX_SEQUENCES
-          and not r.get("gpu", "").startswith("none") and not r.get("profiled")]
+    ab = [r for r in recs if _cores_row(r) and r["cores"] == 16 and "A/B" in r.get("note", "")
+          and AB_DEFAULT_TREE.fullmatch(r.get("variant", "")) and "+" not in r["commit"]]
     return host_curve_rows(recs) + ab
 
 
